@@ -1,0 +1,1 @@
+"""onnxformer.export."""

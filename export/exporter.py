@@ -1,0 +1,338 @@
+"""Checkpoint -> validated ONNX package.
+
+    export_checkpoint(checkpoint, out_dir, ExportOptions()) -> ExportReport
+
+1. Each graph of the architecture (contract: onnxformer.runtime.contract) is traced from a
+   thin wrapper over the trained Transformer (export/graphs.py) with the contract's names and
+   dynamic axes: B, S, T and P are dynamic, P = 0 is valid, so one decoder graph serves the
+   prefill and every decode step.
+2. Validation before anything is written (export/validate.py): onnx's full checker, then
+   onnxruntime against PyTorch on fresh random inputs (batch 1 and left-padded batches,
+   P = 0 and P > 0, T = 1 and T > 1) within `atol`, then greedy generation through the
+   graphs equal to PyTorch's token for token. Failure raises ExportError with the figures.
+3. Variants: fp16 weights and I/O (for GPU), dynamic int8 quantization (for CPU); both are
+   derived from the validated fp32 graphs and measured against PyTorch (figures recorded in
+   the manifest, never hidden).
+4. The package is assembled in a temporary directory beside OUT_DIR and renamed into place,
+   so a failed or interrupted export never leaves a half-written or broken package.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import logging
+import os
+import shutil
+import tempfile
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import onnx
+import torch
+
+from onnxformer.modeling.config import ModelConfig
+from onnxformer.modeling.model import Transformer
+from onnxformer.runtime.contract import CROSS_ATTENTION, Dims, graph_specs
+from onnxformer.runtime.errors import OnnxformerError
+from onnxformer.runtime.manifest import (
+    FORMAT_VERSION,
+    MANIFEST_FILE,
+    TOKENIZER_FILE,
+    FileEntry,
+    GraphEntry,
+    Manifest,
+)
+
+from .graphs import graph_module
+from .validate import example_feeds, validate_package_graphs
+
+log = logging.getLogger(__name__)
+
+DEFAULT_OPSET = 18
+# onnxruntime-node / -web 1.30 (what other languages ship today) load IR <= 13, opset <= 26.
+MAX_PORTABLE_IR = 13
+MAX_PORTABLE_OPSET = 26
+PROTOBUF_LIMIT = 2 * 1024**3
+DTYPES = ("float32", "float16")
+QUANTIZATIONS = ("int8",)
+
+
+class ExportError(OnnxformerError):
+    """Export failed: invalid options, an untraceable model, or validation figures out of bounds."""
+
+
+@dataclass(frozen=True)
+class ExportOptions:
+    opset: int = DEFAULT_OPSET
+    dtype: str = "float32"  # "float32" or "float16" (weights and float I/O; for GPU)
+    quantize: str | None = None  # None or "int8" (dynamic quantization of weights; for CPU)
+    external_data: bool | None = None  # None: only for graphs over the 2 GB protobuf limit
+    atol: float = 1e-4  # fp32 ONNX vs PyTorch, max abs difference
+    validate_generation: bool = True  # greedy through the graphs == PyTorch greedy
+    generation_defaults: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.dtype not in DTYPES:
+            raise ExportError(f"dtype must be one of {DTYPES}; got {self.dtype!r}")
+        if self.quantize not in (None, *QUANTIZATIONS):
+            raise ExportError(f"quantize must be one of {QUANTIZATIONS} or None; got {self.quantize!r}")
+        if self.quantize and self.dtype != "float32":
+            raise ExportError("--quantize int8 applies to float32 exports; drop --dtype fp16 (or the quantization)")
+        if not 14 <= self.opset <= MAX_PORTABLE_OPSET:
+            raise ExportError(
+                f"opset must be in [14, {MAX_PORTABLE_OPSET}] (onnxruntime-node/web 1.30 reject newer opsets); "
+                f"got {self.opset}"
+            )
+        if self.atol <= 0:
+            raise ExportError(f"atol must be > 0; got {self.atol}")
+
+
+@dataclass(frozen=True)
+class ExportReport:
+    path: Path
+    manifest: Manifest
+    validation: dict[str, Any]
+
+
+# --------------------------------------------------------------------------------------------
+# Tracing
+# --------------------------------------------------------------------------------------------
+
+
+def _trace(model: Transformer, spec, path: Path, opset: int, dims: Dims) -> None:
+    module = graph_module(model, spec)
+    feeds = example_feeds(spec, dims, batch=2, new=3, past=2, source=4)
+    args = tuple(torch.from_numpy(feeds[t.name]) for t in spec.inputs)
+    with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
+        warnings.simplefilter("ignore")  # TorchScript exporter deprecation and tracer notes
+        torch.onnx.export(
+            module, args, str(path),
+            input_names=spec.input_names, output_names=spec.output_names,
+            dynamic_axes=spec.dynamic_axes(), opset_version=opset,
+            do_constant_folding=True, dynamo=False,
+        )
+
+
+def _finalise(path: Path, name: str, external: bool | None) -> tuple[str, ...]:
+    """Re-save the traced graph: external data when over the protobuf limit (or forced)."""
+    proto = onnx.load(str(path), load_external_data=True)
+    proto.producer_name, proto.doc_string = "onnxformer", f"onnxformer {name} graph"
+    size = sum(len(t.raw_data) for t in proto.graph.initializer)
+    use_external = external if external is not None else size > PROTOBUF_LIMIT - (64 << 20)
+    for leftover in path.parent.glob(f"{path.name}*"):
+        if leftover != path:
+            leftover.unlink()
+    if use_external:
+        data_name = f"{path.name}_data"
+        onnx.save_model(
+            proto, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
+            location=data_name, size_threshold=0,
+        )
+        return (data_name,)
+    onnx.save_model(proto, str(path))
+    return ()
+
+
+def _check_portability(path: Path, opset: int) -> None:
+    proto = onnx.load(str(path), load_external_data=False)
+    onnx.checker.check_model(str(path), full_check=True)
+    default = [o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")]
+    if proto.ir_version > MAX_PORTABLE_IR or (default and default[0] > MAX_PORTABLE_OPSET):
+        raise ExportError(
+            f"{path.name}: IR {proto.ir_version} / opset {default} exceed what onnxruntime-node/web 1.30 load "
+            f"(IR <= {MAX_PORTABLE_IR}, opset <= {MAX_PORTABLE_OPSET})"
+        )
+
+
+# --------------------------------------------------------------------------------------------
+# Variants
+# --------------------------------------------------------------------------------------------
+
+
+def _to_fp16(path: Path) -> None:
+    from onnxruntime.transformers.float16 import convert_float_to_float16
+
+    proto = onnx.load(str(path), load_external_data=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        half = convert_float_to_float16(proto, keep_io_types=False)
+    onnx.save_model(half, str(path))
+
+
+def _to_int8(path: Path) -> None:
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    tmp = path.with_suffix(".int8.onnx")
+    root = logging.getLogger()
+    level = root.level
+    root.setLevel(logging.ERROR)  # the quantizer logs advice on the root logger
+    try:
+        with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
+            warnings.simplefilter("ignore")
+            quantize_dynamic(str(path), str(tmp), weight_type=QuantType.QInt8)
+    finally:
+        root.setLevel(level)
+    os.replace(tmp, path)
+
+
+# --------------------------------------------------------------------------------------------
+# Package
+# --------------------------------------------------------------------------------------------
+
+
+def _special_tokens(config: ModelConfig, tokenizer_file: Path) -> dict[str, int]:
+    from onnxformer.modeling.tokenizer import load_tokenizer, special_token_ids
+
+    ids = special_token_ids(load_tokenizer(tokenizer_file))
+    ids = {role: int(ids.get(role, -1)) for role in ("pad", "unk", "bos", "eos", "mask", "cls", "sep")}
+    ids["decoder_start"] = config.start_token_id if config.arch == "encoder-decoder" else -1
+    return ids
+
+
+def _generation_defaults(config: ModelConfig, special: dict[str, int], extra: dict[str, Any]) -> dict[str, Any]:
+    if not config.has_decoder:
+        return {}
+    eos = [special["eos"]] if special["eos"] >= 0 else []
+    defaults = {"strategy": "greedy", "max_new_tokens": 32, "eos_token_ids": eos, "pad_token_id": max(special["pad"], 0)}
+    defaults.update(extra)
+    return defaults
+
+
+def _producers() -> dict[str, str]:
+    import onnxruntime
+
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        own = version("onnxformer")
+    except PackageNotFoundError:
+        own = "unknown"
+    return {"onnxformer": own, "torch": torch.__version__, "onnx": onnx.__version__, "onnxruntime": onnxruntime.__version__}
+
+
+def _replace_dir(tmp: Path, out_dir: Path) -> None:
+    """Move the finished package into place; an existing package is replaced only now."""
+    if out_dir.exists():
+        if not (out_dir / MANIFEST_FILE).is_file() and any(out_dir.iterdir()):
+            raise ExportError(
+                f"{str(out_dir)!r} exists and is not an onnxformer package; refusing to replace it. "
+                "Choose an empty or new output directory."
+            )
+        old = out_dir.with_name(f".{out_dir.name}.old-{os.getpid()}")
+        os.replace(out_dir, old)
+        os.replace(tmp, out_dir)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(tmp, out_dir)
+
+
+def _fsync_dir(directory: Path) -> None:
+    for path in directory.iterdir():
+        with open(path, "rb") as f:
+            os.fsync(f.fileno())
+
+
+def export_model(
+    model: Transformer,
+    tokenizer_file: str | os.PathLike,
+    out_dir: str | os.PathLike,
+    options: ExportOptions = ExportOptions(),
+) -> ExportReport:
+    """Export an in-memory model and its tokenizer file to a validated package at `out_dir`."""
+    config = model.config
+    tokenizer_file = Path(tokenizer_file)
+    if not tokenizer_file.is_file():
+        raise ExportError(f"tokenizer file {str(tokenizer_file)!r} does not exist")
+    out_dir = Path(out_dir).absolute()
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    model = model.float().eval()
+    dims = Dims.from_model_config(config)
+    fp32_specs = graph_specs(dims, "float32")
+    special = _special_tokens(config, tokenizer_file)
+
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
+    try:
+        external: dict[str, tuple[str, ...]] = {}
+        for name, spec in fp32_specs.items():
+            path = tmp / spec.file
+            log.info("exporting %s", spec.file)
+            _trace(model, spec, path, options.opset, dims)
+            external[name] = _finalise(path, name, options.external_data)
+            _check_portability(path, options.opset)
+        shutil.copyfile(tokenizer_file, tmp / TOKENIZER_FILE)
+
+        def write_manifest(specs, weights: str, validation: dict) -> Manifest:
+            manifest = Manifest(
+                arch=config.arch,
+                dims=dims,
+                max_seq_len=config.max_seq_len,
+                float_dtype=next(iter(specs.values())).outputs[0].dtype,
+                weights=weights,
+                special_tokens=special,
+                label_names=tuple(config.label_names),
+                generation=_generation_defaults(config, special, options.generation_defaults),
+                tokenizer=FileEntry.of(tmp, TOKENIZER_FILE),
+                graphs={
+                    name: GraphEntry(spec, FileEntry.of(tmp, spec.file),
+                                     tuple(FileEntry.of(tmp, e) for e in external[name]))
+                    for name, spec in specs.items()
+                },
+                opset=options.opset,
+                producer=_producers(),
+                validation=validation,
+                model_config={**config.to_dict(), "num_parameters": model.num_parameters()},
+                format_version=FORMAT_VERSION,
+            )
+            manifest.save(tmp)
+            return manifest
+
+        write_manifest(fp32_specs, "float32", {})
+        validation = {"float32": validate_package_graphs(
+            model, tmp, fp32_specs, dims, special, atol=options.atol,
+            generation=options.validate_generation, label="float32",
+        )}
+        if not validation["float32"]["passed"]:
+            figures = "\n".join(f"  {k}: {v}" for k, v in validation["float32"].items())
+            raise ExportError(f"validation failed; nothing was written:\n{figures}")
+
+        specs, weights = fp32_specs, "float32"
+        if options.dtype == "float16" or options.quantize == "int8":
+            weights = "float16" if options.dtype == "float16" else "int8"
+            convert = _to_fp16 if weights == "float16" else _to_int8
+            specs = graph_specs(dims, options.dtype)
+            for name, spec in specs.items():
+                if weights == "int8" and name == CROSS_ATTENTION:
+                    continue  # a few small projections, computed once per input: keep them exact
+                log.info("converting %s to %s", spec.file, weights)
+                convert(tmp / spec.file)
+                external[name] = _finalise(tmp / spec.file, name, options.external_data)
+                _check_portability(tmp / spec.file, options.opset)
+            write_manifest(specs, weights, validation)
+            validation[weights] = validate_package_graphs(
+                model, tmp, specs, dims, special, atol=None, generation=options.validate_generation,
+                label=weights,
+            )
+            if not validation[weights]["passed"]:
+                raise ExportError(f"the {weights} graphs produce non-finite outputs; nothing was written")
+
+        manifest = write_manifest(specs, weights, validation)
+        _fsync_dir(tmp)
+        _replace_dir(tmp, out_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    log.info("wrote %s", out_dir)
+    return ExportReport(out_dir, manifest, validation)
+
+
+def export_checkpoint(
+    checkpoint: str | os.PathLike, out_dir: str | os.PathLike, options: ExportOptions = ExportOptions()
+) -> ExportReport:
+    """Export a training checkpoint (a run directory or one checkpoint directory)."""
+    from onnxformer.modeling.checkpoint import load_model, tokenizer_path
+
+    model, _ = load_model(checkpoint)
+    return export_model(model, tokenizer_path(checkpoint), out_dir, options)

@@ -1,0 +1,183 @@
+"""Model configuration: plain, frozen, JSON round-trippable data. No torch here.
+
+One vocabulary across architectures (d_model, n_heads, n_kv_heads, n_layers, max_seq_len).
+Choices are strings; derived values are properties. Every constraint is checked at
+construction and the error names the offending values.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+ARCHITECTURES = ("encoder", "decoder", "encoder-decoder", "prefix-lm")
+POS_ENCODINGS = ("sinusoidal", "learned", "rope")
+ACTIVATIONS = ("gelu", "swiglu")
+NORMS = ("layernorm", "rmsnorm")
+NORM_POSITIONS = ("pre", "post")
+
+
+def _choice(name: str, value: Any, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        raise ValueError(f"{name} must be one of {', '.join(map(repr, choices))}; got {value!r}")
+
+
+def _positive(name: str, value: Any) -> None:
+    if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+        raise ValueError(f"{name} must be a positive integer; got {value!r}")
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Everything needed to build a model; the checkpoint and the package carry it as JSON."""
+
+    arch: str = "decoder"  # one of ARCHITECTURES
+    vocab_size: int = 1024
+    d_model: int = 128  # width of the residual stream (D)
+    n_heads: int = 4  # query heads (H)
+    n_kv_heads: int | None = None  # key/value heads (Hkv); None = n_heads (plain MHA), 1 = MQA
+    n_layers: int = 2  # encoder layers (encoder, encoder-decoder) or decoder layers (decoder, prefix-lm)
+    n_decoder_layers: int | None = None  # encoder-decoder only; None = n_layers
+    d_ff: int = 512  # hidden width of the feed-forward block
+    max_seq_len: int = 256  # longest sequence (prompt + continuation) the model accepts
+    pos_encoding: str = "rope"  # one of POS_ENCODINGS
+    rope_theta: float = 10000.0
+    activation: str = "gelu"  # "gelu": W2 gelu(W1 x); "swiglu": W2 (silu(W1 x) * W3 x)
+    norm: str = "layernorm"  # one of NORMS
+    norm_position: str = "pre"  # "pre": x + f(norm(x)); "post": norm(x + f(x)) (original Transformer/BERT)
+    norm_eps: float = 1e-5
+    bias: bool = True  # biases in linear layers (BitFit needs them)
+    dropout: float = 0.0
+    tie_embeddings: bool = True  # output projection shares the token embedding matrix
+    type_vocab_size: int = 0  # segment (token-type) embeddings; 2 for BERT-style NSP, 0 = none
+    num_labels: int = 0  # > 0 adds a sequence-classification head on the pooled [CLS] state
+    # Special token ids the model itself depends on (generation, masking); -1 = not used.
+    pad_token_id: int = 0
+    bos_token_id: int = -1
+    eos_token_id: int = -1
+    decoder_start_token_id: int = -1  # encoder-decoder: first decoder input; -1 = bos
+    # Free-form, JSON-serialisable extras (e.g. label names). Not used by the modules.
+    label_names: tuple[str, ...] = field(default_factory=tuple)
+
+    def __post_init__(self) -> None:
+        _choice("arch", self.arch, ARCHITECTURES)
+        _choice("pos_encoding", self.pos_encoding, POS_ENCODINGS)
+        _choice("activation", self.activation, ACTIVATIONS)
+        _choice("norm", self.norm, NORMS)
+        _choice("norm_position", self.norm_position, NORM_POSITIONS)
+        for name in ("vocab_size", "d_model", "n_heads", "n_layers", "d_ff", "max_seq_len"):
+            _positive(name, getattr(self, name))
+        if self.n_kv_heads is None:
+            object.__setattr__(self, "n_kv_heads", self.n_heads)
+        _positive("n_kv_heads", self.n_kv_heads)
+        if self.n_decoder_layers is None:
+            object.__setattr__(self, "n_decoder_layers", self.n_layers)
+        _positive("n_decoder_layers", self.n_decoder_layers)
+        if self.d_model % self.n_heads:
+            raise ValueError(
+                f"d_model ({self.d_model}) must be divisible by n_heads ({self.n_heads})"
+            )
+        if self.n_heads % self.n_kv_heads:
+            raise ValueError(
+                f"n_heads ({self.n_heads}) must be a multiple of n_kv_heads ({self.n_kv_heads})"
+            )
+        if self.pos_encoding == "rope" and self.d_head % 2:
+            raise ValueError(f"rope needs an even head size; d_model/n_heads = {self.d_head}")
+        if self.pos_encoding == "sinusoidal" and self.d_model % 2:
+            raise ValueError(f"sinusoidal encodings need an even d_model; got {self.d_model}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"dropout must be in [0, 1); got {self.dropout!r}")
+        if self.norm_eps <= 0:
+            raise ValueError(f"norm_eps must be > 0; got {self.norm_eps!r}")
+        if self.rope_theta <= 0:
+            raise ValueError(f"rope_theta must be > 0; got {self.rope_theta!r}")
+        if self.type_vocab_size < 0 or self.num_labels < 0:
+            raise ValueError(
+                f"type_vocab_size ({self.type_vocab_size}) and num_labels ({self.num_labels}) must be >= 0"
+            )
+        if self.arch != "encoder" and (self.type_vocab_size or self.num_labels):
+            raise ValueError(
+                f"type_vocab_size ({self.type_vocab_size}) and num_labels ({self.num_labels}) "
+                f"apply to arch 'encoder' only; got arch {self.arch!r}"
+            )
+        object.__setattr__(self, "label_names", tuple(self.label_names))
+        if self.label_names and len(self.label_names) != self.num_labels:
+            raise ValueError(
+                f"label_names has {len(self.label_names)} entries but num_labels is {self.num_labels}"
+            )
+        for name in ("pad_token_id", "bos_token_id", "eos_token_id", "decoder_start_token_id"):
+            value = getattr(self, name)
+            if not -1 <= value < self.vocab_size:
+                raise ValueError(f"{name} ({value}) must be -1 or in [0, vocab_size={self.vocab_size})")
+
+    # Derived values -------------------------------------------------------------------------
+    @property
+    def d_head(self) -> int:
+        """Size of one attention head (Dh)."""
+        return self.d_model // self.n_heads
+
+    @property
+    def has_encoder(self) -> bool:
+        return self.arch in ("encoder", "encoder-decoder")
+
+    @property
+    def has_decoder(self) -> bool:
+        return self.arch != "encoder"
+
+    @property
+    def n_encoder_layers(self) -> int:
+        return self.n_layers if self.has_encoder else 0
+
+    @property
+    def n_step_layers(self) -> int:
+        """Layers of the decoder stack (the one with a KV cache); 0 for encoder-only."""
+        if self.arch == "encoder-decoder":
+            return int(self.n_decoder_layers)
+        return self.n_layers if self.has_decoder else 0
+
+    @property
+    def start_token_id(self) -> int:
+        """First decoder input of an encoder-decoder model."""
+        return self.decoder_start_token_id if self.decoder_start_token_id >= 0 else self.bos_token_id
+
+    # Serialisation --------------------------------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        data = dataclasses.asdict(self)
+        data["label_names"] = list(self.label_names)
+        return data
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "ModelConfig":
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ValueError(f"unknown model config fields: {', '.join(unknown)}")
+        return cls(**data)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text: str) -> "ModelConfig":
+        return cls.from_dict(json.loads(text))
+
+    def save(self, path: str | Path) -> None:
+        Path(path).write_text(self.to_json() + "\n", encoding="utf-8")
+
+    @classmethod
+    def load(cls, path: str | Path) -> "ModelConfig":
+        return cls.from_json(Path(path).read_text(encoding="utf-8"))
+
+    def replace(self, **changes: Any) -> "ModelConfig":
+        return dataclasses.replace(self, **changes)
+
+
+# Size presets shared by training, tests and benchmarks: (name -> overrides).
+PRESETS: dict[str, dict[str, Any]] = {
+    "tiny": dict(d_model=64, n_heads=4, n_layers=2, d_ff=256, max_seq_len=128),
+    "small": dict(d_model=256, n_heads=8, n_layers=4, d_ff=1024, max_seq_len=256),
+    "base": dict(d_model=512, n_heads=8, n_layers=8, d_ff=2048, max_seq_len=512),
+}

@@ -1,0 +1,16 @@
+"""onnxformer.runtime: run exported packages with onnxruntime, numpy and tokenizers. Never torch.
+
+    import onnxformer.runtime as rt
+    model = rt.load("artifacts/decoder")
+    print(model.generate("twelve =", max_new_tokens=8)[0].text)
+"""
+
+from .errors import ConfigError, InputError, OnnxformerError, PackageError, ProviderError
+from .generation import GenerationConfig, GenerationOutput
+from .manifest import Manifest
+from .model import Classification, Generation, Model, load
+
+__all__ = [
+    "load", "Model", "Manifest", "GenerationConfig", "GenerationOutput", "Generation", "Classification",
+    "OnnxformerError", "PackageError", "InputError", "ConfigError", "ProviderError",
+]

@@ -1,0 +1,265 @@
+"""The package manifest (`manifest.json`): everything a runtime in any language needs.
+
+Written by export, read (and checked) by every runtime. No torch; stdlib + numpy only.
+
+A package is one directory::
+
+    manifest.json       this file's contents (see Manifest)
+    tokenizer.json      the `tokenizers` file training used
+    encoder.onnx        encoder-only and encoder-decoder
+    cross_attention.onnx  encoder-decoder
+    decoder.onnx        decoder step: decoder-only, prefix-lm, encoder-decoder
+    *.onnx_data         external weights, only for graphs over the 2 GB protobuf limit
+
+Versioning: `format_version` is an integer. A reader accepts the versions it knows
+(SUPPORTED_FORMAT_VERSIONS) and refuses others with a clear message; a change that an older
+reader could misread bumps it. Unknown extra fields are ignored by readers (additions that do
+not change the meaning of existing fields do not bump the version).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping
+
+from .contract import Dims, GraphSpec, graph_specs, graph_specs_from_dict
+from .errors import PackageError
+
+FORMAT_NAME = "onnxformer-package"
+FORMAT_VERSION = 1
+SUPPORTED_FORMAT_VERSIONS = (1,)
+MANIFEST_FILE = "manifest.json"
+TOKENIZER_FILE = "tokenizer.json"
+SPECIAL_TOKEN_ROLES = ("pad", "unk", "bos", "eos", "mask", "cls", "sep", "decoder_start")
+
+
+def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(chunk), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _plain_name(name: Any, what: str) -> str:
+    """A file name inside the package: no directories, no '..', no absolute paths."""
+    if not isinstance(name, str) or not name or name in (".", "..") or "/" in name or "\\" in name \
+            or name != os.path.basename(name) or "\x00" in name:
+        raise PackageError(
+            f"{what} {name!r} is not a plain file name inside the package; "
+            "a package may only reference files in its own directory"
+        )
+    return name
+
+
+@dataclass(frozen=True)
+class FileEntry:
+    """A file of the package with its checksum."""
+
+    file: str
+    sha256: str
+    bytes: int
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"file": self.file, "sha256": self.sha256, "bytes": self.bytes}
+
+    @classmethod
+    def from_dict(cls, data: Any, what: str) -> "FileEntry":
+        _require(data, ("file", "sha256", "bytes"), what)
+        return cls(_plain_name(data["file"], f"{what} file"), str(data["sha256"]), int(data["bytes"]))
+
+    @classmethod
+    def of(cls, directory: Path, name: str) -> "FileEntry":
+        path = directory / name
+        return cls(name, sha256_file(path), path.stat().st_size)
+
+
+@dataclass(frozen=True)
+class GraphEntry:
+    """One graph: its I/O spec, its file, and external-data files when it has any."""
+
+    spec: GraphSpec
+    file: FileEntry
+    external_data: tuple[FileEntry, ...] = ()
+
+    def to_dict(self) -> dict[str, Any]:
+        data = self.spec.to_dict()
+        data.update(sha256=self.file.sha256, bytes=self.file.bytes)
+        data["external_data"] = [e.to_dict() for e in self.external_data]
+        return data
+
+    @classmethod
+    def from_dict(cls, name: str, data: Any) -> "GraphEntry":
+        what = f"manifest graphs.{name}"
+        _require(data, ("file", "sha256", "bytes", "inputs", "outputs"), what)
+        spec = graph_specs_from_dict({name: {k: data[k] for k in ("file", "inputs", "outputs")} | {"name": name}})[name]
+        file = FileEntry.from_dict({k: data[k] for k in ("file", "sha256", "bytes")}, what)
+        external = tuple(FileEntry.from_dict(e, f"{what}.external_data") for e in data.get("external_data", []))
+        return cls(spec, file, external)
+
+
+def _require(data: Any, keys: tuple[str, ...], what: str) -> None:
+    if not isinstance(data, Mapping):
+        raise PackageError(f"{what} must be a JSON object; got {type(data).__name__}")
+    missing = [k for k in keys if k not in data]
+    if missing:
+        raise PackageError(f"{what} is missing field(s) {', '.join(missing)}; re-export the package")
+
+
+@dataclass(frozen=True)
+class Manifest:
+    """The parsed, checked `manifest.json`."""
+
+    arch: str
+    dims: Dims
+    max_seq_len: int
+    float_dtype: str  # graph float I/O: "float32" | "float16"
+    weights: str  # "float32" | "float16" | "int8" (dynamic quantization)
+    special_tokens: dict[str, int]  # role -> id, -1 when absent
+    label_names: tuple[str, ...]
+    generation: dict[str, Any]  # defaults for GenerationConfig
+    tokenizer: FileEntry
+    graphs: dict[str, GraphEntry]
+    opset: int
+    producer: dict[str, str]
+    validation: dict[str, Any] = field(default_factory=dict)
+    model_config: dict[str, Any] = field(default_factory=dict)
+    format_version: int = FORMAT_VERSION
+
+    def __post_init__(self) -> None:
+        expected = graph_specs(self.dims, self.float_dtype)
+        if set(self.graphs) != set(expected):
+            raise PackageError(
+                f"manifest lists graphs {sorted(self.graphs)} but arch {self.arch!r} needs "
+                f"{sorted(expected)}; re-export the package"
+            )
+        for name, entry in self.graphs.items():
+            if entry.spec != expected[name]:
+                raise PackageError(
+                    f"manifest I/O of graph {name!r} does not match the contract for these dims "
+                    f"(expected inputs {expected[name].input_names}, outputs {expected[name].output_names}); "
+                    "the package is damaged or from an incompatible exporter; re-export it"
+                )
+        missing = [r for r in SPECIAL_TOKEN_ROLES if r not in self.special_tokens]
+        if missing:
+            raise PackageError(f"manifest special_tokens is missing role(s) {', '.join(missing)}")
+        for role, value in self.special_tokens.items():
+            if not isinstance(value, int) or not -1 <= value < self.dims.vocab_size:
+                raise PackageError(
+                    f"manifest special_tokens.{role} = {value!r} is outside [-1, vocab_size={self.dims.vocab_size})"
+                )
+
+    # Serialisation --------------------------------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "format": FORMAT_NAME,
+            "format_version": self.format_version,
+            "arch": self.arch,
+            "dims": self.dims.to_dict(),
+            "max_seq_len": self.max_seq_len,
+            "float_dtype": self.float_dtype,
+            "weights": self.weights,
+            "special_tokens": dict(self.special_tokens),
+            "label_names": list(self.label_names),
+            "generation": dict(self.generation),
+            "tokenizer": self.tokenizer.to_dict(),
+            "graphs": {name: entry.to_dict() for name, entry in self.graphs.items()},
+            "opset": self.opset,
+            "producer": dict(self.producer),
+            "validation": self.validation,
+            "model_config": self.model_config,
+        }
+
+    @classmethod
+    def from_dict(cls, data: Any) -> "Manifest":
+        _require(data, ("format", "format_version"), "manifest")
+        if data["format"] != FORMAT_NAME:
+            raise PackageError(f"manifest format is {data['format']!r}, expected {FORMAT_NAME!r}: not an onnxformer package")
+        version = data["format_version"]
+        if version not in SUPPORTED_FORMAT_VERSIONS:
+            raise PackageError(
+                f"package format_version {version!r} is not supported by this runtime "
+                f"(supported: {', '.join(map(str, SUPPORTED_FORMAT_VERSIONS))}); "
+                "upgrade onnxformer or re-export the package with this version"
+            )
+        required = ("arch", "dims", "max_seq_len", "float_dtype", "weights", "special_tokens", "label_names",
+                    "generation", "tokenizer", "graphs", "opset", "producer")
+        _require(data, required, "manifest")
+        if not isinstance(data["graphs"], Mapping):
+            raise PackageError("manifest graphs must be a JSON object {graph name: entry}")
+        dims = Dims.from_dict(data["dims"])
+        if dims.arch != data["arch"]:
+            raise PackageError(f"manifest arch {data['arch']!r} disagrees with dims.arch {dims.arch!r}")
+        return cls(
+            arch=data["arch"],
+            dims=dims,
+            max_seq_len=int(data["max_seq_len"]),
+            float_dtype=data["float_dtype"],
+            weights=data["weights"],
+            special_tokens={str(k): v for k, v in dict(data["special_tokens"]).items()},
+            label_names=tuple(data["label_names"]),
+            generation=dict(data["generation"]),
+            tokenizer=FileEntry.from_dict(data["tokenizer"], "manifest tokenizer"),
+            graphs={name: GraphEntry.from_dict(name, entry) for name, entry in data["graphs"].items()},
+            opset=int(data["opset"]),
+            producer=dict(data["producer"]),
+            validation=dict(data.get("validation", {})),
+            model_config=dict(data.get("model_config", {})),
+            format_version=version,
+        )
+
+    def save(self, directory: str | os.PathLike) -> Path:
+        path = Path(directory) / MANIFEST_FILE
+        path.write_text(json.dumps(self.to_dict(), indent=2) + "\n", encoding="utf-8")
+        return path
+
+    @classmethod
+    def load(cls, directory: str | os.PathLike) -> "Manifest":
+        directory = Path(directory)
+        if not directory.is_dir():
+            raise PackageError(f"package directory {str(directory)!r} does not exist or is not a directory")
+        path = directory / MANIFEST_FILE
+        if not path.is_file():
+            raise PackageError(f"{str(path)!r} is missing: {str(directory)!r} is not an onnxformer package")
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError) as err:
+            raise PackageError(f"{str(path)!r} is not valid JSON ({err}); the package is damaged, re-export it") from None
+        return cls.from_dict(data)
+
+    # Checks ---------------------------------------------------------------------------------
+    def files(self) -> list[FileEntry]:
+        entries = [self.tokenizer]
+        for graph in self.graphs.values():
+            entries += [graph.file, *graph.external_data]
+        return entries
+
+    def verify_files(self, directory: str | os.PathLike) -> None:
+        """Every listed file exists inside the package and matches its size and sha256."""
+        directory = Path(directory).resolve()
+        for entry in self.files():
+            path = (directory / entry.file).resolve()
+            if path.parent != directory:
+                raise PackageError(f"package file {entry.file!r} resolves outside the package directory; refused")
+            if not path.is_file():
+                raise PackageError(f"package file {entry.file!r} is missing from {str(directory)!r}; re-export the package")
+            size = path.stat().st_size
+            if size != entry.bytes:
+                raise PackageError(
+                    f"package file {entry.file!r} has {size} bytes, the manifest says {entry.bytes}: "
+                    "it was truncated or altered; re-export the package"
+                )
+            digest = sha256_file(path)
+            if digest != entry.sha256:
+                raise PackageError(
+                    f"package file {entry.file!r} has sha256 {digest[:16]}..., the manifest says "
+                    f"{entry.sha256[:16]}...: it was altered or damaged; re-export the package"
+                )
+
+    def special(self, role: str) -> int:
+        return int(self.special_tokens.get(role, -1))
+

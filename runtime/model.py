@@ -1,0 +1,414 @@
+"""A loaded package: sessions, tokenizer, and the calls users make. onnxruntime + numpy +
+tokenizers only; never torch.
+
+    model = onnxformer.runtime.load("artifacts/decoder")
+    model.generate(["three hundred ="], GenerationConfig(max_new_tokens=8))
+    model.classify(["the food was not good"])      # encoder packages with a classifier
+    model.embed(["a sentence"], pooling="mean")     # encoder packages
+
+The decoder step always runs through onnxruntime I/O binding: inputs and the KV cache are
+OrtValues on the session's device and each step's `present.*` outputs are fed back as the
+next step's `past_key_values.*` without a round trip through numpy. Only the logits come back
+to the host. On CPU this is the same code path CUDA uses; only the device name differs.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator, Sequence
+
+import numpy as np
+import onnxruntime as ort
+from tokenizers import Tokenizer
+
+from . import generation as gen
+from .contract import (
+    ATTENTION_MASK,
+    CROSS_ATTENTION,
+    DECODER,
+    ENCODER,
+    ENCODER_ATTENTION_MASK,
+    ENCODER_HIDDEN_STATES,
+    INPUT_IDS,
+    LAST_HIDDEN_STATE,
+    LOGITS,
+    POSITION_IDS,
+    TOKEN_TYPE_IDS,
+    check_session_io,
+    past_name_for,
+    self_cache_names,
+)
+from .errors import InputError, PackageError, ProviderError
+from .generation import GenerationConfig, GenerationOutput
+from .manifest import Manifest
+
+log = logging.getLogger(__name__)
+
+PROVIDERS = {"cpu": ("CPUExecutionProvider", "cpu"), "cuda": ("CUDAExecutionProvider", "cuda")}
+
+
+@dataclass(frozen=True)
+class Classification:
+    label: str
+    score: float
+    probabilities: dict[str, float]
+
+
+@dataclass(frozen=True)
+class Generation:
+    """One prompt's result: `texts[j]` / `token_ids[j]` for each returned sequence j."""
+
+    prompt: str
+    texts: list[str]
+    token_ids: list[list[int]]
+    scores: list[float]
+    finish_reasons: list[str]
+
+    @property
+    def text(self) -> str:
+        return self.texts[0]
+
+
+def _resolve_provider(provider: str) -> tuple[str, str]:
+    key = provider.lower().removesuffix("executionprovider") if provider else "cpu"
+    if key not in PROVIDERS:
+        raise ProviderError(f"provider must be one of {', '.join(PROVIDERS)}; got {provider!r}")
+    name, device = PROVIDERS[key]
+    available = ort.get_available_providers()
+    if name not in available:
+        raise ProviderError(
+            f"provider {provider!r} ({name}) is not available in this onnxruntime build "
+            f"(available: {', '.join(available)}). For CUDA install the onnxruntime-gpu wheel "
+            "instead of onnxruntime, or use provider='cpu'."
+        )
+    return name, device
+
+
+def _session(path: Path, provider: str, threads: int | None) -> ort.InferenceSession:
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    if threads:
+        options.intra_op_num_threads = threads
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    try:
+        return ort.InferenceSession(str(path), options, providers=[provider])
+    except Exception as err:  # onnxruntime raises its own exception types for damaged files
+        first = str(err).strip().splitlines()[0][:300] if str(err).strip() else type(err).__name__
+        raise PackageError(
+            f"onnxruntime could not load {path.name!r}: {first}. The file is damaged or not an ONNX "
+            "graph; re-export the package."
+        ) from None
+
+
+class Model:
+    """A loaded package. Create it with `onnxformer.runtime.load`."""
+
+    def __init__(self, directory: Path, manifest: Manifest, tokenizer: Tokenizer,
+                 sessions: dict[str, ort.InferenceSession], device: str):
+        self.directory, self.manifest, self.tokenizer = directory, manifest, tokenizer
+        self.sessions, self.device = sessions, device
+        self.arch, self.dims = manifest.arch, manifest.dims
+        self.float_dtype = np.dtype(manifest.float_dtype)
+        self._self_cache = self_cache_names(self.dims)  # [(present, past)] per layer, key then value
+
+    def __repr__(self) -> str:
+        return f"<onnxformer.runtime.Model arch={self.arch!r} from {str(self.directory)!r} on {self.device}>"
+
+    @property
+    def label_names(self) -> tuple[str, ...]:
+        return self.manifest.label_names
+
+    @property
+    def can_generate(self) -> bool:
+        return DECODER in self.sessions
+
+    @property
+    def can_classify(self) -> bool:
+        spec = self.manifest.graphs.get(ENCODER)
+        return self.arch == "encoder" and spec is not None and LOGITS in spec.spec.output_names
+
+    # ---------------------------------------------------------------------------------------
+    # Tokenization
+    # ---------------------------------------------------------------------------------------
+    def _texts(self, texts: str | Sequence[str], what: str) -> list[str]:
+        if isinstance(texts, str):
+            texts = [texts]
+        if not isinstance(texts, Sequence) or isinstance(texts, bytes):
+            raise InputError(f"{what} must be a string or a list of strings; got {type(texts).__name__}")
+        texts = list(texts)
+        if not texts:
+            raise InputError(f"{what}: the list is empty; pass at least one text")
+        for i, text in enumerate(texts):
+            if not isinstance(text, str):
+                raise InputError(f"{what}[{i}] must be a string; got {type(text).__name__} ({text!r:.60})")
+        return texts
+
+    def encode(self, texts: Sequence[str], *, truncate: bool = False, reserve: int = 0) -> list[list[int]]:
+        """Token ids with the package's special-token template (what the model was trained on)."""
+        limit = self.manifest.max_seq_len - reserve
+        rows = []
+        for i, enc in enumerate(self.tokenizer.encode_batch(list(texts))):
+            ids = enc.ids
+            if len(ids) > limit:
+                if not truncate:
+                    raise InputError(
+                        f"text {i} is {len(ids)} tokens; this model takes at most {limit}"
+                        + (f" ({self.manifest.max_seq_len} minus {reserve} new tokens)" if reserve else "")
+                        + ". Shorten it, lower max_new_tokens, or pass truncate=True."
+                    )
+                ids = ids[-limit:] if reserve else ids[:limit]  # keep a prompt's end, a text's start
+            if not ids:
+                raise InputError(f"text {i} is empty after tokenization; pass non-empty text")
+            rows.append(ids)
+        return rows
+
+    def decode(self, ids: Sequence[int]) -> str:
+        return self.tokenizer.decode(list(ids), skip_special_tokens=True)
+
+    # ---------------------------------------------------------------------------------------
+    # Encoder: classification and embeddings
+    # ---------------------------------------------------------------------------------------
+    def _require(self, ok: bool, call: str, need: str) -> None:
+        if not ok:
+            raise InputError(f"{call}() needs {need}; this package is a {self.arch!r} model ({self.directory.name})")
+
+    def _encoder_batches(self, texts: list[str], batch_size: int, truncate: bool) -> Iterator[dict[str, np.ndarray]]:
+        encodings = self.tokenizer.encode_batch(texts)
+        limit = self.manifest.max_seq_len
+        for start in range(0, len(encodings), batch_size):
+            chunk = encodings[start:start + batch_size]
+            width = max(len(e.ids) for e in chunk)
+            if width > limit and not truncate:
+                i = start + max(range(len(chunk)), key=lambda j: len(chunk[j].ids))
+                raise InputError(
+                    f"text {i} is {len(encodings[i].ids)} tokens; this model takes at most {limit}. "
+                    "Shorten it or pass truncate=True."
+                )
+            width = min(width, limit)
+            ids = np.full((len(chunk), width), max(self.manifest.special("pad"), 0), dtype=np.int64)
+            mask = np.zeros_like(ids)
+            types = np.zeros_like(ids)
+            for r, e in enumerate(chunk):  # right padding; positions come from the mask
+                n = min(len(e.ids), width)
+                ids[r, :n], mask[r, :n], types[r, :n] = e.ids[:n], 1, e.type_ids[:n]
+            feeds = {INPUT_IDS: ids, ATTENTION_MASK: mask}
+            if self.dims.has_token_types:
+                feeds[TOKEN_TYPE_IDS] = types
+            yield feeds
+
+    def _run_encoder(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        session = self.sessions[ENCODER]
+        names = [o.name for o in session.get_outputs()]
+        return dict(zip(names, session.run(names, feeds)))
+
+    def classify(self, texts: str | Sequence[str], *, batch_size: int = 32, truncate: bool = False) -> list[Classification]:
+        """Label, score and every label's probability per text."""
+        self._require(self.can_classify, "classify", "an encoder package with a classification head")
+        texts = self._texts(texts, "classify texts")
+        labels = self.label_names or tuple(f"LABEL_{i}" for i in range(self.dims.num_labels))
+        results = []
+        for feeds in self._encoder_batches(texts, batch_size, truncate):
+            logits = self._run_encoder(feeds)[LOGITS].astype(np.float64)  # (B, num_labels)
+            probs = np.exp(logits - logits.max(-1, keepdims=True))
+            probs /= probs.sum(-1, keepdims=True)
+            for row in probs:
+                best = int(row.argmax())
+                results.append(Classification(labels[best], float(row[best]), dict(zip(labels, map(float, row)))))
+        return results
+
+    def embed(self, texts: str | Sequence[str], *, pooling: str = "mean", normalize: bool = True,
+              batch_size: int = 32, truncate: bool = False) -> np.ndarray:
+        """Sentence embeddings (len(texts), D): mean over real tokens or the [CLS] state."""
+        self._require(ENCODER in self.sessions, "embed", "a package with an encoder")
+        if pooling not in ("mean", "cls"):
+            raise InputError(f"pooling must be 'mean' or 'cls'; got {pooling!r}")
+        texts = self._texts(texts, "embed texts")
+        out = []
+        for feeds in self._encoder_batches(texts, batch_size, truncate):
+            hidden = self._run_encoder(feeds)[LAST_HIDDEN_STATE].astype(np.float32)  # (B, S, D)
+            if pooling == "cls":
+                vectors = hidden[:, 0]
+            else:
+                mask = feeds[ATTENTION_MASK][:, :, None].astype(np.float32)  # (B, S, 1)
+                vectors = (hidden * mask).sum(1) / np.maximum(mask.sum(1), 1.0)
+            if normalize:
+                vectors = vectors / np.maximum(np.linalg.norm(vectors, axis=-1, keepdims=True), 1e-12)
+            out.append(vectors)
+        return np.concatenate(out, axis=0)
+
+    # ---------------------------------------------------------------------------------------
+    # Generation
+    # ---------------------------------------------------------------------------------------
+    def generation_config(self, config: GenerationConfig | None = None, **overrides: Any) -> GenerationConfig:
+        """The package's defaults (eos, pad, ...) overlaid with `config` and keyword overrides."""
+        defaults = dict(self.manifest.generation)
+        if config is not None:
+            chosen = config.to_dict()
+            base = GenerationConfig().to_dict()
+            defaults.update({k: v for k, v in chosen.items() if v != base.get(k)})
+        defaults.update(overrides)
+        return GenerationConfig.from_dict(defaults)
+
+    def _prompt_ids(self, prompts: list[str], config: GenerationConfig, truncate: bool) -> list[list[int]]:
+        reserve = config.max_new_tokens if self.arch != "encoder-decoder" else 0
+        if reserve >= self.manifest.max_seq_len:
+            raise InputError(
+                f"max_new_tokens ({config.max_new_tokens}) must be below this model's max_seq_len "
+                f"({self.manifest.max_seq_len})"
+            )
+        if self.arch == "encoder-decoder" and config.max_new_tokens >= self.manifest.max_seq_len:
+            raise InputError(
+                f"max_new_tokens ({config.max_new_tokens}) must be below max_seq_len ({self.manifest.max_seq_len})"
+            )
+        return self.encode(prompts, truncate=truncate, reserve=reserve)
+
+    def _check_ids(self, prompts: Sequence[Sequence[int]], config: GenerationConfig) -> list[list[int]]:
+        rows = gen._check_prompts(prompts)
+        top = max(max(r) for r in rows)
+        if top >= self.dims.vocab_size:
+            raise InputError(f"token id {top} is out of range for this model's vocabulary (size {self.dims.vocab_size})")
+        longest = max(len(r) for r in rows)
+        extra = config.max_new_tokens if self.arch != "encoder-decoder" else 0
+        if longest + extra > self.manifest.max_seq_len or config.max_new_tokens >= self.manifest.max_seq_len:
+            raise InputError(
+                f"prompt of {longest} tokens + max_new_tokens {config.max_new_tokens} exceeds this model's "
+                f"max_seq_len ({self.manifest.max_seq_len}); shorten the prompt or lower max_new_tokens"
+            )
+        return rows
+
+    def _steps(self, prompts: list[list[int]]) -> tuple["_DecoderSteps", list[list[int]]]:
+        """The step model and the decoder prompts (encoder-decoder: the start token per source)."""
+        if self.arch == "encoder-decoder":
+            start = self.manifest.special("decoder_start")
+            return _DecoderSteps(self, sources=prompts), [[start] for _ in prompts]
+        return _DecoderSteps(self), prompts
+
+    def generate_ids(self, prompts: Sequence[Sequence[int]], config: GenerationConfig | None = None, *,
+                     rng: np.random.Generator | None = None) -> GenerationOutput:
+        """Generation on token ids (the source ids for encoder-decoder packages)."""
+        self._require(self.can_generate, "generate", "a decoder-only, prefix-lm or encoder-decoder package")
+        config = config if config is not None else self.generation_config()
+        rows = self._check_ids(prompts, config)
+        steps, decoder_prompts = self._steps(rows)
+        return gen.generate(steps, decoder_prompts, config, rng=rng, decode=self.decode)
+
+    def generate(self, prompts: str | Sequence[str], config: GenerationConfig | None = None, *,
+                 truncate: bool = False, rng: np.random.Generator | None = None,
+                 **overrides: Any) -> list[Generation]:
+        """Generate for each prompt; keyword overrides (max_new_tokens=..., ...) update `config`."""
+        self._require(self.can_generate, "generate", "a decoder-only, prefix-lm or encoder-decoder package")
+        texts = self._texts(prompts, "generate prompts")
+        config = self.generation_config(config, **overrides)
+        ids = self._prompt_ids(texts, config, truncate)
+        out = self.generate_ids(ids, config, rng=rng)
+        return [
+            Generation(text, out.texts[b], out.sequences[b], out.scores[b], out.finish_reasons[b])
+            for b, text in enumerate(texts)
+        ]
+
+    def stream(self, prompt: str, config: GenerationConfig | None = None, *, truncate: bool = False,
+               rng: np.random.Generator | None = None, **overrides: Any) -> Iterator[str]:
+        """Yield the continuation's text as it is produced (greedy or sample)."""
+        self._require(self.can_generate, "stream", "a decoder-only, prefix-lm or encoder-decoder package")
+        if not isinstance(prompt, str):
+            raise InputError(f"stream() takes one prompt string; got {type(prompt).__name__}")
+        config = self.generation_config(config, **overrides)
+        ids = self._check_ids(self._prompt_ids([prompt], config, truncate), config)
+        steps, decoder_prompts = self._steps(ids)
+        return gen.stream(steps, decoder_prompts[0], config, self.decode, rng=rng)
+
+
+class _DecoderSteps:
+    """The StepModel of generation over the package's decoder graph, with I/O binding.
+
+    The cache is a dict {past input name: OrtValue} (+ the encoder K/V and mask for an
+    encoder-decoder model, bound once per source, never copied per step).
+    """
+
+    def __init__(self, model: Model, sources: list[list[int]] | None = None):
+        self.model = model
+        self.session = model.sessions[DECODER]
+        self.device = model.device
+        self.sources = sources
+        self.output_names = [o.name for o in self.session.get_outputs()]
+
+    def _value(self, array: np.ndarray) -> ort.OrtValue:
+        return ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(array), self.device, 0)
+
+    def init_cache(self, batch_size: int) -> dict[str, Any]:
+        dims, dtype = self.model.dims, self.model.float_dtype
+        empty = np.zeros((batch_size, dims.n_kv_heads, 0, dims.d_head), dtype=dtype)  # (B, Hkv, P=0, Dh)
+        cache: dict[str, Any] = {past: self._value(empty) for _, past in self.model._self_cache}
+        if self.sources is not None:
+            if batch_size != len(self.sources):
+                raise AssertionError(f"init_cache({batch_size}) for {len(self.sources)} sources")
+            cache.update(self._encode_sources())
+        return cache
+
+    def _encode_sources(self) -> dict[str, Any]:
+        batch = gen.left_pad(self.sources, max(self.model.manifest.special("pad"), 0))
+        hidden = self.model.sessions[ENCODER].run(
+            [LAST_HIDDEN_STATE], {INPUT_IDS: batch.input_ids, ATTENTION_MASK: batch.attention_mask}
+        )[0]  # (B, S, D)
+        cross = self.model.sessions[CROSS_ATTENTION]
+        names = [o.name for o in cross.get_outputs()]
+        binding = cross.io_binding()
+        binding.bind_ortvalue_input(ENCODER_HIDDEN_STATES, self._value(hidden))
+        for name in names:
+            binding.bind_output(name, self.device)
+        cross.run_with_iobinding(binding)
+        cache = {past_name_for(n): v for n, v in zip(names, binding.get_outputs())}  # (B, Hkv, S, Dh)
+        cache[ENCODER_ATTENTION_MASK] = self._value(batch.attention_mask)
+        return cache
+
+    def step(self, input_ids: np.ndarray, position_ids: np.ndarray, attention_mask: np.ndarray,
+             cache: dict[str, Any]) -> gen.StepResult:
+        binding = self.session.io_binding()
+        binding.bind_ortvalue_input(INPUT_IDS, self._value(input_ids.astype(np.int64, copy=False)))
+        binding.bind_ortvalue_input(POSITION_IDS, self._value(position_ids.astype(np.int64, copy=False)))
+        binding.bind_ortvalue_input(ATTENTION_MASK, self._value(attention_mask.astype(np.int64, copy=False)))
+        for name, value in cache.items():
+            binding.bind_ortvalue_input(name, value)
+        for name in self.output_names:
+            binding.bind_output(name, self.device)
+        self.session.run_with_iobinding(binding)
+        outputs = binding.get_outputs()
+        logits = outputs[0].numpy()[:, -1, :]  # (N, V) last position
+        new_cache = dict(cache)
+        for name, value in zip(self.output_names[1:], outputs[1:]):
+            new_cache[past_name_for(name)] = value  # present.* -> past_key_values.*
+        return gen.StepResult(logits.astype(np.float32, copy=False), new_cache)
+
+    def reorder_cache(self, cache: dict[str, Any], indices: np.ndarray) -> dict[str, Any]:
+        indices = np.asarray(indices, dtype=np.int64)
+        return {name: self._value(value.numpy()[indices]) for name, value in cache.items()}
+
+
+def load(package_dir: str | os.PathLike, *, provider: str = "cpu", threads: int | None = None,
+         verify: bool = True) -> Model:
+    """Open a package: read and check the manifest, verify checksums, open one session per
+    graph on `provider` ("cpu" or "cuda") and check each session's I/O against the contract."""
+    directory = Path(package_dir)
+    provider_name, device = _resolve_provider(provider)
+    manifest = Manifest.load(directory)
+    if verify:
+        manifest.verify_files(directory)
+    try:
+        tokenizer = Tokenizer.from_file(str(directory / manifest.tokenizer.file))
+    except Exception as err:
+        raise PackageError(f"tokenizer {manifest.tokenizer.file!r} could not be loaded ({err}); re-export the package") from None
+    if tokenizer.get_vocab_size(with_added_tokens=True) > manifest.dims.vocab_size:
+        raise PackageError(
+            f"tokenizer has {tokenizer.get_vocab_size(with_added_tokens=True)} tokens but the model's vocabulary "
+            f"is {manifest.dims.vocab_size}: they do not belong together; re-export the package"
+        )
+    sessions = {}
+    for name, entry in manifest.graphs.items():
+        session = _session(directory / entry.file.file, provider_name, threads)
+        check_session_io(entry.spec, session.get_inputs(), session.get_outputs())
+        sessions[name] = session
+    log.info("loaded %s package from %s on %s", manifest.arch, directory, device)
+    return Model(directory, manifest, tokenizer, sessions, device)
