@@ -17,7 +17,6 @@ Sequences returned are the generated ids only (no prompt), including the eos if 
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 from .model import KV, Transformer, reorder_past
@@ -190,78 +189,82 @@ def sample(model: Transformer, prompts: list[list[int]], config) -> list[list[li
 def beam_search(model: Transformer, prompts: list[list[int]], config) -> list[list[list[int]]]:
     """Beam search, K = num_beams rows per prompt.
 
-    Scores start [0, -inf, ...]. Each step: candidates = beam score + log_softmax(processed
-    logits); the top 2K (stable, lower flat index first on ties) are walked in order; an eos
-    ranked < K closes a hypothesis scored sum_logprob / len^length_penalty, other tokens fill
-    the K next beams. A prompt is done when it holds K hypotheses and either early_stopping,
-    or its worst hypothesis beats the best running beam's score / (t+1)^length_penalty. At the
-    end, unfinished prompts add their running beams. Returns num_return_sequences best.
+    Mirrors onnxformer.runtime.generation.beam_search (its docstring is the spec): float32
+    scores start [0, -inf, ...]; each step the first C = max(2, 1 + #eos) * K candidates of a
+    stable sort of -(score + log_softmax(processed logits)) are walked in order; an eos ranked
+    < K closes a hypothesis scored sum_logprob / (t+1)^length_penalty, other tokens fill the K
+    next beams (empty slots copy beam 0 with score -inf). A prompt is done when it holds K
+    hypotheses and either early_stopping, or its worst hypothesis >= best running score /
+    (t+1)^length_penalty. At the end, unfinished prompts add their running beams.
     """
     k, lp = config.num_beams, config.length_penalty
     dec = _Decoding(model, prompts, copies=k, pad_id=config.pad_token_id)
     n_prompts = len(prompts)
     eos = set(config.eos_token_ids)
-    scores = torch.full((n_prompts, k), NEG_INF, dtype=torch.float64)
-    scores[:, 0] = 0.0
+    scores = torch.full((n_prompts * k,), NEG_INF, dtype=torch.float32)  # (N,) float32 as the spec says
+    scores[::k] = 0.0
     beams: list[list[int]] = [[] for _ in range(n_prompts * k)]
-    hyps: list[list[tuple[float, list[int]]]] = [[] for _ in range(n_prompts)]
+    hyps: list[list[tuple[float, int, list[int]]]] = [[] for _ in range(n_prompts)]  # (score, order, tokens)
     done = [False] * n_prompts
+    counter = 0
 
     def add(b: int, score: float, tokens: list[int]) -> None:
-        if len(hyps[b]) < k:
-            hyps[b].append((score, tokens))
-            return
-        worst = min(range(k), key=lambda i: (hyps[b][i][0], -i))
-        if score > hyps[b][worst][0]:
-            del hyps[b][worst]
-            hyps[b].append((score, tokens))
+        nonlocal counter
+        hyps[b].append((score, counter, tokens))
+        counter += 1
+        hyps[b].sort(key=lambda h: (-h[0], h[1]))  # best first, earlier first among ties
+        del hyps[b][k:]
 
-    steps = 0
+    last_t = 0
     for t in range(config.max_new_tokens):
-        steps = t + 1
-        logprobs = process_logits(dec.logits(), dec.history, t, config, sampling=False).log_softmax(-1).double()
+        last_t = t
+        logits = process_logits(dec.logits(), dec.history, t, config, sampling=False)
+        logprobs = logits.float().log_softmax(-1).cpu()  # (N, V)
         vocab = logprobs.shape[-1]
-        cand = (scores.reshape(-1, 1) + logprobs.cpu()).reshape(n_prompts, k * vocab)
-        order = torch.sort(-cand, dim=-1, stable=True).indices[:, : 2 * k]
-        src = torch.arange(n_prompts * k)
+        cand = (scores[:, None] + logprobs).reshape(n_prompts, k * vocab)  # (B, K*V)
+        n_cand = min(max(2, 1 + len(eos)) * k, k * vocab)
+        order = torch.sort(-cand, dim=-1, stable=True).indices[:, :n_cand]  # (B, C)
+        norm = float(torch.tensor(t + 1, dtype=torch.float32) ** lp)
+        src = torch.arange(n_prompts).repeat_interleave(k) * k  # (N,) empty slots copy beam 0
         next_tokens = torch.full((n_prompts * k,), config.pad_token_id, dtype=torch.long)
-        next_scores = scores.clone()
+        next_scores = torch.full((n_prompts * k,), NEG_INF, dtype=torch.float32)
         for b in range(n_prompts):
+            base = b * k
             if done[b]:
+                src[base:base + k] = torch.arange(base, base + k)
                 continue
             filled = 0
             for rank, flat in enumerate(order[b].tolist()):
-                beam, tok, score = flat // vocab, flat % vocab, cand[b, flat].item()
+                beam, tok = divmod(flat, vocab)
+                score = cand[b, flat]
                 if tok in eos:
                     if rank < k:
-                        add(b, score / ((t + 1) ** lp), beams[b * k + beam] + [tok])
+                        add(b, float(score / norm), beams[base + beam] + [tok])
                     continue
-                src[b * k + filled] = b * k + beam
-                next_tokens[b * k + filled] = tok
-                next_scores[b, filled] = score
+                src[base + filled], next_tokens[base + filled] = base + beam, tok
+                next_scores[base + filled] = score
                 filled += 1
                 if filled == k:
                     break
+            if len(hyps[b]) == k:
+                done[b] = config.early_stopping or hyps[b][-1][0] >= float(next_scores[base] / norm)
         beams = [beams[s] + [tok] for s, tok in zip(src.tolist(), next_tokens.tolist())]
         scores = next_scores
-        for b in range(n_prompts):
-            if not done[b] and len(hyps[b]) >= k:
-                worst = min(h[0] for h in hyps[b])
-                done[b] = config.early_stopping or worst >= scores[b].max().item() / ((t + 1) ** lp)
         if all(done) or t == config.max_new_tokens - 1:
             break
-        index = src.to(dec.mask.device)
-        dec.reorder(index)
-        dec.feed(next_tokens.to(dec.mask.device))
+        device = dec.mask.device
+        dec.reorder(src.to(device))
+        dec.feed(next_tokens.to(device))
 
+    norm = float(torch.tensor(last_t + 1, dtype=torch.float32) ** lp)
     results = []
     for b in range(n_prompts):
-        if not done[b] and steps:
-            for j in range(k):
-                tokens = beams[b * k + j]
-                add(b, scores[b, j].item() / (len(tokens) ** lp), tokens)
-        ranked = sorted(hyps[b], key=lambda h: -h[0])  # stable: earlier first on ties
-        results.append([tokens for _, tokens in ranked[: config.num_return_sequences]] or [[]])
+        if not done[b] and config.max_new_tokens:
+            for r in range(b * k, (b + 1) * k):
+                add(b, float(scores[r] / norm), beams[r])
+        results.append([tokens for _, _, tokens in hyps[b][: config.num_return_sequences]])
+    if not config.max_new_tokens:
+        results = [[[] for _ in range(config.num_return_sequences)] for _ in prompts]
     return results
 
 

@@ -222,7 +222,8 @@ class Dims:
     def from_dict(cls, data: Mapping[str, Any]) -> "Dims":
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(data) - known)
-        missing = sorted(f.name for f in dataclasses.fields(cls) if f.default is dataclasses.MISSING and f.name not in data)
+        required = [f.name for f in dataclasses.fields(cls) if f.default is dataclasses.MISSING]
+        missing = sorted(name for name in required if name not in data)
         if unknown or missing:
             raise PackageError(
                 f"manifest dims: unknown fields {unknown}, missing fields {missing}; "

@@ -153,9 +153,11 @@ class GenerationConfig:
         set_("no_repeat_ngram_size", _check_int("no_repeat_ngram_size", self.no_repeat_ngram_size, 0))
         eos = self.eos_token_ids
         eos = (eos,) if _is_int(eos) else eos
-        if isinstance(eos, (str, bytes)) or not isinstance(eos, (tuple, list)):
-            raise ConfigError(f"eos_token_ids must be a tuple of token ids; got {self.eos_token_ids!r}")
-        set_("eos_token_ids", tuple(_check_int("eos_token_ids[]", t, 0) for t in eos))
+        if not isinstance(eos, (tuple, list)) or not all(_is_int(t) and t >= 0 for t in eos):
+            raise ConfigError(
+                f"eos_token_ids must be a tuple of token ids >= 0 (empty = none); got {self.eos_token_ids!r}"
+            )
+        set_("eos_token_ids", tuple(int(t) for t in eos))
         stops = self.stop_strings
         stops = (stops,) if isinstance(stops, str) else stops
         if not isinstance(stops, (tuple, list)) or not all(isinstance(s, str) and s for s in stops):
@@ -212,6 +214,8 @@ class StepModel(Protocol):
     multi-sample generation ``reorder_cache`` between steps.
     """
 
+    vocab_size: int  # V: prompts, eos and pad ids are checked against it before any step
+
     def init_cache(self, batch_size: int) -> Any:
         """An empty cache (P = 0) for ``batch_size`` rows (encoder-decoder: plus the encoder K/V)."""
         ...
@@ -239,7 +243,7 @@ class PaddedBatch(NamedTuple):
 
 def left_pad(prompts: Sequence[Sequence[int]], pad_token_id: int) -> PaddedBatch:
     """Left-pad token id lists into a batch with its attention mask and position ids."""
-    rows = _check_prompts(prompts)
+    rows = check_prompts(prompts)
     width = max(len(r) for r in rows)
     input_ids = np.full((len(rows), width), pad_token_id, dtype=np.int64)  # (B, T)
     attention_mask = np.zeros((len(rows), width), dtype=np.int64)  # (B, T)
@@ -250,7 +254,7 @@ def left_pad(prompts: Sequence[Sequence[int]], pad_token_id: int) -> PaddedBatch
     return PaddedBatch(input_ids, attention_mask, position_ids)
 
 
-def _check_prompts(prompts: Sequence[Sequence[int]]) -> list[list[int]]:
+def check_prompts(prompts: Sequence[Sequence[int]]) -> list[list[int]]:
     if isinstance(prompts, (str, bytes)) or len(prompts) == 0:
         raise InputError(f"prompts must be a non-empty list of token id lists; got {prompts!r:.80}")
     rows = []
@@ -269,15 +273,16 @@ def _check_prompts(prompts: Sequence[Sequence[int]]) -> list[list[int]]:
 def _step(model: StepModel, input_ids, position_ids, attention_mask, cache) -> StepResult:
     logits, cache = model.step(input_ids, position_ids, attention_mask, cache)
     logits = np.asarray(logits, dtype=np.float32)
-    if logits.ndim != 2 or logits.shape[0] != input_ids.shape[0]:
+    if logits.shape != (input_ids.shape[0], model.vocab_size):
         raise OnnxformerError(
-            f"step() must return logits of shape (N={input_ids.shape[0]}, V) for the last position; "
-            f"got {logits.shape}"
+            f"step() must return logits of shape (N={input_ids.shape[0]}, V={model.vocab_size}) "
+            f"for the last position; got {logits.shape}"
         )
     return StepResult(logits, cache)
 
 
 def _check_vocab(vocab_size: int, prompts: list[list[int]], config: GenerationConfig) -> None:
+    """Token ids must index the vocabulary; checked before the model runs."""
     top = max(max(p) for p in prompts)
     if top >= vocab_size:
         raise InputError(f"prompt token id {top} is out of range for vocab_size {vocab_size}")
@@ -369,7 +374,8 @@ def log_softmax(logits: np.ndarray) -> np.ndarray:
     shifted = x - top
     with np.errstate(divide="ignore"):
         lse = np.log(np.sum(np.exp(shifted), axis=1, keepdims=True))
-    return np.where(np.isfinite(lse), shifted - lse, -np.inf).astype(x.dtype, copy=False)
+    finite = np.isfinite(lse)
+    return np.where(finite, shifted - np.where(finite, lse, 0), -np.inf).astype(x.dtype, copy=False)
 
 
 def softmax(logits: np.ndarray) -> np.ndarray:
@@ -462,12 +468,15 @@ def _decode_loop(
     choose: Chooser,
     decode: Decode | None,
     copies: int,
+    live_text: bool = False,
 ) -> tuple[_Rows, Iterator[None]]:
     """Validate, then return the row state and a generator that advances it one token per
-    ``next()``. Row r continues prompt r // copies."""
+    ``next()``. Row r continues prompt r // copies. ``state.texts`` is kept current after
+    every token when there are stop strings or ``live_text`` (streaming)."""
     if config.stop_strings and decode is None:
         raise ConfigError(f"stop_strings {config.stop_strings!r} need a decode function; pass decode=")
-    rows = _check_prompts(prompts)
+    rows = check_prompts(prompts)
+    _check_vocab(model.vocab_size, rows, config)
     n = len(rows) * copies
     empty_text = decode([]) if decode is not None else None
     state = _Rows(
@@ -479,7 +488,8 @@ def _decode_loop(
         texts=[empty_text] * n,
         stop_at=[None] * n,
     )
-    return state, _advance(model, rows, config, choose, decode, copies, state)
+    live_decode = decode if (config.stop_strings or live_text) else None
+    return state, _advance(model, rows, config, choose, live_decode, copies, state)
 
 
 def _advance(
@@ -497,7 +507,6 @@ def _advance(
     batch = left_pad(rows, config.pad_token_id)
     cache = model.init_cache(len(rows))
     logits, cache = _step(model, batch.input_ids, batch.position_ids, batch.attention_mask, cache)
-    _check_vocab(logits.shape[1], rows, config)
     mask, positions = batch.attention_mask, batch.position_ids[:, -1]  # (B, T), (B,)
     if copies > 1:  # run each prompt once, then copy its rows
         expand = np.repeat(np.arange(len(rows)), copies)  # (N,)
@@ -529,21 +538,27 @@ def _advance(
         logits, cache = _step(model, tokens[:, None], positions[:, None], mask, cache)
 
 
-def _final_text(state: _Rows, r: int) -> str:
-    text = state.texts[r] or ""
-    return text[: state.stop_at[r]] if state.stop_at[r] is not None else text
+def _final_text(state: _Rows, r: int, decode: Decode) -> str:
+    """Row r's text, cut where a stop string starts (the text was decoded when it stopped)."""
+    if state.stop_at[r] is not None:
+        return (state.texts[r] or "")[: state.stop_at[r]]
+    return decode(state.generated[r])
 
 
-def _collect(state: _Rows, steps: Iterator[None], n_prompts: int, copies: int) -> GenerationOutput:
+def _collect(
+    state: _Rows, steps: Iterator[None], n_prompts: int, copies: int, decode: Decode | None
+) -> GenerationOutput:
     for _ in steps:
         pass
-    n = len(state.generated)
     group = lambda items: [list(items[b * copies:(b + 1) * copies]) for b in range(n_prompts)]  # noqa: E731
+    texts = None
+    if decode is not None:
+        texts = group([_final_text(state, r, decode) for r in range(len(state.generated))])
     return GenerationOutput(
         sequences=group(state.generated),
         scores=group([float(s) for s in state.scores]),
         finish_reasons=group(state.reasons),
-        texts=group([_final_text(state, r) for r in range(n)]) if state.texts[0] is not None else None,
+        texts=texts,
     )
 
 
@@ -577,7 +592,7 @@ def greedy(
     """Pick the highest processed logit at every step (lowest id among ties)."""
     _require_strategy(config, "greedy")
     state, steps = _decode_loop(model, prompts, config, _greedy_chooser, decode, copies=1)
-    return _collect(state, steps, len(state.generated), 1)
+    return _collect(state, steps, len(state.generated), 1, decode)
 
 
 def sample(
@@ -598,7 +613,7 @@ def sample(
     rng = rng if rng is not None else np.random.default_rng(config.seed)
     copies = config.num_return_sequences
     state, steps = _decode_loop(model, prompts, config, _sample_chooser(config, rng), decode, copies)
-    return _collect(state, steps, len(state.generated) // copies, copies)
+    return _collect(state, steps, len(state.generated) // copies, copies, decode)
 
 
 # Beam search -------------------------------------------------------------------------------
@@ -648,7 +663,8 @@ def beam_search(
     the initial raw scores (0, -inf, ...) and calls no model.
     """
     _require_strategy(config, "beam")
-    rows = _check_prompts(prompts)
+    rows = check_prompts(prompts)
+    _check_vocab(model.vocab_size, rows, config)
     n_prompts, k = len(rows), config.num_beams
     n = n_prompts * k
     keep = config.num_return_sequences
@@ -664,8 +680,7 @@ def beam_search(
     batch = left_pad(rows, config.pad_token_id)
     cache = model.init_cache(n_prompts)
     logits, cache = _step(model, batch.input_ids, batch.position_ids, batch.attention_mask, cache)
-    vocab = logits.shape[1]
-    _check_vocab(vocab, rows, config)
+    vocab = model.vocab_size
     expand = np.repeat(np.arange(n_prompts), k)  # (N,) row -> prompt
     logits, cache = logits[expand], model.reorder_cache(cache, expand)
     mask, positions = batch.attention_mask[expand], batch.position_ids[expand, -1]  # (N, T), (N,)
@@ -778,27 +793,34 @@ def stream(
     Each step decodes the whole generated id list and yields the new suffix only. Text ending
     in U+FFFD (an incomplete UTF-8 character split across byte-level tokens) is held back until
     the character completes, and so is a tail that could be the start of a stop string. The
-    concatenated deltas equal the final text (cut at a stop string).
+    concatenated deltas equal the final text (cut at a stop string). Arguments are checked
+    when ``stream`` is called, not at the first ``next()``.
     """
     if config.strategy == "beam":
-        raise ConfigError("stream() supports strategy 'greedy' or 'sample'; got 'beam'")
+        raise ConfigError("stream() supports strategy 'greedy' or 'sample'; got 'beam'. Use beam_search().")
     if config.num_return_sequences != 1:
-        raise ConfigError(f"stream() yields one sequence; got num_return_sequences={config.num_return_sequences}")
+        raise ConfigError(
+            f"stream() yields one sequence; got num_return_sequences={config.num_return_sequences}. Use sample()."
+        )
     if config.strategy == "greedy":
         chooser = _greedy_chooser
     else:
         chooser = _sample_chooser(config, rng if rng is not None else np.random.default_rng(config.seed))
-    state, steps = _decode_loop(model, [prompt], config, chooser, decode, copies=1)
+    state, steps = _decode_loop(model, [prompt], config, chooser, decode, copies=1, live_text=True)
+    return _text_deltas(state, steps, config.stop_strings, decode)
+
+
+def _text_deltas(state: _Rows, steps: Iterator[None], stop_strings: Sequence[str], decode: Decode) -> Iterator[str]:
     sent = ""
     for _ in steps:
         if state.stop_at[0] is not None:
             break
         stable = (state.texts[0] or "").rstrip("\ufffd")  # hold back an incomplete character
-        stable = stable[: len(stable) - _held_back(stable, config.stop_strings)]
+        stable = stable[: len(stable) - _held_back(stable, stop_strings)]
         if len(stable) > len(sent) and stable.startswith(sent):
             yield stable[len(sent):]
             sent = stable
-    final = _final_text(state, 0)
+    final = _final_text(state, 0, decode)
     if not final.startswith(sent):  # decode() revised text already sent; send from where they differ
         logger.warning("decode() is not prefix-stable; streamed text differs from the final text")
         sent = sent[: len(os.path.commonprefix([sent, final]))]

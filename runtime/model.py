@@ -266,7 +266,7 @@ class Model:
         return self.encode(prompts, truncate=truncate, reserve=reserve)
 
     def _check_ids(self, prompts: Sequence[Sequence[int]], config: GenerationConfig) -> list[list[int]]:
-        rows = gen._check_prompts(prompts)
+        rows = gen.check_prompts(prompts)
         top = max(max(r) for r in rows)
         if top >= self.dims.vocab_size:
             raise InputError(f"token id {top} is out of range for this model's vocabulary (size {self.dims.vocab_size})")
@@ -333,6 +333,7 @@ class _DecoderSteps:
         self.session = model.sessions[DECODER]
         self.device = model.device
         self.sources = sources
+        self.vocab_size = model.dims.vocab_size
         self.output_names = [o.name for o in self.session.get_outputs()]
 
     def _value(self, array: np.ndarray) -> ort.OrtValue:

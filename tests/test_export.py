@@ -1,0 +1,187 @@
+"""Export: every architecture and positional encoding, validated against PyTorch."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import numpy as np
+import pytest
+
+pytest.importorskip("torch", reason="export needs the [train] extra (torch)")
+import onnx  # noqa: E402
+import onnxruntime as ort  # noqa: E402
+
+from onnxformer.export import exporter  # noqa: E402
+from onnxformer.export.exporter import ExportError, ExportOptions, export_model  # noqa: E402
+from onnxformer.modeling.tokenizer import save_tokenizer  # noqa: E402
+from onnxformer.runtime.contract import graph_specs  # noqa: E402
+from onnxformer.runtime.manifest import Manifest, sha256_file  # noqa: E402
+
+from conftest import make_model  # noqa: E402
+
+ARCHS = ["encoder", "decoder", "encoder-decoder", "prefix-lm"]
+GRAPHS = {
+    "encoder": {"encoder.onnx"},
+    "decoder": {"decoder.onnx"},
+    "prefix-lm": {"decoder.onnx"},
+    "encoder-decoder": {"encoder.onnx", "cross_attention.onnx", "decoder.onnx"},
+}
+
+
+@pytest.mark.parametrize(
+    "arch, pos",
+    [(a, "rope") for a in ARCHS] + [("decoder", "sinusoidal"), ("decoder", "learned"),
+                                    ("encoder-decoder", "sinusoidal"), ("encoder", "learned"),
+                                    ("prefix-lm", "learned")],
+)
+def test_export_validates_against_pytorch(package_factory, arch, pos):
+    model, _, report = package_factory(arch, pos)
+    package = report.path
+    files = {p.name for p in package.iterdir()}
+    assert files == GRAPHS[arch] | {"manifest.json", "tokenizer.json"}
+    figures = report.validation["float32"]
+    assert figures["passed"] and figures["worst_abs_diff"] <= 1e-4
+    if arch != "encoder":
+        assert figures["greedy_match"] and figures["greedy_tokens_compared"] > 0
+
+    manifest = Manifest.load(package)
+    assert manifest.validation == report.validation  # the figures travel with the package
+    assert manifest.opset == 18
+    for name, entry in manifest.graphs.items():
+        path = package / entry.file.file
+        assert entry.file.sha256 == sha256_file(path)
+        proto = onnx.load(str(path))
+        opset = {o.domain: o.version for o in proto.opset_import}
+        assert proto.ir_version <= 13 and opset.get("", opset.get("ai.onnx")) <= 26  # onnxruntime-node/web 1.30
+        session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+        # the manifest's I/O is exactly the session's actual I/O
+        assert [i.name for i in session.get_inputs()] == entry.spec.input_names
+        assert [o.name for o in session.get_outputs()] == entry.spec.output_names
+        assert entry.spec == graph_specs(manifest.dims)[name]
+    if "decoder.onnx" in files:
+        # one decoder graph, every weight stored once: no duplicate initializer payloads
+        proto = onnx.load(str(package / "decoder.onnx"))
+        payloads = [init.raw_data for init in proto.graph.initializer if len(init.raw_data) > 1024]
+        assert len(payloads) == len(set(payloads))
+        names = {i.name for i in proto.graph.input}
+        assert not any("branch" in n or "use_cache" in n for n in names)
+
+
+def test_manifest_contents(package_factory):
+    model, tok, report = package_factory("encoder-decoder")
+    data = json.loads((report.path / "manifest.json").read_text())
+    assert data["format"] == "onnxformer-package" and data["format_version"] == 1
+    assert data["dims"] == {"arch": "encoder-decoder", "n_layers": 2, "n_heads": 4, "n_kv_heads": 2, "d_head": 8,
+                            "d_model": 32, "vocab_size": tok.get_vocab_size(), "num_labels": 0,
+                            "has_token_types": False}
+    assert data["special_tokens"]["eos"] == tok.token_to_id("</s>")
+    assert data["special_tokens"]["decoder_start"] == model.config.start_token_id
+    assert data["generation"]["eos_token_ids"] == [tok.token_to_id("</s>")]
+    assert set(data["producer"]) == {"onnxformer", "torch", "onnx", "onnxruntime"}
+    cross = data["graphs"]["cross_attention"]
+    assert [o["name"] for o in cross["outputs"]][:2] == ["present.0.encoder.key", "present.0.encoder.value"]
+    assert cross["outputs"][0]["shape"] == ["batch", 2, "encoder_sequence", 8]
+    dec_inputs = [i["name"] for i in data["graphs"]["decoder"]["inputs"]]
+    assert dec_inputs[:8] == ["input_ids", "attention_mask", "position_ids", "encoder_attention_mask",
+                              "past_key_values.0.decoder.key", "past_key_values.0.decoder.value",
+                              "past_key_values.0.encoder.key", "past_key_values.0.encoder.value"]
+
+
+def test_classifier_package_has_logits_and_labels(package_factory):
+    _, _, report = package_factory("encoder", "learned")
+    manifest = Manifest.load(report.path)
+    assert manifest.label_names == ("negative", "neutral", "positive")
+    assert manifest.graphs["encoder"].spec.output_names == ["last_hidden_state", "logits"]
+    assert "token_type_ids" in manifest.graphs["encoder"].spec.input_names
+
+
+@pytest.mark.parametrize("arch", ["decoder", "encoder"])
+def test_int8_and_fp16_variants(package_factory, arch):
+    _, _, plain = package_factory(arch)
+    _, _, int8 = package_factory(arch, quantize="int8")
+    _, _, fp16 = package_factory(arch, dtype="float16")
+    main = "decoder.onnx" if arch == "decoder" else "encoder.onnx"
+    def weight_bytes(report):
+        proto = onnx.load(str(report.path / main))
+        return sum(len(t.raw_data) for t in proto.graph.initializer)
+
+    assert weight_bytes(int8) < 0.5 * weight_bytes(plain)
+    assert weight_bytes(fp16) < 0.6 * weight_bytes(plain)
+    assert Manifest.load(int8.path).weights == "int8"
+    m16 = Manifest.load(fp16.path)
+    assert m16.weights == "float16" and m16.float_dtype == "float16"
+    assert m16.graphs[main.removesuffix(".onnx")].spec.outputs[0].dtype == "float16"
+    for report, bound in ((int8, 0.2), (fp16, 0.05)):
+        variant = report.validation[Manifest.load(report.path).weights]
+        assert variant["passed"] and 0 < variant["worst_abs_diff"] < bound  # measured, and plausible
+
+
+def test_opset_is_configurable_and_bounded(package_factory):
+    _, _, report = package_factory("decoder", opset=17)
+    proto = onnx.load(str(report.path / "decoder.onnx"))
+    assert {o.domain: o.version for o in proto.opset_import}[""] == 17
+    with pytest.raises(ExportError, match="opset must be in"):
+        ExportOptions(opset=28)
+    with pytest.raises(ExportError, match="dtype must be one of"):
+        ExportOptions(dtype="bfloat16")
+
+
+def test_external_data_path(package_factory):
+    """Force the >2 GB path (weights in <graph>.onnx_data) on a small model."""
+    import onnxformer.runtime as rt
+
+    _, _, report = package_factory("encoder-decoder", external_data=True)
+    files = {p.name for p in report.path.iterdir()}
+    assert {"encoder.onnx_data", "decoder.onnx_data", "cross_attention.onnx_data"} <= files
+    manifest = Manifest.load(report.path)
+    assert [e.file for e in manifest.graphs["decoder"].external_data] == ["decoder.onnx_data"]
+    proto = onnx.load(str(report.path / "decoder.onnx"), load_external_data=False)  # structure only
+    assert proto.graph.initializer and all(
+        t.data_location == onnx.TensorProto.EXTERNAL for t in proto.graph.initializer
+    )
+    assert report.validation["float32"]["greedy_match"]
+    model = rt.load(report.path)  # checksums of the data files are verified too
+    assert model.generate_ids([[5, 6, 7]]).sequences[0][0]
+
+
+def test_failed_validation_writes_nothing_and_keeps_the_old_package(tmp_path):
+    model, tok = make_model("decoder")
+    save_tokenizer(tok, tmp_path / "tokenizer.json")
+    out = tmp_path / "pkg"
+    export_model(model, tmp_path / "tokenizer.json", out)
+    before = {p.name: sha256_file(p) for p in out.iterdir()}
+    with pytest.raises(ExportError, match="validation failed") as err:
+        export_model(model, tmp_path / "tokenizer.json", out, ExportOptions(atol=1e-12))
+    assert "worst_abs_diff" in str(err.value)  # the figures are in the error
+    assert {p.name: sha256_file(p) for p in out.iterdir()} == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["pkg", "tokenizer.json"]  # no temp dirs left
+
+
+def test_interrupted_export_leaves_nothing(tmp_path, monkeypatch):
+    model, tok = make_model("encoder-decoder")
+    save_tokenizer(tok, tmp_path / "tokenizer.json")
+    calls = []
+    real = exporter._trace
+
+    def flaky(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt  # e.g. Ctrl-C in the middle of the second graph
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(exporter, "_trace", flaky)
+    with pytest.raises(KeyboardInterrupt):
+        export_model(model, tmp_path / "tokenizer.json", tmp_path / "pkg")
+    assert sorted(os.listdir(tmp_path)) == ["tokenizer.json"]
+
+
+def test_refuses_to_replace_a_directory_that_is_not_a_package(tmp_path):
+    model, tok = make_model("decoder")
+    save_tokenizer(tok, tmp_path / "tokenizer.json")
+    out = tmp_path / "precious"
+    out.mkdir()
+    (out / "notes.txt").write_text("keep me")
+    with pytest.raises(ExportError, match="not an onnxformer package"):
+        export_model(model, tmp_path / "tokenizer.json", out)
+    assert (out / "notes.txt").read_text() == "keep me"
