@@ -144,6 +144,8 @@ class Model:
         for i, text in enumerate(texts):
             if not isinstance(text, str):
                 raise InputError(f"{what}[{i}] must be a string; got {type(text).__name__} ({text!r:.60})")
+            if not text:
+                raise InputError(f"{what}[{i}] is empty; pass non-empty text")
         return texts
 
     def encode(self, texts: Sequence[str], *, truncate: bool = False, reserve: int = 0) -> list[list[int]]:
@@ -315,6 +317,7 @@ class Model:
         self._require(self.can_generate, "stream", "a decoder-only, prefix-lm or encoder-decoder package")
         if not isinstance(prompt, str):
             raise InputError(f"stream() takes one prompt string; got {type(prompt).__name__}")
+        self._texts([prompt], "stream prompt")
         config = self.generation_config(config, **overrides)
         ids = self._check_ids(self._prompt_ids([prompt], config, truncate), config)
         steps, decoder_prompts = self._steps(ids)

@@ -1,0 +1,149 @@
+"""Runtime subcommands: inspect, generate, classify, embed. Torch-free.
+
+Texts come from the command line or, when none are given, from standard input (one per
+line). `--json` prints machine-readable output (one JSON document).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from .errors import InputError
+
+
+def add_arguments(parser: argparse.ArgumentParser, command: str) -> None:
+    parser.add_argument("package", help="package directory (manifest.json, tokenizer.json, *.onnx)")
+    if command == "inspect":
+        parser.add_argument("--json", action="store_true", help="print the manifest as JSON")
+        return
+    parser.add_argument("texts", nargs="*", metavar="TEXT", help="input texts; read from stdin (one per line) if none")
+    parser.add_argument("--json", action="store_true", help="print JSON for scripts")
+    parser.add_argument("--provider", default="cpu", choices=["cpu", "cuda"], help="onnxruntime execution provider")
+    parser.add_argument("--threads", type=int, default=None, help="intra-op threads (default: onnxruntime's choice)")
+    parser.add_argument("--truncate", action="store_true", help="truncate inputs longer than the model's maximum")
+    if command == "generate":
+        g = parser.add_argument_group("generation")
+        g.add_argument("--strategy", choices=["greedy", "sample", "beam"], default=None, help="decoding strategy (default greedy)")
+        g.add_argument("--max-new-tokens", type=int, default=None, help="tokens to generate at most")
+        g.add_argument("--min-new-tokens", type=int, default=None, help="tokens to generate before eos is allowed")
+        g.add_argument("--temperature", type=float, default=None, help="sampling temperature (> 0)")
+        g.add_argument("--top-k", type=int, default=None, help="sample among the k most likely tokens (0 = off)")
+        g.add_argument("--top-p", type=float, default=None, help="nucleus sampling mass in (0, 1] (1 = off)")
+        g.add_argument("--seed", type=int, default=None, help="random seed for sampling")
+        g.add_argument("--num-beams", type=int, default=None, help="beams for --strategy beam")
+        g.add_argument("--length-penalty", type=float, default=None, help="beam score = logprob / length**penalty")
+        g.add_argument("--num-return-sequences", type=int, default=None, help="sequences per prompt (beam, sample)")
+        g.add_argument("--repetition-penalty", type=float, default=None, help="> 1 discourages repeats (1 = off)")
+        g.add_argument("--no-repeat-ngram-size", type=int, default=None, help="never repeat an n-gram of this size")
+        g.add_argument("--stop", action="append", default=None, metavar="STRING", help="stop at this string (repeatable)")
+        g.add_argument("--stream", action="store_true", help="print text as it is generated (one prompt)")
+    if command == "embed":
+        parser.add_argument("--pooling", choices=["mean", "cls"], default="mean", help="how to pool token states")
+        parser.add_argument("--no-normalize", action="store_true", help="do not L2-normalise the embeddings")
+
+
+def _texts(args: argparse.Namespace) -> list[str]:
+    if args.texts:
+        return args.texts
+    if sys.stdin is None or sys.stdin.isatty():
+        raise InputError("no input texts: pass them as arguments or pipe them on stdin (one per line)")
+    texts = [line.rstrip("\n") for line in sys.stdin if line.strip()]
+    if not texts:
+        raise InputError("stdin had no non-empty lines; pass at least one text")
+    return texts
+
+
+def _generation_overrides(args: argparse.Namespace) -> dict:
+    names = ["strategy", "max_new_tokens", "min_new_tokens", "temperature", "top_k", "top_p", "seed", "num_beams",
+             "length_penalty", "num_return_sequences", "repetition_penalty", "no_repeat_ngram_size"]
+    overrides = {n: getattr(args, n) for n in names if getattr(args, n) is not None}
+    if args.stop:
+        overrides["stop_strings"] = tuple(args.stop)
+    if overrides.get("num_beams", 1) > 1 and "strategy" not in overrides:
+        overrides["strategy"] = "beam"
+    return overrides
+
+
+def _inspect(args: argparse.Namespace) -> int:
+    from .manifest import Manifest
+
+    directory = Path(args.package)
+    manifest = Manifest.load(directory)
+    manifest.verify_files(directory)
+    if args.json:
+        print(json.dumps(manifest.to_dict(), indent=2))
+        return 0
+    d = manifest.dims
+    params = manifest.model_config.get("num_parameters")
+    print(f"package      {directory}")
+    print(f"architecture {manifest.arch}" + (f"  ({params:,} parameters)" if params else ""))
+    print(f"dimensions   d_model {d.d_model}, heads {d.n_heads} (kv {d.n_kv_heads}), head size {d.d_head}, "
+          f"decoder layers {d.n_layers}, vocab {d.vocab_size}, max_seq_len {manifest.max_seq_len}")
+    print(f"weights      {manifest.weights} (float I/O {manifest.float_dtype}), opset {manifest.opset}")
+    special = ", ".join(f"{k}={v}" for k, v in manifest.special_tokens.items() if v >= 0)
+    print(f"special      {special}")
+    if manifest.label_names:
+        print(f"labels       {', '.join(manifest.label_names)}")
+    for name, entry in manifest.graphs.items():
+        size = entry.file.bytes + sum(e.bytes for e in entry.external_data)
+        print(f"\n{entry.file.file}  {size / 1e6:.2f} MB  sha256 {entry.file.sha256[:16]}")
+        for kind, tensors in (("in ", entry.spec.inputs), ("out", entry.spec.outputs)):
+            shown = tensors if len(tensors) <= 8 else [*tensors[:6], None, tensors[-1]]
+            for t in shown:
+                if t is None:
+                    print(f"  {kind}  ... ({len(tensors) - 7} more cache tensors)")
+                else:
+                    print(f"  {kind}  {t.name:34s} {t.dtype:8s} [{', '.join(map(str, t.shape))}]")
+    for variant, figures in manifest.validation.items():
+        line = f"\nvalidation   {variant}: max |onnx - torch| {figures.get('worst_abs_diff', float('nan')):.2e}"
+        if "greedy_match" in figures:
+            line += f", greedy {'matches' if figures['greedy_match'] else 'differs'} ({figures['greedy_tokens_compared']} tokens)"
+        print(line.rstrip())
+    return 0
+
+
+def run(args: argparse.Namespace) -> int:
+    if args.command == "inspect":
+        return _inspect(args)
+    from . import load
+
+    texts = _texts(args)
+    model = load(args.package, provider=args.provider, threads=args.threads)
+    if args.command == "classify":
+        results = model.classify(texts, truncate=args.truncate)
+        if args.json:
+            print(json.dumps([{"text": t, "label": r.label, "score": r.score, "probabilities": r.probabilities}
+                              for t, r in zip(texts, results)], ensure_ascii=False))
+        else:
+            for t, r in zip(texts, results):
+                print(f"{r.label}\t{r.score:.4f}\t{t}")
+        return 0
+    if args.command == "embed":
+        vectors = model.embed(texts, pooling=args.pooling, normalize=not args.no_normalize, truncate=args.truncate)
+        if args.json:
+            print(json.dumps([{"text": t, "embedding": [round(float(x), 6) for x in v]} for t, v in zip(texts, vectors)],
+                             ensure_ascii=False))
+        else:
+            for t, v in zip(texts, vectors):
+                print(" ".join(f"{x:.6f}" for x in v))
+        return 0
+    overrides = _generation_overrides(args)
+    if args.stream:
+        if len(texts) != 1:
+            raise InputError(f"--stream takes one prompt; got {len(texts)}")
+        for piece in model.stream(texts[0], truncate=args.truncate, **overrides):
+            print(piece, end="", flush=True)
+        print()
+        return 0
+    results = model.generate(texts, truncate=args.truncate, **overrides)
+    if args.json:
+        print(json.dumps([{"prompt": r.prompt, "texts": r.texts, "token_ids": r.token_ids, "scores": r.scores,
+                           "finish_reasons": r.finish_reasons} for r in results], ensure_ascii=False))
+    else:
+        for r in results:
+            for text in r.texts:
+                print(text)
+    return 0
