@@ -1,0 +1,857 @@
+"""Task data: built-in synthetic datasets and readers for user files. Pure Python, no torch.
+
+Every task is a frozen ``TaskData``: a kind, three splits of examples and, for
+classification, the label names (the class id of a label is its index there).
+
+=================  =================  =====================================================
+kind               example            meaning
+=================  =================  =====================================================
+``text``           ``TextExample``    a document: one or more sentences (language modelling)
+``classification`` ``LabeledExample`` a text and its label name
+``seq2seq``        ``PairExample``    a source and its target
+=================  =================  =====================================================
+
+A document is one string. Its sentences end with ``.``, ``!`` or ``?`` followed by
+whitespace, or with a line break; ``TextExample.sentences`` splits it that way (next-sentence
+prediction builds its pairs from these).
+
+Seq2seq tasks also train decoder-only and prefix-LM models, as prompt -> continuation:
+``format_prompt(source) + format_continuation(target)``, e.g.
+``"three hundred forty two =" + " 3 4 2"``. The prompt ends with ``" ="`` and no trailing
+space; the continuation starts with a space. Byte-level BPE starts a new pre-token at that
+space, so the prompt's tokens are a prefix of the full sequence's tokens and generation
+starts cleanly after the prompt. Training appends ``</s>`` to the continuation.
+
+Built-in datasets (``load_builtin``, or ``builtin:NAME`` in ``load_task_data``) are generated
+here from small grammars, seeded and identical in every process; nothing is downloaded:
+
+- ``corpus`` (text): 4,000 short stories of 2-4 sentences (about 12,000 sentences) with
+  consistent facts (what each animal eats, who holds the ball after it is given away,
+  the sum after buying more), so causal-LM and MLM losses fall well below unigram entropy.
+- ``sentiment`` (classification, ``negative``/``positive``): 6,000/500/500 unique
+  sentences whose label needs context: ``not`` flips the polarity word it precedes,
+  ``i did not think ...`` and ``i did not like ...`` flip, and with ``but``/``and`` the
+  last clause decides (``but`` joins clauses of opposite polarity, so bag-of-words fails).
+- ``numbers`` (seq2seq): English number words to digits, 0..9999, e.g. ``"two thousand
+  forty"`` -> ``"2 0 4 0"``; 9,000/500/500 numbers, disjoint by number. Target digits are
+  separated by spaces so that every tokenizer gives one token per digit; the answer is
+  ``int(target.replace(" ", ""))``.
+
+File formats (``read_text_file``, ``read_jsonl``, ``read_tsv``, ``load_task_data``): UTF-8
+text (a BOM is allowed); every problem raises ``DataError`` naming ``path:line`` and the fix.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import random
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Iterator, Sequence
+
+logger = logging.getLogger(__name__)
+
+TASK_KINDS = ("text", "classification", "seq2seq")
+
+
+class DataError(ValueError):
+    """Bad task data; the message starts with ``path:line:`` when a file is at fault."""
+
+    def __init__(
+        self, message: str, path: str | os.PathLike | None = None, line: int | None = None
+    ) -> None:
+        self.path = None if path is None else str(path)
+        self.line = line
+        where = "" if path is None else f"{path}:{line}: " if line is not None else f"{path}: "
+        super().__init__(where + message)
+
+
+# Examples -------------------------------------------------------------------------------------
+_SENTENCE_END = re.compile(r"(?<=[.!?])\s+|\s*\n\s*")
+
+
+@dataclass(frozen=True)
+class TextExample:
+    """A document for language modelling."""
+
+    text: str
+
+    @property
+    def sentences(self) -> list[str]:
+        """Sentences: split after ``.``/``!``/``?`` followed by whitespace, and at line breaks."""
+        return [s for s in _SENTENCE_END.split(self.text.strip()) if s]
+
+
+@dataclass(frozen=True)
+class LabeledExample:
+    text: str
+    label: str
+
+
+@dataclass(frozen=True)
+class PairExample:
+    source: str
+    target: str
+
+
+Example = TextExample | LabeledExample | PairExample
+
+# kind -> (example class, its fields, which are also the file fields)
+_KIND_FIELDS: dict[str, tuple[type, tuple[str, ...]]] = {
+    "text": (TextExample, ("text",)),
+    "classification": (LabeledExample, ("text", "label")),
+    "seq2seq": (PairExample, ("source", "target")),
+}
+
+
+@dataclass(frozen=True)
+class TaskData:
+    """A task's splits. ``label_names[i]`` is class ``i`` (classification only)."""
+
+    kind: str  # one of TASK_KINDS
+    train: list
+    valid: list
+    test: list
+    label_names: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        if self.kind not in _KIND_FIELDS:
+            raise ValueError(
+                f"kind must be one of {', '.join(map(repr, TASK_KINDS))}; got {self.kind!r}"
+            )
+        object.__setattr__(self, "label_names", tuple(self.label_names))
+        cls = _KIND_FIELDS[self.kind][0]
+        for split in ("train", "valid", "test"):
+            for i, example in enumerate(getattr(self, split)):
+                if not isinstance(example, cls):
+                    raise ValueError(
+                        f"{split}[{i}] is a {type(example).__name__}; "
+                        f"kind {self.kind!r} needs {cls.__name__}"
+                    )
+        if not self.train:
+            raise ValueError("train split is empty; a task needs training examples")
+        if self.kind == "classification":
+            if len(self.label_names) < 2:
+                raise ValueError(
+                    f"classification needs at least 2 label names; got {self.label_names!r}"
+                )
+            if len(set(self.label_names)) != len(self.label_names):
+                raise ValueError(f"label_names has duplicates: {self.label_names!r}")
+            known = set(self.label_names)
+            for split in ("train", "valid", "test"):
+                for i, example in enumerate(getattr(self, split)):
+                    if example.label not in known:
+                        raise ValueError(
+                            f"{split}[{i}] has label {example.label!r}, "
+                            f"not in label_names {self.label_names!r}"
+                        )
+        elif self.label_names:
+            raise ValueError(f"label_names apply to classification only; kind is {self.kind!r}")
+
+    def label_id(self, label: str) -> int:
+        return self.label_names.index(label)
+
+    def texts(self, splits: Sequence[str] = ("train",)) -> Iterator[str]:
+        """Every string in ``splits`` (source and target for seq2seq), e.g. to train a tokenizer."""
+        for split in splits:
+            for example in getattr(self, split):
+                if isinstance(example, PairExample):
+                    yield example.source
+                    yield example.target
+                else:
+                    yield example.text
+
+
+# Prompt / continuation convention for seq2seq on decoder-only and prefix-LM models -------------
+PROMPT_SUFFIX = " ="
+
+
+def format_prompt(source: str) -> str:
+    """``"three hundred forty two"`` -> ``"three hundred forty two ="`` (no trailing space)."""
+    return source.strip() + PROMPT_SUFFIX
+
+
+def format_continuation(target: str) -> str:
+    """``"3 4 2"`` -> ``" 3 4 2"``: the text a decoder generates after ``format_prompt``."""
+    return " " + target.strip()
+
+
+def parse_continuation(text: str) -> str:
+    """Generated continuation text -> target (inverse of ``format_continuation``)."""
+    return text.strip()
+
+
+# Built-in: numbers ------------------------------------------------------------------------------
+_ONES = (
+    "zero one two three four five six seven eight nine ten eleven twelve thirteen fourteen "
+    "fifteen sixteen seventeen eighteen nineteen"
+).split()
+_TENS = "_ _ twenty thirty forty fifty sixty seventy eighty ninety".split()
+NUMBERS_LIMIT = 10_000  # numbers 0 .. NUMBERS_LIMIT - 1
+
+
+def number_to_words(n: int) -> str:
+    """``342`` -> ``"three hundred forty two"`` (American style, no "and"), for 0 <= n < 10000."""
+    if not 0 <= n < NUMBERS_LIMIT:
+        raise ValueError(f"n must be in [0, {NUMBERS_LIMIT}); got {n}")
+    if n == 0:
+        return "zero"
+    words = []
+    thousands, rest = divmod(n, 1000)
+    hundreds, rest = divmod(rest, 100)
+    if thousands:
+        words += [_ONES[thousands], "thousand"]
+    if hundreds:
+        words += [_ONES[hundreds], "hundred"]
+    if rest >= 20:
+        words.append(_TENS[rest // 10])
+        if rest % 10:
+            words.append(_ONES[rest % 10])
+    elif rest:
+        words.append(_ONES[rest])
+    return " ".join(words)
+
+
+def number_to_target(n: int) -> str:
+    """``342`` -> ``"3 4 2"``: digits separated by single spaces."""
+    return " ".join(str(n))
+
+
+def _numbers(seed: int) -> TaskData:
+    numbers = list(range(NUMBERS_LIMIT))
+    random.Random(seed).shuffle(numbers)
+    pairs = [PairExample(number_to_words(n), number_to_target(n)) for n in numbers]
+    return TaskData("seq2seq", train=pairs[1000:], valid=pairs[:500], test=pairs[500:1000])
+
+
+# Built-in: sentiment ----------------------------------------------------------------------------
+POSITIVE_ADJECTIVES = (
+    "good great excellent wonderful amazing fantastic superb lovely brilliant delightful "
+    "pleasant charming enjoyable impressive fun"
+).split()
+NEGATIVE_ADJECTIVES = (
+    "bad terrible awful boring dull poor horrible bland disappointing mediocre weak tedious "
+    "annoying dreadful lousy"
+).split()
+_POSITIVE_VERBS = (("loved", "love"), ("liked", "like"), ("enjoyed", "enjoy"), ("adored", "adore"))
+_NEGATIVE_VERBS = ("hated", "disliked", "loathed")
+# Every polarity word of the sentiment grammar -> +1/-1; each sentence's clauses hold one each.
+SENTIMENT_LEXICON: dict[str, int] = {
+    **dict.fromkeys(POSITIVE_ADJECTIVES, 1),
+    **dict.fromkeys(NEGATIVE_ADJECTIVES, -1),
+    **dict.fromkeys([word for pair in _POSITIVE_VERBS for word in pair], 1),
+    **dict.fromkeys(_NEGATIVE_VERBS, -1),
+}
+_TOPICS = (
+    "food film movie service plot acting music hotel room staff book ending story show meal "
+    "view game concert trip coffee pizza soundtrack script cast menu waiter album lecture party "
+    "design"
+).split()
+_INTENSIFIERS = ("", "", "", "very ", "really ", "quite ", "truly ", "so ", "extremely ")
+_OPENERS = ("",) * 6 + (
+    "honestly ", "overall ", "to be fair ", "in my opinion ", "frankly ", "all in all ", "well ",
+)  # fmt: skip
+SENTIMENT_LABELS = ("negative", "positive")
+SENTIMENT_SIZES = (6000, 500, 500)  # train, valid, test
+
+
+def _clause(rng: random.Random, polarity: int, negated: bool) -> str:
+    """A clause whose overall polarity is ``polarity`` (+1/-1), negated or not."""
+    word_polarity = -polarity if negated else polarity
+    word = rng.choice(POSITIVE_ADJECTIVES if word_polarity > 0 else NEGATIVE_ADJECTIVES)
+    topic, very, be = rng.choice(_TOPICS), rng.choice(_INTENSIFIERS), rng.choice(("was", "is"))
+    article = "an" if (very or word)[0] in "aeiou" else "a"
+    if rng.random() < 0.8:
+        return f"the {topic} {be}{' not' if negated else ''} {very}{word}"
+    return f"it {be}{' not' if negated else ''} {article} {very}{word} {topic}"
+
+
+def _sentiment_examples(rng: random.Random) -> list[tuple[str, int]]:
+    """One draw of the sentiment grammar: a (text, polarity) list, twins where a form has one."""
+    form = rng.random()
+    polarity = rng.choice((-1, 1))
+    opener = rng.choice(_OPENERS)
+    if form < 0.3:  # twins: "the food was good" / "the food was not good"
+        state = rng.getstate()
+        plain = _clause(rng, polarity, negated=False)
+        rng.setstate(state)  # same topic, word, intensifier: only "not" differs
+        negated = _clause(rng, -polarity, negated=True)
+        return [(opener + plain, polarity), (opener + negated, -polarity)]
+    if form < 0.45:  # twins: "i thought X" / "i did not think X"
+        clause = _clause(rng, polarity, negated=False)
+        if " is " in clause:
+            return [(f"i think {clause}", polarity), (f"i do not think {clause}", -polarity)]
+        return [(f"i thought {clause}", polarity), (f"i did not think {clause}", -polarity)]
+    if form < 0.6:  # verbs: "i loved the food" / "i did not love the food"; "i hated the food"
+        topic = rng.choice(_TOPICS)
+        if polarity > 0:
+            past, base = rng.choice(_POSITIVE_VERBS)
+            return [
+                (f"{opener}i {rng.choice(('', 'really '))}{past} the {topic}", 1),
+                (f"{opener}i did not {base} the {topic}", -1),
+            ]
+        verb = rng.choice(_NEGATIVE_VERBS)
+        return [(f"{opener}i {rng.choice(('', 'really '))}{verb} the {topic}", -1)]
+    if form < 0.85:  # "A but B": opposite polarities, B decides
+        first = _clause(rng, -polarity, negated=rng.random() < 0.3)
+        second = _clause(rng, polarity, negated=rng.random() < 0.3)
+        return [(f"{opener}{first} but {second}", polarity)]
+    # "A and B": same polarity
+    first = _clause(rng, polarity, negated=rng.random() < 0.3)
+    second = _clause(rng, polarity, negated=rng.random() < 0.3)
+    return [(f"{opener}{first} and {second}", polarity)]
+
+
+def _sentiment(seed: int) -> TaskData:
+    rng = random.Random(seed)
+    total = sum(SENTIMENT_SIZES)
+    unique: dict[str, int] = {}  # insertion-ordered, so the result never depends on hashing
+    while len(unique) < total:
+        for text, polarity in _sentiment_examples(rng):
+            unique.setdefault(text, polarity)
+    items = list(unique.items())[:total]
+    rng.shuffle(items)
+    examples = [LabeledExample(text, SENTIMENT_LABELS[polarity > 0]) for text, polarity in items]
+    n_train, n_valid, _ = SENTIMENT_SIZES
+    return TaskData(
+        "classification",
+        train=examples[:n_train],
+        valid=examples[n_train : n_train + n_valid],
+        test=examples[n_train + n_valid :],
+        label_names=SENTIMENT_LABELS,
+    )
+
+
+# Built-in: corpus -------------------------------------------------------------------------------
+_PEOPLE = {  # name -> subject pronoun
+    **dict.fromkeys("tom sam ben max leo jack paul omar ivan raj".split(), "he"),
+    **dict.fromkeys("anna mia lily emma sara nina zoe lucy maya rosa".split(), "she"),
+}
+_NAMES = sorted(_PEOPLE)
+_THINGS = {  # singular -> plural
+    "apple": "apples", "ball": "balls", "book": "books", "cup": "cups", "hat": "hats",
+    "kite": "kites", "pen": "pens", "box": "boxes", "key": "keys", "coin": "coins",
+    "shoe": "shoes", "card": "cards", "bag": "bags", "toy": "toys", "egg": "eggs",
+}  # fmt: skip
+_THING_NAMES = sorted(_THINGS)
+_ADJECTIVES = "red blue green yellow black white small big old new".split()
+_ANIMALS = {  # animal -> (home, food, sound)
+    "cat": ("house", "fish", "meow"), "dog": ("yard", "meat", "woof"),
+    "cow": ("field", "grass", "moo"), "duck": ("pond", "bread", "quack"),
+    "horse": ("stable", "hay", "neigh"), "sheep": ("meadow", "clover", "baa"),
+    "pig": ("barn", "corn", "oink"), "frog": ("pond", "flies", "croak"),
+    "owl": ("tree", "mice", "hoot"), "bee": ("hive", "nectar", "buzz"),
+}  # fmt: skip
+_ANIMAL_NAMES = sorted(_ANIMALS)
+_PLACES = {  # place -> what people do there together
+    "park": "play ball", "library": "read books", "beach": "swim in the sea",
+    "market": "buy fruit", "kitchen": "cook soup", "school": "learn math",
+    "garden": "plant flowers", "river": "catch fish", "forest": "look for birds",
+    "cafe": "drink tea",
+}  # fmt: skip
+_PLACE_NAMES = sorted(_PLACES)
+_WEATHER = {  # weather -> what to wear
+    "sunny": "a hat", "rainy": "a raincoat", "cold": "a warm coat",
+    "snowy": "a scarf and gloves", "windy": "a jacket", "hot": "a t-shirt",
+}  # fmt: skip
+_WEATHER_NAMES = sorted(_WEATHER)
+_DAYS = "monday tuesday wednesday thursday friday saturday sunday".split()
+CORPUS_DOCUMENTS = (3600, 200, 200)  # train, valid, test
+
+
+def _count(n: int, thing: str) -> str:
+    return f"{_ONES[n]} {thing if n == 1 else _THINGS[thing]}"
+
+
+def _story(rng: random.Random) -> list[str]:
+    """One short story (2-4 sentences) from one of six templates."""
+    a, b = rng.sample(_NAMES, 2)
+    pronoun = _PEOPLE[a]
+    form = rng.randrange(6)
+    if form == 0:  # a gift: the thing moves from a to b
+        adj, thing = rng.choice(_ADJECTIVES), rng.choice(_THING_NAMES)
+        story = [
+            f"{a} has a {adj} {thing}.",
+            f"{pronoun} gives the {thing} to {b}.",
+            f"now {b} has the {adj} {thing}.",
+        ]
+        if rng.random() < 0.5:
+            story.append(f"{b} says thank you to {a}.")
+        return story
+    if form == 1:  # counting: buy some more or lose some
+        thing = rng.choice(_THING_NAMES)
+        if rng.random() < 0.5:
+            n = rng.randint(1, 9)
+            m = rng.randint(1, 10 - n)
+            change, after = f"{pronoun} buys {_ONES[m]} more.", n + m
+        else:
+            n = rng.randint(2, 10)
+            m = rng.randint(1, n - 1)
+            change, after = f"{pronoun} loses {_ONES[m]}.", n - m
+        ending = f"now {pronoun} has {_count(after, thing)}."
+        return [f"{a} has {_count(n, thing)}.", change, ending]
+    if form == 2:  # facts about an animal, in any order
+        animal = rng.choice(_ANIMAL_NAMES)
+        home, food, sound = _ANIMALS[animal]
+        facts = [
+            f"the {animal} lives in the {home}.",
+            f"the {animal} eats {food}.",
+            f"the {animal} says {sound}.",
+        ]
+        rng.shuffle(facts)
+        return [f"{a} sees a {rng.choice(_ADJECTIVES)} {animal}."] + facts[: rng.randint(1, 3)]
+    if form == 3:  # a meeting: the place decides the activity
+        place, day = rng.choice(_PLACE_NAMES), rng.choice(_DAYS)
+        story = [
+            f"on {day} {a} goes to the {place}.",
+            f"{pronoun} meets {b} at the {place}.",
+            f"they {_PLACES[place]} together.",
+        ]
+        if rng.random() < 0.5:
+            story.append(f"then {a} goes home.")
+        return story
+    if form == 4:  # the weather decides the clothing
+        weather, place = rng.choice(_WEATHER_NAMES), rng.choice(_PLACE_NAMES)
+        story = [
+            f"it is {weather} today.",
+            f"{a} wears {_WEATHER[weather]}.",
+            f"{pronoun} walks to the {place}.",
+        ]
+        return story[: rng.randint(2, 3)]
+    # ages decide who is older
+    x, y = rng.sample(range(2, 13), 2)
+    older, younger = (a, b) if x > y else (b, a)
+    story = [
+        f"{a} is {_ONES[x]} years old.",
+        f"{b} is {_ONES[y]} years old.",
+        f"{older} is older than {younger}.",
+    ]
+    if rng.random() < 0.5:
+        story.append(f"{younger} is younger than {older}.")
+    return story
+
+
+def _corpus(seed: int) -> TaskData:
+    rng = random.Random(seed)
+    total = sum(CORPUS_DOCUMENTS)
+    unique: dict[str, None] = {}
+    while len(unique) < total:
+        unique.setdefault(" ".join(_story(rng)))
+    documents = [TextExample(text) for text in unique]
+    n_train, n_valid, _ = CORPUS_DOCUMENTS
+    return TaskData(
+        "text",
+        train=documents[:n_train],
+        valid=documents[n_train : n_train + n_valid],
+        test=documents[n_train + n_valid :],
+    )
+
+
+BUILTINS: dict[str, Callable[[int], TaskData]] = {
+    "corpus": _corpus,
+    "sentiment": _sentiment,
+    "numbers": _numbers,
+}
+
+
+def load_builtin(name: str, seed: int = 0) -> TaskData:
+    """A built-in dataset by name (``"numbers"`` or ``"builtin:numbers"``); same seed, same data."""
+    key = name.removeprefix("builtin:")
+    if key not in BUILTINS:
+        valid = ", ".join(f"builtin:{n}" for n in BUILTINS)
+        raise ValueError(f"unknown built-in dataset {name!r}; choose one of {valid}")
+    data = BUILTINS[key](seed)
+    logger.info(
+        "built-in %s (seed %d): %d/%d/%d examples",
+        key, seed, len(data.train), len(data.valid), len(data.test),
+    )  # fmt: skip
+    return data
+
+
+# Readers ---------------------------------------------------------------------------------------
+def _read_lines(path: str | os.PathLike) -> list[str]:
+    """The file's lines (without line ends), after checking it is non-empty UTF-8 text."""
+    path = Path(path)
+    if not path.exists():
+        raise DataError("file not found; check the path", path)
+    if not path.is_file():
+        raise DataError("not a file; pass the path of a data file", path)
+    data = path.read_bytes()
+    nul = data.find(b"\x00")
+    if nul >= 0:
+        line = data.count(b"\n", 0, nul) + 1
+        raise DataError("binary data (NUL byte); expected a UTF-8 text file", path, line)
+    try:
+        text = data.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        offset = exc.start + (3 if data.startswith(b"\xef\xbb\xbf") else 0)
+        line = data.count(b"\n", 0, offset) + 1
+        column = offset - (data.rfind(b"\n", 0, offset) + 1) + 1
+        raise DataError(
+            f"invalid UTF-8 (byte 0x{data[offset]:02x} at column {column}); "
+            "re-save the file as UTF-8",
+            path,
+            line,
+        ) from None
+    if not text.strip():
+        raise DataError("empty file; expected at least one example", path)
+    lines = text.split("\n")
+    return [line.removesuffix("\r") for line in lines]
+
+
+def read_text_file(path: str | os.PathLike, *, split: str = "paragraphs") -> list[TextExample]:
+    """Plain text -> documents.
+
+    ``split="paragraphs"`` (default): documents are separated by blank lines; a document keeps
+    its line breaks (so a line break also ends a sentence). ``split="lines"``: each non-blank
+    line is a document. Leading and trailing whitespace of each document is removed.
+    """
+    if split not in ("paragraphs", "lines"):
+        raise ValueError(f"split must be 'paragraphs' or 'lines'; got {split!r}")
+    lines = _read_lines(path)
+    if split == "lines":
+        documents = [line.strip() for line in lines if line.strip()]
+    else:
+        documents, current = [], []
+        for line in lines + [""]:
+            if line.strip():
+                current.append(line.strip())
+            elif current:
+                documents.append("\n".join(current))
+                current = []
+    return [TextExample(text) for text in documents]
+
+
+def _kind_of_fields(fields: Sequence[str]) -> str:
+    for kind, (_, kind_fields) in _KIND_FIELDS.items():
+        if tuple(fields) == kind_fields:
+            return kind
+    choices = ", ".join(repr(f) for _, f in _KIND_FIELDS.values())
+    raise ValueError(f"fields must be one of {choices}; got {tuple(fields)!r}")
+
+
+def _make_example(
+    kind: str, values: dict[str, object], path: Path, line: int, label_names: Sequence[str] | None
+) -> Example:
+    """Build one example from field values, checking types and labels."""
+    cls, fields = _KIND_FIELDS[kind]
+    checked = []
+    for name in fields:
+        value = values[name]
+        if name == "label" and isinstance(value, int) and not isinstance(value, bool):
+            value = str(value)  # integer class labels are common; they name the class
+        if not isinstance(value, str):
+            raise DataError(
+                f"field {name!r} must be a string; got {type(value).__name__} {value!r}", path, line
+            )
+        if not value.strip():
+            raise DataError(f"field {name!r} is empty; remove the line or fill it in", path, line)
+        checked.append(value.strip())
+    example = cls(*checked)
+    if label_names is not None and kind == "classification" and example.label not in label_names:
+        raise DataError(
+            f"unknown label {example.label!r}; known labels: {', '.join(label_names)} "
+            "(every label must occur in the training data or the label list)",
+            path,
+            line,
+        )
+    return example
+
+
+_JSONL_HINT = "each line must hold one complete JSON object (JSON Lines)"
+
+
+def read_jsonl(
+    path: str | os.PathLike,
+    fields: Sequence[str] = ("text", "label"),
+    *,
+    label_names: Sequence[str] | None = None,
+) -> list[Example]:
+    """JSON Lines: one object per line holding ``fields`` (other keys ignored); blank lines skipped.
+
+    ``fields`` picks the example type: ``("text",)``, ``("text", "label")`` or
+    ``("source", "target")``. Values must be non-empty strings; a label may also be an
+    integer (read as its decimal string). With ``label_names``, any other label is an error.
+    """
+    kind = _kind_of_fields(fields)
+    path = Path(path)
+    examples = []
+    for number, line in enumerate(_read_lines(path), start=1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as exc:
+            message = f"invalid JSON ({exc.msg} at column {exc.colno}); {_JSONL_HINT}"
+            raise DataError(message, path, number) from None
+        if not isinstance(record, dict):
+            raise DataError(
+                f"expected a JSON object with keys {', '.join(fields)}; "
+                f"got {type(record).__name__}",
+                path,
+                number,
+            )
+        missing = [name for name in fields if name not in record]
+        if missing:
+            raise DataError(
+                f"missing field {', '.join(map(repr, missing))}; every line needs "
+                f"{', '.join(map(repr, fields))} "
+                f"(found {', '.join(map(repr, record)) or 'no keys'})",
+                path,
+                number,
+            )
+        examples.append(_make_example(kind, record, path, number, label_names))
+    if not examples:
+        raise DataError("no examples (only blank lines)", path)
+    return examples
+
+
+def read_tsv(
+    path: str | os.PathLike,
+    fields: Sequence[str] = ("text", "label"),
+    *,
+    label_names: Sequence[str] | None = None,
+) -> list[Example]:
+    """Tab-separated values with a header row naming the columns (e.g. ``text<TAB>label``).
+
+    The header must contain ``fields`` (other columns are ignored); fields hold no tabs and
+    no quoting is applied. Blank lines are skipped.
+    """
+    kind = _kind_of_fields(fields)
+    path = Path(path)
+    lines = _read_lines(path)
+    header = lines[0].split("\t")
+    missing = [name for name in fields if name not in header]
+    if missing:
+        raise DataError(
+            f"header {header!r} lacks column {', '.join(map(repr, missing))}; the first line "
+            f"must name the columns, e.g. {'<TAB>'.join(fields)}",
+            path,
+            1,
+        )
+    index = {name: header.index(name) for name in fields}
+    examples = []
+    for number, line in enumerate(lines[1:], start=2):
+        if not line.strip():
+            continue
+        cells = line.split("\t")
+        if len(cells) != len(header):
+            raise DataError(
+                f"{len(cells)} tab-separated columns, but the header has {len(header)}; "
+                "fields may not contain tabs",
+                path,
+                number,
+            )
+        values = {name: cells[i] for name, i in index.items()}
+        examples.append(_make_example(kind, values, path, number, label_names))
+    if not examples:
+        raise DataError("no examples below the header", path)
+    return examples
+
+
+def read_label_names(path: str | os.PathLike) -> tuple[str, ...]:
+    """One label per line; the line index is the class id."""
+    path = Path(path)
+    names = []
+    for number, line in enumerate(_read_lines(path), start=1):
+        name = line.strip()
+        if not name:
+            continue
+        if name in names:
+            raise DataError(f"duplicate label {name!r}; each label must appear once", path, number)
+        names.append(name)
+    return tuple(names)
+
+
+def sorted_label_names(labels: Sequence[str]) -> tuple[str, ...]:
+    """Distinct labels, sorted as numbers if all are integers ("2" < "10"), else as text."""
+    distinct = set(labels)
+    if all(re.fullmatch(r"-?\d+", label) for label in distinct):
+        return tuple(sorted(distinct, key=int))
+    return tuple(sorted(distinct))
+
+
+# Task loading -----------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class SharedDataset:
+    """A dataset in the shared data folder (file names relative to it)."""
+
+    kind: str
+    train: str
+    valid: str | None = None
+    test: str | None = None
+    labels: str | None = None  # label list file; else labels sorted from the train file
+
+
+SHARED_DATASETS: dict[str, SharedDataset] = {
+    "sst2": SharedDataset("classification", "sst2_train.tsv", valid="sst2_dev.tsv"),
+    "banking77": SharedDataset(
+        "classification",
+        "banking77_train.tsv",
+        test="banking77_test.tsv",
+        labels="banking77_labels.txt",
+    ),
+    "multi30k": SharedDataset(
+        "seq2seq",
+        "multi30k_en_de_train.jsonl",
+        valid="multi30k_en_de_dev.jsonl",
+        test="multi30k_en_de_test2016.jsonl",
+    ),
+    "tico19": SharedDataset("seq2seq", "tico19_en_fr_train.jsonl", "tico19_en_fr_dev.jsonl"),
+    "tinyshakespeare": SharedDataset("text", "tinyshakespeare.txt"),
+}
+SHARED_DATA_ENV = "ONNXFORMER_SHARED_DATA"
+
+
+def shared_data_dir() -> Path:
+    """``$ONNXFORMER_SHARED_DATA`` if set, else ``shared/data`` beside the repository."""
+    if os.environ.get(SHARED_DATA_ENV):
+        return Path(os.environ[SHARED_DATA_ENV])
+    return Path(__file__).resolve().parents[2] / "shared" / "data"
+
+
+def _read_file(path: Path, kind: str, label_names: Sequence[str] | None = None) -> list[Example]:
+    suffix = path.suffix.lower()
+    fields = _KIND_FIELDS[kind][1]
+    if suffix in (".jsonl", ".json"):
+        return read_jsonl(path, fields, label_names=label_names)
+    if suffix == ".tsv":
+        return read_tsv(path, fields, label_names=label_names)
+    if kind != "text":
+        raise DataError(
+            f"cannot read {kind} data from a {suffix or 'suffix-less'} file; use .jsonl or .tsv",
+            path,
+        )
+    return read_text_file(path)
+
+
+def infer_kind(path: str | os.PathLike) -> str:
+    """The task kind a file holds: plain text -> text; JSONL/TSV by their field names."""
+    path = Path(path)
+    suffix = path.suffix.lower()
+    if suffix not in (".jsonl", ".json", ".tsv"):
+        return "text"
+    lines = _read_lines(path)
+    first = next((number for number, line in enumerate(lines, start=1) if line.strip()), 1)
+    if suffix == ".tsv":
+        keys = set(lines[first - 1].split("\t"))
+    else:
+        try:
+            record = json.loads(lines[first - 1])
+        except json.JSONDecodeError as exc:
+            message = f"invalid JSON ({exc.msg} at column {exc.colno}); {_JSONL_HINT}"
+            raise DataError(message, path, first) from None
+        keys = set(record) if isinstance(record, dict) else set()
+    for kind in ("seq2seq", "classification", "text"):
+        if set(_KIND_FIELDS[kind][1]) <= keys:
+            return kind
+    expected = " or ".join("+".join(f) for _, f in _KIND_FIELDS.values())
+    message = f"cannot tell the task kind from fields {sorted(keys)}; expected {expected}"
+    raise DataError(message, path, first)
+
+
+def _split_off(examples: list, fraction: float, seed: int, path: Path) -> tuple[list, list]:
+    """Deterministically hold out ``fraction`` of ``examples`` (at least one) as a valid split."""
+    if len(examples) < 2:
+        raise DataError(
+            f"only {len(examples)} example; need at least 2 to hold out a validation split "
+            "(or pass a validation file)",
+            path,
+        )
+    n_valid = min(len(examples) - 1, max(1, round(len(examples) * fraction)))
+    order = list(range(len(examples)))
+    random.Random(seed).shuffle(order)  # files are often sorted by label: shuffle first
+    held = set(order[:n_valid])
+    train = [e for i, e in enumerate(examples) if i not in held]
+    valid = [examples[i] for i in sorted(held)]
+    return train, valid
+
+
+def load_task_data(
+    spec: str | os.PathLike,
+    kind: str | None = None,
+    *,
+    valid: str | os.PathLike | None = None,
+    test: str | os.PathLike | None = None,
+    label_names: Sequence[str] | None = None,
+    valid_fraction: float = 0.05,
+    seed: int = 0,
+) -> TaskData:
+    """Load a task from ``builtin:NAME``, ``shared:NAME`` or a training file path.
+
+    For a file, ``kind`` defaults to what the file holds (``infer_kind``): ``.txt`` is text,
+    ``.jsonl``/``.tsv`` have ``text``+``label`` or ``source``+``target`` fields. ``valid`` and
+    ``test`` are optional files of the same format; without ``valid``, a seeded random
+    ``valid_fraction`` of the training file is held out; without ``test``, test is empty.
+    Label names come from ``label_names``, else from the training labels (sorted); a
+    valid/test label not among them is an error naming its line.
+    """
+    if kind is not None and kind not in _KIND_FIELDS:
+        raise ValueError(
+            f"kind must be one of {', '.join(map(repr, TASK_KINDS))} or None; got {kind!r}"
+        )
+    if not 0.0 < valid_fraction < 1.0:
+        raise ValueError(f"valid_fraction must be in (0, 1); got {valid_fraction!r}")
+    spec_text = str(spec)
+    if spec_text.startswith("builtin:"):
+        if valid is not None or test is not None or label_names is not None:
+            raise ValueError(
+                f"{spec_text} has fixed splits and labels; drop valid, test and label_names"
+            )
+        data = load_builtin(spec_text, seed=seed)
+        if kind is not None and kind != data.kind:
+            raise ValueError(f"{spec_text} is a {data.kind} task, not {kind}")
+        return data
+
+    if spec_text.startswith("shared:"):
+        name = spec_text.removeprefix("shared:")
+        if name not in SHARED_DATASETS:
+            choices = ", ".join(f"shared:{n}" for n in SHARED_DATASETS)
+            raise ValueError(f"unknown shared dataset {spec_text!r}; choose one of {choices}")
+        root = shared_data_dir()
+        if not root.is_dir():
+            raise DataError(
+                f"{spec_text} needs the shared data folder, which is missing; "
+                f"set {SHARED_DATA_ENV} to the folder holding the shared data files",
+                root,
+            )
+        shared = SHARED_DATASETS[name]
+        if kind is not None and kind != shared.kind:
+            raise ValueError(f"{spec_text} is a {shared.kind} task, not {kind}")
+        kind = shared.kind
+        train_path = root / shared.train
+        if valid is None and shared.valid:
+            valid = root / shared.valid
+        if test is None and shared.test:
+            test = root / shared.test
+        if label_names is None and shared.labels:
+            label_names = read_label_names(root / shared.labels)
+    else:
+        train_path = Path(spec)
+        if kind is None:
+            kind = infer_kind(train_path)
+
+    train = _read_file(train_path, kind, label_names)
+    if kind == "classification":
+        if not label_names:
+            label_names = sorted_label_names([e.label for e in train])
+        label_names = tuple(label_names)
+    else:
+        if label_names:
+            raise ValueError(f"label_names apply to classification only; kind is {kind!r}")
+        label_names = ()
+    if valid is None:
+        train, valid_examples = _split_off(train, valid_fraction, seed, train_path)
+    else:
+        valid_examples = _read_file(Path(valid), kind, label_names or None)
+    test_examples = [] if test is None else _read_file(Path(test), kind, label_names or None)
+    data = TaskData(kind, train, valid_examples, test_examples, label_names)
+    logger.info(
+        "loaded %s (%s): %d/%d/%d examples%s",
+        spec_text, kind, len(data.train), len(data.valid), len(data.test),
+        f", {len(label_names)} labels" if label_names else "",
+    )  # fmt: skip
+    return data

@@ -1,0 +1,336 @@
+"""Tokenizers: train, save, load. Only the `tokenizers` library; no torch.
+
+Two families, chosen by architecture:
+
+- ``arch="encoder"``: WordPiece (BERT style). NFC + BERT normalisation (case and accents
+  kept), BERT pre-tokenizer (split on whitespace and punctuation, CJK characters one by one),
+  ``##`` continuation prefix. A word with a character outside the learned alphabet (never
+  seen in training, or too rare for the vocabulary budget) encodes as ``[UNK]``. The
+  vocabulary is learned here rather than by ``tokenizers``' WordPiece trainer, whose ties
+  break in hash order and so differ from process to process.
+- ``arch in ("decoder", "prefix-lm", "encoder-decoder")``: byte-level BPE (GPT-2 style).
+  No normaliser and all 256 byte symbols in the vocabulary, so every string is encodable
+  and ``decode(encode(text).ids)`` returns ``text`` exactly (``<unk>`` exists but is
+  never produced).
+
+The contract with the runtime is ``tokenizer.encode(text)`` (``add_special_tokens=True``)
+to build model inputs and ``tokenizer.decode(ids, skip_special_tokens=True)`` for output.
+The post-processor therefore fixes where special tokens go:
+
+============================  ==================================  ==============================
+family / arch                 single ``encode(a)``                pair ``encode(a, b)``
+============================  ==================================  ==============================
+WordPiece / encoder           ``[CLS] a [SEP]``                   ``[CLS] a [SEP] b [SEP]``
+BPE / decoder, prefix-lm      ``<s> a``                           ``<s> a b``
+BPE / encoder-decoder         ``a </s>``                          ``a </s> b </s>``
+============================  ==================================  ==============================
+
+In pairs the second segment, and the special token that closes it, has token type id 1;
+everything else has type id 0 (BERT segment ids; for a prefix-LM, type 0 is the prefix).
+A decoder prompt starts with ``<s>`` and carries no ``</s>``: generation continues it and
+stops at ``</s>``. An encoder-decoder source ends with ``</s>``; encoding a target the same
+way gives the decoder labels, ending with ``</s>``.
+
+Special token ids (``special_token_ids``): the first special token listed has id 0 and is
+padding. WordPiece: ``[PAD]=0 [UNK]=1 [CLS]=2 [SEP]=3 [MASK]=4``, no bos/eos (-1): ``[SEP]``
+closes a segment but is not an end-of-generation marker. BPE: ``<pad>=0 <s>=1 </s>=2
+<unk>=3 <mask>=4``, no cls/sep (-1).
+
+Special tokens written literally in input text (``"the film was [MASK]"``) are recognised
+as those tokens; that is how fill-mask prompts are written. Training never pads or truncates
+here: callers pad (with the ``pad`` id) and truncate themselves.
+"""
+
+from __future__ import annotations
+
+import heapq
+import logging
+import os
+import tempfile
+from pathlib import Path
+from collections import Counter
+from typing import Iterable, Iterator
+
+from tokenizers import (
+    Tokenizer,
+    decoders,
+    models,
+    normalizers,
+    pre_tokenizers,
+    processors,
+    trainers,
+)
+
+logger = logging.getLogger(__name__)
+
+TOKENIZER_FILE = "tokenizer.json"
+WORDPIECE_PREFIX = "##"
+
+WORDPIECE_SPECIAL_TOKENS = ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]")
+BPE_SPECIAL_TOKENS = ("<pad>", "<s>", "</s>", "<unk>", "<mask>")
+WORDPIECE_ARCHS = ("encoder",)
+BPE_ARCHS = ("decoder", "prefix-lm", "encoder-decoder")
+
+# Role -> token strings that fill it, in lookup order. A role no token fills is -1.
+SPECIAL_TOKEN_ROLES: dict[str, tuple[str, ...]] = {
+    "pad": ("[PAD]", "<pad>"),
+    "unk": ("[UNK]", "<unk>"),
+    "bos": ("<s>",),
+    "eos": ("</s>",),
+    "mask": ("[MASK]", "<mask>"),
+    "cls": ("[CLS]",),
+    "sep": ("[SEP]",),
+}
+
+
+def train_tokenizer(
+    texts: Iterable[str], *, arch: str, vocab_size: int, min_frequency: int = 1
+) -> Tokenizer:
+    """Train the tokenizer family that ``arch`` uses on ``texts``.
+
+    The vocabulary holds at most ``vocab_size`` tokens, fewer when the texts run out of
+    pairs to merge; size the model with ``tokenizer.get_vocab_size()``. Training is
+    deterministic: the same texts give the same ``tokenizer.json``, in any process.
+    """
+    if arch not in WORDPIECE_ARCHS + BPE_ARCHS:
+        raise ValueError(
+            f"arch must be one of {', '.join(map(repr, WORDPIECE_ARCHS + BPE_ARCHS))}; got {arch!r}"
+        )
+    if not isinstance(min_frequency, int) or min_frequency < 1:
+        raise ValueError(f"min_frequency must be an integer >= 1; got {min_frequency!r}")
+    texts = _CountedTexts(texts)
+    if arch in WORDPIECE_ARCHS:
+        tokenizer = _train_wordpiece(texts, vocab_size, min_frequency)
+    else:
+        tokenizer = _train_byte_level_bpe(texts, vocab_size, min_frequency)
+    _add_post_processor(tokenizer, arch)
+    logger.info(
+        "trained %s tokenizer on %d texts: %d tokens", arch, texts.count, tokenizer.get_vocab_size()
+    )
+    return tokenizer
+
+
+class _CountedTexts:
+    """Iterate ``texts`` once, checking item types and counting them."""
+
+    def __init__(self, texts: Iterable[str]) -> None:
+        self.texts, self.count = texts, 0
+
+    def __iter__(self) -> Iterator[str]:
+        for text in self.texts:
+            if not isinstance(text, str):
+                raise TypeError(f"texts must yield str; item {self.count} is {type(text).__name__}")
+            self.count += 1
+            yield text
+        if self.count == 0:
+            raise ValueError("cannot train a tokenizer on no texts; texts was empty")
+
+
+def _train_byte_level_bpe(texts: Iterable[str], vocab_size: int, min_frequency: int) -> Tokenizer:
+    alphabet = pre_tokenizers.ByteLevel.alphabet()
+    minimum = len(alphabet) + len(BPE_SPECIAL_TOKENS)
+    if not isinstance(vocab_size, int) or vocab_size < minimum:
+        raise ValueError(
+            f"vocab_size must be an integer >= {minimum} for byte-level BPE ({len(alphabet)} "
+            f"byte symbols + {len(BPE_SPECIAL_TOKENS)} special tokens); got {vocab_size!r}"
+        )
+    tokenizer = Tokenizer(models.BPE(unk_token="<unk>"))
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        min_frequency=min_frequency,
+        special_tokens=list(BPE_SPECIAL_TOKENS),
+        initial_alphabet=alphabet,
+        show_progress=False,
+    )
+    # Deterministic: the alphabet is sorted and merge ties break on symbol ids.
+    tokenizer.train_from_iterator(texts, trainer=trainer)
+    return tokenizer
+
+
+def _train_wordpiece(texts: Iterable[str], vocab_size: int, min_frequency: int) -> Tokenizer:
+    n_special = len(WORDPIECE_SPECIAL_TOKENS)
+    if not isinstance(vocab_size, int) or vocab_size <= n_special:
+        raise ValueError(
+            f"vocab_size must be an integer > {n_special} (the special tokens) for WordPiece; "
+            f"got {vocab_size!r}"
+        )
+    normalizer = normalizers.Sequence(
+        [
+            normalizers.NFC(),
+            normalizers.BertNormalizer(
+                clean_text=True, handle_chinese_chars=True, strip_accents=False, lowercase=False
+            ),
+        ]
+    )
+    pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    word_counts: Counter[str] = Counter()
+    for text in texts:
+        words = pre_tokenizer.pre_tokenize_str(normalizer.normalize_str(text))
+        word_counts.update(word for word, _ in words)
+    vocab = list(WORDPIECE_SPECIAL_TOKENS) + _learn_wordpiece_vocab(
+        word_counts, vocab_size - n_special, min_frequency
+    )
+    tokenizer = Tokenizer(
+        models.WordPiece(
+            {token: i for i, token in enumerate(vocab)},
+            unk_token="[UNK]",
+            continuing_subword_prefix=WORDPIECE_PREFIX,
+        )
+    )
+    tokenizer.normalizer = normalizer
+    tokenizer.pre_tokenizer = pre_tokenizer
+    tokenizer.decoder = decoders.WordPiece(prefix=WORDPIECE_PREFIX)
+    tokenizer.add_special_tokens(list(WORDPIECE_SPECIAL_TOKENS))
+    return tokenizer
+
+
+def _learn_wordpiece_vocab(word_counts: Counter[str], budget: int, min_frequency: int) -> list[str]:
+    """BPE merges over words with a ``##`` continuation prefix, as ``tokenizers``' WordPiece
+    trainer does, but with ties broken by symbol text instead of hash order, so the result
+    is the same in every process. Returns at most ``budget`` tokens.
+
+    Each kept character costs two tokens (``c`` and ``##c``), so the alphabet takes at most
+    half the budget, most frequent characters first; words with a dropped character are left
+    out (they encode as ``[UNK]``).
+    """
+    char_counts: Counter[str] = Counter()
+    for word, count in word_counts.items():
+        for char in word:
+            char_counts[char] += count
+    by_frequency = sorted(char_counts, key=lambda c: (-char_counts[c], c))
+    alphabet = set(by_frequency[: max(1, budget // 2)])
+
+    words: list[list[str]] = []
+    counts: list[int] = []
+    for word in sorted(word_counts):
+        if set(word) <= alphabet:
+            words.append([word[0]] + [WORDPIECE_PREFIX + c for c in word[1:]])
+            counts.append(word_counts[word])
+    vocab = sorted({symbol for symbols in words for symbol in symbols})
+    known = set(vocab)
+
+    # Pair statistics, updated incrementally; a heap of (-count, left, right) with stale
+    # entries skipped on pop. Equal counts pop in text order: deterministic.
+    pair_counts: Counter[tuple[str, str]] = Counter()
+    pair_words: dict[tuple[str, str], set[int]] = {}
+    for i, symbols in enumerate(words):
+        for pair in zip(symbols, symbols[1:]):
+            pair_counts[pair] += counts[i]
+            pair_words.setdefault(pair, set()).add(i)
+    heap = [(-count, left, right) for (left, right), count in pair_counts.items()]
+    heapq.heapify(heap)
+
+    while len(vocab) < budget and heap:
+        neg_count, left, right = heapq.heappop(heap)
+        if pair_counts.get((left, right), 0) != -neg_count:
+            continue  # stale entry
+        if -neg_count < min_frequency:
+            break
+        merged = left + right[len(WORDPIECE_PREFIX) :]
+        if merged not in known:  # different pairs can spell the same token
+            known.add(merged)
+            vocab.append(merged)
+        touched: set[tuple[str, str]] = set()
+        for i in sorted(pair_words.pop((left, right), ())):
+            symbols, count = words[i], counts[i]
+            for pair in zip(symbols, symbols[1:]):
+                pair_counts[pair] -= count
+                touched.add(pair)
+            j, out = 0, []
+            while j < len(symbols):
+                if j + 1 < len(symbols) and symbols[j] == left and symbols[j + 1] == right:
+                    out.append(merged)
+                    j += 2
+                else:
+                    out.append(symbols[j])
+                    j += 1
+            words[i] = out
+            for pair in zip(out, out[1:]):
+                pair_counts[pair] += count
+                pair_words.setdefault(pair, set()).add(i)
+                touched.add(pair)
+        for pair in sorted(touched):
+            if pair_counts[pair] > 0:
+                heapq.heappush(heap, (-pair_counts[pair], *pair))
+            else:
+                del pair_counts[pair]
+    return vocab
+
+
+def _add_post_processor(tokenizer: Tokenizer, arch: str) -> None:
+    """Install the template from the module docstring; it is the runtime's contract."""
+    if arch in WORDPIECE_ARCHS:
+        single, pair, names = "[CLS] $A [SEP]", "[CLS] $A [SEP] $B:1 [SEP]:1", ("[CLS]", "[SEP]")
+    elif arch == "encoder-decoder":
+        single, pair, names = "$A </s>", "$A </s> $B:1 </s>:1", ("</s>",)
+    else:  # decoder, prefix-lm
+        single, pair, names = "<s> $A", "<s> $A $B:1", ("<s>",)
+    special = [(name, _require_id(tokenizer, name)) for name in names]
+    tokenizer.post_processor = processors.TemplateProcessing(
+        single=single, pair=pair, special_tokens=special
+    )
+
+
+def _require_id(tokenizer: Tokenizer, token: str) -> int:
+    token_id = tokenizer.token_to_id(token)
+    if token_id is None:
+        raise ValueError(f"tokenizer has no {token!r} token")
+    return token_id
+
+
+def special_token_ids(tokenizer: Tokenizer) -> dict[str, int]:
+    """Ids of the roles pad, unk, bos, eos, mask, cls, sep; -1 for a role the tokenizer lacks."""
+    ids: dict[str, int] = {}
+    for role, candidates in SPECIAL_TOKEN_ROLES.items():
+        ids[role] = -1
+        for token in candidates:
+            token_id = tokenizer.token_to_id(token)
+            if token_id is not None:
+                ids[role] = token_id
+                break
+    return ids
+
+
+def _tokenizer_path(path: str | os.PathLike) -> Path:
+    path = Path(path)
+    return path / TOKENIZER_FILE if path.is_dir() else path
+
+
+def save_tokenizer(tokenizer: Tokenizer, path: str | os.PathLike) -> Path:
+    """Write ``tokenizer.json`` atomically (temp file + rename); ``path`` is the file or its folder.
+
+    Returns the path written. A reader never sees a half-written file.
+    """
+    path = _tokenizer_path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    text = tokenizer.to_str(pretty=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    logger.info("saved tokenizer to %s", path)
+    return path
+
+
+def load_tokenizer(path: str | os.PathLike) -> Tokenizer:
+    """Load a ``tokenizer.json`` (``path`` is the file or its folder)."""
+    path = _tokenizer_path(path)
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"no tokenizer file at {path}; train one with train_tokenizer() and save_tokenizer()"
+        )
+    text = path.read_text(encoding="utf-8", errors="replace")
+    try:
+        return Tokenizer.from_str(text)
+    except Exception as exc:  # tokenizers raises a bare Exception for parse errors
+        raise ValueError(
+            f"{path} is not a valid tokenizer.json ({exc}); re-create it with save_tokenizer()"
+        ) from exc
