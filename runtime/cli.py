@@ -14,7 +14,7 @@ import sys
 
 # name -> (module, one-line help). Order is the order shown in --help.
 SUBCOMMANDS: dict[str, tuple[str, str]] = {
-    "quickstart": ("onnxformer.runtime.quickstart", "train, export and run tiny models of all four architectures"),
+    "quickstart": ("onnxformer.export.quickstart", "train, export and run tiny models of all four architectures"),
     "train": ("onnxformer.modeling.cli", "train a model (pretraining, fine-tuning, LoRA/BitFit)"),
     "export": ("onnxformer.export.cli", "export a checkpoint to a validated ONNX package"),
     "inspect": ("onnxformer.runtime.commands", "describe a package: graphs, I/O, sizes, validation"),
