@@ -50,8 +50,12 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: Tensor) -> Tensor:
-        variance = x.float().pow(2).mean(-1, keepdim=True)
-        return (x.float() * torch.rsqrt(variance + self.eps)).type_as(x) * self.weight
+        # Normalise in fp32. No Cast when x already is fp32: the exported graph is then the
+        # plain pattern onnxruntime fuses into SimplifiedLayerNormalization (and its basic
+        # optimizer mishandles the redundant same-type Casts that x.float() would emit).
+        h = x if x.dtype == torch.float32 else x.float()
+        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
+        return (h if x.dtype == torch.float32 else h.to(x.dtype)) * self.weight
 
 
 def make_norm(config: ModelConfig) -> nn.Module:

@@ -68,6 +68,19 @@ def test_export_validates_against_pytorch(package_factory, arch, pos):
         assert not any("branch" in n or "use_cache" in n for n in names)
 
 
+@pytest.mark.parametrize("arch", ["decoder", "encoder-decoder"])
+def test_llama_style_blocks_export(tmp_path, arch):
+    """RMSNorm, SwiGLU, no biases, untied head, MQA: validated and loadable at every optimization level."""
+    model, tok = make_model(arch, activation="swiglu", norm="rmsnorm", bias=False, tie_embeddings=False, n_kv_heads=1)
+    save_tokenizer(tok, tmp_path / "tokenizer.json")
+    report = export_model(model, tmp_path / "tokenizer.json", tmp_path / "pkg")
+    assert report.validation["float32"]["passed"] and report.validation["float32"]["greedy_match"]
+    for level in (ort.GraphOptimizationLevel.ORT_ENABLE_BASIC, ort.GraphOptimizationLevel.ORT_ENABLE_ALL):
+        options = ort.SessionOptions()
+        options.graph_optimization_level = level
+        ort.InferenceSession(str(tmp_path / "pkg" / "decoder.onnx"), options, providers=["CPUExecutionProvider"])
+
+
 def test_manifest_contents(package_factory):
     model, tok, report = package_factory("encoder-decoder")
     data = json.loads((report.path / "manifest.json").read_text())
