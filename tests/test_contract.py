@@ -13,6 +13,8 @@ import pytest
 from onnxformer.runtime import contract as C
 from onnxformer.runtime.errors import PackageError
 
+pytestmark = pytest.mark.runtime_only  # torch-free: CI also runs these without torch
+
 # Tiny dims shared by the tests: Hkv=2, Dh=4, D=8, V=10.
 DEC = C.Dims(arch="decoder", n_layers=2, n_heads=4, n_kv_heads=2, d_head=4, d_model=16, vocab_size=10)
 SEQ2SEQ = C.Dims(arch="encoder-decoder", n_layers=3, n_heads=2, n_kv_heads=1, d_head=4, d_model=8, vocab_size=10)

@@ -13,6 +13,8 @@ from onnxformer.runtime import generation as G
 from onnxformer.runtime.errors import ConfigError, InputError, OnnxformerError
 from onnxformer.runtime.generation import GenerationConfig, StepResult
 
+pytestmark = pytest.mark.runtime_only  # torch-free: CI also runs these without torch
+
 
 # Fake models ---------------------------------------------------------------------------------
 class TinyAttentionLM:
