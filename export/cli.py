@@ -8,8 +8,9 @@ import argparse
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("checkpoint", help="a training run directory (its latest checkpoint) or one checkpoint directory")
     parser.add_argument("out_dir", help="package directory to write (replaced atomically if it is a package)")
-    parser.add_argument("--quantize", choices=["int8"], default=None,
-                        help="dynamic int8 quantization of the weights (smaller, faster on CPU)")
+    parser.add_argument("--quantize", choices=["int8", "int4"], default=None,
+                        help="weight-only int8/int4 quantization of every matmul (onnxruntime MatMulNBits; "
+                             "smaller and faster on CPU)")
     parser.add_argument("--dtype", choices=["fp32", "fp16"], default="fp32",
                         help="float type of weights and float inputs/outputs; fp16 is meant for GPU (default fp32)")
     parser.add_argument("--opset", type=int, default=18,

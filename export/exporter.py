@@ -10,7 +10,8 @@
    onnxruntime against PyTorch on fresh random inputs (batch 1 and left-padded batches,
    P = 0 and P > 0, T = 1 and T > 1) within `atol`, then greedy generation through the
    graphs equal to PyTorch's token for token. Failure raises ExportError with the figures.
-3. Variants: fp16 weights and I/O (for GPU), dynamic int8 quantization (for CPU); both are
+3. Variants: fp16 weights and I/O (for GPU), int8 / int4 weight-only quantization (for CPU,
+   onnxruntime's MatMulNBits, the format onnxruntime-genai runs); all are
    derived from the validated fp32 graphs and measured against PyTorch (figures recorded in
    the manifest, never hidden).
 4. The package is assembled in a temporary directory beside OUT_DIR and renamed into place,
@@ -20,6 +21,7 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import io
 import logging
 import os
@@ -30,6 +32,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import onnx
 import torch
 
@@ -57,7 +60,8 @@ MAX_PORTABLE_IR = 13
 MAX_PORTABLE_OPSET = 26
 PROTOBUF_LIMIT = 2 * 1024**3
 DTYPES = ("float32", "float16")
-QUANTIZATIONS = ("int8",)
+QUANTIZATIONS = ("int8", "int4")  # weight-only, onnxruntime MatMulNBits (as onnxruntime-genai uses)
+QUANT_BLOCK_SIZE = 32
 
 
 class ExportError(OnnxformerError):
@@ -68,7 +72,7 @@ class ExportError(OnnxformerError):
 class ExportOptions:
     opset: int = DEFAULT_OPSET
     dtype: str = "float32"  # "float32" or "float16" (weights and float I/O; for GPU)
-    quantize: str | None = None  # None or "int8" (dynamic quantization of weights; for CPU)
+    quantize: str | None = None  # None, "int8" or "int4": weight-only quantization of every MatMul (CPU)
     external_data: bool | None = None  # None: only for graphs over the 2 GB protobuf limit
     atol: float = 1e-4  # fp32 ONNX vs PyTorch, max abs difference
     validate_generation: bool = True  # greedy through the graphs == PyTorch greedy
@@ -80,7 +84,7 @@ class ExportOptions:
         if self.quantize not in (None, *QUANTIZATIONS):
             raise ExportError(f"quantize must be one of {QUANTIZATIONS} or None; got {self.quantize!r}")
         if self.quantize and self.dtype != "float32":
-            raise ExportError("--quantize int8 applies to float32 exports; drop --dtype fp16 (or the quantization)")
+            raise ExportError(f"--quantize {self.quantize} applies to float32 exports; drop --dtype fp16 (or the quantization)")
         if not 14 <= self.opset <= MAX_PORTABLE_OPSET:
             raise ExportError(
                 f"opset must be in [14, {MAX_PORTABLE_OPSET}] (onnxruntime-node/web 1.30 reject newer opsets); "
@@ -116,9 +120,48 @@ def _trace(model: Transformer, spec, path: Path, opset: int, dims: Dims) -> None
         )
 
 
+def _store_weights_once(proto: onnx.ModelProto) -> int:
+    """Replace every 2-D initializer that is the transpose of another by a Transpose node.
+
+    Constant folding turns a tied output head (logits = h @ E^T) into a second, transposed
+    copy of the embedding matrix E. Storing E once and transposing it in the graph (which
+    onnxruntime folds when the session loads) keeps the file at one copy per weight.
+    Returns the number of bytes saved.
+    """
+    from onnx import numpy_helper
+
+    graph = proto.graph
+    matrices = {t.name: t for t in graph.initializer if len(t.dims) == 2 and t.dims[0] != t.dims[1]}
+    by_shape: dict[tuple[int, int], list] = {}
+    for t in matrices.values():
+        by_shape.setdefault(tuple(t.dims), []).append(t)
+    saved, replaced = 0, set()
+    for t in list(matrices.values()):
+        if t.name in replaced:
+            continue
+        candidates = [o for o in by_shape.get((t.dims[1], t.dims[0]), []) if o.name not in replaced and o.name != t.name]
+        if not candidates:
+            continue
+        array = numpy_helper.to_array(t)
+        for other in candidates:
+            if other.data_type == t.data_type and np.array_equal(numpy_helper.to_array(other).T, array):
+                graph.node.insert(0, onnx.helper.make_node("Transpose", [other.name], [t.name], perm=[1, 0],
+                                                           name=f"{t.name}/transpose_of_{other.name}"))
+                replaced.add(t.name)
+                saved += len(t.raw_data)
+                break
+    kept = [t for t in graph.initializer if t.name not in replaced]
+    del graph.initializer[:]
+    graph.initializer.extend(kept)
+    return saved
+
+
 def _finalise(path: Path, name: str, external: bool | None) -> tuple[str, ...]:
-    """Re-save the traced graph: external data when over the protobuf limit (or forced)."""
+    """Re-save the traced graph: each weight once, external data when over the protobuf limit (or forced)."""
     proto = onnx.load(str(path), load_external_data=True)
+    saved = _store_weights_once(proto)
+    if saved:
+        log.info("%s: stored a transposed weight copy once (%.2f MB saved)", name, saved / 1e6)
     proto.producer_name, proto.doc_string = "onnxformer", f"onnxformer {name} graph"
     size = sum(len(t.raw_data) for t in proto.graph.initializer)
     use_external = external if external is not None else size > PROTOBUF_LIMIT - (64 << 20)
@@ -162,20 +205,30 @@ def _to_fp16(path: Path) -> None:
     onnx.save_model(half, str(path))
 
 
-def _to_int8(path: Path) -> None:
-    from onnxruntime.quantization import QuantType, quantize_dynamic
+def _quantize(path: Path, bits: int, *, tied_head: bool) -> None:
+    """Weight-only quantization of every MatMul with a constant weight to onnxruntime's
+    MatMulNBits (blocks of QUANT_BLOCK_SIZE along K, symmetric, int8 compute: accuracy_level 4).
 
-    tmp = path.with_suffix(".int8.onnx")
+    A head tied to the token embedding stays float: quantizing it would store the vocabulary
+    matrix twice (float for the embedding lookup, quantized for the head)."""
+    from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
+
+    quiet = logging.getLogger("onnxruntime.quantization")
     root = logging.getLogger()
-    level = root.level
-    root.setLevel(logging.ERROR)  # the quantizer logs advice on the root logger
+    levels = quiet.level, root.level
+    quiet.setLevel(logging.ERROR)
+    root.setLevel(logging.ERROR)  # the quantizer logs progress on the root logger
     try:
-        with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
-            warnings.simplefilter("ignore")
-            quantize_dynamic(str(path), str(tmp), weight_type=QuantType.QInt8)
+        quantizer = MatMulNBitsQuantizer(
+            onnx.load(str(path), load_external_data=True), bits=bits, block_size=QUANT_BLOCK_SIZE,
+            is_symmetric=True, accuracy_level=4,
+            nodes_to_exclude=["/model/lm_head/MatMul", "/lm_head/MatMul"] if tied_head else None,
+        )
+        quantizer.process()
     finally:
-        root.setLevel(level)
-    os.replace(tmp, path)
+        quiet.setLevel(levels[0])
+        root.setLevel(levels[1])
+    onnx.save_model(quantizer.model.model, str(path))
 
 
 # --------------------------------------------------------------------------------------------
@@ -299,12 +352,16 @@ def export_model(
             raise ExportError(f"validation failed; nothing was written:\n{figures}")
 
         specs, weights = fp32_specs, "float32"
-        if options.dtype == "float16" or options.quantize == "int8":
-            weights = "float16" if options.dtype == "float16" else "int8"
-            convert = _to_fp16 if weights == "float16" else _to_int8
+        if options.dtype == "float16" or options.quantize:
+            weights = "float16" if options.dtype == "float16" else options.quantize
+            if weights == "float16":
+                convert = _to_fp16
+            else:
+                convert = functools.partial(_quantize, bits=int(weights.removeprefix("int")),
+                                            tied_head=config.tie_embeddings)
             specs = graph_specs(dims, options.dtype)
             for name, spec in specs.items():
-                if weights == "int8" and name == CROSS_ATTENTION:
+                if weights in QUANTIZATIONS and name == CROSS_ATTENTION:
                     continue  # a few small projections, computed once per input: keep them exact
                 log.info("converting %s to %s", spec.file, weights)
                 convert(tmp / spec.file)

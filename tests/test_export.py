@@ -60,9 +60,10 @@ def test_export_validates_against_pytorch(package_factory, arch, pos):
         assert [o.name for o in session.get_outputs()] == entry.spec.output_names
         assert entry.spec == graph_specs(manifest.dims)[name]
     if "decoder.onnx" in files:
-        # one decoder graph, every weight stored once: no duplicate initializer payloads
+        # one decoder graph, every weight stored once: no duplicate or transposed copies
         proto = onnx.load(str(package / "decoder.onnx"))
-        payloads = [init.raw_data for init in proto.graph.initializer if len(init.raw_data) > 1024]
+        arrays = [onnx.numpy_helper.to_array(t) for t in proto.graph.initializer if t.dims and np.prod(t.dims) > 256]
+        payloads = [a.tobytes() for a in arrays] + [a.T.copy().tobytes() for a in arrays if a.ndim == 2]
         assert len(payloads) == len(set(payloads))
         names = {i.name for i in proto.graph.input}
         assert not any("branch" in n or "use_cache" in n for n in names)
@@ -114,18 +115,21 @@ def test_int8_and_fp16_variants(package_factory, arch):
     _, _, plain = package_factory(arch)
     _, _, int8 = package_factory(arch, quantize="int8")
     _, _, fp16 = package_factory(arch, dtype="float16")
+    _, _, int4 = package_factory(arch, quantize="int4")
     main = "decoder.onnx" if arch == "decoder" else "encoder.onnx"
     def weight_bytes(report):
         proto = onnx.load(str(report.path / main))
         return sum(len(t.raw_data) for t in proto.graph.initializer)
 
-    assert weight_bytes(int8) < 0.5 * weight_bytes(plain)
+    assert weight_bytes(int8) < 0.75 * weight_bytes(plain)  # the tied vocabulary matrix stays fp32, once
+    assert weight_bytes(int4) < weight_bytes(int8)
+    assert Manifest.load(int4.path).weights == "int4"
     assert weight_bytes(fp16) < 0.6 * weight_bytes(plain)
     assert Manifest.load(int8.path).weights == "int8"
     m16 = Manifest.load(fp16.path)
     assert m16.weights == "float16" and m16.float_dtype == "float16"
     assert m16.graphs[main.removesuffix(".onnx")].spec.outputs[0].dtype == "float16"
-    for report, bound in ((int8, 0.2), (fp16, 0.05)):
+    for report, bound in ((int8, 0.2), (int4, 1.0), (fp16, 0.05)):
         variant = report.validation[Manifest.load(report.path).weights]
         assert variant["passed"] and 0 < variant["worst_abs_diff"] < bound  # measured, and plausible
 
