@@ -72,6 +72,22 @@ class Generation:
         return self.texts[0]
 
 
+def truncate_keeping_specials(ids: Sequence[int], special_mask: Sequence[int], limit: int, *,
+                              keep_end: bool) -> list[int]:
+    """Cut `ids` to `limit` tokens between the template's leading and trailing special tokens
+    (`<s>` / `[CLS]` ... `[SEP]` / `</s>` stay): a prompt keeps its end, a text its start.
+    Returns the kept positions (indices into `ids`)."""
+    n = len(ids)
+    lead = next((i for i, m in enumerate(special_mask) if not m), n)
+    trail = next((i for i, m in enumerate(reversed(special_mask)) if not m), n) if lead < n else 0
+    room = limit - lead - trail
+    if room < 1:
+        raise InputError(f"max length {limit} leaves no room for text besides {lead + trail} special tokens")
+    body = list(range(lead, n - trail))
+    body = body[-room:] if keep_end else body[:room]
+    return [*range(lead), *body, *range(n - trail, n)]
+
+
 def _resolve_provider(provider: str) -> tuple[str, str]:
     key = provider.lower().removesuffix("executionprovider") if provider else "cpu"
     if key not in PROVIDERS:
@@ -161,7 +177,8 @@ class Model:
                         + (f" ({self.manifest.max_seq_len} minus {reserve} new tokens)" if reserve else "")
                         + ". Shorten it, lower max_new_tokens, or pass truncate=True."
                     )
-                ids = ids[-limit:] if reserve else ids[:limit]  # keep a prompt's end, a text's start
+                keep = truncate_keeping_specials(ids, enc.special_tokens_mask, limit, keep_end=reserve > 0)
+                ids = [ids[k] for k in keep]  # a prompt keeps its end, a text its start
             if not ids:
                 raise InputError(f"text {i} is empty after tokenization; pass non-empty text")
             rows.append(ids)
@@ -194,8 +211,13 @@ class Model:
             mask = np.zeros_like(ids)
             types = np.zeros_like(ids)
             for r, e in enumerate(chunk):  # right padding; positions come from the mask
-                n = min(len(e.ids), width)
-                ids[r, :n], mask[r, :n], types[r, :n] = e.ids[:n], 1, e.type_ids[:n]
+                keep = range(len(e.ids))
+                if len(e.ids) > width:
+                    keep = truncate_keeping_specials(e.ids, e.special_tokens_mask, width, keep_end=False)
+                n = len(keep)
+                ids[r, :n] = [e.ids[k] for k in keep]
+                types[r, :n] = [e.type_ids[k] for k in keep]
+                mask[r, :n] = 1
             feeds = {INPUT_IDS: ids, ATTENTION_MASK: mask}
             if self.dims.has_token_types:
                 feeds[TOKEN_TYPE_IDS] = types
@@ -245,26 +267,32 @@ class Model:
     # Generation
     # ---------------------------------------------------------------------------------------
     def generation_config(self, config: GenerationConfig | None = None, **overrides: Any) -> GenerationConfig:
-        """The package's defaults (eos, pad, ...) overlaid with `config` and keyword overrides."""
-        defaults = dict(self.manifest.generation)
-        if config is not None:
-            chosen = config.to_dict()
-            base = GenerationConfig().to_dict()
-            defaults.update({k: v for k, v in chosen.items() if v != base.get(k)})
-        defaults.update(overrides)
-        return GenerationConfig.from_dict(defaults)
+        """The config a call runs with.
+
+        Without `config`: the package's generation defaults (manifest), then `overrides`.
+        With `config`: exactly that config, except that an empty `eos_token_ids` and the default
+        `pad_token_id` take the package's values (a config built without knowing the tokenizer
+        still stops at its eos), then `overrides`.
+        """
+        package = dict(self.manifest.generation)
+        if config is None:
+            merged = package
+        else:
+            merged = config.to_dict()
+            if not config.eos_token_ids and "eos_token_ids" in package:
+                merged["eos_token_ids"] = package["eos_token_ids"]
+            if config.pad_token_id == GenerationConfig().pad_token_id and "pad_token_id" in package:
+                merged["pad_token_id"] = package["pad_token_id"]
+        merged.update(overrides)
+        return GenerationConfig.from_dict(merged)
 
     def _prompt_ids(self, prompts: list[str], config: GenerationConfig, truncate: bool) -> list[list[int]]:
-        reserve = config.max_new_tokens if self.arch != "encoder-decoder" else 0
-        if reserve >= self.manifest.max_seq_len:
+        if config.max_new_tokens >= self.manifest.max_seq_len:
             raise InputError(
                 f"max_new_tokens ({config.max_new_tokens}) must be below this model's max_seq_len "
                 f"({self.manifest.max_seq_len})"
             )
-        if self.arch == "encoder-decoder" and config.max_new_tokens >= self.manifest.max_seq_len:
-            raise InputError(
-                f"max_new_tokens ({config.max_new_tokens}) must be below max_seq_len ({self.manifest.max_seq_len})"
-            )
+        reserve = config.max_new_tokens if self.arch != "encoder-decoder" else 0
         return self.encode(prompts, truncate=truncate, reserve=reserve)
 
     def _check_ids(self, prompts: Sequence[Sequence[int]], config: GenerationConfig) -> list[list[int]]:

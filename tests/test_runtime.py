@@ -234,3 +234,29 @@ def test_cli_generate_classify_inspect(package_factory):
     assert out.returncode == 2 and "top_p" in out.stderr and "Traceback" not in out.stderr
     out = run("classify", str(dec.path), "x")
     assert out.returncode == 2 and "needs an encoder package" in out.stderr
+
+
+def test_explicit_config_wins_but_inherits_the_package_eos(package_factory):
+    _, _, report = package_factory("decoder")
+    package = rt.load(report.path)
+    eos = package.manifest.special("eos")
+    explicit = package.generation_config(GenerationConfig(strategy="greedy", max_new_tokens=32))
+    assert explicit.max_new_tokens == 32 and explicit.eos_token_ids == (eos,)
+    chosen = package.generation_config(GenerationConfig(max_new_tokens=3, eos_token_ids=(7,)), top_k=0)
+    assert chosen.eos_token_ids == (7,) and chosen.max_new_tokens == 3
+    assert package.generation_config().max_new_tokens == package.manifest.generation["max_new_tokens"]
+
+
+def test_truncation_keeps_the_template_special_tokens(package_factory):
+    _, _, dec = package_factory("decoder")
+    _, _, enc = package_factory("encoder", "learned")
+    decoder, encoder = rt.load(dec.path), rt.load(enc.path)
+    long = "one two three four five " * 100
+    (ids,) = decoder.encode([long], truncate=True, reserve=8)
+    full = decoder.tokenizer.encode(long).ids
+    assert len(ids) == decoder.manifest.max_seq_len - 8
+    assert ids[0] == decoder.manifest.special("bos") and ids[1:] == full[-(len(ids) - 1):]  # <s> + the end
+    (ids,) = encoder.encode([long], truncate=True)
+    assert ids[0] == encoder.manifest.special("cls") and ids[-1] == encoder.manifest.special("sep")
+    assert len(ids) == encoder.manifest.max_seq_len
+    assert encoder.classify([long], truncate=True)[0].label in encoder.label_names

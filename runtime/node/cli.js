@@ -1,0 +1,165 @@
+#!/usr/bin/env node
+/**
+ * The Node.js command line, the same subcommands and output as the Python `onnxformer` CLI:
+ *
+ *     node runtime/node/cli.js generate PACKAGE "prompt" [--max-new-tokens N] [--json] ...
+ *     node runtime/node/cli.js classify PACKAGE "text" ... [--json]
+ *     node runtime/node/cli.js embed PACKAGE "text" ... [--pooling mean|cls] [--json]
+ *
+ * Texts come from the arguments or, when none are given, from standard input (one per line).
+ * Errors print `error: <message>` on stderr and exit with status 2.
+ */
+
+import { readFileSync } from 'node:fs';
+import { parseArgs } from 'node:util';
+
+import { OnnxformerError, InputError } from './errors.js';
+import { load } from './model.js';
+
+const USAGE = `usage: node cli.js {generate,classify,embed} PACKAGE [TEXT ...] [options]
+
+common options:
+  --json                      print JSON for scripts
+  --provider {cpu,cuda}       onnxruntime execution provider (default cpu)
+  --threads N                 intra-op threads (default: onnxruntime's choice)
+  --truncate                  truncate inputs longer than the model's maximum
+
+generate:
+  --strategy {greedy,sample,beam}   decoding strategy (default: the package's, greedy)
+  --max-new-tokens N, --min-new-tokens N
+  --temperature X, --top-k N, --top-p X, --seed N      sampling
+  --num-beams N, --length-penalty X                    beam search
+  --num-return-sequences N, --repetition-penalty X, --no-repeat-ngram-size N
+  --stop STRING               stop at this string (repeatable)
+  --stream                    print text as it is generated (one prompt)
+
+embed:
+  --pooling {mean,cls}        how to pool token states (default mean)
+  --no-normalize              do not L2-normalise the embeddings`;
+
+/** CLI flag -> [generation parameter, kind]. */
+const GENERATION_FLAGS = {
+  strategy: ['strategy', 'string'],
+  'max-new-tokens': ['max_new_tokens', 'int'],
+  'min-new-tokens': ['min_new_tokens', 'int'],
+  temperature: ['temperature', 'float'],
+  'top-k': ['top_k', 'int'],
+  'top-p': ['top_p', 'float'],
+  seed: ['seed', 'int'],
+  'num-beams': ['num_beams', 'int'],
+  'length-penalty': ['length_penalty', 'float'],
+  'num-return-sequences': ['num_return_sequences', 'int'],
+  'repetition-penalty': ['repetition_penalty', 'float'],
+  'no-repeat-ngram-size': ['no_repeat_ngram_size', 'int'],
+};
+
+class UsageError extends Error {}
+
+function number(flag, text, kind) {
+  const ok = kind === 'int' ? /^[+-]?\d+$/.test(text) : text.trim() !== '' && Number.isFinite(Number(text));
+  if (!ok) throw new UsageError(`argument --${flag}: invalid ${kind} value: '${text}'`);
+  return Number(text);
+}
+
+function parse(argv) {
+  const options = {
+    json: { type: 'boolean' },
+    provider: { type: 'string', default: 'cpu' },
+    threads: { type: 'string' },
+    truncate: { type: 'boolean' },
+    stop: { type: 'string', multiple: true },
+    stream: { type: 'boolean' },
+    pooling: { type: 'string', default: 'mean' },
+    'no-normalize': { type: 'boolean' },
+    help: { type: 'boolean', short: 'h' },
+  };
+  for (const flag of Object.keys(GENERATION_FLAGS)) options[flag] = { type: 'string' };
+  let parsed;
+  try {
+    parsed = parseArgs({ args: argv, options, allowPositionals: true, strict: true });
+  } catch (err) {
+    throw new UsageError(err.message);
+  }
+  const { values, positionals } = parsed;
+  if (values.help) return { help: true };
+  const [command, pkg, ...texts] = positionals;
+  if (!['generate', 'classify', 'embed'].includes(command)) {
+    throw new UsageError(`the first argument must be generate, classify or embed; got ${command === undefined ? 'nothing' : `'${command}'`}`);
+  }
+  if (!pkg) throw new UsageError('the package directory is required');
+  if (!['cpu', 'cuda'].includes(values.provider)) throw new UsageError(`argument --provider: invalid choice: '${values.provider}'`);
+  if (!['mean', 'cls'].includes(values.pooling)) throw new UsageError(`argument --pooling: invalid choice: '${values.pooling}'`);
+  const params = {};
+  for (const [flag, [name, kind]] of Object.entries(GENERATION_FLAGS)) {
+    if (values[flag] !== undefined) params[name] = kind === 'string' ? values[flag] : number(flag, values[flag], kind);
+  }
+  if (values.stop) params.stop_strings = values.stop;
+  if ((params.num_beams ?? 1) > 1 && params.strategy === undefined) params.strategy = 'beam';
+  const threads = values.threads === undefined ? undefined : number('threads', values.threads, 'int');
+  return { command, pkg, texts, values, params, threads };
+}
+
+function readTexts(texts) {
+  if (texts.length) return texts;
+  if (process.stdin.isTTY) throw new InputError('no input texts: pass them as arguments or pipe them on stdin (one per line)');
+  const lines = readFileSync(0, 'utf8').split('\n').filter((line) => line.trim());
+  if (!lines.length) throw new InputError('stdin had no non-empty lines; pass at least one text');
+  return lines;
+}
+
+async function run({ command, pkg, texts, values, params, threads }) {
+  texts = readTexts(texts);
+  const model = await load(pkg, { provider: values.provider, threads });
+  const truncate = Boolean(values.truncate);
+  const print = (text) => process.stdout.write(`${text}\n`);
+  if (command === 'classify') {
+    const results = await model.classify(texts, { truncate });
+    if (values.json) print(JSON.stringify(results.map((r, i) => ({ text: texts[i], ...r }))));
+    else results.forEach((r, i) => print(`${r.label}\t${r.score.toFixed(4)}\t${texts[i]}`));
+  } else if (command === 'embed') {
+    const vectors = await model.embed(texts, { pooling: values.pooling, normalize: !values['no-normalize'], truncate });
+    if (values.json) {
+      print(JSON.stringify(vectors.map((v, i) => ({ text: texts[i], embedding: Array.from(v, (x) => Number(x.toFixed(6))) }))));
+    } else {
+      vectors.forEach((v) => print(Array.from(v, (x) => x.toFixed(6)).join(' ')));
+    }
+  } else if (values.stream) {
+    if (texts.length !== 1) throw new InputError(`--stream takes one prompt; got ${texts.length}`);
+    for await (const piece of await model.stream(texts[0], { ...params, truncate })) process.stdout.write(piece);
+    print('');
+  } else {
+    const results = await model.generate(texts, { ...params, truncate });
+    if (values.json) {
+      print(JSON.stringify(results.map(({ prompt, texts: t, token_ids, scores, finish_reasons }) => (
+        { prompt, texts: t, token_ids, scores, finish_reasons }))));
+    } else {
+      for (const r of results) for (const text of r.texts) print(text);
+    }
+  }
+  await model.release();
+}
+
+async function main(argv) {
+  let args;
+  try {
+    args = parse(argv);
+  } catch (err) {
+    if (!(err instanceof UsageError)) throw err;
+    process.stderr.write(`${USAGE}\n\nerror: ${err.message}\n`);
+    return 2;
+  }
+  if (args.help) {
+    process.stdout.write(`${USAGE}\n`);
+    return 0;
+  }
+  try {
+    await run(args);
+    return 0;
+  } catch (err) {
+    if (!(err instanceof OnnxformerError)) throw err;
+    process.stderr.write(`error: ${err.message}\n`);
+    return 2;
+  }
+}
+
+process.exitCode = await main(process.argv.slice(2));

@@ -1,0 +1,346 @@
+/**
+ * The graph I/O contract: every input and output of every graph, declared once. A port of
+ * `runtime/contract.py`; `runtime/FORMAT.md` is the normative description.
+ *
+ * Shape letters (used in comments throughout the Node runtime):
+ *
+ *     B    batch (rows)                           symbolic axis `batch`
+ *     T    new tokens fed in one decoder step     symbolic axis `sequence`
+ *     S    tokens of an encoder input             `sequence` in the encoder graph,
+ *                                                 `encoder_sequence` in the graphs that consume it
+ *     P    tokens already in the KV cache         symbolic axis `past_sequence`
+ *     P+T  tokens attended to by a decoder step   symbolic axis `total_sequence`
+ *     Hkv  key/value heads                        static
+ *     Dh   head size                              static
+ *     D    model width                            static
+ *     V    vocabulary size                        static
+ *
+ * @module contract
+ */
+
+import { PackageError } from './errors.js';
+import { repr } from './repr.js';
+
+export const ARCHITECTURES = ['encoder', 'decoder', 'encoder-decoder', 'prefix-lm'];
+export const ENCODER = 'encoder';
+export const CROSS_ATTENTION = 'cross_attention';
+export const DECODER = 'decoder';
+
+/** @type {Record<string, string[]>} graphs of each architecture, in run order */
+export const GRAPHS_BY_ARCH = {
+  encoder: [ENCODER],
+  decoder: [DECODER],
+  'prefix-lm': [DECODER],
+  'encoder-decoder': [ENCODER, CROSS_ATTENTION, DECODER],
+};
+
+export const INT64 = 'int64';
+export const FLOAT_DTYPES = ['float32', 'float16'];
+export const DTYPES = [INT64, ...FLOAT_DTYPES];
+
+export const BATCH = 'batch';
+export const SEQUENCE = 'sequence';
+export const PAST_SEQUENCE = 'past_sequence';
+export const TOTAL_SEQUENCE = 'total_sequence';
+export const ENCODER_SEQUENCE = 'encoder_sequence';
+
+export const INPUT_IDS = 'input_ids';
+export const ATTENTION_MASK = 'attention_mask';
+export const TOKEN_TYPE_IDS = 'token_type_ids';
+export const POSITION_IDS = 'position_ids';
+export const ENCODER_ATTENTION_MASK = 'encoder_attention_mask';
+export const ENCODER_HIDDEN_STATES = 'encoder_hidden_states';
+export const LAST_HIDDEN_STATE = 'last_hidden_state';
+export const LOGITS = 'logits';
+
+// The only place per-layer cache names are spelled. {part} is "key"/"value", prefixed by the
+// cache kind for encoder-decoder models ("decoder.key", "encoder.value").
+const PAST_PREFIX = 'past_key_values';
+const PRESENT_PREFIX = 'present';
+const CACHE_NAME = /^(past_key_values|present)\.(\d+)\.(?:(decoder|encoder)\.)?(key|value)$/;
+
+/**
+ * Cache kinds: "self" (decoder-only / prefix-LM self-attention), "decoder" (encoder-decoder
+ * self-attention), "encoder" (encoder-decoder cross-attention keys/values).
+ * @typedef {'self' | 'decoder' | 'encoder'} CacheKind
+ */
+
+/** @param {CacheKind} kind */
+function parts(kind) {
+  const prefix = kind === 'self' ? '' : `${kind}.`;
+  return [`${prefix}key`, `${prefix}value`];
+}
+
+/**
+ * (key, value) input names of layer `i`'s cache, e.g. `past_key_values.0.key`.
+ * @param {number} i
+ * @param {CacheKind} [kind]
+ * @returns {[string, string]}
+ */
+export function pastNames(i, kind = 'self') {
+  const [k, v] = parts(kind);
+  return [`${PAST_PREFIX}.${i}.${k}`, `${PAST_PREFIX}.${i}.${v}`];
+}
+
+/**
+ * (key, value) output names of layer `i`'s cache, e.g. `present.0.key`.
+ * @param {number} i
+ * @param {CacheKind} [kind]
+ * @returns {[string, string]}
+ */
+export function presentNames(i, kind = 'self') {
+  const [k, v] = parts(kind);
+  return [`${PRESENT_PREFIX}.${i}.${k}`, `${PRESENT_PREFIX}.${i}.${v}`];
+}
+
+/** @param {string} arch @returns {CacheKind} */
+export function selfCacheKind(arch) {
+  return arch === 'encoder-decoder' ? 'decoder' : 'self';
+}
+
+/**
+ * The past input a present output feeds on the next step: `present.0.key` ->
+ * `past_key_values.0.key`; also `present.0.encoder.key` -> `past_key_values.0.encoder.key`.
+ * @param {string} presentName
+ * @returns {string}
+ */
+export function pastNameFor(presentName) {
+  const match = CACHE_NAME.exec(presentName);
+  if (!match || match[1] !== PRESENT_PREFIX) {
+    throw new Error(`${repr(presentName)} is not a present cache name`);
+  }
+  return `${PAST_PREFIX}${presentName.slice(PRESENT_PREFIX.length)}`;
+}
+
+/**
+ * @typedef {object} Dims
+ * @property {string} arch
+ * @property {number} n_layers        decoder-stack (cache) layers; 0 for arch "encoder"
+ * @property {number} n_heads         query heads (H)
+ * @property {number} n_kv_heads      key/value heads (Hkv)
+ * @property {number} d_head          head size (Dh)
+ * @property {number} d_model         model width (D)
+ * @property {number} vocab_size      V
+ * @property {number} num_labels      encoder classification head; 0 = none
+ * @property {boolean} has_token_types encoder takes token_type_ids
+ */
+
+const DIMS_FIELDS = ['arch', 'n_layers', 'n_heads', 'n_kv_heads', 'd_head', 'd_model', 'vocab_size',
+  'num_labels', 'has_token_types'];
+const DIMS_REQUIRED = DIMS_FIELDS.slice(0, 7);
+
+/**
+ * Parse and check the manifest's `dims` object (same checks and messages as Python's `Dims`).
+ * @param {any} data
+ * @returns {Readonly<Dims>}
+ */
+export function dimsFromDict(data) {
+  const isObject = data !== null && typeof data === 'object' && !Array.isArray(data);
+  const keys = isObject ? Object.keys(data) : [];
+  const unknown = keys.filter((k) => !DIMS_FIELDS.includes(k)).sort();
+  const missing = DIMS_REQUIRED.filter((k) => !keys.includes(k)).sort();
+  if (!isObject || unknown.length || missing.length) {
+    throw new PackageError(
+      `manifest dims: unknown fields ${repr(unknown)}, missing fields ${repr(missing)}; ` +
+        `expected fields ${repr([...DIMS_FIELDS].sort())}. Re-export the package.`,
+    );
+  }
+  const dims = { num_labels: 0, has_token_types: false, ...data };
+  if (!ARCHITECTURES.includes(dims.arch)) {
+    throw new PackageError(`arch must be one of ${repr(ARCHITECTURES)}; got ${repr(dims.arch)}`);
+  }
+  for (const name of ['n_heads', 'n_kv_heads', 'd_head', 'd_model', 'vocab_size']) {
+    if (!Number.isInteger(dims[name]) || dims[name] <= 0) {
+      throw new PackageError(`dims.${name} must be a positive integer; got ${repr(dims[name])}`);
+    }
+  }
+  for (const name of ['n_layers', 'num_labels']) {
+    if (!Number.isInteger(dims[name]) || dims[name] < 0) {
+      throw new PackageError(`dims.${name} must be an integer >= 0; got ${repr(dims[name])}`);
+    }
+  }
+  if (dims.arch !== 'encoder' && dims.n_layers === 0) {
+    throw new PackageError(`dims.n_layers must be >= 1 for arch ${repr(dims.arch)}; got 0`);
+  }
+  if (dims.n_heads % dims.n_kv_heads) {
+    throw new PackageError(
+      `dims.n_heads (${dims.n_heads}) must be a multiple of n_kv_heads (${dims.n_kv_heads})`,
+    );
+  }
+  if (dims.arch !== 'encoder' && (dims.num_labels || dims.has_token_types)) {
+    throw new PackageError(
+      `num_labels (${dims.num_labels}) and has_token_types (${repr(dims.has_token_types)}) apply to ` +
+        `arch 'encoder' only; got arch ${repr(dims.arch)}`,
+    );
+  }
+  return Object.freeze(dims);
+}
+
+/**
+ * One graph input or output. Shape entries are symbolic axis names or static sizes.
+ * @typedef {{name: string, dtype: string, shape: Array<string | number>}} TensorSpec
+ */
+
+/**
+ * One graph: its name, file inside the package, inputs and outputs (in feed order).
+ * @typedef {{name: string, file: string, inputs: TensorSpec[], outputs: TensorSpec[]}} GraphSpec
+ */
+
+/** @returns {TensorSpec} */
+const ids = (name, axis = SEQUENCE) => ({ name, dtype: INT64, shape: [BATCH, axis] }); // (B, *)
+
+/** @returns {TensorSpec} */
+const kv = (name, axis, dims, dtype) => ({ name, dtype, shape: [BATCH, dims.n_kv_heads, axis, dims.d_head] }); // (B, Hkv, *, Dh)
+
+/** @param {Dims} dims @param {string} dtype @returns {GraphSpec} */
+function encoderSpec(dims, dtype) {
+  const standalone = dims.arch === 'encoder'; // the encoder of an encoder-decoder has no extras
+  const inputs = [ids(INPUT_IDS), ids(ATTENTION_MASK)];
+  if (standalone && dims.has_token_types) inputs.push(ids(TOKEN_TYPE_IDS));
+  const outputs = [{ name: LAST_HIDDEN_STATE, dtype, shape: [BATCH, SEQUENCE, dims.d_model] }]; // (B, S, D)
+  if (standalone && dims.num_labels > 0) {
+    outputs.push({ name: LOGITS, dtype, shape: [BATCH, dims.num_labels] }); // (B, num_labels)
+  }
+  return { name: ENCODER, file: `${ENCODER}.onnx`, inputs, outputs };
+}
+
+/** @param {Dims} dims @param {string} dtype @returns {GraphSpec} */
+function crossAttentionSpec(dims, dtype) {
+  const inputs = [{ name: ENCODER_HIDDEN_STATES, dtype, shape: [BATCH, ENCODER_SEQUENCE, dims.d_model] }];
+  const outputs = [];
+  for (let i = 0; i < dims.n_layers; i++) {
+    for (const name of presentNames(i, 'encoder')) outputs.push(kv(name, ENCODER_SEQUENCE, dims, dtype));
+  }
+  return { name: CROSS_ATTENTION, file: `${CROSS_ATTENTION}.onnx`, inputs, outputs };
+}
+
+/** @param {Dims} dims @param {string} dtype @returns {GraphSpec} */
+function decoderSpec(dims, dtype) {
+  const seq2seq = dims.arch === 'encoder-decoder';
+  const kind = selfCacheKind(dims.arch);
+  const inputs = [ids(INPUT_IDS), ids(ATTENTION_MASK, TOTAL_SEQUENCE), ids(POSITION_IDS)];
+  if (seq2seq) inputs.push(ids(ENCODER_ATTENTION_MASK, ENCODER_SEQUENCE));
+  for (let i = 0; i < dims.n_layers; i++) {
+    for (const name of pastNames(i, kind)) inputs.push(kv(name, PAST_SEQUENCE, dims, dtype));
+    if (seq2seq) for (const name of pastNames(i, 'encoder')) inputs.push(kv(name, ENCODER_SEQUENCE, dims, dtype));
+  }
+  const outputs = [{ name: LOGITS, dtype, shape: [BATCH, SEQUENCE, dims.vocab_size] }]; // (B, T, V)
+  for (let i = 0; i < dims.n_layers; i++) {
+    for (const name of presentNames(i, kind)) outputs.push(kv(name, TOTAL_SEQUENCE, dims, dtype));
+  }
+  return { name: DECODER, file: `${DECODER}.onnx`, inputs, outputs };
+}
+
+const BUILDERS = { [ENCODER]: encoderSpec, [CROSS_ATTENTION]: crossAttentionSpec, [DECODER]: decoderSpec };
+
+/**
+ * Every graph of `dims.arch` -> its spec, in run order (encoder, cross_attention, decoder).
+ * @param {Dims} dims
+ * @param {string} [floatDtype]
+ * @returns {Record<string, GraphSpec>}
+ */
+export function graphSpecs(dims, floatDtype = 'float32') {
+  if (!FLOAT_DTYPES.includes(floatDtype)) {
+    throw new PackageError(`float_dtype must be one of ${repr(FLOAT_DTYPES)}; got ${repr(floatDtype)}`);
+  }
+  return Object.fromEntries(GRAPHS_BY_ARCH[dims.arch].map((g) => [g, BUILDERS[g](dims, floatDtype)]));
+}
+
+/**
+ * `[present, past]` name pairs of the decoder's self-attention cache, layer by layer, key then value.
+ * @param {Dims} dims
+ * @returns {Array<[string, string]>}
+ */
+export function selfCacheNames(dims) {
+  const kind = selfCacheKind(dims.arch);
+  const pairs = [];
+  for (let i = 0; i < dims.n_layers; i++) {
+    const present = presentNames(i, kind);
+    const past = pastNames(i, kind);
+    pairs.push([present[0], past[0]], [present[1], past[1]]);
+  }
+  return pairs;
+}
+
+/**
+ * Parse a tensor spec of the manifest (same checks as Python's `TensorSpec.from_dict`).
+ * @param {any} data
+ * @returns {TensorSpec}
+ */
+export function tensorSpecFromDict(data) {
+  const keys = data !== null && typeof data === 'object' && !Array.isArray(data) ? Object.keys(data).sort() : null;
+  if (!keys || keys.join() !== 'dtype,name,shape' || !Array.isArray(data.shape)) {
+    throw new PackageError(
+      `tensor spec must be an object with keys name, dtype, shape; got ${repr(data)}. Re-export the package.`,
+    );
+  }
+  if (!DTYPES.includes(data.dtype)) {
+    throw new PackageError(`tensor ${repr(data.name)}: dtype must be one of ${repr(DTYPES)}; got ${repr(data.dtype)}`);
+  }
+  for (const axis of data.shape) {
+    if (typeof axis !== 'string' && !Number.isInteger(axis)) {
+      throw new PackageError(`tensor ${repr(data.name)}: shape entries must be str or int; got ${repr(axis)}`);
+    }
+  }
+  return { name: data.name, dtype: data.dtype, shape: [...data.shape] };
+}
+
+/** @param {GraphSpec} a @param {GraphSpec} b */
+export function sameSpec(a, b) {
+  const key = (s) => JSON.stringify([s.name, s.file, s.inputs, s.outputs]);
+  return key(a) === key(b);
+}
+
+/**
+ * Compare a session's I/O metadata (`session.inputMetadata` / `outputMetadata` of
+ * onnxruntime-node) with `spec`: names (missing and unexpected), dtypes, ranks, static sizes,
+ * and symbolic axes not fixed in the graph. Throws PackageError listing every mismatch.
+ * @param {GraphSpec} spec
+ * @param {ReadonlyArray<any>} inputs
+ * @param {ReadonlyArray<any>} outputs
+ */
+export function checkSessionIo(spec, inputs, outputs) {
+  const problems = [...checkSide('input', spec.inputs, inputs), ...checkSide('output', spec.outputs, outputs)];
+  if (problems.length) {
+    throw new PackageError(
+      `graph ${repr(spec.file)} does not match the I/O contract (${problems.length} problem(s)):\n  - ` +
+        problems.join('\n  - ') +
+        '\nThe package was exported by an incompatible version or is damaged; re-export it.',
+    );
+  }
+}
+
+/** @returns {string[]} */
+function checkSide(side, expected, actual) {
+  const problems = [];
+  const got = new Map(actual.map((m) => [m.name, m]));
+  const want = new Map(expected.map((s) => [s.name, s]));
+  for (const name of want.keys()) if (!got.has(name)) problems.push(`missing ${side} ${repr(name)}`);
+  for (const name of got.keys()) if (!want.has(name)) problems.push(`unexpected ${side} ${repr(name)}`);
+  for (const [name, spec] of want) {
+    const meta = got.get(name);
+    if (!meta) continue;
+    if (meta.type !== spec.dtype) problems.push(`${side} ${repr(name)}: dtype ${meta.type}, expected ${spec.dtype}`);
+    const shape = meta.isTensor && meta.shape && meta.shape.length ? [...meta.shape] : null; // [] = unknown
+    if (!shape || shape.length !== spec.shape.length) {
+      problems.push(
+        `${side} ${repr(name)}: rank ${shape ? shape.length : 'None'} (shape ${shape ? repr(shape) : 'None'}), ` +
+          `expected rank ${spec.shape.length} ${repr(spec.shape)}`,
+      );
+      continue;
+    }
+    spec.shape.forEach((axis, k) => {
+      const dim = shape[k];
+      const fixed = typeof dim === 'number' && dim >= 0; // unnamed dynamic axes may read as -1
+      if (typeof axis === 'number') {
+        if (fixed && dim !== axis) problems.push(`${side} ${repr(name)}: axis ${k} is ${dim}, expected ${axis}`);
+      } else if (fixed) {
+        problems.push(
+          `${side} ${repr(name)}: axis ${k} is fixed to ${dim} but must be dynamic (${repr(axis)}); ` +
+            'export it with dynamic_axes',
+        );
+      }
+    });
+  }
+  return problems;
+}

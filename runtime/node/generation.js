@@ -1,0 +1,795 @@
+/**
+ * Token generation driven by a step model: the JavaScript port of `runtime/generation.py`.
+ * No onnxruntime here; `session.js` provides the step model over the decoder graph.
+ *
+ * Shape letters:
+ *
+ *     B   prompts
+ *     K   beams per prompt (beam search)
+ *     N   rows run through the model: B, B * num_return_sequences (sample) or B * K (beam)
+ *     T   tokens fed in one step (the padded prompt length on the first step, then 1)
+ *     P   tokens already in the cache
+ *     V   vocabulary size
+ *
+ * Batching: prompts are left-padded with `pad_token_id`; `attention_mask` is 0 on the pads
+ * and `position_ids = max(cumsum(mask) - 1, 0)`. Each later step feeds one token per row at
+ * position `previous + 1` and appends a column of ones to `attention_mask`. Finished rows keep
+ * being fed `pad_token_id`; their outputs are ignored.
+ *
+ * Logits processing, in this order (the same as Python's):
+ *
+ *     1. repetition penalty      every strategy, when repetition_penalty != 1
+ *     2. no-repeat n-gram ban    every strategy, when no_repeat_ngram_size > 0
+ *     3. eos suppression         every strategy, while fewer than min_new_tokens are generated
+ *     4. temperature             sample only
+ *     5. top-k                   sample only, when top_k > 0
+ *     6. top-p                   sample only, when top_p < 1
+ *     7. choice                  greedy: argmax (lowest id among ties);
+ *                                sample: softmax, inverse CDF with one rng.random() per row;
+ *                                beam: log-softmax + beam step
+ *
+ * Steps 1-6 are float32 arithmetic (`Math.fround`), as numpy does, so greedy decoding picks
+ * exactly the tokens the Python runtime picks. Sampling probabilities are float64. The
+ * sampler's random numbers come from `random.js` (xoshiro128**), not numpy: seeded sampling
+ * is reproducible within this runtime but differs from Python's for the same seed.
+ *
+ * @module generation
+ */
+
+import { ConfigError, InputError, OnnxformerError } from './errors.js';
+import { Random } from './random.js';
+import { floatRepr, repr } from './repr.js';
+
+export const STRATEGIES = ['greedy', 'sample', 'beam'];
+
+/**
+ * Search parameters. Field names are the manifest's (`generation` object) and Python's.
+ * @typedef {object} GenerationConfig
+ * @property {'greedy' | 'sample' | 'beam'} strategy
+ * @property {number} max_new_tokens        generated tokens at most (eos included)
+ * @property {number} min_new_tokens        eos is suppressed until this many tokens are generated
+ * @property {number} temperature           sample: logits / temperature; > 0
+ * @property {number} top_k                 sample: keep the k highest logits (ties kept); 0 = off
+ * @property {number} top_p                 sample: nucleus mass in (0, 1]; 1 = off
+ * @property {number | null} seed           sample: seed of the generator when none is passed
+ * @property {number} num_beams             beam: beams per prompt (K)
+ * @property {number} length_penalty        beam: score = sum logprob / length ** length_penalty
+ * @property {boolean} early_stopping       beam: a prompt is done once it has K finished hypotheses
+ * @property {number} num_return_sequences  sequences per prompt; greedy: 1; beam: <= num_beams
+ * @property {number} repetition_penalty    CTRL penalty on tokens already in the sequence; 1 = off
+ * @property {number} no_repeat_ngram_size  ban tokens completing an n-gram already seen; 0 = off
+ * @property {number[]} eos_token_ids       generating one of these finishes a row
+ * @property {string[]} stop_strings        finish when the generated text contains one
+ * @property {number} pad_token_id          fed to left pads and finished rows
+ */
+
+/** @type {Readonly<GenerationConfig>} */
+export const DEFAULTS = Object.freeze({
+  strategy: 'greedy',
+  max_new_tokens: 32,
+  min_new_tokens: 0,
+  temperature: 1.0,
+  top_k: 0,
+  top_p: 1.0,
+  seed: null,
+  num_beams: 1,
+  length_penalty: 1.0,
+  early_stopping: false,
+  num_return_sequences: 1,
+  repetition_penalty: 1.0,
+  no_repeat_ngram_size: 0,
+  eos_token_ids: [],
+  stop_strings: [],
+  pad_token_id: 0,
+});
+
+const FIELDS = Object.keys(DEFAULTS);
+
+// Configuration ------------------------------------------------------------------------------
+function checkInt(name, value, minimum) {
+  if (!Number.isInteger(value) || value < minimum) {
+    throw new ConfigError(`${name} must be an integer >= ${minimum}; got ${repr(value)}`);
+  }
+  return value;
+}
+
+function checkFloat(name, value) {
+  if (typeof value !== 'number') throw new ConfigError(`${name} must be a number; got ${repr(value)}`);
+  if (!Number.isFinite(value)) throw new ConfigError(`${name} must be finite; got ${floatRepr(value)}`);
+  return value;
+}
+
+/**
+ * Check generation parameters and fill in defaults (same checks, order and messages as
+ * Python's `GenerationConfig`). Unknown names are refused, with a suggestion.
+ * @param {Record<string, any>} params
+ * @returns {Readonly<GenerationConfig>}
+ */
+export function generationConfig(params = {}) {
+  rejectUnknown(params);
+  const given = Object.fromEntries(Object.entries(params).filter(([, v]) => v !== undefined));
+  const c = { ...DEFAULTS, ...given };
+  if (!STRATEGIES.includes(c.strategy)) {
+    throw new ConfigError(`strategy must be one of ${STRATEGIES.map(repr).join(', ')}; got ${repr(c.strategy)}`);
+  }
+  checkInt('max_new_tokens', c.max_new_tokens, 0);
+  checkInt('min_new_tokens', c.min_new_tokens, 0);
+  if (c.min_new_tokens > c.max_new_tokens) {
+    throw new ConfigError(
+      `min_new_tokens (${c.min_new_tokens}) must be <= max_new_tokens (${c.max_new_tokens}); ` +
+        'lower min_new_tokens or raise max_new_tokens',
+    );
+  }
+  checkFloat('temperature', c.temperature);
+  if (c.strategy === 'sample' && c.temperature <= 0) {
+    throw new ConfigError(
+      `temperature must be > 0 for strategy 'sample'; got ${floatRepr(c.temperature)}. ` +
+        "Use strategy 'greedy' for deterministic decoding.",
+    );
+  }
+  checkInt('top_k', c.top_k, 0);
+  checkFloat('top_p', c.top_p);
+  if (!(c.top_p > 0 && c.top_p <= 1)) {
+    throw new ConfigError(`top_p must be in (0, 1]; got ${floatRepr(c.top_p)}. Use 1.0 to turn nucleus filtering off.`);
+  }
+  if (c.seed !== null) checkInt('seed', c.seed, 0);
+  checkInt('num_beams', c.num_beams, 1);
+  if (c.num_beams > 1 && c.strategy !== 'beam') {
+    throw new ConfigError(`num_beams (${c.num_beams}) > 1 needs strategy 'beam'; got strategy ${repr(c.strategy)}`);
+  }
+  checkFloat('length_penalty', c.length_penalty);
+  if (typeof c.early_stopping !== 'boolean') {
+    throw new ConfigError(`early_stopping must be a bool; got ${repr(c.early_stopping)}`);
+  }
+  const nrs = checkInt('num_return_sequences', c.num_return_sequences, 1);
+  if (c.strategy === 'greedy' && nrs !== 1) {
+    throw new ConfigError(
+      `num_return_sequences must be 1 for strategy 'greedy' (it is deterministic); got ${nrs}. ` +
+        "Use strategy 'sample' or 'beam' for several sequences.",
+    );
+  }
+  if (c.strategy === 'beam' && nrs > c.num_beams) {
+    throw new ConfigError(`num_return_sequences (${nrs}) must be <= num_beams (${c.num_beams}) for strategy 'beam'`);
+  }
+  checkFloat('repetition_penalty', c.repetition_penalty);
+  if (c.repetition_penalty <= 0) {
+    throw new ConfigError(
+      `repetition_penalty must be > 0; got ${floatRepr(c.repetition_penalty)}. Use 1.0 to turn it off.`,
+    );
+  }
+  checkInt('no_repeat_ngram_size', c.no_repeat_ngram_size, 0);
+  const eos = Number.isInteger(c.eos_token_ids) ? [c.eos_token_ids] : c.eos_token_ids;
+  if (!Array.isArray(eos) || !eos.every((t) => Number.isInteger(t) && t >= 0)) {
+    throw new ConfigError(
+      `eos_token_ids must be a tuple of token ids >= 0 (empty = none); got ${repr(c.eos_token_ids)}`,
+    );
+  }
+  const stops = typeof c.stop_strings === 'string' ? [c.stop_strings] : c.stop_strings;
+  if (!Array.isArray(stops) || !stops.every((s) => typeof s === 'string' && s)) {
+    throw new ConfigError(`stop_strings must be a tuple of non-empty strings; got ${repr(c.stop_strings)}`);
+  }
+  if (stops.length && c.strategy === 'beam') {
+    throw new ConfigError(
+      `stop_strings (${repr(stops)}) are not supported with strategy 'beam'; ` +
+        "use eos_token_ids, or strategy 'greedy' / 'sample'",
+    );
+  }
+  checkInt('pad_token_id', c.pad_token_id, 0);
+  return Object.freeze({ ...c, eos_token_ids: Object.freeze([...eos]), stop_strings: Object.freeze([...stops]) });
+}
+
+function rejectUnknown(params) {
+  const unknown = Object.keys(params).filter((k) => !FIELDS.includes(k)).sort();
+  if (unknown.length) {
+    const hints = unknown.map((name) => {
+      const close = closeMatch(name, FIELDS);
+      return repr(name) + (close ? ` (did you mean ${repr(close)}?)` : '');
+    });
+    throw new ConfigError(`unknown generation parameter(s): ${hints.join(', ')}; valid: ${FIELDS.join(', ')}`);
+  }
+}
+
+/**
+ * Python's `difflib.get_close_matches(word, possibilities, n=1)` (cutoff 0.6): the best
+ * candidate by SequenceMatcher ratio, or null.
+ * @param {string} word
+ * @param {string[]} possibilities
+ * @returns {string | null}
+ */
+export function closeMatch(word, possibilities) {
+  let best = null;
+  let bestScore = -1;
+  for (const x of possibilities) {
+    const score = ratio(x, word);
+    if (score >= 0.6 && (score > bestScore || (score === bestScore && x > best))) [best, bestScore] = [x, score];
+  }
+  return best;
+}
+
+/** difflib's SequenceMatcher(None, a, b).ratio() for short strings (no junk heuristics). */
+function ratio(a, b) {
+  let matched = 0;
+  const queue = [[0, a.length, 0, b.length]];
+  while (queue.length) {
+    const [alo, ahi, blo, bhi] = queue.pop();
+    // longest common block: earliest in a, then earliest in b
+    let [besti, bestj, bestk] = [alo, blo, 0];
+    let lengths = new Map();
+    for (let i = alo; i < ahi; i++) {
+      const next = new Map();
+      for (let j = blo; j < bhi; j++) {
+        if (a[i] !== b[j]) continue;
+        const k = (lengths.get(j - 1) ?? 0) + 1;
+        next.set(j, k);
+        if (k > bestk) [besti, bestj, bestk] = [i - k + 1, j - k + 1, k];
+      }
+      lengths = next;
+    }
+    if (bestk) {
+      matched += bestk;
+      if (alo < besti && blo < bestj) queue.push([alo, besti, blo, bestj]);
+      if (besti + bestk < ahi && bestj + bestk < bhi) queue.push([besti + bestk, ahi, bestj + bestk, bhi]);
+    }
+  }
+  return a.length + b.length ? (2 * matched) / (a.length + b.length) : 1;
+}
+
+// Prompts and padding -------------------------------------------------------------------------
+/**
+ * Check token-id prompts: a non-empty list of non-empty lists of ids >= 0.
+ * @param {any} prompts
+ * @returns {number[][]}
+ */
+export function checkPrompts(prompts) {
+  if (!Array.isArray(prompts) || prompts.length === 0) {
+    throw new InputError(`prompts must be a non-empty list of token id lists; got ${repr(prompts).slice(0, 80)}`);
+  }
+  return prompts.map((prompt, b) => {
+    if (!Array.isArray(prompt)) {
+      throw new InputError(`prompt ${b} must be a list of token ids; got ${repr(prompt).slice(0, 80)}. Tokenize it first.`);
+    }
+    if (!prompt.every(Number.isInteger)) {
+      throw new InputError(`prompt ${b} must be a list of token ids; got ${repr(prompt).slice(0, 80)}`);
+    }
+    if (!prompt.length) {
+      throw new InputError(`prompt ${b} is empty; every prompt needs at least one token (e.g. bos)`);
+    }
+    const low = Math.min(...prompt);
+    if (low < 0) throw new InputError(`prompt ${b} has a negative token id (${low})`);
+    return [...prompt];
+  });
+}
+
+/**
+ * @typedef {object} PaddedBatch
+ * @property {number[][]} input_ids       (B, T) left-padded
+ * @property {number[][]} attention_mask  (B, T) 0 on pads
+ * @property {number[][]} position_ids    (B, T) max(cumsum(mask) - 1, 0)
+ */
+
+/**
+ * Left-pad token id lists into a batch with its attention mask and position ids.
+ * @param {number[][]} rows
+ * @param {number} padTokenId
+ * @returns {PaddedBatch}
+ */
+export function leftPad(rows, padTokenId) {
+  const width = Math.max(...rows.map((r) => r.length));
+  const batch = { input_ids: [], attention_mask: [], position_ids: [] };
+  for (const row of rows) {
+    const pads = width - row.length;
+    batch.input_ids.push([...Array(pads).fill(padTokenId), ...row]); // (T,)
+    batch.attention_mask.push([...Array(pads).fill(0), ...Array(row.length).fill(1)]); // (T,)
+    batch.position_ids.push([...Array(pads).fill(0), ...row.map((_, t) => t)]); // (T,)
+  }
+  return batch;
+}
+
+// The step model --------------------------------------------------------------------------------
+/**
+ * What generation needs from a model; `session.js` implements it over the decoder graph.
+ * The cache is opaque and functional: `step` returns a new one.
+ * @typedef {object} StepModel
+ * @property {number} vocabSize   V
+ * @property {(batchSize: number) => Promise<any>} initCache  an empty cache (P = 0) for B rows
+ * @property {(inputIds: number[][], positionIds: number[][], attentionMask: number[][], cache: any)
+ *   => Promise<{logits: Float32Array[], cache: any}>} step  T new tokens per row; last-position logits (N, V)
+ * @property {(cache: any, indices: number[]) => any} reorderCache  new row r = old row indices[r]
+ */
+
+async function runStep(model, inputIds, positionIds, mask, cache) {
+  const out = await model.step(inputIds, positionIds, mask, cache);
+  if (out.logits.length !== inputIds.length || out.logits.some((row) => row.length !== model.vocabSize)) {
+    throw new OnnxformerError(
+      `step() must return logits of shape (N=${inputIds.length}, V=${model.vocabSize}) for the last position`,
+    );
+  }
+  return out;
+}
+
+function checkVocab(vocabSize, rows, config) {
+  const top = Math.max(...rows.map((r) => Math.max(...r)));
+  if (top >= vocabSize) throw new InputError(`prompt token id ${top} is out of range for vocab_size ${vocabSize}`);
+  for (const [name, ids] of [['eos_token_ids', config.eos_token_ids], ['pad_token_id', [config.pad_token_id]]]) {
+    const bad = ids.filter((t) => t >= vocabSize);
+    if (bad.length) throw new ConfigError(`${name} ${repr(bad)} out of range for vocab_size ${vocabSize}`);
+  }
+}
+
+// Logits processing (rows are Float32Array (V,), modified in place on copies) ----------------
+const f32 = Math.fround;
+
+/** CTRL penalty on each token of the row's sequence: logit / p if > 0 else logit * p (float32). */
+export function applyRepetitionPenalty(row, seq, penalty) {
+  const p = f32(penalty);
+  for (const tok of new Set(seq)) row[tok] = row[tok] > 0 ? f32(row[tok] / p) : f32(row[tok] * p);
+}
+
+/** -Infinity on every token that would complete an n-gram already present in `seq`. */
+export function banRepeatedNgrams(row, seq, n) {
+  if (seq.length < n) return;
+  const prefixStart = seq.length - n + 1; // the last n-1 tokens
+  for (let s = 0; s + n <= seq.length; s++) {
+    let hit = true;
+    for (let j = 0; j < n - 1 && hit; j++) hit = seq[s + j] === seq[prefixStart + j];
+    if (hit) row[seq[s + n - 1]] = -Infinity;
+  }
+}
+
+/** Keep logits >= the k-th largest (ties at the boundary kept); others -Infinity. */
+export function topKFilter(row, k) {
+  if (k <= 0 || k >= row.length) return;
+  const kth = Float32Array.from(row).sort()[row.length - k];
+  for (let v = 0; v < row.length; v++) if (row[v] < kth) row[v] = -Infinity;
+}
+
+/** Nucleus: by probability descending (lower id first among ties) keep a token iff the mass before it is < p. */
+export function topPFilter(row, p) {
+  if (p >= 1) return;
+  const probs = softmax(row);
+  const order = Array.from(probs.keys()).sort((a, b) => probs[b] - probs[a] || a - b);
+  let cumulative = 0;
+  order.forEach((tok, rank) => {
+    cumulative += probs[tok];
+    const before = cumulative - probs[tok];
+    if (rank > 0 && !(before < p)) row[tok] = -Infinity;
+  });
+}
+
+/** Softmax in float64; a row of all -Infinity gives all zeros. @returns {Float64Array} */
+export function softmax(row) {
+  let top = -Infinity;
+  for (const x of row) if (x > top) top = x;
+  if (!Number.isFinite(top)) top = 0;
+  const e = Float64Array.from(row, (x) => Math.exp(x - top));
+  const total = e.reduce((s, x) => s + x, 0);
+  return total > 0 ? e.map((x) => x / total) : e.fill(0);
+}
+
+/** log_softmax(row)[token], as float32. */
+export function logProb(row, token) {
+  let top = -Infinity;
+  for (const x of row) if (x > top) top = x;
+  if (!Number.isFinite(top)) top = 0;
+  let sum = 0;
+  for (const x of row) sum += Math.exp(f32(x - top));
+  const lse = f32(Math.log(sum));
+  return Number.isFinite(lse) ? f32(f32(row[token] - top) - lse) : -Infinity;
+}
+
+/** Row-wise log-softmax as float32 (beam search). @returns {Float32Array} */
+export function logSoftmax(row) {
+  let top = -Infinity;
+  for (const x of row) if (x > top) top = x;
+  if (!Number.isFinite(top)) top = 0;
+  const shifted = Float32Array.from(row, (x) => x - top);
+  let sum = 0;
+  for (const x of shifted) sum += Math.exp(x);
+  const lse = f32(Math.log(sum));
+  return Number.isFinite(lse) ? shifted.map((x) => x - lse) : shifted.fill(-Infinity);
+}
+
+/** Greedy choice: the highest logit, lowest id among ties. */
+export function argmax(row) {
+  let best = 0;
+  for (let v = 1; v < row.length; v++) if (row[v] > row[best]) best = v;
+  return best;
+}
+
+/**
+ * One token by inverse CDF: the first token whose cumulative probability exceeds
+ * `u * total`. Zero-probability tokens are never picked; a row with every token banned picks 0.
+ * @param {Float32Array} row  processed logits (V,)
+ * @param {number} u          uniform in [0, 1)
+ */
+export function sampleToken(row, u) {
+  const probs = softmax(row);
+  let last = -1;
+  for (let v = probs.length - 1; v >= 0; v--) if (probs[v] > 0) { last = v; break; }
+  if (last < 0) return 0;
+  const cdf = new Float64Array(probs.length);
+  let c = 0;
+  for (let v = 0; v < probs.length; v++) cdf[v] = c += probs[v];
+  const target = u * cdf[cdf.length - 1];
+  let token = 0;
+  while (token < cdf.length && cdf[token] <= target) token++;
+  return Math.min(token, last);
+}
+
+/** Steps 1-3 of the processing order (every strategy) on a copy of `logits`. */
+export function processLogits(logits, history, config, nGenerated) {
+  return logits.map((source, r) => {
+    const row = Float32Array.from(source);
+    if (config.repetition_penalty !== 1) applyRepetitionPenalty(row, history[r], config.repetition_penalty);
+    if (config.no_repeat_ngram_size > 0) banRepeatedNgrams(row, history[r], config.no_repeat_ngram_size);
+    if (nGenerated < config.min_new_tokens) for (const t of config.eos_token_ids) row[t] = -Infinity;
+    return row;
+  });
+}
+
+/** Steps 4-6 (sample only) on a copy of `row`. */
+export function samplingFilters(source, config) {
+  const t = f32(config.temperature);
+  const row = Float32Array.from(source, (x) => x / t);
+  if (config.top_k > 0) topKFilter(row, config.top_k);
+  if (config.top_p < 1) topPFilter(row, config.top_p);
+  return row;
+}
+
+// Output ----------------------------------------------------------------------------------------
+/**
+ * Indexed `[prompt][returned sequence]` for every strategy (greedy returns 1 per prompt).
+ * @typedef {object} GenerationOutput
+ * @property {number[][][]} sequences     generated ids only (no prompt), eos included if produced
+ * @property {number[][]} scores          greedy/sample: sum of log-probs; beam: length-normalised score
+ * @property {string[][]} finish_reasons  "eos" | "length" | "stop"
+ * @property {string[][] | null} texts    decoded text (cut at a stop string); null without decode
+ */
+
+/** Token ids -> text (async, as the tokenizer binding is). @typedef {(ids: number[]) => Promise<string>} Decode */
+
+// Greedy and sample: one loop, two token choosers -------------------------------------------
+/** @typedef {(logits: Float32Array[]) => Array<[number, number]>} Chooser  -> [token, logprob] per row */
+
+/** @type {Chooser} */
+const greedyChooser = (logits) => logits.map((row) => {
+  const token = argmax(row);
+  return [token, logProb(row, token)];
+});
+
+/** @returns {Chooser} one rng.random() per row per step, finished rows included */
+function sampleChooser(config, rng) {
+  return (logits) => logits.map((source) => {
+    const row = samplingFilters(source, config);
+    const token = sampleToken(row, rng.random());
+    return [token, logProb(row, token)];
+  });
+}
+
+function findStop(text, stopStrings) {
+  const found = stopStrings.map((s) => text.indexOf(s)).filter((i) => i >= 0);
+  return found.length ? Math.min(...found) : null;
+}
+
+/**
+ * Per-row state of the greedy/sample loop (N rows), advanced one token per iteration of `steps`.
+ */
+function decodeLoop(model, prompts, config, choose, decode, copies, liveText = false) {
+  if (config.stop_strings.length && !decode) {
+    throw new ConfigError(`stop_strings ${repr(config.stop_strings)} need a decode function; pass decode`);
+  }
+  const rows = checkPrompts(prompts);
+  checkVocab(model.vocabSize, rows, config);
+  const n = rows.length * copies;
+  const state = {
+    history: Array.from({ length: n }, (_, r) => [...rows[Math.floor(r / copies)]]), // prompt + generated
+    generated: Array.from({ length: n }, () => []),
+    finished: Array(n).fill(false),
+    reasons: Array(n).fill('length'),
+    scores: Array(n).fill(0),
+    texts: Array(n).fill(null),
+    stopAt: Array(n).fill(null), // text index where a stop string starts
+  };
+  const liveDecode = config.stop_strings.length || liveText ? decode : null;
+  return { state, steps: advance(model, rows, config, choose, liveDecode, copies, state) };
+}
+
+async function* advance(model, rows, config, choose, decode, copies, state) {
+  if (config.max_new_tokens === 0) return;
+  const n = state.generated.length;
+  const batch = leftPad(rows, config.pad_token_id);
+  let cache = await model.initCache(rows.length);
+  let { logits, cache: next } = await runStep(model, batch.input_ids, batch.position_ids, batch.attention_mask, cache);
+  cache = next;
+  let mask = batch.attention_mask; // (B, T)
+  let positions = batch.position_ids.map((p) => p[p.length - 1]); // (B,)
+  if (copies > 1) { // run each prompt once, then copy its rows
+    const expand = Array.from({ length: n }, (_, r) => Math.floor(r / copies)); // (N,)
+    logits = expand.map((b) => logits[b]);
+    mask = expand.map((b) => mask[b]);
+    positions = expand.map((b) => positions[b]);
+    cache = await model.reorderCache(cache, expand);
+  }
+  const eos = new Set(config.eos_token_ids);
+  for (let t = 0; t < config.max_new_tokens; t++) {
+    const choices = choose(processLogits(logits, state.history, config, t)); // (N,) [token, logprob]
+    const tokens = choices.map(([tok], r) => (state.finished[r] ? config.pad_token_id : tok));
+    for (let r = 0; r < n; r++) {
+      if (state.finished[r]) continue;
+      const tok = tokens[r];
+      state.generated[r].push(tok);
+      state.history[r].push(tok);
+      state.scores[r] += choices[r][1];
+      if (eos.has(tok)) [state.finished[r], state.reasons[r]] = [true, 'eos'];
+      if (decode) {
+        state.texts[r] = await decode(state.generated[r]);
+        const stop = config.stop_strings.length ? findStop(state.texts[r], config.stop_strings) : null;
+        if (stop !== null && !state.finished[r]) [state.finished[r], state.reasons[r], state.stopAt[r]] = [true, 'stop', stop];
+      }
+    }
+    yield;
+    if (state.finished.every(Boolean) || t === config.max_new_tokens - 1) return;
+    mask = mask.map((row) => [...row, 1]); // (N, P+T+1)
+    positions = positions.map((p) => p + 1);
+    ({ logits, cache } = await runStep(model, tokens.map((tok) => [tok]), positions.map((p) => [p]), mask, cache));
+  }
+}
+
+/** Row r's text, cut where a stop string starts. */
+async function finalText(state, r, decode) {
+  if (state.stopAt[r] !== null) return state.texts[r].slice(0, state.stopAt[r]);
+  return decode(state.generated[r]);
+}
+
+async function collect(state, steps, nPrompts, copies, decode) {
+  for await (const _ of steps); // eslint-disable-line no-unused-vars
+  const group = (items) => Array.from({ length: nPrompts }, (_, b) => items.slice(b * copies, (b + 1) * copies));
+  let texts = null;
+  if (decode) texts = group(await Promise.all(state.generated.map((_, r) => finalText(state, r, decode))));
+  return { sequences: group(state.generated), scores: group(state.scores), finish_reasons: group(state.reasons), texts };
+}
+
+function requireStrategy(config, strategy) {
+  if (config.strategy !== strategy) {
+    throw new ConfigError(
+      `${strategy}() got a config with strategy ${repr(config.strategy)}; ` +
+        `call ${config.strategy === 'beam' ? 'beamSearch' : config.strategy}() or generate()`,
+    );
+  }
+}
+
+/**
+ * Pick the highest processed logit at every step (lowest id among ties).
+ * @param {StepModel} model
+ * @param {number[][]} prompts
+ * @param {Readonly<GenerationConfig>} config
+ * @param {{decode?: Decode}} [options]
+ * @returns {Promise<GenerationOutput>}
+ */
+export async function greedy(model, prompts, config, { decode } = {}) {
+  requireStrategy(config, 'greedy');
+  const { state, steps } = decodeLoop(model, prompts, config, greedyChooser, decode, 1);
+  return collect(state, steps, state.generated.length, 1, decode);
+}
+
+/**
+ * Sample `num_return_sequences` continuations per prompt. `rng` defaults to
+ * `new Random(config.seed)`; every step draws `rng.random()` once per row (finished rows
+ * included), so a seed fixes the output for a given batch.
+ * @param {StepModel} model
+ * @param {number[][]} prompts
+ * @param {Readonly<GenerationConfig>} config
+ * @param {{rng?: {random(): number}, decode?: Decode}} [options]
+ * @returns {Promise<GenerationOutput>}
+ */
+export async function sample(model, prompts, config, { rng, decode } = {}) {
+  requireStrategy(config, 'sample');
+  const copies = config.num_return_sequences;
+  const chooser = sampleChooser(config, rng ?? new Random(config.seed));
+  const { state, steps } = decodeLoop(model, prompts, config, chooser, decode, copies);
+  return collect(state, steps, state.generated.length / copies, copies, decode);
+}
+
+// Beam search -------------------------------------------------------------------------------------
+function addHypothesis(hyps, hyp, keep) {
+  hyps.push(hyp);
+  hyps.sort((a, b) => b.score - a.score || a.order - b.order);
+  hyps.length = Math.min(hyps.length, keep);
+}
+
+/**
+ * Beam search with K = num_beams beams per prompt; the spec is Python's `beam_search`
+ * (runtime/generation.py; summarised in FORMAT.md). Scores are float32 arithmetic; the
+ * float32 log-softmax may differ from numpy's in the last bit, so in near-ties the chosen
+ * beams can differ from Python's.
+ * @param {StepModel} model
+ * @param {number[][]} prompts
+ * @param {Readonly<GenerationConfig>} config
+ * @param {{decode?: Decode}} [options]
+ * @returns {Promise<GenerationOutput>}
+ */
+export async function beamSearch(model, prompts, config, { decode } = {}) {
+  requireStrategy(config, 'beam');
+  const rows = checkPrompts(prompts);
+  checkVocab(model.vocabSize, rows, config);
+  const nPrompts = rows.length;
+  const k = config.num_beams;
+  const n = nPrompts * k;
+  const keep = config.num_return_sequences;
+  const decodeAll = async (seqs) => (decode ? Promise.all(seqs.map((s) => decode(s))) : null);
+  if (config.max_new_tokens === 0) {
+    const initial = [0, ...Array(k - 1).fill(-Infinity)].slice(0, keep);
+    const texts = decode ? await decodeAll([[]]) : null;
+    return {
+      sequences: rows.map(() => Array.from({ length: keep }, () => [])),
+      scores: rows.map(() => [...initial]),
+      finish_reasons: rows.map(() => Array(keep).fill('length')),
+      texts: texts ? rows.map(() => Array(keep).fill(texts[0])) : null,
+    };
+  }
+  const batch = leftPad(rows, config.pad_token_id);
+  let cache = await model.initCache(nPrompts);
+  let { logits, cache: next } = await runStep(model, batch.input_ids, batch.position_ids, batch.attention_mask, cache);
+  const vocab = model.vocabSize;
+  const expand = Array.from({ length: n }, (_, r) => Math.floor(r / k)); // (N,) row -> prompt
+  logits = expand.map((b) => logits[b]);
+  cache = await model.reorderCache(next, expand);
+  let mask = expand.map((b) => batch.attention_mask[b]); // (N, T)
+  let positions = expand.map((b) => batch.position_ids[b][batch.position_ids[b].length - 1]); // (N,)
+
+  const eos = new Set(config.eos_token_ids);
+  const nCand = Math.min(Math.max(2, 1 + eos.size) * k, k * vocab);
+  const lp = f32(config.length_penalty);
+  let history = expand.map((b) => [...rows[b]]);
+  let beams = Array.from({ length: n }, () => []);
+  let scores = Float32Array.from({ length: n }, (_, r) => (r % k === 0 ? 0 : -Infinity)); // (N,)
+  const hyps = Array.from({ length: nPrompts }, () => []);
+  const done = Array(nPrompts).fill(false);
+  let counter = 0;
+  let lastT = 0;
+  for (let t = 0; t < config.max_new_tokens; t++) {
+    lastT = t;
+    const logprobs = processLogits(logits, history, config, t).map(logSoftmax); // (N, V) float32
+    const norm = f32(f32(t + 1) ** lp);
+    const nextRows = Array.from({ length: n }, (_, r) => Math.floor(r / k) * k); // default: copy beam 0
+    const nextTokens = Array(n).fill(config.pad_token_id);
+    const nextScores = new Float32Array(n).fill(-Infinity);
+    for (let b = 0; b < nPrompts; b++) {
+      const base = b * k;
+      if (done[b]) {
+        for (let j = 0; j < k; j++) nextRows[base + j] = base + j;
+        continue;
+      }
+      const cand = new Float32Array(k * vocab); // (K*V,) scores[:, None] + logprobs
+      for (let j = 0; j < k; j++) for (let v = 0; v < vocab; v++) cand[j * vocab + v] = scores[base + j] + logprobs[base + j][v];
+      const top = topIndices(cand, nCand); // stable: lower flat index first among ties
+      let filled = 0;
+      for (let rank = 0; rank < top.length; rank++) {
+        const flat = top[rank];
+        const [beam, tok] = [Math.floor(flat / vocab), flat % vocab];
+        if (eos.has(tok)) {
+          if (rank < k) {
+            addHypothesis(hyps[b], { score: f32(cand[flat] / norm), order: counter++, tokens: [...beams[base + beam], tok], reason: 'eos' }, k);
+          }
+          continue;
+        }
+        nextRows[base + filled] = base + beam;
+        nextTokens[base + filled] = tok;
+        nextScores[base + filled] = cand[flat];
+        filled += 1;
+        if (filled === k) break;
+      }
+      if (hyps[b].length === k) done[b] = config.early_stopping || hyps[b][k - 1].score >= f32(nextScores[base] / norm);
+    }
+    beams = nextRows.map((r, i) => [...beams[r], nextTokens[i]]);
+    history = nextRows.map((r, i) => [...history[r], nextTokens[i]]);
+    scores = nextScores;
+    if (done.every(Boolean) || t === config.max_new_tokens - 1) break;
+    cache = await model.reorderCache(cache, nextRows);
+    mask = nextRows.map((r) => [...mask[r], 1]); // (N, P+T+1)
+    positions = nextRows.map((r) => positions[r] + 1);
+    ({ logits, cache } = await runStep(model, nextTokens.map((tok) => [tok]), positions.map((p) => [p]), mask, cache));
+  }
+  const norm = f32(f32(lastT + 1) ** lp);
+  for (let b = 0; b < nPrompts; b++) {
+    if (done[b]) continue;
+    for (let r = b * k; r < (b + 1) * k; r++) {
+      addHypothesis(hyps[b], { score: f32(scores[r] / norm), order: counter++, tokens: beams[r], reason: 'length' }, k);
+    }
+  }
+  const best = hyps.map((h) => h.slice(0, keep));
+  return {
+    sequences: best.map((hs) => hs.map((h) => h.tokens)),
+    scores: best.map((hs) => hs.map((h) => h.score)),
+    finish_reasons: best.map((hs) => hs.map((h) => h.reason)),
+    texts: decode ? await Promise.all(best.map((hs) => decodeAll(hs.map((h) => h.tokens)))) : null,
+  };
+}
+
+/** Indices of the `count` largest values, descending, lower index first among ties. */
+function topIndices(values, count) {
+  const order = Array.from(values.keys());
+  order.sort((a, b) => {
+    const [x, y] = [values[a], values[b]];
+    return x === y ? a - b : (x > y ? -1 : 1);
+  });
+  return order.slice(0, count);
+}
+
+// Entry points ------------------------------------------------------------------------------------
+/**
+ * Run `config.strategy` (greedy, sample or beam search).
+ * @param {StepModel} model
+ * @param {number[][]} prompts
+ * @param {Readonly<GenerationConfig>} config
+ * @param {{rng?: {random(): number}, decode?: Decode}} [options]
+ * @returns {Promise<GenerationOutput>}
+ */
+export async function generate(model, prompts, config, { rng, decode } = {}) {
+  if (config.strategy === 'greedy') return greedy(model, prompts, config, { decode });
+  if (config.strategy === 'sample') return sample(model, prompts, config, { rng, decode });
+  return beamSearch(model, prompts, config, { decode });
+}
+
+/** Length of the longest suffix of `text` that is a proper prefix of a stop string. */
+function heldBack(text, stopStrings) {
+  let held = 0;
+  for (const stop of stopStrings) {
+    for (let size = Math.min(stop.length - 1, text.length); size > held; size--) {
+      if (text.endsWith(stop.slice(0, size))) {
+        held = size;
+        break;
+      }
+    }
+  }
+  return held;
+}
+
+/**
+ * Text deltas of one prompt's continuation as tokens are generated (greedy or sample).
+ *
+ * Each step decodes the whole generated id list and yields the new suffix only. Text ending
+ * in U+FFFD (an incomplete UTF-8 character split across byte-level tokens) is held back until
+ * the character completes, and so is a tail that could be the start of a stop string. The
+ * concatenated deltas equal the final text (cut at a stop string). Arguments are checked
+ * when `stream` is called, before the first step.
+ * @param {StepModel} model
+ * @param {number[]} prompt
+ * @param {Readonly<GenerationConfig>} config
+ * @param {Decode} decode
+ * @param {{rng?: {random(): number}}} [options]
+ * @returns {AsyncGenerator<string, void, void>}
+ */
+export function stream(model, prompt, config, decode, { rng } = {}) {
+  if (config.strategy === 'beam') {
+    throw new ConfigError("stream() supports strategy 'greedy' or 'sample'; got 'beam'. Use generate().");
+  }
+  if (config.num_return_sequences !== 1) {
+    throw new ConfigError(
+      `stream() yields one sequence; got num_return_sequences=${config.num_return_sequences}. Use generate().`,
+    );
+  }
+  const chooser = config.strategy === 'greedy' ? greedyChooser : sampleChooser(config, rng ?? new Random(config.seed));
+  const { state, steps } = decodeLoop(model, [prompt], config, chooser, decode, 1, true);
+  return textDeltas(state, steps, config.stop_strings, decode);
+}
+
+async function* textDeltas(state, steps, stopStrings, decode) {
+  let sent = '';
+  for await (const _ of steps) { // eslint-disable-line no-unused-vars
+    if (state.stopAt[0] !== null) break;
+    let stable = (state.texts[0] ?? '').replace(/\ufffd+$/u, ''); // hold back an incomplete character
+    stable = stable.slice(0, stable.length - heldBack(stable, stopStrings));
+    if (stable.length > sent.length && stable.startsWith(sent)) {
+      yield stable.slice(sent.length);
+      sent = stable;
+    }
+  }
+  const final = await finalText(state, 0, decode);
+  if (!final.startsWith(sent)) { // decode() revised text already sent; send from where they differ
+    let common = 0;
+    while (common < sent.length && sent[common] === final[common]) common++;
+    sent = sent.slice(0, common);
+  }
+  if (final.length > sent.length) yield final.slice(sent.length);
+}

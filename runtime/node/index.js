@@ -1,0 +1,18 @@
+/**
+ * onnxformer for Node.js: run onnxformer packages with onnxruntime-node and tokenizers.
+ *
+ *     import { load } from 'onnxformer';   // or './runtime/node/index.js'
+ *     const model = await load('artifacts/decoder');
+ *     const [out] = await model.generate('twelve =', { max_new_tokens: 8 });
+ *     console.log(out.text);
+ *
+ * The package format is specified in runtime/FORMAT.md.
+ *
+ * @module onnxformer
+ */
+
+export { ConfigError, InputError, OnnxformerError, PackageError, ProviderError } from './errors.js';
+export { DEFAULTS as GENERATION_DEFAULTS, STRATEGIES, generationConfig } from './generation.js';
+export { FORMAT_NAME, SUPPORTED_FORMAT_VERSIONS, loadManifest, manifestFromDict, verifyFiles } from './manifest.js';
+export { Model, load } from './model.js';
+export { Random } from './random.js';

@@ -1,0 +1,253 @@
+/**
+ * The package manifest (`manifest.json`): parse, check, verify checksums. A port of
+ * `runtime/manifest.py`, with the same checks and messages; `runtime/FORMAT.md` describes the
+ * fields.
+ *
+ * Versioning: `format_version` is an integer; this runtime reads the versions in
+ * SUPPORTED_FORMAT_VERSIONS and refuses others. Unknown extra fields are ignored.
+ *
+ * @module manifest
+ */
+
+import { createHash } from 'node:crypto';
+import { createReadStream } from 'node:fs';
+import * as fs from 'node:fs/promises';
+import * as path from 'node:path';
+
+import { dimsFromDict, graphSpecs, sameSpec, tensorSpecFromDict } from './contract.js';
+import { PackageError } from './errors.js';
+import { repr, typeName } from './repr.js';
+
+export const FORMAT_NAME = 'onnxformer-package';
+export const SUPPORTED_FORMAT_VERSIONS = [1];
+export const MANIFEST_FILE = 'manifest.json';
+export const SPECIAL_TOKEN_ROLES = ['pad', 'unk', 'bos', 'eos', 'mask', 'cls', 'sep', 'decoder_start'];
+
+/**
+ * A file of the package with its checksum.
+ * @typedef {{file: string, sha256: string, bytes: number}} FileEntry
+ */
+
+/**
+ * One graph: its I/O spec, its file, and external-data files when it has any.
+ * @typedef {{spec: import('./contract.js').GraphSpec, file: FileEntry, external_data: FileEntry[]}} GraphEntry
+ */
+
+/**
+ * The parsed, checked manifest. Field names are those of manifest.json.
+ * @typedef {object} Manifest
+ * @property {number} format_version
+ * @property {string} arch
+ * @property {import('./contract.js').Dims} dims
+ * @property {number} max_seq_len
+ * @property {string} float_dtype          graph float I/O: "float32" | "float16"
+ * @property {string} weights              "float32" | "float16" | "int8" | "int4" (quantized)
+ * @property {Record<string, number>} special_tokens  role -> id, -1 when absent
+ * @property {string[]} label_names
+ * @property {Record<string, any>} generation  defaults for the generation config
+ * @property {FileEntry} tokenizer
+ * @property {Record<string, GraphEntry>} graphs
+ * @property {number} opset
+ * @property {Record<string, string>} producer
+ * @property {Record<string, any>} validation
+ * @property {Record<string, any>} model_config
+ */
+
+const isObject = (x) => x !== null && typeof x === 'object' && !Array.isArray(x);
+
+function requireFields(data, keys, what) {
+  if (!isObject(data)) throw new PackageError(`${what} must be a JSON object; got ${typeName(data)}`);
+  const missing = keys.filter((k) => !(k in data));
+  if (missing.length) throw new PackageError(`${what} is missing field(s) ${missing.join(', ')}; re-export the package`);
+}
+
+/** A file name inside the package: no directories, no '..', no absolute paths. */
+function plainName(name, what) {
+  if (typeof name !== 'string' || !name || name === '.' || name === '..' || name.includes('/') ||
+      name.includes('\\') || name.includes('\0')) {
+    throw new PackageError(
+      `${what} ${repr(name)} is not a plain file name inside the package; ` +
+        'a package may only reference files in its own directory',
+    );
+  }
+  return name;
+}
+
+/** @returns {FileEntry} */
+function fileEntry(data, what) {
+  requireFields(data, ['file', 'sha256', 'bytes'], what);
+  return { file: plainName(data.file, `${what} file`), sha256: String(data.sha256), bytes: Math.trunc(Number(data.bytes)) };
+}
+
+/** @returns {GraphEntry} */
+function graphEntry(name, data) {
+  const what = `manifest graphs.${name}`;
+  requireFields(data, ['file', 'sha256', 'bytes', 'inputs', 'outputs'], what);
+  const spec = {
+    name,
+    file: data.file,
+    inputs: Array.from(data.inputs, tensorSpecFromDict),
+    outputs: Array.from(data.outputs, tensorSpecFromDict),
+  };
+  const file = fileEntry({ file: data.file, sha256: data.sha256, bytes: data.bytes }, what);
+  const external = Array.from(data.external_data ?? [], (e) => fileEntry(e, `${what}.external_data`));
+  return { spec, file, external_data: external };
+}
+
+/**
+ * Parse and check a manifest object (the contents of manifest.json).
+ * @param {any} data
+ * @returns {Readonly<Manifest>}
+ */
+export function manifestFromDict(data) {
+  requireFields(data, ['format', 'format_version'], 'manifest');
+  if (data.format !== FORMAT_NAME) {
+    throw new PackageError(`manifest format is ${repr(data.format)}, expected ${repr(FORMAT_NAME)}: not an onnxformer package`);
+  }
+  const version = data.format_version;
+  if (!SUPPORTED_FORMAT_VERSIONS.includes(version)) {
+    throw new PackageError(
+      `package format_version ${repr(version)} is not supported by this runtime ` +
+        `(supported: ${SUPPORTED_FORMAT_VERSIONS.join(', ')}); ` +
+        'upgrade onnxformer or re-export the package with this version',
+    );
+  }
+  requireFields(data, ['arch', 'dims', 'max_seq_len', 'float_dtype', 'weights', 'special_tokens', 'label_names',
+    'generation', 'tokenizer', 'graphs', 'opset', 'producer'], 'manifest');
+  if (!isObject(data.graphs)) throw new PackageError('manifest graphs must be a JSON object {graph name: entry}');
+  const dims = dimsFromDict(data.dims);
+  if (dims.arch !== data.arch) {
+    throw new PackageError(`manifest arch ${repr(data.arch)} disagrees with dims.arch ${repr(dims.arch)}`);
+  }
+  const graphs = Object.fromEntries(Object.entries(data.graphs).map(([name, entry]) => [name, graphEntry(name, entry)]));
+  const manifest = {
+    format_version: version,
+    arch: data.arch,
+    dims,
+    max_seq_len: Math.trunc(Number(data.max_seq_len)),
+    float_dtype: data.float_dtype,
+    weights: data.weights,
+    special_tokens: { ...data.special_tokens },
+    label_names: [...data.label_names],
+    generation: { ...data.generation },
+    tokenizer: fileEntry(data.tokenizer, 'manifest tokenizer'),
+    graphs,
+    opset: Math.trunc(Number(data.opset)),
+    producer: { ...data.producer },
+    validation: { ...(data.validation ?? {}) },
+    model_config: { ...(data.model_config ?? {}) },
+  };
+  checkAgainstContract(manifest);
+  return Object.freeze(manifest);
+}
+
+/** The graphs and special tokens must be what the dims imply (Python: Manifest.__post_init__). */
+function checkAgainstContract(m) {
+  const expected = graphSpecs(m.dims, m.float_dtype);
+  const listed = Object.keys(m.graphs).sort();
+  if (listed.join() !== Object.keys(expected).sort().join()) {
+    throw new PackageError(
+      `manifest lists graphs ${repr(listed)} but arch ${repr(m.arch)} needs ${repr(Object.keys(expected).sort())}; ` +
+        're-export the package',
+    );
+  }
+  for (const [name, entry] of Object.entries(m.graphs)) {
+    const want = expected[name];
+    if (!sameSpec(entry.spec, want)) {
+      throw new PackageError(
+        `manifest I/O of graph ${repr(name)} does not match the contract for these dims ` +
+          `(expected inputs ${repr(want.inputs.map((t) => t.name))}, outputs ${repr(want.outputs.map((t) => t.name))}); ` +
+          'the package is damaged or from an incompatible exporter; re-export it',
+      );
+    }
+  }
+  const missing = SPECIAL_TOKEN_ROLES.filter((r) => !(r in m.special_tokens));
+  if (missing.length) throw new PackageError(`manifest special_tokens is missing role(s) ${missing.join(', ')}`);
+  for (const [role, value] of Object.entries(m.special_tokens)) {
+    if (!Number.isInteger(value) || value < -1 || value >= m.dims.vocab_size) {
+      throw new PackageError(
+        `manifest special_tokens.${role} = ${repr(value)} is outside [-1, vocab_size=${m.dims.vocab_size})`,
+      );
+    }
+  }
+}
+
+/** A directory as Python's `str(Path(d))` prints it: no trailing separator. */
+export function displayDir(directory) {
+  const normal = path.normalize(directory);
+  return normal.length > 1 && normal.endsWith(path.sep) ? normal.slice(0, -1) : normal;
+}
+
+/**
+ * Read and check `<directory>/manifest.json`.
+ * @param {string} directory
+ * @returns {Promise<Readonly<Manifest>>}
+ */
+export async function loadManifest(directory) {
+  const dir = displayDir(directory);
+  const stat = await fs.stat(dir).catch(() => null);
+  if (!stat?.isDirectory()) {
+    throw new PackageError(`package directory ${repr(dir)} does not exist or is not a directory`);
+  }
+  const file = path.join(dir, MANIFEST_FILE);
+  const text = await fs.readFile(file, 'utf8').catch(() => null);
+  if (text === null) throw new PackageError(`${repr(file)} is missing: ${repr(dir)} is not an onnxformer package`);
+  let data;
+  try {
+    data = JSON.parse(text);
+  } catch (err) {
+    throw new PackageError(`${repr(file)} is not valid JSON (${err.message}); the package is damaged, re-export it`);
+  }
+  return manifestFromDict(data);
+}
+
+/** Every file the manifest lists: the tokenizer, then each graph and its external data. */
+export function manifestFiles(manifest) {
+  const entries = [manifest.tokenizer];
+  for (const graph of Object.values(manifest.graphs)) entries.push(graph.file, ...graph.external_data);
+  return entries;
+}
+
+/** @param {string} file @returns {Promise<string>} hex sha256 */
+export async function sha256File(file) {
+  const digest = createHash('sha256');
+  for await (const chunk of createReadStream(file)) digest.update(chunk);
+  return digest.digest('hex');
+}
+
+/**
+ * Every listed file exists inside the package and matches its size and sha256.
+ * @param {Manifest} manifest
+ * @param {string} directory
+ */
+export async function verifyFiles(manifest, directory) {
+  const dir = await fs.realpath(directory);
+  for (const entry of manifestFiles(manifest)) {
+    const file = path.join(dir, entry.file);
+    const stat = await fs.stat(file).catch(() => null);
+    if (stat && path.dirname(await fs.realpath(file)) !== dir) {
+      throw new PackageError(`package file ${repr(entry.file)} resolves outside the package directory; refused`);
+    }
+    if (!stat?.isFile()) {
+      throw new PackageError(`package file ${repr(entry.file)} is missing from ${repr(dir)}; re-export the package`);
+    }
+    if (stat.size !== entry.bytes) {
+      throw new PackageError(
+        `package file ${repr(entry.file)} has ${stat.size} bytes, the manifest says ${entry.bytes}: ` +
+          'it was truncated or altered; re-export the package',
+      );
+    }
+    const digest = await sha256File(file);
+    if (digest !== entry.sha256) {
+      throw new PackageError(
+        `package file ${repr(entry.file)} has sha256 ${digest.slice(0, 16)}..., the manifest says ` +
+          `${entry.sha256.slice(0, 16)}...: it was altered or damaged; re-export the package`,
+      );
+    }
+  }
+}
+
+/** The id of a special-token role; -1 when the package has none. */
+export function special(manifest, role) {
+  return Number.isInteger(manifest.special_tokens[role]) ? manifest.special_tokens[role] : -1;
+}

@@ -1,0 +1,419 @@
+/**
+ * A loaded package and the calls users make: the JavaScript port of `runtime/model.py`.
+ *
+ *     import { load } from './index.js';
+ *     const model = await load('artifacts/decoder');
+ *     const [result] = await model.generate('three hundred =', { max_new_tokens: 8 });
+ *     await model.classify(['the food was not good']);   // encoder packages with a classifier
+ *     await model.embed(['a sentence'], { pooling: 'mean' });
+ *
+ * Option names are the Python runtime's and the manifest's (`max_new_tokens`, `top_p`,
+ * `batch_size`), so a generation config reads the same in every runtime.
+ *
+ * @module model
+ */
+
+import * as path from 'node:path';
+
+import {
+  ATTENTION_MASK, DECODER, ENCODER, INPUT_IDS, LAST_HIDDEN_STATE, LOGITS, TOKEN_TYPE_IDS,
+} from './contract.js';
+import { ConfigError, InputError, PackageError } from './errors.js';
+import * as gen from './generation.js';
+import { displayDir, loadManifest, special, verifyFiles } from './manifest.js';
+import { repr, typeName } from './repr.js';
+import { DecoderSteps, floatData, int64Tensor, openSession, resolveProvider } from './session.js';
+import { PackageTokenizer } from './tokenizer.js';
+
+/**
+ * @typedef {object} Classification
+ * @property {string} label
+ * @property {number} score
+ * @property {Record<string, number>} probabilities  every label's probability
+ */
+
+/**
+ * One prompt's result: `texts[j]` / `token_ids[j]` for each returned sequence j.
+ * @typedef {object} Generation
+ * @property {string} prompt
+ * @property {string} text         texts[0]
+ * @property {string[]} texts
+ * @property {number[][]} token_ids
+ * @property {number[]} scores
+ * @property {string[]} finish_reasons  "eos" | "length" | "stop"
+ */
+
+/**
+ * Generation parameters (see generation.js GenerationConfig) plus call options.
+ * @typedef {Partial<import('./generation.js').GenerationConfig> & {truncate?: boolean, rng?: {random(): number}}} GenerateOptions
+ */
+
+const CALL_OPTIONS = ['truncate', 'rng'];
+
+function checkOptions(call, options, valid) {
+  if (options === null || typeof options !== 'object' || Array.isArray(options)) {
+    throw new InputError(`${call}() options must be an object; got ${typeName(options)}`);
+  }
+  const unknown = Object.keys(options).filter((k) => !valid.includes(k));
+  if (unknown.length) {
+    throw new InputError(`${call}() got unknown option(s) ${unknown.map(repr).join(', ')}; valid: ${valid.join(', ')}`);
+  }
+  if (options.batch_size !== undefined && (!Number.isInteger(options.batch_size) || options.batch_size < 1)) {
+    throw new InputError(`batch_size must be an integer >= 1; got ${repr(options.batch_size)}`);
+  }
+}
+
+/** Split generate() options into generation parameters and call options. */
+function splitOptions(options) {
+  if (options === null || typeof options !== 'object' || Array.isArray(options)) {
+    throw new ConfigError(`generation options must be an object; got ${typeName(options)}`);
+  }
+  const params = {};
+  const call = {};
+  for (const [k, v] of Object.entries(options)) (CALL_OPTIONS.includes(k) ? call : params)[k] = v;
+  return { params, truncate: Boolean(call.truncate), rng: call.rng };
+}
+
+/**
+ * Positions kept when cutting an encoding to `limit` tokens: the template's leading and trailing
+ * special tokens (`<s>` / `[CLS]` ... `[SEP]` / `</s>`) stay, the text between them is cut
+ * (a prompt keeps its end, a text its start). Mirrors the Python runtime.
+ * @param {number} n @param {number[]} specialMask @param {number} limit @param {boolean} keepEnd
+ * @returns {number[]}
+ */
+export function truncateKeepingSpecials(n, specialMask, limit, keepEnd) {
+  let lead = specialMask.findIndex((m) => !m);
+  if (lead < 0) lead = n;
+  let trail = 0;
+  if (lead < n) while (trail < n && specialMask[n - 1 - trail]) trail += 1;
+  const room = limit - lead - trail;
+  if (room < 1) throw new InputError(`max length ${limit} leaves no room for text besides ${lead + trail} special tokens`);
+  let body = Array.from({ length: n - trail - lead }, (_, k) => lead + k);
+  body = keepEnd ? body.slice(-room) : body.slice(0, room);
+  return [...Array.from({ length: lead }, (_, k) => k), ...body, ...Array.from({ length: trail }, (_, k) => n - trail + k)];
+}
+
+export class Model {
+  /**
+   * Use `load()`.
+   * @param {string} directory
+   * @param {import('./manifest.js').Manifest} manifest
+   * @param {PackageTokenizer} tokenizer
+   * @param {Record<string, import('onnxruntime-node').InferenceSession>} sessions
+   */
+  constructor(directory, manifest, tokenizer, sessions) {
+    this.directory = directory;
+    this.manifest = manifest;
+    this.tokenizer = tokenizer;
+    this.sessions = sessions;
+    this.arch = manifest.arch;
+    this.dims = manifest.dims;
+  }
+
+  /** @returns {string[]} */
+  get labelNames() {
+    return this.manifest.label_names;
+  }
+
+  get canGenerate() {
+    return DECODER in this.sessions;
+  }
+
+  get canClassify() {
+    const entry = this.manifest.graphs[ENCODER];
+    return this.arch === 'encoder' && entry !== undefined && entry.spec.outputs.some((t) => t.name === LOGITS);
+  }
+
+  /** Release the onnxruntime sessions. */
+  async release() {
+    await Promise.all(Object.values(this.sessions).map((s) => s.release()));
+  }
+
+  // Tokenization ----------------------------------------------------------------------------------
+  /** A string or a list of non-empty strings (same checks and messages as Python's `_texts`). */
+  #texts(texts, what) {
+    if (typeof texts === 'string') texts = [texts];
+    if (!Array.isArray(texts)) {
+      throw new InputError(`${what} must be a string or a list of strings; got ${typeName(texts)}`);
+    }
+    if (!texts.length) throw new InputError(`${what}: the list is empty; pass at least one text`);
+    texts.forEach((text, i) => {
+      if (typeof text !== 'string') {
+        throw new InputError(`${what}[${i}] must be a string; got ${typeName(text)} (${repr(text).slice(0, 60)})`);
+      }
+      if (!text) throw new InputError(`${what}[${i}] is empty; pass non-empty text`);
+    });
+    return [...texts];
+  }
+
+  /**
+   * Token ids with the package's special-token template (what the model was trained on).
+   * Longer than `max_seq_len - reserve`: an error, or with `truncate` the prompt's end is kept
+   * when `reserve` > 0 (generation), the text's start otherwise.
+   * @param {string[]} texts
+   * @param {{truncate?: boolean, reserve?: number}} [options]
+   * @returns {Promise<number[][]>}
+   */
+  async encode(texts, { truncate = false, reserve = 0 } = {}) {
+    const limit = this.manifest.max_seq_len - reserve;
+    const encodings = await this.tokenizer.encodeBatch(texts);
+    return encodings.map(({ ids, specialMask }, i) => {
+      if (ids.length > limit) {
+        if (!truncate) {
+          throw new InputError(
+            `text ${i} is ${ids.length} tokens; this model takes at most ${limit}` +
+              (reserve ? ` (${this.manifest.max_seq_len} minus ${reserve} new tokens)` : '') +
+              '. Shorten it, lower max_new_tokens, or pass truncate=True.',
+          );
+        }
+        const keep = truncateKeepingSpecials(ids.length, specialMask, limit, reserve > 0);
+        ids = keep.map((k) => ids[k]); // a prompt keeps its end, a text its start
+      }
+      if (!ids.length) throw new InputError(`text ${i} is empty after tokenization; pass non-empty text`);
+      return ids;
+    });
+  }
+
+  /** Text of token ids, special tokens skipped. @param {number[]} ids @returns {Promise<string>} */
+  decode(ids) {
+    return this.tokenizer.decode([...ids]);
+  }
+
+  // Encoder: classification and embeddings ------------------------------------------------------
+  #require(ok, call, need) {
+    if (!ok) {
+      throw new InputError(`${call}() needs ${need}; this package is a ${repr(this.arch)} model (${path.basename(this.directory)})`);
+    }
+  }
+
+  /** Right-padded encoder batches (rows of ids); positions come from the mask inside the graph. */
+  async #encoderBatches(texts, batchSize, truncate) {
+    const encodings = await this.tokenizer.encodeBatch(texts);
+    const limit = this.manifest.max_seq_len;
+    const pad = Math.max(special(this.manifest, 'pad'), 0);
+    const batches = [];
+    for (let start = 0; start < encodings.length; start += batchSize) {
+      const chunk = encodings.slice(start, start + batchSize);
+      let width = Math.max(...chunk.map((e) => e.ids.length));
+      if (width > limit && !truncate) {
+        const i = start + chunk.findIndex((e) => e.ids.length === width);
+        throw new InputError(
+          `text ${i} is ${encodings[i].ids.length} tokens; this model takes at most ${limit}. ` +
+            'Shorten it or pass truncate=True.',
+        );
+      }
+      width = Math.min(width, limit);
+      const kept = chunk.map((e) =>
+        e.ids.length > width ? truncateKeepingSpecials(e.ids.length, e.specialMask, width, false) : e.ids.map((_, k) => k),
+      );
+      const rows = chunk.map((e, r) => kept[r].map((k) => e.ids[k]));
+      const fill = (row, value) => [...row, ...Array(width - row.length).fill(value)];
+      const mask = rows.map((row) => fill(row.map(() => 1), 0)); // (B, S)
+      const feeds = { [INPUT_IDS]: rows.map((row) => fill(row, pad)), [ATTENTION_MASK]: mask };
+      if (this.dims.has_token_types) feeds[TOKEN_TYPE_IDS] = chunk.map((e, r) => fill(kept[r].map((k) => e.typeIds[k]), 0));
+      batches.push(feeds);
+    }
+    return batches; // every chunk is checked before the first runs
+  }
+
+  async #runEncoder(feeds) {
+    const tensors = Object.fromEntries(Object.entries(feeds).map(([name, rows]) => [name, int64Tensor(rows)]));
+    return this.sessions[ENCODER].run(tensors);
+  }
+
+  /**
+   * Label, score and every label's probability per text.
+   * @param {string | string[]} texts
+   * @param {{batch_size?: number, truncate?: boolean}} [options]
+   * @returns {Promise<Classification[]>}
+   */
+  async classify(texts, options = {}) {
+    this.#require(this.canClassify, 'classify', 'an encoder package with a classification head');
+    checkOptions('classify', options, ['batch_size', 'truncate']);
+    const { batch_size: batchSize = 32, truncate = false } = options;
+    texts = this.#texts(texts, 'classify texts');
+    const labels = this.labelNames.length ? this.labelNames : Array.from({ length: this.dims.num_labels }, (_, i) => `LABEL_${i}`);
+    const results = [];
+    for (const feeds of await this.#encoderBatches(texts, batchSize, truncate)) {
+      const logits = (await this.#runEncoder(feeds))[LOGITS]; // (B, num_labels)
+      const [b, n] = logits.dims;
+      const values = floatData(logits);
+      for (let r = 0; r < b; r++) {
+        const row = Array.from(values.subarray(r * n, (r + 1) * n)); // float64 from here on
+        const top = Math.max(...row);
+        const e = row.map((x) => Math.exp(x - top));
+        const total = e.reduce((s, x) => s + x, 0);
+        const probs = e.map((x) => x / total);
+        const best = probs.indexOf(Math.max(...probs));
+        results.push({ label: labels[best], score: probs[best], probabilities: Object.fromEntries(labels.map((l, i) => [l, probs[i]])) });
+      }
+    }
+    return results;
+  }
+
+  /**
+   * Sentence embeddings, one Float32Array (D,) per text: mean over real tokens or the first
+   * ([CLS]) state, L2-normalised unless `normalize` is false.
+   * @param {string | string[]} texts
+   * @param {{pooling?: 'mean' | 'cls', normalize?: boolean, batch_size?: number, truncate?: boolean}} [options]
+   * @returns {Promise<Float32Array[]>}
+   */
+  async embed(texts, options = {}) {
+    this.#require(ENCODER in this.sessions, 'embed', 'a package with an encoder');
+    checkOptions('embed', options, ['pooling', 'normalize', 'batch_size', 'truncate']);
+    const { pooling = 'mean', normalize = true, batch_size: batchSize = 32, truncate = false } = options;
+    if (pooling !== 'mean' && pooling !== 'cls') throw new InputError(`pooling must be 'mean' or 'cls'; got ${repr(pooling)}`);
+    texts = this.#texts(texts, 'embed texts');
+    const out = [];
+    for (const feeds of await this.#encoderBatches(texts, batchSize, truncate)) {
+      const hidden = (await this.#runEncoder(feeds))[LAST_HIDDEN_STATE]; // (B, S, D)
+      const [b, s, d] = hidden.dims;
+      const values = floatData(hidden);
+      for (let r = 0; r < b; r++) {
+        const vector = new Float64Array(d);
+        const mask = feeds[ATTENTION_MASK][r];
+        const used = pooling === 'cls' ? [0] : mask.flatMap((m, t) => (m ? [t] : []));
+        for (const t of used) for (let j = 0; j < d; j++) vector[j] += values[(r * s + t) * d + j];
+        const count = pooling === 'cls' ? 1 : Math.max(used.length, 1);
+        for (let j = 0; j < d; j++) vector[j] = Math.fround(vector[j] / count);
+        const norm = normalize ? Math.max(Math.hypot(...vector), 1e-12) : 1;
+        out.push(Float32Array.from(vector, (x) => x / norm));
+      }
+    }
+    return out;
+  }
+
+  // Generation ------------------------------------------------------------------------------------
+  /**
+   * The package's generation defaults overlaid with `params`, checked.
+   * @param {Partial<import('./generation.js').GenerationConfig>} [params]
+   */
+  generationConfig(params = {}) {
+    return gen.generationConfig({ ...this.manifest.generation, ...params });
+  }
+
+  async #promptIds(prompts, config, truncate) {
+    const maxLen = this.manifest.max_seq_len;
+    const reserve = this.arch !== 'encoder-decoder' ? config.max_new_tokens : 0;
+    if (reserve >= maxLen) {
+      throw new InputError(`max_new_tokens (${config.max_new_tokens}) must be below this model's max_seq_len (${maxLen})`);
+    }
+    if (this.arch === 'encoder-decoder' && config.max_new_tokens >= maxLen) {
+      throw new InputError(`max_new_tokens (${config.max_new_tokens}) must be below this model's max_seq_len (${maxLen})`);
+    }
+    return this.encode(prompts, { truncate, reserve });
+  }
+
+  #checkIds(prompts, config) {
+    const rows = gen.checkPrompts(prompts);
+    const top = Math.max(...rows.map((r) => Math.max(...r)));
+    if (top >= this.dims.vocab_size) {
+      throw new InputError(`token id ${top} is out of range for this model's vocabulary (size ${this.dims.vocab_size})`);
+    }
+    const longest = Math.max(...rows.map((r) => r.length));
+    const extra = this.arch !== 'encoder-decoder' ? config.max_new_tokens : 0;
+    const maxLen = this.manifest.max_seq_len;
+    if (longest + extra > maxLen || config.max_new_tokens >= maxLen) {
+      throw new InputError(
+        `prompt of ${longest} tokens + max_new_tokens ${config.max_new_tokens} exceeds this model's ` +
+          `max_seq_len (${maxLen}); shorten the prompt or lower max_new_tokens`,
+      );
+    }
+    return rows;
+  }
+
+  /** The step model and the decoder prompts (encoder-decoder: the start token per source). */
+  #steps(prompts) {
+    if (this.arch === 'encoder-decoder') {
+      const start = special(this.manifest, 'decoder_start');
+      return { steps: new DecoderSteps(this, prompts), decoderPrompts: prompts.map(() => [start]) };
+    }
+    return { steps: new DecoderSteps(this), decoderPrompts: prompts };
+  }
+
+  /**
+   * Generation on token ids (the source ids for encoder-decoder packages).
+   * @param {number[][]} prompts
+   * @param {GenerateOptions} [options]
+   * @returns {Promise<import('./generation.js').GenerationOutput>}
+   */
+  async generateIds(prompts, options = {}) {
+    this.#require(this.canGenerate, 'generate', 'a decoder-only, prefix-lm or encoder-decoder package');
+    const { params, rng } = splitOptions(options);
+    const config = this.generationConfig(params);
+    const rows = this.#checkIds(prompts, config);
+    const { steps, decoderPrompts } = this.#steps(rows);
+    return gen.generate(steps, decoderPrompts, config, { rng, decode: (ids) => this.decode(ids) });
+  }
+
+  /**
+   * Generate for each prompt. Options are generation parameters (`max_new_tokens`,
+   * `strategy`, `temperature`, `top_k`, `top_p`, `seed`, ...) and `truncate`, `rng`.
+   * @param {string | string[]} prompts
+   * @param {GenerateOptions} [options]
+   * @returns {Promise<Generation[]>}
+   */
+  async generate(prompts, options = {}) {
+    this.#require(this.canGenerate, 'generate', 'a decoder-only, prefix-lm or encoder-decoder package');
+    const texts = this.#texts(prompts, 'generate prompts');
+    const { params, truncate } = splitOptions(options);
+    const config = this.generationConfig(params);
+    const ids = await this.#promptIds(texts, config, truncate);
+    const out = await this.generateIds(ids, options);
+    return texts.map((prompt, b) => ({
+      prompt,
+      text: out.texts[b][0],
+      texts: out.texts[b],
+      token_ids: out.sequences[b],
+      scores: out.scores[b],
+      finish_reasons: out.finish_reasons[b],
+    }));
+  }
+
+  /**
+   * The continuation's text as it is produced (greedy or sample). Every argument is checked
+   * before this resolves; iterate the result with `for await`.
+   *
+   *     for await (const piece of await model.stream('twelve =')) process.stdout.write(piece);
+   *
+   * @param {string} prompt
+   * @param {GenerateOptions} [options]
+   * @returns {Promise<AsyncGenerator<string, void, void>>}
+   */
+  async stream(prompt, options = {}) {
+    this.#require(this.canGenerate, 'stream', 'a decoder-only, prefix-lm or encoder-decoder package');
+    if (typeof prompt !== 'string') throw new InputError(`stream() takes one prompt string; got ${typeName(prompt)}`);
+    this.#texts([prompt], 'stream prompt');
+    const { params, truncate, rng } = splitOptions(options);
+    const config = this.generationConfig(params);
+    const ids = this.#checkIds(await this.#promptIds([prompt], config, truncate), config);
+    const { steps, decoderPrompts } = this.#steps(ids);
+    return gen.stream(steps, decoderPrompts[0], config, (t) => this.decode(t), { rng });
+  }
+}
+
+/**
+ * Open a package: read and check the manifest, verify checksums, load the tokenizer, open one
+ * session per graph and check each session's I/O against the contract.
+ * @param {string} packageDir
+ * @param {{provider?: string, threads?: number, verify?: boolean}} [options]
+ * @returns {Promise<Model>}
+ */
+export async function load(packageDir, { provider = 'cpu', threads, verify = true } = {}) {
+  const directory = displayDir(packageDir);
+  const backend = resolveProvider(provider);
+  const manifest = await loadManifest(directory);
+  if (verify) await verifyFiles(manifest, directory);
+  const tokenizer = PackageTokenizer.fromPackage(directory, manifest.tokenizer.file);
+  if (tokenizer.vocabSize > manifest.dims.vocab_size) {
+    throw new PackageError(
+      `tokenizer has ${tokenizer.vocabSize} tokens but the model's vocabulary is ${manifest.dims.vocab_size}: ` +
+        'they do not belong together; re-export the package',
+    );
+  }
+  const sessions = {};
+  for (const [name, entry] of Object.entries(manifest.graphs)) {
+    sessions[name] = await openSession(directory, entry, { provider: backend, threads });
+  }
+  return new Model(directory, manifest, tokenizer, sessions);
+}

@@ -1,0 +1,275 @@
+/**
+ * Unit tests of generation.js, random.js and repr.js on a tiny scripted step model: no
+ * package, no onnxruntime. Reference values marked "Python" were computed with the Python
+ * runtime / CPython (difflib, repr) and an independent Python implementation of xoshiro128**.
+ */
+
+import assert from 'node:assert/strict';
+import { describe, test } from 'node:test';
+
+import { ConfigError, InputError } from '../errors.js';
+import * as gen from '../generation.js';
+import { Random } from '../random.js';
+import { floatRepr, repr, strRepr } from '../repr.js';
+
+const V = 12;
+
+/**
+ * A step model whose logits depend only on each row's real tokens (pads excluded via the
+ * mask), so padding must not change results. Records every call's shapes.
+ */
+class ScriptedSteps {
+  constructor(logitsOf = (tokens) => Float32Array.from({ length: V }, (_, v) => Math.cos(v * 1.7 + tokens.reduce((s, t) => s + t * 0.37, 0) + tokens.length))) {
+    this.vocabSize = V;
+    this.logitsOf = logitsOf;
+    this.calls = [];
+  }
+
+  async initCache(batch) {
+    return Array.from({ length: batch }, () => []); // per row: [token, mask] pairs seen
+  }
+
+  async step(inputIds, positionIds, mask, cache) {
+    this.calls.push({ inputIds, positionIds, mask });
+    const next = cache.map((row, r) => {
+      const fed = inputIds[r].map((tok, t) => [tok, mask[r][row.length + t]]);
+      return [...row, ...fed];
+    });
+    next.forEach((row, r) => assert.equal(row.length, mask[r].length, 'mask covers past + new tokens'));
+    const logits = next.map((row) => this.logitsOf(row.filter(([, m]) => m).map(([tok]) => tok)));
+    return { logits, cache: next };
+  }
+
+  reorderCache(cache, indices) {
+    return indices.map((i) => [...cache[i]]);
+  }
+}
+
+const letters = async (ids) => ids.map((i) => 'abcdefghijkl'[i]).join('');
+
+describe('generationConfig', () => {
+  test('defaults and overrides', () => {
+    const config = gen.generationConfig({ max_new_tokens: 5, eos_token_ids: 2, stop_strings: 'x' });
+    assert.equal(config.strategy, 'greedy');
+    assert.equal(config.max_new_tokens, 5);
+    assert.deepEqual(config.eos_token_ids, [2]);
+    assert.deepEqual(config.stop_strings, ['x']);
+    assert.ok(Object.isFrozen(config));
+    assert.equal(gen.generationConfig({ seed: undefined }).seed, null);
+  });
+
+  const bad = [
+    [{ top_p: 0 }, 'top_p must be in (0, 1]; got 0.0. Use 1.0 to turn nucleus filtering off.'],
+    [{ strategy: 'sample', temperature: -1 }, "temperature must be > 0 for strategy 'sample'; got -1.0. Use strategy 'greedy' for deterministic decoding."],
+    [{ top_k: 1.5 }, 'top_k must be an integer >= 0; got 1.5'],
+    [{ max_new_tokens: null }, 'max_new_tokens must be an integer >= 0; got None'],
+    [{ num_beams: 3, strategy: 'beam', num_return_sequences: 4 }, "num_return_sequences (4) must be <= num_beams (3) for strategy 'beam'"],
+    [{ no_repeat_ngram_size: -2 }, 'no_repeat_ngram_size must be an integer >= 0; got -2'],
+    [{ length_penalty: Infinity }, 'length_penalty must be finite; got inf'],
+    [{ max_tokens: 3 }, "unknown generation parameter(s): 'max_tokens' (did you mean 'max_new_tokens'?); valid: " +
+      'strategy, max_new_tokens, min_new_tokens, temperature, top_k, top_p, seed, num_beams, length_penalty, ' +
+      'early_stopping, num_return_sequences, repetition_penalty, no_repeat_ngram_size, eos_token_ids, stop_strings, pad_token_id'],
+  ];
+  for (const [params, message] of bad) {
+    test(`refuses ${JSON.stringify(params)}`, () => {
+      assert.throws(() => gen.generationConfig(params), (err) => err instanceof ConfigError && err.message === message);
+    });
+  }
+
+  test('closeMatch agrees with difflib.get_close_matches (Python)', () => {
+    const fields = Object.keys(gen.DEFAULTS);
+    const python = { top_pp: 'top_p', temprature: 'temperature', seeed: 'seed', max_tokens: 'max_new_tokens',
+      topk: 'top_k', xyz: null, num_beam: 'num_beams', eos_token_id: 'eos_token_ids', stop: 'top_p', pad: null,
+      beams: 'num_beams', length: 'length_penalty' };
+    for (const [word, match] of Object.entries(python)) assert.equal(gen.closeMatch(word, fields), match, word);
+  });
+});
+
+describe('repr (Python)', () => {
+  test('floats and strings print as CPython prints them', () => {
+    const floats = [[1e-7, '1e-07'], [1e16, '1e+16'], [1.2345678901234568e17, '1.2345678901234568e+17'], [0.1, '0.1'],
+      [2, '2.0'], [1e-4, '0.0001'], [1e15, '1000000000000000.0'], [5e-324, '5e-324'], [-0, '-0.0'], [1.5e300, '1.5e+300']];
+    for (const [x, text] of floats) assert.equal(floatRepr(x), text);
+    assert.equal(strRepr("it's"), '"it\'s"');
+    assert.equal(strRepr('a"b\'c'), "'a\"b\\'c'");
+    assert.equal(strRepr('tab\tnl\n\x01é😀'), "'tab\\tnl\\n\\x01é😀'");
+    assert.equal(repr([1, 'a', null, true, 2.5]), "[1, 'a', None, True, 2.5]");
+  });
+});
+
+describe('Random (xoshiro128** seeded by SplitMix64)', () => {
+  test('matches an independent Python implementation', () => {
+    const reference = {
+      0: [[3737715805, 2584255861, 2876756834], [0.7651579406981067, 0.37839700847261126, 0.6412509725784215]],
+      12345: [[2314518269, 2498321016, 2055377852], [0.9412200994430732, 0.11734062683619417, 0.8026050900504944]],
+      9007199254740991: [[1233166643, 1287031142, 661813442], [0.6893346876324036, 0.24123930585121933, 0.6033573700505385]],
+    };
+    for (const [seed, [ints, doubles]] of Object.entries(reference)) {
+      const rng = new Random(Number(seed));
+      assert.deepEqual([rng.nextUint32(), rng.nextUint32(), rng.nextUint32()], ints);
+      assert.deepEqual([rng.random(), rng.random(), rng.random()], doubles);
+    }
+  });
+
+  test('unseeded generators differ', () => {
+    assert.notEqual(new Random().random(), new Random().random());
+  });
+});
+
+describe('logits processing', () => {
+  test('left padding: mask and positions', () => {
+    assert.deepEqual(gen.leftPad([[5, 6, 7], [8]], 0), {
+      input_ids: [[5, 6, 7], [0, 0, 8]],
+      attention_mask: [[1, 1, 1], [0, 0, 1]],
+      position_ids: [[0, 1, 2], [0, 0, 0]],
+    });
+  });
+
+  test('repetition penalty divides positive and multiplies negative logits, once per token', () => {
+    const row = Float32Array.from([2, -2, 3]);
+    gen.applyRepetitionPenalty(row, [0, 1, 1], 2);
+    assert.deepEqual(Array.from(row), [1, -4, 3]);
+  });
+
+  test('n-gram ban', () => {
+    const row = new Float32Array(5);
+    gen.banRepeatedNgrams(row, [1, 2, 3, 1, 2, 1], 2); // bigrams starting with 1: (1,2) -> ban 2
+    assert.deepEqual(Array.from(row), [0, 0, -Infinity, 0, 0]);
+    const tri = new Float32Array(5);
+    gen.banRepeatedNgrams(tri, [1, 2, 3, 1, 2], 3); // (1,2,3) seen, ends with 1,2 -> ban 3
+    assert.deepEqual(Array.from(tri), [0, 0, 0, -Infinity, 0]);
+  });
+
+  test('top-k keeps ties at the boundary', () => {
+    const row = Float32Array.from([1, 3, 3, 2, 3]);
+    gen.topKFilter(row, 2);
+    assert.deepEqual(Array.from(row), [-Infinity, 3, 3, -Infinity, 3]);
+  });
+
+  test('top-p keeps the smallest prefix whose mass reaches p; the top token always', () => {
+    const logits = Float32Array.from([Math.log(0.5), Math.log(0.3), Math.log(0.15), Math.log(0.05)]);
+    const row = Float32Array.from(logits);
+    gen.topPFilter(row, 0.75);
+    assert.deepEqual(Array.from(row).map(Number.isFinite), [true, true, false, false]);
+    const tiny = Float32Array.from(logits);
+    gen.topPFilter(tiny, 0.01);
+    assert.deepEqual(Array.from(tiny).map(Number.isFinite), [true, false, false, false]);
+  });
+
+  test('inverse-CDF sampling never picks banned tokens', () => {
+    const row = Float32Array.from([-Infinity, 0, -Infinity, 0, -Infinity]);
+    assert.equal(gen.sampleToken(row, 0), 1);
+    assert.equal(gen.sampleToken(row, 0.49), 1);
+    assert.equal(gen.sampleToken(row, 0.5), 3);
+    assert.equal(gen.sampleToken(row, 1 - 2 ** -53), 3);
+    assert.equal(gen.sampleToken(new Float32Array(3).fill(-Infinity), 0.3), 0);
+  });
+
+  test('argmax takes the lowest id among ties', () => {
+    assert.equal(gen.argmax(Float32Array.from([1, 5, 5, 2])), 1);
+  });
+});
+
+describe('greedy and sample loops', () => {
+  test('feeds left-padded prompts, then one token per row with a growing mask', async () => {
+    const steps = new ScriptedSteps();
+    const config = gen.generationConfig({ max_new_tokens: 3 });
+    await gen.greedy(steps, [[1, 2, 3], [4]], config);
+    const [first, second, third] = steps.calls;
+    assert.deepEqual(first.inputIds, [[1, 2, 3], [0, 0, 4]]);
+    assert.deepEqual(first.positionIds, [[0, 1, 2], [0, 0, 0]]);
+    assert.deepEqual(second.positionIds, [[3], [1]]);
+    assert.deepEqual(second.mask, [[1, 1, 1, 1], [0, 0, 1, 1]]);
+    assert.deepEqual(third.positionIds, [[4], [2]]);
+    assert.equal(steps.calls.length, 3, 'the last token is not fed back');
+  });
+
+  test('a prompt gives the same tokens alone and in a padded batch', async () => {
+    const config = gen.generationConfig({ max_new_tokens: 6 });
+    const alone = await gen.greedy(new ScriptedSteps(), [[4]], config);
+    const batched = await gen.greedy(new ScriptedSteps(), [[1, 2, 3], [4]], config);
+    assert.deepEqual(batched.sequences[1], alone.sequences[0]);
+  });
+
+  test('eos finishes a row; finished rows are fed pad; min_new_tokens suppresses eos', async () => {
+    // eos (2) once the row holds n tokens, else 5 (and 5 is the runner-up)
+    const eosAfter = (n) => (tokens) => Float32Array.from({ length: V }, (_, v) => (v === 5 ? 0.5 : 0) + (v === (tokens.length >= n ? 2 : 5) ? 1 : 0));
+    const config = gen.generationConfig({ max_new_tokens: 5, eos_token_ids: [2], pad_token_id: 0 });
+    const steps = new ScriptedSteps(eosAfter(3));
+    const out = await gen.greedy(steps, [[7, 7, 7], [7]], config);
+    assert.deepEqual(out.sequences, [[[2]], [[5, 5, 2]]]);
+    assert.deepEqual(out.finish_reasons, [['eos'], ['eos']]);
+    assert.deepEqual(steps.calls[2].inputIds, [[0], [5]], 'finished row 0 is fed pad');
+    const late = await gen.greedy(new ScriptedSteps(eosAfter(1)), [[7]], gen.generationConfig({ ...config, min_new_tokens: 3 }));
+    assert.deepEqual(late.sequences, [[[5, 5, 5, 2]]]);
+  });
+
+  test('stop strings cut the text and finish with reason "stop"', async () => {
+    const config = gen.generationConfig({ max_new_tokens: 8, stop_strings: ['cd'] });
+    const counting = (tokens) => Float32Array.from({ length: V }, (_, v) => (v === tokens.length % V ? 1 : 0));
+    const out = await gen.greedy(new ScriptedSteps(counting), [[0]], config, { decode: letters });
+    assert.deepEqual(out.sequences, [[[1, 2, 3]]]);
+    assert.deepEqual(out.texts, [['b']]);
+    assert.deepEqual(out.finish_reasons, [['stop']]);
+  });
+
+  test('seeded sampling is reproducible; num_return_sequences copies each prompt', async () => {
+    const config = gen.generationConfig({ strategy: 'sample', seed: 11, num_return_sequences: 3, max_new_tokens: 8, temperature: 2 });
+    const a = await gen.sample(new ScriptedSteps(), [[1], [2, 3]], config);
+    const b = await gen.sample(new ScriptedSteps(), [[1], [2, 3]], config);
+    assert.deepEqual(a, b);
+    assert.equal(a.sequences.length, 2);
+    assert.equal(a.sequences[0].length, 3);
+    const other = await gen.sample(new ScriptedSteps(), [[1], [2, 3]], { ...config, seed: 12 });
+    assert.notDeepEqual(other.sequences, a.sequences);
+  });
+
+  test('sampling with top_k 1 is greedy', async () => {
+    const greedy = await gen.greedy(new ScriptedSteps(), [[3, 1]], gen.generationConfig({ max_new_tokens: 6 }));
+    const sampled = await gen.sample(new ScriptedSteps(), [[3, 1]], gen.generationConfig({ strategy: 'sample', top_k: 1, max_new_tokens: 6 }));
+    assert.deepEqual(sampled.sequences, greedy.sequences);
+  });
+
+  test('token-id prompts are checked', async () => {
+    const config = gen.generationConfig({});
+    await assert.rejects(gen.greedy(new ScriptedSteps(), [[1, V]], config), InputError);
+    await assert.rejects(gen.greedy(new ScriptedSteps(), [], config), /non-empty list of token id lists/);
+    await assert.rejects(gen.greedy(new ScriptedSteps(), [[1]], gen.generationConfig({ eos_token_ids: [V] })),
+      (err) => err instanceof ConfigError && err.message === `eos_token_ids [${V}] out of range for vocab_size ${V}`);
+  });
+});
+
+describe('beam search', () => {
+  test('returns num_return_sequences hypotheses, best first, and K=1 equals greedy', async () => {
+    const config = gen.generationConfig({ strategy: 'beam', num_beams: 3, num_return_sequences: 2, max_new_tokens: 5 });
+    const out = await gen.beamSearch(new ScriptedSteps(), [[1], [2, 3]], config);
+    assert.equal(out.sequences.length, 2);
+    for (const scores of out.scores) assert.ok(scores[0] >= scores[1]);
+    const one = await gen.beamSearch(new ScriptedSteps(), [[1]], gen.generationConfig({ strategy: 'beam', max_new_tokens: 5 }));
+    const greedy = await gen.greedy(new ScriptedSteps(), [[1]], gen.generationConfig({ max_new_tokens: 5 }));
+    assert.deepEqual(one.sequences, greedy.sequences);
+  });
+});
+
+describe('stream', () => {
+  test('pieces join to the final text; incomplete characters and stop-string prefixes are held back', async () => {
+    // token 1 decodes to an incomplete character until token 2 follows it
+    const decode = async (ids) => ids.map((t, i) => (t === 1 && ids[i + 1] !== 2 ? '\ufffd' : t === 2 ? 'é' : t === 1 ? '' : 'x')).join('');
+    const script = [3, 1, 2, 3, 3];
+    const steps = new ScriptedSteps((tokens) => Float32Array.from({ length: V }, (_, v) => (v === script[tokens.length - 1] ? 1 : 0)));
+    const config = gen.generationConfig({ max_new_tokens: 5 });
+    const pieces = [];
+    for await (const piece of gen.stream(steps, [0], config, decode)) pieces.push(piece);
+    assert.deepEqual(pieces, ['x', 'é', 'x', 'x']);
+
+    const stopConfig = gen.generationConfig({ max_new_tokens: 5, stop_strings: ['xx'] });
+    const held = [];
+    for await (const piece of gen.stream(new ScriptedSteps(steps.logitsOf), [0], stopConfig, decode)) held.push(piece);
+    assert.deepEqual(held, ['xé']);
+  });
+
+  test('arguments are checked when stream() is called', () => {
+    assert.throws(() => gen.stream(new ScriptedSteps(), [], gen.generationConfig({}), letters), InputError);
+    assert.throws(() => gen.stream(new ScriptedSteps(), [1], gen.generationConfig({ strategy: 'beam' }), letters), ConfigError);
+  });
+});

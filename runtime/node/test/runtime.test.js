@@ -1,0 +1,145 @@
+/**
+ * Invariants of the Node runtime on every package (see packages.js), independent of Python:
+ * the KV cache gives the logits of a full recomputation, seeded sampling is reproducible,
+ * streaming equals generation, the prefix-LM prompt is one bidirectional block, and load()
+ * refuses what it must.
+ */
+
+import assert from 'node:assert/strict';
+import { mkdtempSync, readdirSync, rmSync, symlinkSync } from 'node:fs';
+import { tmpdir } from 'node:os';
+import * as path from 'node:path';
+import { after, before, describe, test } from 'node:test';
+
+import { PackageError, ProviderError, Random, load } from '../index.js';
+import { special } from '../manifest.js';
+import { DecoderSteps } from '../session.js';
+import { NO_PACKAGES, packageDirs } from './packages.js';
+
+const PROMPT = 'three hundred and twelve = 3 1 2';
+
+/** Last-position logits after feeding `chunks` one decoder step each. */
+async function logitsAfter(steps, chunks) {
+  let cache = await steps.initCache(1);
+  const fed = [];
+  let logits;
+  for (const chunk of chunks) {
+    const positions = chunk.map((_, t) => fed.length + t);
+    fed.push(...chunk);
+    ({ logits, cache } = await steps.step([chunk], [positions], [fed.map(() => 1)], cache));
+  }
+  return logits[0];
+}
+
+/** Quantized packages (weights "int8", "int4") may quantize activations too (per tensor or per
+ * block), so the batch and the cache layout change their results slightly. */
+const quantized = (model) => model.manifest.weights.startsWith('int');
+
+/** How far two computations of the same values may differ. */
+const tolerance = (model) => (quantized(model) ? 0.05 : 1e-4);
+
+function maxAbsDiff(a, b) {
+  return a.reduce((m, x, i) => Math.max(m, Math.abs(x - b[i])), 0);
+}
+
+const dirs = packageDirs();
+if (!dirs.length) test('runtime invariants', { skip: NO_PACKAGES }, () => {});
+
+for (const dir of dirs) {
+  describe(`runtime invariants: ${dir}`, () => {
+    let model;
+    before(async () => { model = await load(dir); });
+    after(async () => { await model?.release(); });
+
+    test('load() refuses an unknown provider', async () => {
+      await assert.rejects(load(dir, { provider: 'tpu' }),
+        (err) => err instanceof ProviderError && err.message === "provider must be one of cpu, cuda; got 'tpu'");
+    });
+
+    test('load() refuses a package file that links outside the package', async () => {
+      const copy = mkdtempSync(path.join(tmpdir(), 'onnxformer-link-'));
+      for (const name of readdirSync(dir)) symlinkSync(path.join(dir, name), path.join(copy, name));
+      try {
+        await assert.rejects(load(copy), (err) => err instanceof PackageError && /resolves outside the package directory/.test(err.message));
+      } finally {
+        rmSync(copy, { recursive: true });
+      }
+    });
+
+    test('cached decoding gives the logits of a full recomputation', async (t) => {
+      if (!model.canGenerate) return t.skip('no decoder');
+      if (model.arch === 'prefix-lm') return t.skip('a prefix-LM prompt is one bidirectional block (next test)');
+      let steps;
+      let ids;
+      if (model.arch === 'encoder-decoder') {
+        steps = new DecoderSteps(model, await model.encode([PROMPT]));
+        const start = special(model.manifest, 'decoder_start');
+        ids = [start, ...(await model.encode(['a short target']))[0]].slice(0, 8);
+      } else {
+        steps = new DecoderSteps(model);
+        ids = (await model.encode([PROMPT]))[0];
+      }
+      const full = await logitsAfter(steps, [ids]);
+      const cached = await logitsAfter(steps, [ids.slice(0, 2), ...ids.slice(2).map((tok) => [tok])]);
+      const diff = maxAbsDiff(full, cached);
+      assert.ok(diff < tolerance(model), `max |cached - full| = ${diff}`);
+    });
+
+    test('prefix-LM: the prompt must be fed as one block (it is bidirectional)', async (t) => {
+      if (model.arch !== 'prefix-lm') return t.skip('not a prefix-LM');
+      const steps = new DecoderSteps(model);
+      const ids = (await model.encode([PROMPT]))[0];
+      const block = await logitsAfter(steps, [ids]);
+      const tokenwise = await logitsAfter(steps, ids.map((tok) => [tok]));
+      assert.ok(maxAbsDiff(block, tokenwise) > tolerance(model), 'token-by-token prefill should differ from the block');
+    });
+
+    test('seeded sampling is reproducible; a Random passed as rng equals its seed', async (t) => {
+      if (!model.canGenerate) return t.skip('no decoder');
+      const options = { strategy: 'sample', seed: 7, max_new_tokens: 10, temperature: 0.9, top_k: 50, top_p: 0.95 };
+      const prompts = [PROMPT, 'hello'];
+      const a = await model.generate(prompts, options);
+      const b = await model.generate(prompts, options);
+      const c = await model.generate(prompts, { ...options, seed: undefined, rng: new Random(7) });
+      assert.deepEqual(a, b);
+      assert.deepEqual(c, a);
+    });
+
+    test('sampling: num_return_sequences sequences per prompt', async (t) => {
+      if (!model.canGenerate) return t.skip('no decoder');
+      const out = await model.generate(['hello', PROMPT], { strategy: 'sample', seed: 1, num_return_sequences: 3, max_new_tokens: 4 });
+      assert.deepEqual(out.map((r) => r.texts.length), [3, 3]);
+      assert.ok(out.every((r) => r.token_ids.every((ids) => ids.length >= 1 && ids.length <= 4)));
+    });
+
+    test('streaming joins to the generated text (greedy and seeded sampling)', async (t) => {
+      if (!model.canGenerate) return t.skip('no decoder');
+      for (const options of [{ max_new_tokens: 12 }, { strategy: 'sample', seed: 3, max_new_tokens: 12, top_p: 0.9 }]) {
+        const [expected] = await model.generate(PROMPT, options);
+        let text = '';
+        for await (const piece of await model.stream(PROMPT, options)) text += piece;
+        assert.equal(text, expected.text, JSON.stringify(options));
+      }
+    });
+
+    test('a prompt gives the same greedy tokens alone and in a left-padded batch', async (t) => {
+      if (!model.canGenerate) return t.skip('no decoder');
+      if (quantized(model)) return t.skip('quantized activations may depend on the batch');
+      const [alone] = await model.generate('hello', { max_new_tokens: 8 });
+      const batch = await model.generate([PROMPT, 'hello'], { max_new_tokens: 8 });
+      assert.deepEqual(batch[1].token_ids, alone.token_ids);
+    });
+
+    test('embeddings: unit length, and batch size does not change them', async (t) => {
+      if (!model.sessions.encoder) return t.skip('no encoder');
+      const texts = [PROMPT, 'hello', 'a third text'];
+      const one = await model.embed(texts, { batch_size: 1 });
+      const all = await model.embed(texts);
+      one.forEach((v, i) => {
+        assert.ok(Math.abs(Math.hypot(...v) - 1) < 1e-5);
+        const diff = maxAbsDiff(v, all[i]);
+        assert.ok(diff < tolerance(model) / 10, `text ${i}: max |batch of 1 - batch of 3| = ${diff}`);
+      });
+    });
+  });
+}
