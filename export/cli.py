@@ -19,6 +19,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="store weights in <graph>.onnx_data files (automatic above the 2 GB protobuf limit)")
     parser.add_argument("--atol", type=float, default=1e-4,
                         help="largest max-abs difference ONNX vs PyTorch (fp32) that passes validation (default 1e-4)")
+    parser.add_argument("--fused-attention", action="store_true",
+                        help="decoder self-attention as onnxruntime's fused MultiHeadAttention (faster; "
+                             "layers with n_kv_heads == n_heads; validated like the plain graph)")
     parser.add_argument("--skip-generation-check", action="store_true",
                         help="skip the greedy-generation parity check (numeric checks still run)")
 
@@ -33,6 +36,7 @@ def run(args: argparse.Namespace) -> int:
         external_data=True if args.external_data else None,
         atol=args.atol,
         validate_generation=not args.skip_generation_check,
+        fused_attention=args.fused_attention,
     )
     report = export_checkpoint(args.checkpoint, args.out_dir, options)
     m = report.manifest

@@ -16,6 +16,7 @@ Shape letters used in comments throughout:
 
 from __future__ import annotations
 
+import math
 from typing import NamedTuple
 
 import torch
@@ -92,11 +93,11 @@ class RotaryEmbedding(nn.Module):
     def forward(self, position_ids: Tensor) -> tuple[Tensor, Tensor]:
         angle = position_ids[..., None].float() * self.inv_freq  # (B, T, Dh/2)
         angle = torch.cat([angle, angle], dim=-1)  # (B, T, Dh)
-        return angle.cos()[:, None], angle.sin()[:, None]  # each (B, 1, T, Dh)
+        return angle.cos()[:, :, None], angle.sin()[:, :, None]  # each (B, T, 1, Dh)
 
 
 def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
-    """x (B, H, T, Dh) rotated by cos/sin (B, 1, T, Dh)."""
+    """x (B, T, H, Dh) rotated by cos/sin (B, T, 1, Dh)."""
     half = x.shape[-1] // 2
     rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
     return x * cos.to(x.dtype) + rotated * sin.to(x.dtype)
@@ -166,33 +167,63 @@ def default_position_ids(attention_mask: Tensor | None, batch: int, past: int, n
 # --------------------------------------------------------------------------------------------
 
 
+class FusedMultiHeadAttention(torch.autograd.Function):
+    """Self-attention with a KV cache as ONE onnxruntime `com.microsoft.MultiHeadAttention` node.
+
+    Eager: the same math as Attention's plain path (it only runs while tracing). Export: a
+    node of the placeholder domain `onnxformer`, rewritten to onnxruntime's op by the exporter
+    (export/exporter.py). q, k, v (B, T, H*Dh) after RoPE; past (B, H, P, Dh); bias (B, 1, T, P+T).
+    """
+
+    @staticmethod
+    def forward(ctx, q, k, v, bias, past_key, past_value, n_heads: int, scale: float):  # noqa: ARG004
+        b, t, _ = q.shape
+        heads = lambda x: x.view(b, t, n_heads, -1).transpose(1, 2)  # noqa: E731  (B, H, T, Dh)
+        key = torch.cat([past_key, heads(k)], dim=2)  # (B, H, P+T, Dh)
+        value = torch.cat([past_value, heads(v)], dim=2)
+        probs = ((heads(q) @ key.transpose(-2, -1)) * scale + bias).softmax(-1)  # (B, H, T, P+T)
+        return (probs @ value).transpose(1, 2).reshape(b, t, -1), key, value
+
+    @staticmethod
+    def symbolic(g, q, k, v, bias, past_key, past_value, n_heads: int, scale: float):
+        outputs = g.op("onnxformer::MultiHeadAttention", q, k, v, bias, past_key, past_value,
+                       num_heads_i=n_heads, scale_f=scale, outputs=3)
+        for out, like, rank in zip(outputs, (q, past_key, past_value), (3, 4, 4)):  # dtype, rank; sizes dynamic
+            out.setType(like.type().with_sizes([None] * rank))
+        return outputs
+
+
 class Attention(nn.Module):
     """Multi-head attention with grouped-query K/V, scaled by 1/sqrt(Dh).
 
     Self-attention projects K/V from `x` and appends them to `past`; cross-attention is given
     precomputed `kv` (from `project_kv` on the encoder output) and never recomputes it.
+    `fused` (set only by export, and only when Hkv == H) traces self-attention as one fused
+    onnxruntime node; the math is the same.
     """
 
     def __init__(self, config: ModelConfig):
         super().__init__()
         self.n_heads, self.n_kv_heads, self.d_head = config.n_heads, config.n_kv_heads, config.d_head
+        self.scale = 1.0 / math.sqrt(self.d_head)
         self.dropout = config.dropout
+        self.fused = False
         d, bias = config.d_model, config.bias
         self.q_proj = nn.Linear(d, self.n_heads * self.d_head, bias=bias)
         self.k_proj = nn.Linear(d, self.n_kv_heads * self.d_head, bias=bias)
         self.v_proj = nn.Linear(d, self.n_kv_heads * self.d_head, bias=bias)
         self.o_proj = nn.Linear(self.n_heads * self.d_head, d, bias=bias)
 
-    def _heads(self, x: Tensor, n: int) -> Tensor:
+    def _split(self, x: Tensor, n: int) -> Tensor:
         b, t, _ = x.shape
-        return x.view(b, t, n, self.d_head).transpose(1, 2)  # (B, n, T, Dh)
+        return x.view(b, t, n, self.d_head)  # (B, T, n, Dh)
 
     def project_kv(self, x: Tensor, rope: tuple[Tensor, Tensor] | None = None) -> KV:
-        k = self._heads(self.k_proj(x), self.n_kv_heads)  # (B, Hkv, T, Dh)
-        v = self._heads(self.v_proj(x), self.n_kv_heads)  # (B, Hkv, T, Dh)
+        k = self._split(self.k_proj(x), self.n_kv_heads)  # (B, T, Hkv, Dh)
+        v = self._split(self.v_proj(x), self.n_kv_heads)
         if rope is not None:
             k = apply_rope(k, *rope)
-        return KV(k, v)
+        return KV(k.transpose(1, 2), v.transpose(1, 2))  # (B, Hkv, T, Dh)
 
     def forward(
         self,
@@ -204,9 +235,18 @@ class Attention(nn.Module):
         kv: KV | None = None,
     ) -> tuple[Tensor, KV]:
         b, t, _ = x.shape
-        q = self._heads(self.q_proj(x), self.n_heads)  # (B, H, T, Dh)
+        q = self._split(self.q_proj(x), self.n_heads)  # (B, T, H, Dh)
         if rope is not None:
             q = apply_rope(q, *rope)
+        if kv is None and self.fused and past is not None:
+            k = self._split(self.k_proj(x), self.n_kv_heads)
+            if rope is not None:
+                k = apply_rope(k, *rope)
+            y, key, value = FusedMultiHeadAttention.apply(
+                q.flatten(2), k.flatten(2), self.v_proj(x), bias.to(q.dtype), past.key, past.value,
+                self.n_heads, self.scale,
+            )  # (B, T, H*Dh), (B, H, P+T, Dh) x 2
+            return self.o_proj(y), KV(key, value)
         if kv is None:
             kv = self.project_kv(x, rope)
             if past is not None:
@@ -217,7 +257,8 @@ class Attention(nn.Module):
             k = k.repeat_interleave(group, dim=1)  # (B, H, L, Dh)
             v = v.repeat_interleave(group, dim=1)
         y = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=bias.to(q.dtype), dropout_p=self.dropout if self.training else 0.0
+            q.transpose(1, 2), k, v, attn_mask=bias.to(q.dtype), scale=self.scale,
+            dropout_p=self.dropout if self.training else 0.0,
         )  # (B, H, T, Dh), softmax(q k^T / sqrt(Dh) + bias) v
         y = y.transpose(1, 2).reshape(b, t, self.n_heads * self.d_head)  # (B, T, H*Dh)
         return self.o_proj(y), kv

@@ -10,6 +10,7 @@ import pytest
 
 pytest.importorskip("torch", reason="export needs the [train] extra (torch)")
 import onnx  # noqa: E402
+import torch  # noqa: E402
 import onnxruntime as ort  # noqa: E402
 
 from onnxformer.export import exporter  # noqa: E402
@@ -202,3 +203,26 @@ def test_refuses_to_replace_a_directory_that_is_not_a_package(tmp_path):
     with pytest.raises(ExportError, match="not an onnxformer package"):
         export_model(model, tmp_path / "tokenizer.json", out)
     assert (out / "notes.txt").read_text() == "keep me"
+
+
+@pytest.mark.parametrize("arch", ["decoder", "prefix-lm", "encoder-decoder"])
+def test_fused_attention_export_is_validated(tmp_path, arch):
+    """Self-attention as onnxruntime's MultiHeadAttention: same figures as the plain graph."""
+    model, tok = make_model(arch, n_kv_heads=4)
+    save_tokenizer(tok, tmp_path / "tokenizer.json")
+    report = export_model(model, tmp_path / "tokenizer.json", tmp_path / "pkg", ExportOptions(fused_attention=True))
+    figures = report.validation["float32"]
+    assert figures["passed"] and figures["worst_abs_diff"] <= 1e-4 and figures["greedy_match"]
+    proto = onnx.load(str(tmp_path / "pkg" / "decoder.onnx"))
+    fused = [n for n in proto.graph.node if n.op_type == "MultiHeadAttention"]
+    assert len(fused) == model.config.n_step_layers and all(n.domain == "com.microsoft" for n in fused)
+    assert "onnxformer" not in {o.domain for o in proto.opset_import}
+    assert not any(isinstance(m, torch.nn.Module) and getattr(m, "fused", False) for m in model.modules())
+
+
+def test_fused_attention_leaves_grouped_query_layers_plain(tmp_path):
+    model, tok = make_model("decoder", n_kv_heads=2)  # GQA: MultiHeadAttention needs Hkv == H
+    save_tokenizer(tok, tmp_path / "tokenizer.json")
+    export_model(model, tmp_path / "tokenizer.json", tmp_path / "pkg", ExportOptions(fused_attention=True))
+    proto = onnx.load(str(tmp_path / "pkg" / "decoder.onnx"))
+    assert not any(n.op_type == "MultiHeadAttention" for n in proto.graph.node)
