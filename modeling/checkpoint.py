@@ -1,0 +1,428 @@
+"""Checkpoints: safetensors and JSON only (no pickle anywhere), written atomically.
+
+A run directory holds one folder per save and a ``latest`` pointer::
+
+    RUN_DIR/
+      latest                        one line: the folder name of the newest complete checkpoint
+      metrics.jsonl                 one JSON object per log / eval event (written by the trainer)
+      step-000200/
+        config.json                 ModelConfig (arch, sizes, special token ids, label_names)
+        model.safetensors           plain model weights (LoRA merged), tied weights stored once
+        tokenizer.json              the tokenizer the model was trained with
+        trainer_state.json          step, TrainConfig, optimizer hyper-parameters, schedule,
+                                    data position, RNG scalars, last metrics
+        training_state.safetensors  optimizer moments, RNG state tensors and, for a LoRA run,
+                                    the unmerged training model (what --resume needs)
+
+``config.json`` + ``model.safetensors`` + ``tokenizer.json`` is a complete model:
+``load_model`` and export need nothing else. The other two files only serve ``--resume``.
+
+Atomicity: a checkpoint is built in a hidden temporary folder next to its target, every file
+is fsync'ed, the folder is renamed into place (``os.replace``) and only then is ``latest``
+rewritten (temp file, fsync, ``os.replace``). A crash at any point leaves ``latest`` naming
+a complete checkpoint (or absent, before the first save).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import random
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any, Mapping, NamedTuple
+
+import numpy as np
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file as _load_safetensors
+from safetensors.torch import save_file
+from torch import Tensor, nn
+
+from .config import ModelConfig
+from .model import Transformer
+
+logger = logging.getLogger(__name__)
+
+LATEST = "latest"
+CONFIG_FILE = "config.json"
+MODEL_FILE = "model.safetensors"
+TOKENIZER_FILE = "tokenizer.json"
+TRAINER_STATE_FILE = "trainer_state.json"
+TRAINING_STATE_FILE = "training_state.safetensors"
+CHECKPOINT_FILES = (CONFIG_FILE, MODEL_FILE, TOKENIZER_FILE, TRAINER_STATE_FILE, TRAINING_STATE_FILE)
+
+
+def checkpoint_name(step: int) -> str:
+    return f"step-{step:06d}"
+
+
+# --------------------------------------------------------------------------------------------
+# Model weights: plain (LoRA merged) state dict, tied weights stored once
+# --------------------------------------------------------------------------------------------
+
+
+def plain_state_dict(model: nn.Module) -> dict[str, Tensor]:
+    """The weights of ``model`` as a plain Transformer would name them.
+
+    LoRA layers (``x.base.weight``, ``x.lora_A``, ``x.lora_B``) are folded into ``x.weight``
+    without touching the model; of tensors sharing storage (tied embeddings) only the first
+    name is kept. Returns contiguous CPU tensors.
+    """
+    from .peft import LoRALinear
+
+    lora = {name: m for name, m in model.named_modules() if isinstance(m, LoRALinear)}
+    out: dict[str, Tensor] = {}
+    seen: set[int] = set()
+    for name, tensor in model.state_dict().items():
+        owner, _, leaf = name.rpartition(".")
+        if leaf in ("lora_A", "lora_B"):
+            continue
+        if owner.endswith(".base") and owner[: -len(".base")] in lora:
+            module = lora[owner[: -len(".base")]]
+            name = f"{owner[: -len('.base')]}.{leaf}"
+            if leaf == "weight":
+                tensor = tensor + module.delta_weight().detach().to(tensor.dtype)
+        key = tensor.data_ptr() if tensor.numel() else id(tensor)
+        if key in seen:
+            continue
+        seen.add(key)
+        out[name] = tensor.detach().cpu().contiguous()
+    return out
+
+
+def load_plain_state_dict(model: nn.Module, tensors: Mapping[str, Tensor], *, source: str, allow_missing: tuple[str, ...] = ()) -> None:
+    """Load ``tensors`` (from ``plain_state_dict``) into a plain model.
+
+    Names missing from ``tensors`` must be tied aliases of stored tensors, or start with one
+    of ``allow_missing`` (a fresh task head); anything else is an error naming ``source``.
+    """
+    expected = model.state_dict()
+    tied = set(expected) - set(plain_state_dict(model))  # aliases the saver drops
+    unexpected = sorted(set(tensors) - set(expected))
+    missing = sorted(
+        n for n in set(expected) - set(tensors) if n not in tied and not n.startswith(allow_missing)
+    )
+    if unexpected or missing:
+        raise ValueError(
+            f"{source} does not fit the model built from its config: "
+            f"missing {missing[:5] or 'nothing'}, unexpected {unexpected[:5] or 'nothing'}; "
+            "was it written by a different version or for another architecture?"
+        )
+    for name, tensor in tensors.items():
+        if expected[name].shape != tensor.shape:
+            raise ValueError(
+                f"{source}: {name} has shape {tuple(tensor.shape)}, the model expects "
+                f"{tuple(expected[name].shape)}; the checkpoint and config.json disagree"
+            )
+    model.load_state_dict(dict(tensors), strict=False)
+
+
+# --------------------------------------------------------------------------------------------
+# Optimizer and RNG state <-> (tensors, JSON)
+# --------------------------------------------------------------------------------------------
+
+
+def optimizer_state(optimizer: torch.optim.Optimizer, names: list[str]) -> tuple[dict[str, Tensor], dict[str, Any]]:
+    """Split ``optimizer.state_dict()`` into tensors ``optimizer/{param name}/{key}`` and JSON.
+
+    ``names[i]`` is the name of the optimizer's i-th parameter (in param_groups order).
+    """
+    state = optimizer.state_dict()
+    tensors: dict[str, Tensor] = {}
+    scalars: dict[str, dict[str, Any]] = {}
+    for index, entry in state["state"].items():
+        for key, value in entry.items():
+            if isinstance(value, Tensor):
+                tensors[f"optimizer/{names[index]}/{key}"] = value.detach().cpu().contiguous()
+            else:
+                scalars.setdefault(names[index], {})[key] = value
+    return tensors, {"param_names": names, "param_groups": state["param_groups"], "scalars": scalars}
+
+
+def load_optimizer_state(
+    optimizer: torch.optim.Optimizer, names: list[str], tensors: Mapping[str, Tensor], meta: Mapping[str, Any]
+) -> None:
+    if list(meta["param_names"]) != names:
+        raise ValueError(
+            "the checkpoint's optimizer was built over different parameters "
+            f"({len(meta['param_names'])} saved, {len(names)} now); resume with the same "
+            "task, LoRA and BitFit settings"
+        )
+    per_param: dict[int, dict[str, Any]] = {}
+    for index, name in enumerate(names):
+        entry = {key: value for key, value in meta["scalars"].get(name, {}).items()}
+        prefix = f"optimizer/{name}/"
+        entry.update({k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)})
+        if entry:
+            per_param[index] = entry
+    groups = []
+    for group in meta["param_groups"]:
+        group = dict(group)
+        if isinstance(group.get("betas"), list):
+            group["betas"] = tuple(group["betas"])
+        groups.append(group)
+    optimizer.load_state_dict({"state": per_param, "param_groups": groups})
+
+
+def rng_state() -> tuple[dict[str, Tensor], dict[str, Any]]:
+    """Every global generator training may touch: torch (CPU, CUDA), numpy, Python."""
+    tensors = {"rng/torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        for i, state in enumerate(torch.cuda.get_rng_state_all()):
+            tensors[f"rng/cuda/{i}"] = state
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    tensors["rng/numpy"] = torch.from_numpy(np.asarray(keys, dtype=np.uint32).view(np.int32).copy())
+    version, internal, gauss = random.getstate()
+    scalars = {
+        "numpy": {"kind": kind, "pos": int(pos), "has_gauss": int(has_gauss), "cached_gaussian": float(cached)},
+        "python": {"version": version, "state": list(internal), "gauss_next": gauss},
+    }
+    return tensors, scalars
+
+
+def set_rng_state(tensors: Mapping[str, Tensor], scalars: Mapping[str, Any]) -> None:
+    torch.set_rng_state(tensors["rng/torch"])
+    cuda = sorted(k for k in tensors if k.startswith("rng/cuda/"))
+    if cuda and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all([tensors[k] for k in cuda])
+    np_scalars = scalars["numpy"]
+    keys = tensors["rng/numpy"].numpy().view(np.uint32)
+    np.random.set_state((np_scalars["kind"], keys, np_scalars["pos"], np_scalars["has_gauss"], np_scalars["cached_gaussian"]))
+    py = scalars["python"]
+    random.setstate((py["version"], tuple(py["state"]), py["gauss_next"]))
+
+
+# --------------------------------------------------------------------------------------------
+# Atomic writes
+# --------------------------------------------------------------------------------------------
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def _make_readable(path: Path) -> None:
+    """mkstemp/mkdtemp create private (0600/0700) entries; give them the usual umask modes."""
+    os.chmod(path, (0o777 if path.is_dir() else 0o666) & ~_umask())
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _fsync_file(path: Path) -> None:
+    with open(path, "rb+") as f:
+        os.fsync(f.fileno())
+
+
+def _write_text(path: Path, text: str) -> None:
+    with open(path, "w", encoding="utf-8") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def _set_latest(run_dir: Path, name: str) -> None:
+    fd, tmp = tempfile.mkstemp(prefix=f".{LATEST}.", suffix=".tmp", dir=run_dir)
+    os.close(fd)
+    try:
+        _write_text(Path(tmp), name + "\n")
+        _make_readable(Path(tmp))
+        os.replace(tmp, run_dir / LATEST)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    _fsync_dir(run_dir)
+
+
+class CheckpointFiles(NamedTuple):
+    """What one checkpoint holds, ready to write."""
+
+    model_config: ModelConfig
+    model_tensors: dict[str, Tensor]  # plain_state_dict(model)
+    tokenizer_json: str  # tokenizer.to_str()
+    trainer_state: dict[str, Any]  # JSON-serialisable
+    training_tensors: dict[str, Tensor]  # optimizer moments, RNG tensors, unmerged LoRA model
+
+
+def _write_files(folder: Path, files: CheckpointFiles) -> None:
+    """The writing step of ``save_checkpoint`` (a separate function so tests can make it fail)."""
+    _write_text(folder / CONFIG_FILE, files.model_config.to_json() + "\n")
+    save_file(files.model_tensors, str(folder / MODEL_FILE), metadata={"format": "pt"})
+    _fsync_file(folder / MODEL_FILE)
+    _write_text(folder / TOKENIZER_FILE, files.tokenizer_json)
+    save_file(files.training_tensors, str(folder / TRAINING_STATE_FILE))
+    _fsync_file(folder / TRAINING_STATE_FILE)
+    _write_text(folder / TRAINER_STATE_FILE, json.dumps(files.trainer_state, indent=2, sort_keys=True) + "\n")
+
+
+def _remove_stale_temporaries(run_dir: Path) -> None:
+    """Delete ``.step-NNNNNN.PID.*.tmp`` folders whose writer is gone (a killed save); a live
+    writer's folder, or one without a PID in its name, is left alone."""
+    for path in run_dir.glob(".step-*.tmp"):
+        parts = path.name.split(".")  # ["", "step-NNNNNN", PID, random, "tmp"]
+        if len(parts) == 5 and parts[2].isdigit() and path.is_dir() and not _alive(int(parts[2])):
+            logger.info("removing %s, left by an interrupted save", path)
+            shutil.rmtree(path, ignore_errors=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # PermissionError: another user's live process
+        return True
+    return True
+
+
+def save_checkpoint(run_dir: str | os.PathLike, step: int, files: CheckpointFiles, *, keep: int = 0) -> Path:
+    """Write ``RUN_DIR/step-NNNNNN`` atomically, point ``latest`` at it, and keep only the
+    newest ``keep`` checkpoints (0 = keep all). Returns the checkpoint folder."""
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    final = run_dir / checkpoint_name(step)
+    _remove_stale_temporaries(run_dir)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.{os.getpid()}.", suffix=".tmp", dir=run_dir))
+    try:
+        _write_files(tmp, files)
+        for path in (tmp, *tmp.iterdir()):
+            _make_readable(path)
+        _fsync_dir(tmp)
+        if final.exists():  # left by a run that crashed before updating `latest`; never `latest` itself
+            stale = Path(tempfile.mkdtemp(prefix=f".{final.name}.", suffix=".old", dir=run_dir))
+            os.replace(final, stale / final.name)
+            shutil.rmtree(stale)
+        os.replace(tmp, final)
+        _fsync_dir(run_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    _set_latest(run_dir, final.name)
+    logger.info("saved checkpoint %s", final)
+    if keep > 0:
+        for old in list_checkpoints(run_dir)[:-keep]:
+            shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+# --------------------------------------------------------------------------------------------
+# Reading
+# --------------------------------------------------------------------------------------------
+
+
+def load_file(path: str | os.PathLike) -> dict[str, Tensor]:
+    """The tensors of a safetensors file (never pickle); a damaged file is a ValueError naming it."""
+    try:
+        return _load_safetensors(str(path))
+    except SafetensorError as err:
+        raise ValueError(f"{path} is not a valid safetensors file ({err}); the checkpoint is damaged") from None
+
+
+def _read_json(path: Path, what: str) -> Any:
+    try:
+        return json.loads(path.read_bytes().decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as err:
+        raise ValueError(f"{path} is not valid JSON ({err}); the {what} is damaged") from None
+
+
+def read_model_config(folder: Path) -> ModelConfig:
+    """``folder/config.json`` as a ModelConfig; a damaged file is a ValueError naming it."""
+    path = folder / CONFIG_FILE
+    data = _read_json(path, "checkpoint")
+    try:
+        if not isinstance(data, dict):
+            raise TypeError(f"expected a JSON object, got {type(data).__name__}")
+        return ModelConfig.from_dict(data)
+    except (TypeError, ValueError) as err:
+        raise ValueError(f"{path} is not a valid model config ({err}); the checkpoint is damaged") from None
+
+
+def list_checkpoints(run_dir: str | os.PathLike) -> list[Path]:
+    """Complete-looking checkpoint folders of a run, oldest first (temporary folders excluded)."""
+    run_dir = Path(run_dir)
+    return sorted(p for p in run_dir.glob("step-*") if p.is_dir() and (p / CONFIG_FILE).is_file())
+
+
+def latest_checkpoint(run_dir: str | os.PathLike) -> Path | None:
+    """The checkpoint ``RUN_DIR/latest`` names, or None before the first save."""
+    pointer = Path(run_dir) / LATEST
+    if not pointer.is_file():
+        return None
+    try:
+        name = pointer.read_bytes().decode("utf-8").strip()
+    except UnicodeDecodeError:
+        raise ValueError(f"{pointer} is not a text file naming a checkpoint folder; the run directory is damaged") from None
+    if name != os.path.basename(name) or name in (".", "..") or "\\" in name or "\x00" in name:
+        raise ValueError(f"{pointer} names {name!r:.80}, which is not a folder of {run_dir}; refused")
+    path = Path(run_dir) / name
+    if not name or not (path / CONFIG_FILE).is_file():
+        raise FileNotFoundError(f"{pointer} names {name!r}, which is not a checkpoint folder in {run_dir}")
+    return path
+
+
+def resolve_checkpoint(path: str | os.PathLike) -> Path:
+    """A checkpoint folder from a checkpoint folder or a run directory (its ``latest``)."""
+    path = Path(path)
+    if (path / CONFIG_FILE).is_file() and (path / MODEL_FILE).is_file():
+        return path
+    if (path / LATEST).is_file():
+        return latest_checkpoint(path)  # type: ignore[return-value]
+    raise FileNotFoundError(
+        f"{path} is neither a checkpoint folder (with {CONFIG_FILE} and {MODEL_FILE}) nor a run "
+        f"directory with a {LATEST!r} pointer; pass the --out folder of `onnxformer train`"
+    )
+
+
+def tokenizer_path(path: str | os.PathLike) -> Path:
+    """The ``tokenizer.json`` of a checkpoint (or of a run directory's latest checkpoint)."""
+    file = resolve_checkpoint(path) / TOKENIZER_FILE
+    if not file.is_file():
+        raise FileNotFoundError(f"{file} is missing; the checkpoint is incomplete")
+    return file
+
+
+def load_model(path: str | os.PathLike, *, device: str | torch.device = "cpu") -> tuple[Transformer, ModelConfig]:
+    """Build the model of a checkpoint (or a run directory's latest) in eval mode."""
+    folder = resolve_checkpoint(path)
+    config = read_model_config(folder)
+    model = Transformer(config)
+    load_plain_state_dict(model, load_file(str(folder / MODEL_FILE)), source=str(folder / MODEL_FILE))
+    return model.to(device).eval(), config
+
+
+class TrainingState(NamedTuple):
+    folder: Path
+    trainer_state: dict[str, Any]
+    tensors: dict[str, Tensor]
+
+
+def load_training_state(path: str | os.PathLike) -> TrainingState:
+    folder = resolve_checkpoint(path)
+    state_file, tensor_file = folder / TRAINER_STATE_FILE, folder / TRAINING_STATE_FILE
+    for file in (state_file, tensor_file):
+        if not file.is_file():
+            raise FileNotFoundError(f"{file} is missing; this checkpoint cannot be resumed")
+    read_model_config(folder)  # resuming rebuilds the model from it: fail here, naming the file
+    state = _read_json(state_file, "checkpoint")
+    missing = [k for k in ("step", "train_config", "world_size", "optimizer", "rng") if not isinstance(state, dict) or k not in state]
+    if missing:
+        raise ValueError(f"{state_file} lacks {', '.join(missing)}; this checkpoint cannot be resumed")
+    return TrainingState(folder, state, load_file(tensor_file))
+
+
+__all__ = [
+    "CHECKPOINT_FILES", "CheckpointFiles", "TrainingState", "checkpoint_name", "latest_checkpoint",
+    "list_checkpoints", "load_file", "load_model", "load_optimizer_state", "load_plain_state_dict",
+    "load_training_state", "optimizer_state", "plain_state_dict", "read_model_config", "resolve_checkpoint",
+    "rng_state", "save_checkpoint", "set_rng_state", "tokenizer_path",
+]
