@@ -95,8 +95,11 @@ def run(args: argparse.Namespace) -> int:
     for n, job in enumerate(jobs, 1):
         print(f"[{n}/{len(jobs)}] {job.arch}: {job.task} on {job.data}", flush=True)
         steps = max(10, round(TASK_DEFAULTS[job.task].steps * args.steps_scale))
+        run_dir = out / job.arch / "run"
+        if run_dir.exists():  # quickstart's own scratch run: start fresh every time
+            shutil.rmtree(run_dir)
         started = time.perf_counter()
-        result = train(TrainConfig(arch=job.arch, task=job.task, data=job.data, out_dir=str(out / job.arch / "run"),
+        result = train(TrainConfig(arch=job.arch, task=job.task, data=job.data, out_dir=str(run_dir),
                                    steps=steps, seed=args.seed, progress=not args.no_progress))
         train_s = time.perf_counter() - started
         print(f"      exporting and validating ...", flush=True)

@@ -364,6 +364,12 @@ class Transformer(nn.Module):
             self.nsp_head = nn.Linear(c.d_model, 2)
             self.classifier = nn.Linear(c.d_model, c.num_labels) if c.num_labels else None
         self.apply(self._init_weights)
+        if c.arch == "encoder":
+            # The heads on the pooled state start at std 1/sqrt(D): with 0.02 the tanh pooler
+            # passes almost no signal and classification sits at chance for hundreds of steps.
+            for head in (self.pooler, self.nsp_head, self.classifier):
+                if head is not None:
+                    nn.init.normal_(head.weight, mean=0.0, std=c.d_model ** -0.5)
 
     @staticmethod
     def _init_weights(module: nn.Module) -> None:

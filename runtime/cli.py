@@ -60,7 +60,11 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         return int(_module(args.command).run(args) or 0)
-    except OnnxformerError as err:
+    except (OnnxformerError, ValueError, FileNotFoundError, NotADirectoryError, IsADirectoryError) as err:
+        # The project's errors, and invalid configs / data / paths (ValueError, DataError):
+        # the message names the problem and the fix; -v shows where it came from.
+        if args.verbose:
+            raise
         print(f"error: {err}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
