@@ -33,7 +33,8 @@ here from small grammars, seeded and identical in every process; nothing is down
   ``i did not think ...`` and ``i did not like ...`` flip, and with ``but``/``and`` the
   last clause decides (``but`` joins clauses of opposite polarity, so bag-of-words fails).
 - ``numbers`` (seq2seq): English number words to digits, 0..9999, e.g. ``"two thousand
-  forty"`` -> ``"2 0 4 0"``; 9,000/500/500 numbers, disjoint by number. Target digits are
+  forty"`` -> ``"2 0 4 0"``; 500 valid and 500 test numbers, disjoint from the training
+  numbers, which repeat short numbers (0..99 eight times, 100..999 twice). Target digits are
   separated by spaces so that every tokenizer gives one token per digit; the answer is
   ``int(target.replace(" ", ""))``.
 
@@ -220,11 +221,25 @@ def number_to_target(n: int) -> str:
     return " ".join(str(n))
 
 
+# Numbers by length: (low, high, held out per split, training repeats). Drawn uniformly, two
+# digits would be 1% of the data and a model would never learn "seventeen"; short numbers are
+# therefore repeated in training. Valid and test are disjoint from train by number.
+_NUMBER_BANDS = ((0, 100, 5, 8), (100, 1000, 50, 2), (1000, NUMBERS_LIMIT, 445, 1))
+
+
 def _numbers(seed: int) -> TaskData:
-    numbers = list(range(NUMBERS_LIMIT))
-    random.Random(seed).shuffle(numbers)
-    pairs = [PairExample(number_to_words(n), number_to_target(n)) for n in numbers]
-    return TaskData("seq2seq", train=pairs[1000:], valid=pairs[:500], test=pairs[500:1000])
+    rng = random.Random(seed)
+    train, valid, test = [], [], []
+    for low, high, held_out, repeats in _NUMBER_BANDS:
+        band = list(range(low, high))
+        rng.shuffle(band)
+        valid += band[:held_out]
+        test += band[held_out:2 * held_out]
+        train += band[2 * held_out:] * repeats
+    rng.shuffle(train)
+    pair = lambda n: PairExample(number_to_words(n), number_to_target(n))  # noqa: E731
+    return TaskData("seq2seq", train=[pair(n) for n in train], valid=[pair(n) for n in valid],
+                    test=[pair(n) for n in test])
 
 
 # Built-in: sentiment ----------------------------------------------------------------------------
@@ -479,7 +494,10 @@ def _read_lines(path: str | os.PathLike) -> list[str]:
         raise DataError("file not found; check the path", path)
     if not path.is_file():
         raise DataError("not a file; pass the path of a data file", path)
-    data = path.read_bytes()
+    try:
+        data = path.read_bytes()
+    except OSError as exc:
+        raise DataError(f"cannot read the file ({exc.strerror or exc})", path) from None
     nul = data.find(b"\x00")
     if nul >= 0:
         line = data.count(b"\n", 0, nul) + 1
@@ -587,6 +605,8 @@ def read_jsonl(
         except json.JSONDecodeError as exc:
             message = f"invalid JSON ({exc.msg} at column {exc.colno}); {_JSONL_HINT}"
             raise DataError(message, path, number) from None
+        except RecursionError:
+            raise DataError(f"JSON nested too deeply to read; {_JSONL_HINT}", path, number) from None
         if not isinstance(record, dict):
             raise DataError(
                 f"expected a JSON object with keys {', '.join(fields)}; "
@@ -744,6 +764,8 @@ def infer_kind(path: str | os.PathLike) -> str:
         except json.JSONDecodeError as exc:
             message = f"invalid JSON ({exc.msg} at column {exc.colno}); {_JSONL_HINT}"
             raise DataError(message, path, first) from None
+        except RecursionError:
+            raise DataError(f"JSON nested too deeply to read; {_JSONL_HINT}", path, first) from None
         keys = set(record) if isinstance(record, dict) else set()
     for kind in ("seq2seq", "classification", "text"):
         if set(_KIND_FIELDS[kind][1]) <= keys:
