@@ -10,7 +10,7 @@ import sys
 
 import pytest
 
-from conftest import ARTIFACTS
+from support import ARTIFACTS
 
 pytestmark = pytest.mark.runtime_only
 

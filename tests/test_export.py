@@ -19,7 +19,7 @@ from onnxformer.modeling.tokenizer import save_tokenizer  # noqa: E402
 from onnxformer.runtime.contract import graph_specs  # noqa: E402
 from onnxformer.runtime.manifest import Manifest, sha256_file  # noqa: E402
 
-from conftest import make_model  # noqa: E402
+from support import make_model  # noqa: E402
 
 ARCHS = ["encoder", "decoder", "encoder-decoder", "prefix-lm"]
 GRAPHS = {

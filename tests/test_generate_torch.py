@@ -9,7 +9,7 @@ torch = pytest.importorskip("torch", reason="needs the [train] extra (torch)")
 from onnxformer.modeling.generate import generate  # noqa: E402
 from onnxformer.runtime.generation import GenerationConfig  # noqa: E402
 
-from conftest import make_model  # noqa: E402
+from support import make_model  # noqa: E402
 
 DECODERS = ["decoder", "prefix-lm", "encoder-decoder"]
 PROMPTS = [[5, 9, 13, 2 + 20, 7], [11, 4], [8, 30, 31, 32, 33, 34, 35]]

@@ -172,7 +172,7 @@ def test_damaged_packages_are_refused(package_factory, tmp_path):
     (broken / "decoder.onnx").write_bytes((broken / "decoder.onnx").read_bytes()[:1000])
     with pytest.raises(PackageError, match="decoder.onnx.*truncated or altered"):
         rt.load(broken)
-    with pytest.raises(PackageError, match="could not load 'decoder.onnx'"):
+    with pytest.raises(PackageError, match="'decoder.onnx' is not a valid ONNX|could not load 'decoder.onnx'"):
         rt.load(broken, verify=False)  # garbage never reaches the user as an onnxruntime trace
     (broken / "decoder.onnx").unlink()
     with pytest.raises(PackageError, match="'decoder.onnx' is missing"):

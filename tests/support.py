@@ -1,0 +1,50 @@
+"""Shared test helpers: tiny models with real tokenizers, built on the spot (no downloads).
+
+Imported as `support` (pyproject sets pytest's pythonpath to tests/)."""
+
+from __future__ import annotations
+
+import functools
+import importlib.util
+from pathlib import Path
+
+
+HAS_TORCH = importlib.util.find_spec("torch") is not None
+REPO = Path(__file__).resolve().parents[1]
+ARTIFACTS = REPO / "artifacts"
+
+TEXTS = [
+    "the cat sat on the mat and the dog ran after it",
+    "one two three four five six seven eight nine ten",
+    "héllo wörld, naïve café — 你好，世界 🙂🚀\tend\nnew line",
+    "a quick brown fox jumps over the lazy dog",
+] * 10
+
+
+@functools.lru_cache(maxsize=None)
+def tiny_tokenizer(arch: str):
+    from onnxformer.modeling.tokenizer import train_tokenizer
+
+    return train_tokenizer(TEXTS, arch=arch, vocab_size=320)
+
+
+def make_model(arch: str, pos: str = "rope", *, seed: int = 0, **overrides):
+    """An untrained tiny model with a real tokenizer: (model, tokenizer)."""
+    import torch
+
+    from onnxformer.modeling.config import ModelConfig
+    from onnxformer.modeling.model import Transformer
+    from onnxformer.modeling.tokenizer import special_token_ids
+
+    tok = tiny_tokenizer(arch)
+    special = special_token_ids(tok)
+    kwargs = dict(
+        arch=arch, vocab_size=tok.get_vocab_size(), d_model=32, n_heads=4, n_kv_heads=2, n_layers=2,
+        d_ff=64, max_seq_len=96, pos_encoding=pos, pad_token_id=special["pad"],
+        bos_token_id=special["bos"], eos_token_id=special["eos"],
+    )
+    if arch == "encoder":
+        kwargs.update(type_vocab_size=2, num_labels=3, label_names=("negative", "neutral", "positive"))
+    kwargs.update(overrides)
+    torch.manual_seed(seed)
+    return Transformer(ModelConfig(**kwargs)).eval(), tok
