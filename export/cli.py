@@ -27,7 +27,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from .exporter import ExportOptions, export_checkpoint
+    from .exporter import ExportError, ExportOptions, export_checkpoint
 
     options = ExportOptions(
         opset=args.opset,
@@ -38,7 +38,10 @@ def run(args: argparse.Namespace) -> int:
         validate_generation=not args.skip_generation_check,
         fused_attention=args.fused_attention,
     )
-    report = export_checkpoint(args.checkpoint, args.out_dir, options)
+    try:
+        report = export_checkpoint(args.checkpoint, args.out_dir, options)
+    except OSError as err:  # the output folder cannot be written (permissions, a file in the way, disk full)
+        raise ExportError(f"cannot write the package to {args.out_dir!r}: {err}") from None
     m = report.manifest
     print(f"wrote {report.path} ({m.arch}, weights {m.weights}, opset {m.opset})")
     for variant, figures in report.validation.items():

@@ -21,11 +21,15 @@
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import errno
 import functools
+import glob
 import io
 import logging
 import os
 import shutil
+import sys
 import tempfile
 import warnings
 from dataclasses import dataclass, field
@@ -303,14 +307,58 @@ def _producers() -> dict[str, str]:
     return {"onnxformer": own, "torch": torch.__version__, "onnx": onnx.__version__, "onnxruntime": onnxruntime.__version__}
 
 
+def _exchange(a: Path, b: Path) -> bool:
+    """Swap two directories in one atomic step (Linux renameat2 RENAME_EXCHANGE).
+    False where the platform or file system cannot, and the caller falls back to two renames."""
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        renameat2 = ctypes.CDLL(None, use_errno=True).renameat2
+    except (OSError, AttributeError):  # no libc symbol (glibc < 2.28, musl)
+        return False
+    at_fdcwd, rename_exchange = -100, 2
+    if renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0:
+        return True
+    code = ctypes.get_errno()
+    if code in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP):
+        return False
+    raise OSError(code, os.strerror(code), str(b))
+
+
+def _remove_stale_temporaries(out_dir: Path) -> None:
+    """Delete `.NAME.tmp-PID-*` / `.NAME.old-PID` folders left by exports that were killed (their
+    process is gone). A live export's folders are left alone."""
+    for path in out_dir.parent.glob(glob.escape(f".{out_dir.name}.") + "*"):
+        kind, _, rest = path.name[len(out_dir.name) + 2:].partition("-")
+        pid = rest.split("-")[0]
+        if kind in ("tmp", "old") and pid.isdigit() and path.is_dir() and not _alive(int(pid)):
+            log.info("removing %s, left by an interrupted export", path)
+            shutil.rmtree(path, ignore_errors=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # PermissionError: someone else's live process
+        return True
+    return True
+
+
 def _replace_dir(tmp: Path, out_dir: Path) -> None:
-    """Move the finished package into place; an existing package is replaced only now."""
+    """Move the finished package into place; an existing package is replaced only now, in one
+    atomic exchange where the OS offers it (a kill at any moment leaves the old or the new
+    package at out_dir, and the other in the temporary folder, which the next export removes)."""
     if out_dir.exists():
         if not (out_dir / MANIFEST_FILE).is_file() and any(out_dir.iterdir()):
             raise ExportError(
                 f"{str(out_dir)!r} exists and is not an onnxformer package; refusing to replace it. "
                 "Choose an empty or new output directory."
             )
+        if _exchange(tmp, out_dir):
+            shutil.rmtree(tmp, ignore_errors=True)  # tmp now holds the previous package
+            return
         old = out_dir.with_name(f".{out_dir.name}.old-{os.getpid()}")
         os.replace(out_dir, old)
         os.replace(tmp, out_dir)
@@ -343,7 +391,11 @@ def export_model(
     fp32_specs = graph_specs(dims, "float32")
     special = _special_tokens(config, tokenizer_file)
 
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
+    _remove_stale_temporaries(out_dir)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-{os.getpid()}-", dir=out_dir.parent))
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes 0700; a package is meant to be read by services
     try:
         external: dict[str, tuple[str, ...]] = {}
         for name, spec in fp32_specs.items():
@@ -428,5 +480,9 @@ def export_checkpoint(
     """Export a training checkpoint (a run directory or one checkpoint directory)."""
     from onnxformer.modeling.checkpoint import load_model, tokenizer_path
 
-    model, _ = load_model(checkpoint)
-    return export_model(model, tokenizer_path(checkpoint), out_dir, options)
+    try:
+        model, _ = load_model(checkpoint)
+        tokenizer = tokenizer_path(checkpoint)
+    except (OSError, ValueError) as err:  # missing, damaged or foreign checkpoint: say which, no traceback
+        raise ExportError(f"cannot export {str(checkpoint)!r}: {err}") from None
+    return export_model(model, tokenizer, out_dir, options)

@@ -414,7 +414,8 @@ def load_training_state(path: str | os.PathLike) -> TrainingState:
             raise FileNotFoundError(f"{file} is missing; this checkpoint cannot be resumed")
     read_model_config(folder)  # resuming rebuilds the model from it: fail here, naming the file
     state = _read_json(state_file, "checkpoint")
-    missing = [k for k in ("step", "train_config", "world_size", "optimizer", "rng") if not isinstance(state, dict) or k not in state]
+    required = ("step", "train_config", "world_size", "optimizer", "rng")
+    missing = [k for k in required if not isinstance(state, dict) or k not in state]
     if missing:
         raise ValueError(f"{state_file} lacks {', '.join(missing)}; this checkpoint cannot be resumed")
     return TrainingState(folder, state, load_file(tensor_file))

@@ -5,12 +5,12 @@
     print(model.generate("twelve =", max_new_tokens=8)[0].text)
 """
 
-from .errors import ConfigError, InputError, OnnxformerError, PackageError, ProviderError
+from .errors import ConfigError, InputError, OnnxformerError, PackageError, ProviderError, RunError
 from .generation import GenerationConfig, GenerationOutput
 from .manifest import Manifest
 from .model import Classification, Generation, Model, load
 
 __all__ = [
     "load", "Model", "Manifest", "GenerationConfig", "GenerationOutput", "Generation", "Classification",
-    "OnnxformerError", "PackageError", "InputError", "ConfigError", "ProviderError",
+    "OnnxformerError", "PackageError", "InputError", "ConfigError", "ProviderError", "RunError",
 ]

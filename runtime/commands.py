@@ -50,7 +50,11 @@ def _texts(args: argparse.Namespace) -> list[str]:
         return args.texts
     if sys.stdin is None or sys.stdin.isatty():
         raise InputError("no input texts: pass them as arguments or pipe them on stdin (one per line)")
-    texts = [line.rstrip("\n") for line in sys.stdin if line.strip()]
+    try:
+        texts = [line.rstrip("\n") for line in sys.stdin if line.strip()]
+    except UnicodeDecodeError as err:
+        raise InputError(f"stdin is not valid UTF-8 ({err.reason} at byte {err.start} of a read block); "
+                         "pipe UTF-8 text, one input per line") from None
     if not texts:
         raise InputError("stdin had no non-empty lines; pass at least one text")
     return texts
@@ -79,7 +83,7 @@ def _inspect(args: argparse.Namespace) -> int:
     d = manifest.dims
     params = manifest.model_config.get("num_parameters")
     print(f"package      {directory}")
-    print(f"architecture {manifest.arch}" + (f"  ({params:,} parameters)" if params else ""))
+    print(f"architecture {manifest.arch}" + (f"  ({params:,} parameters)" if isinstance(params, int) else ""))
     print(f"dimensions   d_model {d.d_model}, heads {d.n_heads} (kv {d.n_kv_heads}), head size {d.d_head}, "
           f"decoder layers {d.n_layers}, vocab {d.vocab_size}, max_seq_len {manifest.max_seq_len}")
     print(f"weights      {manifest.weights} (float I/O {manifest.float_dtype}), opset {manifest.opset}")
@@ -97,9 +101,12 @@ def _inspect(args: argparse.Namespace) -> int:
                     print(f"  {kind}  ... ({len(tensors) - 7} more cache tensors)")
                 else:
                     print(f"  {kind}  {t.name:34s} {t.dtype:8s} [{', '.join(map(str, t.shape))}]")
-    for variant, figures in manifest.validation.items():
-        line = f"\nvalidation   {variant}: max |onnx - torch| {figures.get('worst_abs_diff', float('nan')):.2e}"
-        if "greedy_match" in figures:
+    for variant, figures in manifest.validation.items():  # free-form figures: show what has the expected type
+        worst = figures.get("worst_abs_diff") if isinstance(figures, dict) else None
+        if not isinstance(worst, (int, float)):
+            continue
+        line = f"\nvalidation   {variant}: max |onnx - torch| {worst:.2e}"
+        if "greedy_match" in figures and isinstance(figures.get("greedy_tokens_compared"), int):
             line += f", greedy {'matches' if figures['greedy_match'] else 'differs'} ({figures['greedy_tokens_compared']} tokens)"
         print(line.rstrip())
     return 0

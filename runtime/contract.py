@@ -69,6 +69,7 @@ GRAPHS_BY_ARCH: dict[str, tuple[str, ...]] = {
 }
 
 GRAPH_FILE = "{graph}.onnx"
+MAX_LAYERS = 4096  # sanity bound on Dims.n_layers: a damaged manifest must not allocate 10**30 specs
 
 # Symbolic axes -----------------------------------------------------------------------------
 BATCH = "batch"
@@ -186,6 +187,11 @@ class Dims:
                 raise PackageError(f"dims.{name} must be an integer >= 0; got {value!r}")
         if self.arch != "encoder" and self.n_layers == 0:
             raise PackageError(f"dims.n_layers must be >= 1 for arch {self.arch!r}; got 0")
+        if self.n_layers > MAX_LAYERS:  # the cache I/O lists 4 tensors per layer: refuse before building it
+            raise PackageError(f"dims.n_layers = {self.n_layers} is beyond any real model (limit {MAX_LAYERS}); "
+                               "the manifest is damaged")
+        if not isinstance(self.has_token_types, bool):
+            raise PackageError(f"dims.has_token_types must be true or false; got {self.has_token_types!r:.80}")
         if self.n_heads % self.n_kv_heads:
             raise PackageError(
                 f"dims.n_heads ({self.n_heads}) must be a multiple of n_kv_heads ({self.n_kv_heads})"
@@ -220,6 +226,8 @@ class Dims:
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> "Dims":
+        if not isinstance(data, Mapping):
+            raise PackageError(f"manifest dims must be a JSON object; got {type(data).__name__}. Re-export the package.")
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(data) - known)
         required = [f.name for f in dataclasses.fields(cls) if f.default is dataclasses.MISSING]
@@ -273,6 +281,10 @@ class TensorSpec:
             raise PackageError(
                 f"tensor spec must be an object with keys name, dtype, shape; got {data!r}. Re-export the package."
             )
+        if not isinstance(data["name"], str) or not isinstance(data["shape"], list):
+            raise PackageError(
+                f"tensor spec needs a string name and a list shape; got {data!r:.120}. Re-export the package."
+            )
         return cls(name=data["name"], dtype=data["dtype"], shape=tuple(data["shape"]))
 
 
@@ -322,6 +334,8 @@ class GraphSpec:
                 f"graph spec must be an object with keys name, file, inputs, outputs; got keys "
                 f"{sorted(data) if isinstance(data, Mapping) else type(data).__name__}. Re-export the package."
             )
+        if not isinstance(data["inputs"], list) or not isinstance(data["outputs"], list):
+            raise PackageError(f"graph spec {data['name']!r:.80}: inputs and outputs must be lists. Re-export the package.")
         return cls(
             name=data["name"],
             file=data["file"],

@@ -9,7 +9,9 @@ Hierarchy::
     ├── PackageError            bad, missing or damaged package (manifest, graph files, graph I/O)
     ├── InputError(ValueError)  bad user input (prompts, token ids, shapes)
     ├── ConfigError(ValueError) bad generation parameters
-    └── ProviderError           execution provider unavailable or failing to start
+    ├── ProviderError           execution provider unavailable or failing to start
+    └── RunError                onnxruntime failed while running a graph (out of memory, a graph
+                                damaged in a way the checks before running could not see)
 """
 
 from __future__ import annotations
@@ -35,4 +37,8 @@ class ProviderError(OnnxformerError):
     """An onnxruntime execution provider is not available or could not be initialised."""
 
 
-__all__ = ["OnnxformerError", "PackageError", "InputError", "ConfigError", "ProviderError"]
+class RunError(OnnxformerError):
+    """onnxruntime failed while running a graph that loaded (out of memory, a damaged graph)."""
+
+
+__all__ = ["OnnxformerError", "PackageError", "InputError", "ConfigError", "ProviderError", "RunError"]

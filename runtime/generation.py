@@ -179,6 +179,8 @@ class GenerationConfig:
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> "GenerationConfig":
+        if not isinstance(data, Mapping):
+            raise ConfigError(f"generation parameters must be a mapping {{name: value}}; got {type(data).__name__}")
         _reject_unknown(data)
         return cls(**data)
 
@@ -189,11 +191,11 @@ class GenerationConfig:
 
 def _reject_unknown(data: Mapping[str, Any]) -> None:
     known = [f.name for f in dataclasses.fields(GenerationConfig)]
-    unknown = sorted(set(data) - set(known))
+    unknown = sorted(set(data) - set(known), key=repr)  # key=repr: a key need not be a str
     if unknown:
         hints = []
         for name in unknown:
-            close = difflib.get_close_matches(name, known, n=1)
+            close = difflib.get_close_matches(name, known, n=1) if isinstance(name, str) else []
             hints.append(f"{name!r}" + (f" (did you mean {close[0]!r}?)" if close else ""))
         raise ConfigError(f"unknown generation parameter(s): {', '.join(hints)}; valid: {', '.join(known)}")
 
@@ -255,19 +257,31 @@ def left_pad(prompts: Sequence[Sequence[int]], pad_token_id: int) -> PaddedBatch
 
 
 def check_prompts(prompts: Sequence[Sequence[int]]) -> list[list[int]]:
-    if isinstance(prompts, (str, bytes)) or len(prompts) == 0:
+    if isinstance(prompts, (str, bytes)) or not hasattr(prompts, "__iter__") or not _sized(prompts):
         raise InputError(f"prompts must be a non-empty list of token id lists; got {prompts!r:.80}")
     rows = []
     for b, prompt in enumerate(prompts):
-        if isinstance(prompt, (str, bytes)) or _is_int(prompt):
+        if isinstance(prompt, (str, bytes)) or not hasattr(prompt, "__iter__") or _is_int(prompt):
             raise InputError(f"prompt {b} must be a list of token ids; got {prompt!r:.80}. Tokenize it first.")
-        row = [int(t) for t in prompt]
+        row = list(prompt)
+        bad = [t for t in row if not _is_int(t)]
+        if bad:
+            raise InputError(f"prompt {b} holds {bad[0]!r:.40}, which is not a token id; token ids are integers")
+        row = [int(t) for t in row]
         if not row:
             raise InputError(f"prompt {b} is empty; every prompt needs at least one token (e.g. bos)")
         if min(row) < 0:
             raise InputError(f"prompt {b} has a negative token id ({min(row)})")
         rows.append(row)
     return rows
+
+
+def _sized(items: Any) -> bool:
+    """True if ``items`` has a length > 0 (a 0-d numpy array has no length)."""
+    try:
+        return len(items) > 0
+    except TypeError:
+        return False
 
 
 def _step(model: StepModel, input_ids, position_ids, attention_mask, cache) -> StepResult:

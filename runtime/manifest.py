@@ -27,7 +27,8 @@ from pathlib import Path
 from typing import Any, Mapping
 
 from .contract import Dims, GraphSpec, graph_specs, graph_specs_from_dict
-from .errors import PackageError
+from .errors import ConfigError, PackageError
+from .generation import GenerationConfig
 
 FORMAT_NAME = "onnxformer-package"
 FORMAT_VERSION = 1
@@ -70,7 +71,10 @@ class FileEntry:
     @classmethod
     def from_dict(cls, data: Any, what: str) -> "FileEntry":
         _require(data, ("file", "sha256", "bytes"), what)
-        return cls(_plain_name(data["file"], f"{what} file"), str(data["sha256"]), int(data["bytes"]))
+        sha256 = data["sha256"]
+        if not isinstance(sha256, str) or len(sha256) != 64 or any(c not in "0123456789abcdef" for c in sha256):
+            raise PackageError(f"{what} sha256 must be 64 lowercase hex digits; got {sha256!r:.80}. Re-export the package")
+        return cls(_plain_name(data["file"], f"{what} file"), sha256, _integer(data, "bytes", what, minimum=0))
 
     @classmethod
     def of(cls, directory: Path, name: str) -> "FileEntry":
@@ -98,7 +102,10 @@ class GraphEntry:
         _require(data, ("file", "sha256", "bytes", "inputs", "outputs"), what)
         spec = graph_specs_from_dict({name: {k: data[k] for k in ("file", "inputs", "outputs")} | {"name": name}})[name]
         file = FileEntry.from_dict({k: data[k] for k in ("file", "sha256", "bytes")}, what)
-        external = tuple(FileEntry.from_dict(e, f"{what}.external_data") for e in data.get("external_data", []))
+        external_data = data.get("external_data", [])
+        if not isinstance(external_data, list):
+            raise PackageError(f"{what}.external_data must be a list of file entries; got {type(external_data).__name__}")
+        external = tuple(FileEntry.from_dict(e, f"{what}.external_data") for e in external_data)
         return cls(spec, file, external)
 
 
@@ -108,6 +115,33 @@ def _require(data: Any, keys: tuple[str, ...], what: str) -> None:
     missing = [k for k in keys if k not in data]
     if missing:
         raise PackageError(f"{what} is missing field(s) {', '.join(missing)}; re-export the package")
+
+
+def _integer(data: Mapping[str, Any], key: str, what: str, *, minimum: int) -> int:
+    value = data[key]
+    if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
+        raise PackageError(f"{what} {key} must be an integer >= {minimum}; got {value!r:.80}. Re-export the package")
+    return value
+
+
+def _object(data: Mapping[str, Any], key: str, what: str = "manifest") -> dict[str, Any]:
+    value = data.get(key, {})
+    if not isinstance(value, Mapping):
+        raise PackageError(f"{what} {key} must be a JSON object; got {type(value).__name__}. Re-export the package")
+    return dict(value)
+
+
+def _label_names(value: Any, num_labels: int) -> tuple[str, ...]:
+    if not isinstance(value, list) or not all(isinstance(v, str) and v for v in value):
+        raise PackageError(f"manifest label_names must be a list of non-empty strings; got {value!r:.80}")
+    if value and len(value) != num_labels:
+        raise PackageError(
+            f"manifest label_names has {len(value)} name(s) but the model has {num_labels} label(s); "
+            "re-export the package"
+        )
+    if len(set(value)) != len(value):
+        raise PackageError(f"manifest label_names has duplicates: {value!r:.120}")
+    return tuple(value)
 
 
 @dataclass(frozen=True)
@@ -148,10 +182,22 @@ class Manifest:
         if missing:
             raise PackageError(f"manifest special_tokens is missing role(s) {', '.join(missing)}")
         for role, value in self.special_tokens.items():
-            if not isinstance(value, int) or not -1 <= value < self.dims.vocab_size:
+            if not isinstance(value, int) or isinstance(value, bool) or not -1 <= value < self.dims.vocab_size:
                 raise PackageError(
-                    f"manifest special_tokens.{role} = {value!r} is outside [-1, vocab_size={self.dims.vocab_size})"
+                    f"manifest special_tokens.{role} = {value!r:.80} is outside [-1, vocab_size={self.dims.vocab_size})"
                 )
+        if self.arch == "encoder-decoder" and self.special_tokens["decoder_start"] < 0:
+            raise PackageError("manifest special_tokens.decoder_start is -1, but an encoder-decoder model needs a "
+                               "decoder start token; re-export the package")
+        if self.generation:
+            try:
+                defaults = GenerationConfig.from_dict(self.generation)
+            except ConfigError as err:
+                raise PackageError(f"manifest generation defaults are invalid: {err}. Re-export the package") from None
+            ids = [*defaults.eos_token_ids, defaults.pad_token_id]
+            if max(ids) >= self.dims.vocab_size:
+                raise PackageError(f"manifest generation token ids {ids} are outside vocab_size "
+                                   f"{self.dims.vocab_size}; re-export the package")
 
     # Serialisation --------------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
@@ -178,9 +224,11 @@ class Manifest:
     def from_dict(cls, data: Any) -> "Manifest":
         _require(data, ("format", "format_version"), "manifest")
         if data["format"] != FORMAT_NAME:
-            raise PackageError(f"manifest format is {data['format']!r}, expected {FORMAT_NAME!r}: not an onnxformer package")
+            raise PackageError(
+                f"manifest format is {data['format']!r:.80}, expected {FORMAT_NAME!r}: not an onnxformer package"
+            )
         version = data["format_version"]
-        if version not in SUPPORTED_FORMAT_VERSIONS:
+        if isinstance(version, bool) or version not in SUPPORTED_FORMAT_VERSIONS:
             raise PackageError(
                 f"package format_version {version!r} is not supported by this runtime "
                 f"(supported: {', '.join(map(str, SUPPORTED_FORMAT_VERSIONS))}); "
@@ -189,26 +237,28 @@ class Manifest:
         required = ("arch", "dims", "max_seq_len", "float_dtype", "weights", "special_tokens", "label_names",
                     "generation", "tokenizer", "graphs", "opset", "producer")
         _require(data, required, "manifest")
-        if not isinstance(data["graphs"], Mapping):
-            raise PackageError("manifest graphs must be a JSON object {graph name: entry}")
-        dims = Dims.from_dict(data["dims"])
+        graphs = _object(data, "graphs")
+        dims = Dims.from_dict(_object(data, "dims"))
         if dims.arch != data["arch"]:
-            raise PackageError(f"manifest arch {data['arch']!r} disagrees with dims.arch {dims.arch!r}")
+            raise PackageError(f"manifest arch {data['arch']!r:.80} disagrees with dims.arch {dims.arch!r}")
+        for key in ("float_dtype", "weights"):
+            if not isinstance(data[key], str):
+                raise PackageError(f"manifest {key} must be a string; got {data[key]!r:.80}. Re-export the package")
         return cls(
             arch=data["arch"],
             dims=dims,
-            max_seq_len=int(data["max_seq_len"]),
+            max_seq_len=_integer(data, "max_seq_len", "manifest", minimum=1),
             float_dtype=data["float_dtype"],
             weights=data["weights"],
-            special_tokens={str(k): v for k, v in dict(data["special_tokens"]).items()},
-            label_names=tuple(data["label_names"]),
-            generation=dict(data["generation"]),
+            special_tokens=_object(data, "special_tokens"),
+            label_names=_label_names(data["label_names"], dims.num_labels),
+            generation=_object(data, "generation"),
             tokenizer=FileEntry.from_dict(data["tokenizer"], "manifest tokenizer"),
-            graphs={name: GraphEntry.from_dict(name, entry) for name, entry in data["graphs"].items()},
-            opset=int(data["opset"]),
-            producer=dict(data["producer"]),
-            validation=dict(data.get("validation", {})),
-            model_config=dict(data.get("model_config", {})),
+            graphs={name: GraphEntry.from_dict(name, entry) for name, entry in graphs.items()},
+            opset=_integer(data, "opset", "manifest", minimum=1),
+            producer=_object(data, "producer"),
+            validation=_object(data, "validation"),
+            model_config=_object(data, "model_config"),
             format_version=version,
         )
 
@@ -226,8 +276,10 @@ class Manifest:
         if not path.is_file():
             raise PackageError(f"{str(path)!r} is missing: {str(directory)!r} is not an onnxformer package")
         try:
-            data = json.loads(path.read_text(encoding="utf-8"))
-        except (UnicodeDecodeError, json.JSONDecodeError) as err:
+            data = json.loads(path.read_bytes().decode("utf-8"))
+        except OSError as err:
+            raise PackageError(f"cannot read {str(path)!r}: {err.strerror or err}") from None
+        except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as err:
             raise PackageError(f"{str(path)!r} is not valid JSON ({err}); the package is damaged, re-export it") from None
         return cls.from_dict(data)
 
@@ -253,7 +305,10 @@ class Manifest:
                     f"package file {entry.file!r} has {size} bytes, the manifest says {entry.bytes}: "
                     "it was truncated or altered; re-export the package"
                 )
-            digest = sha256_file(path)
+            try:
+                digest = sha256_file(path)
+            except OSError as err:
+                raise PackageError(f"cannot read package file {entry.file!r}: {err.strerror or err}") from None
             if digest != entry.sha256:
                 raise PackageError(
                     f"package file {entry.file!r} has sha256 {digest[:16]}..., the manifest says "

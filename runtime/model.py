@@ -22,6 +22,7 @@ from typing import Any, Iterator, Sequence
 
 import numpy as np
 import onnxruntime as ort
+from onnxruntime.capi import onnxruntime_pybind11_state as _ort_state
 from tokenizers import Tokenizer
 
 from . import generation as gen
@@ -41,13 +42,17 @@ from .contract import (
     past_name_for,
     self_cache_names,
 )
-from .errors import InputError, PackageError, ProviderError
+from .errors import ConfigError, InputError, PackageError, ProviderError, RunError
+from .safety import check_external_data
 from .generation import GenerationConfig, GenerationOutput
 from .manifest import Manifest
 
 log = logging.getLogger(__name__)
 
 PROVIDERS = {"cpu": ("CPUExecutionProvider", "cpu"), "cuda": ("CUDAExecutionProvider", "cuda")}
+MAX_SEQUENCES_PER_PROMPT = 4096  # num_beams / num_return_sequences above this are refused, not allocated
+# What onnxruntime raises from InferenceSession.run (Fail, InvalidArgument, RuntimeException, ...).
+ORT_ERRORS = tuple(v for v in vars(_ort_state).values() if isinstance(v, type) and issubclass(v, Exception))
 
 
 @dataclass(frozen=True)
@@ -89,6 +94,8 @@ def truncate_keeping_specials(ids: Sequence[int], special_mask: Sequence[int], l
 
 
 def _resolve_provider(provider: str) -> tuple[str, str]:
+    if provider is not None and not isinstance(provider, str):
+        raise ProviderError(f"provider must be one of {', '.join(PROVIDERS)}; got {provider!r:.60}")
     key = provider.lower().removesuffix("executionprovider") if provider else "cpu"
     if key not in PROVIDERS:
         raise ProviderError(f"provider must be one of {', '.join(PROVIDERS)}; got {provider!r}")
@@ -162,10 +169,25 @@ class Model:
                 raise InputError(f"{what}[{i}] must be a string; got {type(text).__name__} ({text!r:.60})")
             if not text:
                 raise InputError(f"{what}[{i}] is empty; pass non-empty text")
+            if not text.isascii():
+                try:
+                    text.encode("utf-8")
+                except UnicodeEncodeError as err:  # a lone surrogate, e.g. from a bad decode upstream
+                    raise InputError(
+                        f"{what}[{i}] is not valid Unicode ({err.reason} at character {err.start}); "
+                        "decode your input with errors='replace'"
+                    ) from None
         return texts
+
+    @staticmethod
+    def _batch_size(batch_size: Any) -> int:
+        if not isinstance(batch_size, (int, np.integer)) or isinstance(batch_size, bool) or batch_size < 1:
+            raise InputError(f"batch_size must be an integer >= 1; got {batch_size!r:.60}")
+        return int(batch_size)
 
     def encode(self, texts: Sequence[str], *, truncate: bool = False, reserve: int = 0) -> list[list[int]]:
         """Token ids with the package's special-token template (what the model was trained on)."""
+        texts = self._texts(texts, "encode texts")
         limit = self.manifest.max_seq_len - reserve
         rows = []
         for i, enc in enumerate(self.tokenizer.encode_batch(list(texts))):
@@ -185,6 +207,17 @@ class Model:
         return rows
 
     def decode(self, ids: Sequence[int]) -> str:
+        """Text of token ids (special tokens dropped); ids must be integers in [0, vocab_size)."""
+        if isinstance(ids, (str, bytes)) or not hasattr(ids, "__iter__"):
+            raise InputError(f"decode() takes a list of token ids; got {type(ids).__name__}")
+        ids = list(ids)
+        bad = [t for t in ids if not gen._is_int(t) or not 0 <= t < self.dims.vocab_size]
+        if bad:
+            raise InputError(f"decode(): {bad[0]!r:.40} is not a token id of this model (integers in "
+                             f"[0, {self.dims.vocab_size}))")
+        return self._decode(ids)
+
+    def _decode(self, ids: Sequence[int]) -> str:  # generation's decode: ids come from the model
         return self.tokenizer.decode(list(ids), skip_special_tokens=True)
 
     # ---------------------------------------------------------------------------------------
@@ -226,12 +259,15 @@ class Model:
     def _run_encoder(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         session = self.sessions[ENCODER]
         names = [o.name for o in session.get_outputs()]
-        return dict(zip(names, session.run(names, feeds)))
+        try:
+            return dict(zip(names, session.run(names, feeds)))
+        except ORT_ERRORS as err:
+            raise _run_error(err, self.manifest.graphs[ENCODER].file.file) from None
 
     def classify(self, texts: str | Sequence[str], *, batch_size: int = 32, truncate: bool = False) -> list[Classification]:
         """Label, score and every label's probability per text."""
         self._require(self.can_classify, "classify", "an encoder package with a classification head")
-        texts = self._texts(texts, "classify texts")
+        texts, batch_size = self._texts(texts, "classify texts"), self._batch_size(batch_size)
         labels = self.label_names or tuple(f"LABEL_{i}" for i in range(self.dims.num_labels))
         results = []
         for feeds in self._encoder_batches(texts, batch_size, truncate):
@@ -249,7 +285,7 @@ class Model:
         self._require(ENCODER in self.sessions, "embed", "a package with an encoder")
         if pooling not in ("mean", "cls"):
             raise InputError(f"pooling must be 'mean' or 'cls'; got {pooling!r}")
-        texts = self._texts(texts, "embed texts")
+        texts, batch_size = self._texts(texts, "embed texts"), self._batch_size(batch_size)
         out = []
         for feeds in self._encoder_batches(texts, batch_size, truncate):
             hidden = self._run_encoder(feeds)[LAST_HIDDEN_STATE].astype(np.float32)  # (B, S, D)
@@ -274,6 +310,11 @@ class Model:
         `pad_token_id` take the package's values (a config built without knowing the tokenizer
         still stops at its eos), then `overrides`.
         """
+        if config is not None and not isinstance(config, GenerationConfig):
+            raise ConfigError(
+                f"config must be a GenerationConfig or None; got {type(config).__name__}. "
+                "Build one with GenerationConfig(...) or GenerationConfig.from_dict(...), or pass keyword overrides"
+            )
         package = dict(self.manifest.generation)
         if config is None:
             merged = package
@@ -300,6 +341,14 @@ class Model:
         top = max(max(r) for r in rows)
         if top >= self.dims.vocab_size:
             raise InputError(f"token id {top} is out of range for this model's vocabulary (size {self.dims.vocab_size})")
+        if config.strategy == "beam" and config.num_beams > self.dims.vocab_size:
+            raise ConfigError(f"num_beams ({config.num_beams}) must be <= the vocabulary size ({self.dims.vocab_size})")
+        per_prompt = max(config.num_beams, config.num_return_sequences)
+        if per_prompt > MAX_SEQUENCES_PER_PROMPT:  # refused before numpy tries to allocate the rows
+            raise ConfigError(
+                f"{per_prompt} beams or sequences per prompt is more than {MAX_SEQUENCES_PER_PROMPT}; "
+                "lower num_beams / num_return_sequences, or call generate several times with different seeds"
+            )
         longest = max(len(r) for r in rows)
         extra = config.max_new_tokens if self.arch != "encoder-decoder" else 0
         if longest + extra > self.manifest.max_seq_len or config.max_new_tokens >= self.manifest.max_seq_len:
@@ -320,10 +369,14 @@ class Model:
                      rng: np.random.Generator | None = None) -> GenerationOutput:
         """Generation on token ids (the source ids for encoder-decoder packages)."""
         self._require(self.can_generate, "generate", "a decoder-only, prefix-lm or encoder-decoder package")
-        config = config if config is not None else self.generation_config()
+        config = config if isinstance(config, GenerationConfig) else self.generation_config(config)
+        _check_rng(rng)
         rows = self._check_ids(prompts, config)
         steps, decoder_prompts = self._steps(rows)
-        return gen.generate(steps, decoder_prompts, config, rng=rng, decode=self.decode)
+        try:
+            return gen.generate(steps, decoder_prompts, config, rng=rng, decode=self._decode)
+        except ORT_ERRORS as err:
+            raise _run_error(err, "the generation graphs") from None
 
     def generate(self, prompts: str | Sequence[str], config: GenerationConfig | None = None, *,
                  truncate: bool = False, rng: np.random.Generator | None = None,
@@ -332,6 +385,7 @@ class Model:
         self._require(self.can_generate, "generate", "a decoder-only, prefix-lm or encoder-decoder package")
         texts = self._texts(prompts, "generate prompts")
         config = self.generation_config(config, **overrides)
+        _check_rng(rng)
         ids = self._prompt_ids(texts, config, truncate)
         out = self.generate_ids(ids, config, rng=rng)
         return [
@@ -347,9 +401,31 @@ class Model:
             raise InputError(f"stream() takes one prompt string; got {type(prompt).__name__}")
         self._texts([prompt], "stream prompt")
         config = self.generation_config(config, **overrides)
+        _check_rng(rng)
         ids = self._check_ids(self._prompt_ids([prompt], config, truncate), config)
         steps, decoder_prompts = self._steps(ids)
-        return gen.stream(steps, decoder_prompts[0], config, self.decode, rng=rng)
+        return _guarded(gen.stream(steps, decoder_prompts[0], config, self._decode, rng=rng))
+
+
+def _guarded(pieces: Iterator[str]) -> Iterator[str]:
+    try:
+        yield from pieces
+    except ORT_ERRORS as err:
+        raise _run_error(err, "the generation graphs") from None
+
+
+def _run_error(err: Exception, what: str) -> RunError:
+    first = str(err).strip().splitlines()[0][:300] if str(err).strip() else type(err).__name__
+    return RunError(
+        f"onnxruntime failed while running {what}: {first}. If memory ran out, lower the batch size, "
+        "num_beams or max_new_tokens; otherwise the package is damaged: re-export it"
+    )
+
+
+def _check_rng(rng: Any) -> None:
+    if rng is not None and not isinstance(rng, np.random.Generator):
+        raise ConfigError(f"rng must be a numpy.random.Generator or None; got {type(rng).__name__}. "
+                          "Use numpy.random.default_rng(seed), or pass seed=...")
 
 
 class _DecoderSteps:
@@ -419,26 +495,49 @@ class _DecoderSteps:
         return {name: self._value(value.numpy()[indices]) for name, value in cache.items()}
 
 
+def _tokenizer(directory: Path, manifest: Manifest) -> Tokenizer:
+    """The package's tokenizer, checked against the model: every id it can produce must index
+    the vocabulary (a model may have more rows than the tokenizer has tokens, never fewer),
+    and every special token id of the manifest must be a token of the tokenizer."""
+    name = manifest.tokenizer.file
+    try:
+        tokenizer = Tokenizer.from_file(str(directory / name))
+    except Exception as err:  # tokenizers raises a bare Exception for unreadable or malformed files
+        raise PackageError(f"tokenizer {name!r} could not be loaded ({str(err)[:200]}); re-export the package") from None
+    vocab = manifest.dims.vocab_size
+    top = max(tokenizer.get_vocab(with_added_tokens=True).values(), default=-1)
+    if top >= vocab:
+        raise PackageError(
+            f"tokenizer {name!r} produces token ids up to {top} but the model's vocabulary has {vocab} entries "
+            f"(ids 0..{vocab - 1}): the tokenizer does not belong to this model; re-export the package with the "
+            "tokenizer the model was trained with"
+        )
+    unknown = {role: i for role, i in manifest.special_tokens.items() if i >= 0 and tokenizer.id_to_token(i) is None}
+    if unknown:
+        raise PackageError(
+            f"manifest special_tokens {unknown} are not tokens of {name!r}: the tokenizer does not belong to "
+            "this model; re-export the package"
+        )
+    return tokenizer
+
+
 def load(package_dir: str | os.PathLike, *, provider: str = "cpu", threads: int | None = None,
          verify: bool = True) -> Model:
     """Open a package: read and check the manifest, verify checksums, open one session per
     graph on `provider` ("cpu" or "cuda") and check each session's I/O against the contract."""
+    if not isinstance(package_dir, (str, os.PathLike)):
+        raise PackageError(f"package_dir must be a path (str or os.PathLike); got {type(package_dir).__name__}")
+    if threads is not None and (not isinstance(threads, int) or isinstance(threads, bool) or not 0 <= threads <= 1024):
+        raise InputError(f"threads must be None (onnxruntime's choice) or an integer in [0, 1024]; got {threads!r:.60}")
     directory = Path(package_dir)
     provider_name, device = _resolve_provider(provider)
     manifest = Manifest.load(directory)
     if verify:
         manifest.verify_files(directory)
-    try:
-        tokenizer = Tokenizer.from_file(str(directory / manifest.tokenizer.file))
-    except Exception as err:
-        raise PackageError(f"tokenizer {manifest.tokenizer.file!r} could not be loaded ({err}); re-export the package") from None
-    if tokenizer.get_vocab_size(with_added_tokens=True) > manifest.dims.vocab_size:
-        raise PackageError(
-            f"tokenizer has {tokenizer.get_vocab_size(with_added_tokens=True)} tokens but the model's vocabulary "
-            f"is {manifest.dims.vocab_size}: they do not belong together; re-export the package"
-        )
+    tokenizer = _tokenizer(directory, manifest)
     sessions = {}
     for name, entry in manifest.graphs.items():
+        check_external_data(directory / entry.file.file, [e.file for e in entry.external_data])
         session = _session(directory / entry.file.file, provider_name, threads)
         check_session_io(entry.spec, session.get_inputs(), session.get_outputs())
         sessions[name] = session
