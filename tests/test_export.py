@@ -85,7 +85,9 @@ def test_llama_style_blocks_export(tmp_path, arch):
 
 def test_manifest_contents(package_factory):
     model, tok, report = package_factory("encoder-decoder")
-    assert os.stat(report.path).st_mode & 0o005 == 0o005 or os.umask(0o022) & 0o005  # readable by services
+    umask = os.umask(0)
+    os.umask(umask)
+    assert os.stat(report.path).st_mode & 0o777 == 0o777 & ~umask  # not mkdtemp's 0700: services read it
     data = json.loads((report.path / "manifest.json").read_text())
     assert data["format"] == "onnxformer-package" and data["format_version"] == 1
     assert data["dims"] == {"arch": "encoder-decoder", "n_layers": 2, "n_heads": 4, "n_kv_heads": 2, "d_head": 8,
