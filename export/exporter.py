@@ -40,6 +40,7 @@ import numpy as np
 import onnx
 import torch
 
+from onnxformer.modeling.checkpoint import pid_alive
 from onnxformer.modeling.config import ModelConfig
 from onnxformer.modeling.model import Attention, Transformer
 from onnxformer.runtime.contract import CROSS_ATTENTION, Dims, graph_specs
@@ -331,19 +332,9 @@ def _remove_stale_temporaries(out_dir: Path) -> None:
     for path in out_dir.parent.glob(glob.escape(f".{out_dir.name}.") + "*"):
         kind, _, rest = path.name[len(out_dir.name) + 2:].partition("-")
         pid = rest.split("-")[0]
-        if kind in ("tmp", "old") and pid.isdigit() and path.is_dir() and not _alive(int(pid)):
+        if kind in ("tmp", "old") and pid.isdigit() and path.is_dir() and not pid_alive(int(pid)):
             log.info("removing %s, left by an interrupted export", path)
             shutil.rmtree(path, ignore_errors=True)
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except OSError:  # PermissionError: someone else's live process
-        return True
-    return True
 
 
 def _replace_dir(tmp: Path, out_dir: Path) -> None:

@@ -270,12 +270,13 @@ def _remove_stale_temporaries(run_dir: Path) -> None:
     writer's folder, or one without a PID in its name, is left alone."""
     for path in run_dir.glob(".step-*.tmp"):
         parts = path.name.split(".")  # ["", "step-NNNNNN", PID, random, "tmp"]
-        if len(parts) == 5 and parts[2].isdigit() and path.is_dir() and not _alive(int(parts[2])):
+        if len(parts) == 5 and parts[2].isdigit() and path.is_dir() and not pid_alive(int(parts[2])):
             logger.info("removing %s, left by an interrupted save", path)
             shutil.rmtree(path, ignore_errors=True)
 
 
-def _alive(pid: int) -> bool:
+def pid_alive(pid: int) -> bool:
+    """Whether a process with this PID exists (a writer that may still own its temporary folder)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
