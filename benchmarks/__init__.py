@@ -1,0 +1,1 @@
+"""Benchmark suite of onnxformer against its peers (see benchmarks/RESULTS.md). Not installed."""

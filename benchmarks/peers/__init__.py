@@ -1,0 +1,1 @@
+"""Scripts run inside the peer environments (.venv-bench-*): HF transformers, Optimum, onnxruntime-genai."""
