@@ -441,6 +441,7 @@ class _DecoderSteps:
         self.device = model.device
         self.sources = sources
         self.vocab_size = model.dims.vocab_size
+        self._self_past = {past for _, past in model._self_cache}  # the only entries that grow per step
         self.output_names = [o.name for o in self.session.get_outputs()]
 
     def _value(self, array: np.ndarray) -> ort.OrtValue:
@@ -450,6 +451,7 @@ class _DecoderSteps:
         dims, dtype = self.model.dims, self.model.float_dtype
         empty = np.zeros((batch_size, dims.n_kv_heads, 0, dims.d_head), dtype=dtype)  # (B, Hkv, P=0, Dh)
         cache: dict[str, Any] = {past: self._value(empty) for _, past in self.model._self_cache}
+        self._source_of_row = np.arange(batch_size)  # which input each row encodes (encoder-decoder)
         if self.sources is not None:
             if batch_size != len(self.sources):
                 raise AssertionError(f"init_cache({batch_size}) for {len(self.sources)} sources")
@@ -491,8 +493,17 @@ class _DecoderSteps:
         return gen.StepResult(logits.astype(np.float32, copy=False), new_cache)
 
     def reorder_cache(self, cache: dict[str, Any], indices: np.ndarray) -> dict[str, Any]:
+        """Gather rows of the self-attention cache. The encoder K/V and mask depend only on the
+        input a row belongs to: they are gathered only when that changes (the expansion to
+        beams or samples), never on beam search's per-step reorders within a prompt."""
         indices = np.asarray(indices, dtype=np.int64)
-        return {name: self._value(value.numpy()[indices]) for name, value in cache.items()}
+        sources = self._source_of_row[indices]
+        keep_encoder = np.array_equal(sources, self._source_of_row)
+        self._source_of_row = sources
+        return {
+            name: value if keep_encoder and name not in self._self_past else self._value(value.numpy()[indices])
+            for name, value in cache.items()
+        }
 
 
 def _tokenizer(directory: Path, manifest: Manifest) -> Tokenizer:
