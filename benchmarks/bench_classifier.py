@@ -2,8 +2,9 @@
 
     python benchmarks/bench_classifier.py [--quick] [--tiny] [--engines ...]
 
-Engines: onnxformer fp32 and int8 (`model.classify(texts)`, tokenization included; the raw
-encoder session.run on the same ids is reported beside it), torch-eager (our modeling);
+Engines: onnxformer fp32, int8 (weight-only MatMulNBits) and int8-dynamic (int8 weights and
+activations) (`model.classify(texts)`, tokenization included; the raw encoder session.run on
+the same ids is reported beside it), torch-eager (our modeling);
 with the peer environments: hf-eager (BertForSequenceClassification) and optimum
 (ORTModelForSequenceClassification, fp32 and dynamic int8 by ORTQuantizer). The peers are
 timed on token ids (no tokenizer). Labels and logits are compared with torch-eager's.

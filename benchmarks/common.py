@@ -354,22 +354,31 @@ def ort_session_options(settings: Settings):
     return options
 
 
-def step_floor(session, past: int, repeats: int) -> dict[str, float]:
+def step_floor(session, past: int, repeats: int, capacity: int | None = None) -> dict[str, float]:
     """One decode step of a decoder session (batch 1, one new token after `past` cached ones),
     inputs prepared in advance: the floor any Python loop around this session sits on.
 
     run_ms: session.run(None, numpy feeds) (outputs copied to numpy);
     iobinding_ms: run_with_iobinding on a prebound binding (outputs left in ORT buffers).
     Works for any session with input_ids / attention_mask / position_ids and
-    past_key_values.* inputs shaped (B, Hkv, P, Dh) (ours and Optimum's).
+    past_key_values.* inputs shaped (B, Hkv, P, Dh) (ours "concat" and Optimum's), and for
+    our "shared" layout (sequence_lengths; buffers of capacity `capacity`, bound in place for
+    iobinding_ms as the runtime binds them).
     """
     import numpy as np
     import onnxruntime as ort
 
     rng = np.random.default_rng(0)
     feeds = {}
+    shared = any(inp.name == "sequence_lengths" for inp in session.get_inputs())
     for inp in session.get_inputs():
-        if inp.name == "input_ids":
+        if shared and inp.name == "sequence_lengths":
+            feeds[inp.name] = np.array([past + 1], dtype=np.int64)
+        elif shared and inp.name.startswith("past_key_values"):
+            _, heads, _, head_size = inp.shape
+            dtype = np.float16 if "float16" in inp.type else np.float32
+            feeds[inp.name] = rng.standard_normal((1, heads, max(capacity or 0, past + 1), head_size)).astype(dtype)
+        elif inp.name == "input_ids":
             feeds[inp.name] = np.array([[7]], dtype=np.int64)
         elif inp.name == "attention_mask":
             feeds[inp.name] = np.ones((1, past + 1), dtype=np.int64)
@@ -383,10 +392,15 @@ def step_floor(session, past: int, repeats: int) -> dict[str, float]:
             raise ValueError(f"step_floor does not know how to fill input {inp.name!r}")
     plain, _ = measure(lambda: session.run(None, feeds), warmup=5, repeats=repeats)
     binding = session.io_binding()
-    for name, value in feeds.items():
-        binding.bind_ortvalue_input(name, ort.OrtValue.ortvalue_from_numpy(value, "cpu", 0))
+    values = {name: ort.OrtValue.ortvalue_from_numpy(value, "cpu", 0) for name, value in feeds.items()}
+    for name, value in values.items():
+        binding.bind_ortvalue_input(name, value)
     for out in session.get_outputs():
-        binding.bind_output(out.name, "cpu")
+        past_name = out.name.replace("present", "past_key_values", 1)
+        if shared and past_name in values:
+            binding.bind_ortvalue_output(out.name, values[past_name])  # the same buffer: in place
+        else:
+            binding.bind_output(out.name, "cpu")
     bound, _ = measure(lambda: session.run_with_iobinding(binding), warmup=5, repeats=repeats)
     return {"past": past, "batch": 1, "run_ms": plain.median * 1e3, "iobinding_ms": bound.median * 1e3,
             "run_spread_ms": [plain.min * 1e3, plain.max * 1e3]}

@@ -58,9 +58,9 @@ def _inputs(case: dict[str, Any], settings: Settings) -> tuple[list[list[int]], 
 
 def split_per_step(model, prompts, new_tokens: int, repeats: int) -> dict[str, float]:
     """Per decode step (ms), measured on the same generate_ids calls: the total, onnxruntime's
-    run_with_iobinding (the C++ run), the rest of _DecoderSteps.step (binding, OrtValues,
+    run_with_iobinding (the C++ run), the rest of the step model's step() (binding, OrtValues,
     logits copy) and the generation loop around it. Wraps the session's run_with_iobinding
-    and _DecoderSteps.step in this process only, for the duration of the call."""
+    and the step model's step in this process only, for the duration of the call."""
     import statistics
 
     from onnxformer.runtime import GenerationConfig
@@ -69,7 +69,8 @@ def split_per_step(model, prompts, new_tokens: int, repeats: int) -> dict[str, f
     session = model.sessions["decoder"]
     clock = collections.defaultdict(float)
     original_run = session.run_with_iobinding
-    original_step = runtime_model._DecoderSteps.step
+    step_class = runtime_model._SharedCacheSteps if model.manifest.kv_cache == "shared" else runtime_model._DecoderSteps
+    original_step = step_class.step
 
     def timed_run(*args, **kwargs):
         start = time.perf_counter()
@@ -87,7 +88,7 @@ def split_per_step(model, prompts, new_tokens: int, repeats: int) -> dict[str, f
 
     config = {n: GenerationConfig(max_new_tokens=n, eos_token_ids=(EOS,), pad_token_id=PAD) for n in (1, new_tokens)}
     session.run_with_iobinding = timed_run
-    runtime_model._DecoderSteps.step = timed_step
+    step_class.step = timed_step
     try:
         model.generate_ids(prompts, config[new_tokens])  # warm-up
         figures = []
@@ -102,7 +103,7 @@ def split_per_step(model, prompts, new_tokens: int, repeats: int) -> dict[str, f
                             for k in ("total", "run", "step")})
     finally:
         del session.run_with_iobinding
-        runtime_model._DecoderSteps.step = original_step
+        step_class.step = original_step
     med = {k: statistics.median(f[k] for f in figures) for k in ("total", "run", "step")}
     return {
         "ms_per_step": med["total"],
@@ -127,7 +128,9 @@ def _onnxformer_generation(job, case, settings: Settings) -> dict[str, Any]:
         rows.append({"batch": batch, **figures})
     result: dict[str, Any] = {"rows": rows, "tokens": tokens}
     if case["case"] == "decoder":
-        result["floor"] = step_floor(model.sessions["decoder"], case["workload"]["floor_past"], settings.floor_repeats)
+        capacity = case["workload"]["prompt_len"] + new_tokens  # what generate allocates for these calls
+        result["floor"] = step_floor(model.sessions["decoder"], case["workload"]["floor_past"], settings.floor_repeats,
+                                     capacity=capacity)
         # The same split on the generation calls themselves (robust to load changing between
         # the floor and the generation timings): batch 1, as the floor.
         result["floor"]["in_loop"] = split_per_step(model, inputs[:1], new_tokens, settings.repeats)

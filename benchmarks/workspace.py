@@ -75,24 +75,25 @@ class Case:
 CASES = {
     "decoder": Case(
         "decoder", DECODER, {"prompt_len": 32, "batches": [1, 8], "floor_past": 100},
-        {"fp32": {}, "mha": {"fused_attention": True}, "int8": {"quantize": "int8"},
+        {"fp32": {}, "concat": {"kv_cache": "concat"}, "int8": {"quantize": "int8"},
          "int4": {"quantize": "int4"}},
     ),
     "encoder-decoder": Case(
         "encoder-decoder", ENCODER_DECODER, {"source_len": 64, "batches": [1]},
-        {"fp32": {}},
+        {"fp32": {}, "concat": {"kv_cache": "concat"}},
     ),
     "classifier": Case(
         "classifier", CLASSIFIER, {"seq_len": 128, "batch": 32},
-        {"fp32": {}, "int8": {"quantize": "int8"}},
+        {"fp32": {}, "int8": {"quantize": "int8"}, "int8-dynamic": {"quantize": "int8-dynamic"}},
     ),
 }
 
 
 def variant_precision(options: dict[str, Any]) -> str:
-    """"fp32", "fp16", "int8", "int4": what a variant's weights are (the genai column it meets)."""
+    """"fp32", "fp16", "int8", "int4": what a variant's weights are (the genai or optimum column it
+    meets; "int8-dynamic" is "int8", as Optimum's dynamic int8)."""
     if options.get("quantize"):
-        return options["quantize"]
+        return options["quantize"].removesuffix("-dynamic")
     return "fp16" if options.get("dtype") == "float16" else "fp32"
 
 

@@ -5,13 +5,16 @@
 1. Each graph of the architecture (contract: onnxformer.runtime.contract) is traced from a
    thin wrapper over the trained Transformer (export/graphs.py) with the contract's names and
    dynamic axes: B, S, T and P are dynamic, P = 0 is valid, so one decoder graph serves the
-   prefill and every decode step.
+   prefill and every decode step. The decoder of the "shared" KV-cache layout (the default
+   where onnxruntime's GroupQueryAttention can express the model) is instead written node by
+   node from the weights (export/builder.py): fused attention with the cache updated in place.
 2. Validation before anything is written (export/validate.py): onnx's full checker, then
    onnxruntime against PyTorch on fresh random inputs (batch 1 and left-padded batches,
    P = 0 and P > 0, T = 1 and T > 1) within `atol`, then greedy generation through the
    graphs equal to PyTorch's token for token. Failure raises ExportError with the figures.
 3. Variants: fp16 weights and I/O (for GPU), int8 / int4 weight-only quantization (for CPU,
-   onnxruntime's MatMulNBits, the format onnxruntime-genai runs); all are
+   onnxruntime's MatMulNBits, the format onnxruntime-genai runs), and for encoder models
+   int8-dynamic (int8 weights and activations, onnxruntime's MatMulInteger); all are
    derived from the validated fp32 graphs and measured against PyTorch (figures recorded in
    the manifest, never hidden).
 4. The package is assembled in a temporary directory beside OUT_DIR and renamed into place,
@@ -25,6 +28,7 @@ import ctypes
 import errno
 import functools
 import glob
+import hashlib
 import io
 import logging
 import os
@@ -43,10 +47,11 @@ import torch
 from onnxformer.modeling.checkpoint import pid_alive
 from onnxformer.modeling.config import ModelConfig
 from onnxformer.modeling.model import Attention, Transformer
-from onnxformer.runtime.contract import CROSS_ATTENTION, Dims, graph_specs
+from onnxformer.runtime.contract import CROSS_ATTENTION, DECODER, KV_CACHE_LAYOUTS, Dims, graph_specs
 from onnxformer.runtime.errors import OnnxformerError
 from onnxformer.runtime.manifest import (
     FORMAT_VERSION,
+    SHARED_CACHE_FORMAT_VERSION,
     MANIFEST_FILE,
     TOKENIZER_FILE,
     FileEntry,
@@ -54,6 +59,7 @@ from onnxformer.runtime.manifest import (
     Manifest,
 )
 
+from .builder import build_decoder, unsupported_reason
 from .graphs import graph_module
 from .validate import example_feeds, validate_package_graphs
 
@@ -65,7 +71,10 @@ MAX_PORTABLE_IR = 13
 MAX_PORTABLE_OPSET = 26
 PROTOBUF_LIMIT = 2 * 1024**3
 DTYPES = ("float32", "float16")
-QUANTIZATIONS = ("int8", "int4")  # weight-only, onnxruntime MatMulNBits (as onnxruntime-genai uses)
+# "int8", "int4": weight-only, onnxruntime MatMulNBits (as onnxruntime-genai uses), every architecture.
+# "int8-dynamic": int8 weights and activations (MatMulInteger), for compute-bound encoder models.
+QUANTIZATIONS = ("int8", "int4", "int8-dynamic")
+DYNAMIC_QUANT_ARCHS = ("encoder",)
 QUANT_BLOCK_SIZE = 32
 
 
@@ -77,13 +86,21 @@ class ExportError(OnnxformerError):
 class ExportOptions:
     opset: int = DEFAULT_OPSET
     dtype: str = "float32"  # "float32" or "float16" (weights and float I/O; for GPU)
-    quantize: str | None = None  # None, "int8" or "int4": weight-only quantization of every MatMul (CPU)
-    external_data: bool | None = None  # None: only for graphs over the 2 GB protobuf limit
+    quantize: str | None = None  # None or one of QUANTIZATIONS (CPU)
+    # None/True: every weight in one shared external-data file, weights.onnx_data (each tensor
+    # stored once across graphs; faster to load). False: weights inside each graph file (a
+    # self-contained .onnx per graph; graphs over the 2 GB protobuf limit still go external).
+    external_data: bool | None = None
     atol: float = 1e-4  # fp32 ONNX vs PyTorch, max abs difference
     validate_generation: bool = True  # greedy through the graphs == PyTorch greedy
     # Decoder self-attention as onnxruntime's fused com.microsoft.MultiHeadAttention (layers
     # with n_kv_heads == n_heads): fewer, faster nodes; needs onnxruntime (any language).
+    # Applies to the traced "concat" decoder; the "shared" one is always fused.
     fused_attention: bool = False
+    # The decoder's KV-cache layout (runtime/contract.py): "shared" (a preallocated buffer updated
+    # in place, the graph written for onnxruntime's fused operators: fastest), "concat" (the
+    # traced graph, every architecture), or None: "shared" where the model allows it.
+    kv_cache: str | None = None
     generation_defaults: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -100,6 +117,9 @@ class ExportOptions:
             )
         if self.atol <= 0:
             raise ExportError(f"atol must be > 0; got {self.atol}")
+        if self.kv_cache not in (None, *KV_CACHE_LAYOUTS):
+            raise ExportError(f"kv_cache must be one of {KV_CACHE_LAYOUTS} or None (the fastest the model allows); "
+                              f"got {self.kv_cache!r}")
 
 
 @dataclass(frozen=True)
@@ -157,7 +177,9 @@ def _store_weights_once(proto: onnx.ModelProto) -> int:
     for t in matrices.values():
         by_shape.setdefault(tuple(t.dims), []).append(t)
     saved, replaced = 0, set()
-    for t in list(matrices.values()):
+    # Folded copies ("onnx::MatMul_*") are replaced by a Transpose of the named parameter, never
+    # the other way round, so the stored matrix is the embedding other graphs store too.
+    for t in sorted(matrices.values(), key=lambda t: not t.name.startswith("onnx::")):
         if t.name in replaced:
             continue
         candidates = [o for o in by_shape.get((t.dims[1], t.dims[0]), []) if o.name not in replaced and o.name != t.name]
@@ -221,6 +243,62 @@ def _finalise(path: Path, name: str, external: bool | None) -> tuple[str, ...]:
     return ()
 
 
+WEIGHTS_FILE = "weights.onnx_data"  # every graph's weights, each distinct tensor once
+INLINE_BYTES = 1024  # initializers below this stay inside their graph (shapes, scalars, small biases)
+
+
+def _align(size: int) -> int:
+    """Offset alignment in the weights file: 64 KiB (the mmap granularity) for large tensors."""
+    return 1 << 16 if size >= 1 << 20 else 64
+
+
+def _store_weights_in_one_file(directory: Path, files: list[str]) -> dict[str, tuple[str, ...]]:
+    """Move the initializers of every graph in `files` into one external-data file,
+    `WEIGHTS_FILE`, storing each distinct tensor once; returns graph file -> its external files.
+
+    A weight several graphs use (the token embedding of an encoder-decoder model: the
+    encoder's input embedding and the decoder's, also its tied output head) is then stored once,
+    and onnxruntime reads raw weights from the file instead of parsing them out of the protobuf,
+    which makes a package load faster.
+    """
+    from onnx import numpy_helper
+
+    protos = {f: onnx.load(str(directory / f), load_external_data=True) for f in files}  # all in memory first
+    stored: dict[tuple[int, bytes], tuple[int, int]] = {}  # (dtype, sha256) -> (offset, length)
+    users: dict[str, tuple[str, ...]] = {}
+    partial = directory / f".{WEIGHTS_FILE}.partial"
+    with open(partial, "wb") as out:
+        for name, proto in protos.items():
+            for tensor in proto.graph.initializer:
+                if not tensor.HasField("raw_data"):  # typed fields (rare): normalise to raw bytes
+                    tensor.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(tensor), tensor.name))
+                raw = tensor.raw_data
+                if len(raw) < INLINE_BYTES:
+                    continue
+                key = (tensor.data_type, hashlib.sha256(raw).digest())
+                if key not in stored:
+                    out.write(b"\0" * (-out.tell() % _align(len(raw))))
+                    stored[key] = (out.tell(), len(raw))
+                    out.write(raw)
+                offset, length = stored[key]
+                tensor.ClearField("raw_data")
+                tensor.data_location = onnx.TensorProto.EXTERNAL
+                del tensor.external_data[:]
+                for k, v in (("location", WEIGHTS_FILE), ("offset", str(offset)), ("length", str(length))):
+                    entry = tensor.external_data.add()
+                    entry.key, entry.value = k, v
+                users[name] = (WEIGHTS_FILE,)
+    partial.replace(directory / WEIGHTS_FILE)
+    for name, proto in protos.items():
+        onnx.save_model(proto, str(directory / name))
+        for leftover in directory.glob(f"{name}*"):  # per-graph data files written before
+            if leftover.name != name:
+                leftover.unlink()
+    if not users:
+        (directory / WEIGHTS_FILE).unlink()
+    return {name: users.get(name, ()) for name in files}
+
+
 def _check_portability(path: Path, opset: int) -> None:
     proto = onnx.load(str(path), load_external_data=False)
     onnx.checker.check_model(str(path), full_check=True)
@@ -271,6 +349,35 @@ def _quantize(path: Path, bits: int, *, tied_head: bool) -> None:
         quiet.setLevel(levels[0])
         root.setLevel(levels[1])
     onnx.save_model(quantizer.model.model, str(path))
+
+
+def _quantize_dynamic(path: Path) -> None:
+    """Dynamic int8 quantization (onnxruntime's DynamicQuantizeLinear + MatMulInteger, the
+    format of Optimum's ORTQuantizer): every MatMul with a constant weight gets int8 weights
+    (symmetric, one scale per output column) and uint8 activations whose scale and zero point
+    are computed from each batch at run time.
+
+    Stay float: the attention products (both operands are activations; no faster), the Gemm
+    heads (pooler, classifier: one row per sequence, no time to gain, and the logits stay
+    exact), embeddings and norms. Signed int8 weights, not uint8: onnxruntime's u8s8 kernels
+    are the fast ones (VNNI), u8u8 ran at 0.65x (benchmarks/VARIANTS.md)."""
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    proto = onnx.load(str(path), load_external_data=False)  # structure only
+    constants = {t.name for t in proto.graph.initializer}
+    matmuls = [n.name for n in proto.graph.node if n.op_type == "MatMul" and n.input[1] in constants]
+    quiet = logging.getLogger("onnxruntime.quantization")
+    root = logging.getLogger()
+    levels = quiet.level, root.level
+    quiet.setLevel(logging.ERROR)
+    root.setLevel(logging.ERROR)  # the quantizer advises pre-processing on the root logger
+    try:
+        # External data at any size (path + ".data"); _finalise re-saves under the export's own rule.
+        quantize_dynamic(path, path, op_types_to_quantize=["MatMul"], nodes_to_quantize=matmuls,
+                         per_channel=True, weight_type=QuantType.QInt8, use_external_data_format=True)
+    finally:
+        quiet.setLevel(levels[0])
+        root.setLevel(levels[1])
 
 
 # --------------------------------------------------------------------------------------------
@@ -364,6 +471,21 @@ def _fsync_dir(directory: Path) -> None:
             os.fsync(f.fileno())
 
 
+def _kv_cache_layout(model: Transformer, options: ExportOptions) -> str:
+    """The decoder's cache layout: the option, or "shared" wherever the builder can express the model."""
+    if not model.config.has_decoder:
+        if options.kv_cache == "shared":
+            raise ExportError(f"kv_cache 'shared' applies to models with a decoder; arch {model.config.arch!r} has none")
+        return "concat"
+    reason = unsupported_reason(model)
+    if options.kv_cache == "shared" and reason is not None:
+        raise ExportError(f"kv_cache 'shared' cannot express this model: {reason}. Export with kv_cache='concat' "
+                          "(--kv-cache concat)")
+    if options.kv_cache is None and reason is not None:
+        log.info("decoder KV cache: 'concat' (%s)", reason)
+    return options.kv_cache or ("concat" if reason is not None else "shared")
+
+
 def export_model(
     model: Transformer,
     tokenizer_file: str | os.PathLike,
@@ -372,6 +494,12 @@ def export_model(
 ) -> ExportReport:
     """Export an in-memory model and its tokenizer file to a validated package at `out_dir`."""
     config = model.config
+    if options.quantize == "int8-dynamic" and config.arch not in DYNAMIC_QUANT_ARCHS:
+        raise ExportError(
+            f"quantize 'int8-dynamic' applies to {' and '.join(DYNAMIC_QUANT_ARCHS)} models (large batches of "
+            f"whole sequences); arch {config.arch!r} generates token by token: use quantize 'int8' "
+            "(--quantize int8, weight-only MatMulNBits)"
+        )
     tokenizer_file = Path(tokenizer_file)
     if not tokenizer_file.is_file():
         raise ExportError(f"tokenizer file {str(tokenizer_file)!r} does not exist")
@@ -379,7 +507,8 @@ def export_model(
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     model = model.float().eval()
     dims = Dims.from_model_config(config)
-    fp32_specs = graph_specs(dims, "float32")
+    kv_cache = _kv_cache_layout(model, options)
+    fp32_specs = graph_specs(dims, "float32", kv_cache)
     special = _special_tokens(config, tokenizer_file)
 
     _remove_stale_temporaries(out_dir)
@@ -389,12 +518,25 @@ def export_model(
     os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes 0700; a package is meant to be read by services
     try:
         external: dict[str, tuple[str, ...]] = {}
+
+        def share_weights(specs) -> None:
+            if options.external_data is False:
+                return
+            files = _store_weights_in_one_file(tmp, [spec.file for spec in specs.values()])
+            for name, spec in specs.items():
+                external[name] = files[spec.file]
+                _check_portability(tmp / spec.file, options.opset)
+
         for name, spec in fp32_specs.items():
             path = tmp / spec.file
             log.info("exporting %s", spec.file)
-            _trace(model, spec, path, options.opset, dims, fused=options.fused_attention)
+            if name == DECODER and kv_cache == "shared":
+                onnx.save_model(build_decoder(model, spec, dims, opset=options.opset), str(path))
+            else:
+                _trace(model, spec, path, options.opset, dims, fused=options.fused_attention)
             external[name] = _finalise(path, name, options.external_data)
             _check_portability(path, options.opset)
+        share_weights(fp32_specs)
         shutil.copyfile(tokenizer_file, tmp / TOKENIZER_FILE)
 
         def write_manifest(specs, weights: str, validation: dict) -> Manifest:
@@ -417,7 +559,8 @@ def export_model(
                 producer=_producers(),
                 validation=validation,
                 model_config={**config.to_dict(), "num_parameters": model.num_parameters()},
-                format_version=FORMAT_VERSION,
+                format_version=SHARED_CACHE_FORMAT_VERSION if kv_cache == "shared" else FORMAT_VERSION,
+                kv_cache=kv_cache,
             )
             manifest.save(tmp)
             return manifest
@@ -436,10 +579,12 @@ def export_model(
             weights = "float16" if options.dtype == "float16" else options.quantize
             if weights == "float16":
                 convert = _to_fp16
+            elif weights == "int8-dynamic":
+                convert = _quantize_dynamic
             else:
                 convert = functools.partial(_quantize, bits=int(weights.removeprefix("int")),
                                             tied_head=config.tie_embeddings)
-            specs = graph_specs(dims, options.dtype)
+            specs = graph_specs(dims, options.dtype, kv_cache)
             for name, spec in specs.items():
                 if weights in QUANTIZATIONS and name == CROSS_ATTENTION:
                     continue  # a few small projections, computed once per input: keep them exact
@@ -447,6 +592,7 @@ def export_model(
                 convert(tmp / spec.file)
                 external[name] = _finalise(tmp / spec.file, name, options.external_data)
                 _check_portability(tmp / spec.file, options.opset)
+            share_weights(specs)
             write_manifest(specs, weights, validation)
             validation[weights] = validate_package_graphs(
                 model, tmp, specs, dims, special, atol=None, generation=options.validate_generation,

@@ -2,7 +2,10 @@
 
 Numeric: every graph runs in onnxruntime and in PyTorch on the same fresh random inputs,
 covering batch 1 and left-padded batches, P = 0 and P > 0, T = 1 and T > 1; the figure is the
-max abs difference over all outputs. Generation: greedy decoding through the package with the
+max abs difference over all outputs. A decoder of the "shared" KV-cache layout is checked as a
+runtime drives it: right-padded prompts of different lengths, then several steps, once with
+the cache buffers updated in place (I/O binding) and once fed back by copy (a runtime without
+binding), against PyTorch's left-padded batch. Generation: greedy decoding through the package with the
 runtime (torch-free) must equal greedy decoding in PyTorch, token for token.
 """
 
@@ -23,11 +26,14 @@ from onnxformer.runtime.contract import (
     ENCODER_ATTENTION_MASK,
     ENCODER_HIDDEN_STATES,
     INPUT_IDS,
+    LOGITS,
     POSITION_IDS,
+    SEQUENCE_LENGTHS,
     TOKEN_TYPE_IDS,
     Dims,
     GraphSpec,
     parse_cache_name,
+    past_name_for,
 )
 
 from .graphs import graph_module, run_torch
@@ -89,11 +95,94 @@ def _session(path: Path) -> ort.InferenceSession:
     return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
 
 
+# Prompt lengths per row and decode steps, for the "shared" layout's decoder.
+SHARED_CASES = [([5], 2), ([4, 1, 7], 3), ([2, 6], 2)]
+
+
+def _shared_decoder_parity(model, session: ort.InferenceSession, spec: GraphSpec, dims: Dims,
+                           float_dtype: str) -> float:
+    """Max abs logits difference of a "shared" layout decoder vs PyTorch, over SHARED_CASES,
+    with the cache updated in place (I/O binding) and fed back by copy (plain session.run)."""
+    import torch
+
+    from onnxformer.modeling.model import empty_past
+
+    config, worst = model.config, 0.0
+    for seed, (lens, steps) in enumerate(SHARED_CASES):
+        rng = np.random.default_rng(100 + seed)
+        batch, width, capacity = len(lens), max(lens), max(lens) + steps + 1
+        prompts = [rng.integers(0, dims.vocab_size, n) for n in lens]
+        new_tokens = rng.integers(0, dims.vocab_size, (steps, batch, 1))
+        left = np.zeros((batch, width), np.int64)
+        right = np.zeros((batch, width), np.int64)
+        mask = np.zeros((batch, width), np.int64)
+        for b, p in enumerate(prompts):
+            left[b, width - len(p):], right[b, :len(p)], mask[b, width - len(p):] = p, p, 1
+        fixed: dict[str, np.ndarray] = {}
+        cross = encoder_mask = None
+        if ENCODER_ATTENTION_MASK in spec.input_names:
+            source = 3 + seed
+            encoder_mask = _left_padded_mask(batch, source)
+            hidden = torch.from_numpy(rng.standard_normal((batch, source, dims.d_model)).astype(np.float32))
+            with torch.no_grad():
+                cross = model.cross_kv(hidden)
+            fixed[ENCODER_ATTENTION_MASK] = encoder_mask
+            for i, kv in enumerate(cross):
+                key, value = (t.numpy().astype(float_dtype) for t in kv)
+                fixed[f"past_key_values.{i}.encoder.key"], fixed[f"past_key_values.{i}.encoder.value"] = key, value
+            encoder_mask = torch.from_numpy(encoder_mask)
+        # PyTorch: the left-padded batch, step by step.
+        want, past = [], empty_past(config, batch)
+        ids, full_mask = left, mask
+        for k in range(steps + 1):
+            positions = np.clip(full_mask.cumsum(-1) - 1, 0, None)[:, -ids.shape[1]:]
+            with torch.no_grad():
+                out = model.decode(torch.from_numpy(ids), attention_mask=torch.from_numpy(full_mask),
+                                   position_ids=torch.from_numpy(positions), past=past, cross_kv=cross,
+                                   encoder_attention_mask=encoder_mask)
+            want.append(out.logits[:, -1].float().numpy())
+            past = out.present
+            if k < steps:
+                ids, full_mask = new_tokens[k], np.concatenate([full_mask, np.ones((batch, 1), np.int64)], 1)
+        caches = [(t.name, np.zeros((batch, dims.n_kv_heads, capacity, dims.d_head), float_dtype))
+                  for t in spec.inputs if parse_cache_name(t.name) and parse_cache_name(t.name)[2] != "encoder"]
+        for in_place in (True, False):
+            buffers = {name: array.copy() for name, array in caches}
+            binding = session.io_binding()
+            if in_place:
+                binding.bind_output(LOGITS)
+                for name, array in buffers.items():
+                    value = ort.OrtValue.ortvalue_from_numpy(array)
+                    binding.bind_ortvalue_input(name, value)
+                    binding.bind_ortvalue_output(name.replace("past_key_values", "present", 1), value)
+            lengths = np.array(lens, np.int64)
+            for k in range(steps + 1):
+                feeds = {INPUT_IDS: right if k == 0 else new_tokens[k - 1], SEQUENCE_LENGTHS: lengths + k, **fixed}
+                if in_place:
+                    for name, value in feeds.items():
+                        binding.bind_cpu_input(name, value)
+                    session.run_with_iobinding(binding)
+                    logits = binding.get_outputs()[0].numpy()
+                else:
+                    outputs = dict(zip(spec.output_names, session.run(spec.output_names, {**feeds, **buffers})))
+                    logits = outputs[LOGITS]
+                    buffers = {past_name_for(name): value for name, value in outputs.items() if name != LOGITS}
+                logits = logits.astype(np.float32)
+                if not np.isfinite(logits).all():
+                    return float("inf")
+                worst = max(worst, float(np.abs(logits - want[k]).max()))
+    return worst
+
+
 def numeric_parity(model, package: Path, specs: dict[str, GraphSpec], dims: Dims) -> dict[str, float]:
     """Max abs difference ONNX vs PyTorch per graph, over all CASES."""
     figures: dict[str, float] = {}
     for name, spec in specs.items():
         session = _session(package / spec.file)
+        if SEQUENCE_LENGTHS in spec.input_names:
+            float_dtype = spec.outputs[0].dtype
+            figures[name] = _shared_decoder_parity(model, session, spec, dims, float_dtype)
+            continue
         module = graph_module(model, spec)
         float_dtype = next((t.dtype for t in spec.inputs if t.dtype != "int64"), spec.outputs[0].dtype)
         worst = 0.0

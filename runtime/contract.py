@@ -41,6 +41,15 @@ I/O (float = float32 or float16, chosen at export)::
 
 The first decoder step takes an empty past (P = 0, see :func:`empty_past`); there is no
 "use cache" switch.
+
+That is the decoder of KV-cache layout "concat". Layout "shared" (``graph_specs(...,
+kv_cache="shared")``, decoder and encoder-decoder, manifest format_version 2)::
+
+    decoder          input_ids [B,T] (right-padded on the first step), sequence_lengths [B] int64,
+                     (+ encoder_attention_mask, encoder K/V as above),
+                     past_key_values.{i}.key / .value [B,Hkv,C,Dh]   C = buffer capacity
+                  -> logits [B,V] (each row's last real token), present.{i}.key / .value [B,Hkv,C,Dh]
+                     present and past are the same buffer when bound to the same memory.
 """
 
 from __future__ import annotations
@@ -77,7 +86,16 @@ SEQUENCE = "sequence"
 PAST_SEQUENCE = "past_sequence"
 TOTAL_SEQUENCE = "total_sequence"
 ENCODER_SEQUENCE = "encoder_sequence"
-SYMBOLIC_AXES = (BATCH, SEQUENCE, PAST_SEQUENCE, TOTAL_SEQUENCE, ENCODER_SEQUENCE)
+CACHE_SEQUENCE = "cache_sequence"  # the capacity of a preallocated KV buffer (layout "shared")
+SYMBOLIC_AXES = (BATCH, SEQUENCE, PAST_SEQUENCE, TOTAL_SEQUENCE, ENCODER_SEQUENCE, CACHE_SEQUENCE)
+
+# KV-cache layouts of the decoder graph (manifest "kv_cache"):
+#   "concat"  past [B,Hkv,P,Dh] in, present [B,Hkv,P+T,Dh] out (a new, longer tensor per step);
+#             left padding with attention_mask and position_ids. Every architecture.
+#   "shared"  one preallocated buffer [B,Hkv,C,Dh] per layer that is both past and present
+#             (updated in place); right padding with sequence_lengths; logits of the last
+#             token only. Built for onnxruntime's GroupQueryAttention (decoder, encoder-decoder).
+KV_CACHE_LAYOUTS = ("concat", "shared")
 
 # Dtypes ------------------------------------------------------------------------------------
 INT64 = "int64"
@@ -93,6 +111,7 @@ TOKEN_TYPE_IDS = "token_type_ids"
 POSITION_IDS = "position_ids"
 ENCODER_ATTENTION_MASK = "encoder_attention_mask"
 ENCODER_HIDDEN_STATES = "encoder_hidden_states"
+SEQUENCE_LENGTHS = "sequence_lengths"
 LAST_HIDDEN_STATE = "last_hidden_state"
 LOGITS = "logits"
 
@@ -410,14 +429,42 @@ def _decoder_spec(dims: Dims, float_dtype: str) -> GraphSpec:
     return GraphSpec(DECODER, GRAPH_FILE.format(graph=DECODER), tuple(inputs), tuple(outputs))
 
 
+def _shared_decoder_spec(dims: Dims, float_dtype: str) -> GraphSpec:
+    """Layout "shared": input_ids [B,T] (right-padded on the first step), sequence_lengths [B]
+    (each row's tokens after this step), the KV buffers [B,Hkv,C,Dh] -> logits [B,V] of each
+    row's last token, and the same buffers (written in place when bound to the same memory)."""
+    seq2seq = dims.arch == "encoder-decoder"
+    kind = self_cache_kind(dims.arch)
+    inputs = [_ids(INPUT_IDS), TensorSpec(SEQUENCE_LENGTHS, INT64, (BATCH,))]
+    if seq2seq:
+        inputs.append(_ids(ENCODER_ATTENTION_MASK, ENCODER_SEQUENCE))
+    for i in range(dims.n_layers):
+        inputs += [_kv(name, CACHE_SEQUENCE, dims, float_dtype) for name in past_names(i, kind)]
+        if seq2seq:
+            inputs += [_kv(name, ENCODER_SEQUENCE, dims, float_dtype) for name in past_names(i, "encoder")]
+    outputs = [TensorSpec(LOGITS, float_dtype, (BATCH, dims.vocab_size))]  # (B, V)
+    for i in range(dims.n_layers):
+        outputs += [_kv(name, CACHE_SEQUENCE, dims, float_dtype) for name in present_names(i, kind)]
+    return GraphSpec(DECODER, GRAPH_FILE.format(graph=DECODER), tuple(inputs), tuple(outputs))
+
+
 _BUILDERS = {ENCODER: _encoder_spec, CROSS_ATTENTION: _cross_attention_spec, DECODER: _decoder_spec}
 
 
-def graph_specs(dims: Dims, float_dtype: str = "float32") -> dict[str, GraphSpec]:
-    """Every graph of ``dims.arch`` -> its spec, in run order (encoder, cross_attention, decoder)."""
+def graph_specs(dims: Dims, float_dtype: str = "float32", kv_cache: str = "concat") -> dict[str, GraphSpec]:
+    """Every graph of ``dims.arch`` -> its spec, in run order (encoder, cross_attention, decoder).
+
+    ``kv_cache`` is the decoder's cache layout (:data:`KV_CACHE_LAYOUTS`); "shared" exists for
+    the decoder and encoder-decoder architectures.
+    """
     if float_dtype not in FLOAT_DTYPES:
         raise PackageError(f"float_dtype must be one of {FLOAT_DTYPES}; got {float_dtype!r}")
-    return {graph: _BUILDERS[graph](dims, float_dtype) for graph in dims.graphs}
+    if kv_cache not in KV_CACHE_LAYOUTS:
+        raise PackageError(f"kv_cache must be one of {KV_CACHE_LAYOUTS}; got {kv_cache!r:.60}")
+    if kv_cache == "shared" and dims.arch not in ("decoder", "encoder-decoder"):
+        raise PackageError(f"kv_cache 'shared' exists for arch 'decoder' and 'encoder-decoder'; got arch {dims.arch!r}")
+    builders = dict(_BUILDERS, **({DECODER: _shared_decoder_spec} if kv_cache == "shared" else {}))
+    return {graph: builders[graph](dims, float_dtype) for graph in dims.graphs}
 
 
 def self_cache_names(dims: Dims) -> list[tuple[str, str]]:
@@ -507,7 +554,8 @@ __all__ = [
     "BATCH", "SEQUENCE", "PAST_SEQUENCE", "TOTAL_SEQUENCE", "ENCODER_SEQUENCE", "SYMBOLIC_AXES",
     "INT64", "FLOAT_DTYPES", "DTYPES", "ORT_TYPES",
     "INPUT_IDS", "ATTENTION_MASK", "TOKEN_TYPE_IDS", "POSITION_IDS", "ENCODER_ATTENTION_MASK",
-    "ENCODER_HIDDEN_STATES", "LAST_HIDDEN_STATE", "LOGITS",
+    "ENCODER_HIDDEN_STATES", "LAST_HIDDEN_STATE", "LOGITS", "SEQUENCE_LENGTHS", "CACHE_SEQUENCE",
+    "KV_CACHE_LAYOUTS",
     "PAST_TEMPLATE", "PRESENT_TEMPLATE", "CACHE_KINDS",
     "past_names", "present_names", "self_cache_kind", "parse_cache_name", "past_name_for",
     "Dims", "TensorSpec", "GraphSpec", "graph_specs", "graph_specs_to_dict", "graph_specs_from_dict",

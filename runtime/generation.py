@@ -585,8 +585,16 @@ def _require_strategy(config: GenerationConfig, strategy: str) -> None:
 
 
 def _greedy_chooser(logits: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    tokens = np.argmax(logits, axis=1)  # (N,) lowest id among ties
-    logprobs = np.take_along_axis(log_softmax(logits), tokens[:, None], axis=1)[:, 0]
+    """argmax and its log-probability: log_softmax(logits)[token] computed for the chosen token
+    only (the token is the row maximum, so its shifted logit is 0 and its log-prob is
+    -log(sum(exp(logits - max)))): the same float32 values as log_softmax, in one pass over V."""
+    x = np.asarray(logits)
+    tokens = np.argmax(x, axis=1)  # (N,) lowest id among ties
+    top = np.take_along_axis(x, tokens[:, None], axis=1)  # (N, 1) the row maxima
+    finite = np.isfinite(top[:, 0])
+    with np.errstate(divide="ignore", invalid="ignore"):
+        lse = np.log(np.sum(np.exp(x - np.where(np.isfinite(top), top, 0)), axis=1))  # (N,)
+    logprobs = np.where(finite & np.isfinite(lse), -lse, -np.inf).astype(x.dtype, copy=False)
     return tokens.astype(np.int64), logprobs
 
 

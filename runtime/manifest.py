@@ -15,6 +15,11 @@ Versioning: `format_version` is an integer. A reader accepts the versions it kno
 (SUPPORTED_FORMAT_VERSIONS) and refuses others with a clear message; a change that an older
 reader could misread bumps it. Unknown extra fields are ignored by readers (additions that do
 not change the meaning of existing fields do not bump the version).
+
+    1   every package up to the "shared" KV-cache layout (`kv_cache` absent or "concat")
+    2   `kv_cache` "shared": the decoder graph takes right-padded rows, `sequence_lengths` and
+        preallocated KV buffers (runtime/FORMAT.md section 7); a version-1 reader would bind it
+        wrongly, so it refuses the version instead
 """
 
 from __future__ import annotations
@@ -26,13 +31,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
 
-from .contract import Dims, GraphSpec, graph_specs, graph_specs_from_dict
+from .contract import KV_CACHE_LAYOUTS, Dims, GraphSpec, graph_specs, graph_specs_from_dict
 from .errors import ConfigError, PackageError
 from .generation import GenerationConfig
 
 FORMAT_NAME = "onnxformer-package"
-FORMAT_VERSION = 1
-SUPPORTED_FORMAT_VERSIONS = (1,)
+FORMAT_VERSION = 1  # of a "concat" package; a "shared" one is SHARED_CACHE_FORMAT_VERSION
+SHARED_CACHE_FORMAT_VERSION = 2
+SUPPORTED_FORMAT_VERSIONS = (1, 2)
 MANIFEST_FILE = "manifest.json"
 TOKENIZER_FILE = "tokenizer.json"
 SPECIAL_TOKEN_ROLES = ("pad", "unk", "bos", "eos", "mask", "cls", "sep", "decoder_start")
@@ -163,9 +169,17 @@ class Manifest:
     validation: dict[str, Any] = field(default_factory=dict)
     model_config: dict[str, Any] = field(default_factory=dict)
     format_version: int = FORMAT_VERSION
+    kv_cache: str = "concat"  # the decoder's KV-cache layout: "concat" | "shared" (contract.KV_CACHE_LAYOUTS)
 
     def __post_init__(self) -> None:
-        expected = graph_specs(self.dims, self.float_dtype)
+        if self.kv_cache not in KV_CACHE_LAYOUTS:
+            raise PackageError(f"manifest kv_cache must be one of {list(KV_CACHE_LAYOUTS)}; got {self.kv_cache!r:.60}. "
+                               "Re-export the package")
+        needed = SHARED_CACHE_FORMAT_VERSION if self.kv_cache == "shared" else FORMAT_VERSION
+        if self.format_version != needed:
+            raise PackageError(f"manifest kv_cache {self.kv_cache!r} needs format_version {needed}; got "
+                               f"{self.format_version!r}. The package is damaged; re-export it")
+        expected = graph_specs(self.dims, self.float_dtype, self.kv_cache)
         if set(self.graphs) != set(expected):
             raise PackageError(
                 f"manifest lists graphs {sorted(self.graphs)} but arch {self.arch!r} needs "
@@ -205,6 +219,7 @@ class Manifest:
             "format": FORMAT_NAME,
             "format_version": self.format_version,
             "arch": self.arch,
+            "kv_cache": self.kv_cache,
             "dims": self.dims.to_dict(),
             "max_seq_len": self.max_seq_len,
             "float_dtype": self.float_dtype,
@@ -260,6 +275,7 @@ class Manifest:
             validation=_object(data, "validation"),
             model_config=_object(data, "model_config"),
             format_version=version,
+            kv_cache=data.get("kv_cache", "concat"),
         )
 
     def save(self, directory: str | os.PathLike) -> Path:
@@ -285,10 +301,14 @@ class Manifest:
 
     # Checks ---------------------------------------------------------------------------------
     def files(self) -> list[FileEntry]:
-        entries = [self.tokenizer]
+        """Every file of the package once (graphs may share an external-data file)."""
+        entries = {self.tokenizer.file: self.tokenizer}
         for graph in self.graphs.values():
-            entries += [graph.file, *graph.external_data]
-        return entries
+            for entry in (graph.file, *graph.external_data):
+                if entries.setdefault(entry.file, entry) != entry:
+                    raise PackageError(f"manifest lists package file {entry.file!r} twice with different "
+                                       "checksums; the package is damaged, re-export it")
+        return list(entries.values())
 
     def verify_files(self, directory: str | os.PathLike) -> None:
         """Every listed file exists inside the package and matches its size and sha256."""

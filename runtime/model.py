@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import logging
 import os
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator, Sequence
@@ -37,6 +38,7 @@ from .contract import (
     LAST_HIDDEN_STATE,
     LOGITS,
     POSITION_IDS,
+    SEQUENCE_LENGTHS,
     TOKEN_TYPE_IDS,
     check_session_io,
     past_name_for,
@@ -358,12 +360,15 @@ class Model:
             )
         return rows
 
-    def _steps(self, prompts: list[list[int]]) -> tuple["_DecoderSteps", list[list[int]]]:
+    def _steps(self, prompts: list[list[int]], config: GenerationConfig) -> tuple[gen.StepModel, list[list[int]]]:
         """The step model and the decoder prompts (encoder-decoder: the start token per source)."""
+        sources, decoder_prompts = None, prompts
         if self.arch == "encoder-decoder":
-            start = self.manifest.special("decoder_start")
-            return _DecoderSteps(self, sources=prompts), [[start] for _ in prompts]
-        return _DecoderSteps(self), prompts
+            sources, decoder_prompts = prompts, [[self.manifest.special("decoder_start")] for _ in prompts]
+        if self.manifest.kv_cache == "shared":
+            longest = max(len(p) for p in decoder_prompts) + config.max_new_tokens
+            return _SharedCacheSteps(self, sources, capacity=min(longest, self.manifest.max_seq_len)), decoder_prompts
+        return _DecoderSteps(self, sources), decoder_prompts
 
     def generate_ids(self, prompts: Sequence[Sequence[int]], config: GenerationConfig | None = None, *,
                      rng: np.random.Generator | None = None) -> GenerationOutput:
@@ -372,7 +377,7 @@ class Model:
         config = config if isinstance(config, GenerationConfig) else self.generation_config(config)
         _check_rng(rng)
         rows = self._check_ids(prompts, config)
-        steps, decoder_prompts = self._steps(rows)
+        steps, decoder_prompts = self._steps(rows, config)
         try:
             return gen.generate(steps, decoder_prompts, config, rng=rng, decode=self._decode)
         except ORT_ERRORS as err:
@@ -403,7 +408,7 @@ class Model:
         config = self.generation_config(config, **overrides)
         _check_rng(rng)
         ids = self._check_ids(self._prompt_ids([prompt], config, truncate), config)
-        steps, decoder_prompts = self._steps(ids)
+        steps, decoder_prompts = self._steps(ids, config)
         return _guarded(gen.stream(steps, decoder_prompts[0], config, self._decode, rng=rng))
 
 
@@ -506,6 +511,116 @@ class _DecoderSteps:
         }
 
 
+class _SharedCache:
+    """The state of one generation over a "shared" layout decoder (opaque to generation)."""
+
+    def __init__(self, batch_size: int, capacity: int):
+        self.batch_size, self.capacity = batch_size, capacity
+        self.buffers: dict[str, ort.OrtValue] = {}  # past name -> (N, Hkv, C, Dh), also the present
+        self.lengths = np.zeros(batch_size, dtype=np.int64)  # tokens of each row in the buffers
+        self.encoder: dict[str, ort.OrtValue] = {}  # encoder K/V and mask (encoder-decoder)
+        self.source_of_row = np.arange(batch_size)  # which input each row continues
+        self.binding: Any = None  # the I/O binding, rebuilt when rows or buffers change
+        self.logits: ort.OrtValue | None = None
+
+
+class _SharedCacheSteps:
+    """The StepModel of generation over a decoder exported with the "shared" KV-cache layout.
+
+    Each layer's cache is ONE preallocated buffer (N, Hkv, C, Dh) bound as both the past input
+    and the present output, so the graph's GroupQueryAttention writes each new token's K/V in
+    place: no cache copy per step, and one I/O binding reused for the whole generation (only
+    the new tokens and the row lengths are bound per step). The prompt step turns
+    generation's left-padded rows into the right-padded rows the layout takes.
+    """
+
+    def __init__(self, model: Model, sources: list[list[int]] | None = None, *, capacity: int):
+        self.model, self.sources = model, sources
+        self.session = model.sessions[DECODER]
+        self.device = model.device
+        self.vocab_size = model.dims.vocab_size
+        self.capacity = max(1, capacity)  # C: tokens per row the buffers hold; grown if a call needs more
+        self._self_past = [past for _, past in model._self_cache]
+        self._present_of = {past: present for present, past in model._self_cache}
+
+    def _empty(self, rows: int, capacity: int) -> ort.OrtValue:
+        dims = self.model.dims
+        shape = (rows, dims.n_kv_heads, capacity, dims.d_head)  # (N, Hkv, C, Dh)
+        return ort.OrtValue.ortvalue_from_numpy(np.zeros(shape, dtype=self.model.float_dtype), self.device, 0)
+
+    def init_cache(self, batch_size: int) -> _SharedCache:
+        cache = _SharedCache(batch_size, self.capacity)
+        cache.buffers = {past: self._empty(batch_size, self.capacity) for past in self._self_past}
+        if self.sources is not None:
+            if batch_size != len(self.sources):
+                raise AssertionError(f"init_cache({batch_size}) for {len(self.sources)} sources")
+            cache.encoder = _DecoderSteps(self.model, self.sources)._encode_sources()
+        return cache
+
+    def _bind(self, cache: _SharedCache) -> None:
+        """One binding for the generation: buffers in and out (the same OrtValues), the encoder
+        entries, and a preallocated logits output; steps rebind only input_ids and lengths."""
+        binding = self.session.io_binding()
+        for name, value in (*cache.buffers.items(), *cache.encoder.items()):
+            binding.bind_ortvalue_input(name, value)
+        for past, value in cache.buffers.items():
+            binding.bind_ortvalue_output(self._present_of[past], value)  # the same memory: updated in place
+        shape = (cache.batch_size, self.vocab_size)  # (N, V)
+        cache.logits = ort.OrtValue.ortvalue_from_shape_and_type(shape, self.model.float_dtype, self.device, 0)
+        binding.bind_ortvalue_output(LOGITS, cache.logits)
+        cache.binding = binding
+
+    def _grow(self, cache: _SharedCache, needed: int) -> None:
+        """Longer buffers when a row would pass the capacity (a caller past the hinted length)."""
+        capacity = min(max(needed, 2 * cache.capacity), self.model.manifest.max_seq_len)
+        if needed > capacity:
+            raise InputError(f"rows of {needed} tokens exceed this model's max_seq_len ({self.model.manifest.max_seq_len})")
+        for name, value in cache.buffers.items():
+            grown = np.zeros((cache.batch_size, self.model.dims.n_kv_heads, capacity, self.model.dims.d_head),
+                             dtype=self.model.float_dtype)
+            grown[:, :, :cache.capacity] = value.numpy()
+            cache.buffers[name] = ort.OrtValue.ortvalue_from_numpy(grown, self.device, 0)
+        cache.capacity, cache.binding = capacity, None
+
+    def step(self, input_ids: np.ndarray, position_ids: np.ndarray, attention_mask: np.ndarray,
+             cache: _SharedCache) -> gen.StepResult:
+        del position_ids  # the graph derives positions from the row lengths
+        lengths = attention_mask.sum(axis=1, dtype=np.int64)  # (N,) real tokens after this step
+        n, t = input_ids.shape
+        if not cache.lengths.any() and t > 1:  # the prompt: left padding -> right padding
+            shift = (np.arange(t)[None, :] + (t - lengths)[:, None]) % t  # row b starts at its first real token
+            input_ids = np.take_along_axis(input_ids, shift, axis=1)
+        if int(lengths.max()) > cache.capacity:
+            self._grow(cache, int(lengths.max()))
+        if cache.binding is None:
+            self._bind(cache)
+        binding = cache.binding
+        binding.bind_cpu_input(INPUT_IDS, np.ascontiguousarray(input_ids, dtype=np.int64))
+        binding.bind_cpu_input(SEQUENCE_LENGTHS, lengths)
+        self.session.run_with_iobinding(binding)
+        cache.lengths = lengths
+        return gen.StepResult(cache.logits.numpy().astype(np.float32, copy=False), cache)
+
+    def reorder_cache(self, cache: _SharedCache, indices: np.ndarray) -> _SharedCache:
+        """Gather rows of the buffers (beam search, the expansion to samples). The encoder K/V
+        are gathered only when the input a row belongs to changes, as in _DecoderSteps."""
+        indices = np.asarray(indices, dtype=np.int64)
+        out = _SharedCache(len(indices), cache.capacity)
+        out.source_of_row = cache.source_of_row[indices]
+        keep_encoder = np.array_equal(out.source_of_row, cache.source_of_row)
+        used = int(cache.lengths.max()) if cache.lengths.size else 0
+        for name, value in cache.buffers.items():
+            rows = np.zeros((len(indices), *value.shape()[1:]), dtype=self.model.float_dtype)
+            rows[:, :, :used] = value.numpy()[indices, :, :used]  # only the filled part
+            out.buffers[name] = ort.OrtValue.ortvalue_from_numpy(rows, self.device, 0)
+        out.encoder = cache.encoder if keep_encoder else {
+            name: ort.OrtValue.ortvalue_from_numpy(value.numpy()[indices], self.device, 0)
+            for name, value in cache.encoder.items()
+        }
+        out.lengths = cache.lengths[indices]
+        return out
+
+
 def _tokenizer(directory: Path, manifest: Manifest) -> Tokenizer:
     """The package's tokenizer, checked against the model: every id it can produce must index
     the vocabulary (a model may have more rows than the tokenizer has tokens, never fewer),
@@ -543,14 +658,25 @@ def load(package_dir: str | os.PathLike, *, provider: str = "cpu", threads: int 
     directory = Path(package_dir)
     provider_name, device = _resolve_provider(provider)
     manifest = Manifest.load(directory)
-    if verify:
-        manifest.verify_files(directory)
-    tokenizer = _tokenizer(directory, manifest)
-    sessions = {}
-    for name, entry in manifest.graphs.items():
-        check_external_data(directory / entry.file.file, [e.file for e in entry.external_data])
-        session = _session(directory / entry.file.file, provider_name, threads)
-        check_session_io(entry.spec, session.get_inputs(), session.get_outputs())
-        sessions[name] = session
+    # The checksums (a full read of every file) run on a second thread while onnxruntime opens
+    # the sessions (hashlib and session creation both release the GIL): the load costs about
+    # max(hash, open) instead of their sum. A damaged file is reported by its checksum even
+    # when onnxruntime trips over it first, and no Model is returned before the check passes.
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="onnxformer-verify") as pool:
+        checked = pool.submit(manifest.verify_files, directory) if verify else None
+        try:
+            tokenizer = _tokenizer(directory, manifest)
+            sessions = {}
+            for name, entry in manifest.graphs.items():
+                check_external_data(directory / entry.file.file, [e.file for e in entry.external_data])
+                session = _session(directory / entry.file.file, provider_name, threads)
+                check_session_io(entry.spec, session.get_inputs(), session.get_outputs())
+                sessions[name] = session
+        except PackageError:
+            if checked is not None:
+                checked.result()  # the checksum's message names the damaged file more precisely
+            raise
+        if checked is not None:
+            checked.result()
     log.info("loaded %s package from %s on %s", manifest.arch, directory, device)
     return Model(directory, manifest, tokenizer, sessions, device)

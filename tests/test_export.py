@@ -40,7 +40,7 @@ def test_export_validates_against_pytorch(package_factory, arch, pos):
     model, _, report = package_factory(arch, pos)
     package = report.path
     files = {p.name for p in package.iterdir()}
-    assert files == GRAPHS[arch] | {"manifest.json", "tokenizer.json"}
+    assert files == GRAPHS[arch] | {"manifest.json", "tokenizer.json", "weights.onnx_data"}
     figures = report.validation["float32"]
     assert figures["passed"] and figures["worst_abs_diff"] <= 1e-4
     if arch != "encoder":
@@ -148,22 +148,40 @@ def test_opset_is_configurable_and_bounded(package_factory):
         ExportOptions(dtype="bfloat16")
 
 
-def test_external_data_path(package_factory):
-    """Force the >2 GB path (weights in <graph>.onnx_data) on a small model."""
+@pytest.mark.parametrize("external_data", [None, True])
+def test_weights_are_stored_once_in_one_file(package_factory, external_data):
+    """By default (and when forced, the >2 GB path) every graph's weights live in one
+    weights.onnx_data, each distinct tensor once: the encoder-decoder's token embedding, used
+    by encoder.onnx and decoder.onnx, is stored once."""
     import onnxformer.runtime as rt
 
-    _, _, report = package_factory("encoder-decoder", external_data=True)
+    model, _, report = package_factory("encoder-decoder", external_data=external_data)
     files = {p.name for p in report.path.iterdir()}
-    assert {"encoder.onnx_data", "decoder.onnx_data", "cross_attention.onnx_data"} <= files
+    assert "weights.onnx_data" in files and not {f for f in files if f.endswith(".onnx_data")} - {"weights.onnx_data"}
     manifest = Manifest.load(report.path)
-    assert [e.file for e in manifest.graphs["decoder"].external_data] == ["decoder.onnx_data"]
-    proto = onnx.load(str(report.path / "decoder.onnx"), load_external_data=False)  # structure only
-    assert proto.graph.initializer and all(
-        t.data_location == onnx.TensorProto.EXTERNAL for t in proto.graph.initializer
-    )
+    for name in ("encoder", "decoder", "cross_attention"):
+        assert [e.file for e in manifest.graphs[name].external_data] == ["weights.onnx_data"]
+    assert len(manifest.files()) == 5  # tokenizer, 3 graphs, one weights file (listed by 3 graphs)
+    embedding = model.tok_emb.weight.numel() * 4
+    parameters = sum(p.numel() * 4 for p in model.parameters())
+    stored = (report.path / "weights.onnx_data").stat().st_size
+    assert stored < parameters + embedding // 2  # the embedding is not stored twice
+    offsets = {}
+    for name in ("encoder", "decoder"):
+        proto = onnx.load(str(report.path / f"{name}.onnx"), load_external_data=False)  # structure only
+        big = [t for t in proto.graph.initializer if t.data_location == onnx.TensorProto.EXTERNAL]
+        assert big and all(len(t.raw_data) == 0 for t in big)
+        offsets[name] = {int(dict((e.key, e.value) for e in t.external_data)["offset"]) for t in big}
+    assert offsets["encoder"] & offsets["decoder"]  # shared tensors point at the same bytes
     assert report.validation["float32"]["greedy_match"]
-    model = rt.load(report.path)  # checksums of the data files are verified too
-    assert model.generate_ids([[5, 6, 7]]).sequences[0][0]
+    loaded = rt.load(report.path)  # the shared data file's checksum is verified
+    assert loaded.generate_ids([[5, 6, 7]]).sequences[0][0]
+
+
+def test_weights_inside_the_graphs_on_request(package_factory):
+    _, _, report = package_factory("decoder", external_data=False)
+    assert not list(report.path.glob("*.onnx_data"))
+    assert Manifest.load(report.path).graphs["decoder"].external_data == ()
 
 
 def test_failed_validation_writes_nothing_and_keeps_the_old_package(tmp_path):
@@ -229,3 +247,78 @@ def test_fused_attention_leaves_grouped_query_layers_plain(tmp_path):
     export_model(model, tmp_path / "tokenizer.json", tmp_path / "pkg", ExportOptions(fused_attention=True))
     proto = onnx.load(str(tmp_path / "pkg" / "decoder.onnx"))
     assert not any(n.op_type == "MultiHeadAttention" for n in proto.graph.node)
+
+
+# --------------------------------------------------------------------------------------------
+# int8-dynamic: int8 weights and activations, for encoder models
+# --------------------------------------------------------------------------------------------
+
+# Bound on |p_int8-dynamic - p_fp32| for the tiny encoder's class probabilities. Each int8
+# matmul rounds its input to 1/255 of the batch's range and its weights to 1/254 of their
+# column's largest value: about 1% of the logits' scale through two layers. Measured 0.004;
+# the bound leaves 5x for other CPUs' kernels while a wrong scale or zero point moves the
+# probabilities by tenths.
+DYNAMIC_PROB_ATOL = 0.02
+
+
+def _probabilities(package, texts):
+    import onnxformer.runtime as rt
+
+    return np.array([list(c.probabilities.values()) for c in rt.load(package).classify(texts)])
+
+
+def _constant_matmuls(graph):
+    constants = {t.name for t in graph.initializer}
+    return [n for n in graph.node if n.op_type == "MatMul" and n.input[1] in constants]
+
+
+def test_int8_dynamic_encoder_classifies_like_fp32(package_factory):
+    from support import TEXTS
+
+    _, _, plain = package_factory("encoder")
+    _, _, dynamic = package_factory("encoder", quantize="int8-dynamic")
+    manifest = Manifest.load(dynamic.path)
+    assert manifest.weights == "int8-dynamic" and manifest.float_dtype == "float32"
+    assert dynamic.validation["int8-dynamic"]["passed"]
+
+    fp32_graph = onnx.load(str(plain.path / "encoder.onnx")).graph
+    graph = onnx.load(str(dynamic.path / "encoder.onnx")).graph
+    ops = [n.op_type for n in graph.node]
+    # every layer matmul with a constant weight runs in int8; the heads and attention stay float
+    assert ops.count("MatMulInteger") == len(_constant_matmuls(fp32_graph)) > 0
+    assert "DynamicQuantizeLinear" in ops
+    int8 = {t.name for t in graph.initializer if t.data_type == onnx.TensorProto.INT8}
+    assert {n.input[1] for n in graph.node if n.op_type == "MatMulInteger"} <= int8
+    weight_bytes = lambda g: sum(len(t.raw_data) for t in g.initializer)  # noqa: E731
+    assert weight_bytes(graph) < 0.6 * weight_bytes(fp32_graph)  # the embeddings stay fp32
+
+    texts = sorted(set(TEXTS))
+    reference, quantized = _probabilities(plain.path, texts), _probabilities(dynamic.path, texts)
+    assert np.abs(quantized - reference).max() < DYNAMIC_PROB_ATOL
+    top2 = np.sort(reference, axis=-1)[:, -2:]
+    clear = top2[:, 1] - top2[:, 0] > 2 * DYNAMIC_PROB_ATOL  # labels may only differ on near-ties
+    assert clear.any()
+    assert (quantized.argmax(-1) == reference.argmax(-1))[clear].all()
+
+
+@pytest.mark.parametrize("arch", ["decoder", "prefix-lm", "encoder-decoder"])
+def test_int8_dynamic_refuses_generating_archs(tmp_path, arch):
+    """Decoding runs batch x 1 token per step: weight-only int8 is the format there; say so."""
+    model, tok = make_model(arch)
+    save_tokenizer(tok, tmp_path / "tokenizer.json")
+    with pytest.raises(ExportError, match=rf"arch '{arch}'.*--quantize int8\b"):
+        export_model(model, tmp_path / "tokenizer.json", tmp_path / "pkg", ExportOptions(quantize="int8-dynamic"))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["tokenizer.json"]  # nothing written
+
+
+def test_every_quantization_is_a_cli_choice():
+    import argparse
+
+    from onnxformer.export.cli import add_arguments
+
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    for choice in exporter.QUANTIZATIONS:
+        assert parser.parse_args(["run", "pkg", "--quantize", choice]).quantize == choice
+    with pytest.raises(ExportError, match="int8-dynamic"):
+        ExportOptions(quantize="int8-dynamic", dtype="float16")

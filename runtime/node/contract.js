@@ -10,6 +10,7 @@
  *                                                 `encoder_sequence` in the graphs that consume it
  *     P    tokens already in the KV cache         symbolic axis `past_sequence`
  *     P+T  tokens attended to by a decoder step   symbolic axis `total_sequence`
+ *     C    capacity of a preallocated KV buffer   symbolic axis `cache_sequence` (layout "shared")
  *     Hkv  key/value heads                        static
  *     Dh   head size                              static
  *     D    model width                            static
@@ -43,6 +44,17 @@ export const SEQUENCE = 'sequence';
 export const PAST_SEQUENCE = 'past_sequence';
 export const TOTAL_SEQUENCE = 'total_sequence';
 export const ENCODER_SEQUENCE = 'encoder_sequence';
+export const CACHE_SEQUENCE = 'cache_sequence';
+
+/**
+ * KV-cache layouts of the decoder graph (manifest `kv_cache`):
+ *   "concat"  past (B, Hkv, P, Dh) in, present (B, Hkv, P+T, Dh) out (a new, longer tensor per
+ *             step); left padding with attention_mask and position_ids. Every architecture.
+ *   "shared"  one preallocated buffer (B, Hkv, C, Dh) per layer that is both past and present
+ *             (updated in place); right padding with sequence_lengths; logits of the last token
+ *             only. Built for onnxruntime's GroupQueryAttention (decoder, encoder-decoder).
+ */
+export const KV_CACHE_LAYOUTS = ['concat', 'shared'];
 
 export const INPUT_IDS = 'input_ids';
 export const ATTENTION_MASK = 'attention_mask';
@@ -50,6 +62,7 @@ export const TOKEN_TYPE_IDS = 'token_type_ids';
 export const POSITION_IDS = 'position_ids';
 export const ENCODER_ATTENTION_MASK = 'encoder_attention_mask';
 export const ENCODER_HIDDEN_STATES = 'encoder_hidden_states';
+export const SEQUENCE_LENGTHS = 'sequence_lengths';
 export const LAST_HIDDEN_STATE = 'last_hidden_state';
 export const LOGITS = 'logits';
 
@@ -231,19 +244,54 @@ function decoderSpec(dims, dtype) {
   return { name: DECODER, file: `${DECODER}.onnx`, inputs, outputs };
 }
 
+/**
+ * Layout "shared": input_ids (B, T) (right-padded on the first step), sequence_lengths (B,)
+ * (each row's tokens after this step), the KV buffers (B, Hkv, C, Dh) -> logits (B, V) of each
+ * row's last token, and the same buffers (written in place when bound to the same memory).
+ * @param {Dims} dims @param {string} dtype @returns {GraphSpec}
+ */
+function sharedDecoderSpec(dims, dtype) {
+  const seq2seq = dims.arch === 'encoder-decoder';
+  const kind = selfCacheKind(dims.arch);
+  const inputs = [ids(INPUT_IDS), { name: SEQUENCE_LENGTHS, dtype: INT64, shape: [BATCH] }]; // (B, T), (B,)
+  if (seq2seq) inputs.push(ids(ENCODER_ATTENTION_MASK, ENCODER_SEQUENCE));
+  for (let i = 0; i < dims.n_layers; i++) {
+    for (const name of pastNames(i, kind)) inputs.push(kv(name, CACHE_SEQUENCE, dims, dtype));
+    if (seq2seq) for (const name of pastNames(i, 'encoder')) inputs.push(kv(name, ENCODER_SEQUENCE, dims, dtype));
+  }
+  const outputs = [{ name: LOGITS, dtype, shape: [BATCH, dims.vocab_size] }]; // (B, V)
+  for (let i = 0; i < dims.n_layers; i++) {
+    for (const name of presentNames(i, kind)) outputs.push(kv(name, CACHE_SEQUENCE, dims, dtype));
+  }
+  return { name: DECODER, file: `${DECODER}.onnx`, inputs, outputs };
+}
+
 const BUILDERS = { [ENCODER]: encoderSpec, [CROSS_ATTENTION]: crossAttentionSpec, [DECODER]: decoderSpec };
+
+/** A Python tuple's repr, for messages that name one: `('concat', 'shared')`. */
+const tupleRepr = (items) => `(${items.map(repr).join(', ')}${items.length === 1 ? ',' : ''})`;
 
 /**
  * Every graph of `dims.arch` -> its spec, in run order (encoder, cross_attention, decoder).
+ * `kvCache` is the decoder's cache layout (KV_CACHE_LAYOUTS); "shared" exists for the decoder
+ * and encoder-decoder architectures.
  * @param {Dims} dims
  * @param {string} [floatDtype]
+ * @param {string} [kvCache]
  * @returns {Record<string, GraphSpec>}
  */
-export function graphSpecs(dims, floatDtype = 'float32') {
+export function graphSpecs(dims, floatDtype = 'float32', kvCache = 'concat') {
   if (!FLOAT_DTYPES.includes(floatDtype)) {
-    throw new PackageError(`float_dtype must be one of ${repr(FLOAT_DTYPES)}; got ${repr(floatDtype)}`);
+    throw new PackageError(`float_dtype must be one of ${tupleRepr(FLOAT_DTYPES)}; got ${repr(floatDtype)}`);
   }
-  return Object.fromEntries(GRAPHS_BY_ARCH[dims.arch].map((g) => [g, BUILDERS[g](dims, floatDtype)]));
+  if (!KV_CACHE_LAYOUTS.includes(kvCache)) {
+    throw new PackageError(`kv_cache must be one of ${tupleRepr(KV_CACHE_LAYOUTS)}; got ${repr(kvCache).slice(0, 60)}`);
+  }
+  if (kvCache === 'shared' && dims.arch !== 'decoder' && dims.arch !== 'encoder-decoder') {
+    throw new PackageError(`kv_cache 'shared' exists for arch 'decoder' and 'encoder-decoder'; got arch ${repr(dims.arch)}`);
+  }
+  const builders = { ...BUILDERS, ...(kvCache === 'shared' ? { [DECODER]: sharedDecoderSpec } : {}) };
+  return Object.fromEntries(GRAPHS_BY_ARCH[dims.arch].map((g) => [g, builders[g](dims, floatDtype)]));
 }
 
 /**

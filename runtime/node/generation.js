@@ -14,7 +14,8 @@
  * Batching: prompts are left-padded with `pad_token_id`; `attention_mask` is 0 on the pads
  * and `position_ids = max(cumsum(mask) - 1, 0)`. Each later step feeds one token per row at
  * position `previous + 1` and appends a column of ones to `attention_mask`. Finished rows keep
- * being fed `pad_token_id`; their outputs are ignored.
+ * being fed `pad_token_id`; their outputs are ignored. (The step model of the "shared"
+ * KV-cache layout turns this into the right padding and row lengths its graph takes.)
  *
  * Logits processing, in this order (the same as Python's):
  *
@@ -288,7 +289,9 @@ export function leftPad(rows, padTokenId) {
 // The step model --------------------------------------------------------------------------------
 /**
  * What generation needs from a model; `session.js` implements it over the decoder graph.
- * The cache is opaque and functional: `step` returns a new one.
+ * The cache is opaque and functional: `step` returns a new one (an implementation may update
+ * buffers in place, as the "shared" KV-cache layout does, as long as the old cache is not read
+ * again).
  * @typedef {object} StepModel
  * @property {number} vocabSize   V
  * @property {(batchSize: number) => Promise<any>} initCache  an empty cache (P = 0) for B rows

@@ -6,6 +6,10 @@
  * Versioning: `format_version` is an integer; this runtime reads the versions in
  * SUPPORTED_FORMAT_VERSIONS and refuses others. Unknown extra fields are ignored.
  *
+ *     1   every package whose decoder uses the "concat" KV-cache layout (`kv_cache` absent)
+ *     2   `kv_cache` "shared": the decoder takes right-padded rows, `sequence_lengths` and
+ *         preallocated KV buffers (FORMAT.md sections 4.4 and 7.7)
+ *
  * @module manifest
  */
 
@@ -14,12 +18,14 @@ import { createReadStream } from 'node:fs';
 import * as fs from 'node:fs/promises';
 import * as path from 'node:path';
 
-import { dimsFromDict, graphSpecs, sameSpec, tensorSpecFromDict } from './contract.js';
+import { KV_CACHE_LAYOUTS, dimsFromDict, graphSpecs, sameSpec, tensorSpecFromDict } from './contract.js';
 import { PackageError } from './errors.js';
 import { repr, typeName } from './repr.js';
 
 export const FORMAT_NAME = 'onnxformer-package';
-export const SUPPORTED_FORMAT_VERSIONS = [1];
+export const FORMAT_VERSION = 1; // of a "concat" package; a "shared" one is SHARED_CACHE_FORMAT_VERSION
+export const SHARED_CACHE_FORMAT_VERSION = 2;
+export const SUPPORTED_FORMAT_VERSIONS = [1, 2];
 export const MANIFEST_FILE = 'manifest.json';
 export const SPECIAL_TOKEN_ROLES = ['pad', 'unk', 'bos', 'eos', 'mask', 'cls', 'sep', 'decoder_start'];
 
@@ -38,6 +44,7 @@ export const SPECIAL_TOKEN_ROLES = ['pad', 'unk', 'bos', 'eos', 'mask', 'cls', '
  * @typedef {object} Manifest
  * @property {number} format_version
  * @property {string} arch
+ * @property {string} kv_cache             the decoder's KV-cache layout: "concat" | "shared"
  * @property {import('./contract.js').Dims} dims
  * @property {number} max_seq_len
  * @property {string} float_dtype          graph float I/O: "float32" | "float16"
@@ -123,6 +130,7 @@ export function manifestFromDict(data) {
   const manifest = {
     format_version: version,
     arch: data.arch,
+    kv_cache: 'kv_cache' in data ? data.kv_cache : 'concat', // null is not the default (as in Python)
     dims,
     max_seq_len: Math.trunc(Number(data.max_seq_len)),
     float_dtype: data.float_dtype,
@@ -143,7 +151,19 @@ export function manifestFromDict(data) {
 
 /** The graphs and special tokens must be what the dims imply (Python: Manifest.__post_init__). */
 function checkAgainstContract(m) {
-  const expected = graphSpecs(m.dims, m.float_dtype);
+  if (!KV_CACHE_LAYOUTS.includes(m.kv_cache)) {
+    throw new PackageError(
+      `manifest kv_cache must be one of ${repr(KV_CACHE_LAYOUTS)}; got ${repr(m.kv_cache).slice(0, 60)}. Re-export the package`,
+    );
+  }
+  const needed = m.kv_cache === 'shared' ? SHARED_CACHE_FORMAT_VERSION : FORMAT_VERSION;
+  if (m.format_version !== needed) {
+    throw new PackageError(
+      `manifest kv_cache ${repr(m.kv_cache)} needs format_version ${needed}; got ${repr(m.format_version)}. ` +
+        'The package is damaged; re-export it',
+    );
+  }
+  const expected = graphSpecs(m.dims, m.float_dtype, m.kv_cache);
   const listed = Object.keys(m.graphs).sort();
   if (listed.join() !== Object.keys(expected).sort().join()) {
     throw new PackageError(
@@ -201,11 +221,24 @@ export async function loadManifest(directory) {
   return manifestFromDict(data);
 }
 
-/** Every file the manifest lists: the tokenizer, then each graph and its external data. */
+/**
+ * Every file the manifest lists, once: the tokenizer, then each graph and its external data
+ * (graphs may share one external-data file, e.g. weights.onnx_data).
+ */
 export function manifestFiles(manifest) {
-  const entries = [manifest.tokenizer];
-  for (const graph of Object.values(manifest.graphs)) entries.push(graph.file, ...graph.external_data);
-  return entries;
+  const entries = new Map([[manifest.tokenizer.file, manifest.tokenizer]]);
+  for (const graph of Object.values(manifest.graphs)) {
+    for (const entry of [graph.file, ...graph.external_data]) {
+      const seen = entries.get(entry.file);
+      if (seen && (seen.sha256 !== entry.sha256 || seen.bytes !== entry.bytes)) {
+        throw new PackageError(
+          `manifest lists package file ${repr(entry.file)} twice with different checksums; the package is damaged, re-export it`,
+        );
+      }
+      entries.set(entry.file, entry);
+    }
+  }
+  return [...entries.values()];
 }
 
 /** @param {string} file @returns {Promise<string>} hex sha256 */

@@ -22,7 +22,7 @@ import { ConfigError, InputError, PackageError } from './errors.js';
 import * as gen from './generation.js';
 import { displayDir, loadManifest, special, verifyFiles } from './manifest.js';
 import { repr, typeName } from './repr.js';
-import { DecoderSteps, floatData, int64Tensor, openSession, resolveProvider } from './session.js';
+import { DecoderSteps, SharedCacheSteps, floatData, int64Tensor, openSession, resolveProvider } from './session.js';
 import { PackageTokenizer } from './tokenizer.js';
 
 /**
@@ -322,13 +322,23 @@ export class Model {
     return rows;
   }
 
-  /** The step model and the decoder prompts (encoder-decoder: the start token per source). */
-  #steps(prompts) {
+  /**
+   * The step model of the manifest's KV-cache layout and the decoder prompts (encoder-decoder:
+   * the start token per source). A "shared" cache holds the longest decoder prompt plus
+   * max_new_tokens tokens per row, at most max_seq_len.
+   */
+  #steps(prompts, config) {
+    let [sources, decoderPrompts] = [null, prompts];
     if (this.arch === 'encoder-decoder') {
       const start = special(this.manifest, 'decoder_start');
-      return { steps: new DecoderSteps(this, prompts), decoderPrompts: prompts.map(() => [start]) };
+      [sources, decoderPrompts] = [prompts, prompts.map(() => [start])];
     }
-    return { steps: new DecoderSteps(this), decoderPrompts: prompts };
+    if (this.manifest.kv_cache === 'shared') {
+      const longest = Math.max(...decoderPrompts.map((p) => p.length)) + config.max_new_tokens;
+      const capacity = Math.min(longest, this.manifest.max_seq_len);
+      return { steps: new SharedCacheSteps(this, sources, { capacity }), decoderPrompts };
+    }
+    return { steps: new DecoderSteps(this, sources), decoderPrompts };
   }
 
   /**
@@ -342,7 +352,7 @@ export class Model {
     const { params, rng } = splitOptions(options);
     const config = this.generationConfig(params);
     const rows = this.#checkIds(prompts, config);
-    const { steps, decoderPrompts } = this.#steps(rows);
+    const { steps, decoderPrompts } = this.#steps(rows, config);
     return gen.generate(steps, decoderPrompts, config, { rng, decode: (ids) => this.decode(ids) });
   }
 
@@ -387,7 +397,7 @@ export class Model {
     const { params, truncate, rng } = splitOptions(options);
     const config = this.generationConfig(params);
     const ids = this.#checkIds(await this.#promptIds([prompt], config, truncate), config);
-    const { steps, decoderPrompts } = this.#steps(ids);
+    const { steps, decoderPrompts } = this.#steps(ids, config);
     return gen.stream(steps, decoderPrompts[0], config, (t) => this.decode(t), { rng });
   }
 }

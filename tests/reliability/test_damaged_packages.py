@@ -129,11 +129,34 @@ def test_a_missing_manifest_field_is_named(package_copy, field):
     refused(package, f"manifest is missing field\\(s\\) {field}")
 
 
-@pytest.mark.parametrize("version", [0, 2, 99, "1", None, True])
+@pytest.mark.parametrize("version", [0, 3, 99, "1", None, True])
 def test_unknown_format_version(package_copy, version):
     package = package_copy("decoder")
     rewrite_manifest(package, lambda m: m.update(format_version=version))
     refused(package, f"format_version {version!r} is not supported by this runtime")
+
+
+@pytest.mark.parametrize("layout", ["concat", "shared"])
+def test_kv_cache_layout_and_format_version_must_agree(package_copy, layout):
+    """Version 2 means the "shared" decoder; a manifest that says otherwise is refused before
+    any graph is bound the wrong way."""
+    package = package_copy("decoder")
+    current = json.loads((package / "manifest.json").read_text())["kv_cache"]
+    other = {"concat": "shared", "shared": "concat"}[current]
+    needed = {"concat": 1, "shared": 2}
+    if layout == "concat":  # the layout stays, the version is the other layout's
+        rewrite_manifest(package, lambda m: m.update(format_version=needed[other]))
+        refused(package, f"manifest kv_cache '{current}' needs format_version {needed[current]}; got {needed[other]}")
+    else:  # the layout is flipped with its version: the graph specs no longer match the layout
+        rewrite_manifest(package, lambda m: m.update(kv_cache=other, format_version=needed[other]))
+        refused(package, "does not match the contract")
+
+
+@pytest.mark.parametrize("value", ["paged", 1, None, ["shared"]])
+def test_unknown_kv_cache_layout(package_copy, value):
+    package = package_copy("decoder")
+    rewrite_manifest(package, lambda m: m.update(kv_cache=value))
+    refused(package, "manifest kv_cache must be one of")
 
 
 def _paths(node, prefix=()):

@@ -175,7 +175,17 @@ def damaged_packages(package: Path, out: Path, prefix: str) -> list[dict[str, An
 
     cases = []
     target = copy("format-version")
-    edit_manifest(target, lambda d: d.update(format_version=2))
+    edit_manifest(target, lambda d: d.update(format_version=99))
+    cases.append(target)
+    target = copy("kv-cache-version")  # a version that disagrees with the KV-cache layout
+    edit_manifest(target, lambda d: d.update(format_version=1 if d.get("kv_cache") == "shared" else 2))
+    cases.append(target)
+    target = copy("kv-cache-layout")  # the other layout, consistently versioned: the graphs no longer match
+    edit_manifest(target, lambda d: d.update(kv_cache="concat", format_version=1) if d.get("kv_cache") == "shared"
+                  else d.update(kv_cache="shared", format_version=2))
+    cases.append(target)
+    target = copy("kv-cache-unknown")
+    edit_manifest(target, lambda d: d.update(kv_cache="paged"))
     cases.append(target)
     target = copy("wrong-format")
     edit_manifest(target, lambda d: d.update(format="something-else"))

@@ -1,8 +1,9 @@
 /**
  * Invariants of the Node runtime on every package (see packages.js), independent of Python:
- * the KV cache gives the logits of a full recomputation, seeded sampling is reproducible,
- * streaming equals generation, the prefix-LM prompt is one bidirectional block, and load()
- * refuses what it must.
+ * the KV cache gives the logits of a full recomputation (both layouts), a "shared" cache
+ * updated in place equals feeding the present outputs back and may grow, seeded sampling is
+ * reproducible, streaming equals generation, the prefix-LM prompt is one bidirectional block,
+ * and load() refuses what it must.
  */
 
 import assert from 'node:assert/strict';
@@ -11,9 +12,13 @@ import { tmpdir } from 'node:os';
 import * as path from 'node:path';
 import { after, before, describe, test } from 'node:test';
 
+import ort from 'onnxruntime-node';
+
+import { selfCacheNames } from '../contract.js';
+import { leftPad } from '../generation.js';
 import { PackageError, ProviderError, Random, load } from '../index.js';
 import { special } from '../manifest.js';
-import { DecoderSteps } from '../session.js';
+import { DecoderSteps, SharedCacheSteps, floatData } from '../session.js';
 import { NO_PACKAGES, packageDirs } from './packages.js';
 
 const PROMPT = 'three hundred and twelve = 3 1 2';
@@ -29,6 +34,19 @@ async function logitsAfter(steps, chunks) {
     ({ logits, cache } = await steps.step([chunk], [positions], [fed.map(() => 1)], cache));
   }
   return logits[0];
+}
+
+/** The step model of the package's KV-cache layout; a "shared" cache of `capacity` tokens per row. */
+function stepsFor(model, sources, capacity) {
+  return model.manifest.kv_cache === 'shared' ? new SharedCacheSteps(model, sources, { capacity }) : new DecoderSteps(model, sources);
+}
+
+/** A prompt's ids for the decoder: the prompt (decoder-only) or a target after decoder_start, and
+ * the sources (encoder-decoder). */
+async function decoderInput(model) {
+  if (model.arch !== 'encoder-decoder') return { sources: null, ids: (await model.encode([PROMPT]))[0] };
+  const start = special(model.manifest, 'decoder_start');
+  return { sources: await model.encode([PROMPT]), ids: [start, ...(await model.encode(['a short target']))[0]].slice(0, 8) };
 }
 
 /** Quantized packages (weights "int8", "int4") may quantize activations too (per tensor or per
@@ -69,20 +87,66 @@ for (const dir of dirs) {
     test('cached decoding gives the logits of a full recomputation', async (t) => {
       if (!model.canGenerate) return t.skip('no decoder');
       if (model.arch === 'prefix-lm') return t.skip('a prefix-LM prompt is one bidirectional block (next test)');
-      let steps;
-      let ids;
-      if (model.arch === 'encoder-decoder') {
-        steps = new DecoderSteps(model, await model.encode([PROMPT]));
-        const start = special(model.manifest, 'decoder_start');
-        ids = [start, ...(await model.encode(['a short target']))[0]].slice(0, 8);
-      } else {
-        steps = new DecoderSteps(model);
-        ids = (await model.encode([PROMPT]))[0];
-      }
+      const { sources, ids } = await decoderInput(model);
+      const steps = stepsFor(model, sources, ids.length);
       const full = await logitsAfter(steps, [ids]);
       const cached = await logitsAfter(steps, [ids.slice(0, 2), ...ids.slice(2).map((tok) => [tok])]);
       const diff = maxAbsDiff(full, cached);
       assert.ok(diff < tolerance(model), `max |cached - full| = ${diff}`);
+    });
+
+    test('shared KV cache: a cache that grows past its capacity gives the same logits', async (t) => {
+      if (model.manifest.kv_cache !== 'shared') return t.skip('kv_cache is not "shared"');
+      const { sources, ids } = await decoderInput(model);
+      const chunks = [ids.slice(0, 2), ...ids.slice(2).map((tok) => [tok])];
+      const sized = await logitsAfter(stepsFor(model, sources, ids.length), chunks);
+      const grown = await logitsAfter(stepsFor(model, sources, 1), chunks); // grows 1 -> 2 -> 4 -> 8 ...
+      const diff = maxAbsDiff(grown, sized);
+      assert.ok(diff < tolerance(model) / 10, `max |grown - sized| = ${diff}`);
+    });
+
+    test('shared KV cache: buffers updated in place equal feeding present back as past', async (t) => {
+      if (model.manifest.kv_cache !== 'shared') return t.skip('kv_cache is not "shared"');
+      // A left-padded batch through SharedCacheSteps (in place), and the same right-padded
+      // batch through plain session.run, each present output fed back as the next past.
+      const { sources: source, ids } = await decoderInput(model);
+      const prompts = [ids, ids.slice(0, 3), ids.slice(1, 2)];
+      const sources = source && prompts.map(() => source[0]);
+      const newTokens = [[5, 6, 7], [8, 9, 10]]; // two more steps, one token per row
+      const capacity = ids.length + newTokens.length;
+      const steps = stepsFor(model, sources, capacity);
+      const batch = leftPad(prompts, 0);
+      let { attention_mask: mask, position_ids: positions } = batch;
+      let out = await steps.step(batch.input_ids, positions, mask, await steps.initCache(prompts.length));
+      const inPlace = [out.logits];
+      for (const tokens of newTokens) {
+        mask = mask.map((row) => [...row, 1]);
+        positions = positions.map((row) => [row[row.length - 1] + 1]);
+        out = await steps.step(tokens.map((tok) => [tok]), positions, mask, out.cache);
+        inPlace.push(out.logits);
+      }
+
+      const { dims, float_dtype: dtype } = model.manifest;
+      const n = prompts.length;
+      const shape = [n, dims.n_kv_heads, capacity, dims.d_head]; // (N, Hkv, C, Dh)
+      const size = shape.reduce((a, b) => a * b);
+      const zeros = () => new ort.Tensor(dtype, dtype === 'float16' ? new Uint16Array(size) : new Float32Array(size), shape);
+      const int64 = (values, dimsOf) => new ort.Tensor('int64', BigInt64Array.from(values.flat(), BigInt), dimsOf);
+      const names = selfCacheNames(dims); // [present, past] per layer
+      const fixed = (await steps.initCache(n)).encoder; // encoder-decoder: the encoder K/V and mask
+      let past = Object.fromEntries(names.map(([, name]) => [name, zeros()]));
+      let lengths = prompts.map((p) => p.length);
+      let feedIds = int64(prompts.map((p) => [...p, ...Array(ids.length - p.length).fill(0)]), [n, ids.length]); // right-padded
+      for (let k = 0; k <= newTokens.length; k++) {
+        const outputs = await model.sessions.decoder.run({ input_ids: feedIds, sequence_lengths: int64(lengths, [n]), ...fixed, ...past });
+        const worst = maxAbsDiff(inPlace[k].flatMap((row) => Array.from(row)), floatData(outputs.logits)); // (N, V)
+        assert.ok(worst < tolerance(model) / 10, `step ${k}: max |in place - copy back| = ${worst}`);
+        past = Object.fromEntries(names.map(([present, name]) => [name, outputs[present]]));
+        if (k < newTokens.length) {
+          feedIds = int64(newTokens[k].map((tok) => [tok]), [n, 1]);
+          lengths = lengths.map((l) => l + 1);
+        }
+      }
     });
 
     test('prefix-LM: the prompt must be fed as one block (it is bidirectional)', async (t) => {

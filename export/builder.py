@@ -1,0 +1,292 @@
+"""The decoder step graph written node by node for onnxruntime: the "shared" KV-cache layout.
+
+The traced step graph (torch.onnx, layout "concat") spells every operation of the PyTorch
+code: ~1400 nodes for 8 layers (~500 after onnxruntime's optimizer), a KV cache concatenated
+(copied) on every step, and logits for every position. This builder writes the same math as
+~12 nodes per layer of onnxruntime's fused operators:
+
+    LayerNormalization (or RMSNorm's 6 plain ops)                   the first and last norm
+    MatMul (q, k and v in one)                                      projections
+    com.microsoft.GroupQueryAttention                               causal self-attention, RoPE
+        inside (cos/sin caches), grouped K/V heads, and the KV cache in one preallocated buffer
+        per layer that the step updates in place (past and present are the same memory)
+    com.microsoft.MultiHeadAttention                                cross-attention over the
+        encoder K/V computed once per source (encoder-decoder)
+    com.microsoft.SkipSimplifiedLayerNormalization / SkipLayerNormalization
+                                                                    residual add + norm in one
+    Sigmoid, Mul / com.microsoft.Gelu                               SwiGLU / GELU feed-forward
+    GatherND                                                        the last real token of each
+        row, so the final norm and the vocabulary projection run once per row, not per position
+
+The I/O is the contract's "shared" layout (runtime/contract.py, runtime/FORMAT.md section 7).
+Rows are right-padded on the first step; ``sequence_lengths`` (B,) counts each row's tokens
+after the step, from which the graph derives GroupQueryAttention's ``seqlens_k`` and
+``total_sequence_length``, the positions and the gathered position. Every graph is validated
+against the PyTorch model like the traced one (export/validate.py).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import onnx
+import torch
+from onnx import TensorProto, helper, numpy_helper
+
+from onnxformer.modeling.model import Transformer
+from onnxformer.runtime.contract import (
+    ENCODER_ATTENTION_MASK,
+    INPUT_IDS,
+    LOGITS,
+    SEQUENCE_LENGTHS,
+    Dims,
+    GraphSpec,
+    past_names,
+    present_names,
+    self_cache_kind,
+)
+
+MS_DOMAIN = "com.microsoft"
+
+
+class UnsupportedModel(ValueError):
+    """The builder cannot express this model; the exporter falls back to the traced graph."""
+
+
+def unsupported_reason(model: Transformer) -> str | None:
+    """Why the "shared" layout cannot express `model`, or None when it can."""
+    c = model.config
+    if c.arch not in ("decoder", "encoder-decoder"):
+        return (f"arch {c.arch!r}: onnxruntime's GroupQueryAttention is causal only, and a prefix-LM prompt "
+                "attends bidirectionally")
+    if c.d_head % 16:
+        return f"head size {c.d_head}: onnxruntime's GroupQueryAttention needs a multiple of 16"
+    if c.arch == "encoder-decoder" and c.n_kv_heads != c.n_heads:
+        return "encoder-decoder cross-attention with n_kv_heads < n_heads (MultiHeadAttention needs H == Hkv)"
+    return None
+
+
+class _Graph:
+    """A small graph writer: unique node/tensor names, initializers from torch tensors."""
+
+    def __init__(self, dtype: np.dtype):
+        self.nodes: list[onnx.NodeProto] = []
+        self.initializers: list[onnx.TensorProto] = []
+        self.dtype = dtype
+        self._names: set[str] = set()
+
+    def _unique(self, name: str) -> str:
+        base, k = name, 1
+        while name in self._names:
+            k += 1
+            name = f"{base}_{k}"
+        self._names.add(name)
+        return name
+
+    def weight(self, name: str, array: np.ndarray | torch.Tensor, *, float_: bool = True) -> str:
+        if isinstance(array, torch.Tensor):
+            array = array.detach().cpu().numpy()
+        array = np.ascontiguousarray(array.astype(self.dtype) if float_ else array)
+        name = self._unique(name)
+        self.initializers.append(numpy_helper.from_array(array, name))
+        return name
+
+    def const(self, name: str, values: Any, dtype: Any = np.int64) -> str:
+        return self.weight(name, np.asarray(values, dtype=dtype), float_=False)
+
+    def op(self, op_type: str, inputs: list[str], name: str, *, outputs: int = 1, domain: str = "",
+           **attrs: Any) -> list[str]:
+        name = self._unique(name)
+        outs = [f"{name}/output_{k}" for k in range(outputs)]
+        self.nodes.append(helper.make_node(op_type, inputs, outs, name=name, domain=domain or None, **attrs))
+        return outs
+
+    def op1(self, op_type: str, inputs: list[str], name: str, **attrs: Any) -> str:
+        return self.op(op_type, inputs, name, **attrs)[0]
+
+
+def _t(linear: torch.nn.Linear) -> np.ndarray:
+    return linear.weight.detach().float().numpy().T  # (in, out): MatMul's B
+
+
+class _Builder:
+    def __init__(self, model: Transformer, spec: GraphSpec, dims: Dims):
+        self.model, self.spec, self.dims = model, spec, dims
+        self.c = model.config
+        self.g = _Graph(np.dtype(np.float32))
+        self.pre = self.c.norm_position == "pre"
+
+    # Pieces -----------------------------------------------------------------------------
+    def linear(self, x: str, linear: torch.nn.Linear, name: str) -> str:
+        y = self.g.op1("MatMul", [x, self.g.weight(f"{name}.weight", _t(linear))], f"/{name}/MatMul")
+        if linear.bias is not None:
+            y = self.g.op1("Add", [y, self.g.weight(f"{name}.bias", linear.bias)], f"/{name}/Add")
+        return y
+
+    def _norm_weights(self, norm: torch.nn.Module, name: str) -> tuple[str, str | None]:
+        gamma = self.g.weight(f"{name}.weight", norm.weight)
+        bias = getattr(norm, "bias", None)
+        return gamma, (self.g.weight(f"{name}.bias", bias) if bias is not None else None)
+
+    def norm(self, x: str, norm: torch.nn.Module, name: str) -> str:
+        gamma, beta = self._norm_weights(norm, name)
+        if self.c.norm == "rmsnorm":  # x / sqrt(mean(x^2) + eps) * w; onnxruntime fuses it to one node
+            # (its SimplifiedLayerNormalization lives in the default domain, which the onnx checker refuses)
+            g = self.g
+            mean = g.op1("ReduceMean", [g.op1("Mul", [x, x], f"/{name}/Square"), g.const(f"{name}.axes", [-1])],
+                         f"/{name}/ReduceMean", keepdims=1)
+            eps = g.weight(f"{name}.eps", np.array(norm.eps, dtype=np.float32))
+            rms = g.op1("Sqrt", [g.op1("Add", [mean, eps], f"/{name}/AddEps")], f"/{name}/Sqrt")
+            return g.op1("Mul", [g.op1("Div", [x, rms], f"/{name}/Div"), gamma], f"/{name}/Scale")
+        return self.g.op1("LayerNormalization", [x, gamma] + ([beta] if beta else []), f"/{name}/LayerNorm",
+                          axis=-1, epsilon=float(norm.eps), stash_type=1)
+
+    def skip_norm(self, residual: str, y: str, norm: torch.nn.Module, name: str) -> tuple[str, str]:
+        """(norm(residual + y), residual + y) in one fused node."""
+        gamma, beta = self._norm_weights(norm, name)
+        if self.c.norm == "rmsnorm":
+            out = self.g.op("SkipSimplifiedLayerNormalization", [residual, y, gamma], f"/{name}/SkipSimplifiedLayerNorm",
+                            outputs=4, domain=MS_DOMAIN, epsilon=float(norm.eps))
+        else:
+            out = self.g.op("SkipLayerNormalization", [residual, y, gamma] + ([beta] if beta else []),
+                            f"/{name}/SkipLayerNorm", outputs=4, domain=MS_DOMAIN, epsilon=float(norm.eps))
+        return out[0], out[3]
+
+    def feed_forward(self, x: str, ffn: torch.nn.Module, name: str) -> str:
+        up = self.linear(x, ffn.up_proj, f"{name}.up_proj")
+        if ffn.swiglu:
+            gate = self.linear(x, ffn.gate_proj, f"{name}.gate_proj")
+            silu = self.g.op1("Mul", [gate, self.g.op1("Sigmoid", [gate], f"/{name}/act/Sigmoid")], f"/{name}/act/Mul")
+            hidden = self.g.op1("Mul", [silu, up], f"/{name}/Mul")
+        else:  # exact (erf) GELU, as torch's F.gelu
+            hidden = self.g.op1("Gelu", [up], f"/{name}/act/Gelu", domain=MS_DOMAIN)
+        return self.linear(hidden, ffn.down_proj, f"{name}.down_proj")
+
+    def self_attention(self, x: str, attn: torch.nn.Module, i: int, lengths: tuple[str, str],
+                       rotary: tuple[str, str] | None) -> str:
+        name = f"layers.{i}.attn"
+        weight = np.concatenate([_t(attn.q_proj), _t(attn.k_proj), _t(attn.v_proj)], axis=1)  # (D, (H+2Hkv)Dh)
+        qkv = self.g.op1("MatMul", [x, self.g.weight(f"{name}.qkv_proj.weight", weight)], f"/{name}/qkv_proj/MatMul")
+        if attn.q_proj.bias is not None:
+            bias = torch.cat([attn.q_proj.bias, attn.k_proj.bias, attn.v_proj.bias])
+            qkv = self.g.op1("Add", [qkv, self.g.weight(f"{name}.qkv_proj.bias", bias)], f"/{name}/qkv_proj/Add")
+        kind = self_cache_kind(self.c.arch)
+        past_k, past_v = past_names(i, kind)
+        present_k, present_v = present_names(i, kind)
+        seqlens_k, total = lengths
+        cos, sin = rotary if rotary is not None else ("", "")
+        node = helper.make_node(
+            "GroupQueryAttention",
+            [qkv, "", "", past_k, past_v, seqlens_k, total, cos, sin],
+            [f"/{name}/GroupQueryAttention/output_0", present_k, present_v],
+            name=f"/{name}/GroupQueryAttention", domain=MS_DOMAIN,
+            num_heads=attn.n_heads, kv_num_heads=attn.n_kv_heads, scale=float(attn.scale),
+            do_rotary=int(rotary is not None), rotary_interleaved=0, local_window_size=-1,
+        )
+        self.g.nodes.append(node)
+        return self.linear(node.output[0], attn.o_proj, f"{name}.o_proj")
+
+    def cross_attention(self, x: str, attn: torch.nn.Module, i: int, key_padding_mask: str) -> str:
+        name = f"layers.{i}.cross_attn"
+        q = self.linear(x, attn.q_proj, f"{name}.q_proj")
+        key, value = past_names(i, "encoder")  # (B, H, S, Dh): projected once by cross_attention.onnx
+        y = self.g.op1("MultiHeadAttention", [q, key, value, "", key_padding_mask], f"/{name}/MultiHeadAttention",
+                       domain=MS_DOMAIN, num_heads=attn.n_heads, scale=float(attn.scale))
+        return self.linear(y, attn.o_proj, f"{name}.o_proj")
+
+    # The graph --------------------------------------------------------------------------
+    def build(self) -> onnx.ModelProto:
+        g, c, model = self.g, self.c, self.model
+        # Lengths: seqlens_k = tokens after this step - 1 (int32), total = the longest row.
+        one = g.const("one", 1)
+        last_index = g.op1("Sub", [SEQUENCE_LENGTHS, one], "/lengths/Sub")  # (B,)
+        seqlens_k = g.op1("Cast", [last_index], "/lengths/seqlens_k", to=TensorProto.INT32)
+        longest = g.op1("ReduceMax", [SEQUENCE_LENGTHS], "/lengths/ReduceMax", keepdims=0)  # scalar
+        total = g.op1("Cast", [longest], "/lengths/total_sequence_length", to=TensorProto.INT32)
+        new = g.op1("Shape", [INPUT_IDS], "/lengths/new_tokens", start=1, end=2)  # (1,) = T
+        # The last real token of each row: the prompt's last token on the first step
+        # (right padding), the new token afterwards: min(length - 1, T - 1).
+        last_pos = g.op1("Min", [last_index, g.op1("Sub", [new, one], "/lengths/last_new")], "/lengths/last")
+        last_pos = g.op1("Unsqueeze", [last_pos, g.const("axis_last", [-1])], "/lengths/last_index")  # (B, 1)
+
+        x = g.op1("Gather", [g.weight("tok_emb.weight", model.tok_emb.weight), INPUT_IDS], "/embed/tok_emb")
+        table = model.pos_emb.weight if model.pos_emb is not None else model.sinusoid
+        if table is not None:  # absolute positions: past tokens of the row + 0..T-1
+            zero = g.const("zero", 0)
+            past = g.op1("Max", [g.op1("Sub", [SEQUENCE_LENGTHS, new], "/positions/Sub"), zero], "/positions/past")  # (B,)
+            steps = g.op1("Range", [zero, g.op1("Squeeze", [new], "/positions/T"), one], "/positions/Range")  # (T,)
+            positions = g.op1("Add", [g.op1("Unsqueeze", [past, g.const("axis_1", [1])], "/positions/past_col"), steps],
+                              "/positions/Add")  # (B, T)
+            x = g.op1("Add", [x, g.op1("Gather", [g.weight("pos_emb.weight", table), positions], "/embed/pos_emb")],
+                      "/embed/Add")
+        rotary = None
+        if model.rope is not None:
+            cos, sin = model.rope(torch.arange(c.max_seq_len)[None])  # (1, L, 1, Dh): exactly PyTorch's values
+            half = c.d_head // 2
+            rotary = (g.weight("cos_cache", cos[0, :, 0, :half]), g.weight("sin_cache", sin[0, :, 0, :half]))
+        key_padding_mask = ""
+        if c.arch == "encoder-decoder":
+            key_padding_mask = g.op1("Cast", [ENCODER_ATTENTION_MASK], "/cross/key_padding_mask", to=TensorProto.INT32)
+
+        layers = model.decoder_layers
+        if model.emb_norm is not None:
+            x = self.norm(x, model.emb_norm, "emb_norm")
+        residual, h = x, (self.norm(x, layers[0].attn_norm, "layers.0.attn_norm") if self.pre else x)
+        for i, layer in enumerate(layers):
+            sublayers = [("attn_norm", lambda v, i=i, layer=layer: self.self_attention(
+                v, layer.attn, i, (seqlens_k, total), rotary))]
+            if layer.cross_attn is not None:
+                sublayers.append(("cross_norm", lambda v, i=i, layer=layer: self.cross_attention(
+                    v, layer.cross_attn, i, key_padding_mask)))
+            sublayers.append(("ffn_norm", lambda v, i=i, layer=layer: self.feed_forward(v, layer.ffn, f"layers.{i}.ffn")))
+            for k, (norm_name, sublayer) in enumerate(sublayers):
+                y = sublayer(h)
+                last = i == len(layers) - 1 and k == len(sublayers) - 1
+                if self.pre:
+                    if last:
+                        residual = g.op1("Add", [residual, y], f"/layers.{i}/residual")
+                    else:
+                        nxt_layer, nxt_norm = (layer, sublayers[k + 1][0]) if k + 1 < len(sublayers) else (layers[i + 1], "attn_norm")
+                        nxt_i = i if k + 1 < len(sublayers) else i + 1
+                        h, residual = self.skip_norm(residual, y, getattr(nxt_layer, nxt_norm), f"layers.{nxt_i}.{nxt_norm}")
+                else:  # post-norm: x = norm(x + f(x))
+                    h, _ = self.skip_norm(h, y, getattr(layer, norm_name), f"layers.{i}.{norm_name}")
+        final = residual if self.pre else h  # (B, T, D)
+        final = g.op1("GatherND", [final, last_pos], "/last_token/GatherND", batch_dims=1)  # (B, D)
+        if model.decoder_norm is not None:
+            final = self.norm(final, model.decoder_norm, "decoder_norm")
+        if c.tie_embeddings:  # logits = h E^T over the one stored embedding matrix
+            logits = g.op1("Gemm", [final, "tok_emb.weight"], "/lm_head/Gemm", transB=1)
+        else:
+            logits = g.op1("MatMul", [final, g.weight("lm_head.weight", _t(model.lm_head))], "/lm_head/MatMul")
+        g.nodes.append(helper.make_node("Identity", [logits], [LOGITS], name="/logits"))
+        return self._model()
+
+    def _model(self) -> onnx.GraphProto:
+        elem = {"int64": TensorProto.INT64, "float32": TensorProto.FLOAT, "float16": TensorProto.FLOAT16}
+
+        def value_info(t):
+            return helper.make_tensor_value_info(t.name, elem[t.dtype], list(t.shape))
+
+        graph = helper.make_graph(
+            self.g.nodes, "onnxformer_decoder_shared_cache",
+            [value_info(t) for t in self.spec.inputs], [value_info(t) for t in self.spec.outputs],
+            initializer=self.g.initializers,
+        )
+        return graph
+
+
+def build_decoder(model: Transformer, spec: GraphSpec, dims: Dims, *, opset: int) -> onnx.ModelProto:
+    """The decoder step graph of `spec` (layout "shared") for `model`, in float32."""
+    reason = unsupported_reason(model)
+    if reason is not None:
+        raise UnsupportedModel(reason)
+    with torch.no_grad():
+        graph = _Builder(model.float().eval(), spec, dims).build()
+    proto = helper.make_model(
+        graph, producer_name="onnxformer",
+        opset_imports=[helper.make_opsetid("", opset), helper.make_opsetid(MS_DOMAIN, 1)],
+    )
+    proto.ir_version = 8
+    return proto

@@ -1,0 +1,209 @@
+"""The "shared" KV-cache layout: the decoder graph written for onnxruntime's fused operators
+(export/builder.py), its runtime step model (runtime/model.py `_SharedCacheSteps`) and the
+choice of layout at export.
+
+Every model here is exported twice, "shared" and "concat" (the traced graph): the two are
+independent paths from the same PyTorch model, so equal tokens for every strategy is a strong
+check of both, on top of the PyTorch parity the exporter itself validates.
+"""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+
+import numpy as np
+import pytest
+
+from support import HAS_TORCH, make_model
+
+pytestmark = pytest.mark.skipif(not HAS_TORCH, reason="exporting needs the [train] extra (torch)")
+
+# d_model 64 with 4 heads: head size 16, the smallest GroupQueryAttention takes.
+MODELS = {
+    "rope-gqa": ("decoder", "rope", dict(n_kv_heads=2)),
+    "learned-rms-swiglu": ("decoder", "learned", dict(n_kv_heads=4, norm="rmsnorm", activation="swiglu")),
+    "sinusoidal-post-nobias": ("decoder", "sinusoidal", dict(n_kv_heads=1, norm_position="post", bias=False)),
+    "rope-untied": ("decoder", "rope", dict(n_kv_heads=4, tie_embeddings=False, norm="rmsnorm")),
+    "seq2seq-learned": ("encoder-decoder", "learned", dict(n_kv_heads=4)),
+    "seq2seq-rope-post": ("encoder-decoder", "rope", dict(n_kv_heads=4, norm_position="post")),
+}
+
+
+@pytest.fixture(scope="module")
+def packages(tmp_path_factory):
+    """name -> (model, {"shared": Model, "concat": Model}, {"shared": report, ...})."""
+    import onnxformer.runtime as rt
+    from onnxformer.export.exporter import ExportOptions, export_model
+    from onnxformer.modeling.tokenizer import save_tokenizer
+
+    cache: dict = {}
+
+    def get(name: str):
+        if name not in cache:
+            arch, pos, overrides = MODELS[name]
+            model, tok = make_model(arch, pos, d_model=64, seed=3, **overrides)
+            root = tmp_path_factory.mktemp(name)
+            save_tokenizer(tok, root / "tokenizer.json")
+            loaded, reports = {}, {}
+            for layout in ("shared", "concat"):
+                reports[layout] = export_model(model, root / "tokenizer.json", root / layout,
+                                               ExportOptions(kv_cache=layout))
+                loaded[layout] = rt.load(root / layout)
+            cache[name] = (model, loaded, reports)
+        return cache[name]
+
+    return get
+
+
+@pytest.mark.parametrize("name", list(MODELS))
+def test_export_validates_against_pytorch(packages, name):
+    _, loaded, reports = packages(name)
+    shared = reports["shared"]
+    assert shared.manifest.kv_cache == "shared" and shared.manifest.format_version == 2
+    assert reports["concat"].manifest.kv_cache == "concat" and reports["concat"].manifest.format_version == 1
+    figures = shared.validation["float32"]
+    assert figures["passed"] and figures["greedy_match"], figures
+    assert figures["worst_abs_diff"] < 1e-5, figures  # in place and copied back, several steps, padded rows
+    written = json.loads((shared.path / "manifest.json").read_text())
+    assert written["kv_cache"] == "shared" and written["format_version"] == 2
+    assert "sequence_lengths" in loaded["shared"].sessions["decoder"].get_inputs()[1].name
+
+
+@pytest.mark.parametrize("name", ["rope-gqa", "seq2seq-learned"])
+def test_the_graph_is_fused_and_small(packages, name):
+    import onnx
+
+    model, _, reports = packages(name)
+    proto = onnx.load(str(reports["shared"].path / "decoder.onnx"))
+    ops = Counter(node.op_type for node in proto.graph.node)
+    layers = model.config.n_step_layers
+    assert ops["GroupQueryAttention"] == layers
+    assert ops["Concat"] == 0  # the cache is never concatenated
+    assert ops["SkipLayerNormalization"] >= layers  # residual add + norm fused
+    if model.config.arch == "encoder-decoder":
+        assert ops["MultiHeadAttention"] == layers
+    traced = onnx.load(str(reports["concat"].path / "decoder.onnx"))
+    assert len(proto.graph.node) < 25 * layers + 30 < len(traced.graph.node)
+
+
+PROMPTS = [[7, 8, 9, 10, 11], [12], [13, 14, 15], [30, 31, 32, 33, 34, 35, 36, 37]]
+STRATEGIES = {
+    "greedy": dict(strategy="greedy", max_new_tokens=10),
+    "greedy-penalties": dict(strategy="greedy", max_new_tokens=10, repetition_penalty=1.3, no_repeat_ngram_size=2),
+    "sample": dict(strategy="sample", max_new_tokens=10, temperature=0.9, top_k=20, top_p=0.9, seed=5,
+                   num_return_sequences=3),
+    "beam": dict(strategy="beam", max_new_tokens=8, num_beams=3, num_return_sequences=2),
+}
+
+
+@pytest.mark.parametrize("strategy", list(STRATEGIES))
+@pytest.mark.parametrize("name", ["rope-gqa", "learned-rms-swiglu", "seq2seq-rope-post"])
+def test_shared_and_concat_generate_the_same(packages, name, strategy):
+    """Batched prompts of different lengths (right-padded by the shared step, left-padded by
+    the concat one), several sequences per prompt, beam reorders: same tokens either way."""
+    from onnxformer.runtime.generation import GenerationConfig
+
+    _, loaded, _ = packages(name)
+    config = GenerationConfig(eos_token_ids=(), **STRATEGIES[strategy])
+    shared = loaded["shared"].generate_ids(PROMPTS, config)
+    concat = loaded["concat"].generate_ids(PROMPTS, config)
+    assert shared.sequences == concat.sequences
+    assert shared.finish_reasons == concat.finish_reasons
+    np.testing.assert_allclose(np.array(shared.scores), np.array(concat.scores), rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("name", ["rope-gqa", "seq2seq-learned"])
+def test_greedy_equals_pytorch_per_row(packages, name):
+    """Each row of a padded batch continues exactly as it does alone in PyTorch."""
+    from onnxformer.modeling.generate import generate
+    from onnxformer.runtime.generation import GenerationConfig
+
+    model, loaded, _ = packages(name)
+    config = GenerationConfig(strategy="greedy", max_new_tokens=12, eos_token_ids=())
+    got = loaded["shared"].generate_ids(PROMPTS, config).sequences
+    for prompt, row in zip(PROMPTS, got):
+        assert row == generate(model, [prompt], config)[0]
+
+
+def test_text_api_and_stream(packages):
+    _, loaded, _ = packages("rope-gqa")
+    shared, concat = loaded["shared"], loaded["concat"]
+    texts = ["the cat sat", "a quick brown fox jumps over"]
+    assert [g.text for g in shared.generate(texts, max_new_tokens=6)] == \
+           [g.text for g in concat.generate(texts, max_new_tokens=6)]
+    assert "".join(shared.stream("the cat sat", max_new_tokens=6)) == shared.generate("the cat sat", max_new_tokens=6)[0].text
+
+
+def test_the_cache_is_updated_in_place_and_grows_when_needed(packages):
+    """The buffers bound as past are the presents (written by the graph, no new tensors per
+    step); a generation longer than the capacity hint grows them and stays correct."""
+    from onnxformer.runtime import model as runtime_model
+    from onnxformer.runtime.generation import GenerationConfig
+
+    _, loaded, _ = packages("rope-gqa")
+    model = loaded["shared"]
+    steps = runtime_model._SharedCacheSteps(model, capacity=3)
+    cache = steps.init_cache(2)
+    buffers = dict(cache.buffers)
+    batch = np.array([[0, 7, 8], [9, 10, 11]]), np.array([[0, 0, 1], [0, 1, 2]]), np.array([[0, 1, 1], [1, 1, 1]])
+    logits, cache = steps.step(*batch, cache)
+    assert cache.buffers == buffers  # the same OrtValues: the graph wrote into them
+    key = buffers["past_key_values.0.key"].numpy()  # (N, Hkv, C, Dh)
+    assert np.abs(key[0, :, :2]).min() > 0 and np.abs(key[1, :, :3]).min() > 0  # rows right-padded: 2 and 3 tokens
+    assert logits.shape == (2, model.dims.vocab_size)
+    # Past the capacity: grown, same tokens as a generation sized from the start.
+    config = GenerationConfig(strategy="greedy", max_new_tokens=9, eos_token_ids=())
+    small = runtime_model._SharedCacheSteps(model, capacity=2)
+    from onnxformer.runtime import generation as gen
+
+    assert gen.generate(small, PROMPTS, config).sequences == model.generate_ids(PROMPTS, config).sequences
+
+
+def test_layout_choice(tmp_path):
+    """auto: shared where the builder can express the model, else concat (with the reason);
+    asking for shared where it cannot is an error that names the way out."""
+    from onnxformer.export.exporter import ExportError, ExportOptions, export_model
+    from onnxformer.modeling.tokenizer import save_tokenizer
+
+    cases = [("prefix-lm", dict(d_model=64), "concat"), ("decoder", dict(d_model=32), "concat"),
+             ("encoder", dict(d_model=64), "concat"), ("decoder", dict(d_model=64), "shared")]
+    for k, (arch, overrides, layout) in enumerate(cases):
+        model, tok = make_model(arch, "rope", **overrides)
+        save_tokenizer(tok, tmp_path / f"tok{k}.json")
+        report = export_model(model, tmp_path / f"tok{k}.json", tmp_path / f"p{k}",
+                              ExportOptions(validate_generation=False))
+        assert report.manifest.kv_cache == layout, (arch, overrides)
+        if layout == "concat":
+            expected = "has none" if arch == "encoder" else "cannot express this model: .*--kv-cache concat"
+            with pytest.raises(ExportError, match=f"kv_cache 'shared' {'applies' if arch == 'encoder' else ''}.*{expected}"):
+                export_model(model, tmp_path / f"tok{k}.json", tmp_path / f"q{k}", ExportOptions(kv_cache="shared"))
+            assert not (tmp_path / f"q{k}").exists()
+    with pytest.raises(ExportError, match="kv_cache must be one of"):
+        ExportOptions(kv_cache="paged")
+
+
+@pytest.mark.parametrize("variant", [dict(quantize="int4"), dict(quantize="int8"), dict(dtype="float16")])
+def test_variants_of_the_shared_graph(tmp_path, variant):
+    """Quantized and fp16 variants are derived from the built graph and stay finite and close."""
+    import onnx
+
+    import onnxformer.runtime as rt
+    from onnxformer.export.exporter import ExportOptions, export_model
+    from onnxformer.modeling.tokenizer import save_tokenizer
+
+    model, tok = make_model("decoder", "rope", d_model=64, seed=3)
+    save_tokenizer(tok, tmp_path / "tok.json")
+    report = export_model(model, tmp_path / "tok.json", tmp_path / "p", ExportOptions(**variant))
+    assert report.manifest.kv_cache == "shared"
+    label = variant.get("quantize") or "float16"
+    figures = report.validation[label]
+    assert figures["passed"] and figures["worst_abs_diff"] < 0.2, figures
+    ops = Counter(node.op_type for node in onnx.load(str(tmp_path / "p" / "decoder.onnx")).graph.node)
+    assert ops["GroupQueryAttention"] == model.config.n_step_layers
+    if "quantize" in variant:
+        assert ops["MatMulNBits"] == 4 * model.config.n_step_layers  # qkv, o, up, down per layer (head tied)
+    from onnxformer.runtime.generation import GenerationConfig
+
+    out = rt.load(tmp_path / "p").generate_ids(PROMPTS, GenerationConfig(max_new_tokens=5, eos_token_ids=()))
+    assert all(len(row[0]) == 5 for row in out.sequences)
