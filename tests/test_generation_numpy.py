@@ -444,6 +444,25 @@ def test_log_softmax_and_softmax_handle_fully_banned_rows():
     np.testing.assert_array_equal(G.softmax(logits)[1], [0.0, 0.0])
 
 
+def test_greedy_scores_equal_the_full_log_softmax_bitwise():
+    """The greedy chooser computes the chosen token's log-prob without a full log-softmax;
+    the values must be exactly log_softmax's (scores are compared across runtimes)."""
+    rng = np.random.default_rng(7)
+    for trial in range(300):
+        logits = (rng.standard_normal((4, 257)) * rng.uniform(0.01, 80.0)).astype(np.float32)
+        if trial % 3 == 0:
+            logits[1] = -np.inf  # every token banned
+        if trial % 4 == 0:
+            logits[2, rng.integers(0, 257, 120)] = -np.inf  # some banned
+        if trial % 5 == 0:
+            logits[3, :5] = logits[3].max()  # ties: the lowest id wins
+        tokens, logprobs = G._greedy_chooser(logits)
+        want = np.take_along_axis(G.log_softmax(logits), tokens[:, None], axis=1)[:, 0]
+        np.testing.assert_array_equal(tokens, np.argmax(logits, axis=1))
+        np.testing.assert_array_equal(logprobs, want)
+        assert logprobs.dtype == np.float32
+
+
 def test_left_pad():
     batch = G.left_pad([[5, 6, 7], [8]], pad_token_id=1)
     np.testing.assert_array_equal(batch.input_ids, [[5, 6, 7], [1, 1, 8]])
