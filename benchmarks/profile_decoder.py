@@ -5,9 +5,9 @@
 Three views of greedy generation with onnxformer.runtime (this process never imports torch):
 
 1. Split of the wall time per decode step: onnxruntime's run_with_iobinding (the C++ run),
-   the rest of _DecoderSteps.step (binding, OrtValues, logits copy), and the generation
+   the rest of the step model's step() (binding, OrtValues, logits copy), and the generation
    loop around it (logits processing, log-softmax for the score, bookkeeping). Measured by
-   wrapping the session's run_with_iobinding and _DecoderSteps.step in this process only.
+   wrapping the session's run_with_iobinding and the step model's step in this process only.
 2. The cost of the loop's pieces in isolation (timeit): the greedy chooser, the binding of
    every input, a copy of the logits, the attention-mask concatenation.
 3. onnxruntime's own profile of a decode loop (session option enable_profiling): kernel
@@ -90,10 +90,22 @@ def ort_profile(package: Path, prompts: list[list[int]], new_tokens: int) -> dic
     pasts = [i for i in session.get_inputs() if i.name.startswith("past_key_values")]
     _, heads, _, head_size = pasts[0].shape
     value = lambda a: ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(a), "cpu", 0)  # noqa: E731
-    cache = {p.name: value(np.zeros((len(prompts), heads, 0, head_size), np.float32)) for p in pasts}
     ids = np.asarray(prompts, dtype=np.int64)  # (B, T); the generated ids do not matter here
     batch, prompt_len = ids.shape
-    for t in range(new_tokens):
+    shared = any(i.name == "sequence_lengths" for i in session.get_inputs())
+    capacity = prompt_len + new_tokens if shared else 0  # "shared": buffers allocated once, bound in place
+    cache = {p.name: value(np.zeros((len(prompts), heads, capacity, head_size), np.float32)) for p in pasts}
+    if shared:
+        binding = session.io_binding()
+        binding.bind_output(outputs[0], "cpu")
+        for name, v in cache.items():
+            binding.bind_ortvalue_input(name, v)
+            binding.bind_ortvalue_output(name.replace("past_key_values", "present", 1), v)
+    for t in range(new_tokens if shared else 0):
+        binding.bind_cpu_input("input_ids", ids if t == 0 else ids[:, -1:].copy())
+        binding.bind_cpu_input("sequence_lengths", np.full((batch,), prompt_len + t, np.int64))
+        session.run_with_iobinding(binding)
+    for t in range(0 if shared else new_tokens):
         total = prompt_len + t
         new = ids if t == 0 else ids[:, -1:]
         binding = session.io_binding()

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import shutil
 import signal
 import subprocess
@@ -169,7 +168,6 @@ def peft_checks(run: Path, source: Path) -> dict[str, float]:
 
 def resume_check(bench: Bench, out: Path) -> tuple[dict[str, float], float]:
     """Uninterrupted run vs. a run killed after its first checkpoint and resumed."""
-    import torch
     from safetensors.torch import load_file
 
     full_cmd = command(bench, out)

@@ -80,7 +80,7 @@ CASES = {
     ),
     "encoder-decoder": Case(
         "encoder-decoder", ENCODER_DECODER, {"source_len": 64, "batches": [1]},
-        {"fp32": {}, "concat": {"kv_cache": "concat"}},
+        {"fp32": {}, "concat": {"kv_cache": "concat"}, "int8": {"quantize": "int8"}},
     ),
     "classifier": Case(
         "classifier", CLASSIFIER, {"seq_len": 128, "batch": 32},
@@ -178,7 +178,6 @@ def build_model(config: dict[str, Any]):
 
 def _reference(model, case: Case, rng) -> dict[str, Any]:
     """Inputs and our logits for the conversion check (no padding: every HF model agrees)."""
-    import numpy as np
     import torch
 
     c = model.config

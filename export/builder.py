@@ -27,6 +27,7 @@ against the PyTorch model like the traced one (export/validate.py).
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import numpy as np
@@ -153,7 +154,7 @@ class _Builder:
                             f"/{name}/SkipLayerNorm", outputs=4, domain=MS_DOMAIN, epsilon=float(norm.eps))
         return out[0], out[3]
 
-    def feed_forward(self, x: str, ffn: torch.nn.Module, name: str) -> str:
+    def feed_forward(self, x: str, *, ffn: torch.nn.Module, name: str) -> str:
         up = self.linear(x, ffn.up_proj, f"{name}.up_proj")
         if ffn.swiglu:
             gate = self.linear(x, ffn.gate_proj, f"{name}.gate_proj")
@@ -163,7 +164,7 @@ class _Builder:
             hidden = self.g.op1("Gelu", [up], f"/{name}/act/Gelu", domain=MS_DOMAIN)
         return self.linear(hidden, ffn.down_proj, f"{name}.down_proj")
 
-    def self_attention(self, x: str, attn: torch.nn.Module, i: int, lengths: tuple[str, str],
+    def self_attention(self, x: str, *, attn: torch.nn.Module, i: int, lengths: tuple[str, str],
                        rotary: tuple[str, str] | None) -> str:
         name = f"layers.{i}.attn"
         weight = np.concatenate([_t(attn.q_proj), _t(attn.k_proj), _t(attn.v_proj)], axis=1)  # (D, (H+2Hkv)Dh)
@@ -187,7 +188,7 @@ class _Builder:
         self.g.nodes.append(node)
         return self.linear(node.output[0], attn.o_proj, f"{name}.o_proj")
 
-    def cross_attention(self, x: str, attn: torch.nn.Module, i: int, key_padding_mask: str) -> str:
+    def cross_attention(self, x: str, *, attn: torch.nn.Module, i: int, key_padding_mask: str) -> str:
         name = f"layers.{i}.cross_attn"
         q = self.linear(x, attn.q_proj, f"{name}.q_proj")
         key, value = past_names(i, "encoder")  # (B, H, S, Dh): projected once by cross_attention.onnx
@@ -196,7 +197,7 @@ class _Builder:
         return self.linear(y, attn.o_proj, f"{name}.o_proj")
 
     # The graph --------------------------------------------------------------------------
-    def build(self) -> onnx.ModelProto:
+    def build(self) -> onnx.GraphProto:
         g, c, model = self.g, self.c, self.model
         # Lengths: seqlens_k = tokens after this step - 1 (int32), total = the longest row.
         one = g.const("one", 1)
@@ -229,30 +230,31 @@ class _Builder:
         if c.arch == "encoder-decoder":
             key_padding_mask = g.op1("Cast", [ENCODER_ATTENTION_MASK], "/cross/key_padding_mask", to=TensorProto.INT32)
 
-        layers = model.decoder_layers
+        # Each sublayer with the norm that belongs to it: applied to its input (pre-norm:
+        # x + f(norm(x))) or to the residual sum after it (post-norm: norm(x + f(x))).
+        sublayers: list[tuple[torch.nn.Module, str, Any]] = []
+        for i, layer in enumerate(model.decoder_layers):
+            sublayers.append((layer.attn_norm, f"layers.{i}.attn_norm", functools.partial(
+                self.self_attention, attn=layer.attn, i=i, lengths=(seqlens_k, total), rotary=rotary)))
+            if layer.cross_attn is not None:
+                sublayers.append((layer.cross_norm, f"layers.{i}.cross_norm", functools.partial(
+                    self.cross_attention, attn=layer.cross_attn, i=i, key_padding_mask=key_padding_mask)))
+            sublayers.append((layer.ffn_norm, f"layers.{i}.ffn_norm", functools.partial(
+                self.feed_forward, ffn=layer.ffn, name=f"layers.{i}.ffn")))
         if model.emb_norm is not None:
             x = self.norm(x, model.emb_norm, "emb_norm")
-        residual, h = x, (self.norm(x, layers[0].attn_norm, "layers.0.attn_norm") if self.pre else x)
-        for i, layer in enumerate(layers):
-            sublayers = [("attn_norm", lambda v, i=i, layer=layer: self.self_attention(
-                v, layer.attn, i, (seqlens_k, total), rotary))]
-            if layer.cross_attn is not None:
-                sublayers.append(("cross_norm", lambda v, i=i, layer=layer: self.cross_attention(
-                    v, layer.cross_attn, i, key_padding_mask)))
-            sublayers.append(("ffn_norm", lambda v, i=i, layer=layer: self.feed_forward(v, layer.ffn, f"layers.{i}.ffn")))
-            for k, (norm_name, sublayer) in enumerate(sublayers):
+        if self.pre:  # the residual stream and the next sublayer's normed input: one fused node per sublayer
+            residual, h = x, self.norm(x, sublayers[0][0], sublayers[0][1])
+            for k, (_, _, sublayer) in enumerate(sublayers):
                 y = sublayer(h)
-                last = i == len(layers) - 1 and k == len(sublayers) - 1
-                if self.pre:
-                    if last:
-                        residual = g.op1("Add", [residual, y], f"/layers.{i}/residual")
-                    else:
-                        nxt_layer, nxt_norm = (layer, sublayers[k + 1][0]) if k + 1 < len(sublayers) else (layers[i + 1], "attn_norm")
-                        nxt_i = i if k + 1 < len(sublayers) else i + 1
-                        h, residual = self.skip_norm(residual, y, getattr(nxt_layer, nxt_norm), f"layers.{nxt_i}.{nxt_norm}")
-                else:  # post-norm: x = norm(x + f(x))
-                    h, _ = self.skip_norm(h, y, getattr(layer, norm_name), f"layers.{i}.{norm_name}")
-        final = residual if self.pre else h  # (B, T, D)
+                if k + 1 < len(sublayers):
+                    h, residual = self.skip_norm(residual, y, sublayers[k + 1][0], sublayers[k + 1][1])
+                else:
+                    final = g.op1("Add", [residual, y], "/residual/last")  # (B, T, D); decoder_norm after the gather
+        else:
+            final = x
+            for norm, name, sublayer in sublayers:
+                final, _ = self.skip_norm(final, sublayer(final), norm, name)
         final = g.op1("GatherND", [final, last_pos], "/last_token/GatherND", batch_dims=1)  # (B, D)
         if model.decoder_norm is not None:
             final = self.norm(final, model.decoder_norm, "decoder_norm")
@@ -261,20 +263,19 @@ class _Builder:
         else:
             logits = g.op1("MatMul", [final, g.weight("lm_head.weight", _t(model.lm_head))], "/lm_head/MatMul")
         g.nodes.append(helper.make_node("Identity", [logits], [LOGITS], name="/logits"))
-        return self._model()
+        return self._graph()
 
-    def _model(self) -> onnx.GraphProto:
+    def _graph(self) -> onnx.GraphProto:
         elem = {"int64": TensorProto.INT64, "float32": TensorProto.FLOAT, "float16": TensorProto.FLOAT16}
 
         def value_info(t):
             return helper.make_tensor_value_info(t.name, elem[t.dtype], list(t.shape))
 
-        graph = helper.make_graph(
+        return helper.make_graph(
             self.g.nodes, "onnxformer_decoder_shared_cache",
             [value_info(t) for t in self.spec.inputs], [value_info(t) for t in self.spec.outputs],
             initializer=self.g.initializers,
         )
-        return graph
 
 
 def build_decoder(model: Transformer, spec: GraphSpec, dims: Dims, *, opset: int) -> onnx.ModelProto:

@@ -357,10 +357,11 @@ def _quantize_dynamic(path: Path) -> None:
     (symmetric, one scale per output column) and uint8 activations whose scale and zero point
     are computed from each batch at run time.
 
-    Stay float: the attention products (both operands are activations; no faster), the Gemm
-    heads (pooler, classifier: one row per sequence, no time to gain, and the logits stay
-    exact), embeddings and norms. Signed int8 weights, not uint8: onnxruntime's u8s8 kernels
-    are the fast ones (VNNI), u8u8 ran at 0.65x (benchmarks/VARIANTS.md)."""
+    Stay float: the attention products (both operands are activations: at most 3% faster in
+    int8, and the probabilities moved more), the Gemm heads (pooler, classifier: one row per
+    sequence, nothing to gain; quantized, they doubled the logit error), embeddings and norms.
+    Signed int8 weights: onnxruntime's u8s8 kernels are the fast ones, u8u8 ran at 0.65x.
+    Per-channel scales cost no time over per-tensor ones. Figures: benchmarks/VARIANTS.md."""
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
     proto = onnx.load(str(path), load_external_data=False)  # structure only

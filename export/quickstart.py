@@ -102,7 +102,7 @@ def run(args: argparse.Namespace) -> int:
         result = train(TrainConfig(arch=job.arch, task=job.task, data=job.data, out_dir=str(run_dir),
                                    steps=steps, seed=args.seed, progress=not args.no_progress))
         train_s = time.perf_counter() - started
-        print(f"      exporting and validating ...", flush=True)
+        print("      exporting and validating ...", flush=True)
         report = export_checkpoint(result.checkpoint, out / job.arch / "package")
         score = score_package(report.path, job)
         figures = report.validation["float32"]

@@ -13,7 +13,6 @@ import torch.nn.functional as F  # noqa: E402
 from onnxformer.modeling.objectives import (  # noqa: E402
     IGNORE_INDEX,
     IS_NEXT,
-    IS_RANDOM,
     causal_lm_loss,
     classification_loss,
     continuation_mask,
