@@ -325,60 +325,63 @@ def _to_fp16(path: Path) -> None:
     onnx.save_model(half, str(path))
 
 
+@contextlib.contextmanager
+def _quiet_quantizer():
+    """onnxruntime's quantizers log progress on the root logger, and importing
+    matmul_nbits_quantizer calls logging.basicConfig(level=INFO), which would leave every
+    library's INFO messages printing after an export: silence them while quantizing and put
+    the root logger's handlers and levels back afterwards."""
+    quiet = logging.getLogger("onnxruntime.quantization")
+    root = logging.getLogger()
+    saved = quiet.level, root.level, list(root.handlers)
+    quiet.setLevel(logging.ERROR)
+    root.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        quiet.setLevel(saved[0])
+        root.setLevel(saved[1])
+        root.handlers[:] = saved[2]
+
+
 def _quantize(path: Path, bits: int, *, tied_head: bool) -> None:
     """Weight-only quantization of every MatMul with a constant weight to onnxruntime's
     MatMulNBits (blocks of QUANT_BLOCK_SIZE along K, symmetric, int8 compute: accuracy_level 4).
 
     A head tied to the token embedding stays float: quantizing it would store the vocabulary
     matrix twice (float for the embedding lookup, quantized for the head)."""
-    from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
+    with _quiet_quantizer():
+        from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
 
-    quiet = logging.getLogger("onnxruntime.quantization")
-    root = logging.getLogger()
-    levels = quiet.level, root.level
-    quiet.setLevel(logging.ERROR)
-    root.setLevel(logging.ERROR)  # the quantizer logs progress on the root logger
-    try:
         quantizer = MatMulNBitsQuantizer(
             onnx.load(str(path), load_external_data=True), bits=bits, block_size=QUANT_BLOCK_SIZE,
             is_symmetric=True, accuracy_level=4,
             nodes_to_exclude=["/model/lm_head/MatMul", "/lm_head/MatMul"] if tied_head else None,
         )
         quantizer.process()
-    finally:
-        quiet.setLevel(levels[0])
-        root.setLevel(levels[1])
     onnx.save_model(quantizer.model.model, str(path))
 
 
 def _quantize_dynamic(path: Path) -> None:
     """Dynamic int8 quantization (onnxruntime's DynamicQuantizeLinear + MatMulInteger, the
-    format of Optimum's ORTQuantizer): every MatMul with a constant weight gets int8 weights
-    (symmetric, one scale per output column) and uint8 activations whose scale and zero point
-    are computed from each batch at run time.
+    format of Optimum's ORTQuantizer): every MatMul runs in int8, its activations quantized to
+    uint8 with a scale and zero point computed from each batch at run time, its constant
+    weights to int8 (symmetric, one scale per output column).
 
-    Stay float: the attention products (both operands are activations: at most 3% faster in
-    int8, and the probabilities moved more), the Gemm heads (pooler, classifier: one row per
-    sequence, nothing to gain; quantized, they doubled the logit error), embeddings and norms.
-    Signed int8 weights: onnxruntime's u8s8 kernels are the fast ones, u8u8 ran at 0.65x.
-    Per-channel scales cost no time over per-tensor ones. Figures: benchmarks/VARIANTS.md."""
+    That includes the attention products (Q K^T, P V: about 4% faster, the speed of Optimum's
+    int8). Stay float: the Gemm heads (pooler, classifier: one row per sequence, nothing to
+    gain; quantized, they doubled the logit error), embeddings and norms. Signed int8 weights:
+    onnxruntime's u8s8 kernels are the fast ones (u8u8 ran at 0.6x); per-channel scales cost
+    no time over per-tensor ones. Figures: benchmarks/VARIANTS.md."""
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
     proto = onnx.load(str(path), load_external_data=False)  # structure only
-    constants = {t.name for t in proto.graph.initializer}
-    matmuls = [n.name for n in proto.graph.node if n.op_type == "MatMul" and n.input[1] in constants]
-    quiet = logging.getLogger("onnxruntime.quantization")
-    root = logging.getLogger()
-    levels = quiet.level, root.level
-    quiet.setLevel(logging.ERROR)
-    root.setLevel(logging.ERROR)  # the quantizer advises pre-processing on the root logger
-    try:
+    matmuls = [n.name for n in proto.graph.node if n.op_type == "MatMul"]
+    with _quiet_quantizer():
         # External data at any size (path + ".data"); _finalise re-saves under the export's own rule.
         quantize_dynamic(path, path, op_types_to_quantize=["MatMul"], nodes_to_quantize=matmuls,
-                         per_channel=True, weight_type=QuantType.QInt8, use_external_data_format=True)
-    finally:
-        quiet.setLevel(levels[0])
-        root.setLevel(levels[1])
+                         per_channel=True, weight_type=QuantType.QInt8, use_external_data_format=True,
+                         extra_options={"MatMulConstBOnly": False})
 
 
 # --------------------------------------------------------------------------------------------

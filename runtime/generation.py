@@ -590,10 +590,13 @@ def _greedy_chooser(logits: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     -log(sum(exp(logits - max)))): the same float32 values as log_softmax, in one pass over V."""
     x = np.asarray(logits)
     tokens = np.argmax(x, axis=1)  # (N,) lowest id among ties
-    top = np.take_along_axis(x, tokens[:, None], axis=1)  # (N, 1) the row maxima
-    finite = np.isfinite(top[:, 0])
+    top = x[np.arange(x.shape[0]), tokens]  # (N,) the row maxima
+    if np.isfinite(top).all():  # the usual case: no errstate, no masking
+        lse = np.log(np.sum(np.exp(x - top[:, None]), axis=1))  # (N,)
+        return tokens.astype(np.int64), (-lse).astype(x.dtype, copy=False)
+    finite = np.isfinite(top)
     with np.errstate(divide="ignore", invalid="ignore"):
-        lse = np.log(np.sum(np.exp(x - np.where(np.isfinite(top), top, 0)), axis=1))  # (N,)
+        lse = np.log(np.sum(np.exp(x - np.where(finite, top, 0)[:, None]), axis=1))
     logprobs = np.where(finite & np.isfinite(lse), -lse, -np.inf).astype(x.dtype, copy=False)
     return tokens.astype(np.int64), logprobs
 

@@ -158,7 +158,7 @@ class Manifest:
     dims: Dims
     max_seq_len: int
     float_dtype: str  # graph float I/O: "float32" | "float16"
-    weights: str  # "float32" | "float16" | "int8" | "int4" (MatMulNBits weight-only quantization)
+    weights: str  # "float32" | "float16" | "int8" | "int4" (MatMulNBits weight-only) | "int8-dynamic" (encoders)
     special_tokens: dict[str, int]  # role -> id, -1 when absent
     label_names: tuple[str, ...]
     generation: dict[str, Any]  # defaults for GenerationConfig

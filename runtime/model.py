@@ -246,12 +246,13 @@ class Model:
             mask = np.zeros_like(ids)
             types = np.zeros_like(ids)
             for r, e in enumerate(chunk):  # right padding; positions come from the mask
-                keep = range(len(e.ids))
-                if len(e.ids) > width:
-                    keep = truncate_keeping_specials(e.ids, e.special_tokens_mask, width, keep_end=False)
-                n = len(keep)
-                ids[r, :n] = [e.ids[k] for k in keep]
-                types[r, :n] = [e.type_ids[k] for k in keep]
+                row_ids, row_types = e.ids, e.type_ids
+                if len(row_ids) > width:
+                    keep = truncate_keeping_specials(row_ids, e.special_tokens_mask, width, keep_end=False)
+                    row_ids, row_types = [row_ids[k] for k in keep], [row_types[k] for k in keep]
+                n = len(row_ids)
+                ids[r, :n] = row_ids
+                types[r, :n] = row_types
                 mask[r, :n] = 1
             feeds = {INPUT_IDS: ids, ATTENTION_MASK: mask}
             if self.dims.has_token_types:

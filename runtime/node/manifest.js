@@ -48,7 +48,7 @@ export const SPECIAL_TOKEN_ROLES = ['pad', 'unk', 'bos', 'eos', 'mask', 'cls', '
  * @property {import('./contract.js').Dims} dims
  * @property {number} max_seq_len
  * @property {string} float_dtype          graph float I/O: "float32" | "float16"
- * @property {string} weights              "float32" | "float16" | "int8" | "int4" (quantized)
+ * @property {string} weights              "float32" | "float16" | "int8" | "int4" (weight-only) | "int8-dynamic"
  * @property {Record<string, number>} special_tokens  role -> id, -1 when absent
  * @property {string[]} label_names
  * @property {Record<string, any>} generation  defaults for the generation config
