@@ -135,7 +135,8 @@ class _Builder:
         if self.c.norm == "rmsnorm":  # x / sqrt(mean(x^2) + eps) * w; onnxruntime fuses it to one node
             # (its SimplifiedLayerNormalization lives in the default domain, which the onnx checker refuses)
             g = self.g
-            mean = g.op1("ReduceMean", [g.op1("Mul", [x, x], f"/{name}/Square"), g.const(f"{name}.axes", [-1])],
+            two = g.weight(f"{name}.two", np.array(2.0, dtype=np.float32))  # Pow, not Mul: the pattern onnxruntime fuses
+            mean = g.op1("ReduceMean", [g.op1("Pow", [x, two], f"/{name}/Pow"), g.const(f"{name}.axes", [-1])],
                          f"/{name}/ReduceMean", keepdims=1)
             eps = g.weight(f"{name}.eps", np.array(norm.eps, dtype=np.float32))
             rms = g.op1("Sqrt", [g.op1("Add", [mean, eps], f"/{name}/AddEps")], f"/{name}/Sqrt")

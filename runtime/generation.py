@@ -202,7 +202,8 @@ def _reject_unknown(data: Mapping[str, Any]) -> None:
 
 # The step model ----------------------------------------------------------------------------
 class StepResult(NamedTuple):
-    logits: np.ndarray  # (N, V) logits of the LAST position of each row
+    logits: np.ndarray  # (N, V) logits of the LAST position of each row; may be the model's
+    #                     output buffer: read it before the next step, do not write to it
     cache: Any  # the updated cache, opaque to generation
 
 
@@ -526,19 +527,28 @@ def _advance(
         expand = np.repeat(np.arange(len(rows)), copies)  # (N,)
         logits, mask, positions = logits[expand], mask[expand], positions[expand]
         cache = model.reorder_cache(cache, expand)
-    eos = set(config.eos_token_ids)
+    eos = np.array(sorted(set(config.eos_token_ids)), dtype=np.int64)
+    # The mask of every step is a prefix of one array: no concatenation per step.
+    width = mask.shape[1]
+    full_mask = np.ones((n, width + config.max_new_tokens), dtype=np.int64)  # (N, P_max)
+    full_mask[:, :width] = mask
+    # Per token: the choice, then the bookkeeping in numpy where it can be (the per-row Python
+    # work is what a fast graph step is left waiting on).
     for t in range(config.max_new_tokens):
         logits = process_logits(logits, state.history, config, t)
         tokens, logprobs = choose(logits)  # (N,), (N,)
+        active = np.flatnonzero(~state.finished)  # rows still generating
         tokens = np.where(state.finished, config.pad_token_id, tokens)
-        for r in np.flatnonzero(~state.finished):
-            tok = int(tokens[r])
-            state.generated[r].append(tok)
-            state.history[r].append(tok)
-            state.scores[r] += float(logprobs[r])
-            if tok in eos:
+        state.scores[active] += logprobs[active]  # float32 log-probs summed in float64
+        chosen = tokens.tolist()
+        for r in active.tolist():
+            state.generated[r].append(chosen[r])
+            state.history[r].append(chosen[r])
+        if eos.size:
+            for r in active[(tokens[active, None] == eos).any(axis=1)].tolist():
                 state.finished[r], state.reasons[r] = True, "eos"
-            if decode is not None:
+        if decode is not None:
+            for r in active.tolist():
                 state.texts[r] = decode(state.generated[r])
                 stop = _find_stop(state.texts[r], config.stop_strings) if config.stop_strings else None
                 if stop is not None and not state.finished[r]:
@@ -547,9 +557,8 @@ def _advance(
         yield None
         if state.finished.all() or t == config.max_new_tokens - 1:
             return
-        mask = np.concatenate([mask, np.ones((n, 1), dtype=np.int64)], axis=1)  # (N, P+T+1)
         positions = positions + 1
-        logits, cache = _step(model, tokens[:, None], positions[:, None], mask, cache)
+        logits, cache = _step(model, tokens[:, None], positions[:, None], full_mask[:, :width + t + 1], cache)
 
 
 def _final_text(state: _Rows, r: int, decode: Decode) -> str:
@@ -591,8 +600,9 @@ def _greedy_chooser(logits: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     x = np.asarray(logits)
     tokens = np.argmax(x, axis=1)  # (N,) lowest id among ties
     top = x[np.arange(x.shape[0]), tokens]  # (N,) the row maxima
-    if np.isfinite(top).all():  # the usual case: no errstate, no masking
-        lse = np.log(np.sum(np.exp(x - top[:, None]), axis=1))  # (N,)
+    if np.isfinite(top).all():  # the usual case: no errstate, no masking, one temporary
+        shifted = x - top[:, None]
+        lse = np.log(np.sum(np.exp(shifted, out=shifted), axis=1))  # (N,)
         return tokens.astype(np.int64), (-lse).astype(x.dtype, copy=False)
     finite = np.isfinite(top)
     with np.errstate(divide="ignore", invalid="ignore"):

@@ -523,6 +523,9 @@ class _SharedCache:
         self.source_of_row = np.arange(batch_size)  # which input each row continues
         self.binding: Any = None  # the I/O binding, rebuilt when rows or buffers change
         self.logits: ort.OrtValue | None = None
+        self.logits_host: np.ndarray | None = None  # CPU: the array the logits OrtValue writes into
+        self.ids: ort.OrtValue | None = None  # bound input_ids and sequence_lengths, updated in place
+        self.lengths_value: ort.OrtValue | None = None
 
 
 class _SharedCacheSteps:
@@ -567,9 +570,14 @@ class _SharedCacheSteps:
         for past, value in cache.buffers.items():
             binding.bind_ortvalue_output(self._present_of[past], value)  # the same memory: updated in place
         shape = (cache.batch_size, self.vocab_size)  # (N, V)
-        cache.logits = ort.OrtValue.ortvalue_from_shape_and_type(shape, self.model.float_dtype, self.device, 0)
+        if self.device == "cpu":  # onnxruntime writes the logits straight into this array: no copy per step
+            cache.logits_host = np.empty(shape, dtype=self.model.float_dtype)
+            cache.logits = ort.OrtValue.ortvalue_from_numpy(cache.logits_host, self.device, 0)
+        else:  # on the device; copied to the host after each step
+            cache.logits_host = None
+            cache.logits = ort.OrtValue.ortvalue_from_shape_and_type(shape, self.model.float_dtype, self.device, 0)
         binding.bind_ortvalue_output(LOGITS, cache.logits)
-        cache.binding = binding
+        cache.binding, cache.ids = binding, None  # input_ids / sequence_lengths are bound by the next step
 
     def _grow(self, cache: _SharedCache, needed: int) -> None:
         """Longer buffers when a row would pass the capacity (a caller past the hinted length)."""
@@ -595,12 +603,21 @@ class _SharedCacheSteps:
             self._grow(cache, int(lengths.max()))
         if cache.binding is None:
             self._bind(cache)
-        binding = cache.binding
-        binding.bind_cpu_input(INPUT_IDS, np.ascontiguousarray(input_ids, dtype=np.int64))
-        binding.bind_cpu_input(SEQUENCE_LENGTHS, lengths)
-        self.session.run_with_iobinding(binding)
+        ids = np.ascontiguousarray(input_ids, dtype=np.int64)
+        if cache.ids is None or cache.ids.shape() != list(ids.shape):  # the prompt, then (N, 1) for every step
+            cache.ids = ort.OrtValue.ortvalue_from_numpy(ids.copy(), self.device, 0)
+            cache.lengths_value = ort.OrtValue.ortvalue_from_numpy(lengths.copy(), self.device, 0)
+            cache.binding.bind_ortvalue_input(INPUT_IDS, cache.ids)
+            cache.binding.bind_ortvalue_input(SEQUENCE_LENGTHS, cache.lengths_value)
+        else:  # same shapes: write the values into the bound tensors
+            cache.ids.update_inplace(ids)
+            cache.lengths_value.update_inplace(lengths)
+        self.session.run_with_iobinding(cache.binding)
         cache.lengths = lengths
-        return gen.StepResult(cache.logits.numpy().astype(np.float32, copy=False), cache)
+        # The logits array is the step's output buffer (valid until the next step; generation
+        # reads it before stepping again, StepModel's contract).
+        logits = cache.logits_host if cache.logits_host is not None else cache.logits.numpy()
+        return gen.StepResult(logits.astype(np.float32, copy=False), cache)
 
     def reorder_cache(self, cache: _SharedCache, indices: np.ndarray) -> _SharedCache:
         """Gather rows of the buffers (beam search, the expansion to samples). The encoder K/V
