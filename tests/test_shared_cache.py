@@ -207,3 +207,20 @@ def test_variants_of_the_shared_graph(tmp_path, variant):
 
     out = rt.load(tmp_path / "p").generate_ids(PROMPTS, GenerationConfig(max_new_tokens=5, eos_token_ids=()))
     assert all(len(row[0]) == 5 for row in out.sequences)
+
+
+def test_concurrent_generations_share_the_session_not_the_buffers(packages):
+    """Each generation binds its own buffers: threads running at once on one loaded package
+    get exactly the results of running one after another."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from onnxformer.runtime.generation import GenerationConfig
+
+    _, loaded, _ = packages("seq2seq-learned")
+    model = loaded["shared"]
+    config = GenerationConfig(strategy="greedy", max_new_tokens=8, eos_token_ids=())
+    jobs = [PROMPTS[k % len(PROMPTS):] + PROMPTS[:k % len(PROMPTS)] for k in range(8)]
+    sequential = [model.generate_ids(job, config).sequences for job in jobs]
+    with ThreadPoolExecutor(max_workers=4) as pool:
+        concurrent = list(pool.map(lambda job: model.generate_ids(job, config).sequences, jobs))
+    assert concurrent == sequential
