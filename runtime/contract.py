@@ -55,6 +55,7 @@ kv_cache="shared")``, decoder and encoder-decoder, manifest format_version 2)::
 from __future__ import annotations
 
 import dataclasses
+import functools
 import re
 from dataclasses import dataclass
 from typing import Any, Iterable, Mapping, Sequence
@@ -413,38 +414,31 @@ def _cross_attention_spec(dims: Dims, float_dtype: str) -> GraphSpec:
     return GraphSpec(CROSS_ATTENTION, GRAPH_FILE.format(graph=CROSS_ATTENTION), tuple(inputs), tuple(outputs))
 
 
-def _decoder_spec(dims: Dims, float_dtype: str) -> GraphSpec:
+def _decoder_spec(dims: Dims, float_dtype: str, kv_cache: str = "concat") -> GraphSpec:
+    """The decoder step. "concat": input_ids, attention_mask, position_ids; past [B,Hkv,P,Dh] ->
+    logits [B,T,V], present [B,Hkv,P+T,Dh]. "shared": input_ids (right-padded on the first
+    step), sequence_lengths [B] (each row's tokens after this step); the KV buffers
+    [B,Hkv,C,Dh] in and out (written in place when bound to the same memory) -> logits [B,V]
+    of each row's last token."""
     seq2seq = dims.arch == "encoder-decoder"
     kind = self_cache_kind(dims.arch)
-    inputs = [_ids(INPUT_IDS), _ids(ATTENTION_MASK, TOTAL_SEQUENCE), _ids(POSITION_IDS)]
+    if kv_cache == "shared":
+        inputs = [_ids(INPUT_IDS), TensorSpec(SEQUENCE_LENGTHS, INT64, (BATCH,))]
+        past_axis = present_axis = CACHE_SEQUENCE
+        logits = TensorSpec(LOGITS, float_dtype, (BATCH, dims.vocab_size))  # (B, V)
+    else:
+        inputs = [_ids(INPUT_IDS), _ids(ATTENTION_MASK, TOTAL_SEQUENCE), _ids(POSITION_IDS)]
+        past_axis, present_axis = PAST_SEQUENCE, TOTAL_SEQUENCE
+        logits = TensorSpec(LOGITS, float_dtype, (BATCH, SEQUENCE, dims.vocab_size))  # (B, T, V)
     if seq2seq:
         inputs.append(_ids(ENCODER_ATTENTION_MASK, ENCODER_SEQUENCE))
     for i in range(dims.n_layers):
-        inputs += [_kv(name, PAST_SEQUENCE, dims, float_dtype) for name in past_names(i, kind)]
+        inputs += [_kv(name, past_axis, dims, float_dtype) for name in past_names(i, kind)]
         if seq2seq:
             inputs += [_kv(name, ENCODER_SEQUENCE, dims, float_dtype) for name in past_names(i, "encoder")]
-    outputs = [TensorSpec(LOGITS, float_dtype, (BATCH, SEQUENCE, dims.vocab_size))]  # (B, T, V)
+    outputs = [logits]
     for i in range(dims.n_layers):
-        outputs += [_kv(name, TOTAL_SEQUENCE, dims, float_dtype) for name in present_names(i, kind)]
-    return GraphSpec(DECODER, GRAPH_FILE.format(graph=DECODER), tuple(inputs), tuple(outputs))
-
-
-def _shared_decoder_spec(dims: Dims, float_dtype: str) -> GraphSpec:
-    """Layout "shared": input_ids [B,T] (right-padded on the first step), sequence_lengths [B]
-    (each row's tokens after this step), the KV buffers [B,Hkv,C,Dh] -> logits [B,V] of each
-    row's last token, and the same buffers (written in place when bound to the same memory)."""
-    seq2seq = dims.arch == "encoder-decoder"
-    kind = self_cache_kind(dims.arch)
-    inputs = [_ids(INPUT_IDS), TensorSpec(SEQUENCE_LENGTHS, INT64, (BATCH,))]
-    if seq2seq:
-        inputs.append(_ids(ENCODER_ATTENTION_MASK, ENCODER_SEQUENCE))
-    for i in range(dims.n_layers):
-        inputs += [_kv(name, CACHE_SEQUENCE, dims, float_dtype) for name in past_names(i, kind)]
-        if seq2seq:
-            inputs += [_kv(name, ENCODER_SEQUENCE, dims, float_dtype) for name in past_names(i, "encoder")]
-    outputs = [TensorSpec(LOGITS, float_dtype, (BATCH, dims.vocab_size))]  # (B, V)
-    for i in range(dims.n_layers):
-        outputs += [_kv(name, CACHE_SEQUENCE, dims, float_dtype) for name in present_names(i, kind)]
+        outputs += [_kv(name, present_axis, dims, float_dtype) for name in present_names(i, kind)]
     return GraphSpec(DECODER, GRAPH_FILE.format(graph=DECODER), tuple(inputs), tuple(outputs))
 
 
@@ -463,7 +457,7 @@ def graph_specs(dims: Dims, float_dtype: str = "float32", kv_cache: str = "conca
         raise PackageError(f"kv_cache must be one of {KV_CACHE_LAYOUTS}; got {kv_cache!r:.60}")
     if kv_cache == "shared" and dims.arch not in ("decoder", "encoder-decoder"):
         raise PackageError(f"kv_cache 'shared' exists for arch 'decoder' and 'encoder-decoder'; got arch {dims.arch!r}")
-    builders = dict(_BUILDERS, **({DECODER: _shared_decoder_spec} if kv_cache == "shared" else {}))
+    builders = dict(_BUILDERS, **{DECODER: functools.partial(_decoder_spec, kv_cache=kv_cache)})
     return {graph: builders[graph](dims, float_dtype) for graph in dims.graphs}
 
 
