@@ -224,3 +224,14 @@ def test_concurrent_generations_share_the_session_not_the_buffers(packages):
     with ThreadPoolExecutor(max_workers=4) as pool:
         concurrent = list(pool.map(lambda job: model.generate_ids(job, config).sequences, jobs))
     assert concurrent == sequential
+
+
+def test_loading_without_fast_start_gives_the_same_model(packages):
+    """fast_start (weights prepacked on all threads) only changes how the session starts."""
+    import onnxformer.runtime as rt
+    from onnxformer.runtime.generation import GenerationConfig
+
+    _, loaded, reports = packages("rope-gqa")
+    config = GenerationConfig(strategy="greedy", max_new_tokens=6, eos_token_ids=())
+    slow = rt.load(reports["shared"].path, fast_start=False)
+    assert slow.generate_ids(PROMPTS, config).sequences == loaded["shared"].generate_ids(PROMPTS, config).sequences
