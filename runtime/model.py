@@ -438,6 +438,29 @@ def _check_rng(rng: Any) -> None:
                           "Use numpy.random.default_rng(seed), or pass seed=...")
 
 
+def _encode_sources(model: Model, sources: list[list[int]]) -> dict[str, Any]:
+    """Encoder over the left-padded sources, then cross_attention once: the decoder's encoder
+    K/V (B, Hkv, S, Dh) and encoder_attention_mask, as OrtValues on the model's device. Both
+    step models bind these for every step and never copy them."""
+    def value(array: np.ndarray) -> ort.OrtValue:
+        return ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(array), model.device, 0)
+
+    batch = gen.left_pad(sources, max(model.manifest.special("pad"), 0))
+    hidden = model.sessions[ENCODER].run(
+        [LAST_HIDDEN_STATE], {INPUT_IDS: batch.input_ids, ATTENTION_MASK: batch.attention_mask}
+    )[0]  # (B, S, D)
+    cross = model.sessions[CROSS_ATTENTION]
+    names = [o.name for o in cross.get_outputs()]
+    binding = cross.io_binding()
+    binding.bind_ortvalue_input(ENCODER_HIDDEN_STATES, value(hidden))
+    for name in names:
+        binding.bind_output(name, model.device)
+    cross.run_with_iobinding(binding)
+    cache = {past_name_for(n): v for n, v in zip(names, binding.get_outputs())}  # (B, Hkv, S, Dh)
+    cache[ENCODER_ATTENTION_MASK] = value(batch.attention_mask)
+    return cache
+
+
 class _DecoderSteps:
     """The StepModel of generation over the package's decoder graph, with I/O binding.
 
@@ -465,23 +488,7 @@ class _DecoderSteps:
         if self.sources is not None:
             if batch_size != len(self.sources):
                 raise AssertionError(f"init_cache({batch_size}) for {len(self.sources)} sources")
-            cache.update(self._encode_sources())
-        return cache
-
-    def _encode_sources(self) -> dict[str, Any]:
-        batch = gen.left_pad(self.sources, max(self.model.manifest.special("pad"), 0))
-        hidden = self.model.sessions[ENCODER].run(
-            [LAST_HIDDEN_STATE], {INPUT_IDS: batch.input_ids, ATTENTION_MASK: batch.attention_mask}
-        )[0]  # (B, S, D)
-        cross = self.model.sessions[CROSS_ATTENTION]
-        names = [o.name for o in cross.get_outputs()]
-        binding = cross.io_binding()
-        binding.bind_ortvalue_input(ENCODER_HIDDEN_STATES, self._value(hidden))
-        for name in names:
-            binding.bind_output(name, self.device)
-        cross.run_with_iobinding(binding)
-        cache = {past_name_for(n): v for n, v in zip(names, binding.get_outputs())}  # (B, Hkv, S, Dh)
-        cache[ENCODER_ATTENTION_MASK] = self._value(batch.attention_mask)
+            cache.update(_encode_sources(self.model, self.sources))
         return cache
 
     def step(self, input_ids: np.ndarray, position_ids: np.ndarray, attention_mask: np.ndarray,
@@ -562,7 +569,7 @@ class _SharedCacheSteps:
         if self.sources is not None:
             if batch_size != len(self.sources):
                 raise AssertionError(f"init_cache({batch_size}) for {len(self.sources)} sources")
-            cache.encoder = _DecoderSteps(self.model, self.sources)._encode_sources()
+            cache.encoder = _encode_sources(self.model, self.sources)
         return cache
 
     def _bind(self, cache: _SharedCache) -> None:
