@@ -40,6 +40,8 @@ from onnxformer.runtime.contract import (
     ENCODER_ATTENTION_MASK,
     INPUT_IDS,
     LOGITS,
+    NEXT_TOKEN,
+    NEXT_TOKEN_LOGPROB,
     SEQUENCE_LENGTHS,
     Dims,
     GraphSpec,
@@ -49,6 +51,7 @@ from onnxformer.runtime.contract import (
 )
 
 MS_DOMAIN = "com.microsoft"
+NEXT_TOKEN_NODES = "/next_token"  # name prefix of the greedy-choice nodes (kept float32 in fp16 exports)
 
 
 class UnsupportedModel(ValueError):
@@ -264,7 +267,24 @@ class _Builder:
         else:
             logits = g.op1("MatMul", [final, g.weight("lm_head.weight", _t(model.lm_head))], "/lm_head/MatMul")
         g.nodes.append(helper.make_node("Identity", [logits], [LOGITS], name="/logits"))
+        self.next_token(LOGITS)
         return self._graph()
+
+    def next_token(self, logits: str) -> None:
+        """The greedy choice in the graph: next_token = argmax (the first index among ties, as
+        numpy's argmax) and next_token_logprob = -log(sum(exp(logits - max))), the chosen
+        token's log-softmax value. A greedy loop then reads 2 numbers per row instead of V
+        logits. fp16 exports keep these nodes in float32 (NEXT_TOKEN_NODES)."""
+        g = self.g
+        last = g.const("next_token/axis", [-1])
+        index = g.op1("ArgMax", [logits], f"{NEXT_TOKEN_NODES}/ArgMax", axis=-1, keepdims=1)  # (B, 1)
+        top = g.op1("GatherElements", [logits, index], f"{NEXT_TOKEN_NODES}/top", axis=-1)  # (B, 1) the maxima
+        shifted = g.op1("Sub", [logits, top], f"{NEXT_TOKEN_NODES}/Sub")
+        total = g.op1("ReduceSum", [g.op1("Exp", [shifted], f"{NEXT_TOKEN_NODES}/Exp"), last],
+                      f"{NEXT_TOKEN_NODES}/ReduceSum", keepdims=0)  # (B,)
+        g.nodes.append(helper.make_node("Neg", [g.op1("Log", [total], f"{NEXT_TOKEN_NODES}/Log")],
+                                        [NEXT_TOKEN_LOGPROB], name=f"{NEXT_TOKEN_NODES}/logprob"))
+        g.nodes.append(helper.make_node("Squeeze", [index, last], [NEXT_TOKEN], name=f"{NEXT_TOKEN_NODES}/token"))
 
     def _graph(self) -> onnx.GraphProto:
         elem = {"int64": TensorProto.INT64, "float32": TensorProto.FLOAT, "float16": TensorProto.FLOAT16}

@@ -47,7 +47,16 @@ import torch
 from onnxformer.modeling.checkpoint import pid_alive
 from onnxformer.modeling.config import ModelConfig
 from onnxformer.modeling.model import Attention, Transformer
-from onnxformer.runtime.contract import CROSS_ATTENTION, DECODER, KV_CACHE_LAYOUTS, Dims, graph_specs
+from onnxformer.runtime.contract import (
+    CROSS_ATTENTION,
+    DECODER,
+    KV_CACHE_LAYOUTS,
+    LOGITS,
+    NEXT_TOKEN,
+    NEXT_TOKEN_LOGPROB,
+    Dims,
+    graph_specs,
+)
 from onnxformer.runtime.errors import OnnxformerError
 from onnxformer.runtime.manifest import (
     FORMAT_VERSION,
@@ -59,7 +68,7 @@ from onnxformer.runtime.manifest import (
     Manifest,
 )
 
-from .builder import build_decoder, unsupported_reason
+from .builder import NEXT_TOKEN_NODES, build_decoder, unsupported_reason
 from .graphs import graph_module
 from .validate import example_feeds, validate_package_graphs
 
@@ -319,9 +328,26 @@ def _to_fp16(path: Path) -> None:
     from onnxruntime.transformers.float16 import convert_float_to_float16
 
     proto = onnx.load(str(path), load_external_data=True)
+    # The in-graph greedy choice (layout "shared") stays float32, on a float32 copy of the fp16
+    # logits: a log-softmax summed in fp16 would not be the score computed from the logits.
+    # Its nodes are set aside during the conversion and put back behind a Cast.
+    greedy = [n for n in proto.graph.node if n.name.startswith(f"{NEXT_TOKEN_NODES}/")]
+    greedy_outputs = [o for o in proto.graph.output if o.name in (NEXT_TOKEN, NEXT_TOKEN_LOGPROB)]
+    for node in greedy:
+        proto.graph.node.remove(node)
+    for output in greedy_outputs:
+        proto.graph.output.remove(output)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         half = convert_float_to_float16(proto, keep_io_types=False)
+    if greedy:
+        logits32 = f"{NEXT_TOKEN_NODES}/logits_float32"
+        half.graph.node.append(onnx.helper.make_node("Cast", [LOGITS], [logits32], name=f"{NEXT_TOKEN_NODES}/Cast",
+                                                     to=onnx.TensorProto.FLOAT))
+        for node in greedy:
+            node.input[:] = [logits32 if name == LOGITS else name for name in node.input]
+        half.graph.node.extend(greedy)
+        half.graph.output.extend(greedy_outputs)
     onnx.save_model(half, str(path))
 
 

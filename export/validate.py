@@ -27,6 +27,8 @@ from onnxformer.runtime.contract import (
     ENCODER_HIDDEN_STATES,
     INPUT_IDS,
     LOGITS,
+    NEXT_TOKEN,
+    NEXT_TOKEN_LOGPROB,
     POSITION_IDS,
     SEQUENCE_LENGTHS,
     TOKEN_TYPE_IDS,
@@ -150,7 +152,8 @@ def _shared_decoder_parity(model, session: ort.InferenceSession, spec: GraphSpec
             buffers = {name: array.copy() for name, array in caches}
             binding = session.io_binding()
             if in_place:
-                binding.bind_output(LOGITS)
+                for name in (LOGITS, NEXT_TOKEN, NEXT_TOKEN_LOGPROB):
+                    binding.bind_output(name)
                 for name, array in buffers.items():
                     value = ort.OrtValue.ortvalue_from_numpy(array)
                     binding.bind_ortvalue_input(name, value)
@@ -162,15 +165,24 @@ def _shared_decoder_parity(model, session: ort.InferenceSession, spec: GraphSpec
                     for name, value in feeds.items():
                         binding.bind_cpu_input(name, value)
                     session.run_with_iobinding(binding)
-                    logits = binding.get_outputs()[0].numpy()
+                    logits, token, logprob = (value.numpy() for value in binding.get_outputs()[:3])
                 else:
                     outputs = dict(zip(spec.output_names, session.run(spec.output_names, {**feeds, **buffers})))
-                    logits = outputs[LOGITS]
-                    buffers = {past_name_for(name): value for name, value in outputs.items() if name != LOGITS}
+                    logits, token, logprob = outputs[LOGITS], outputs[NEXT_TOKEN], outputs[NEXT_TOKEN_LOGPROB]
+                    buffers = {past_name_for(name): value for name, value in outputs.items() if parse_cache_name(name)}
                 logits = logits.astype(np.float32)
                 if not np.isfinite(logits).all():
                     return float("inf")
                 worst = max(worst, float(np.abs(logits - want[k]).max()))
+                # The in-graph greedy choice: exactly the argmax of the graph's own logits, and
+                # its log-probability against PyTorch's log_softmax at that token.
+                if not np.array_equal(token, np.argmax(logits, axis=1)):
+                    raise AssertionError(f"{spec.file} {NEXT_TOKEN}: {token.tolist()} is not the argmax of the "
+                                         f"graph's logits {np.argmax(logits, axis=1).tolist()}")
+                reference = want[k].astype(np.float64)
+                top = reference.max(axis=1, keepdims=True)
+                reference = reference - top - np.log(np.exp(reference - top).sum(axis=1, keepdims=True))
+                worst = max(worst, float(np.abs(logprob - reference[np.arange(batch), token]).max()))
     return worst
 
 

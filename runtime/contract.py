@@ -48,8 +48,12 @@ kv_cache="shared")``, decoder and encoder-decoder, manifest format_version 2)::
     decoder          input_ids [B,T] (right-padded on the first step), sequence_lengths [B] int64,
                      (+ encoder_attention_mask, encoder K/V as above),
                      past_key_values.{i}.key / .value [B,Hkv,C,Dh]   C = buffer capacity
-                  -> logits [B,V] (each row's last real token), present.{i}.key / .value [B,Hkv,C,Dh]
-                     present and past are the same buffer when bound to the same memory.
+                  -> logits [B,V] (each row's last real token), present.{i}.key / .value [B,Hkv,C,Dh],
+                     next_token [B] int64 = argmax of the logits row (the lowest id among ties),
+                     next_token_logprob [B] float32 = log_softmax(logits)[next_token]
+                     present and past are the same buffer when bound to the same memory. The
+                     next_token pair is the greedy choice computed in the graph, so a plain greedy
+                     loop (no logits processing) never reads the V logits.
 """
 
 from __future__ import annotations
@@ -115,6 +119,8 @@ ENCODER_HIDDEN_STATES = "encoder_hidden_states"
 SEQUENCE_LENGTHS = "sequence_lengths"
 LAST_HIDDEN_STATE = "last_hidden_state"
 LOGITS = "logits"
+NEXT_TOKEN = "next_token"  # layout "shared": argmax of the logits row
+NEXT_TOKEN_LOGPROB = "next_token_logprob"  # layout "shared": its log-probability (float32)
 
 # The ONLY place per-layer cache names are spelled. {part} is "key"/"value", prefixed by the
 # cache kind for encoder-decoder models ("decoder.key", "encoder.value").
@@ -419,7 +425,8 @@ def _decoder_spec(dims: Dims, float_dtype: str, kv_cache: str = "concat") -> Gra
     logits [B,T,V], present [B,Hkv,P+T,Dh]. "shared": input_ids (right-padded on the first
     step), sequence_lengths [B] (each row's tokens after this step); the KV buffers
     [B,Hkv,C,Dh] in and out (written in place when bound to the same memory) -> logits [B,V]
-    of each row's last token."""
+    of each row's last token, then next_token [B] int64 (argmax) and next_token_logprob [B]
+    float32 (its log-softmax value, computed in float32 whatever the graph's dtype)."""
     seq2seq = dims.arch == "encoder-decoder"
     kind = self_cache_kind(dims.arch)
     if kv_cache == "shared":
@@ -439,6 +446,8 @@ def _decoder_spec(dims: Dims, float_dtype: str, kv_cache: str = "concat") -> Gra
     outputs = [logits]
     for i in range(dims.n_layers):
         outputs += [_kv(name, present_axis, dims, float_dtype) for name in present_names(i, kind)]
+    if kv_cache == "shared":
+        outputs += [TensorSpec(NEXT_TOKEN, INT64, (BATCH,)), TensorSpec(NEXT_TOKEN_LOGPROB, "float32", (BATCH,))]
     return GraphSpec(DECODER, GRAPH_FILE.format(graph=DECODER), tuple(inputs), tuple(outputs))
 
 

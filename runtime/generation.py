@@ -205,6 +205,10 @@ class StepResult(NamedTuple):
     logits: np.ndarray  # (N, V) logits of the LAST position of each row; may be the model's
     #                     output buffer: read it before the next step, do not write to it
     cache: Any  # the updated cache, opaque to generation
+    # Optional, from models that compute the greedy choice themselves (a "shared" layout graph):
+    # (N,) int64 argmax of each logits row (lowest id among ties) and (N,) float32 its
+    # log-softmax value. Used by greedy steps without logits processing; same buffer rules.
+    choice: tuple[np.ndarray, np.ndarray] | None = None
 
 
 class StepModel(Protocol):
@@ -286,14 +290,17 @@ def _sized(items: Any) -> bool:
 
 
 def _step(model: StepModel, input_ids, position_ids, attention_mask, cache) -> StepResult:
-    logits, cache = model.step(input_ids, position_ids, attention_mask, cache)
+    result = model.step(input_ids, position_ids, attention_mask, cache)
+    logits, cache, choice = result[0], result[1], getattr(result, "choice", None)
     logits = np.asarray(logits, dtype=np.float32)
-    if logits.shape != (input_ids.shape[0], model.vocab_size):
+    n = input_ids.shape[0]
+    if logits.shape != (n, model.vocab_size):
         raise OnnxformerError(
-            f"step() must return logits of shape (N={input_ids.shape[0]}, V={model.vocab_size}) "
-            f"for the last position; got {logits.shape}"
+            f"step() must return logits of shape (N={n}, V={model.vocab_size}) for the last position; got {logits.shape}"
         )
-    return StepResult(logits, cache)
+    if choice is not None and (len(choice) != 2 or choice[0].shape != (n,) or choice[1].shape != (n,)):
+        raise OnnxformerError(f"step() must return choice as ((N={n},) token ids, (N={n},) log-probs) or None")
+    return StepResult(logits, cache, choice)
 
 
 def _check_vocab(vocab_size: int, prompts: list[list[int]], config: GenerationConfig) -> None:
@@ -521,12 +528,16 @@ def _advance(
     n = len(state.generated)
     batch = left_pad(rows, config.pad_token_id)
     cache = model.init_cache(len(rows))
-    logits, cache = _step(model, batch.input_ids, batch.position_ids, batch.attention_mask, cache)
+    logits, cache, choice = _step(model, batch.input_ids, batch.position_ids, batch.attention_mask, cache)
     mask, positions = batch.attention_mask, batch.position_ids[:, -1]  # (B, T), (B,)
     if copies > 1:  # run each prompt once, then copy its rows
         expand = np.repeat(np.arange(len(rows)), copies)  # (N,)
         logits, mask, positions = logits[expand], mask[expand], positions[expand]
+        choice = None if choice is None else (choice[0][expand], choice[1][expand])
         cache = model.reorder_cache(cache, expand)
+    # Greedy without logits processing takes the model's own choice when it has one (the
+    # argmax and its log-prob computed in the graph): nothing of size V is read per token.
+    model_choice = choose is _greedy_chooser and config.repetition_penalty == 1.0 and config.no_repeat_ngram_size == 0
     eos = np.array(sorted(set(config.eos_token_ids)), dtype=np.int64)
     # The mask of every step is a prefix of one array: no concatenation per step.
     width = mask.shape[1]
@@ -535,8 +546,10 @@ def _advance(
     # Per token: the choice, then the bookkeeping in numpy where it can be (the per-row Python
     # work is what a fast graph step is left waiting on).
     for t in range(config.max_new_tokens):
-        logits = process_logits(logits, state.history, config, t)
-        tokens, logprobs = choose(logits)  # (N,), (N,)
+        if model_choice and choice is not None and t >= config.min_new_tokens and np.isfinite(choice[1]).all():
+            tokens, logprobs = choice  # (N,), (N,): the model's output buffers, read before the next step
+        else:
+            tokens, logprobs = choose(process_logits(logits, state.history, config, t))  # (N,), (N,)
         active = np.flatnonzero(~state.finished)  # rows still generating
         tokens = np.where(state.finished, config.pad_token_id, tokens)
         state.scores[active] += logprobs[active]  # float32 log-probs summed in float64
@@ -558,7 +571,7 @@ def _advance(
         if state.finished.all() or t == config.max_new_tokens - 1:
             return
         positions = positions + 1
-        logits, cache = _step(model, tokens[:, None], positions[:, None], full_mask[:, :width + t + 1], cache)
+        logits, cache, choice = _step(model, tokens[:, None], positions[:, None], full_mask[:, :width + t + 1], cache)
 
 
 def _final_text(state: _Rows, r: int, decode: Decode) -> str:
@@ -714,7 +727,7 @@ def beam_search(
 
     batch = left_pad(rows, config.pad_token_id)
     cache = model.init_cache(n_prompts)
-    logits, cache = _step(model, batch.input_ids, batch.position_ids, batch.attention_mask, cache)
+    logits, cache, _ = _step(model, batch.input_ids, batch.position_ids, batch.attention_mask, cache)
     vocab = model.vocab_size
     expand = np.repeat(np.arange(n_prompts), k)  # (N,) row -> prompt
     logits, cache = logits[expand], model.reorder_cache(cache, expand)
@@ -770,7 +783,7 @@ def beam_search(
         cache = model.reorder_cache(cache, next_rows)
         mask = np.concatenate([mask[next_rows], np.ones((n, 1), dtype=np.int64)], axis=1)  # (N, P+T+1)
         positions = positions[next_rows] + 1
-        logits, cache = _step(model, next_tokens[:, None], positions[:, None], mask, cache)
+        logits, cache, _ = _step(model, next_tokens[:, None], positions[:, None], mask, cache)
 
     norm = np.float32(last_t + 1) ** lp
     for b in np.flatnonzero(~done):

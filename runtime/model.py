@@ -37,6 +37,8 @@ from .contract import (
     INPUT_IDS,
     LAST_HIDDEN_STATE,
     LOGITS,
+    NEXT_TOKEN,
+    NEXT_TOKEN_LOGPROB,
     POSITION_IDS,
     SEQUENCE_LENGTHS,
     TOKEN_TYPE_IDS,
@@ -537,6 +539,7 @@ class _SharedCache:
         self.logits_host: np.ndarray | None = None  # CPU: the array the logits OrtValue writes into
         self.ids: ort.OrtValue | None = None  # bound input_ids and sequence_lengths, updated in place
         self.lengths_value: ort.OrtValue | None = None
+        self.choice: list[tuple[np.ndarray | None, ort.OrtValue]] = []  # next_token, next_token_logprob
 
 
 class _SharedCacheSteps:
@@ -588,6 +591,16 @@ class _SharedCacheSteps:
             cache.logits_host = None
             cache.logits = ort.OrtValue.ortvalue_from_shape_and_type(shape, self.model.float_dtype, self.device, 0)
         binding.bind_ortvalue_output(LOGITS, cache.logits)
+        # The graph's greedy choice, (N,) each: written into host arrays on CPU as the logits are.
+        cache.choice = []
+        for name, dtype in ((NEXT_TOKEN, np.int64), (NEXT_TOKEN_LOGPROB, np.float32)):
+            if self.device == "cpu":
+                host = np.empty((cache.batch_size,), dtype=dtype)
+                value = ort.OrtValue.ortvalue_from_numpy(host, self.device, 0)
+            else:
+                host, value = None, ort.OrtValue.ortvalue_from_shape_and_type((cache.batch_size,), dtype, self.device, 0)
+            binding.bind_ortvalue_output(name, value)
+            cache.choice.append((host, value))
         cache.binding, cache.ids = binding, None  # input_ids / sequence_lengths are bound by the next step
 
     def _grow(self, cache: _SharedCache, needed: int) -> None:
@@ -628,7 +641,8 @@ class _SharedCacheSteps:
         # The logits array is the step's output buffer (valid until the next step; generation
         # reads it before stepping again, StepModel's contract).
         logits = cache.logits_host if cache.logits_host is not None else cache.logits.numpy()
-        return gen.StepResult(logits.astype(np.float32, copy=False), cache)
+        token, logprob = (host if host is not None else value.numpy() for host, value in cache.choice)
+        return gen.StepResult(logits.astype(np.float32, copy=False), cache, (token, logprob))
 
     def reorder_cache(self, cache: _SharedCache, indices: np.ndarray) -> _SharedCache:
         """Gather rows of the buffers (beam search, the expansion to samples). The encoder K/V

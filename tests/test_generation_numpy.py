@@ -63,7 +63,7 @@ class TinyAttentionLM:
     def full_logits(self, seq) -> np.ndarray:
         """Logits after ``seq`` computed from scratch (no cache); (V,)."""
         ids = np.asarray([seq], dtype=np.int64)
-        logits, _ = self.step(ids, np.arange(len(seq))[None], np.ones_like(ids), self.init_cache(1))
+        logits = self.step(ids, np.arange(len(seq))[None], np.ones_like(ids), self.init_cache(1)).logits
         return logits[0]
 
 
@@ -589,7 +589,7 @@ def test_stream_checks_arguments_when_called():
 def test_a_step_returning_the_wrong_logits_shape_is_reported():
     class AllPositions(TinyAttentionLM):
         def step(self, input_ids, position_ids, attention_mask, cache):
-            logits, cache = super().step(input_ids, position_ids, attention_mask, cache)
+            logits, cache, _ = super().step(input_ids, position_ids, attention_mask, cache)
             return StepResult(np.repeat(logits[:, None], input_ids.shape[1], axis=1), cache)  # (N, T, V)
 
     with pytest.raises(OnnxformerError, match=r"shape \(N=1, V=12\) for the last position; got \(1, 3, 12\)"):

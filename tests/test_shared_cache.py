@@ -113,6 +113,33 @@ def test_shared_and_concat_generate_the_same(packages, name, strategy):
     np.testing.assert_allclose(np.array(shared.scores), np.array(concat.scores), rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.parametrize("name", ["rope-gqa", "seq2seq-rope-post"])
+def test_plain_greedy_takes_the_graphs_choice(packages, name, monkeypatch):
+    """The shared graph computes next_token / next_token_logprob: plain greedy never runs the
+    numpy chooser over the V logits, and gives the tokens and (to float32 rounding) the scores
+    of the concat package, which always does. Logits processing switches back to the numpy
+    chooser for exactly the steps it applies to."""
+    from onnxformer.runtime import generation as gen
+
+    calls = []
+    chooser = gen._greedy_chooser
+    monkeypatch.setattr(gen, "_greedy_chooser", lambda logits: calls.append(len(logits)) or chooser(logits))
+    _, loaded, _ = packages(name)
+    plain = gen.GenerationConfig(strategy="greedy", max_new_tokens=7, eos_token_ids=())
+    shared = loaded["shared"].generate_ids(PROMPTS, plain)
+    assert calls == []
+    concat = loaded["concat"].generate_ids(PROMPTS, plain)
+    assert calls == [len(PROMPTS)] * 7 and shared.sequences == concat.sequences
+    np.testing.assert_allclose(shared.scores, concat.scores, rtol=1e-5, atol=1e-5)
+    calls.clear()
+    loaded["shared"].generate_ids(PROMPTS, plain.replace(min_new_tokens=3))
+    assert len(calls) == 3  # eos suppressed on steps 0-2 only
+    calls.clear()
+    penalised = plain.replace(repetition_penalty=1.5)
+    out = loaded["shared"].generate_ids(PROMPTS, penalised)
+    assert len(calls) == 7 and out.sequences == loaded["concat"].generate_ids(PROMPTS, penalised).sequences
+
+
 @pytest.mark.parametrize("name", ["rope-gqa", "seq2seq-learned"])
 def test_greedy_equals_pytorch_per_row(packages, name):
     """Each row of a padded batch continues exactly as it does alone in PyTorch."""
@@ -147,11 +174,15 @@ def test_the_cache_is_updated_in_place_and_grows_when_needed(packages):
     cache = steps.init_cache(2)
     buffers = dict(cache.buffers)
     batch = np.array([[0, 7, 8], [9, 10, 11]]), np.array([[0, 0, 1], [0, 1, 2]]), np.array([[0, 1, 1], [1, 1, 1]])
-    logits, cache = steps.step(*batch, cache)
+    logits, cache, (token, logprob) = steps.step(*batch, cache)
     assert cache.buffers == buffers  # the same OrtValues: the graph wrote into them
     key = buffers["past_key_values.0.key"].numpy()  # (N, Hkv, C, Dh)
     assert np.abs(key[0, :, :2]).min() > 0 and np.abs(key[1, :, :3]).min() > 0  # rows right-padded: 2 and 3 tokens
     assert logits.shape == (2, model.dims.vocab_size)
+    # The graph's greedy choice is the argmax of these logits and its log-softmax value.
+    assert token.tolist() == np.argmax(logits, axis=1).tolist()
+    shifted = logits.astype(np.float64) - logits.max(axis=1, keepdims=True)
+    np.testing.assert_allclose(logprob, -np.log(np.exp(shifted).sum(axis=1)), rtol=1e-5, atol=1e-6)
     # Past the capacity: grown, same tokens as a generation sized from the start.
     config = GenerationConfig(strategy="greedy", max_new_tokens=9, eos_token_ids=())
     small = runtime_model._SharedCacheSteps(model, capacity=2)
@@ -203,6 +234,8 @@ def test_variants_of_the_shared_graph(tmp_path, variant):
     assert ops["GroupQueryAttention"] == model.config.n_step_layers
     if "quantize" in variant:
         assert ops["MatMulNBits"] == 4 * model.config.n_step_layers  # qkv, o, up, down per layer (head tied)
+    outputs = {o.name: o.type.tensor_type.elem_type for o in onnx.load(str(tmp_path / "p" / "decoder.onnx")).graph.output}
+    assert outputs["next_token_logprob"] == onnx.TensorProto.FLOAT  # float32 in every variant, fp16 included
     from onnxformer.runtime.generation import GenerationConfig
 
     out = rt.load(tmp_path / "p").generate_ids(PROMPTS, GenerationConfig(max_new_tokens=5, eos_token_ids=()))

@@ -65,6 +65,8 @@ export const ENCODER_HIDDEN_STATES = 'encoder_hidden_states';
 export const SEQUENCE_LENGTHS = 'sequence_lengths';
 export const LAST_HIDDEN_STATE = 'last_hidden_state';
 export const LOGITS = 'logits';
+export const NEXT_TOKEN = 'next_token'; // layout "shared": argmax of the logits row (B,) int64
+export const NEXT_TOKEN_LOGPROB = 'next_token_logprob'; // layout "shared": its log-softmax value (B,) float32
 
 // The only place per-layer cache names are spelled. {part} is "key"/"value", prefixed by the
 // cache kind for encoder-decoder models ("decoder.key", "encoder.value").
@@ -247,7 +249,8 @@ function decoderSpec(dims, dtype) {
 /**
  * Layout "shared": input_ids (B, T) (right-padded on the first step), sequence_lengths (B,)
  * (each row's tokens after this step), the KV buffers (B, Hkv, C, Dh) -> logits (B, V) of each
- * row's last token, and the same buffers (written in place when bound to the same memory).
+ * row's last token, the same buffers (written in place when bound to the same memory), then
+ * next_token (B,) int64 (argmax of the logits row) and next_token_logprob (B,) float32.
  * @param {Dims} dims @param {string} dtype @returns {GraphSpec}
  */
 function sharedDecoderSpec(dims, dtype) {
@@ -263,6 +266,8 @@ function sharedDecoderSpec(dims, dtype) {
   for (let i = 0; i < dims.n_layers; i++) {
     for (const name of presentNames(i, kind)) outputs.push(kv(name, CACHE_SEQUENCE, dims, dtype));
   }
+  // The greedy choice computed in the graph (float32 whatever the graph's dtype).
+  outputs.push({ name: NEXT_TOKEN, dtype: INT64, shape: [BATCH] }, { name: NEXT_TOKEN_LOGPROB, dtype: 'float32', shape: [BATCH] });
   return { name: DECODER, file: `${DECODER}.onnx`, inputs, outputs };
 }
 
