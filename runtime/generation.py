@@ -241,6 +241,11 @@ class StepModel(Protocol):
         """Gather rows: new row r = old row ``indices[r]``; ``indices`` (N',) int64, N' may differ from N."""
         ...
 
+    # Optional: ``advance(tokens, cache) -> StepResult``, one new token per row (N,) int64
+    # after the prompt step, every row one token longer. Greedy and sample call it instead of
+    # ``step`` when a model has it (a model that tracks its rows' lengths needs neither the
+    # positions nor the mask); it must give what ``step`` gives for the same tokens.
+
 
 class PaddedBatch(NamedTuple):
     input_ids: np.ndarray  # (B, T) int64, left-padded
@@ -290,10 +295,13 @@ def _sized(items: Any) -> bool:
 
 
 def _step(model: StepModel, input_ids, position_ids, attention_mask, cache) -> StepResult:
-    result = model.step(input_ids, position_ids, attention_mask, cache)
+    return _checked(model, model.step(input_ids, position_ids, attention_mask, cache), input_ids.shape[0])
+
+
+def _checked(model: StepModel, result: StepResult, n: int) -> StepResult:
+    """The step's result as float32 logits (N, V) and, if any, a well-formed choice."""
     logits, cache, choice = result[0], result[1], getattr(result, "choice", None)
     logits = np.asarray(logits, dtype=np.float32)
-    n = input_ids.shape[0]
     if logits.shape != (n, model.vocab_size):
         raise OnnxformerError(
             f"step() must return logits of shape (N={n}, V={model.vocab_size}) for the last position; got {logits.shape}"
@@ -538,40 +546,55 @@ def _advance(
     # Greedy without logits processing takes the model's own choice when it has one (the
     # argmax and its log-prob computed in the graph): nothing of size V is read per token.
     model_choice = choose is _greedy_chooser and config.repetition_penalty == 1.0 and config.no_repeat_ngram_size == 0
-    eos = np.array(sorted(set(config.eos_token_ids)), dtype=np.int64)
     # The mask of every step is a prefix of one array: no concatenation per step.
     width = mask.shape[1]
     full_mask = np.ones((n, width + config.max_new_tokens), dtype=np.int64)  # (N, P_max)
     full_mask[:, :width] = mask
-    # Per token: the choice, then the bookkeeping in numpy where it can be (the per-row Python
-    # work is what a fast graph step is left waiting on).
+    eos_ids = set(config.eos_token_ids)
+    # One new token per row: a model with advance() is handed the tokens alone (it knows each
+    # row's length); otherwise step() gets positions and the mask.
+    advance = getattr(model, "advance", None)
+    # Per token: the choice, then the bookkeeping. While no row has finished (the usual case)
+    # it is plain Python over N ints: the per-token work is what a fast graph step waits on.
+    pad, last, n_finished = config.pad_token_id, config.max_new_tokens - 1, 0
     for t in range(config.max_new_tokens):
         if model_choice and choice is not None and t >= config.min_new_tokens and np.isfinite(choice[1]).all():
             tokens, logprobs = choice  # (N,), (N,): the model's output buffers, read before the next step
         else:
             tokens, logprobs = choose(process_logits(logits, state.history, config, t))  # (N,), (N,)
-        active = np.flatnonzero(~state.finished)  # rows still generating
-        tokens = np.where(state.finished, config.pad_token_id, tokens)
-        state.scores[active] += logprobs[active]  # float32 log-probs summed in float64
-        chosen = tokens.tolist()
-        for r in active.tolist():
+        if n_finished == 0:
+            state.scores += logprobs  # float32 log-probs summed in float64
+            chosen = tokens.tolist()
+            active = range(n)
+        else:
+            running = ~state.finished
+            tokens = np.where(running, tokens, pad)  # rows finished before this step are fed pads
+            state.scores[running] += logprobs[running]
+            chosen = tokens.tolist()
+            active = np.flatnonzero(running).tolist()
+        for r in active:
             state.generated[r].append(chosen[r])
             state.history[r].append(chosen[r])
-        if eos.size:
-            for r in active[(tokens[active, None] == eos).any(axis=1)].tolist():
+            if chosen[r] in eos_ids:
                 state.finished[r], state.reasons[r] = True, "eos"
+                n_finished += 1
         if decode is not None:
-            for r in active.tolist():
+            for r in active:
                 state.texts[r] = decode(state.generated[r])
                 stop = _find_stop(state.texts[r], config.stop_strings) if config.stop_strings else None
                 if stop is not None and not state.finished[r]:
                     state.finished[r], state.reasons[r], state.stop_at[r] = True, "stop", stop
+                    n_finished += 1
                     logger.debug("row %d hit a stop string at text index %d", r, stop)
         yield None
-        if state.finished.all() or t == config.max_new_tokens - 1:
+        if n_finished == n or t == last:
             return
-        positions = positions + 1
-        logits, cache, choice = _step(model, tokens[:, None], positions[:, None], full_mask[:, :width + t + 1], cache)
+        if advance is not None:
+            logits, cache, choice = _checked(model, advance(np.array(chosen, dtype=np.int64), cache), n)
+        else:
+            positions = positions + 1
+            ids = np.array(chosen, dtype=np.int64)[:, None]  # (N, 1)
+            logits, cache, choice = _step(model, ids, positions[:, None], full_mask[:, :width + t + 1], cache)
 
 
 def _final_text(state: _Rows, r: int, decode: Decode) -> str:

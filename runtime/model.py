@@ -623,11 +623,19 @@ class _SharedCacheSteps:
         if not cache.lengths.any() and t > 1:  # the prompt: left padding -> right padding
             shift = (np.arange(t)[None, :] + (t - lengths)[:, None]) % t  # row b starts at its first real token
             input_ids = np.take_along_axis(input_ids, shift, axis=1)
+        return self._run(np.ascontiguousarray(input_ids, dtype=np.int64), lengths, cache)
+
+    def advance(self, tokens: np.ndarray, cache: _SharedCache) -> gen.StepResult:
+        """One new token per row (N,) int64: every row grows by one (generation's per-token
+        step; the same as step() with the next positions and a mask one longer)."""
+        return self._run(tokens[:, None], cache.lengths + 1, cache)
+
+    def _run(self, ids: np.ndarray, lengths: np.ndarray, cache: _SharedCache) -> gen.StepResult:
+        """Run ids (N, T) so that row b holds lengths[b] tokens afterwards."""
         if int(lengths.max()) > cache.capacity:
             self._grow(cache, int(lengths.max()))
         if cache.binding is None:
             self._bind(cache)
-        ids = np.ascontiguousarray(input_ids, dtype=np.int64)
         if cache.ids is None or cache.ids.shape() != list(ids.shape):  # the prompt, then (N, 1) for every step
             cache.ids = ort.OrtValue.ortvalue_from_numpy(ids.copy(), self.device, 0)
             cache.lengths_value = ort.OrtValue.ortvalue_from_numpy(lengths.copy(), self.device, 0)

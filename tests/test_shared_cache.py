@@ -191,6 +191,32 @@ def test_the_cache_is_updated_in_place_and_grows_when_needed(packages):
     assert gen.generate(small, PROMPTS, config).sequences == model.generate_ids(PROMPTS, config).sequences
 
 
+def test_advance_is_step_with_one_more_token(packages):
+    """advance(tokens) (generation's per-token step: the model tracks the row lengths) gives
+    exactly what step() gives with the next positions and a mask one longer."""
+    from onnxformer.runtime import generation as gen
+    from onnxformer.runtime import model as runtime_model
+
+    _, loaded, _ = packages("rope-gqa")
+    steps = runtime_model._SharedCacheSteps(loaded["shared"], capacity=16)
+    batch = gen.left_pad([[5, 6, 7], [8, 9]], 0)
+    tokens = np.array([11, 12], dtype=np.int64)
+    results = []
+    for use_advance in (False, True):
+        cache = steps.init_cache(2)
+        steps.step(batch.input_ids, batch.position_ids, batch.attention_mask, cache)
+        if use_advance:
+            out = steps.advance(tokens, cache)
+        else:
+            mask = np.concatenate([batch.attention_mask, np.ones((2, 1), np.int64)], axis=1)
+            out = steps.step(tokens[:, None], batch.position_ids[:, -1:] + 1, mask, cache)
+        results.append((out.logits.copy(), out.choice[0].copy(), out.choice[1].copy(), cache.lengths.tolist()))
+    (logits_a, token_a, lp_a, len_a), (logits_b, token_b, lp_b, len_b) = results
+    assert len_a == len_b == [4, 3]
+    np.testing.assert_array_equal(logits_a, logits_b)
+    assert token_a.tolist() == token_b.tolist() and np.array_equal(lp_a, lp_b)
+
+
 def test_layout_choice(tmp_path):
     """auto: shared where the builder can express the model, else concat (with the reason);
     asking for shared where it cannot is an error that names the way out."""
