@@ -58,9 +58,10 @@ def _inputs(case: dict[str, Any], settings: Settings) -> tuple[list[list[int]], 
 
 def split_per_step(model, prompts, new_tokens: int, repeats: int) -> dict[str, float]:
     """Per decode step (ms), measured on the same generate_ids calls: the total, onnxruntime's
-    run_with_iobinding (the C++ run), the rest of the step model's step() (binding, OrtValues,
-    logits copy) and the generation loop around it. Wraps the session's run_with_iobinding
-    and the step model's step in this process only, for the duration of the call."""
+    run_with_iobinding (the C++ run), the rest of the step model's step() / advance()
+    (binding, OrtValues, logits copy) and the generation loop around it. Wraps the session's
+    run_with_iobinding and the step model's step and advance in this process only, for the
+    duration of the call."""
     import statistics
 
     from onnxformer.runtime import GenerationConfig
@@ -70,7 +71,8 @@ def split_per_step(model, prompts, new_tokens: int, repeats: int) -> dict[str, f
     clock = collections.defaultdict(float)
     original_run = session.run_with_iobinding
     step_class = runtime_model._SharedCacheSteps if model.manifest.kv_cache == "shared" else runtime_model._DecoderSteps
-    original_step = step_class.step
+    # generation calls step() for the prompt and advance() per token where the model has it
+    originals = {name: getattr(step_class, name) for name in ("step", "advance") if hasattr(step_class, name)}
 
     def timed_run(*args, **kwargs):
         start = time.perf_counter()
@@ -79,16 +81,19 @@ def split_per_step(model, prompts, new_tokens: int, repeats: int) -> dict[str, f
         finally:
             clock["run"] += time.perf_counter() - start
 
-    def timed_step(self, *args, **kwargs):
-        start = time.perf_counter()
-        try:
-            return original_step(self, *args, **kwargs)
-        finally:
-            clock["step"] += time.perf_counter() - start
+    def timed(method):
+        def wrapper(self, *args, **kwargs):
+            start = time.perf_counter()
+            try:
+                return method(self, *args, **kwargs)
+            finally:
+                clock["step"] += time.perf_counter() - start
+        return wrapper
 
     config = {n: GenerationConfig(max_new_tokens=n, eos_token_ids=(EOS,), pad_token_id=PAD) for n in (1, new_tokens)}
     session.run_with_iobinding = timed_run
-    step_class.step = timed_step
+    for name, method in originals.items():
+        setattr(step_class, name, timed(method))
     try:
         model.generate_ids(prompts, config[new_tokens])  # warm-up
         figures = []
@@ -103,7 +108,8 @@ def split_per_step(model, prompts, new_tokens: int, repeats: int) -> dict[str, f
                             for k in ("total", "run", "step")})
     finally:
         del session.run_with_iobinding
-        step_class.step = original_step
+        for name, method in originals.items():
+            setattr(step_class, name, method)
     med = {k: statistics.median(f[k] for f in figures) for k in ("total", "run", "step")}
     return {
         "ms_per_step": med["total"],
