@@ -217,6 +217,23 @@ def test_advance_is_step_with_one_more_token(packages):
     assert token_a.tolist() == token_b.tolist() and np.array_equal(lp_a, lp_b)
 
 
+def test_shared_buffers_are_cache_line_aligned(packages):
+    """The KV buffers and the logits array the graph writes into start on 64-byte boundaries
+    (numpy's own large arrays start 16 bytes past one), zeroed, also after growth."""
+    from onnxformer.runtime import model as runtime_model
+
+    for shape, dtype in (((3, 4, 17, 16), np.float32), ((5,), np.float16), ((2, 8000), np.float32)):
+        array = runtime_model._aligned_zeros(shape, dtype)
+        assert array.ctypes.data % 64 == 0 and array.shape == shape and array.dtype == dtype and not array.any()
+    _, loaded, _ = packages("rope-gqa")
+    steps = runtime_model._SharedCacheSteps(loaded["shared"], capacity=2)
+    cache = steps.init_cache(2)
+    steps.step(np.array([[0, 5, 6], [7, 8, 9]]), np.zeros((2, 3), np.int64), np.array([[0, 1, 1], [1, 1, 1]]), cache)
+    assert cache.capacity > 2  # grown
+    assert cache.buffers and all(value.data_ptr() % 64 == 0 for value in cache.buffers.values())
+    assert cache.logits_host.ctypes.data % 64 == 0
+
+
 def test_layout_choice(tmp_path):
     """auto: shared where the builder can express the model, else concat (with the reason);
     asking for shared where it cannot is an error that names the way out."""
