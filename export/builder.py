@@ -5,7 +5,7 @@ code: ~1400 nodes for 8 layers (~500 after onnxruntime's optimizer), a KV cache 
 (copied) on every step, and logits for every position. This builder writes the same math as
 ~12 nodes per layer of onnxruntime's fused operators:
 
-    LayerNormalization (or RMSNorm's 6 plain ops)                   the first and last norm
+    LayerNormalization (or RMSNorm's 6 plain ops)                   the first norm
     MatMul (q, k and v in one)                                      projections
     com.microsoft.GroupQueryAttention                               causal self-attention, RoPE
         inside (cos/sin caches), grouped K/V heads, and the KV cache in one preallocated buffer
@@ -14,9 +14,12 @@ code: ~1400 nodes for 8 layers (~500 after onnxruntime's optimizer), a KV cache 
         encoder K/V computed once per source (encoder-decoder)
     com.microsoft.SkipSimplifiedLayerNormalization / SkipLayerNormalization
                                                                     residual add + norm in one
+                                                                    (the final norm included)
     Sigmoid, Mul / com.microsoft.Gelu                               SwiGLU / GELU feed-forward
     GatherND                                                        the last real token of each
-        row, so the final norm and the vocabulary projection run once per row, not per position
+        row, so the vocabulary projection runs once per row, not per position
+    ArgMax, and -log(sum(exp(logits - max)))                        the greedy choice and its
+        log-probability (next_token, next_token_logprob)
 
 The I/O is the contract's "shared" layout (runtime/contract.py, runtime/FORMAT.md section 7).
 Rows are right-padded on the first step; ``sequence_lengths`` (B,) counts each row's tokens
@@ -253,20 +256,23 @@ class _Builder:
                 y = sublayer(h)
                 if k + 1 < len(sublayers):
                     h, residual = self.skip_norm(residual, y, sublayers[k + 1][0], sublayers[k + 1][1])
+                elif model.decoder_norm is not None:  # the last residual add and the final norm: one node
+                    final, _ = self.skip_norm(residual, y, model.decoder_norm, "decoder_norm")  # (B, T, D)
                 else:
-                    final = g.op1("Add", [residual, y], "/residual/last")  # (B, T, D); decoder_norm after the gather
+                    final = g.op1("Add", [residual, y], "/residual/last")
         else:
             final = x
             for norm, name, sublayer in sublayers:
                 final, _ = self.skip_norm(final, sublayer(final), norm, name)
+            if model.decoder_norm is not None:
+                final = self.norm(final, model.decoder_norm, "decoder_norm")
         final = g.op1("GatherND", [final, last_pos], "/last_token/GatherND", batch_dims=1)  # (B, D)
-        if model.decoder_norm is not None:
-            final = self.norm(final, model.decoder_norm, "decoder_norm")
+        # The projection writes the graph output itself (an Identity would copy B x V per step).
         if c.tie_embeddings:  # logits = h E^T over the one stored embedding matrix
-            logits = g.op1("Gemm", [final, "tok_emb.weight"], "/lm_head/Gemm", transB=1)
+            g.nodes.append(helper.make_node("Gemm", [final, "tok_emb.weight"], [LOGITS], name="/lm_head/Gemm", transB=1))
         else:
-            logits = g.op1("MatMul", [final, g.weight("lm_head.weight", _t(model.lm_head))], "/lm_head/MatMul")
-        g.nodes.append(helper.make_node("Identity", [logits], [LOGITS], name="/logits"))
+            head = g.weight("lm_head.weight", _t(model.lm_head))
+            g.nodes.append(helper.make_node("MatMul", [final, head], [LOGITS], name="/lm_head/MatMul"))
         self.next_token(LOGITS)
         return self._graph()
 
