@@ -296,7 +296,10 @@ export function leftPad(rows, padTokenId) {
  * @property {number} vocabSize   V
  * @property {(batchSize: number) => Promise<any>} initCache  an empty cache (P = 0) for B rows
  * @property {(inputIds: number[][], positionIds: number[][], attentionMask: number[][], cache: any)
- *   => Promise<{logits: Float32Array[], cache: any}>} step  T new tokens per row; last-position logits (N, V)
+ *   => Promise<{logits: Float32Array[], cache: any, choice?: Array<[number, number]>}>} step  T new tokens
+ *   per row; last-position logits (N, V); optionally the model's own greedy choice, [argmax, its
+ *   log-softmax value] per row (a "shared" layout graph computes it), used by greedy steps
+ *   without logits processing
  * @property {(cache: any, indices: number[]) => any} reorderCache  new row r = old row indices[r]
  */
 
@@ -306,6 +309,9 @@ async function runStep(model, inputIds, positionIds, mask, cache) {
     throw new OnnxformerError(
       `step() must return logits of shape (N=${inputIds.length}, V=${model.vocabSize}) for the last position`,
     );
+  }
+  if (out.choice && (out.choice.length !== inputIds.length || out.choice.some((c) => c.length !== 2))) {
+    throw new OnnxformerError(`step() must return choice as N=${inputIds.length} [token, logprob] pairs or nothing`);
   }
   return out;
 }
@@ -502,20 +508,24 @@ async function* advance(model, rows, config, choose, decode, copies, state) {
   const n = state.generated.length;
   const batch = leftPad(rows, config.pad_token_id);
   let cache = await model.initCache(rows.length);
-  let { logits, cache: next } = await runStep(model, batch.input_ids, batch.position_ids, batch.attention_mask, cache);
+  let { logits, cache: next, choice } = await runStep(model, batch.input_ids, batch.position_ids, batch.attention_mask, cache);
   cache = next;
   let mask = batch.attention_mask; // (B, T)
   let positions = batch.position_ids.map((p) => p[p.length - 1]); // (B,)
   if (copies > 1) { // run each prompt once, then copy its rows
     const expand = Array.from({ length: n }, (_, r) => Math.floor(r / copies)); // (N,)
     logits = expand.map((b) => logits[b]);
+    if (choice) choice = expand.map((b) => choice[b]);
     mask = expand.map((b) => mask[b]);
     positions = expand.map((b) => positions[b]);
     cache = await model.reorderCache(cache, expand);
   }
   const eos = new Set(config.eos_token_ids);
+  // Greedy without logits processing takes the model's own choice when it has one.
+  const modelChoice = choose === greedyChooser && config.repetition_penalty === 1 && config.no_repeat_ngram_size === 0;
   for (let t = 0; t < config.max_new_tokens; t++) {
-    const choices = choose(processLogits(logits, state.history, config, t)); // (N,) [token, logprob]
+    const useChoice = modelChoice && choice && t >= config.min_new_tokens && choice.every(([, lp]) => Number.isFinite(lp));
+    const choices = useChoice ? choice : choose(processLogits(logits, state.history, config, t)); // (N,) [token, logprob]
     const tokens = choices.map(([tok], r) => (state.finished[r] ? config.pad_token_id : tok));
     for (let r = 0; r < n; r++) {
       if (state.finished[r]) continue;
@@ -534,7 +544,7 @@ async function* advance(model, rows, config, choose, decode, copies, state) {
     if (state.finished.every(Boolean) || t === config.max_new_tokens - 1) return;
     mask = mask.map((row) => [...row, 1]); // (N, P+T+1)
     positions = positions.map((p) => p + 1);
-    ({ logits, cache } = await runStep(model, tokens.map((tok) => [tok]), positions.map((p) => [p]), mask, cache));
+    ({ logits, cache, choice } = await runStep(model, tokens.map((tok) => [tok]), positions.map((p) => [p]), mask, cache));
   }
 }
 

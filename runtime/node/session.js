@@ -22,8 +22,8 @@ import ort from 'onnxruntime-node';
 
 import {
   ATTENTION_MASK, CROSS_ATTENTION, DECODER, ENCODER, ENCODER_ATTENTION_MASK, ENCODER_HIDDEN_STATES,
-  INPUT_IDS, LAST_HIDDEN_STATE, LOGITS, POSITION_IDS, SEQUENCE_LENGTHS, checkSessionIo, pastNameFor,
-  selfCacheNames,
+  INPUT_IDS, LAST_HIDDEN_STATE, LOGITS, NEXT_TOKEN, NEXT_TOKEN_LOGPROB, POSITION_IDS, SEQUENCE_LENGTHS,
+  checkSessionIo, pastNameFor, selfCacheNames,
 } from './contract.js';
 import { InputError, PackageError, ProviderError } from './errors.js';
 import { leftPad } from './generation.js';
@@ -336,7 +336,7 @@ export class SharedCacheSteps {
     const { float_dtype: dtype, dims } = this.manifest;
     const shape = [cache.rows, dims.n_kv_heads, cache.capacity, dims.d_head]; // (N, Hkv, C, Dh)
     const feeds = { [INPUT_IDS]: int64Tensor(ids), [SEQUENCE_LENGTHS]: int64Vector(lengths), ...cache.encoder };
-    const fetches = { [LOGITS]: null };
+    const fetches = { [LOGITS]: null, [NEXT_TOKEN]: null, [NEXT_TOKEN_LOGPROB]: null };
     for (const [present, past] of this.pairs) {
       const buffer = new ort.Tensor(dtype, cache.buffers[past], shape);
       feeds[past] = buffer;
@@ -344,7 +344,10 @@ export class SharedCacheSteps {
     }
     const outputs = await this.session.run(feeds, fetches); // present.*: copies of the buffers, unused
     cache.lengths = lengths;
-    return { logits: logitRows(outputs[LOGITS]), cache };
+    // The graph's greedy choice (FORMAT.md 4.4): [token, logprob] per row.
+    const logprobs = outputs[NEXT_TOKEN_LOGPROB].data;
+    const choice = Array.from(outputs[NEXT_TOKEN].data, (token, r) => [Number(token), logprobs[r]]);
+    return { logits: logitRows(outputs[LOGITS]), cache, choice };
   }
 
   /**

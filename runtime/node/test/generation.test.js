@@ -230,6 +230,27 @@ describe('greedy and sample loops', () => {
     assert.deepEqual(sampled.sequences, greedy.sequences);
   });
 
+  test("plain greedy takes the model's own choice; logits processing goes back to the logits", async () => {
+    // A model that also reports a choice, deliberately not the argmax (token 9, logprob -0.25),
+    // so which one generation used shows in the tokens and the scores.
+    class Choosing extends ScriptedSteps {
+      async step(...args) {
+        const out = await super.step(...args);
+        return { ...out, choice: out.logits.map(() => [9, -0.25]) };
+      }
+    }
+    const plain = gen.generationConfig({ max_new_tokens: 4 });
+    const got = await gen.greedy(new Choosing(), [[1, 2], [3]], plain);
+    assert.deepEqual(got.sequences, [[[9, 9, 9, 9]], [[9, 9, 9, 9]]]);
+    assert.deepEqual(got.scores, [[-1], [-1]]);
+    const byLogits = await gen.greedy(new ScriptedSteps(), [[1, 2], [3]], { ...plain, repetition_penalty: 1.5 });
+    const processed = await gen.greedy(new Choosing(), [[1, 2], [3]], { ...plain, repetition_penalty: 1.5 });
+    assert.deepEqual(processed, byLogits);
+    const late = await gen.greedy(new Choosing(), [[1, 2]], { ...plain, min_new_tokens: 2 });
+    const first2 = (await gen.greedy(new ScriptedSteps(), [[1, 2]], { ...plain, max_new_tokens: 2 })).sequences[0][0];
+    assert.deepEqual(late.sequences[0][0], [...first2, 9, 9], 'eos suppression applies to steps 0-1 only');
+  });
+
   test('token-id prompts are checked', async () => {
     const config = gen.generationConfig({});
     await assert.rejects(gen.greedy(new ScriptedSteps(), [[1, V]], config), InputError);
