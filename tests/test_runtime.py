@@ -132,6 +132,25 @@ def test_encoder_decoder_cross_attention_computed_once(package_factory, monkeypa
     assert calls == {"cross": 1, "steps": 6} and all(len(g.token_ids[0]) == 6 for g in out)
 
 
+def test_graphs_run_once_per_call_do_not_spin(package_factory):
+    """An encoder-decoder's encoder and cross-attention sessions let their workers sleep after
+    a run (spinning, they would take the cores of the decoder steps that follow); the decoder,
+    and the only graph of any other package, keep onnxruntime's default."""
+    def spins(session) -> bool:
+        try:
+            return session.get_session_options().get_session_config_entry("session.intra_op.allow_spinning") != "0"
+        except RuntimeError:  # not set: onnxruntime's default, spinning
+            return True
+
+    spinning = {}
+    for arch in ("encoder-decoder", "decoder"):
+        package = rt.load(package_factory(arch)[2].path)
+        for name, session in package.sessions.items():
+            spinning[f"{arch}/{name}"] = spins(session)
+    assert spinning == {"encoder-decoder/encoder": False, "encoder-decoder/cross_attention": False,
+                        "encoder-decoder/decoder": True, "decoder/decoder": True}
+
+
 # --- errors --------------------------------------------------------------------------------
 
 
