@@ -422,8 +422,12 @@ export async function load(packageDir, { provider = 'cpu', threads, verify = tru
     );
   }
   const sessions = {};
-  for (const [name, entry] of Object.entries(manifest.graphs)) {
-    sessions[name] = await openSession(directory, entry, { provider: backend, threads });
+  const graphs = Object.entries(manifest.graphs);
+  for (const [name, entry] of graphs) {
+    // An encoder-decoder's encoder and cross-attention run once per call, right before the
+    // decoder's steps: their workers must not spin on the cores the steps need (as in Python).
+    const once = graphs.length > 1 && name !== DECODER;
+    sessions[name] = await openSession(directory, entry, { provider: backend, threads, spinning: !once });
   }
   return new Model(directory, manifest, tokenizer, sessions);
 }

@@ -56,15 +56,17 @@ export function resolveProvider(provider) {
  * Open one graph and check its I/O against the contract.
  * @param {string} directory
  * @param {import('./manifest.js').GraphEntry} entry
- * @param {{provider: string, threads?: number}} options
+ * @param {{provider: string, threads?: number, spinning?: boolean}} options  spinning false: the
+ *   workers sleep as soon as a run ends (graphs run once per call, before another graph's steps)
  * @returns {Promise<ort.InferenceSession>}
  */
-export async function openSession(directory, entry, { provider, threads }) {
+export async function openSession(directory, entry, { provider, threads, spinning = true }) {
   const options = {
     executionProviders: [provider],
     graphOptimizationLevel: 'all',
     logSeverityLevel: 3,
     ...(threads ? { intraOpNumThreads: threads } : {}),
+    ...(spinning ? {} : { extra: { session: { intra_op: { allow_spinning: '0' } } } }),
   };
   let session;
   try {
