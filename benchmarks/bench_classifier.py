@@ -20,7 +20,7 @@ if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks import suite  # noqa: E402
-from benchmarks.common import log, markdown_table, write_json  # noqa: E402
+from benchmarks.common import markdown_table  # noqa: E402
 from benchmarks.suite import Engine  # noqa: E402
 
 CASE = "classifier"
@@ -79,16 +79,11 @@ def run(args) -> dict[str, Any]:
     summary = classifier_report(results)
     suite.print_report(f"Classifier ({case_dir.name}): batch 32 x 128 tokens", markdown_table(summary["rows"], COLUMNS),
                        suite.errors_of(results))
-    out = {"case": CASE, "case_dir": str(case_dir), "settings": settings.to_dict(), "engines": results, **summary}
-    if args.json:
-        write_json(args.json, out)
-    return out
+    return suite.case_output(CASE, case_dir, settings, results, summary, args.json)
 
 
 def main() -> None:
-    args = suite.parser(__doc__.splitlines()[0]).parse_args()
-    log(f"{CASE}: start")
-    run(args)
+    suite.case_main(__doc__, CASE, run)
 
 
 if __name__ == "__main__":

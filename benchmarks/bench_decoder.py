@@ -22,7 +22,7 @@ if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks import suite  # noqa: E402
-from benchmarks.common import log, markdown_table, write_json  # noqa: E402
+from benchmarks.common import markdown_table  # noqa: E402
 from benchmarks.suite import Engine  # noqa: E402
 
 CASE = "decoder"
@@ -50,16 +50,11 @@ def run(args) -> dict[str, Any]:
     if summary["floors"]:
         print("\nRaw decode-step floor (batch 1) and the runtime's per-step time over it:\n")
         print(markdown_table(summary["floors"], suite.FLOOR_COLUMNS))
-    out = {"case": CASE, "case_dir": str(case_dir), "settings": settings.to_dict(), "engines": results, **summary}
-    if args.json:
-        write_json(args.json, out)
-    return out
+    return suite.case_output(CASE, case_dir, settings, results, summary, args.json)
 
 
 def main() -> None:
-    args = suite.parser(__doc__.splitlines()[0]).parse_args()
-    log(f"{CASE}: start")
-    run(args)
+    suite.case_main(__doc__, CASE, run)
 
 
 if __name__ == "__main__":

@@ -281,6 +281,22 @@ def print_report(title: str, table: str, notes: Sequence[str] = ()) -> None:
         print(f"\n{note}")
 
 
+def case_output(case: str, case_dir: Path, settings: Settings, results: dict[str, dict[str, Any]],
+                summary: dict[str, Any], json_path: Path | None) -> dict[str, Any]:
+    """A case's result (what run_all collects), also written to `json_path` when given."""
+    out = {"case": case, "case_dir": str(case_dir), "settings": settings.to_dict(), "engines": results, **summary}
+    if json_path:
+        write_json(json_path, out)
+    return out
+
+
+def case_main(doc: str, case: str, run) -> None:
+    """The command line of one case's script: its docstring's first line is the description."""
+    args = parser(doc.splitlines()[0]).parse_args()
+    log(f"{case}: start")
+    run(args)
+
+
 def errors_of(results: dict[str, dict[str, Any]]) -> list[str]:
     out = []
     for label, result in results.items():
