@@ -319,6 +319,17 @@ def log(message: str) -> None:
 # --------------------------------------------------------------------------------------------
 
 
+def classification_result(stats: Stats, logits: Any, seq_len: int) -> dict[str, Any]:
+    """One batch's classification figures from `measure`; logits (B, num_labels), numpy or torch."""
+    batch = len(logits)
+    return {
+        "rows": [{"batch": batch, "seq_len": seq_len, "ms_per_batch": stats.median * 1e3,
+                  "seq_s": batch / stats.median, "spread_ms": [stats.min * 1e3, stats.max * 1e3]}],
+        "labels": logits.argmax(-1).tolist(),
+        "logits": logits.tolist(),
+    }
+
+
 def time_generation(generate: Callable[[int], list[list[int]]], batch: int, new_tokens: int,
                     settings: Settings) -> tuple[dict[str, Any], list[list[int]]]:
     """Decoder figures of one engine at one batch size: `generate(n)` runs greedy generation of

@@ -22,6 +22,7 @@ from benchmarks.workspace import EOS, PAD  # noqa: E402  (torch is imported lazi
 from benchmarks.common import (  # noqa: E402
     Settings,
     child_main,
+    classification_result,
     dir_size_mb,
     measure,
     read_json,
@@ -219,13 +220,7 @@ def _torch_classifier(job, case, settings: Settings) -> dict[str, Any]:
 
     with torch.inference_mode():
         stats, logits = measure(forward, warmup=settings.warmup, repeats=settings.repeats)
-    batch = ids.shape[0]
-    return {
-        "rows": [{"batch": batch, "seq_len": ids.shape[1], "ms_per_batch": stats.median * 1e3,
-                  "seq_s": batch / stats.median, "spread_ms": [stats.min * 1e3, stats.max * 1e3]}],
-        "labels": logits.argmax(-1).tolist(),
-        "logits": logits.tolist(),
-    }
+    return classification_result(stats, logits, ids.shape[1])
 
 
 # --------------------------------------------------------------------------------------------

@@ -9,7 +9,7 @@ from __future__ import annotations
 import time
 from typing import Any
 
-from benchmarks.common import Settings, measure, time_generation
+from benchmarks.common import Settings, classification_result, measure, time_generation
 
 
 def generation_kwargs(case: dict[str, Any]) -> dict[str, Any]:
@@ -56,13 +56,7 @@ def bench_classifier(model, case: dict[str, Any], settings: Settings) -> dict[st
     with torch.inference_mode():
         stats, out = measure(lambda: model(**feeds).logits, warmup=settings.warmup, repeats=settings.repeats)
     logits = out.float().numpy()
-    batch = ids.shape[0]
-    return {
-        "rows": [{"batch": batch, "seq_len": ids.shape[1], "ms_per_batch": stats.median * 1e3,
-                  "seq_s": batch / stats.median, "spread_ms": [stats.min * 1e3, stats.max * 1e3]}],
-        "labels": logits.argmax(-1).tolist(),
-        "logits": logits.tolist(),
-    }
+    return classification_result(stats, logits, ids.shape[1])
 
 
 def cold_generate(model, case: dict[str, Any], new_tokens: int = 8) -> None:
