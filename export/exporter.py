@@ -44,7 +44,7 @@ import numpy as np
 import onnx
 import torch
 
-from onnxformer.modeling.checkpoint import pid_alive
+from onnxformer.runtime.atomic import pid_alive
 from onnxformer.modeling.config import ModelConfig
 from onnxformer.modeling.model import Attention, Transformer
 from onnxformer.runtime.contract import (

@@ -17,9 +17,9 @@ A run directory holds one folder per save and a ``latest`` pointer::
 ``config.json`` + ``model.safetensors`` + ``tokenizer.json`` is a complete model:
 ``load_model`` and export need nothing else. The other two files only serve ``--resume``.
 
-Atomicity: a checkpoint is built in a hidden temporary folder next to its target, every file
-is fsync'ed, the folder is renamed into place (``os.replace``) and only then is ``latest``
-rewritten (temp file, fsync, ``os.replace``). A crash at any point leaves ``latest`` naming
+Atomicity (onnxformer.runtime.atomic): a checkpoint is built in a hidden temporary folder next
+to its target, every file is fsync'ed, the folder is renamed into place and only then is
+``latest`` rewritten (temp file, fsync, ``os.replace``). A crash at any point leaves ``latest`` naming
 a complete checkpoint (or absent, before the first save).
 """
 
@@ -30,7 +30,6 @@ import logging
 import os
 import random
 import shutil
-import tempfile
 from pathlib import Path
 from typing import Any, Mapping, NamedTuple
 
@@ -40,6 +39,9 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file as _load_safetensors
 from safetensors.torch import save_file
 from torch import Tensor, nn
+
+from onnxformer.runtime import atomic
+from onnxformer.runtime.errors import CheckpointError
 
 from .config import ModelConfig
 from .model import Transformer
@@ -106,14 +108,14 @@ def load_plain_state_dict(model: nn.Module, tensors: Mapping[str, Tensor], *, so
         n for n in set(expected) - set(tensors) if n not in tied and not n.startswith(allow_missing)
     )
     if unexpected or missing:
-        raise ValueError(
+        raise CheckpointError(
             f"{source} does not fit the model built from its config: "
             f"missing {missing[:5] or 'nothing'}, unexpected {unexpected[:5] or 'nothing'}; "
             "was it written by a different version or for another architecture?"
         )
     for name, tensor in tensors.items():
         if expected[name].shape != tensor.shape:
-            raise ValueError(
+            raise CheckpointError(
                 f"{source}: {name} has shape {tuple(tensor.shape)}, the model expects "
                 f"{tuple(expected[name].shape)}; the checkpoint and config.json disagree"
             )
@@ -146,7 +148,7 @@ def load_optimizer_state(
     optimizer: torch.optim.Optimizer, names: list[str], tensors: Mapping[str, Tensor], meta: Mapping[str, Any]
 ) -> None:
     if list(meta["param_names"]) != names:
-        raise ValueError(
+        raise CheckpointError(
             "the checkpoint's optimizer was built over different parameters "
             f"({len(meta['param_names'])} saved, {len(names)} now); resume with the same "
             "task, LoRA and BitFit settings"
@@ -196,52 +198,13 @@ def set_rng_state(tensors: Mapping[str, Tensor], scalars: Mapping[str, Any]) -> 
 
 
 # --------------------------------------------------------------------------------------------
-# Atomic writes
+# Atomic writes (the one implementation: onnxformer.runtime.atomic)
 # --------------------------------------------------------------------------------------------
 
 
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
-def _make_readable(path: Path) -> None:
-    """mkstemp/mkdtemp create private (0600/0700) entries; give them the usual umask modes."""
-    os.chmod(path, (0o777 if path.is_dir() else 0o666) & ~_umask())
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _fsync_file(path: Path) -> None:
-    with open(path, "rb+") as f:
-        os.fsync(f.fileno())
-
-
-def _write_text(path: Path, text: str) -> None:
-    with open(path, "w", encoding="utf-8") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-
-
 def _set_latest(run_dir: Path, name: str) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{LATEST}.", suffix=".tmp", dir=run_dir)
-    os.close(fd)
-    try:
-        _write_text(Path(tmp), name + "\n")
-        _make_readable(Path(tmp))
-        os.replace(tmp, run_dir / LATEST)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    _fsync_dir(run_dir)
+    """Point ``latest`` at ``name`` atomically (the last step of a save)."""
+    atomic.replace_text(run_dir / LATEST, name + "\n")
 
 
 class CheckpointFiles(NamedTuple):
@@ -255,35 +218,14 @@ class CheckpointFiles(NamedTuple):
 
 
 def _write_files(folder: Path, files: CheckpointFiles) -> None:
-    """The writing step of ``save_checkpoint`` (a separate function so tests can make it fail)."""
-    _write_text(folder / CONFIG_FILE, files.model_config.to_json() + "\n")
+    """The writing step of ``save_checkpoint``: every file into the staging folder (fsync'ed
+    when the folder is published)."""
+    (folder / CONFIG_FILE).write_text(files.model_config.to_json() + "\n", encoding="utf-8")
     save_file(files.model_tensors, str(folder / MODEL_FILE), metadata={"format": "pt"})
-    _fsync_file(folder / MODEL_FILE)
-    _write_text(folder / TOKENIZER_FILE, files.tokenizer_json)
+    (folder / TOKENIZER_FILE).write_text(files.tokenizer_json, encoding="utf-8")
     save_file(files.training_tensors, str(folder / TRAINING_STATE_FILE))
-    _fsync_file(folder / TRAINING_STATE_FILE)
-    _write_text(folder / TRAINER_STATE_FILE, json.dumps(files.trainer_state, indent=2, sort_keys=True) + "\n")
-
-
-def _remove_stale_temporaries(run_dir: Path) -> None:
-    """Delete ``.step-NNNNNN.PID.*.tmp`` folders whose writer is gone (a killed save); a live
-    writer's folder, or one without a PID in its name, is left alone."""
-    for path in run_dir.glob(".step-*.tmp"):
-        parts = path.name.split(".")  # ["", "step-NNNNNN", PID, random, "tmp"]
-        if len(parts) == 5 and parts[2].isdigit() and path.is_dir() and not pid_alive(int(parts[2])):
-            logger.info("removing %s, left by an interrupted save", path)
-            shutil.rmtree(path, ignore_errors=True)
-
-
-def pid_alive(pid: int) -> bool:
-    """Whether a process with this PID exists (a writer that may still own its temporary folder)."""
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except OSError:  # PermissionError: another user's live process
-        return True
-    return True
+    (folder / TRAINER_STATE_FILE).write_text(json.dumps(files.trainer_state, indent=2, sort_keys=True) + "\n",
+                                             encoding="utf-8")
 
 
 def save_checkpoint(run_dir: str | os.PathLike, step: int, files: CheckpointFiles, *, keep: int = 0) -> Path:
@@ -292,19 +234,13 @@ def save_checkpoint(run_dir: str | os.PathLike, step: int, files: CheckpointFile
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     final = run_dir / checkpoint_name(step)
-    _remove_stale_temporaries(run_dir)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.{os.getpid()}.", suffix=".tmp", dir=run_dir))
+    atomic.remove_stale_temporaries(run_dir, "step-*")
+    tmp = atomic.staging_dir(final)
     try:
         _write_files(tmp, files)
-        for path in (tmp, *tmp.iterdir()):
-            _make_readable(path)
-        _fsync_dir(tmp)
-        if final.exists():  # left by a run that crashed before updating `latest`; never `latest` itself
-            stale = Path(tempfile.mkdtemp(prefix=f".{final.name}.", suffix=".old", dir=run_dir))
-            os.replace(final, stale / final.name)
-            shutil.rmtree(stale)
-        os.replace(tmp, final)
-        _fsync_dir(run_dir)
+        # An existing `final` was left by a run that crashed before updating `latest` (never
+        # `latest` itself): publishing replaces it.
+        atomic.publish_dir(tmp, final)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -322,22 +258,26 @@ def save_checkpoint(run_dir: str | os.PathLike, step: int, files: CheckpointFile
 
 
 def load_file(path: str | os.PathLike) -> dict[str, Tensor]:
-    """The tensors of a safetensors file (never pickle); a damaged file is a ValueError naming it."""
+    """The tensors of a safetensors file (never pickle); a damaged file is a CheckpointError naming it."""
     try:
         return _load_safetensors(str(path))
     except SafetensorError as err:
-        raise ValueError(f"{path} is not a valid safetensors file ({err}); the checkpoint is damaged") from None
+        raise CheckpointError(f"{path} is not a valid safetensors file ({err}); the checkpoint is damaged") from None
+    except OSError as err:
+        raise CheckpointError(f"cannot read {path}: {err.strerror or err}") from None
 
 
 def _read_json(path: Path, what: str) -> Any:
     try:
         return json.loads(path.read_bytes().decode("utf-8"))
+    except OSError as err:
+        raise CheckpointError(f"cannot read {path}: {err.strerror or err}") from None
     except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as err:
-        raise ValueError(f"{path} is not valid JSON ({err}); the {what} is damaged") from None
+        raise CheckpointError(f"{path} is not valid JSON ({err}); the {what} is damaged") from None
 
 
 def read_model_config(folder: Path) -> ModelConfig:
-    """``folder/config.json`` as a ModelConfig; a damaged file is a ValueError naming it."""
+    """``folder/config.json`` as a ModelConfig; a damaged file is a CheckpointError naming it."""
     path = folder / CONFIG_FILE
     data = _read_json(path, "checkpoint")
     try:
@@ -345,7 +285,7 @@ def read_model_config(folder: Path) -> ModelConfig:
             raise TypeError(f"expected a JSON object, got {type(data).__name__}")
         return ModelConfig.from_dict(data)
     except (TypeError, ValueError) as err:
-        raise ValueError(f"{path} is not a valid model config ({err}); the checkpoint is damaged") from None
+        raise CheckpointError(f"{path} is not a valid model config ({err}); the checkpoint is damaged") from None
 
 
 def list_checkpoints(run_dir: str | os.PathLike) -> list[Path]:
@@ -361,13 +301,15 @@ def latest_checkpoint(run_dir: str | os.PathLike) -> Path | None:
         return None
     try:
         name = pointer.read_bytes().decode("utf-8").strip()
+    except OSError as err:
+        raise CheckpointError(f"cannot read {pointer}: {err.strerror or err}") from None
     except UnicodeDecodeError:
-        raise ValueError(f"{pointer} is not a text file naming a checkpoint folder; the run directory is damaged") from None
+        raise CheckpointError(f"{pointer} is not a text file naming a checkpoint folder; the run directory is damaged") from None
     if name != os.path.basename(name) or name in (".", "..") or "\\" in name or "\x00" in name:
-        raise ValueError(f"{pointer} names {name!r:.80}, which is not a folder of {run_dir}; refused")
+        raise CheckpointError(f"{pointer} names {name!r:.80}, which is not a folder of {run_dir}; refused")
     path = Path(run_dir) / name
     if not name or not (path / CONFIG_FILE).is_file():
-        raise FileNotFoundError(f"{pointer} names {name!r}, which is not a checkpoint folder in {run_dir}")
+        raise CheckpointError(f"{pointer} names {name!r}, which is not a checkpoint folder in {run_dir}")
     return path
 
 
@@ -378,7 +320,7 @@ def resolve_checkpoint(path: str | os.PathLike) -> Path:
         return path
     if (path / LATEST).is_file():
         return latest_checkpoint(path)  # type: ignore[return-value]
-    raise FileNotFoundError(
+    raise CheckpointError(
         f"{path} is neither a checkpoint folder (with {CONFIG_FILE} and {MODEL_FILE}) nor a run "
         f"directory with a {LATEST!r} pointer; pass the --out folder of `onnxformer train`"
     )
@@ -388,7 +330,7 @@ def tokenizer_path(path: str | os.PathLike) -> Path:
     """The ``tokenizer.json`` of a checkpoint (or of a run directory's latest checkpoint)."""
     file = resolve_checkpoint(path) / TOKENIZER_FILE
     if not file.is_file():
-        raise FileNotFoundError(f"{file} is missing; the checkpoint is incomplete")
+        raise CheckpointError(f"{file} is missing; the checkpoint is incomplete")
     return file
 
 
@@ -412,13 +354,13 @@ def load_training_state(path: str | os.PathLike) -> TrainingState:
     state_file, tensor_file = folder / TRAINER_STATE_FILE, folder / TRAINING_STATE_FILE
     for file in (state_file, tensor_file):
         if not file.is_file():
-            raise FileNotFoundError(f"{file} is missing; this checkpoint cannot be resumed")
+            raise CheckpointError(f"{file} is missing; this checkpoint cannot be resumed")
     read_model_config(folder)  # resuming rebuilds the model from it: fail here, naming the file
     state = _read_json(state_file, "checkpoint")
     required = ("step", "train_config", "world_size", "optimizer", "rng")
     missing = [k for k in required if not isinstance(state, dict) or k not in state]
     if missing:
-        raise ValueError(f"{state_file} lacks {', '.join(missing)}; this checkpoint cannot be resumed")
+        raise CheckpointError(f"{state_file} lacks {', '.join(missing)}; this checkpoint cannot be resumed")
     return TrainingState(folder, state, load_file(tensor_file))
 
 
