@@ -1,24 +1,12 @@
 """The training loop: one function, `train(config)`, configured by a frozen `TrainConfig`.
 
-Reading order: configuration -> data (examples to token ids, batches) -> the task model
-(model + objective, the unit DDP wraps) -> evaluation -> `train()` itself, top to bottom.
+Reading order: configuration -> data (a split as token ids, batches at sample positions) ->
+the task model (model + objective, the unit DDP wraps) -> evaluation -> building the run ->
+`train()` itself, top to bottom: setup, the step loop, evaluation, save.
 
-Tasks (``TrainConfig.task``), the architectures and data kinds they take, and what they learn:
-
-==========  =======================  ================  ===============================================
-task        arch                     data kind         objective (modeling/objectives.py)
-==========  =======================  ================  ===============================================
-causal-lm   decoder, prefix-lm       text (*)          next-token NLL on ``<s> doc </s>``
-mlm         encoder                  text (*)          BERT masking (+ next-sentence pairs with nsp)
-denoise     encoder-decoder          text              BART: permute sentences, infill spans -> original
-seq2seq     encoder-decoder          seq2seq           target NLL given the source
-sft         decoder, prefix-lm       seq2seq           NLL of the continuation given the prompt
-prefix-lm   prefix-lm                seq2seq, text     as sft; on text, a random split per example
-classify    encoder                  classification    cross-entropy of the pooled [CLS] head
-==========  =======================  ================  ===============================================
-
-(*) or classification data, whose texts are used without labels (domain-adaptive pretraining
-before fine-tuning a classifier on the same texts).
+What each task trains, on which architectures and data, lives in one place: its `Objective`
+in ``modeling/tasks.py`` (``OBJECTIVES[task]``: encode, collate, loss, metrics). The trainer
+looks the objective up once and never branches on the task's name.
 
 Determinism and resume: the sample at global position p (p = step * global batch + offset)
 is ``permutation(seed, epoch)[p % n]`` and its random noise (masking, denoising, split points)
@@ -30,8 +18,6 @@ would be.
 Distributed: run the same command under ``torchrun``; each process takes its slice of every
 global batch, gradients are averaged by DistributedDataParallel (gloo on CPU, nccl on CUDA),
 and only rank 0 evaluates and writes. ``batch_size`` is per process.
-
-Shape letters: B batch, T encoder/decoder tokens, U decoder tokens of an encoder-decoder, V vocab.
 """
 
 from __future__ import annotations
@@ -46,32 +32,36 @@ import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, NamedTuple, Sequence
+from typing import Any, Callable, NamedTuple, Sequence
 
 import torch
 import torch.distributed as dist
-from torch import Tensor, nn
+from tokenizers import Tokenizer
+from torch import nn
 from tqdm import tqdm
+
+from onnxformer.runtime.errors import CheckpointError, ConfigError, DataError, TrainingError
 
 from . import checkpoint as ckpt
 from .config import PRESETS, ModelConfig
-from .data import TaskData, TextExample, format_continuation, format_prompt, load_task_data, parse_continuation
+from .data import Example, TaskData, load_task_data
 from .model import Transformer
-from .objectives import (
-    IGNORE_INDEX,
-    continuation_mask,
-    classification_loss,
-    denoise,
-    mask_tokens,
-    mlm_loss,
-    next_sentence_pairs,
-    next_token_labels,
-    prompt_mask,
-    seq2seq_labels,
-    shift_right,
-    token_cross_entropy,
-)
 from .peft import LoRAConfig, apply_bitfit, apply_lora, trainable_parameters
+from .tasks import (
+    EVAL_STREAM,
+    OBJECTIVES,
+    ORDER_STREAM,
+    TASKS,
+    Batch,
+    Encoded,
+    EvalSums,
+    LossOutput,
+    Objective,
+    TaskContext,
+    TaskDefaults,
+    example_generator,
+    objective_for,
+)
 from .tokenizer import load_tokenizer, special_token_ids, train_tokenizer
 
 logger = logging.getLogger(__name__)
@@ -80,47 +70,10 @@ logger = logging.getLogger(__name__)
 # Configuration
 # ============================================================================================
 
-TASKS = ("causal-lm", "mlm", "denoise", "seq2seq", "sft", "prefix-lm", "classify")
-TASK_ARCHS: dict[str, tuple[str, ...]] = {
-    "causal-lm": ("decoder", "prefix-lm"),
-    "mlm": ("encoder",),
-    "denoise": ("encoder-decoder",),
-    "seq2seq": ("encoder-decoder",),
-    "sft": ("decoder", "prefix-lm"),
-    "prefix-lm": ("prefix-lm",),
-    "classify": ("encoder",),
-}
-TASK_DATA_KINDS: dict[str, tuple[str, ...]] = {
-    "causal-lm": ("text", "classification"),  # classification data: its texts, labels unused
-    "mlm": ("text", "classification"),
-    "denoise": ("text",),
-    "seq2seq": ("seq2seq",),
-    "sft": ("seq2seq",),
-    "prefix-lm": ("seq2seq", "text"),
-    "classify": ("classification",),
-}
-GENERATIVE_TASKS = ("seq2seq", "sft", "prefix-lm")  # evaluated by exact match of greedy output
-
-
-class TaskDefaults(NamedTuple):
-    steps: int
-    batch_size: int
-    lr: float
-    warmup: int
-    eval_every: int
-
-
-# Defaults per task, tuned on 2 CPU cores for the tiny preset and the built-in data
-# (benchmarks/TRAINING.md); every one can be overridden.
-TASK_DEFAULTS: dict[str, TaskDefaults] = {
-    "causal-lm": TaskDefaults(steps=600, batch_size=32, lr=3e-3, warmup=50, eval_every=200),
-    "mlm": TaskDefaults(steps=600, batch_size=32, lr=2e-3, warmup=50, eval_every=200),
-    "denoise": TaskDefaults(steps=600, batch_size=32, lr=2e-3, warmup=50, eval_every=200),
-    "seq2seq": TaskDefaults(steps=600, batch_size=64, lr=3e-3, warmup=50, eval_every=200),
-    "sft": TaskDefaults(steps=600, batch_size=64, lr=3e-3, warmup=50, eval_every=200),
-    "prefix-lm": TaskDefaults(steps=600, batch_size=64, lr=3e-3, warmup=50, eval_every=200),
-    "classify": TaskDefaults(steps=1000, batch_size=32, lr=2e-3, warmup=60, eval_every=250),
-}
+# Views of the registry, by task name (the CLI, quickstart and benchmarks read them).
+TASK_ARCHS: dict[str, tuple[str, ...]] = {name: o.archs for name, o in OBJECTIVES.items()}
+TASK_DATA_KINDS: dict[str, tuple[str, ...]] = {name: o.data_kinds for name, o in OBJECTIVES.items()}
+TASK_DEFAULTS: dict[str, TaskDefaults] = {name: o.defaults for name, o in OBJECTIVES.items()}
 
 
 @dataclass(frozen=True)
@@ -173,16 +126,14 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         set_ = lambda name, value: object.__setattr__(self, name, value)  # noqa: E731 (frozen)
-        if self.task not in TASKS:
-            raise ValueError(f"task must be one of {', '.join(TASKS)}; got {self.task!r}")
-        if self.arch not in TASK_ARCHS[self.task]:
-            raise ValueError(
-                f"task {self.task!r} trains arch {' or '.join(map(repr, TASK_ARCHS[self.task]))}; "
-                f"got arch {self.arch!r}"
+        objective = objective_for(self.task)  # an unknown task is a ConfigError naming the choices
+        if self.arch not in objective.archs:
+            raise ConfigError(
+                f"task {self.task!r} trains arch {' or '.join(map(repr, objective.archs))}; got arch {self.arch!r}"
             )
         if self.preset not in PRESETS:
-            raise ValueError(f"preset must be one of {', '.join(PRESETS)}; got {self.preset!r}")
-        defaults = TASK_DEFAULTS[self.task]
+            raise ConfigError(f"preset must be one of {', '.join(PRESETS)}; got {self.preset!r}")
+        defaults = objective.defaults
         for name in ("steps", "batch_size", "lr"):
             if getattr(self, name) is None:
                 set_(name, getattr(defaults, name))
@@ -193,32 +144,31 @@ class TrainConfig:
         for name in ("steps", "batch_size", "grad_accum", "eval_every", "eval_examples", "log_every", "max_len"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
-                raise ValueError(f"{name} must be a positive integer; got {value!r}")
+                raise ConfigError(f"{name} must be a positive integer; got {value!r}")
         for name in ("warmup", "save_every", "keep_checkpoints", "lora_rank", "seed", "data_seed", "threads"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 0:
-                raise ValueError(f"{name} must be an integer >= 0; got {value!r}")
+                raise ConfigError(f"{name} must be an integer >= 0; got {value!r}")
         if not 0.0 <= self.dropout < 1.0:
-            raise ValueError(f"dropout must be in [0, 1); got {self.dropout!r}")
+            raise ConfigError(f"dropout must be in [0, 1); got {self.dropout!r}")
         if not self.lr > 0:
-            raise ValueError(f"lr must be > 0; got {self.lr!r}")
+            raise ConfigError(f"lr must be > 0; got {self.lr!r}")
         if not 0.0 <= self.min_lr_ratio <= 1.0:
-            raise ValueError(f"min_lr_ratio must be in [0, 1]; got {self.min_lr_ratio!r}")
+            raise ConfigError(f"min_lr_ratio must be in [0, 1]; got {self.min_lr_ratio!r}")
         if self.weight_decay < 0 or self.grad_clip < 0:
-            raise ValueError(
+            raise ConfigError(
                 f"weight_decay ({self.weight_decay}) and grad_clip ({self.grad_clip}) must be >= 0"
             )
         if self.warmup >= self.steps:
-            raise ValueError(f"warmup ({self.warmup}) must be smaller than steps ({self.steps})")
-        if self.nsp and self.task != "mlm":
-            raise ValueError(f"nsp adds next-sentence prediction to task 'mlm'; got task {self.task!r}")
+            raise ConfigError(f"warmup ({self.warmup}) must be smaller than steps ({self.steps})")
+        objective_for(self.task, nsp=self.nsp)  # nsp belongs to one task
         set_("lora_targets", tuple(self.lora_targets))
         if self.lora_rank and self.bitfit:
-            raise ValueError("choose LoRA (lora_rank > 0) or BitFit, not both")
+            raise ConfigError("choose LoRA (lora_rank > 0) or BitFit, not both")
         if self.lora_rank:
             self.lora_config()  # validates alpha, dropout, targets
         if self.device not in ("auto", "cpu", "cuda"):
-            raise ValueError(f"device must be 'auto', 'cpu' or 'cuda'; got {self.device!r}")
+            raise ConfigError(f"device must be 'auto', 'cpu' or 'cuda'; got {self.device!r}")
 
     def lora_config(self) -> LoRAConfig | None:
         if not self.lora_rank:
@@ -252,54 +202,13 @@ def learning_rate(step: int, config: TrainConfig) -> float:
 
 
 # ============================================================================================
-# Data: examples -> token ids (once), sample order and noise as functions of (seed, position)
+# Data: a split as token ids (once), sample order and noise as functions of (seed, position)
 # ============================================================================================
-
-
-class Encoded(NamedTuple):
-    """One example as token ids. Fields a task does not use stay empty."""
-
-    ids: list[int]  # encoder input (encoder, encoder-decoder) or the whole decoder row
-    target: list[int] = []  # encoder-decoder: target ending with eos
-    prompt_len: int = 0  # sft / prefix-lm: tokens of ids that belong to the prompt
-    label: int = -1  # classify: class id; mlm+nsp: IS_NEXT / IS_RANDOM
-    type_ids: list[int] = []  # mlm+nsp: segment ids of the pair
-    sentences: list[list[int]] = []  # denoise / prefix-lm on text: sentences (no special tokens)
-    text: str = ""  # generative tasks: the expected output text (exact match)
-
-
-class Batch(NamedTuple):
-    """Model inputs and labels of one micro-batch; None where the task has no such input."""
-
-    input_ids: Tensor  # (B, T)
-    attention_mask: Tensor  # (B, T) 1 = token, 0 = pad (right padding)
-    labels: Tensor  # (B, T) or (B, U) token labels with IGNORE_INDEX, or (B,) class ids
-    token_type_ids: Tensor | None = None  # (B, T) mlm+nsp
-    prefix_mask: Tensor | None = None  # (B, T) prefix-lm: True on the bidirectional prompt
-    decoder_input_ids: Tensor | None = None  # (B, U) encoder-decoder
-    decoder_attention_mask: Tensor | None = None  # (B, U)
-    nsp_labels: Tensor | None = None  # (B,) mlm+nsp
-
-    def to(self, device: torch.device) -> "Batch":
-        return Batch(*(None if t is None else t.to(device, non_blocking=True) for t in self))
-
-    def num_tokens(self) -> int:
-        n = int(self.attention_mask.sum())
-        return n + (int(self.decoder_attention_mask.sum()) if self.decoder_attention_mask is not None else 0)
-
-
-def _mix(seed: int, stream: int, position: int) -> int:
-    """A 63-bit generator seed from (seed, stream, position); stream 0 = train, 1 = eval."""
-    return ((seed * 1_000_003 + stream) * 2_147_483_647 + position) % (2**63 - 1)
-
-
-def example_generator(seed: int, position: int, *, stream: int = 0) -> torch.Generator:
-    return torch.Generator().manual_seed(_mix(seed, stream, position))
 
 
 @functools.lru_cache(maxsize=4)
 def _epoch_order(n: int, seed: int, epoch: int) -> tuple[int, ...]:
-    return tuple(torch.randperm(n, generator=torch.Generator().manual_seed(_mix(seed, 2, epoch))).tolist())
+    return tuple(torch.randperm(n, generator=example_generator(seed, epoch, stream=ORDER_STREAM)).tolist())
 
 
 def sample_positions(step: int, micro: int, *, config: TrainConfig, rank: int, world_size: int) -> range:
@@ -310,160 +219,44 @@ def sample_positions(step: int, micro: int, *, config: TrainConfig, rank: int, w
     return range(start, start + b)
 
 
-def _pad(rows: Sequence[Sequence[int]], pad_id: int) -> tuple[Tensor, Tensor]:
-    """Right-pad token lists -> ids (B, T) and mask (B, T)."""
-    width = max(1, max(len(r) for r in rows))
-    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(rows), width), dtype=torch.long)
-    for i, r in enumerate(rows):
-        ids[i, : len(r)] = torch.tensor(r, dtype=torch.long)
-        mask[i, : len(r)] = 1
-    return ids, mask
-
-
 class TaskDataset:
-    """A split of a task as token ids, and the batches built from it.
+    """A split of the task as token ids, and the batches the objective builds from it.
 
-    ``examples(epoch)`` is fixed for every task but mlm+nsp, whose pairs are redrawn each
-    epoch (seeded). ``train_batch(positions)`` builds a Batch from global sample positions;
-    ``eval_batches()`` walks the split in order with fixed noise.
+    ``examples(epoch)`` is encoded once, unless the objective redraws its examples each epoch
+    (mlm+nsp: fresh sentence pairs, seeded). ``train_batch(positions)`` builds a Batch from
+    global sample positions; ``eval_batches()`` walks the split in order with fixed noise.
     """
 
-    def __init__(self, config: TrainConfig, tokenizer, data: TaskData, split: str, model_config: ModelConfig):
-        self.config, self.tokenizer, self.split, self.model_config = config, tokenizer, split, model_config
-        self.special = special_token_ids(tokenizer)
-        self.raw = list(getattr(data, split))
-        self.label_names = data.label_names
-        self._encoded: list[Encoded] | None = None if (config.nsp and config.task == "mlm") else self._encode(self.raw)
-        self._nsp_epoch: tuple[int, list[Encoded]] | None = None
-        self._len = len(self._encoded) if self._encoded is not None else sum(
-            max(0, len(r.sentences) - 1) for r in self.raw  # one NSP pair per sentence with a successor
-        )
+    def __init__(self, objective: Objective, context: TaskContext, raw: Sequence[Example]):
+        self.objective, self.context, self.raw = objective, context, list(raw)
+        self._epoch, self._examples = 0, objective.encode(context, self.raw, 0)
+        self._len = len(self._examples)  # the same every epoch (NSP: a pair per sentence with a successor)
 
     def __len__(self) -> int:
         return self._len
 
-    # Encoding ---------------------------------------------------------------------------------
-    def _cut(self, ids: list[int]) -> list[int]:
-        return ids[: min(self.config.max_len, self.model_config.max_seq_len)]
-
-    def _encode(self, raw: list) -> list[Encoded]:
-        task, tok, eos = self.config.task, self.tokenizer, self.special["eos"]
-        if task == "classify":
-            return [Encoded(self._cut(e.ids), label=self.label_names.index(r.label))
-                    for e, r in zip(tok.encode_batch([r.text for r in raw]), raw)]
-        if task == "mlm":
-            return [Encoded(self._cut(e.ids)) for e in tok.encode_batch([r.text for r in raw])]
-        if task == "causal-lm":
-            return [Encoded(self._cut(e.ids + [eos])) for e in tok.encode_batch([r.text for r in raw])]
-        if task == "seq2seq":
-            sources = tok.encode_batch([r.source for r in raw])
-            targets = tok.encode_batch([r.target for r in raw])
-            return [Encoded(self._cut(s.ids), target=self._cut(t.ids), text=r.target)
-                    for s, t, r in zip(sources, targets, raw)]
-        if task in ("sft", "prefix-lm") and raw and not isinstance(raw[0], TextExample):
-            prompts = tok.encode_batch([format_prompt(r.source) for r in raw])
-            conts = tok.encode_batch([format_continuation(r.target) for r in raw], add_special_tokens=False)
-            out = []
-            for p, c, r in zip(prompts, conts, raw):
-                ids = self._cut(p.ids + c.ids + [eos])
-                out.append(Encoded(ids, prompt_len=min(len(p.ids), len(ids) - 1), text=r.target))
-            return out
-        # denoise, prefix-lm on text: sentences as token lists; later sentences keep their leading space
-        out = []
-        for r in raw:
-            sentences = r.sentences or [r.text]
-            texts = [s if i == 0 else " " + s for i, s in enumerate(sentences)]
-            encoded = [e.ids for e in tok.encode_batch(texts, add_special_tokens=False)]
-            out.append(Encoded([], sentences=encoded))
-        return out
-
     def examples(self, epoch: int) -> list[Encoded]:
-        if self._encoded is not None:
-            return self._encoded
-        if self._nsp_epoch is None or self._nsp_epoch[0] != epoch:
-            documents = [r.sentences for r in self.raw]
-            pairs = next_sentence_pairs(documents, generator=example_generator(self.config.seed, epoch, stream=3))
-            encoded = self.tokenizer.encode_batch([(p.first, p.second) for p in pairs])
-            self._nsp_epoch = (epoch, [
-                Encoded(self._cut(e.ids), label=p.label, type_ids=self._cut(e.type_ids))
-                for e, p in zip(encoded, pairs)
-            ])
-        return self._nsp_epoch[1]
+        if self.objective.redraws_each_epoch and epoch != self._epoch:
+            self._epoch, self._examples = epoch, self.objective.encode(self.context, self.raw, epoch)
+        return self._examples
 
-    # Batches ----------------------------------------------------------------------------------
     def train_batch(self, positions: Sequence[int]) -> Batch:
         """The batch at global sample positions (train: shuffled order, fresh noise per position)."""
-        n = len(self)
+        n, seed = len(self), self.context.seed
         chosen = []
         for p in positions:
             epoch = p // n
-            index = _epoch_order(n, self.config.seed, epoch)[p % n]
-            chosen.append((self.examples(epoch)[index], example_generator(self.config.seed, p)))
-        return self.collate(chosen)
+            index = _epoch_order(n, seed, epoch)[p % n]
+            chosen.append((self.examples(epoch)[index], example_generator(seed, p)))
+        return self.objective.collate(self.context, chosen)
 
     def eval_batches(self, limit: int | None = None, batch_size: int = 128):
-        """Fixed batches over the first `limit` examples, with fixed noise (stream 1)."""
+        """Fixed batches over the first `limit` examples, with fixed noise (the eval stream)."""
         examples = self.examples(0)[: limit or None]
         for start in range(0, len(examples), batch_size):
             chunk = examples[start : start + batch_size]
-            yield chunk, self.collate(
-                [(e, example_generator(self.config.seed, start + i, stream=1)) for i, e in enumerate(chunk)]
-            )
-
-    def collate(self, items: Sequence[tuple[Encoded, torch.Generator]]) -> Batch:
-        task, s, cfg = self.config.task, self.special, self.model_config
-        examples = [e for e, _ in items]
-        if task == "classify":
-            ids, mask = _pad([e.ids for e in examples], s["pad"])
-            return Batch(ids, mask, torch.tensor([e.label for e in examples]))
-        if task == "mlm":
-            specials = [i for i in s.values() if i >= 0]
-            rows, labels = [], []
-            for e, gen in items:  # masking per example: independent of how batches are cut
-                masked = mask_tokens(torch.tensor([e.ids]), mask_token_id=s["mask"], special_token_ids=specials,
-                                     vocab_size=cfg.vocab_size, generator=gen)
-                rows.append(masked.input_ids[0].tolist())
-                labels.append(masked.labels[0].tolist())
-            ids, mask = _pad(rows, s["pad"])
-            label_ids, _ = _pad(labels, IGNORE_INDEX)
-            if not self.config.nsp:
-                return Batch(ids, mask, label_ids)
-            types, _ = _pad([e.type_ids for e in examples], 0)
-            return Batch(ids, mask, label_ids, token_type_ids=types, nsp_labels=torch.tensor([e.label for e in examples]))
-        if task == "causal-lm":
-            ids, mask = _pad([e.ids for e in examples], s["pad"])
-            prefix = torch.zeros_like(mask, dtype=torch.bool) if cfg.arch == "prefix-lm" else None
-            return Batch(ids, mask, next_token_labels(ids, mask.bool()), prefix_mask=prefix)
-        if task in ("seq2seq", "denoise"):
-            if task == "denoise":
-                noised = [denoise(e.sentences, mask_token_id=s["mask"], generator=gen) for e, gen in items]
-                sources = [self._cut(n.source + [s["eos"]]) for n in noised]
-                targets = [self._cut(n.target + [s["eos"]]) for n in noised]
-            else:
-                sources, targets = [e.ids for e in examples], [e.target for e in examples]
-            ids, mask = _pad(sources, s["pad"])
-            target, target_mask = _pad(targets, s["pad"])
-            decoder_ids = shift_right(target, start_token_id=cfg.start_token_id, pad_token_id=s["pad"])
-            decoder_mask = torch.cat([torch.ones_like(target_mask[:, :1]), target_mask[:, :-1]], dim=1)
-            return Batch(ids, mask, seq2seq_labels(target, target_mask),
-                         decoder_input_ids=decoder_ids, decoder_attention_mask=decoder_mask)
-        # sft, prefix-lm
-        rows, prompt_lens = [], []
-        for e, gen in items:
-            if e.sentences:  # prefix-lm on text: split <s> doc </s> at a random point
-                row = self._cut([s["bos"]] + [t for sent in e.sentences for t in sent] + [s["eos"]])
-                split = 1 + int(torch.randint(max(1, len(row) - 1), (), generator=gen))
-                rows.append(row)
-                prompt_lens.append(min(split, len(row) - 1))
-            else:
-                rows.append(e.ids)
-                prompt_lens.append(e.prompt_len)
-        ids, mask = _pad(rows, s["pad"])
-        lens = torch.tensor(prompt_lens)
-        labels = next_token_labels(ids, continuation_mask(lens, mask))
-        prefix = prompt_mask(lens, ids.shape[1]) if cfg.arch == "prefix-lm" else None
-        return Batch(ids, mask, labels, prefix_mask=prefix)
+            items = [(e, example_generator(self.context.seed, start + i, stream=EVAL_STREAM)) for i, e in enumerate(chunk)]
+            yield chunk, self.objective.collate(self.context, items)
 
 
 # ============================================================================================
@@ -471,46 +264,15 @@ class TaskDataset:
 # ============================================================================================
 
 
-class LossOutput(NamedTuple):
-    loss: Tensor  # scalar, what is optimised: mean over this batch's targets (+ NSP loss for mlm+nsp)
-    main_loss: Tensor  # scalar, the task's own loss without NSP (= loss for every other task)
-    targets: Tensor  # scalar int: tokens (or rows, for classification) main_loss averages over
-    correct: Tensor  # scalar int: correct class predictions (classify, NSP); 0 otherwise
-
-
 class TaskModel(nn.Module):
-    """forward(batch) -> LossOutput for the configured task."""
+    """forward(batch) -> LossOutput: the objective's loss of the model on the batch."""
 
-    def __init__(self, model: Transformer, task: str):
+    def __init__(self, model: Transformer, objective: Objective):
         super().__init__()
-        self.model, self.task = model, task
+        self.model, self.objective = model, objective
 
     def forward(self, batch: Batch) -> LossOutput:
-        m, zero = self.model, torch.zeros((), dtype=torch.long, device=batch.input_ids.device)
-        if self.task in ("classify", "mlm"):
-            hidden = m.encode(batch.input_ids, batch.attention_mask, token_type_ids=batch.token_type_ids)  # (B, T, D)
-            if self.task == "classify":
-                logits = m.classify(hidden)  # (B, C)
-                correct = (logits.argmax(-1) == batch.labels).sum()
-                loss = classification_loss(logits, batch.labels)
-                return LossOutput(loss, loss, zero + len(batch.labels), correct)
-            loss = mlm_loss(m.mlm_logits(hidden), batch.labels)
-            targets = (batch.labels != IGNORE_INDEX).sum()
-            if batch.nsp_labels is None:
-                return LossOutput(loss, loss, targets, zero)
-            nsp = m.nsp_logits(hidden)  # (B, 2)
-            correct = (nsp.argmax(-1) == batch.nsp_labels).sum()
-            return LossOutput(loss + classification_loss(nsp, batch.nsp_labels), loss, targets, correct)
-        if batch.decoder_input_ids is not None:  # encoder-decoder
-            hidden = m.encode(batch.input_ids, batch.attention_mask)  # (B, T, D)
-            out = m.decode(
-                batch.decoder_input_ids, attention_mask=batch.decoder_attention_mask,
-                cross_kv=m.cross_kv(hidden), encoder_attention_mask=batch.attention_mask,
-            )  # logits (B, U, V)
-        else:
-            out = m.decode(batch.input_ids, attention_mask=batch.attention_mask, prefix_mask=batch.prefix_mask)
-        loss = token_cross_entropy(out.logits, batch.labels)
-        return LossOutput(loss, loss, (batch.labels != IGNORE_INDEX).sum(), zero)
+        return self.objective.loss(self.model, batch)
 
 
 # ============================================================================================
@@ -523,55 +285,20 @@ def evaluate(
     task_model: TaskModel, dataset: TaskDataset, *, device: torch.device, limit: int | None = None,
     generate_outputs: bool = True, autocast=contextlib.nullcontext,
 ) -> dict[str, float]:
-    """Loss (token-weighted), perplexity for token tasks, accuracy for classification and
-    NSP, exact match of greedy generation for generative tasks. Keys are unprefixed."""
-    task = dataset.config.task
+    """Loss (token-weighted) and the objective's metrics (perplexity, accuracy, NSP), plus
+    what generation scores (exact match) unless generate_outputs is False. Keys are unprefixed."""
     was_training = task_model.training
     task_model.eval()
-    loss_sum, targets, correct, rows, nsp_sum = 0.0, 0, 0, 0, 0.0
+    sums = EvalSums()
     for _, batch in dataset.eval_batches(limit):
         with autocast():
-            out = task_model(batch.to(device))
-        n, b = int(out.targets), len(batch.input_ids)
-        loss_sum += float(out.main_loss) * n
-        nsp_sum += float(out.loss - out.main_loss) * b
-        targets, rows, correct = targets + n, rows + b, correct + int(out.correct)
-    metrics: dict[str, float] = {"loss": loss_sum / max(1, targets), "examples": float(rows)}
-    if task == "classify":
-        metrics["accuracy"] = correct / max(1, rows)
-    else:
-        metrics["perplexity"] = math.exp(min(50.0, metrics["loss"]))
-    if task == "mlm" and dataset.config.nsp:
-        metrics["nsp_loss"] = nsp_sum / max(1, rows)
-        metrics["nsp_accuracy"] = correct / max(1, rows)
-    if generate_outputs and task in GENERATIVE_TASKS and not dataset.examples(0)[0].sentences:
-        metrics["exact_match"] = exact_match(task_model.model, dataset, limit=limit)
+            sums.add(task_model(batch.to(device)), rows=len(batch.input_ids))
+    metrics: dict[str, float] = {"loss": sums.mean_loss, "examples": float(sums.rows), **dataset.objective.metrics(sums)}
+    generation_metrics = dataset.objective.generation_metrics
+    if generate_outputs and generation_metrics is not None:
+        metrics.update(generation_metrics(task_model.model, dataset.context, dataset.examples(0)[: limit or None]))
     task_model.train(was_training)
     return metrics
-
-
-def exact_match(model: Transformer, dataset: TaskDataset, *, limit: int | None = None) -> float:
-    """Share of examples whose greedy output (modeling.generate, KV cache), decoded, equals
-    the expected target text. Prompts: the source (encoder-decoder) or ``<s> prompt``."""
-    from onnxformer.runtime.generation import GenerationConfig
-
-    from .generate import generate
-
-    examples = dataset.examples(0)[: limit or None]
-    s = dataset.special
-    longest = max(len(e.target) if e.target else len(e.ids) - e.prompt_len for e in examples)
-    gen_config = GenerationConfig(
-        strategy="greedy", max_new_tokens=longest + 2, eos_token_ids=(s["eos"],), pad_token_id=s["pad"]
-    )
-    hits = 0
-    for start in range(0, len(examples), 256):
-        chunk = examples[start : start + 256]
-        prompts = [e.ids if e.target else e.ids[: e.prompt_len] for e in chunk]
-        outputs = generate(model, prompts, gen_config)
-        for e, out in zip(chunk, outputs):
-            text = dataset.tokenizer.decode(out[0], skip_special_tokens=True)
-            hits += parse_continuation(text) == e.text.strip()
-    return hits / len(examples)
 
 
 # ============================================================================================
@@ -594,7 +321,7 @@ def setup_distributed(config: TrainConfig) -> Distributed:
     """Single process, or one process of a torchrun launch (WORLD_SIZE > 1)."""
     use_cuda = config.device == "cuda" or (config.device == "auto" and torch.cuda.is_available())
     if config.device == "cuda" and not torch.cuda.is_available():
-        raise ValueError("device 'cuda' requested but torch.cuda.is_available() is False; use --device cpu or auto")
+        raise ConfigError("device 'cuda' requested but torch.cuda.is_available() is False; use --device cpu or auto")
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     if world_size <= 1:
         return Distributed(0, 1, torch.device("cuda" if use_cuda else "cpu"), False)
@@ -622,45 +349,60 @@ def _broadcast_text(text: str | None, env: Distributed) -> str:
     return bytes(buffer.cpu().tolist()).decode("utf-8")
 
 
-def tokenizer_texts(config: TrainConfig, data: TaskData):
-    """What the tokenizer trains on: the training split, as the model will see it."""
-    if config.task in ("sft", "prefix-lm") and data.kind == "seq2seq":
-        return (format_prompt(e.source) + format_continuation(e.target) for e in data.train)
-    return data.texts(("train",))
-
-
 def build_model_config(config: TrainConfig, tokenizer, data: TaskData) -> ModelConfig:
     s = special_token_ids(tokenizer)
-    classify = config.task == "classify"
     return ModelConfig(
         arch=config.arch,
         vocab_size=tokenizer.get_vocab_size(),
         **PRESETS[config.preset],
         type_vocab_size=2 if config.nsp else 0,
         dropout=config.dropout,
-        num_labels=len(data.label_names) if classify else 0,
-        label_names=data.label_names if classify else (),
         pad_token_id=s["pad"],
         bos_token_id=s["bos"],
         eos_token_id=s["eos"],
         decoder_start_token_id=s["bos"] if config.arch == "encoder-decoder" else -1,
+        **objective_for(config.task, nsp=config.nsp).head_config(data),
     )
-
-
-TASK_HEADS: dict[str, tuple[str, ...]] = {"classify": ("classifier.", "pooler."), "mlm": ("mlm_transform.",)}
 
 
 def _fine_tune_config(source: ModelConfig, config: TrainConfig, data: TaskData) -> ModelConfig:
     if source.arch != config.arch:
-        raise ValueError(
+        raise ConfigError(
             f"from_checkpoint holds a {source.arch!r} model but arch is {config.arch!r}; pass --arch {source.arch}"
         )
-    if config.task == "classify":
-        return source.replace(num_labels=len(data.label_names), label_names=data.label_names, dropout=config.dropout)
-    return source.replace(dropout=config.dropout)
+    head = objective_for(config.task, nsp=config.nsp).head_config(data)
+    return source.replace(**head, dropout=config.dropout)
 
 
-def _dedupe(state: dict[str, Tensor]) -> dict[str, Tensor]:
+def build_model(
+    config: TrainConfig, data: TaskData, tokenizer, *, source: Path | None, resume: ckpt.TrainingState | None
+) -> Transformer:
+    """A new model, or one loaded from `source` (from_checkpoint, or the checkpoint being
+    resumed), with LoRA or BitFit applied. Fine-tuning a classifier adds a fresh head."""
+    objective = objective_for(config.task, nsp=config.nsp)
+    if resume is not None:
+        model_config = ModelConfig.load(resume.folder / ckpt.CONFIG_FILE)
+    elif source is not None:
+        model_config = _fine_tune_config(ModelConfig.load(source / ckpt.CONFIG_FILE), config, data)
+    else:
+        model_config = build_model_config(config, tokenizer, data)
+    model = Transformer(model_config)
+    if source is not None:
+        tensors = ckpt.load_file(str(source / ckpt.MODEL_FILE))
+        fresh_head = objective.fresh_head if resume is None else ()
+        tensors = {k: v for k, v in tensors.items() if not k.startswith(fresh_head)} if fresh_head else tensors
+        ckpt.load_plain_state_dict(model, tensors, source=str(source / ckpt.MODEL_FILE), allow_missing=fresh_head)
+    if config.lora_rank:
+        apply_lora(model, config.lora_config(), trainable=objective.heads)
+    elif config.bitfit:
+        apply_bitfit(model, trainable=objective.heads)
+    if resume is not None and config.lora_rank:  # the exact unmerged weights, not the merged export
+        unmerged = {k[len("model/"):]: v for k, v in resume.tensors.items() if k.startswith("model/")}
+        model.load_state_dict(unmerged, strict=False)
+    return model
+
+
+def _dedupe(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     seen, out = set(), {}
     for name, tensor in state.items():
         if tensor.data_ptr() in seen:
@@ -682,9 +424,19 @@ def _ordered_names(named: dict[str, nn.Parameter]) -> list[str]:
     return [n for n, p in named.items() if p.dim() >= 2] + [n for n, p in named.items() if p.dim() < 2]
 
 
+def _write_error(run_dir: Path, err: OSError) -> CheckpointError:
+    """A write into the run directory failed (disk full, permissions, a file in the way)."""
+    where = f" ({err.filename})" if err.filename else ""
+    return CheckpointError(f"cannot write to the run directory {run_dir}: {err.strerror or err}{where}; "
+                           "free disk space or pass a writable --out", code="E_DISK")
+
+
 def _append_metrics(path: Path, record: dict[str, Any]) -> None:
-    with open(path, "a", encoding="utf-8") as f:
-        f.write(json.dumps(record, sort_keys=True) + "\n")
+    try:
+        with open(path, "a", encoding="utf-8") as f:
+            f.write(json.dumps(record, sort_keys=True) + "\n")
+    except OSError as err:
+        raise _write_error(path.parent, err) from err
 
 
 def _truncate_metrics(path: Path, step: int) -> None:
@@ -698,10 +450,6 @@ def _truncate_metrics(path: Path, step: int) -> None:
     os.replace(tmp, path)
 
 
-# ============================================================================================
-# Building the run: what to resume, the tokenizer, the model
-# ============================================================================================
-
 METRICS_FILE = "metrics.jsonl"
 RESUME_MAY_CHANGE = ("resume", "progress", "threads", "device", "out_dir")  # a moved run dir still resumes
 
@@ -712,77 +460,124 @@ def _resume_state(config: TrainConfig, env: Distributed) -> ckpt.TrainingState |
     latest = ckpt.latest_checkpoint(run_dir)
     if not config.resume:
         if latest is not None:
-            raise FileExistsError(
+            raise CheckpointError(
                 f"{run_dir} already holds a run (its {ckpt.LATEST!r} is {latest.name}); pass resume=True "
                 "(--resume) to continue it, or choose another out_dir"
             )
         return None
     if latest is None:
-        raise FileNotFoundError(f"resume: {run_dir} has no checkpoint yet; drop --resume to start a new run")
+        raise CheckpointError(f"resume: {run_dir} has no checkpoint yet; drop --resume to start a new run")
     state = ckpt.load_training_state(latest)
     saved, now = state.trainer_state["train_config"], config.to_dict()
     diff = [k for k in now if k not in RESUME_MAY_CHANGE and saved.get(k) != now[k]]
     if diff:
-        raise ValueError(
+        raise ConfigError(
             "resume: the run was started with different settings: "
             + ", ".join(f"{k}={saved.get(k)!r} (now {now[k]!r})" for k in diff)
             + "; resume with the original settings or start a new out_dir"
         )
     if state.trainer_state["world_size"] != env.world_size:
-        raise ValueError(
+        raise ConfigError(
             f"resume: the run used {state.trainer_state['world_size']} processes, this launch has "
             f"{env.world_size}; the data order depends on it, so launch with the same number"
         )
     return state
 
 
-def _tokenizer(config: TrainConfig, data: TaskData, source: Path | None, env: Distributed):
-    """The source checkpoint's tokenizer, or a new one trained by rank 0 on the training split."""
-    from tokenizers import Tokenizer
+def _load_data(config: TrainConfig, objective: Objective) -> TaskData:
+    data = load_task_data(config.data, valid=config.valid_data, seed=config.data_seed)
+    if data.kind not in objective.data_kinds:
+        raise DataError(
+            f"task {config.task!r} needs {' or '.join(objective.data_kinds)} data; "
+            f"{config.data} holds {data.kind} data"
+        )
+    if config.nsp and data.kind != "text":
+        raise DataError(f"nsp needs documents of several sentences (text data); {config.data} holds {data.kind} data")
+    return data
 
+
+def _tokenizer(config: TrainConfig, objective: Objective, data: TaskData, source: Path | None, env: Distributed) -> Tokenizer:
+    """The source checkpoint's tokenizer, or a new one trained by rank 0 on the training split."""
     if source is not None:
         return load_tokenizer(source / ckpt.TOKENIZER_FILE)
     text = None
     if env.is_main:
-        text = train_tokenizer(tokenizer_texts(config, data), arch=config.arch, vocab_size=config.vocab_size).to_str()
+        texts = objective.tokenizer_texts(data)
+        text = train_tokenizer(texts, arch=config.arch, vocab_size=config.vocab_size).to_str()
     return Tokenizer.from_str(_broadcast_text(text, env))
 
 
-def build_model(
-    config: TrainConfig, data: TaskData, tokenizer, *, source: Path | None, resume: ckpt.TrainingState | None
-) -> Transformer:
-    """A new model, or one loaded from `source` (from_checkpoint, or the checkpoint being
-    resumed), with LoRA or BitFit applied. Fine-tuning a classifier adds a fresh head."""
+@dataclass(frozen=True)
+class _Run:
+    """What one training run works with, built once by `_build_run`."""
+
+    config: TrainConfig
+    env: Distributed
+    objective: Objective
+    resume: ckpt.TrainingState | None  # the checkpoint being resumed
+    start_step: int  # 0, or the resumed checkpoint's step
+    tokenizer: Tokenizer
+    model: Transformer
+    task_model: TaskModel  # model + objective (evaluation calls it; DDP wraps it for training)
+    trainable: dict[str, nn.Parameter]
+    names: list[str]  # trainable parameter names in the optimizer's order
+    counts: dict[str, int]  # parameters: total (incl. LoRA adapters) and trainable
+    optimizer: torch.optim.Optimizer
+    train_set: TaskDataset
+    valid_set: TaskDataset | None
+    test_set: TaskDataset | None
+    autocast: Callable[[], contextlib.AbstractContextManager]  # bf16 autocast, or a no-op
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.config.out_dir)
+
+    @property
+    def metrics_file(self) -> Path:
+        return self.run_dir / METRICS_FILE
+
+
+def _build_run(config: TrainConfig, env: Distributed, resume: ckpt.TrainingState | None) -> _Run:
+    """Data, tokenizer, model, datasets and optimizer; a resumed run's optimizer and RNG state."""
+    objective = objective_for(config.task, nsp=config.nsp)
+    data = _load_data(config, objective)
+    source = resume.folder if resume else ckpt.resolve_checkpoint(config.from_checkpoint) if config.from_checkpoint else None
+    tokenizer = _tokenizer(config, objective, data, source, env)
+    model = build_model(config, data, tokenizer, source=source, resume=resume).to(env.device)
+    trainable = trainable_parameters(model)
+    counts = {"total": sum(p.numel() for p in model.parameters()), "trainable": sum(p.numel() for p in trainable.values())}
+    logger.info("model: %s, %d parameters (%d trainable)", model.config.arch, counts["total"], counts["trainable"])
+
+    context = TaskContext(
+        tokenizer, special_token_ids(tokenizer), model.config, max_len=min(config.max_len, model.config.max_seq_len),
+        label_names=data.label_names, seed=config.seed,
+    )
+    train_set, valid_set, test_set = (
+        TaskDataset(objective, context, getattr(data, split)) if getattr(data, split) else None
+        for split in ("train", "valid", "test")
+    )
+    names = _ordered_names(trainable)
+    optimizer = torch.optim.AdamW(_decay_groups(trainable, config.weight_decay), lr=config.lr, betas=(0.9, 0.95), eps=1e-8)
+    start_step = 0
     if resume is not None:
-        model_config = ModelConfig.load(resume.folder / ckpt.CONFIG_FILE)
-    elif source is not None:
-        model_config = _fine_tune_config(ModelConfig.load(source / ckpt.CONFIG_FILE), config, data)
-    else:
-        model_config = build_model_config(config, tokenizer, data)
-    model = Transformer(model_config)
-    if source is not None:
-        tensors, fresh_head = ckpt.load_file(str(source / ckpt.MODEL_FILE)), ()
-        if resume is None and config.task == "classify":
-            tensors = {k: v for k, v in tensors.items() if not k.startswith("classifier.")}
-            fresh_head = ("classifier.",)
-        ckpt.load_plain_state_dict(model, tensors, source=str(source / ckpt.MODEL_FILE), allow_missing=fresh_head)
-    head = TASK_HEADS.get(config.task, ())
-    if config.lora_rank:
-        apply_lora(model, config.lora_config(), trainable=head)
-    elif config.bitfit:
-        apply_bitfit(model, trainable=head)
-    if resume is not None and config.lora_rank:  # the exact unmerged weights, not the merged export
-        unmerged = {k[len("model/"):]: v for k, v in resume.tensors.items() if k.startswith("model/")}
-        model.load_state_dict(unmerged, strict=False)
-    return model
+        ckpt.load_optimizer_state(optimizer, names, resume.tensors, resume.trainer_state["optimizer"])
+        ckpt.set_rng_state(resume.tensors, resume.trainer_state["rng"])
+        start_step = int(resume.trainer_state["step"])
+        logger.info("resuming %s at step %d", resume.folder, start_step)
+    autocast = functools.partial(torch.autocast, device_type=env.device.type, dtype=torch.bfloat16, enabled=config.bf16)
+    return _Run(
+        config, env, objective, resume, start_step, tokenizer, model, TaskModel(model, objective), trainable, names,
+        counts, optimizer, train_set, valid_set, test_set, autocast,
+    )
 
 
-def _trainer_state(config: TrainConfig, env: Distributed, step: int, optimizer_meta, rng, metrics, counts) -> dict[str, Any]:
+def _trainer_state(run: _Run, step: int, optimizer_meta, rng, metrics) -> dict[str, Any]:
+    config, env = run.config, run.env
     return {
         "step": step,
         "train_config": config.to_dict(),
         "world_size": env.world_size,
-        "parameters": counts,  # total (incl. LoRA adapters) and trainable
+        "parameters": run.counts,  # total (incl. LoRA adapters) and trainable
         "optimizer": optimizer_meta,
         "scheduler": {"kind": "linear-warmup-cosine", "step": step, "lr": learning_rate(min(step, config.steps - 1), config)},
         "data": {
@@ -794,8 +589,25 @@ def _trainer_state(config: TrainConfig, env: Distributed, step: int, optimizer_m
     }
 
 
+def _write_checkpoint(run: _Run, step: int, metrics: dict[str, float]) -> Path:
+    """Rank 0: the model, tokenizer, optimizer and RNG state at `step` (checkpoint.py: atomic)."""
+    opt_tensors, opt_meta = ckpt.optimizer_state(run.optimizer, run.names)
+    rng_tensors, rng_scalars = ckpt.rng_state()
+    training_tensors = {**opt_tensors, **rng_tensors}
+    if run.config.lora_rank:  # the exact unmerged weights, for resume
+        training_tensors.update({f"model/{k}": v for k, v in _dedupe(run.model.state_dict()).items()})
+    files = ckpt.CheckpointFiles(
+        run.model.config, ckpt.plain_state_dict(run.model), run.tokenizer.to_str(),
+        _trainer_state(run, step, opt_meta, rng_scalars, metrics), training_tensors,
+    )
+    try:
+        return ckpt.save_checkpoint(run.run_dir, step, files, keep=run.config.keep_checkpoints)
+    except OSError as err:
+        raise _write_error(run.run_dir, err) from err
+
+
 # ============================================================================================
-# train()
+# train(): setup, the step loop, evaluation, save
 # ============================================================================================
 
 
@@ -815,142 +627,149 @@ def train(config: TrainConfig) -> TrainResult:
 
 
 def _train(config: TrainConfig, env: Distributed, started: float) -> TrainResult:
-    run_dir = Path(config.out_dir)
-    metrics_file = run_dir / METRICS_FILE
     resume = _resume_state(config, env)
-    torch.manual_seed(config.seed)
+    torch.manual_seed(config.seed)  # model init; a resumed run then restores its saved RNG state
+    run = _build_run(config, env, resume)
+    if resume is not None and run.start_step >= config.steps:
+        logger.info("the run already finished (step %d of %d)", run.start_step, config.steps)
+        return TrainResult(run.run_dir, resume.folder, run.start_step, resume.trainer_state["metrics"],
+                           float("nan"), float("nan"), time.perf_counter() - started)
+    trained = _distributed(run)
+    _start_metrics(run)
+    first_loss, last_loss = _step_loop(run, trained)
+    final = _final_evaluation(run)
+    checkpoint = _save(run, config.steps, final)
+    return TrainResult(
+        run_dir=run.run_dir, checkpoint=checkpoint, step=config.steps, metrics=final,
+        first_loss=first_loss, last_loss=last_loss, wall_time_s=time.perf_counter() - started,
+    )
 
-    # Data, tokenizer, model ----------------------------------------------------------------------
-    data = load_task_data(config.data, valid=config.valid_data, seed=config.data_seed)
-    if data.kind not in TASK_DATA_KINDS[config.task]:
-        raise ValueError(
-            f"task {config.task!r} needs {' or '.join(TASK_DATA_KINDS[config.task])} data; "
-            f"{config.data} holds {data.kind} data"
-        )
-    if config.nsp and data.kind != "text":
-        raise ValueError(f"nsp needs documents of several sentences (text data); {config.data} holds {data.kind} data")
-    source = resume.folder if resume else ckpt.resolve_checkpoint(config.from_checkpoint) if config.from_checkpoint else None
-    tokenizer = _tokenizer(config, data, source, env)
-    model = build_model(config, data, tokenizer, source=source, resume=resume).to(env.device)
-    model_config = model.config
-    named = trainable_parameters(model)
-    names = _ordered_names(named)
-    counts = {"total": sum(p.numel() for p in model.parameters()), "trainable": sum(p.numel() for p in named.values())}
-    logger.info("model: %s, %d parameters (%d trainable)", model_config.arch, counts["total"], counts["trainable"])
-    train_set = TaskDataset(config, tokenizer, data, "train", model_config)
-    valid_set = TaskDataset(config, tokenizer, data, "valid", model_config) if data.valid else None
-    test_set = TaskDataset(config, tokenizer, data, "test", model_config) if data.test else None
 
-    # Optimizer, and the state of the run being resumed ---------------------------------------------
-    task_model = TaskModel(model, config.task)
-    optimizer = torch.optim.AdamW(_decay_groups(named, config.weight_decay), lr=config.lr, betas=(0.9, 0.95), eps=1e-8)
-    start_step = 0
-    if resume is not None:
-        ckpt.load_optimizer_state(optimizer, names, resume.tensors, resume.trainer_state["optimizer"])
-        ckpt.set_rng_state(resume.tensors, resume.trainer_state["rng"])
-        start_step = int(resume.trainer_state["step"])
-        logger.info("resuming %s at step %d", resume.folder, start_step)
-        if start_step >= config.steps:
-            logger.info("the run already finished (step %d of %d)", start_step, config.steps)
-            return TrainResult(run_dir, resume.folder, start_step, resume.trainer_state["metrics"],
-                               float("nan"), float("nan"), time.perf_counter() - started)
-    trained = task_model
-    if env.world_size > 1:
-        trained = nn.parallel.DistributedDataParallel(
-            task_model, device_ids=[env.device.index] if env.device.type == "cuda" else None,
-            find_unused_parameters=config.arch == "encoder",  # heads the task does not use (nsp, pooler, mlm)
-        )
-    autocast = functools.partial(torch.autocast, device_type=env.device.type, dtype=torch.bfloat16, enabled=config.bf16)
+def _distributed(run: _Run) -> nn.Module:
+    """What the step loop calls: the task model, wrapped in DDP under torchrun."""
+    if run.env.world_size == 1:
+        return run.task_model
+    device = run.env.device
+    return nn.parallel.DistributedDataParallel(
+        run.task_model, device_ids=[device.index] if device.type == "cuda" else None,
+        find_unused_parameters=run.config.arch == "encoder",  # heads the task does not use (nsp, pooler, mlm)
+    )
 
-    if env.is_main:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        if resume is not None:
-            _truncate_metrics(metrics_file, start_step)  # lines written after that checkpoint
-        else:
-            metrics_file.unlink(missing_ok=True)  # left by a run that died before its first checkpoint
-            if valid_set is not None:  # where the losses start
-                first = evaluate(task_model, valid_set, device=env.device, limit=config.eval_examples,
-                                 generate_outputs=False, autocast=autocast)
-                _append_metrics(metrics_file, {"step": 0, "split": "valid", **first})
 
-    def save(step: int, metrics: dict[str, float]) -> Path:
-        opt_tensors, opt_meta = ckpt.optimizer_state(optimizer, names)
-        rng_tensors, rng_scalars = ckpt.rng_state()
-        training_tensors = {**opt_tensors, **rng_tensors}
-        if config.lora_rank:
-            training_tensors.update({f"model/{k}": v for k, v in _dedupe(model.state_dict()).items()})
-        files = ckpt.CheckpointFiles(
-            model_config, ckpt.plain_state_dict(model), tokenizer.to_str(),
-            _trainer_state(config, env, step, opt_meta, rng_scalars, metrics, counts), training_tensors,
-        )
-        return ckpt.save_checkpoint(run_dir, step, files, keep=config.keep_checkpoints)
+def _start_metrics(run: _Run) -> None:
+    """Rank 0: metrics.jsonl keeps a resumed run's lines up to its checkpoint; a new run
+    starts it afresh with the untrained model's validation loss at step 0."""
+    if not run.env.is_main:
+        return
+    try:
+        run.run_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise _write_error(run.run_dir, err) from err
+    if run.resume is not None:
+        _truncate_metrics(run.metrics_file, run.start_step)  # lines written after that checkpoint
+        return
+    run.metrics_file.unlink(missing_ok=True)  # left by a run that died before its first checkpoint
+    if run.valid_set is not None:
+        first = evaluate(run.task_model, run.valid_set, device=run.env.device, limit=run.config.eval_examples,
+                         generate_outputs=False, autocast=run.autocast)
+        _append_metrics(run.metrics_file, {"step": 0, "split": "valid", **first})
 
-    # The loop ----------------------------------------------------------------------------------------
-    bar = tqdm(range(start_step, config.steps), initial=start_step, total=config.steps,
+
+def _step_loop(run: _Run, trained: nn.Module) -> tuple[float, float]:
+    """Optimizer steps from start_step to config.steps, with train-loss lines, periodic
+    evaluation and checkpoints. Returns the first and the last step's training loss."""
+    config, env = run.config, run.env
+    bar = tqdm(range(run.start_step, config.steps), initial=run.start_step, total=config.steps,
                disable=not (env.is_main and config.progress), desc=config.task, dynamic_ncols=True)
     first_loss = last_loss = float("nan")
     last_metrics: dict[str, float] = {}
     tick, tokens = time.perf_counter(), 0
-    task_model.train()
+    run.task_model.train()
     for step in bar:
         lr = learning_rate(step, config)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
-        step_loss = 0.0
-        for micro in range(config.grad_accum):
-            positions = sample_positions(step, micro, config=config, rank=env.rank, world_size=env.world_size)
-            batch = train_set.train_batch(positions).to(env.device)
-            tokens += batch.num_tokens()
-            sync = env.world_size == 1 or micro == config.grad_accum - 1  # all-reduce on the last micro-step
-            with (contextlib.nullcontext() if sync else trained.no_sync()), autocast():
-                out = trained(batch)
-            (out.loss / config.grad_accum).backward()
-            step_loss += out.loss.item() / config.grad_accum
-        if config.grad_clip > 0:
-            nn.utils.clip_grad_norm_(named.values(), config.grad_clip)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+        last_loss, step_tokens = _optimizer_step(run, trained, step, lr)
+        first_loss = last_loss if step == run.start_step else first_loss
+        tokens += step_tokens
         done = step + 1
-
-        if env.world_size > 1:  # the logged loss is the mean over processes
-            reduced = torch.tensor([step_loss], device=env.device)
-            dist.all_reduce(reduced)
-            step_loss = float(reduced) / env.world_size
-        first_loss = step_loss if step == start_step else first_loss
-        last_loss = step_loss
         if env.is_main and (done % config.log_every == 0 or done == config.steps):
             rate = tokens * env.world_size / max(time.perf_counter() - tick, 1e-9)
-            bar.set_postfix(loss=f"{step_loss:.4f}", tok_s=f"{rate:,.0f}")
-            _append_metrics(metrics_file, {"step": done, "split": "train", "loss": step_loss, "lr": lr, "tokens_per_s": rate})
+            bar.set_postfix(loss=f"{last_loss:.4f}", tok_s=f"{rate:,.0f}")
+            _append_metrics(run.metrics_file, {"step": done, "split": "train", "loss": last_loss, "lr": lr, "tokens_per_s": rate})
             tick, tokens = time.perf_counter(), 0
-        if env.is_main and valid_set is not None and done % config.eval_every == 0 and done < config.steps:
-            last_metrics = evaluate(task_model, valid_set, device=env.device, limit=config.eval_examples, autocast=autocast)
-            _append_metrics(metrics_file, {"step": done, "split": "valid", **last_metrics})
-            logger.info("step %d valid %s", done, _format(last_metrics))
-        if config.save_every and done % config.save_every == 0 and done < config.steps:
-            if env.is_main:
-                save(done, last_metrics)
-            if env.world_size > 1:
-                dist.barrier()
+        # Periodic evaluation and checkpoints; the last step's follow the loop (_final_evaluation).
+        if done < config.steps and done % config.eval_every == 0 and env.is_main and run.valid_set is not None:
+            last_metrics = _validate(run, done)
+        if done < config.steps and config.save_every and done % config.save_every == 0:
+            _save(run, done, last_metrics)
     bar.close()
+    return first_loss, last_loss
 
-    # Final evaluation (valid, and the held-out test split) and checkpoint -----------------------------
-    final: dict[str, float] = {}
-    checkpoint = run_dir / ckpt.checkpoint_name(config.steps)
-    if env.is_main:
-        for name, dataset in (("valid", valid_set), ("test", test_set)):
-            if dataset is not None:
-                result = evaluate(task_model, dataset, device=env.device, autocast=autocast)
-                _append_metrics(metrics_file, {"step": config.steps, "split": name, **result})
-                final.update({f"{name}/{k}": v for k, v in result.items()})
-        logger.info("final %s", _format(final))
-        checkpoint = save(config.steps, final)
+
+def _validate(run: _Run, step: int) -> dict[str, float]:
+    """Rank 0: the first eval_examples of the validation split, logged at `step`."""
+    metrics = evaluate(run.task_model, run.valid_set, device=run.env.device, limit=run.config.eval_examples,
+                       autocast=run.autocast)
+    _append_metrics(run.metrics_file, {"step": step, "split": "valid", **metrics})
+    logger.info("step %d valid %s", step, _format(metrics))
+    return metrics
+
+
+def _optimizer_step(run: _Run, trained: nn.Module, step: int, lr: float) -> tuple[float, int]:
+    """One optimizer step over grad_accum micro-batches; returns its loss (the mean over
+    processes) and the tokens this process read."""
+    config, env = run.config, run.env
+    for group in run.optimizer.param_groups:
+        group["lr"] = lr
+    loss, tokens = 0.0, 0
+    for micro in range(config.grad_accum):
+        positions = sample_positions(step, micro, config=config, rank=env.rank, world_size=env.world_size)
+        batch = run.train_set.train_batch(positions).to(env.device)
+        tokens += batch.num_tokens()
+        sync = env.world_size == 1 or micro == config.grad_accum - 1  # all-reduce on the last micro-step
+        with (contextlib.nullcontext() if sync else trained.no_sync()), run.autocast():
+            out = trained(batch)
+        (out.loss / config.grad_accum).backward()
+        loss += out.loss.item() / config.grad_accum
+    if config.grad_clip > 0:
+        nn.utils.clip_grad_norm_(run.trainable.values(), config.grad_clip)
+    run.optimizer.step()
+    run.optimizer.zero_grad(set_to_none=True)
     if env.world_size > 1:
+        reduced = torch.tensor([loss], device=env.device)
+        dist.all_reduce(reduced)
+        loss = float(reduced) / env.world_size
+    if not math.isfinite(loss):  # the same on every process: checked after the all-reduce
+        raise TrainingError(
+            f"the training loss is {loss} at step {step + 1} (lr {lr:.3g}); the run cannot go on. Start it again "
+            f"with a lower --lr (peak now {config.lr:g}){'' if config.grad_clip else ' or with --grad-clip 1'}; "
+            "checkpoints written so far are intact", code="E_NOT_FINITE",
+        )
+    return loss, tokens
+
+
+def _final_evaluation(run: _Run) -> dict[str, float]:
+    """Rank 0: every example of the validation and test splits, as "valid/loss", "test/...";
+    {} on the other processes."""
+    final: dict[str, float] = {}
+    if not run.env.is_main:
+        return final
+    for name, dataset in (("valid", run.valid_set), ("test", run.test_set)):
+        if dataset is not None:
+            result = evaluate(run.task_model, dataset, device=run.env.device, autocast=run.autocast)
+            _append_metrics(run.metrics_file, {"step": run.config.steps, "split": name, **result})
+            final.update({f"{name}/{k}": v for k, v in result.items()})
+    logger.info("final %s", _format(final))
+    return final
+
+
+def _save(run: _Run, step: int, metrics: dict[str, float]) -> Path:
+    """Rank 0 writes the checkpoint of `step`; every process waits for it. Returns its folder."""
+    folder = run.run_dir / ckpt.checkpoint_name(step)
+    if run.env.is_main:
+        folder = _write_checkpoint(run, step, metrics)
+    if run.env.world_size > 1:
         dist.barrier()
-    return TrainResult(
-        run_dir=run_dir, checkpoint=checkpoint, step=config.steps, metrics=final,
-        first_loss=first_loss, last_loss=last_loss, wall_time_s=time.perf_counter() - started,
-    )
+    return folder
 
 
 def _format(metrics: dict[str, float]) -> str:
@@ -958,6 +777,7 @@ def _format(metrics: dict[str, float]) -> str:
 
 
 __all__ = [
-    "TASKS", "TASK_ARCHS", "TASK_DATA_KINDS", "TASK_DEFAULTS", "Batch", "LossOutput", "TaskDataset",
-    "TaskModel", "TrainConfig", "TrainResult", "build_model", "evaluate", "learning_rate", "sample_positions", "train",
+    "OBJECTIVES", "TASKS", "TASK_ARCHS", "TASK_DATA_KINDS", "TASK_DEFAULTS", "Batch", "Encoded", "LossOutput",
+    "TaskDataset", "TaskDefaults", "TaskModel", "TrainConfig", "TrainResult", "build_model", "evaluate",
+    "learning_rate", "sample_positions", "train",
 ]

@@ -1,0 +1,559 @@
+"""Training tasks: one `Objective` per task, registered once in `OBJECTIVES[task]`.
+
+An objective is everything the trainer knows about a task: which architectures and data it
+takes, its default settings, and four functions. The trainer looks it up once
+(`objective_for(task, nsp=...)`) and never asks for the task's name again::
+
+    encode(context, raw, epoch)  -> [Encoded]    a split's raw examples -> token ids (once per run,
+                                                  or once per epoch where the objective redraws them)
+    collate(context, items)      -> Batch         [(Encoded, noise generator)] -> one micro-batch
+    loss(model, batch)           -> LossOutput    the model's forward and the task's loss
+    metrics(sums)                -> {name: value} figures of a validation pass beyond its loss
+    generation_metrics(model, context, examples)  what greedy generation scores (generative tasks)
+
+The losses are the pure functions of objectives.py; this module only wires each task's
+batches to the model and to them.
+
+==========  =======================  ================  ===============================================
+task        arch                     data kind         objective (modeling/objectives.py)
+==========  =======================  ================  ===============================================
+causal-lm   decoder, prefix-lm       text (*)          next-token NLL on ``<s> doc </s>``
+mlm         encoder                  text (*)          BERT masking (+ next-sentence pairs with nsp)
+denoise     encoder-decoder          text              BART: permute sentences, infill spans -> original
+seq2seq     encoder-decoder          seq2seq           target NLL given the source
+sft         decoder, prefix-lm       seq2seq           NLL of the continuation given the prompt
+prefix-lm   prefix-lm                seq2seq, text     as sft; on text, a random split per example
+classify    encoder                  classification    cross-entropy of the pooled [CLS] head
+==========  =======================  ================  ===============================================
+
+(*) or classification data, whose texts are used without labels (domain-adaptive pretraining
+before fine-tuning a classifier on the same texts).
+
+Noise (masking, denoising, split points) comes from a generator per sample, seeded by
+(seed, stream, position): `example_generator`. Streams: 0 training samples, 1 validation
+samples, 2 the epoch's sample order, 3 the epoch's next-sentence pairs.
+
+Shape letters: B batch, T encoder/decoder tokens, U decoder tokens of an encoder-decoder,
+D model width, V vocab, C classes.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass
+from typing import Any, Callable, Iterable, NamedTuple, Sequence
+
+import torch
+from tokenizers import Tokenizer
+from torch import Tensor
+
+from onnxformer.runtime.errors import ConfigError
+from onnxformer.runtime.generation import GenerationConfig
+
+from .config import ModelConfig
+from .data import Example, TaskData, TextExample, format_continuation, format_prompt, parse_continuation
+from .generate import generate
+from .model import Transformer
+from .objectives import (
+    IGNORE_INDEX,
+    classification_loss,
+    continuation_mask,
+    denoise,
+    mask_tokens,
+    mlm_loss,
+    next_sentence_pairs,
+    next_token_labels,
+    prompt_mask,
+    seq2seq_labels,
+    shift_right,
+    token_cross_entropy,
+)
+
+# ============================================================================================
+# What flows between the data, the objective and the trainer
+# ============================================================================================
+
+
+class Encoded(NamedTuple):
+    """One example as token ids. Fields a task does not use stay empty."""
+
+    ids: list[int]  # encoder input (encoder, encoder-decoder) or the whole decoder row
+    target: list[int] = []  # encoder-decoder: target ending with eos
+    prompt_len: int = 0  # sft / prefix-lm: tokens of ids that belong to the prompt
+    label: int = -1  # classify: class id; mlm+nsp: IS_NEXT / IS_RANDOM
+    type_ids: list[int] = []  # mlm+nsp: segment ids of the pair
+    sentences: list[list[int]] = []  # denoise / prefix-lm on text: sentences (no special tokens)
+    text: str = ""  # generative tasks: the expected output text (exact match)
+
+
+class Batch(NamedTuple):
+    """Model inputs and labels of one micro-batch; None where the task has no such input."""
+
+    input_ids: Tensor  # (B, T)
+    attention_mask: Tensor  # (B, T) 1 = token, 0 = pad (right padding)
+    labels: Tensor  # (B, T) or (B, U) token labels with IGNORE_INDEX, or (B,) class ids
+    token_type_ids: Tensor | None = None  # (B, T) mlm+nsp
+    prefix_mask: Tensor | None = None  # (B, T) prefix-lm: True on the bidirectional prompt
+    decoder_input_ids: Tensor | None = None  # (B, U) encoder-decoder
+    decoder_attention_mask: Tensor | None = None  # (B, U)
+    nsp_labels: Tensor | None = None  # (B,) mlm+nsp
+
+    def to(self, device: torch.device) -> "Batch":
+        return Batch(*(None if t is None else t.to(device, non_blocking=True) for t in self))
+
+    def num_tokens(self) -> int:
+        n = int(self.attention_mask.sum())
+        return n + (int(self.decoder_attention_mask.sum()) if self.decoder_attention_mask is not None else 0)
+
+
+class LossOutput(NamedTuple):
+    loss: Tensor  # scalar, what is optimised: mean over this batch's targets (+ NSP loss for mlm+nsp)
+    main_loss: Tensor  # scalar, the task's own loss without NSP (= loss for every other task)
+    targets: Tensor  # scalar int: tokens (or rows, for classification) main_loss averages over
+    correct: Tensor  # scalar int: correct class predictions (classify, NSP); 0 otherwise
+
+
+@dataclass(frozen=True)
+class TaskContext:
+    """What encoding and batching read: the tokenizer, its special ids, the model's settings."""
+
+    tokenizer: Tokenizer
+    special: dict[str, int]  # special_token_ids(tokenizer): pad, bos, eos, mask, ... (-1: none)
+    model_config: ModelConfig
+    max_len: int  # token rows are cut to this many tokens
+    label_names: tuple[str, ...] = ()  # classify: class i is label_names[i]
+    seed: int = 0  # TrainConfig.seed; objectives that redraw examples per epoch seed from it
+
+    def cut(self, ids: list[int]) -> list[int]:
+        return ids[: self.max_len]
+
+
+@dataclass
+class EvalSums:
+    """Totals of a validation pass, added batch by batch (train.evaluate)."""
+
+    loss: float = 0.0  # main_loss summed over targets (token-weighted)
+    targets: int = 0
+    rows: int = 0
+    correct: int = 0
+    extra_loss: float = 0.0  # (loss - main_loss) summed over rows: the NSP loss of mlm+nsp
+
+    def add(self, out: LossOutput, rows: int) -> None:
+        n = int(out.targets)
+        self.loss += float(out.main_loss) * n
+        self.extra_loss += float(out.loss - out.main_loss) * rows
+        self.targets, self.rows, self.correct = self.targets + n, self.rows + rows, self.correct + int(out.correct)
+
+    @property
+    def mean_loss(self) -> float:
+        return self.loss / max(1, self.targets)
+
+
+class TaskDefaults(NamedTuple):
+    steps: int
+    batch_size: int
+    lr: float
+    warmup: int
+    eval_every: int
+
+
+def _train_split_texts(data: TaskData) -> Iterable[str]:
+    return data.texts(("train",))
+
+
+def _no_head_config(data: TaskData) -> dict[str, Any]:
+    return {}
+
+
+@dataclass(frozen=True)
+class Objective:
+    """A training task: what it trains on what data, and the functions the trainer calls."""
+
+    name: str  # the task, TrainConfig.task
+    archs: tuple[str, ...]  # architectures it trains
+    data_kinds: tuple[str, ...]  # TaskData kinds it reads
+    # Steps, batch size, lr, warmup, eval interval: tuned on 2 CPU cores for the tiny preset and
+    # the built-in data (benchmarks/TRAINING.md); TrainConfig fields left at None take them.
+    defaults: TaskDefaults
+    encode: Callable[[TaskContext, Sequence[Example], int], list[Encoded]]  # (context, raw, epoch)
+    collate: Callable[[TaskContext, Sequence[tuple[Encoded, torch.Generator]]], Batch]
+    loss: Callable[[Transformer, Batch], LossOutput]
+    metrics: Callable[[EvalSums], dict[str, float]]
+    generation_metrics: Callable[[Transformer, TaskContext, Sequence[Encoded]], dict[str, float]] | None = None
+    redraws_each_epoch: bool = False  # encode depends on the epoch (fresh NSP pairs); else it runs once
+    heads: tuple[str, ...] = ()  # parameter prefixes of the task head: trained under LoRA and BitFit
+    fresh_head: tuple[str, ...] = ()  # prefixes a fine-tuned model (from_checkpoint) does not load
+    head_config: Callable[[TaskData], dict[str, Any]] = _no_head_config  # ModelConfig fields of the head
+    tokenizer_texts: Callable[[TaskData], Iterable[str]] = _train_split_texts  # a new tokenizer's corpus
+
+
+# ============================================================================================
+# Shared pieces: noise generators, padding, the three model forwards
+# ============================================================================================
+
+TRAIN_STREAM, EVAL_STREAM, ORDER_STREAM, PAIRS_STREAM = 0, 1, 2, 3
+
+
+def _mix(seed: int, stream: int, position: int) -> int:
+    """A 63-bit generator seed from (seed, stream, position)."""
+    return ((seed * 1_000_003 + stream) * 2_147_483_647 + position) % (2**63 - 1)
+
+
+def example_generator(seed: int, position: int, *, stream: int = TRAIN_STREAM) -> torch.Generator:
+    return torch.Generator().manual_seed(_mix(seed, stream, position))
+
+
+def _pad(rows: Sequence[Sequence[int]], pad_id: int) -> tuple[Tensor, Tensor]:
+    """Right-pad token lists -> ids (B, T) and mask (B, T)."""
+    width = max(1, max(len(r) for r in rows))
+    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, r in enumerate(rows):
+        ids[i, : len(r)] = torch.tensor(r, dtype=torch.long)
+        mask[i, : len(r)] = 1
+    return ids, mask
+
+
+def _zero(batch: Batch) -> Tensor:
+    return torch.zeros((), dtype=torch.long, device=batch.input_ids.device)
+
+
+def _token_targets(batch: Batch) -> Tensor:
+    return (batch.labels != IGNORE_INDEX).sum()
+
+
+def _encode_texts(context: TaskContext, raw: Sequence[Example], suffix: Sequence[int] = ()) -> list[Encoded]:
+    return [Encoded(context.cut(e.ids + list(suffix))) for e in context.tokenizer.encode_batch([r.text for r in raw])]
+
+
+def _encode_sentences(context: TaskContext, raw: Sequence[Example], epoch: int) -> list[Encoded]:
+    """Documents as sentences of token ids without special tokens; noise and split points
+    are drawn per batch. Later sentences keep their leading space."""
+    out = []
+    for r in raw:
+        sentences = r.sentences or [r.text]
+        texts = [s if i == 0 else " " + s for i, s in enumerate(sentences)]
+        encoded = [e.ids for e in context.tokenizer.encode_batch(texts, add_special_tokens=False)]
+        out.append(Encoded([], sentences=encoded))
+    return out
+
+
+def _decoder_loss(model: Transformer, batch: Batch) -> LossOutput:
+    """Decoder-only (causal-lm, sft, prefix-lm): NLL of the labelled next tokens."""
+    zero = _zero(batch)
+    out = model.decode(batch.input_ids, attention_mask=batch.attention_mask, prefix_mask=batch.prefix_mask)  # logits (B, T, V)
+    loss = token_cross_entropy(out.logits, batch.labels)
+    return LossOutput(loss, loss, _token_targets(batch), zero)
+
+
+def _encoder_decoder_loss(model: Transformer, batch: Batch) -> LossOutput:
+    """Encoder-decoder (seq2seq, denoise): NLL of the target given the source."""
+    zero = _zero(batch)
+    hidden = model.encode(batch.input_ids, batch.attention_mask)  # (B, T, D)
+    out = model.decode(
+        batch.decoder_input_ids, attention_mask=batch.decoder_attention_mask,
+        cross_kv=model.cross_kv(hidden), encoder_attention_mask=batch.attention_mask,
+    )  # logits (B, U, V)
+    loss = token_cross_entropy(out.logits, batch.labels)
+    return LossOutput(loss, loss, _token_targets(batch), zero)
+
+
+def _perplexity(sums: EvalSums) -> dict[str, float]:
+    return {"perplexity": math.exp(min(50.0, sums.mean_loss))}
+
+
+# ============================================================================================
+# classify: cross-entropy of the pooled [CLS] head
+# ============================================================================================
+
+
+def _classify_encode(context: TaskContext, raw: Sequence[Example], epoch: int) -> list[Encoded]:
+    encoded = context.tokenizer.encode_batch([r.text for r in raw])
+    return [Encoded(context.cut(e.ids), label=context.label_names.index(r.label)) for e, r in zip(encoded, raw)]
+
+
+def _classify_collate(context: TaskContext, items: Sequence[tuple[Encoded, torch.Generator]]) -> Batch:
+    ids, mask = _pad([e.ids for e, _ in items], context.special["pad"])
+    return Batch(ids, mask, torch.tensor([e.label for e, _ in items]))
+
+
+def _classify_loss(model: Transformer, batch: Batch) -> LossOutput:
+    zero = _zero(batch)
+    hidden = model.encode(batch.input_ids, batch.attention_mask, token_type_ids=batch.token_type_ids)  # (B, T, D)
+    logits = model.classify(hidden)  # (B, C)
+    correct = (logits.argmax(-1) == batch.labels).sum()
+    loss = classification_loss(logits, batch.labels)
+    return LossOutput(loss, loss, zero + len(batch.labels), correct)
+
+
+def _accuracy(sums: EvalSums) -> dict[str, float]:
+    return {"accuracy": sums.correct / max(1, sums.rows)}
+
+
+def _classify_head_config(data: TaskData) -> dict[str, Any]:
+    return {"num_labels": len(data.label_names), "label_names": data.label_names}
+
+
+# ============================================================================================
+# mlm: BERT masking; with nsp, next-sentence pairs redrawn every epoch
+# ============================================================================================
+
+
+def _mlm_encode(context: TaskContext, raw: Sequence[Example], epoch: int) -> list[Encoded]:
+    return _encode_texts(context, raw)
+
+
+def _masked(context: TaskContext, items: Sequence[tuple[Encoded, torch.Generator]]) -> tuple[Tensor, Tensor, Tensor]:
+    """Masked ids, attention mask and labels (B, T); masking per example, so independent of
+    how batches are cut."""
+    s = context.special
+    specials = [i for i in s.values() if i >= 0]
+    rows, labels = [], []
+    for e, gen in items:
+        masked = mask_tokens(torch.tensor([e.ids]), mask_token_id=s["mask"], special_token_ids=specials,
+                             vocab_size=context.model_config.vocab_size, generator=gen)
+        rows.append(masked.input_ids[0].tolist())
+        labels.append(masked.labels[0].tolist())
+    ids, mask = _pad(rows, s["pad"])
+    label_ids, _ = _pad(labels, IGNORE_INDEX)
+    return ids, mask, label_ids
+
+
+def _mlm_collate(context: TaskContext, items: Sequence[tuple[Encoded, torch.Generator]]) -> Batch:
+    return Batch(*_masked(context, items))
+
+
+def _mlm_loss(model: Transformer, batch: Batch) -> LossOutput:
+    zero = _zero(batch)
+    hidden = model.encode(batch.input_ids, batch.attention_mask, token_type_ids=batch.token_type_ids)  # (B, T, D)
+    loss = mlm_loss(model.mlm_logits(hidden), batch.labels)  # logits (B, T, V)
+    return LossOutput(loss, loss, _token_targets(batch), zero)
+
+
+def _nsp_encode(context: TaskContext, raw: Sequence[Example], epoch: int) -> list[Encoded]:
+    """This epoch's sentence pairs, ``[CLS] a [SEP] b [SEP]`` with token types 0/1."""
+    generator = example_generator(context.seed, epoch, stream=PAIRS_STREAM)
+    pairs = next_sentence_pairs([r.sentences for r in raw], generator=generator)
+    encoded = context.tokenizer.encode_batch([(p.first, p.second) for p in pairs])
+    return [Encoded(context.cut(e.ids), label=p.label, type_ids=context.cut(e.type_ids)) for e, p in zip(encoded, pairs)]
+
+
+def _nsp_collate(context: TaskContext, items: Sequence[tuple[Encoded, torch.Generator]]) -> Batch:
+    ids, mask, labels = _masked(context, items)
+    types, _ = _pad([e.type_ids for e, _ in items], 0)
+    return Batch(ids, mask, labels, token_type_ids=types, nsp_labels=torch.tensor([e.label for e, _ in items]))
+
+
+def _nsp_loss(model: Transformer, batch: Batch) -> LossOutput:
+    """Masked-LM loss plus the next-sentence classification loss (main_loss: the MLM part)."""
+    hidden = model.encode(batch.input_ids, batch.attention_mask, token_type_ids=batch.token_type_ids)  # (B, T, D)
+    loss = mlm_loss(model.mlm_logits(hidden), batch.labels)  # logits (B, T, V)
+    targets = _token_targets(batch)
+    nsp = model.nsp_logits(hidden)  # (B, 2)
+    correct = (nsp.argmax(-1) == batch.nsp_labels).sum()
+    return LossOutput(loss + classification_loss(nsp, batch.nsp_labels), loss, targets, correct)
+
+
+def _nsp_metrics(sums: EvalSums) -> dict[str, float]:
+    rows = max(1, sums.rows)
+    return {**_perplexity(sums), "nsp_loss": sums.extra_loss / rows, "nsp_accuracy": sums.correct / rows}
+
+
+# ============================================================================================
+# causal-lm: next-token NLL on <s> doc </s>
+# ============================================================================================
+
+
+def _causal_lm_encode(context: TaskContext, raw: Sequence[Example], epoch: int) -> list[Encoded]:
+    return _encode_texts(context, raw, suffix=[context.special["eos"]])
+
+
+def _causal_lm_collate(context: TaskContext, items: Sequence[tuple[Encoded, torch.Generator]]) -> Batch:
+    ids, mask = _pad([e.ids for e, _ in items], context.special["pad"])
+    # A prefix-LM trained as a plain LM: an empty prefix, every position causal.
+    prefix = torch.zeros_like(mask, dtype=torch.bool) if context.model_config.arch == "prefix-lm" else None
+    return Batch(ids, mask, next_token_labels(ids, mask.bool()), prefix_mask=prefix)
+
+
+# ============================================================================================
+# sft and prefix-lm: NLL of the continuation given the prompt
+# ============================================================================================
+
+
+def _prompted_encode(context: TaskContext, raw: Sequence[Example], epoch: int) -> list[Encoded]:
+    """seq2seq data: ``<s> prompt continuation </s>`` and the prompt's length; text data
+    (prefix-lm): sentences, split at a random point per batch."""
+    if not raw or isinstance(raw[0], TextExample):
+        return _encode_sentences(context, raw, epoch)
+    tok, eos = context.tokenizer, context.special["eos"]
+    prompts = tok.encode_batch([format_prompt(r.source) for r in raw])
+    continuations = tok.encode_batch([format_continuation(r.target) for r in raw], add_special_tokens=False)
+    out = []
+    for p, c, r in zip(prompts, continuations, raw):
+        ids = context.cut(p.ids + c.ids + [eos])
+        out.append(Encoded(ids, prompt_len=min(len(p.ids), len(ids) - 1), text=r.target))
+    return out
+
+
+def _prompted_collate(context: TaskContext, items: Sequence[tuple[Encoded, torch.Generator]]) -> Batch:
+    s = context.special
+    rows, prompt_lens = [], []
+    for e, gen in items:
+        if e.sentences:  # prefix-lm on text: split <s> doc </s> at a random point
+            row = context.cut([s["bos"]] + [t for sent in e.sentences for t in sent] + [s["eos"]])
+            split = 1 + int(torch.randint(max(1, len(row) - 1), (), generator=gen))
+            rows.append(row)
+            prompt_lens.append(min(split, len(row) - 1))
+        else:
+            rows.append(e.ids)
+            prompt_lens.append(e.prompt_len)
+    ids, mask = _pad(rows, s["pad"])
+    lens = torch.tensor(prompt_lens)
+    labels = next_token_labels(ids, continuation_mask(lens, mask))
+    prefix = prompt_mask(lens, ids.shape[1]) if context.model_config.arch == "prefix-lm" else None
+    return Batch(ids, mask, labels, prefix_mask=prefix)
+
+
+def _prompted_tokenizer_texts(data: TaskData) -> Iterable[str]:
+    """seq2seq data as the decoder will read it: prompt and continuation in one string."""
+    if data.kind == "seq2seq":
+        return (format_prompt(e.source) + format_continuation(e.target) for e in data.train)
+    return data.texts(("train",))
+
+
+# ============================================================================================
+# seq2seq and denoise: teacher forcing on the target
+# ============================================================================================
+
+
+def _seq2seq_encode(context: TaskContext, raw: Sequence[Example], epoch: int) -> list[Encoded]:
+    sources = context.tokenizer.encode_batch([r.source for r in raw])
+    targets = context.tokenizer.encode_batch([r.target for r in raw])
+    return [Encoded(context.cut(s.ids), target=context.cut(t.ids), text=r.target) for s, t, r in zip(sources, targets, raw)]
+
+
+def _teacher_forcing(context: TaskContext, sources: list[list[int]], targets: list[list[int]]) -> Batch:
+    pad = context.special["pad"]
+    ids, mask = _pad(sources, pad)
+    target, target_mask = _pad(targets, pad)
+    decoder_ids = shift_right(target, start_token_id=context.model_config.start_token_id, pad_token_id=pad)
+    decoder_mask = torch.cat([torch.ones_like(target_mask[:, :1]), target_mask[:, :-1]], dim=1)  # (B, U)
+    return Batch(ids, mask, seq2seq_labels(target, target_mask),
+                 decoder_input_ids=decoder_ids, decoder_attention_mask=decoder_mask)
+
+
+def _seq2seq_collate(context: TaskContext, items: Sequence[tuple[Encoded, torch.Generator]]) -> Batch:
+    return _teacher_forcing(context, [e.ids for e, _ in items], [e.target for e, _ in items])
+
+
+def _denoise_collate(context: TaskContext, items: Sequence[tuple[Encoded, torch.Generator]]) -> Batch:
+    s = context.special
+    noised = [denoise(e.sentences, mask_token_id=s["mask"], generator=gen) for e, gen in items]
+    return _teacher_forcing(context, [context.cut(n.source + [s["eos"]]) for n in noised],
+                            [context.cut(n.target + [s["eos"]]) for n in noised])
+
+
+# ============================================================================================
+# Generative tasks: exact match of greedy output, as a user of the model would call it
+# ============================================================================================
+
+
+def exact_match(model: Transformer, context: TaskContext, examples: Sequence[Encoded]) -> float:
+    """Share of examples whose greedy output (modeling.generate, KV cache), decoded, equals
+    the expected target text. Prompts: the source (encoder-decoder) or ``<s> prompt``."""
+    s = context.special
+    longest = max(len(e.target) if e.target else len(e.ids) - e.prompt_len for e in examples)
+    gen_config = GenerationConfig(
+        strategy="greedy", max_new_tokens=longest + 2, eos_token_ids=(s["eos"],), pad_token_id=s["pad"]
+    )
+    hits = 0
+    for start in range(0, len(examples), 256):
+        chunk = examples[start : start + 256]
+        prompts = [e.ids if e.target else e.ids[: e.prompt_len] for e in chunk]
+        outputs = generate(model, prompts, gen_config)
+        for e, out in zip(chunk, outputs):
+            text = context.tokenizer.decode(out[0], skip_special_tokens=True)
+            hits += parse_continuation(text) == e.text.strip()
+    return hits / len(examples)
+
+
+def _exact_match_metrics(model: Transformer, context: TaskContext, examples: Sequence[Encoded]) -> dict[str, float]:
+    """Exact match where the examples carry a target text; none on plain text (prefix-lm)."""
+    if examples[0].sentences:
+        return {}
+    return {"exact_match": exact_match(model, context, examples)}
+
+
+# ============================================================================================
+# The registry
+# ============================================================================================
+
+OBJECTIVES: dict[str, Objective] = {o.name: o for o in (
+    Objective(
+        "causal-lm", archs=("decoder", "prefix-lm"), data_kinds=("text", "classification"),
+        defaults=TaskDefaults(steps=600, batch_size=32, lr=3e-3, warmup=50, eval_every=200),
+        encode=_causal_lm_encode, collate=_causal_lm_collate, loss=_decoder_loss, metrics=_perplexity,
+    ),
+    Objective(
+        "mlm", archs=("encoder",), data_kinds=("text", "classification"),
+        defaults=TaskDefaults(steps=600, batch_size=32, lr=2e-3, warmup=50, eval_every=200),
+        encode=_mlm_encode, collate=_mlm_collate, loss=_mlm_loss, metrics=_perplexity,
+        heads=("mlm_transform.",),
+    ),
+    Objective(
+        "denoise", archs=("encoder-decoder",), data_kinds=("text",),
+        defaults=TaskDefaults(steps=600, batch_size=32, lr=2e-3, warmup=50, eval_every=200),
+        encode=_encode_sentences, collate=_denoise_collate, loss=_encoder_decoder_loss, metrics=_perplexity,
+    ),
+    Objective(
+        "seq2seq", archs=("encoder-decoder",), data_kinds=("seq2seq",),
+        defaults=TaskDefaults(steps=600, batch_size=64, lr=3e-3, warmup=50, eval_every=200),
+        encode=_seq2seq_encode, collate=_seq2seq_collate, loss=_encoder_decoder_loss, metrics=_perplexity,
+        generation_metrics=_exact_match_metrics,
+    ),
+    Objective(
+        "sft", archs=("decoder", "prefix-lm"), data_kinds=("seq2seq",),
+        defaults=TaskDefaults(steps=600, batch_size=64, lr=3e-3, warmup=50, eval_every=200),
+        encode=_prompted_encode, collate=_prompted_collate, loss=_decoder_loss, metrics=_perplexity,
+        generation_metrics=_exact_match_metrics, tokenizer_texts=_prompted_tokenizer_texts,
+    ),
+    Objective(
+        "prefix-lm", archs=("prefix-lm",), data_kinds=("seq2seq", "text"),
+        defaults=TaskDefaults(steps=600, batch_size=64, lr=3e-3, warmup=50, eval_every=200),
+        encode=_prompted_encode, collate=_prompted_collate, loss=_decoder_loss, metrics=_perplexity,
+        generation_metrics=_exact_match_metrics, tokenizer_texts=_prompted_tokenizer_texts,
+    ),
+    Objective(
+        "classify", archs=("encoder",), data_kinds=("classification",),
+        defaults=TaskDefaults(steps=1000, batch_size=32, lr=2e-3, warmup=60, eval_every=250),
+        encode=_classify_encode, collate=_classify_collate, loss=_classify_loss, metrics=_accuracy,
+        heads=("classifier.", "pooler."), fresh_head=("classifier.",), head_config=_classify_head_config,
+    ),
+)}
+
+# mlm with next-sentence prediction (TrainConfig.nsp): the same task, its examples are
+# sentence pairs drawn afresh each epoch, and the loss adds the NSP head's.
+MLM_NSP = dataclasses.replace(
+    OBJECTIVES["mlm"], encode=_nsp_encode, collate=_nsp_collate, loss=_nsp_loss, metrics=_nsp_metrics,
+    redraws_each_epoch=True,
+)
+
+TASKS = tuple(OBJECTIVES)
+
+
+def objective_for(task: str, *, nsp: bool = False) -> Objective:
+    """The objective a run trains: its task's, or masked LM + next-sentence prediction."""
+    if not isinstance(task, str) or task not in OBJECTIVES:
+        raise ConfigError(f"task must be one of {', '.join(TASKS)}; got {task!r}")
+    if not nsp:
+        return OBJECTIVES[task]
+    if task != MLM_NSP.name:
+        raise ConfigError(f"nsp adds next-sentence prediction to task {MLM_NSP.name!r}; got task {task!r}")
+    return MLM_NSP
+
+
+__all__ = [
+    "MLM_NSP", "OBJECTIVES", "TASKS", "Batch", "Encoded", "EvalSums", "LossOutput", "Objective", "TaskContext",
+    "TaskDefaults", "exact_match", "example_generator", "objective_for",
+]
