@@ -59,21 +59,21 @@ def _inputs(case: dict[str, Any], settings: Settings) -> tuple[list[list[int]], 
 
 def split_per_step(model, prompts, new_tokens: int, repeats: int) -> dict[str, float]:
     """Per decode step (ms), measured on the same generate_ids calls: the total, onnxruntime's
-    run_with_iobinding (the C++ run), the rest of the step model's step() / advance()
+    run_with_iobinding (the C++ run), the rest of the step model's prefill() / advance()
     (binding, OrtValues, logits copy) and the generation loop around it. Wraps the session's
-    run_with_iobinding and the step model's step and advance in this process only, for the
+    run_with_iobinding and the step model's prefill and advance in this process only, for the
     duration of the call."""
     import statistics
 
     from onnxformer.runtime import GenerationConfig
-    from onnxformer.runtime import model as runtime_model
+    from onnxformer.runtime import session_steps
 
     session = model.sessions["decoder"]
     clock = collections.defaultdict(float)
     original_run = session.run_with_iobinding
-    step_class = runtime_model._SharedCacheSteps if model.manifest.kv_cache == "shared" else runtime_model._DecoderSteps
-    # generation calls step() for the prompt and advance() per token where the model has it
-    originals = {name: getattr(step_class, name) for name in ("step", "advance") if hasattr(step_class, name)}
+    step_class = session_steps.SharedSteps if model.manifest.kv_cache == "shared" else session_steps.ConcatSteps
+    # the search calls prefill() for the prompts and advance() per token
+    originals = {name: getattr(step_class, name) for name in ("prefill", "advance")}
 
     def timed_run(*args, **kwargs):
         start = time.perf_counter()
@@ -130,7 +130,7 @@ def _onnxformer_generation(job, case, settings: Settings) -> dict[str, Any]:
     rows, tokens = [], {}
     for batch in case["workload"]["batches"]:
         rows_in = inputs[:batch]
-        generate = lambda n: [s[0] for s in model.generate_ids(rows_in, configs[n]).sequences]  # noqa: E731
+        generate = lambda n: [g.token_ids[0] for g in model.generate_ids(rows_in, configs[n])]  # noqa: E731
         figures, tokens[f"b{batch}"] = time_generation(generate, batch, new_tokens, settings)
         rows.append({"batch": batch, **figures})
     result: dict[str, Any] = {"rows": rows, "tokens": tokens}

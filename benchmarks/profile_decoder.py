@@ -56,7 +56,7 @@ def piece_costs(model, batch: int, past: int) -> list[dict[str, float]]:
 
     config = gen.GenerationConfig(max_new_tokens=8, eos_token_ids=(2,))
     pieces = {
-        "greedy chooser (argmax + log_softmax over V)": lambda: gen._greedy_chooser(logits),
+        "greedy choice (argmax + log_softmax over V)": lambda: gen.greedy_choice(logits),
         "argmax only": lambda: np.argmax(logits, axis=1),
         "process_logits (defaults)": lambda: gen.process_logits(logits, [[1]] * batch, config, 5),
         "io_binding + bind all inputs/outputs": bind,

@@ -231,7 +231,7 @@ FLOOR_COLUMNS = [
     ("engine", "engine"), ("past", "past"), ("run_ms", "floor: session.run ms"), ("iobinding_ms", "floor: iobinding ms"),
     ("loop_ms_per_step", "generate ms/step (b1)"), ("overhead_vs_run", "vs floor"),
     ("in_loop_ms", "in loop: ms/step"), ("in_loop_run_ms", "of which session run"),
-    ("in_loop_step_extras_ms", "step()/advance() extras"), ("in_loop_generation_ms", "generation loop"),
+    ("in_loop_step_extras_ms", "prefill()/advance() extras"), ("in_loop_generation_ms", "generation loop"),
     ("in_loop_overhead", "in-loop overhead"),
 ]
 

@@ -6,11 +6,12 @@
 """
 
 from .errors import ConfigError, InputError, OnnxformerError, PackageError, ProviderError, RunError
-from .generation import GenerationConfig, GenerationOutput
+from .generation import Generation, GenerationConfig
 from .manifest import Manifest
-from .model import Classification, Generation, Model, load
+from .model import Classification, Model, load
+from .steps import StepModel, StepResult
 
 __all__ = [
-    "load", "Model", "Manifest", "GenerationConfig", "GenerationOutput", "Generation", "Classification",
+    "load", "Model", "Manifest", "GenerationConfig", "Generation", "StepModel", "StepResult", "Classification",
     "OnnxformerError", "PackageError", "InputError", "ConfigError", "ProviderError", "RunError",
 ]

@@ -1,23 +1,20 @@
-"""Token generation in numpy, driven by a step model. No torch, no onnxruntime here.
-
-The runtime's ONNX decoder implements :class:`StepModel`; tests use a tiny numpy model.
+"""The search: greedy, sampling and beam search in numpy, over any step model. No torch, no
+onnxruntime here: the runtime's ONNX sessions and the eager PyTorch model each supply a step
+model (runtime/steps.py has the protocol); this file is the only implementation of the search.
 
 Shape letters:
 
     B   prompts
     K   beams per prompt (beam search)
     N   rows run through the model: B, B * num_return_sequences (sample) or B * K (beam)
-    T   tokens fed in one step (the padded prompt length on the first step, then 1)
-    P   tokens already in the cache
     V   vocabulary size
 
-Batching: prompts of different lengths are left-padded with ``pad_token_id``;
-``attention_mask`` is 0 on the pads and ``position_ids = clip(cumsum(mask) - 1, 0)``, so a
-padded prompt sees the same positions as it would alone. Each later step feeds one token per
-row at position ``previous + 1`` and appends a column of ones to ``attention_mask``.
-Rows that have finished keep being fed ``pad_token_id``; their outputs are ignored.
+Each prompt starts one row (``prefill``); several sequences per prompt copy its row
+(``select``). Each later step feeds one token per row (``advance``); rows that have finished
+keep being fed ``pad_token_id`` and their outputs are ignored, so a seeded sample draws the
+same numbers whatever finishes when.
 
-Logits processing, in this order (the PyTorch reference implements the same spec):
+Logits processing, in this order:
 
     1. apply_repetition_penalty   every strategy, when repetition_penalty != 1
     2. ban_repeated_ngrams        every strategy, when no_repeat_ngram_size > 0
@@ -29,10 +26,13 @@ Logits processing, in this order (the PyTorch reference implements the same spec
        argmax                     greedy (lowest token id among ties)
        log_softmax + beam step    beam (see beam_search)
 
-Logits are float32 through steps 1-6 and in ``log_softmax``; sampling probabilities and the
-CDF are float64. Scores: greedy and sample report the sum of the chosen tokens' log-probs
-under the distribution actually used (after steps 1-6); beam search reports the
-length-normalised hypothesis score.
+Steps 1-3 count the row's sequence: ``model.sequence_start(prompt)`` (the prompt, or for an
+encoder-decoder the decoder's start token) plus the generated tokens. Logits are float32
+through steps 1-6 and in ``log_softmax``; sampling probabilities and the CDF are float64.
+Scores: greedy and sample report the sum of the chosen tokens' log-probs under the
+distribution actually used (after steps 1-6); beam search reports the length-normalised
+hypothesis score. Plain greedy (no processing active) takes the step's own greedy choice,
+which a graph may compute: nothing of size V is read per token.
 """
 
 from __future__ import annotations
@@ -43,11 +43,20 @@ import logging
 import math
 import os
 from dataclasses import dataclass
-from typing import Any, Callable, Iterator, Mapping, NamedTuple, Protocol, Sequence
+from typing import Any, Callable, Iterator, Mapping, NamedTuple, Sequence
 
 import numpy as np
 
-from .errors import ConfigError, InputError, OnnxformerError
+from .errors import ConfigError, InputError
+from .steps import (
+    PaddedBatch,
+    StepModel,
+    StepResult,
+    check_prompts,
+    greedy_choice,
+    is_int,
+    left_pad,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -59,12 +68,8 @@ Decode = Callable[[Sequence[int]], str]
 
 
 # Configuration -----------------------------------------------------------------------------
-def _is_int(value: Any) -> bool:
-    return isinstance(value, (int, np.integer)) and not isinstance(value, (bool, np.bool_))
-
-
 def _check_int(name: str, value: Any, minimum: int) -> int:
-    if not _is_int(value) or value < minimum:
+    if not is_int(value) or value < minimum:
         raise ConfigError(f"{name} must be an integer >= {minimum}; got {value!r}")
     return int(value)
 
@@ -77,105 +82,69 @@ def _check_float(name: str, value: Any) -> float:
     return float(value)
 
 
+# What an unset field means once nothing else (the caller, the package) set it.
+BUILTIN_DEFAULTS: dict[str, Any] = {
+    "strategy": "greedy", "max_new_tokens": 32, "min_new_tokens": 0, "temperature": 1.0, "top_k": 0,
+    "top_p": 1.0, "seed": None, "num_beams": 1, "length_penalty": 1.0, "early_stopping": False,
+    "num_return_sequences": 1, "repetition_penalty": 1.0, "no_repeat_ngram_size": 0, "eos_token_ids": (),
+    "stop_strings": (), "pad_token_id": 0,
+}
+
+
 @dataclass(frozen=True)
 class GenerationConfig:
     """Search parameters: frozen, validated at construction, JSON round-trippable.
 
+    Every field defaults to None, "unset": :meth:`resolve` fills unset fields from the
+    package's generation defaults (its manifest), then from :data:`BUILTIN_DEFAULTS`. A value
+    given, even an empty ``eos_token_ids`` (no eos) or ``pad_token_id=0``, is always kept.
     The strategy is named, never inferred: sampling parameters (temperature, top_k, top_p)
     only act with ``strategy="sample"``; ``num_beams`` > 1 requires ``strategy="beam"``.
     """
 
-    strategy: str = "greedy"  # one of STRATEGIES
-    max_new_tokens: int = 32  # generated tokens at most (eos included)
-    min_new_tokens: int = 0  # eos is suppressed until this many tokens are generated
-    temperature: float = 1.0  # sample: logits / temperature; must be > 0
-    top_k: int = 0  # sample: keep the k highest logits (ties kept); 0 = off
-    top_p: float = 1.0  # sample: nucleus; keep the smallest prefix with prob mass >= top_p; 1 = off
-    seed: int | None = None  # sample: seed of numpy.random.default_rng when no rng is passed
-    num_beams: int = 1  # beam: beams per prompt (K)
-    length_penalty: float = 1.0  # beam: hypothesis score = sum logprob / length ** length_penalty
-    early_stopping: bool = False  # beam: a prompt is done as soon as it has K finished hypotheses
-    num_return_sequences: int = 1  # sequences per prompt; greedy: 1; beam: <= num_beams
-    repetition_penalty: float = 1.0  # CTRL penalty on tokens already in the sequence; 1 = off
-    no_repeat_ngram_size: int = 0  # ban tokens completing an n-gram already seen; 0 = off
-    eos_token_ids: tuple[int, ...] = ()  # generating one of these finishes a row; () = none
-    stop_strings: tuple[str, ...] = ()  # finish when the generated text contains one (needs decode)
-    pad_token_id: int = 0  # fed to left pads and finished rows
+    strategy: str | None = None  # one of STRATEGIES; "greedy"
+    max_new_tokens: int | None = None  # generated tokens at most (eos included); 32
+    min_new_tokens: int | None = None  # eos is suppressed until this many tokens are generated; 0
+    temperature: float | None = None  # sample: logits / temperature; must be > 0; 1.0
+    top_k: int | None = None  # sample: keep the k highest logits (ties kept); 0 = off
+    top_p: float | None = None  # sample: nucleus; keep the smallest prefix with prob mass >= top_p; 1 = off
+    seed: int | None = None  # sample: seed of numpy.random.default_rng when no rng is passed; None = fresh
+    num_beams: int | None = None  # beam: beams per prompt (K); 1
+    length_penalty: float | None = None  # beam: hypothesis score = sum logprob / length ** length_penalty; 1.0
+    early_stopping: bool | None = None  # beam: a prompt is done as soon as it has K finished hypotheses; False
+    num_return_sequences: int | None = None  # sequences per prompt; greedy: 1; beam: <= num_beams; 1
+    repetition_penalty: float | None = None  # CTRL penalty on tokens already in the sequence; 1 = off
+    no_repeat_ngram_size: int | None = None  # ban tokens completing an n-gram already seen; 0 = off
+    eos_token_ids: tuple[int, ...] | None = None  # generating one of these finishes a row; () = none
+    stop_strings: tuple[str, ...] | None = None  # finish when the generated text contains one (needs decode)
+    pad_token_id: int | None = None  # fed to finished rows; 0
 
     def __post_init__(self) -> None:
-        set_ = lambda name, value: object.__setattr__(self, name, value)  # noqa: E731 (frozen)
-        if self.strategy not in STRATEGIES:
-            raise ConfigError(f"strategy must be one of {', '.join(map(repr, STRATEGIES))}; got {self.strategy!r}")
-        set_("max_new_tokens", _check_int("max_new_tokens", self.max_new_tokens, 0))
-        set_("min_new_tokens", _check_int("min_new_tokens", self.min_new_tokens, 0))
-        if self.min_new_tokens > self.max_new_tokens:
-            raise ConfigError(
-                f"min_new_tokens ({self.min_new_tokens}) must be <= max_new_tokens ({self.max_new_tokens}); "
-                f"lower min_new_tokens or raise max_new_tokens"
-            )
-        set_("temperature", _check_float("temperature", self.temperature))
-        if self.strategy == "sample" and self.temperature <= 0:
-            raise ConfigError(
-                f"temperature must be > 0 for strategy 'sample'; got {self.temperature!r}. "
-                f"Use strategy 'greedy' for deterministic decoding."
-            )
-        set_("top_k", _check_int("top_k", self.top_k, 0))
-        set_("top_p", _check_float("top_p", self.top_p))
-        if not 0.0 < self.top_p <= 1.0:
-            raise ConfigError(f"top_p must be in (0, 1]; got {self.top_p!r}. Use 1.0 to turn nucleus filtering off.")
-        if self.seed is not None:
-            set_("seed", _check_int("seed", self.seed, 0))
-        set_("num_beams", _check_int("num_beams", self.num_beams, 1))
-        if self.num_beams > 1 and self.strategy != "beam":
-            raise ConfigError(
-                f"num_beams ({self.num_beams}) > 1 needs strategy 'beam'; got strategy {self.strategy!r}"
-            )
-        set_("length_penalty", _check_float("length_penalty", self.length_penalty))
-        if not isinstance(self.early_stopping, (bool, np.bool_)):
-            raise ConfigError(f"early_stopping must be a bool; got {self.early_stopping!r}")
-        set_("early_stopping", bool(self.early_stopping))
-        nrs = _check_int("num_return_sequences", self.num_return_sequences, 1)
-        set_("num_return_sequences", nrs)
-        if self.strategy == "greedy" and nrs != 1:
-            raise ConfigError(
-                f"num_return_sequences must be 1 for strategy 'greedy' (it is deterministic); got {nrs}. "
-                f"Use strategy 'sample' or 'beam' for several sequences."
-            )
-        if self.strategy == "beam" and nrs > self.num_beams:
-            raise ConfigError(
-                f"num_return_sequences ({nrs}) must be <= num_beams ({self.num_beams}) for strategy 'beam'"
-            )
-        set_("repetition_penalty", _check_float("repetition_penalty", self.repetition_penalty))
-        if self.repetition_penalty <= 0:
-            raise ConfigError(
-                f"repetition_penalty must be > 0; got {self.repetition_penalty!r}. Use 1.0 to turn it off."
-            )
-        set_("no_repeat_ngram_size", _check_int("no_repeat_ngram_size", self.no_repeat_ngram_size, 0))
-        eos = self.eos_token_ids
-        eos = (eos,) if _is_int(eos) else eos
-        if not isinstance(eos, (tuple, list)) or not all(_is_int(t) and t >= 0 for t in eos):
-            raise ConfigError(
-                f"eos_token_ids must be a tuple of token ids >= 0 (empty = none); got {self.eos_token_ids!r}"
-            )
-        set_("eos_token_ids", tuple(int(t) for t in eos))
-        stops = self.stop_strings
-        stops = (stops,) if isinstance(stops, str) else stops
-        if not isinstance(stops, (tuple, list)) or not all(isinstance(s, str) and s for s in stops):
-            raise ConfigError(f"stop_strings must be a tuple of non-empty strings; got {self.stop_strings!r}")
-        set_("stop_strings", tuple(stops))
-        if self.stop_strings and self.strategy == "beam":
-            raise ConfigError(
-                f"stop_strings ({self.stop_strings!r}) are not supported with strategy 'beam'; "
-                f"use eos_token_ids, or strategy 'greedy' / 'sample'"
-            )
-        set_("pad_token_id", _check_int("pad_token_id", self.pad_token_id, 0))
+        for name, value in _validated(self.set_fields()).items():
+            object.__setattr__(self, name, value)  # frozen: normalised values (tuples, ints, floats)
+
+    def set_fields(self) -> dict[str, Any]:
+        """The fields given a value (not None); ``seed`` is set when not None."""
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if getattr(self, f.name) is not None}
+
+    @property
+    def is_resolved(self) -> bool:
+        return all(getattr(self, name) is not None for name, value in BUILTIN_DEFAULTS.items() if value is not None)
+
+    def resolve(self, defaults: Mapping[str, Any] | None = None) -> "GenerationConfig":
+        """Every field set: this config's values, then ``defaults`` (a package's generation
+        defaults), then BUILTIN_DEFAULTS; checked as a whole."""
+        merged = dict(BUILTIN_DEFAULTS)
+        if defaults:
+            _reject_unknown(defaults)
+            merged.update({k: v for k, v in defaults.items() if v is not None})
+        merged.update(self.set_fields())
+        return GenerationConfig(**merged)
 
     # Serialisation --------------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
-        data = dataclasses.asdict(self)
-        data["eos_token_ids"] = list(self.eos_token_ids)
-        data["stop_strings"] = list(self.stop_strings)
-        return data
+        """The set fields, JSON-ready (tuples as lists)."""
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in self.set_fields().items()}
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> "GenerationConfig":
@@ -189,6 +158,89 @@ class GenerationConfig:
         return dataclasses.replace(self, **changes)
 
 
+def _validated(values: dict[str, Any]) -> dict[str, Any]:
+    """Each given field checked and normalised, then the rules between fields that are all given."""
+    v = dict(values)
+    if "strategy" in v and v["strategy"] not in STRATEGIES:
+        raise ConfigError(f"strategy must be one of {', '.join(map(repr, STRATEGIES))}; got {v['strategy']!r}")
+    for name, minimum in (("max_new_tokens", 0), ("min_new_tokens", 0), ("top_k", 0), ("seed", 0), ("num_beams", 1),
+                          ("num_return_sequences", 1), ("no_repeat_ngram_size", 0), ("pad_token_id", 0)):
+        if name in v:
+            v[name] = _check_int(name, v[name], minimum)
+    for name in ("temperature", "top_p", "length_penalty", "repetition_penalty"):
+        if name in v:
+            v[name] = _check_float(name, v[name])
+    if "top_p" in v and not 0.0 < v["top_p"] <= 1.0:
+        raise ConfigError(f"top_p must be in (0, 1]; got {v['top_p']!r}. Use 1.0 to turn nucleus filtering off.")
+    if "repetition_penalty" in v and v["repetition_penalty"] <= 0:
+        raise ConfigError(f"repetition_penalty must be > 0; got {v['repetition_penalty']!r}. Use 1.0 to turn it off.")
+    if "early_stopping" in v:
+        if not isinstance(v["early_stopping"], (bool, np.bool_)):
+            raise ConfigError(f"early_stopping must be a bool; got {v['early_stopping']!r}")
+        v["early_stopping"] = bool(v["early_stopping"])
+    if "eos_token_ids" in v:
+        eos = v["eos_token_ids"]
+        eos = (eos,) if is_int(eos) else eos
+        if not isinstance(eos, (tuple, list)) or not all(is_int(t) and t >= 0 for t in eos):
+            raise ConfigError(f"eos_token_ids must be a tuple of token ids >= 0 (empty = none); got {v['eos_token_ids']!r}")
+        v["eos_token_ids"] = tuple(int(t) for t in eos)
+    if "stop_strings" in v:
+        stops = v["stop_strings"]
+        stops = (stops,) if isinstance(stops, str) else stops
+        if not isinstance(stops, (tuple, list)) or not all(isinstance(s, str) and s for s in stops):
+            raise ConfigError(f"stop_strings must be a tuple of non-empty strings; got {v['stop_strings']!r}")
+        v["stop_strings"] = tuple(stops)
+    for fields, rule in _RULES:
+        if all(name in v for name in fields):
+            rule(*(v[name] for name in fields))
+    return v
+
+
+def _min_within_max(min_new: int, max_new: int) -> None:
+    if min_new > max_new:
+        raise ConfigError(f"min_new_tokens ({min_new}) must be <= max_new_tokens ({max_new}); "
+                          "lower min_new_tokens or raise max_new_tokens")
+
+
+def _positive_temperature(strategy: str, temperature: float) -> None:
+    if strategy == "sample" and temperature <= 0:
+        raise ConfigError(f"temperature must be > 0 for strategy 'sample'; got {temperature!r}. "
+                          "Use strategy 'greedy' for deterministic decoding.")
+
+
+def _beams_need_beam(strategy: str, num_beams: int) -> None:
+    if num_beams > 1 and strategy != "beam":
+        raise ConfigError(f"num_beams ({num_beams}) > 1 needs strategy 'beam'; got strategy {strategy!r}")
+
+
+def _one_greedy_sequence(strategy: str, num_return_sequences: int) -> None:
+    if strategy == "greedy" and num_return_sequences != 1:
+        raise ConfigError(f"num_return_sequences must be 1 for strategy 'greedy' (it is deterministic); got "
+                          f"{num_return_sequences}. Use strategy 'sample' or 'beam' for several sequences.")
+
+
+def _sequences_within_beams(strategy: str, num_return_sequences: int, num_beams: int) -> None:
+    if strategy == "beam" and num_return_sequences > num_beams:
+        raise ConfigError(f"num_return_sequences ({num_return_sequences}) must be <= num_beams ({num_beams}) "
+                          "for strategy 'beam'")
+
+
+def _no_stop_strings_in_beam(strategy: str, stop_strings: tuple[str, ...]) -> None:
+    if stop_strings and strategy == "beam":
+        raise ConfigError(f"stop_strings ({stop_strings!r}) are not supported with strategy 'beam'; "
+                          "use eos_token_ids, or strategy 'greedy' / 'sample'")
+
+
+_RULES: tuple[tuple[tuple[str, ...], Callable[..., None]], ...] = (
+    (("min_new_tokens", "max_new_tokens"), _min_within_max),
+    (("strategy", "temperature"), _positive_temperature),
+    (("strategy", "num_beams"), _beams_need_beam),
+    (("strategy", "num_return_sequences"), _one_greedy_sequence),
+    (("strategy", "num_return_sequences", "num_beams"), _sequences_within_beams),
+    (("strategy", "stop_strings"), _no_stop_strings_in_beam),
+)
+
+
 def _reject_unknown(data: Mapping[str, Any]) -> None:
     known = [f.name for f in dataclasses.fields(GenerationConfig)]
     unknown = sorted(set(data) - set(known), key=repr)  # key=repr: a key need not be a str
@@ -197,129 +249,48 @@ def _reject_unknown(data: Mapping[str, Any]) -> None:
         for name in unknown:
             close = difflib.get_close_matches(name, known, n=1) if isinstance(name, str) else []
             hints.append(f"{name!r}" + (f" (did you mean {close[0]!r}?)" if close else ""))
-        raise ConfigError(f"unknown generation parameter(s): {', '.join(hints)}; valid: {', '.join(known)}")
+        raise ConfigError(f"unknown generation parameter(s): {', '.join(hints)}; valid: {', '.join(known)}",
+                          code="E_UNKNOWN_PARAMETER")
 
 
-# The step model ----------------------------------------------------------------------------
-class StepResult(NamedTuple):
-    logits: np.ndarray  # (N, V) logits of the LAST position of each row; may be the model's
-    #                     output buffer: read it before the next step, do not write to it
-    cache: Any  # the updated cache, opaque to generation
-    # Optional, from models that compute the greedy choice themselves (a "shared" layout graph):
-    # (N,) int64 argmax of each logits row (lowest id among ties) and (N,) float32 its
-    # log-softmax value. Used by greedy steps without logits processing; same buffer rules.
-    choice: tuple[np.ndarray, np.ndarray] | None = None
-
-
-class StepModel(Protocol):
-    """What generation needs from a model. The ONNX runtime implements it with sessions.
-
-    The cache is opaque and functional: ``step`` returns a new one (an implementation may
-    reuse buffers, e.g. with onnxruntime I/O binding, as long as the old cache is not read
-    again). Generation calls, in order: ``init_cache(B)``, ``step`` on the padded prompts
-    (T = longest prompt, P = 0), then per token ``step`` with T = 1, and for beam search and
-    multi-sample generation ``reorder_cache`` between steps.
-    """
-
-    vocab_size: int  # V: prompts, eos and pad ids are checked against it before any step
-
-    def init_cache(self, batch_size: int) -> Any:
-        """An empty cache (P = 0) for ``batch_size`` rows (encoder-decoder: plus the encoder K/V)."""
-        ...
-
-    def step(
-        self,
-        input_ids: np.ndarray,  # (N, T) int64
-        position_ids: np.ndarray,  # (N, T) int64
-        attention_mask: np.ndarray,  # (N, P+T) int64, 0 = left pad
-        cache: Any,
-    ) -> StepResult:
-        """Run T new tokens per row against the cache; logits of the last position only."""
-        ...
-
-    def reorder_cache(self, cache: Any, indices: np.ndarray) -> Any:
-        """Gather rows: new row r = old row ``indices[r]``; ``indices`` (N',) int64, N' may differ from N."""
-        ...
-
-    # Optional: ``advance(tokens, cache) -> StepResult``, one new token per row (N,) int64
-    # after the prompt step, every row one token longer. Greedy and sample call it instead of
-    # ``step`` when a model has it (a model that tracks its rows' lengths needs neither the
-    # positions nor the mask); it must give what ``step`` gives for the same tokens.
-
-
-class PaddedBatch(NamedTuple):
-    input_ids: np.ndarray  # (B, T) int64, left-padded
-    attention_mask: np.ndarray  # (B, T) int64, 0 on pads
-    position_ids: np.ndarray  # (B, T) int64, clip(cumsum(mask) - 1, 0)
-
-
-def left_pad(prompts: Sequence[Sequence[int]], pad_token_id: int) -> PaddedBatch:
-    """Left-pad token id lists into a batch with its attention mask and position ids."""
-    rows = check_prompts(prompts)
-    width = max(len(r) for r in rows)
-    input_ids = np.full((len(rows), width), pad_token_id, dtype=np.int64)  # (B, T)
-    attention_mask = np.zeros((len(rows), width), dtype=np.int64)  # (B, T)
-    for b, row in enumerate(rows):
-        input_ids[b, width - len(row):] = row
-        attention_mask[b, width - len(row):] = 1
-    position_ids = np.clip(np.cumsum(attention_mask, axis=1) - 1, 0, None)  # (B, T)
-    return PaddedBatch(input_ids, attention_mask, position_ids)
-
-
-def check_prompts(prompts: Sequence[Sequence[int]]) -> list[list[int]]:
-    if isinstance(prompts, (str, bytes)) or not hasattr(prompts, "__iter__") or not _sized(prompts):
-        raise InputError(f"prompts must be a non-empty list of token id lists; got {prompts!r:.80}")
-    rows = []
-    for b, prompt in enumerate(prompts):
-        if isinstance(prompt, (str, bytes)) or not hasattr(prompt, "__iter__") or _is_int(prompt):
-            raise InputError(f"prompt {b} must be a list of token ids; got {prompt!r:.80}. Tokenize it first.")
-        row = list(prompt)
-        bad = [t for t in row if not _is_int(t)]
-        if bad:
-            raise InputError(f"prompt {b} holds {bad[0]!r:.40}, which is not a token id; token ids are integers")
-        row = [int(t) for t in row]
-        if not row:
-            raise InputError(f"prompt {b} is empty; every prompt needs at least one token (e.g. bos)")
-        if min(row) < 0:
-            raise InputError(f"prompt {b} has a negative token id ({min(row)})")
-        rows.append(row)
-    return rows
-
-
-def _sized(items: Any) -> bool:
-    """True if ``items`` has a length > 0 (a 0-d numpy array has no length)."""
-    try:
-        return len(items) > 0
-    except TypeError:
-        return False
-
-
-def _step(model: StepModel, input_ids, position_ids, attention_mask, cache) -> StepResult:
-    return _checked(model, model.step(input_ids, position_ids, attention_mask, cache), input_ids.shape[0])
-
-
-def _checked(model: StepModel, result: StepResult, n: int) -> StepResult:
-    """The step's result as float32 logits (N, V) and, if any, a well-formed choice."""
-    logits, cache, choice = result[0], result[1], getattr(result, "choice", None)
-    logits = np.asarray(logits, dtype=np.float32)
-    if logits.shape != (n, model.vocab_size):
-        raise OnnxformerError(
-            f"step() must return logits of shape (N={n}, V={model.vocab_size}) for the last position; got {logits.shape}"
+def resolve_config(config: GenerationConfig | None, overrides: Mapping[str, Any],
+                   package_defaults: Mapping[str, Any] | None) -> GenerationConfig:
+    """The one place a call's parameters are settled: ``config`` (or an empty one), updated by
+    keyword ``overrides``, then unset fields from the package's defaults, then built-ins."""
+    if config is not None and not isinstance(config, GenerationConfig):
+        raise ConfigError(
+            f"config must be a GenerationConfig or None; got {type(config).__name__}. "
+            "Build one with GenerationConfig(...) or GenerationConfig.from_dict(...), or pass keyword overrides"
         )
-    if choice is not None and (len(choice) != 2 or choice[0].shape != (n,) or choice[1].shape != (n,)):
-        raise OnnxformerError(f"step() must return choice as ((N={n},) token ids, (N={n},) log-probs) or None")
-    return StepResult(logits, cache, choice)
+    config = config if config is not None else GenerationConfig()
+    if overrides:
+        config = config.replace(**overrides)
+    return config.resolve(package_defaults)
+
+
+def _resolved(config: GenerationConfig) -> GenerationConfig:
+    if not isinstance(config, GenerationConfig):
+        raise ConfigError(f"config must be a GenerationConfig; got {type(config).__name__}")
+    return config if config.is_resolved else config.resolve()
 
 
 def _check_vocab(vocab_size: int, prompts: list[list[int]], config: GenerationConfig) -> None:
     """Token ids must index the vocabulary; checked before the model runs."""
     top = max(max(p) for p in prompts)
     if top >= vocab_size:
-        raise InputError(f"prompt token id {top} is out of range for vocab_size {vocab_size}")
+        raise InputError(f"prompt token id {top} is out of range for vocab_size {vocab_size}", code="E_TOKEN_ID")
     for name, ids in (("eos_token_ids", config.eos_token_ids), ("pad_token_id", (config.pad_token_id,))):
         bad = [t for t in ids if t >= vocab_size]
         if bad:
             raise ConfigError(f"{name} {bad} out of range for vocab_size {vocab_size}")
+
+
+def _logits(result: StepResult, n: int, vocab: int) -> np.ndarray:
+    """The step's logits, checked: a step model that breaks the protocol is a bug (traceback)."""
+    logits = result.logits
+    if logits.shape != (n, vocab):
+        raise ValueError(f"the step model returned logits of shape {logits.shape}; the protocol needs (N={n}, V={vocab})")
+    return logits
 
 
 # Logits processing (pure; inputs are never modified) --------------------------------------
@@ -460,13 +431,28 @@ def sampling_filters(logits: np.ndarray, config: GenerationConfig) -> np.ndarray
 
 # Output ------------------------------------------------------------------------------------
 @dataclass(frozen=True)
-class GenerationOutput:
-    """Indexed ``[prompt][returned sequence]`` for every strategy (greedy returns 1 per prompt)."""
+class Generation:
+    """One prompt's result, the same for every strategy and entry point: ``token_ids[j]``,
+    ``scores[j]``, ``finish_reasons[j]`` and ``texts[j]`` for each returned sequence j."""
 
-    sequences: list[list[list[int]]]  # generated ids only (no prompt), eos included if produced
-    scores: list[list[float]]  # greedy/sample: sum of log-probs; beam: length-normalised score
-    finish_reasons: list[list[str]]  # "eos" | "length" | "stop"
-    texts: list[list[str]] | None = None  # decoded text (cut at a stop string); None without decode
+    prompt: str | list[int]  # the prompt as the caller gave it: text, or token ids
+    token_ids: list[list[int]]  # generated ids only (no prompt), eos included if produced
+    scores: list[float]  # greedy/sample: sum of log-probs; beam: length-normalised score
+    finish_reasons: list[str]  # "eos" | "length" | "stop"
+    texts: list[str] | None = None  # decoded text (cut at a stop string); None without decode
+
+    @property
+    def text(self) -> str:
+        if self.texts is None:
+            raise ConfigError("this generation ran without a decode function; read token_ids, or pass decode=")
+        return self.texts[0]
+
+
+def _results(prompts: list[list[int]], copies: int, sequences, scores, reasons, texts) -> list[Generation]:
+    group = lambda items: [list(items[b * copies:(b + 1) * copies]) for b in range(len(prompts))]  # noqa: E731
+    grouped_texts = group(texts) if texts is not None else [None] * len(prompts)
+    return [Generation(p, s, [float(x) for x in sc], r, t)
+            for p, s, sc, r, t in zip(prompts, group(sequences), group(scores), group(reasons), grouped_texts)]
 
 
 # Greedy and sample: one loop, two token choosers -------------------------------------------
@@ -474,7 +460,7 @@ class GenerationOutput:
 class _Rows:
     """Per-row state of the greedy/sample loop (N rows)."""
 
-    history: list[list[int]]  # prompt (no pads) + generated, for the logits processors
+    history: list[list[int]]  # sequence start + generated, for the logits processors
     generated: list[list[int]]
     finished: np.ndarray  # (N,) bool
     reasons: list[str]
@@ -491,6 +477,19 @@ def _find_stop(text: str, stop_strings: Sequence[str]) -> int | None:
 Chooser = Callable[[np.ndarray], tuple[np.ndarray, np.ndarray]]  # logits (N, V) -> tokens, logprobs
 
 
+def _start(model: StepModel, rows: list[list[int]], copies: int) -> StepResult:
+    """Prefill each prompt once, then copy its row ``copies`` times (row r continues prompt r // copies).
+    A search owns the step model's rows while it runs and releases them when it ends."""
+    if model.rows:
+        raise ValueError(f"the search needs a step model with no running rows; this one has {model.rows}")
+    result = model.prefill(rows)
+    if copies > 1:
+        expand = np.repeat(np.arange(len(rows)), copies)  # (N,)
+        model.select(expand)
+        result = result.take(expand)
+    return result
+
+
 def _decode_loop(
     model: StepModel,
     prompts: Sequence[Sequence[int]],
@@ -499,10 +498,10 @@ def _decode_loop(
     decode: Decode | None,
     copies: int,
     live_text: bool = False,
-) -> tuple[_Rows, Iterator[None]]:
-    """Validate, then return the row state and a generator that advances it one token per
-    ``next()``. Row r continues prompt r // copies. ``state.texts`` is kept current after
-    every token when there are stop strings or ``live_text`` (streaming)."""
+) -> tuple[list[list[int]], _Rows, Iterator[None]]:
+    """Validate, then return the prompts, the row state and a generator that advances it one
+    token per ``next()``. ``state.texts`` is kept current after every token when there are
+    stop strings or ``live_text`` (streaming)."""
     if config.stop_strings and decode is None:
         raise ConfigError(f"stop_strings {config.stop_strings!r} need a decode function; pass decode=")
     rows = check_prompts(prompts)
@@ -510,7 +509,7 @@ def _decode_loop(
     n = len(rows) * copies
     empty_text = decode([]) if decode is not None else None
     state = _Rows(
-        history=[list(rows[r // copies]) for r in range(n)],
+        history=[model.sequence_start(rows[r // copies]) for r in range(n)],
         generated=[[] for _ in range(n)],
         finished=np.zeros(n, dtype=bool),
         reasons=["length"] * n,
@@ -519,7 +518,7 @@ def _decode_loop(
         stop_at=[None] * n,
     )
     live_decode = decode if (config.stop_strings or live_text) else None
-    return state, _advance(model, rows, config, choose, live_decode, copies, state)
+    return rows, state, _advance(model, rows, config, choose, live_decode, copies, state)
 
 
 def _advance(
@@ -533,35 +532,31 @@ def _advance(
 ) -> Iterator[None]:
     if config.max_new_tokens == 0:
         return
-    n = len(state.generated)
-    batch = left_pad(rows, config.pad_token_id)
-    cache = model.init_cache(len(rows))
-    logits, cache, choice = _step(model, batch.input_ids, batch.position_ids, batch.attention_mask, cache)
-    mask, positions = batch.attention_mask, batch.position_ids[:, -1]  # (B, T), (B,)
-    if copies > 1:  # run each prompt once, then copy its rows
-        expand = np.repeat(np.arange(len(rows)), copies)  # (N,)
-        logits, mask, positions = logits[expand], mask[expand], positions[expand]
-        choice = None if choice is None else (choice[0][expand], choice[1][expand])
-        cache = model.reorder_cache(cache, expand)
-    # Greedy without logits processing takes the model's own choice when it has one (the
-    # argmax and its log-prob computed in the graph): nothing of size V is read per token.
-    model_choice = choose is _greedy_chooser and config.repetition_penalty == 1.0 and config.no_repeat_ngram_size == 0
-    # The mask of every step is a prefix of one array: no concatenation per step.
-    width = mask.shape[1]
-    full_mask = np.ones((n, width + config.max_new_tokens), dtype=np.int64)  # (N, P_max)
-    full_mask[:, :width] = mask
+    try:
+        yield from _token_loop(model, rows, config, choose, decode, copies, state)
+    finally:  # also when a stream is closed early
+        if model.rows:
+            model.release(np.arange(model.rows))
+
+
+def _token_loop(model: StepModel, rows: list[list[int]], config: GenerationConfig, choose: Chooser,
+                decode: Decode | None, copies: int, state: _Rows) -> Iterator[None]:
+    n, vocab = len(state.generated), model.vocab_size
+    result = _start(model, rows, copies)
+    # Plain greedy takes the step's own greedy choice (the graph's, where it computes one).
+    plain = (config.strategy == "greedy" and config.repetition_penalty == 1.0 and config.no_repeat_ngram_size == 0)
     eos_ids = set(config.eos_token_ids)
-    # One new token per row: a model with advance() is handed the tokens alone (it knows each
-    # row's length); otherwise step() gets positions and the mask.
-    advance = getattr(model, "advance", None)
     # Per token: the choice, then the bookkeeping. While no row has finished (the usual case)
     # it is plain Python over N ints: the per-token work is what a fast graph step waits on.
     pad, last, n_finished = config.pad_token_id, config.max_new_tokens - 1, 0
     for t in range(config.max_new_tokens):
-        if model_choice and choice is not None and t >= config.min_new_tokens and np.isfinite(choice[1]).all():
-            tokens, logprobs = choice  # (N,), (N,): the model's output buffers, read before the next step
-        else:
-            tokens, logprobs = choose(process_logits(logits, state.history, config, t))  # (N,), (N,)
+        tokens = logprobs = None
+        if plain and (t >= config.min_new_tokens or not eos_ids):
+            tokens, logprobs = result.next_token, result.next_logprob  # (N,), (N,)
+            if tokens.shape != (n,) or not np.isfinite(logprobs).all():
+                tokens = None  # a row without a finite choice: take it from the logits
+        if tokens is None:
+            tokens, logprobs = choose(process_logits(_logits(result, n, vocab), state.history, config, t))
         if n_finished == 0:
             state.scores += logprobs  # float32 log-probs summed in float64
             chosen = tokens.tolist()
@@ -589,12 +584,7 @@ def _advance(
         yield None
         if n_finished == n or t == last:
             return
-        if advance is not None:
-            logits, cache, choice = _checked(model, advance(np.array(chosen, dtype=np.int64), cache), n)
-        else:
-            positions = positions + 1
-            ids = np.array(chosen, dtype=np.int64)[:, None]  # (N, 1)
-            logits, cache, choice = _step(model, ids, positions[:, None], full_mask[:, :width + t + 1], cache)
+        result = model.advance(np.array(chosen, dtype=np.int64))
 
 
 def _final_text(state: _Rows, r: int, decode: Decode) -> str:
@@ -604,47 +594,22 @@ def _final_text(state: _Rows, r: int, decode: Decode) -> str:
     return decode(state.generated[r])
 
 
-def _collect(
-    state: _Rows, steps: Iterator[None], n_prompts: int, copies: int, decode: Decode | None
-) -> GenerationOutput:
+def _collect(rows: list[list[int]], state: _Rows, steps: Iterator[None], copies: int,
+             decode: Decode | None) -> list[Generation]:
     for _ in steps:
         pass
-    group = lambda items: [list(items[b * copies:(b + 1) * copies]) for b in range(n_prompts)]  # noqa: E731
-    texts = None
-    if decode is not None:
-        texts = group([_final_text(state, r, decode) for r in range(len(state.generated))])
-    return GenerationOutput(
-        sequences=group(state.generated),
-        scores=group([float(s) for s in state.scores]),
-        finish_reasons=group(state.reasons),
-        texts=texts,
-    )
+    texts = None if decode is None else [_final_text(state, r, decode) for r in range(len(state.generated))]
+    return _results(rows, copies, state.generated, state.scores, state.reasons, texts)
 
 
-def _require_strategy(config: GenerationConfig, strategy: str) -> None:
+def _require_strategy(config: GenerationConfig, strategy: str) -> GenerationConfig:
+    config = _resolved(config)
     if config.strategy != strategy:
         raise ConfigError(
             f"{strategy}() got a config with strategy {config.strategy!r}; "
             f"call {'beam_search' if config.strategy == 'beam' else config.strategy}() or generate()"
         )
-
-
-def _greedy_chooser(logits: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """argmax and its log-probability: log_softmax(logits)[token] computed for the chosen token
-    only (the token is the row maximum, so its shifted logit is 0 and its log-prob is
-    -log(sum(exp(logits - max)))): the same float32 values as log_softmax, in one pass over V."""
-    x = np.asarray(logits)
-    tokens = np.argmax(x, axis=1)  # (N,) lowest id among ties
-    top = x[np.arange(x.shape[0]), tokens]  # (N,) the row maxima
-    if np.isfinite(top).all():  # the usual case: no errstate, no masking, one temporary
-        shifted = x - top[:, None]
-        lse = np.log(np.sum(np.exp(shifted, out=shifted), axis=1))  # (N,)
-        return tokens.astype(np.int64), (-lse).astype(x.dtype, copy=False)
-    finite = np.isfinite(top)
-    with np.errstate(divide="ignore", invalid="ignore"):
-        lse = np.log(np.sum(np.exp(x - np.where(finite, top, 0)[:, None]), axis=1))
-    logprobs = np.where(finite & np.isfinite(lse), -lse, -np.inf).astype(x.dtype, copy=False)
-    return tokens.astype(np.int64), logprobs
+    return config
 
 
 def _sample_chooser(config: GenerationConfig, rng: np.random.Generator) -> Chooser:
@@ -659,11 +624,11 @@ def _sample_chooser(config: GenerationConfig, rng: np.random.Generator) -> Choos
 
 def greedy(
     model: StepModel, prompts: Sequence[Sequence[int]], config: GenerationConfig, *, decode: Decode | None = None
-) -> GenerationOutput:
+) -> list[Generation]:
     """Pick the highest processed logit at every step (lowest id among ties)."""
-    _require_strategy(config, "greedy")
-    state, steps = _decode_loop(model, prompts, config, _greedy_chooser, decode, copies=1)
-    return _collect(state, steps, len(state.generated), 1, decode)
+    config = _require_strategy(config, "greedy")
+    rows, state, steps = _decode_loop(model, prompts, config, greedy_choice, decode, copies=1)
+    return _collect(rows, state, steps, 1, decode)
 
 
 def sample(
@@ -673,18 +638,18 @@ def sample(
     *,
     rng: np.random.Generator | None = None,
     decode: Decode | None = None,
-) -> GenerationOutput:
+) -> list[Generation]:
     """Sample ``num_return_sequences`` continuations per prompt.
 
     ``rng`` defaults to ``numpy.random.default_rng(config.seed)``; every step draws
     ``rng.random(N)`` once (N = prompts * num_return_sequences, finished rows included), so a
     seed fixes the output for a given batch.
     """
-    _require_strategy(config, "sample")
+    config = _require_strategy(config, "sample")
     rng = rng if rng is not None else np.random.default_rng(config.seed)
     copies = config.num_return_sequences
-    state, steps = _decode_loop(model, prompts, config, _sample_chooser(config, rng), decode, copies)
-    return _collect(state, steps, len(state.generated) // copies, copies, decode)
+    rows, state, steps = _decode_loop(model, prompts, config, _sample_chooser(config, rng), decode, copies)
+    return _collect(rows, state, steps, copies, decode)
 
 
 # Beam search -------------------------------------------------------------------------------
@@ -695,132 +660,136 @@ class _Hypothesis(NamedTuple):
     reason: str
 
 
-def _add_hypothesis(hyps: list[_Hypothesis], hyp: _Hypothesis, keep: int) -> None:
-    hyps.append(hyp)
-    hyps.sort(key=lambda h: (-h.score, h.order))
-    del hyps[keep:]
+class _Beams:
+    """The finished hypotheses of every prompt, best first, at most K each."""
+
+    def __init__(self, n_prompts: int, k: int):
+        self.k, self.hyps, self.counter = k, [[] for _ in range(n_prompts)], 0
+
+    def add(self, b: int, score: float, tokens: list[int], reason: str) -> None:
+        hyps = self.hyps[b]
+        hyps.append(_Hypothesis(score, self.counter, tokens, reason))
+        self.counter += 1
+        hyps.sort(key=lambda h: (-h.score, h.order))
+        del hyps[self.k:]
+
+
+def _beam_candidates(cand: np.ndarray, top: np.ndarray, b: int, k: int, vocab: int, eos: set[int],
+                     norm: np.float32, beams: list[list[int]], hyps: _Beams,
+                     out: tuple[np.ndarray, np.ndarray, np.ndarray]) -> None:
+    """Walk prompt b's candidates in order: an eos ranked < K closes a hypothesis, any other
+    token fills the next running beam, until K beams are filled."""
+    next_rows, next_tokens, next_scores = out
+    base, filled = b * k, 0
+    for rank, flat in enumerate(top[b]):
+        beam, tok = divmod(int(flat), vocab)
+        score = cand[b, flat]
+        if tok in eos:
+            if rank < k:
+                hyps.add(b, float(score / norm), beams[base + beam] + [tok], "eos")
+            continue
+        next_rows[base + filled], next_tokens[base + filled] = base + beam, tok
+        next_scores[base + filled] = score
+        filled += 1
+        if filled == k:
+            break
 
 
 def beam_search(
     model: StepModel, prompts: Sequence[Sequence[int]], config: GenerationConfig, *, decode: Decode | None = None
-) -> GenerationOutput:
+) -> list[Generation]:
     """Beam search with K = num_beams beams per prompt.
 
-    Spec (the PyTorch reference mirrors it exactly):
-
-    * The prompts run once (B rows); logits and cache are then copied to B*K rows. Beam
-      scores start at [0, -inf, ..., -inf] per prompt.
+    * The prompts run once (B rows); the rows are then copied to B*K. Beam scores start at
+      [0, -inf, ..., -inf] per prompt.
     * Step t = 0 .. max_new_tokens-1: ``logprobs = log_softmax(process_logits(...))`` (N, V)
       (repetition penalty, no-repeat n-gram, min_new_tokens eos suppression; no temperature,
       top-k or top-p); ``cand = scores[:, None] + logprobs`` reshaped (B, K*V); take the first
-      C = max(2, 1 + len(eos_token_ids)) * K candidates of a stable sort of ``-cand`` (C = 2K for
+      M = max(2, 1 + len(eos_token_ids)) * K candidates of a stable sort of ``-cand`` (M = 2K for
       at most one eos id; lower flat index first among ties), capped at K*V.
     * For each prompt not done, walk the candidates in order: ``beam = flat // V``,
       ``tok = flat % V``. An eos token adds the finished hypothesis ``beam's tokens + [tok]``
-      with score ``cand / (t+1) ** length_penalty`` if its rank among the C candidates is < K,
+      with score ``cand / (t+1) ** length_penalty`` if its rank among the M candidates is < K,
       and is otherwise skipped; any other token becomes the next running beam. Stop after K
       running beams (if the candidates run out first, the remaining slots copy beam 0 with
       ``pad_token_id`` and score -inf). A prompt keeps its K best hypotheses (score descending,
       earlier added first among ties).
     * After the step, a prompt with K hypotheses is done if ``early_stopping``, or else if its
-      worst hypothesis score >= best running raw score / (t+1) ** length_penalty.
-    * Rows of done prompts are fed ``pad_token_id`` and ignored. The cache is reordered with
-      the chosen beam rows every step. Stop when every prompt is done or after
-      max_new_tokens steps; prompts not done then add all K running beams as hypotheses
-      (reason "length") with score ``raw / generated_length ** length_penalty``.
+      worst hypothesis score >= the best running beam's raw score (the sum of its log-probs)
+      / (t+1) ** length_penalty.
+    * Rows of done prompts are fed ``pad_token_id`` and ignored. The rows are reordered to the
+      chosen beams every step. Stop when every prompt is done or after max_new_tokens steps;
+      prompts not done then add all K running beams as hypotheses (reason "length") with
+      score ``raw / generated_length ** length_penalty``.
     * Return the ``num_return_sequences`` best hypotheses per prompt.
 
     All scores are float32 arithmetic. ``max_new_tokens == 0`` returns empty sequences with
     the initial raw scores (0, -inf, ...) and calls no model.
     """
-    _require_strategy(config, "beam")
+    config = _require_strategy(config, "beam")
     rows = check_prompts(prompts)
     _check_vocab(model.vocab_size, rows, config)
-    n_prompts, k = len(rows), config.num_beams
-    n = n_prompts * k
-    keep = config.num_return_sequences
+    n_prompts, k, keep = len(rows), config.num_beams, config.num_return_sequences
     if config.max_new_tokens == 0:
         initial = [0.0] + [-math.inf] * (k - 1)
-        return GenerationOutput(
-            sequences=[[[] for _ in range(keep)] for _ in rows],
-            scores=[initial[:keep] for _ in rows],
-            finish_reasons=[["length"] * keep for _ in rows],
-            texts=[[decode([])] * keep for _ in rows] if decode is not None else None,
-        )
+        texts = [decode([])] * (n_prompts * keep) if decode is not None else None
+        return _results(rows, keep, [[]] * (n_prompts * keep), initial[:keep] * n_prompts,
+                        ["length"] * (n_prompts * keep), texts)
 
-    batch = left_pad(rows, config.pad_token_id)
-    cache = model.init_cache(n_prompts)
-    logits, cache, _ = _step(model, batch.input_ids, batch.position_ids, batch.attention_mask, cache)
-    vocab = model.vocab_size
-    expand = np.repeat(np.arange(n_prompts), k)  # (N,) row -> prompt
-    logits, cache = logits[expand], model.reorder_cache(cache, expand)
-    mask, positions = batch.attention_mask[expand], batch.position_ids[expand, -1]  # (N, T), (N,)
+    try:
+        return _beam_loop(model, rows, config, decode)
+    finally:
+        if model.rows:
+            model.release(np.arange(model.rows))
 
+
+def _beam_loop(model: StepModel, rows: list[list[int]], config: GenerationConfig,
+               decode: Decode | None) -> list[Generation]:
+    n_prompts, k, keep, vocab = len(rows), config.num_beams, config.num_return_sequences, model.vocab_size
+    n = n_prompts * k
+    result = _start(model, rows, k)
     eos = set(config.eos_token_ids)
     n_cand = min(max(2, 1 + len(eos)) * k, k * vocab)
     lp = np.float32(config.length_penalty)
-    history = [list(rows[b]) for b in expand]
+    history = [model.sequence_start(rows[r // k]) for r in range(n)]
     beams: list[list[int]] = [[] for _ in range(n)]
     scores = np.full(n, -np.inf, dtype=np.float32)  # (N,)
     scores[::k] = 0.0
-    hyps: list[list[_Hypothesis]] = [[] for _ in range(n_prompts)]
+    hyps = _Beams(n_prompts, k)
     done = np.zeros(n_prompts, dtype=bool)
-    counter = 0
     last_t = 0
     for t in range(config.max_new_tokens):
         last_t = t
-        logprobs = log_softmax(process_logits(logits, history, config, t))  # (N, V) float32
+        logprobs = log_softmax(process_logits(_logits(result, n, vocab), history, config, t))  # (N, V) float32
         cand = (scores[:, None] + logprobs).reshape(n_prompts, k * vocab)  # (B, K*V)
-        top = np.argsort(-cand, axis=1, kind="stable")[:, :n_cand]  # (B, C)
+        top = np.argsort(-cand, axis=1, kind="stable")[:, :n_cand]  # (B, M)
         norm = np.float32(t + 1) ** lp
         next_rows = np.repeat(np.arange(n_prompts) * k, k)  # (N,) default: copy beam 0
         next_tokens = np.full(n, config.pad_token_id, dtype=np.int64)
         next_scores = np.full(n, -np.inf, dtype=np.float32)
         for b in range(n_prompts):
-            base = b * k
             if done[b]:
-                next_rows[base:base + k] = np.arange(base, base + k)
+                next_rows[b * k:(b + 1) * k] = np.arange(b * k, (b + 1) * k)
                 continue
-            filled = 0
-            for rank, flat in enumerate(top[b]):
-                beam, tok = divmod(int(flat), vocab)
-                score = cand[b, flat]
-                if tok in eos:
-                    if rank < k:
-                        hyp = _Hypothesis(float(score / norm), counter, beams[base + beam] + [tok], "eos")
-                        _add_hypothesis(hyps[b], hyp, k)
-                        counter += 1
-                    continue
-                next_rows[base + filled], next_tokens[base + filled] = base + beam, tok
-                next_scores[base + filled] = score
-                filled += 1
-                if filled == k:
-                    break
-            if len(hyps[b]) == k:
-                done[b] = config.early_stopping or hyps[b][-1].score >= float(next_scores[base] / norm)
+            _beam_candidates(cand, top, b, k, vocab, eos, norm, beams, hyps, (next_rows, next_tokens, next_scores))
+            if len(hyps.hyps[b]) == k:
+                done[b] = config.early_stopping or hyps.hyps[b][-1].score >= float(next_scores[b * k] / norm)
         beams = [beams[r] + [int(tok)] for r, tok in zip(next_rows, next_tokens)]
         history = [history[r] + [int(tok)] for r, tok in zip(next_rows, next_tokens)]
         scores = next_scores
         if done.all() or t == config.max_new_tokens - 1:
             break
-        cache = model.reorder_cache(cache, next_rows)
-        mask = np.concatenate([mask[next_rows], np.ones((n, 1), dtype=np.int64)], axis=1)  # (N, P+T+1)
-        positions = positions[next_rows] + 1
-        logits, cache, _ = _step(model, next_tokens[:, None], positions[:, None], mask, cache)
+        model.select(next_rows)
+        result = model.advance(next_tokens)
 
     norm = np.float32(last_t + 1) ** lp
     for b in np.flatnonzero(~done):
         for r in range(b * k, (b + 1) * k):
-            hyp = _Hypothesis(float(scores[r] / norm), counter, beams[r], "length")
-            _add_hypothesis(hyps[b], hyp, k)
-            counter += 1
-    best = [h[:keep] for h in hyps]
-    return GenerationOutput(
-        sequences=[[h.tokens for h in hs] for hs in best],
-        scores=[[h.score for h in hs] for hs in best],
-        finish_reasons=[[h.reason for h in hs] for hs in best],
-        texts=[[decode(h.tokens) for h in hs] for hs in best] if decode is not None else None,
-    )
+            hyps.add(b, float(scores[r] / norm), beams[r], "length")
+    best = [h[:keep] for h in hyps.hyps]
+    return [Generation(rows[b], [h.tokens for h in hs], [h.score for h in hs], [h.reason for h in hs],
+                       [decode(h.tokens) for h in hs] if decode is not None else None)
+            for b, hs in enumerate(best)]
 
 
 # Entry points ------------------------------------------------------------------------------
@@ -831,8 +800,9 @@ def generate(
     *,
     rng: np.random.Generator | None = None,
     decode: Decode | None = None,
-) -> GenerationOutput:
-    """Run ``config.strategy`` (greedy, sample or beam_search)."""
+) -> list[Generation]:
+    """Run ``config.strategy`` (greedy, sample or beam_search); one Generation per prompt."""
+    config = _resolved(config)
     if config.strategy == "greedy":
         return greedy(model, prompts, config, decode=decode)
     if config.strategy == "sample":
@@ -867,6 +837,7 @@ def stream(
     concatenated deltas equal the final text (cut at a stop string). Arguments are checked
     when ``stream`` is called, not at the first ``next()``.
     """
+    config = _resolved(config)
     if config.strategy == "beam":
         raise ConfigError("stream() supports strategy 'greedy' or 'sample'; got 'beam'. Use beam_search().")
     if config.num_return_sequences != 1:
@@ -874,10 +845,10 @@ def stream(
             f"stream() yields one sequence; got num_return_sequences={config.num_return_sequences}. Use sample()."
         )
     if config.strategy == "greedy":
-        chooser = _greedy_chooser
+        chooser = greedy_choice
     else:
         chooser = _sample_chooser(config, rng if rng is not None else np.random.default_rng(config.seed))
-    state, steps = _decode_loop(model, [prompt], config, chooser, decode, copies=1, live_text=True)
+    _, state, steps = _decode_loop(model, [prompt], config, chooser, decode, copies=1, live_text=True)
     return _text_deltas(state, steps, config.stop_strings, decode)
 
 
@@ -900,8 +871,8 @@ def _text_deltas(state: _Rows, steps: Iterator[None], stop_strings: Sequence[str
 
 
 __all__ = [
-    "STRATEGIES", "FINISH_REASONS", "Decode", "GenerationConfig", "StepResult", "StepModel",
-    "PaddedBatch", "left_pad", "GenerationOutput",
+    "STRATEGIES", "FINISH_REASONS", "BUILTIN_DEFAULTS", "Decode", "GenerationConfig", "resolve_config",
+    "StepResult", "StepModel", "PaddedBatch", "left_pad", "check_prompts", "greedy_choice", "Generation",
     "apply_repetition_penalty", "ban_repeated_ngrams", "suppress_eos", "apply_temperature",
     "top_k_filter", "top_p_filter", "log_softmax", "softmax", "sample_tokens",
     "process_logits", "sampling_filters",

@@ -6,14 +6,14 @@ tokenizers only; never torch.
     model.classify(["the food was not good"])      # encoder packages with a classifier
     model.embed(["a sentence"], pooling="mean")     # encoder packages
 
-The decoder step always runs through onnxruntime I/O binding: inputs and the KV cache are
-OrtValues on the session's device and each step's `present.*` outputs are fed back as the
-next step's `past_key_values.*` without a round trip through numpy. Only the logits come back
-to the host. On CPU this is the same code path CUDA uses; only the device name differs.
+Generation drives the one search (runtime/generation.py) over a step model of the package's
+sessions (runtime/session_steps.py); `Model.step_model()` gives one to callers that schedule
+rows themselves (a server adding and dropping requests mid-batch).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 from concurrent.futures import ThreadPoolExecutor
@@ -29,26 +29,20 @@ from tokenizers import Tokenizer
 from . import generation as gen
 from .contract import (
     ATTENTION_MASK,
-    CROSS_ATTENTION,
     DECODER,
     ENCODER,
-    ENCODER_ATTENTION_MASK,
-    ENCODER_HIDDEN_STATES,
     INPUT_IDS,
     LAST_HIDDEN_STATE,
     LOGITS,
-    NEXT_TOKEN,
-    NEXT_TOKEN_LOGPROB,
-    POSITION_IDS,
-    SEQUENCE_LENGTHS,
     TOKEN_TYPE_IDS,
     check_session_io,
-    past_name_for,
     self_cache_names,
 )
 from .errors import ConfigError, InputError, PackageError, ProviderError, RunError
 from .safety import check_external_data
-from .generation import GenerationConfig, GenerationOutput
+from .generation import Generation, GenerationConfig
+from .session_steps import ConcatSteps, SharedSteps
+from .steps import StepModel, is_int
 from .manifest import Manifest
 
 log = logging.getLogger(__name__)
@@ -64,21 +58,6 @@ class Classification:
     label: str
     score: float
     probabilities: dict[str, float]
-
-
-@dataclass(frozen=True)
-class Generation:
-    """One prompt's result: `texts[j]` / `token_ids[j]` for each returned sequence j."""
-
-    prompt: str
-    texts: list[str]
-    token_ids: list[list[int]]
-    scores: list[float]
-    finish_reasons: list[str]
-
-    @property
-    def text(self) -> str:
-        return self.texts[0]
 
 
 def truncate_keeping_specials(ids: Sequence[int], special_mask: Sequence[int], limit: int, *,
@@ -222,7 +201,7 @@ class Model:
         if isinstance(ids, (str, bytes)) or not hasattr(ids, "__iter__"):
             raise InputError(f"decode() takes a list of token ids; got {type(ids).__name__}")
         ids = list(ids)
-        bad = [t for t in ids if not gen._is_int(t) or not 0 <= t < self.dims.vocab_size]
+        bad = [t for t in ids if not is_int(t) or not 0 <= t < self.dims.vocab_size]
         if bad:
             raise InputError(f"decode(): {bad[0]!r:.40} is not a token id of this model (integers in "
                              f"[0, {self.dims.vocab_size}))")
@@ -315,29 +294,11 @@ class Model:
     # Generation
     # ---------------------------------------------------------------------------------------
     def generation_config(self, config: GenerationConfig | None = None, **overrides: Any) -> GenerationConfig:
-        """The config a call runs with.
-
-        Without `config`: the package's generation defaults (manifest), then `overrides`.
-        With `config`: exactly that config, except that an empty `eos_token_ids` and the default
-        `pad_token_id` take the package's values (a config built without knowing the tokenizer
-        still stops at its eos), then `overrides`.
-        """
-        if config is not None and not isinstance(config, GenerationConfig):
-            raise ConfigError(
-                f"config must be a GenerationConfig or None; got {type(config).__name__}. "
-                "Build one with GenerationConfig(...) or GenerationConfig.from_dict(...), or pass keyword overrides"
-            )
-        package = dict(self.manifest.generation)
-        if config is None:
-            merged = package
-        else:
-            merged = config.to_dict()
-            if not config.eos_token_ids and "eos_token_ids" in package:
-                merged["eos_token_ids"] = package["eos_token_ids"]
-            if config.pad_token_id == GenerationConfig().pad_token_id and "pad_token_id" in package:
-                merged["pad_token_id"] = package["pad_token_id"]
-        merged.update(overrides)
-        return GenerationConfig.from_dict(merged)
+        """The config a call runs with: `config` (or an empty one) updated by `overrides`, then
+        every field still unset from the package's generation defaults (manifest), then the
+        built-in defaults. A value given is kept, even `eos_token_ids=()` (no eos) or
+        `pad_token_id=0`. Every generation entry point resolves its parameters here."""
+        return gen.resolve_config(config, overrides, self.manifest.generation)
 
     def _prompt_ids(self, prompts: list[str], config: GenerationConfig, truncate: bool) -> list[list[int]]:
         if config.max_new_tokens >= self.manifest.max_seq_len:
@@ -370,26 +331,32 @@ class Model:
             )
         return rows
 
-    def _steps(self, prompts: list[list[int]], config: GenerationConfig) -> tuple[gen.StepModel, list[list[int]]]:
-        """The step model and the decoder prompts (encoder-decoder: the start token per source)."""
-        sources, decoder_prompts = None, prompts
-        if self.arch == "encoder-decoder":
-            sources, decoder_prompts = prompts, [[self.manifest.special("decoder_start")] for _ in prompts]
+    def step_model(self, *, capacity: int | None = None) -> StepModel:
+        """A fresh step model over this package's graphs (runtime/steps.py): prefill rows from
+        prompts (sources for an encoder-decoder), advance them, select, release and admit rows.
+        `capacity` hints the tokens per row the shared KV buffers hold at first."""
+        self._require(self.can_generate, "step_model", "a decoder-only, prefix-lm or encoder-decoder package")
         if self.manifest.kv_cache == "shared":
-            longest = max(len(p) for p in decoder_prompts) + config.max_new_tokens
-            return _SharedCacheSteps(self, sources, capacity=min(longest, self.manifest.max_seq_len)), decoder_prompts
-        return _DecoderSteps(self, sources), decoder_prompts
+            return SharedSteps(self, capacity=min(capacity or 64, self.manifest.max_seq_len))
+        return ConcatSteps(self)
+
+    def _steps(self, prompts: list[list[int]], config: GenerationConfig) -> StepModel:
+        decoder_prompt = 1 if self.arch == "encoder-decoder" else max(len(p) for p in prompts)
+        return self.step_model(capacity=decoder_prompt + config.max_new_tokens)
 
     def generate_ids(self, prompts: Sequence[Sequence[int]], config: GenerationConfig | None = None, *,
-                     rng: np.random.Generator | None = None) -> GenerationOutput:
-        """Generation on token ids (the source ids for encoder-decoder packages)."""
+                     rng: np.random.Generator | None = None, **overrides: Any) -> list[Generation]:
+        """Generation on token ids (the source ids for encoder-decoder packages); one
+        Generation per prompt, its `prompt` the ids."""
         self._require(self.can_generate, "generate", "a decoder-only, prefix-lm or encoder-decoder package")
-        config = config if isinstance(config, GenerationConfig) else self.generation_config(config)
+        config = self.generation_config(config, **overrides)
         _check_rng(rng)
-        rows = self._check_ids(prompts, config)
-        steps, decoder_prompts = self._steps(rows, config)
+        return self._generate(self._check_ids(prompts, config), config, rng)
+
+    def _generate(self, rows: list[list[int]], config: GenerationConfig,
+                  rng: np.random.Generator | None) -> list[Generation]:
         try:
-            return gen.generate(steps, decoder_prompts, config, rng=rng, decode=self._decode)
+            return gen.generate(self._steps(rows, config), rows, config, rng=rng, decode=self._decode)
         except ORT_ERRORS as err:
             raise _run_error(err, "the generation graphs") from None
 
@@ -401,12 +368,8 @@ class Model:
         texts = self._texts(prompts, "generate prompts")
         config = self.generation_config(config, **overrides)
         _check_rng(rng)
-        ids = self._prompt_ids(texts, config, truncate)
-        out = self.generate_ids(ids, config, rng=rng)
-        return [
-            Generation(text, out.texts[b], out.sequences[b], out.scores[b], out.finish_reasons[b])
-            for b, text in enumerate(texts)
-        ]
+        rows = self._check_ids(self._prompt_ids(texts, config, truncate), config)
+        return [dataclasses.replace(g, prompt=text) for g, text in zip(self._generate(rows, config, rng), texts)]
 
     def stream(self, prompt: str, config: GenerationConfig | None = None, *, truncate: bool = False,
                rng: np.random.Generator | None = None, **overrides: Any) -> Iterator[str]:
@@ -418,8 +381,7 @@ class Model:
         config = self.generation_config(config, **overrides)
         _check_rng(rng)
         ids = self._check_ids(self._prompt_ids([prompt], config, truncate), config)
-        steps, decoder_prompts = self._steps(ids, config)
-        return _guarded(gen.stream(steps, decoder_prompts[0], config, self._decode, rng=rng))
+        return _guarded(gen.stream(self._steps(ids, config), ids[0], config, self._decode, rng=rng))
 
 
 def _guarded(pieces: Iterator[str]) -> Iterator[str]:
@@ -441,249 +403,6 @@ def _check_rng(rng: Any) -> None:
     if rng is not None and not isinstance(rng, np.random.Generator):
         raise ConfigError(f"rng must be a numpy.random.Generator or None; got {type(rng).__name__}. "
                           "Use numpy.random.default_rng(seed), or pass seed=...")
-
-
-def _encode_sources(model: Model, sources: list[list[int]]) -> dict[str, Any]:
-    """Encoder over the left-padded sources, then cross_attention once: the decoder's encoder
-    K/V (B, Hkv, S, Dh) and encoder_attention_mask, as OrtValues on the model's device. Both
-    step models bind these for every step and never copy them."""
-    def value(array: np.ndarray) -> ort.OrtValue:
-        return ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(array), model.device, 0)
-
-    batch = gen.left_pad(sources, max(model.manifest.special("pad"), 0))
-    hidden = model.sessions[ENCODER].run(
-        [LAST_HIDDEN_STATE], {INPUT_IDS: batch.input_ids, ATTENTION_MASK: batch.attention_mask}
-    )[0]  # (B, S, D)
-    cross = model.sessions[CROSS_ATTENTION]
-    names = [o.name for o in cross.get_outputs()]
-    binding = cross.io_binding()
-    binding.bind_ortvalue_input(ENCODER_HIDDEN_STATES, value(hidden))
-    for name in names:
-        binding.bind_output(name, model.device)
-    cross.run_with_iobinding(binding)
-    cache = {past_name_for(n): v for n, v in zip(names, binding.get_outputs())}  # (B, Hkv, S, Dh)
-    cache[ENCODER_ATTENTION_MASK] = value(batch.attention_mask)
-    return cache
-
-
-class _DecoderSteps:
-    """The StepModel of generation over the package's decoder graph, with I/O binding.
-
-    The cache is a dict {past input name: OrtValue} (+ the encoder K/V and mask for an
-    encoder-decoder model, bound once per source, never copied per step).
-    """
-
-    def __init__(self, model: Model, sources: list[list[int]] | None = None):
-        self.model = model
-        self.session = model.sessions[DECODER]
-        self.device = model.device
-        self.sources = sources
-        self.vocab_size = model.dims.vocab_size
-        self._self_past = {past for _, past in model._self_cache}  # the only entries that grow per step
-        self.output_names = [o.name for o in self.session.get_outputs()]
-
-    def _value(self, array: np.ndarray) -> ort.OrtValue:
-        return ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(array), self.device, 0)
-
-    def init_cache(self, batch_size: int) -> dict[str, Any]:
-        dims, dtype = self.model.dims, self.model.float_dtype
-        empty = np.zeros((batch_size, dims.n_kv_heads, 0, dims.d_head), dtype=dtype)  # (B, Hkv, P=0, Dh)
-        cache: dict[str, Any] = {past: self._value(empty) for _, past in self.model._self_cache}
-        self._source_of_row = np.arange(batch_size)  # which input each row encodes (encoder-decoder)
-        if self.sources is not None:
-            if batch_size != len(self.sources):
-                raise AssertionError(f"init_cache({batch_size}) for {len(self.sources)} sources")
-            cache.update(_encode_sources(self.model, self.sources))
-        return cache
-
-    def step(self, input_ids: np.ndarray, position_ids: np.ndarray, attention_mask: np.ndarray,
-             cache: dict[str, Any]) -> gen.StepResult:
-        binding = self.session.io_binding()
-        binding.bind_ortvalue_input(INPUT_IDS, self._value(input_ids.astype(np.int64, copy=False)))
-        binding.bind_ortvalue_input(POSITION_IDS, self._value(position_ids.astype(np.int64, copy=False)))
-        binding.bind_ortvalue_input(ATTENTION_MASK, self._value(attention_mask.astype(np.int64, copy=False)))
-        for name, value in cache.items():
-            binding.bind_ortvalue_input(name, value)
-        for name in self.output_names:
-            binding.bind_output(name, self.device)
-        self.session.run_with_iobinding(binding)
-        outputs = binding.get_outputs()
-        logits = outputs[0].numpy()[:, -1, :]  # (N, V) last position
-        new_cache = dict(cache)
-        for name, value in zip(self.output_names[1:], outputs[1:]):
-            new_cache[past_name_for(name)] = value  # present.* -> past_key_values.*
-        return gen.StepResult(logits.astype(np.float32, copy=False), new_cache)
-
-    def reorder_cache(self, cache: dict[str, Any], indices: np.ndarray) -> dict[str, Any]:
-        """Gather rows of the self-attention cache. The encoder K/V and mask depend only on the
-        input a row belongs to: they are gathered only when that changes (the expansion to
-        beams or samples), never on beam search's per-step reorders within a prompt."""
-        indices = np.asarray(indices, dtype=np.int64)
-        sources = self._source_of_row[indices]
-        keep_encoder = np.array_equal(sources, self._source_of_row)
-        self._source_of_row = sources
-        return {
-            name: value if keep_encoder and name not in self._self_past else self._value(value.numpy()[indices])
-            for name, value in cache.items()
-        }
-
-
-def _aligned_zeros(shape: tuple[int, ...], dtype: Any) -> np.ndarray:
-    """Zeros whose data starts on a 64-byte boundary (a cache line; numpy's large arrays start
-    16 bytes past one). onnxruntime's kernels read the shared KV buffers in place: aligned,
-    the batch-8 decode step is about 4% faster (int4: 3.82 vs 3.98 ms)."""
-    dtype = np.dtype(dtype)
-    nbytes = int(np.prod(shape)) * dtype.itemsize
-    raw = np.zeros(nbytes + 64, dtype=np.uint8)
-    start = -raw.ctypes.data % 64
-    return raw[start:start + nbytes].view(dtype).reshape(shape)
-
-
-class _SharedCache:
-    """The state of one generation over a "shared" layout decoder (opaque to generation)."""
-
-    def __init__(self, batch_size: int, capacity: int):
-        self.batch_size, self.capacity = batch_size, capacity
-        self.buffers: dict[str, ort.OrtValue] = {}  # past name -> (N, Hkv, C, Dh), also the present
-        self.lengths = np.zeros(batch_size, dtype=np.int64)  # tokens of each row in the buffers
-        self.encoder: dict[str, ort.OrtValue] = {}  # encoder K/V and mask (encoder-decoder)
-        self.source_of_row = np.arange(batch_size)  # which input each row continues
-        self.binding: Any = None  # the I/O binding, rebuilt when rows or buffers change
-        self.logits: ort.OrtValue | None = None
-        self.logits_host: np.ndarray | None = None  # CPU: the array the logits OrtValue writes into
-        self.ids: ort.OrtValue | None = None  # bound input_ids and sequence_lengths, updated in place
-        self.lengths_value: ort.OrtValue | None = None
-        self.choice: list[tuple[np.ndarray | None, ort.OrtValue]] = []  # next_token, next_token_logprob
-
-
-class _SharedCacheSteps:
-    """The StepModel of generation over a decoder exported with the "shared" KV-cache layout.
-
-    Each layer's cache is ONE preallocated buffer (N, Hkv, C, Dh) bound as both the past input
-    and the present output, so the graph's GroupQueryAttention writes each new token's K/V in
-    place: no cache copy per step, and one I/O binding reused for the whole generation (only
-    the new tokens and the row lengths are bound per step). The prompt step turns
-    generation's left-padded rows into the right-padded rows the layout takes.
-    """
-
-    def __init__(self, model: Model, sources: list[list[int]] | None = None, *, capacity: int):
-        self.model, self.sources = model, sources
-        self.session = model.sessions[DECODER]
-        self.device = model.device
-        self.vocab_size = model.dims.vocab_size
-        self.capacity = max(1, capacity)  # C: tokens per row the buffers hold; grown if a call needs more
-        self._self_past = [past for _, past in model._self_cache]
-        self._present_of = {past: present for present, past in model._self_cache}
-
-    def _empty(self, rows: int, capacity: int) -> ort.OrtValue:
-        dims = self.model.dims
-        shape = (rows, dims.n_kv_heads, capacity, dims.d_head)  # (N, Hkv, C, Dh)
-        return ort.OrtValue.ortvalue_from_numpy(_aligned_zeros(shape, self.model.float_dtype), self.device, 0)
-
-    def init_cache(self, batch_size: int) -> _SharedCache:
-        cache = _SharedCache(batch_size, self.capacity)
-        cache.buffers = {past: self._empty(batch_size, self.capacity) for past in self._self_past}
-        if self.sources is not None:
-            if batch_size != len(self.sources):
-                raise AssertionError(f"init_cache({batch_size}) for {len(self.sources)} sources")
-            cache.encoder = _encode_sources(self.model, self.sources)
-        return cache
-
-    def _bind(self, cache: _SharedCache) -> None:
-        """One binding for the generation: buffers in and out (the same OrtValues), the encoder
-        entries, and a preallocated logits output; steps rebind only input_ids and lengths."""
-        binding = self.session.io_binding()
-        for name, value in (*cache.buffers.items(), *cache.encoder.items()):
-            binding.bind_ortvalue_input(name, value)
-        for past, value in cache.buffers.items():
-            binding.bind_ortvalue_output(self._present_of[past], value)  # the same memory: updated in place
-        shape = (cache.batch_size, self.vocab_size)  # (N, V)
-        if self.device == "cpu":  # onnxruntime writes the logits straight into this array: no copy per step
-            cache.logits_host = _aligned_zeros(shape, self.model.float_dtype)
-            cache.logits = ort.OrtValue.ortvalue_from_numpy(cache.logits_host, self.device, 0)
-        else:  # on the device; copied to the host after each step
-            cache.logits_host = None
-            cache.logits = ort.OrtValue.ortvalue_from_shape_and_type(shape, self.model.float_dtype, self.device, 0)
-        binding.bind_ortvalue_output(LOGITS, cache.logits)
-        # The graph's greedy choice, (N,) each: written into host arrays on CPU as the logits are.
-        cache.choice = []
-        for name, dtype in ((NEXT_TOKEN, np.int64), (NEXT_TOKEN_LOGPROB, np.float32)):
-            if self.device == "cpu":
-                host = np.empty((cache.batch_size,), dtype=dtype)
-                value = ort.OrtValue.ortvalue_from_numpy(host, self.device, 0)
-            else:
-                host, value = None, ort.OrtValue.ortvalue_from_shape_and_type((cache.batch_size,), dtype, self.device, 0)
-            binding.bind_ortvalue_output(name, value)
-            cache.choice.append((host, value))
-        cache.binding, cache.ids = binding, None  # input_ids / sequence_lengths are bound by the next step
-
-    def _grow(self, cache: _SharedCache, needed: int) -> None:
-        """Longer buffers when a row would pass the capacity (a caller past the hinted length)."""
-        capacity = min(max(needed, 2 * cache.capacity), self.model.manifest.max_seq_len)
-        if needed > capacity:
-            raise InputError(f"rows of {needed} tokens exceed this model's max_seq_len ({self.model.manifest.max_seq_len})")
-        for name, value in cache.buffers.items():
-            grown = _aligned_zeros((cache.batch_size, self.model.dims.n_kv_heads, capacity, self.model.dims.d_head),
-                                   self.model.float_dtype)
-            grown[:, :, :cache.capacity] = value.numpy()
-            cache.buffers[name] = ort.OrtValue.ortvalue_from_numpy(grown, self.device, 0)
-        cache.capacity, cache.binding = capacity, None
-
-    def step(self, input_ids: np.ndarray, position_ids: np.ndarray, attention_mask: np.ndarray,
-             cache: _SharedCache) -> gen.StepResult:
-        del position_ids  # the graph derives positions from the row lengths
-        lengths = attention_mask.sum(axis=1, dtype=np.int64)  # (N,) real tokens after this step
-        n, t = input_ids.shape
-        if not cache.lengths.any() and t > 1:  # the prompt: left padding -> right padding
-            shift = (np.arange(t)[None, :] + (t - lengths)[:, None]) % t  # row b starts at its first real token
-            input_ids = np.take_along_axis(input_ids, shift, axis=1)
-        return self._run(np.ascontiguousarray(input_ids, dtype=np.int64), lengths, cache)
-
-    def advance(self, tokens: np.ndarray, cache: _SharedCache) -> gen.StepResult:
-        """One new token per row (N,) int64: every row grows by one (generation's per-token
-        step; the same as step() with the next positions and a mask one longer)."""
-        return self._run(tokens[:, None], cache.lengths + 1, cache)
-
-    def _run(self, ids: np.ndarray, lengths: np.ndarray, cache: _SharedCache) -> gen.StepResult:
-        """Run ids (N, T) so that row b holds lengths[b] tokens afterwards."""
-        if int(lengths.max()) > cache.capacity:
-            self._grow(cache, int(lengths.max()))
-        if cache.binding is None:
-            self._bind(cache)
-        if cache.ids is None or cache.ids.shape() != list(ids.shape):  # the prompt, then (N, 1) for every step
-            cache.ids = ort.OrtValue.ortvalue_from_numpy(ids.copy(), self.device, 0)
-            cache.lengths_value = ort.OrtValue.ortvalue_from_numpy(lengths.copy(), self.device, 0)
-            cache.binding.bind_ortvalue_input(INPUT_IDS, cache.ids)
-            cache.binding.bind_ortvalue_input(SEQUENCE_LENGTHS, cache.lengths_value)
-        else:  # same shapes: write the values into the bound tensors
-            cache.ids.update_inplace(ids)
-            cache.lengths_value.update_inplace(lengths)
-        self.session.run_with_iobinding(cache.binding)
-        cache.lengths = lengths
-        # The logits array is the step's output buffer (valid until the next step; generation
-        # reads it before stepping again, StepModel's contract).
-        logits = cache.logits_host if cache.logits_host is not None else cache.logits.numpy()
-        token, logprob = (host if host is not None else value.numpy() for host, value in cache.choice)
-        return gen.StepResult(logits.astype(np.float32, copy=False), cache, (token, logprob))
-
-    def reorder_cache(self, cache: _SharedCache, indices: np.ndarray) -> _SharedCache:
-        """Gather rows of the buffers (beam search, the expansion to samples). The encoder K/V
-        are gathered only when the input a row belongs to changes, as in _DecoderSteps."""
-        indices = np.asarray(indices, dtype=np.int64)
-        out = _SharedCache(len(indices), cache.capacity)
-        out.source_of_row = cache.source_of_row[indices]
-        keep_encoder = np.array_equal(out.source_of_row, cache.source_of_row)
-        used = int(cache.lengths.max()) if cache.lengths.size else 0
-        for name, value in cache.buffers.items():
-            rows = _aligned_zeros((len(indices), *value.shape()[1:]), self.model.float_dtype)
-            rows[:, :, :used] = value.numpy()[indices, :, :used]  # only the filled part
-            out.buffers[name] = ort.OrtValue.ortvalue_from_numpy(rows, self.device, 0)
-        out.encoder = cache.encoder if keep_encoder else {
-            name: ort.OrtValue.ortvalue_from_numpy(value.numpy()[indices], self.device, 0)
-            for name, value in cache.encoder.items()
-        }
-        out.lengths = cache.lengths[indices]
-        return out
 
 
 def _tokenizer(directory: Path, manifest: Manifest) -> Tokenizer:

@@ -11,22 +11,27 @@ import pytest
 
 from onnxformer.runtime import generation as G
 from onnxformer.runtime.errors import ConfigError, InputError, OnnxformerError
-from onnxformer.runtime.generation import GenerationConfig, StepResult
+from onnxformer.runtime.generation import GenerationConfig
+from onnxformer.runtime.steps import AlignedSteps, StepModel, StepResult
 
 pytestmark = pytest.mark.runtime_only  # torch-free: CI also runs these without torch
 
 
 # Fake models ---------------------------------------------------------------------------------
-class TinyAttentionLM:
+# Each is a StepModel (runtime/steps.py). The aligned ones reuse the runtime's row bookkeeping
+# (AlignedSteps: left padding, masks, positions, select / admit), so their recorded feeds test it.
+class TinyAttentionLM(AlignedSteps):
     """One attention layer over a KV-like cache, in float64 numpy.
 
-    Keys = token embedding + position embedding (from ``position_ids``); the last position
-    attends over every cached and new key allowed by ``attention_mask``; logits =
-    attended vector @ W + bigram[last token]. Left pads are invisible only if the mask and the
-    positions are right, so batched-vs-alone comparisons are real tests. Records (N, T, P) per call.
+    Keys = token embedding + position embedding (from the positions it is fed); each new
+    position attends over every cached key and the new keys up to itself that the attention
+    mask allows; logits = attended vector @ W + bigram[token]. Left pads are invisible only if
+    the mask and the positions are right, so batched-vs-alone comparisons are real tests.
+    Records (N, T, P) per call.
     """
 
     def __init__(self, vocab: int = 12, d: int = 8, max_pos: int = 64, seed: int = 0, scale: float = 3.0):
+        super().__init__()
         rng = np.random.default_rng(seed)
         self.vocab_size, self.d = vocab, d
         self.tok = rng.normal(size=(vocab, d))
@@ -36,10 +41,10 @@ class TinyAttentionLM:
         self.calls: list[tuple[int, int, int]] = []
         self.feeds: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
 
-    def init_cache(self, batch_size: int) -> np.ndarray:
-        return np.zeros((batch_size, 0, self.d))  # (N, P=0, D)
+    def _start(self, prompts):
+        return np.zeros((len(prompts), 0, self.d)), prompts  # (N, P=0, D)
 
-    def step(self, input_ids, position_ids, attention_mask, cache) -> StepResult:
+    def _forward(self, input_ids, position_ids, attention_mask, cache, last_only):
         n, t = input_ids.shape
         p = cache.shape[1]
         assert input_ids.dtype == position_ids.dtype == attention_mask.dtype == np.int64
@@ -48,63 +53,100 @@ class TinyAttentionLM:
         self.feeds.append((input_ids.copy(), position_ids.copy(), attention_mask.copy()))
         new = self.tok[input_ids] + self.pos[position_ids]  # (N, T, D)
         kv = np.concatenate([cache, new], axis=1)  # (N, P+T, D)
-        query = new[:, -1]  # (N, D)
-        att = np.einsum("nd,nkd->nk", query, kv) / math.sqrt(self.d)  # (N, P+T)
-        att = np.where(attention_mask > 0, att, -np.inf)
-        weights = np.exp(att - att.max(axis=1, keepdims=True))
-        weights /= weights.sum(axis=1, keepdims=True)
-        ctx = np.einsum("nk,nkd->nd", weights, kv)  # (N, D)
-        logits = ctx @ self.w_out + self.bigram[input_ids[:, -1]]  # (N, V)
-        return StepResult(logits.astype(np.float32), kv)
+        logits = []
+        for j in (range(t - 1, t) if last_only else range(t)):  # position j sees keys up to P+j
+            query = new[:, j]  # (N, D)
+            att = np.einsum("nd,nkd->nk", query, kv[:, :p + j + 1]) / math.sqrt(self.d)  # (N, P+j+1)
+            att = np.where(attention_mask[:, :p + j + 1] > 0, att, -np.inf)
+            weights = np.exp(att - att.max(axis=1, keepdims=True))
+            weights /= weights.sum(axis=1, keepdims=True)
+            ctx = np.einsum("nk,nkd->nd", weights, kv[:, :p + j + 1])  # (N, D)
+            logits.append(ctx @ self.w_out + self.bigram[input_ids[:, j]])  # (N, V)
+        out = np.stack(logits, axis=1).astype(np.float32)  # (N, T', V)
+        return (out[:, -1] if last_only else out), kv
 
-    def reorder_cache(self, cache: np.ndarray, indices: np.ndarray) -> np.ndarray:
-        return cache[indices]
+    def _gather(self, cache, rows):
+        return cache[rows]
+
+    def _join(self, a, b, pad_a, pad_b):
+        pad = lambda c, k: np.concatenate([np.zeros((c.shape[0], k, self.d)), c], axis=1)  # noqa: E731
+        return np.concatenate([pad(a, pad_a), pad(b, pad_b)])
 
     def full_logits(self, seq) -> np.ndarray:
         """Logits after ``seq`` computed from scratch (no cache); (V,)."""
         ids = np.asarray([seq], dtype=np.int64)
-        logits = self.step(ids, np.arange(len(seq))[None], np.ones_like(ids), self.init_cache(1)).logits
-        return logits[0]
+        return self._forward(ids, np.arange(len(seq))[None], np.ones_like(ids), np.zeros((1, 0, self.d)), True)[0][0]
 
 
-class BigramLM:
-    """logits = log P[last token]: a hand-checkable table. The cache is the row length."""
+class BigramLM(StepModel):
+    """logits = log P[last token]: a hand-checkable table. Rows are their last tokens."""
 
     def __init__(self, table):
-        self.logits = np.log(np.asarray(table, dtype=np.float64)).astype(np.float32)
-        self.vocab_size = self.logits.shape[1]
+        self.table = np.log(np.asarray(table, dtype=np.float64)).astype(np.float32)
+        self.vocab_size = self.table.shape[1]
         self.calls = 0
+        self.last = np.zeros(0, dtype=np.int64)
 
-    def init_cache(self, batch_size):
-        return np.zeros(batch_size, dtype=np.int64)
+    rows = property(lambda self: len(self.last))
 
-    def step(self, input_ids, position_ids, attention_mask, cache):
-        assert attention_mask.shape[1] == cache[0] + input_ids.shape[1]
+    def prefill(self, prompts):
         self.calls += 1
-        return StepResult(self.logits[input_ids[:, -1]], cache + input_ids.shape[1])
+        new = np.array([p[-1] for p in prompts], dtype=np.int64)
+        self.last = np.concatenate([self.last, new])
+        return StepResult(self.table[new])
 
-    def reorder_cache(self, cache, indices):
-        return cache[indices]
+    def advance(self, tokens):
+        self.calls += 1
+        self.last = np.asarray(tokens, dtype=np.int64)
+        return StepResult(self.table[self.last])
+
+    def select(self, rows):
+        self.last = self.last[rows]
 
 
-class ScriptedLM:
+class ScriptedLM(StepModel):
     """Emits ``script`` token by token (whatever the prompt), then ``fallback`` forever."""
 
     def __init__(self, script, vocab, fallback=0):
         self.script, self.vocab_size, self.fallback = list(script), vocab, fallback
+        self.count, self.n = -1, 0  # generated-token counter, shared by the rows (tests use one row)
 
-    def init_cache(self, batch_size):
-        return -1  # generated-token counter, shared by the rows (tests use one row)
+    rows = property(lambda self: self.n)
 
-    def step(self, input_ids, position_ids, attention_mask, cache):
-        count = cache + 1
-        tok = self.script[count] if count < len(self.script) else self.fallback
-        logits = np.zeros((input_ids.shape[0], self.vocab_size), dtype=np.float32)
+    def _next(self):
+        self.count += 1
+        tok = self.script[self.count] if self.count < len(self.script) else self.fallback
+        logits = np.zeros((self.n, self.vocab_size), dtype=np.float32)
         logits[:, tok] = 10.0
-        return StepResult(logits, count)
+        return StepResult(logits)
 
-    def reorder_cache(self, cache, indices):
-        return cache
+    def prefill(self, prompts):
+        if self.n == 0:
+            self.count = -1  # a new batch starts the script again
+        self.n += len(prompts)
+        return self._next()
+
+    def advance(self, tokens):
+        return self._next()
+
+    def select(self, rows):
+        self.n = len(rows)
+
+
+def seqs(out):
+    return [g.token_ids for g in out]
+
+
+def reasons(out):
+    return [g.finish_reasons for g in out]
+
+
+def scores_of(out):
+    return [g.scores for g in out]
+
+
+def texts_of(out):
+    return [g.texts for g in out]
 
 
 def letters(ids):
@@ -131,14 +173,14 @@ def test_greedy_matches_argmax_loop_without_cache():
     config = GenerationConfig(max_new_tokens=8)
     out = G.greedy(model, [PROMPTS[0]], config)
     expected = greedy_by_hand(model, PROMPTS[0], 8)
-    assert out.sequences == [[expected]]
-    assert out.finish_reasons == [["length"]]
+    assert seqs(out) == [[expected]]
+    assert reasons(out) == [["length"]]
     # score = sum of log-softmax of the chosen tokens
     seq, total = list(PROMPTS[0]), 0.0
     for tok in expected:
         total += float(G.log_softmax(model.full_logits(seq)[None].astype(np.float64))[0, tok])
         seq.append(tok)
-    assert out.scores[0][0] == pytest.approx(total, abs=1e-4)
+    assert scores_of(out)[0][0] == pytest.approx(total, abs=1e-4)
 
 
 def test_step_calls_feed_prompt_once_then_one_token_with_growing_mask_and_positions():
@@ -161,7 +203,7 @@ def test_step_calls_feed_prompt_once_then_one_token_with_growing_mask_and_positi
 def test_batched_left_padded_prompts_match_each_prompt_alone(strategy):
     model = TinyAttentionLM()
     alone = GenerationConfig(max_new_tokens=6)
-    probe = G.greedy(model, [PROMPTS[0]], alone).sequences[0][0]
+    probe = seqs(G.greedy(model, [PROMPTS[0]], alone))[0][0]
     config = GenerationConfig(
         strategy=strategy, max_new_tokens=6, eos_token_ids=(probe[2],), pad_token_id=0,
         num_beams=3 if strategy == "beam" else 1, num_return_sequences=2 if strategy == "beam" else 1,
@@ -169,23 +211,23 @@ def test_batched_left_padded_prompts_match_each_prompt_alone(strategy):
     batched = G.generate(model, PROMPTS, config)
     for b, prompt in enumerate(PROMPTS):
         single = G.generate(model, [prompt], config)
-        assert batched.sequences[b] == single.sequences[0]
-        assert batched.finish_reasons[b] == single.finish_reasons[0]
-        np.testing.assert_allclose(batched.scores[b], single.scores[0], rtol=1e-5)
-    assert "eos" in {r for rs in batched.finish_reasons for r in rs}  # the eos path was exercised
+        assert seqs(batched)[b] == seqs(single)[0]
+        assert reasons(batched)[b] == reasons(single)[0]
+        np.testing.assert_allclose(scores_of(batched)[b], scores_of(single)[0], rtol=1e-5)
+    assert "eos" in {r for rs in reasons(batched) for r in rs}  # the eos path was exercised
 
 
 def test_finished_rows_get_pad_and_generation_stops_when_all_finish():
     model = TinyAttentionLM()
-    free = [s[0] for s in G.greedy(model, PROMPTS[:2], GenerationConfig(max_new_tokens=10)).sequences]
+    free = [s[0] for s in seqs(G.greedy(model, PROMPTS[:2], GenerationConfig(max_new_tokens=10)))]
     eos = 3  # row 1 emits it first, row 0 later (asserted below)
     ends = [seq.index(eos) for seq in free]
     assert ends[1] < ends[0] < 9
     config = GenerationConfig(max_new_tokens=10, eos_token_ids=(eos,), pad_token_id=7)
     model.calls.clear(), model.feeds.clear()
     out = G.greedy(model, PROMPTS[:2], config)
-    assert out.sequences == [[seq[: end + 1]] for seq, end in zip(free, ends)]  # eos included
-    assert out.finish_reasons == [["eos"], ["eos"]]
+    assert seqs(out) == [[seq[: end + 1]] for seq, end in zip(free, ends)]  # eos included
+    assert reasons(out) == [["eos"], ["eos"]]
     # feeds[k] carries token k-1; row 1 is fed pad_token_id after its eos, row 0 is not
     for k in range(ends[1] + 2, ends[0] + 1):
         assert model.feeds[k][0][1, 0] == 7 and model.feeds[k][0][0, 0] == free[0][k - 1]
@@ -194,21 +236,21 @@ def test_finished_rows_get_pad_and_generation_stops_when_all_finish():
 
 def test_min_new_tokens_suppresses_eos():
     model = TinyAttentionLM()
-    first = G.greedy(model, [PROMPTS[0]], GenerationConfig(max_new_tokens=1)).sequences[0][0][0]
+    first = seqs(G.greedy(model, [PROMPTS[0]], GenerationConfig(max_new_tokens=1)))[0][0][0]
     out = G.greedy(model, [PROMPTS[0]], GenerationConfig(max_new_tokens=8, eos_token_ids=(first,)))
-    assert out.sequences[0][0] == [first] and out.finish_reasons == [["eos"]]
+    assert seqs(out)[0][0] == [first] and reasons(out) == [["eos"]]
     out = G.greedy(model, [PROMPTS[0]], GenerationConfig(max_new_tokens=8, min_new_tokens=3, eos_token_ids=(first,)))
-    seq = out.sequences[0][0]
+    seq = seqs(out)[0][0]
     assert first not in seq[:3] and len(seq) >= 3
 
 
 def test_no_repeat_ngram_and_repetition_penalty_in_generation():
     model = TinyAttentionLM(vocab=20)
     prompt = [1, 2, 3, 1, 2]
-    seq = G.greedy(model, [prompt], GenerationConfig(max_new_tokens=12, no_repeat_ngram_size=1)).sequences[0][0]
+    seq = seqs(G.greedy(model, [prompt], GenerationConfig(max_new_tokens=12, no_repeat_ngram_size=1)))[0][0]
     assert len(set(seq)) == len(seq) and set(seq).isdisjoint(prompt)  # n=1: no token seen before
-    free = G.greedy(model, [prompt], GenerationConfig(max_new_tokens=15)).sequences[0][0]
-    seq = G.greedy(model, [prompt], GenerationConfig(max_new_tokens=15, no_repeat_ngram_size=2)).sequences[0][0]
+    free = seqs(G.greedy(model, [prompt], GenerationConfig(max_new_tokens=15)))[0][0]
+    seq = seqs(G.greedy(model, [prompt], GenerationConfig(max_new_tokens=15, no_repeat_ngram_size=2)))[0][0]
     for full in (prompt + free, prompt + seq):
         repeats = [j for j in range(len(prompt), len(full))
                    if (full[j - 1], full[j]) in set(zip(full[: j - 1], full[1:j]))]
@@ -216,14 +258,14 @@ def test_no_repeat_ngram_and_repetition_penalty_in_generation():
 
     # repetition penalty == the by-hand loop applying the pure function
     penalty = 3.0
-    out = G.greedy(model, [prompt], GenerationConfig(max_new_tokens=10, repetition_penalty=penalty)).sequences[0][0]
+    out = seqs(G.greedy(model, [prompt], GenerationConfig(max_new_tokens=10, repetition_penalty=penalty)))[0][0]
     seq, expected = list(prompt), []
     for _ in range(10):
         logits = G.apply_repetition_penalty(model.full_logits(seq)[None], [seq], penalty)
         expected.append(int(np.argmax(logits)))
         seq.append(expected[-1])
     assert out == expected
-    assert out != G.greedy(model, [prompt], GenerationConfig(max_new_tokens=10)).sequences[0][0]
+    assert out != seqs(G.greedy(model, [prompt], GenerationConfig(max_new_tokens=10)))[0][0]
 
 
 def test_max_new_tokens_zero_calls_no_model():
@@ -231,8 +273,8 @@ def test_max_new_tokens_zero_calls_no_model():
     for config in (GenerationConfig(max_new_tokens=0),
                    GenerationConfig(strategy="beam", num_beams=2, max_new_tokens=0)):
         out = G.generate(model, PROMPTS[:2], config, decode=letters)
-        assert out.sequences == [[[]], [[]]] and out.finish_reasons == [["length"]] * 2
-        assert out.texts == [[""], [""]]
+        assert seqs(out) == [[[]], [[]]] and reasons(out) == [["length"]] * 2
+        assert texts_of(out) == [[""], [""]]
     assert model.calls == []
 
 
@@ -263,11 +305,11 @@ def test_seeded_sampling_is_reproducible_and_seeds_differ():
     again = G.sample(model, PROMPTS, config)
     assert first == again
     explicit = G.sample(model, PROMPTS, config, rng=np.random.default_rng(123))
-    assert explicit.sequences == first.sequences
+    assert seqs(explicit) == seqs(first)
     other = G.sample(model, PROMPTS, config.replace(seed=124))
-    assert other.sequences != first.sequences
+    assert seqs(other) != seqs(first)
     greedy_out = G.greedy(model, PROMPTS, GenerationConfig(max_new_tokens=10))
-    assert first.sequences != greedy_out.sequences  # it really samples
+    assert seqs(first) != seqs(greedy_out)  # it really samples
 
 
 @pytest.mark.parametrize("changes", [dict(top_k=1), dict(top_p=1e-6), dict(top_k=3, top_p=1e-6)])
@@ -275,16 +317,16 @@ def test_degenerate_sampling_equals_greedy(changes):
     model = TinyAttentionLM(scale=1.0)
     greedy_out = G.greedy(model, PROMPTS, GenerationConfig(max_new_tokens=8))
     sampled = G.sample(model, PROMPTS, GenerationConfig(strategy="sample", max_new_tokens=8, seed=0, **changes))
-    assert sampled.sequences == greedy_out.sequences
+    assert seqs(sampled) == seqs(greedy_out)
 
 
 def test_num_return_sequences_runs_each_prompt_once_then_copies_rows():
     model = TinyAttentionLM(scale=1.0)
     config = GenerationConfig(strategy="sample", max_new_tokens=6, seed=1, num_return_sequences=3)
     out = G.sample(model, PROMPTS[:2], config)
-    assert [len(s) for s in out.sequences] == [3, 3]
+    assert [len(s) for s in seqs(out)] == [3, 3]
     assert model.calls[0] == (2, 3, 0) and model.calls[1] == (6, 1, 3)  # prompts once, then 2 x 3 rows
-    assert len({tuple(s) for s in out.sequences[0]}) > 1
+    assert len({tuple(s) for s in seqs(out)[0]}) > 1
 
 
 def test_sample_tokens_follows_the_distribution_and_never_picks_banned_tokens():
@@ -321,26 +363,26 @@ def test_beam_search_finds_the_exhaustive_best_on_a_tiny_vocab():
     config = GenerationConfig(strategy="beam", num_beams=16, num_return_sequences=5, max_new_tokens=3,
                               length_penalty=0.0)
     out = G.beam_search(model, [prompt], config)
-    assert out.sequences[0] == [seq for _, seq in exhaustive[:5]]
-    np.testing.assert_allclose(out.scores[0], [s for s, _ in exhaustive[:5]], atol=1e-4)
-    assert out.finish_reasons[0] == ["length"] * 5
+    assert seqs(out)[0] == [seq for _, seq in exhaustive[:5]]
+    np.testing.assert_allclose(scores_of(out)[0], [s for s, _ in exhaustive[:5]], atol=1e-4)
+    assert reasons(out)[0] == ["length"] * 5
     # a narrow beam still returns valid, score-sorted hypotheses
     narrow = G.beam_search(model, [prompt], config.replace(num_beams=2, num_return_sequences=2))
-    assert narrow.scores[0][0] >= narrow.scores[0][1]
-    assert narrow.scores[0][0] <= exhaustive[0][0] + 1e-4
+    assert scores_of(narrow)[0][0] >= scores_of(narrow)[0][1]
+    assert scores_of(narrow)[0][0] <= exhaustive[0][0] + 1e-4
 
 
 @pytest.mark.parametrize("eos", [(), (5,)])
 def test_beam_with_one_beam_equals_greedy(eos):
     model = TinyAttentionLM()
-    probe = G.greedy(model, PROMPTS, GenerationConfig(max_new_tokens=8)).sequences
+    probe = seqs(G.greedy(model, PROMPTS, GenerationConfig(max_new_tokens=8)))
     eos = (probe[0][0][3],) if eos else ()
     greedy_out = G.greedy(model, PROMPTS, GenerationConfig(max_new_tokens=8, eos_token_ids=eos))
     beam_out = G.beam_search(model, PROMPTS, GenerationConfig(
         strategy="beam", num_beams=1, max_new_tokens=8, eos_token_ids=eos, length_penalty=0.0))
-    assert beam_out.sequences == greedy_out.sequences
-    assert beam_out.finish_reasons == greedy_out.finish_reasons
-    np.testing.assert_allclose(beam_out.scores, greedy_out.scores, atol=1e-4)
+    assert seqs(beam_out) == seqs(greedy_out)
+    assert reasons(beam_out) == reasons(greedy_out)
+    np.testing.assert_allclose(scores_of(beam_out), scores_of(greedy_out), atol=1e-4)
 
 
 # A bigram table small enough to follow by hand: tokens A=0, B=1, EOS=2; prompt [A].
@@ -359,9 +401,9 @@ def test_beam_search_spec_by_hand_length_penalty_one():
     config = GenerationConfig(strategy="beam", num_beams=2, num_return_sequences=2, max_new_tokens=3,
                               eos_token_ids=(2,), length_penalty=1.0)
     out = G.beam_search(model, [[0]], config)
-    assert out.sequences == [[[1, 0, 1], [1, 0, 2]]]
-    assert out.finish_reasons == [["length", "eos"]]
-    np.testing.assert_allclose(out.scores[0], [(L["A>B"] + L["B>A"] + L["A>B"]) / 3,
+    assert seqs(out) == [[[1, 0, 1], [1, 0, 2]]]
+    assert reasons(out) == [["length", "eos"]]
+    np.testing.assert_allclose(scores_of(out)[0], [(L["A>B"] + L["B>A"] + L["A>B"]) / 3,
                                                (L["A>B"] + L["B>A"] + L["A>E"]) / 3], atol=1e-5)
     assert model.calls == 3
 
@@ -371,8 +413,8 @@ def test_beam_search_spec_by_hand_early_stopping():
     config = GenerationConfig(strategy="beam", num_beams=2, num_return_sequences=2, max_new_tokens=3,
                               eos_token_ids=(2,), early_stopping=True)
     out = G.beam_search(model, [[0]], config)
-    assert out.sequences == [[[2], [1, 2]]]  # two hypotheses after t1 -> done at once
-    np.testing.assert_allclose(out.scores[0], [L["A>E"], (L["A>B"] + L["B>E"]) / 2], atol=1e-5)
+    assert seqs(out) == [[[2], [1, 2]]]  # two hypotheses after t1 -> done at once
+    np.testing.assert_allclose(scores_of(out)[0], [L["A>E"], (L["A>B"] + L["B>E"]) / 2], atol=1e-5)
     assert model.calls == 2
 
 
@@ -383,9 +425,9 @@ def test_beam_search_spec_by_hand_done_check_without_early_stopping():
     config = GenerationConfig(strategy="beam", num_beams=2, num_return_sequences=2, max_new_tokens=10,
                               eos_token_ids=(2,), length_penalty=0.0)
     out = G.beam_search(model, [[0]], config)
-    assert out.sequences == [[[2], [1, 2]]]
-    assert out.finish_reasons == [["eos", "eos"]]
-    np.testing.assert_allclose(out.scores[0], [L["A>E"], L["A>B"] + L["B>E"]], atol=1e-5)
+    assert seqs(out) == [[[2], [1, 2]]]
+    assert reasons(out) == [["eos", "eos"]]
+    np.testing.assert_allclose(scores_of(out)[0], [L["A>E"], L["A>B"] + L["B>E"]], atol=1e-5)
     assert model.calls == 4  # prompt + steps t1..t3; no step after the done check
 
 
@@ -393,7 +435,7 @@ def test_beam_search_returns_texts_and_rejects_stop_strings():
     model = BigramLM(TABLE)
     config = GenerationConfig(strategy="beam", num_beams=2, max_new_tokens=3, eos_token_ids=(2,))
     out = G.beam_search(model, [[0]], config, decode=letters)
-    assert out.texts == [[letters(out.sequences[0][0])]]
+    assert texts_of(out) == [[letters(seqs(out)[0][0])]]
     with pytest.raises(ConfigError, match="stop_strings"):
         config.replace(stop_strings=("x",))
 
@@ -456,7 +498,7 @@ def test_greedy_scores_equal_the_full_log_softmax_bitwise():
             logits[2, rng.integers(0, 257, 120)] = -np.inf  # some banned
         if trial % 5 == 0:
             logits[3, :5] = logits[3].max()  # ties: the lowest id wins
-        tokens, logprobs = G._greedy_chooser(logits)
+        tokens, logprobs = G.greedy_choice(logits)
         want = np.take_along_axis(G.log_softmax(logits), tokens[:, None], axis=1)[:, 0]
         np.testing.assert_array_equal(tokens, np.argmax(logits, axis=1))
         np.testing.assert_array_equal(logprobs, want)
@@ -480,6 +522,42 @@ def test_config_defaults_round_trip_and_replace():
     assert GenerationConfig(temperature=0).temperature == 0.0  # ignored outside sampling
     with pytest.raises(AttributeError):
         config.top_k = 3  # frozen
+
+
+def test_unset_fields_resolve_from_the_package_then_builtins_and_given_values_stay():
+    """Every field defaults to None (unset). resolve(): the config's values, then a package's
+    defaults, then BUILTIN_DEFAULTS; an explicit empty eos list or pad id 0 is kept."""
+    package = {"strategy": "greedy", "max_new_tokens": 20, "eos_token_ids": [2], "pad_token_id": 1}
+    assert GenerationConfig().set_fields() == {} and not GenerationConfig().is_resolved
+    resolved = GenerationConfig(max_new_tokens=12).resolve(package)
+    assert resolved.is_resolved
+    assert (resolved.max_new_tokens, resolved.eos_token_ids, resolved.pad_token_id) == (12, (2,), 1)
+    explicit = GenerationConfig(max_new_tokens=12, eos_token_ids=(), pad_token_id=0).resolve(package)
+    assert (explicit.eos_token_ids, explicit.pad_token_id) == ((), 0)
+    assert GenerationConfig().resolve() == GenerationConfig(**G.BUILTIN_DEFAULTS)
+    assert GenerationConfig(max_new_tokens=3).to_dict() == {"max_new_tokens": 3}
+    # rules between fields apply once every field they name is known
+    loose = GenerationConfig(num_beams=4)  # the strategy may still come from the package
+    with pytest.raises(ConfigError, match=r"num_beams \(4\) > 1 needs strategy 'beam'"):
+        loose.resolve(package)
+    assert loose.resolve({"strategy": "beam"}).num_beams == 4
+    with pytest.raises(ConfigError, match="unknown generation parameter"):
+        GenerationConfig().resolve({"max_tokens": 3})
+    # resolve_config: config, then keyword overrides, then the package
+    got = G.resolve_config(GenerationConfig(max_new_tokens=5), {"eos_token_ids": ()}, package)
+    assert (got.max_new_tokens, got.eos_token_ids, got.pad_token_id) == (5, (), 1)
+
+
+def test_a_given_empty_eos_list_means_no_eos_through_every_entry_point():
+    """The same config asks for the same thing through the search itself and once resolved
+    against a package with an eos: 12 tokens, no stop at the package's eos."""
+    model = ScriptedLM([5, 2, 5, 2], vocab=8, fallback=3)
+    config = GenerationConfig(max_new_tokens=12, eos_token_ids=())
+    direct = G.greedy(model, [[1]], config)
+    via_package = G.greedy(model, [[1]], G.resolve_config(config, {}, {"eos_token_ids": [2]}))
+    assert seqs(direct) == seqs(via_package) == [[[5, 2, 5, 2] + [3] * 8]]
+    stops = G.greedy(model, [[1]], G.resolve_config(GenerationConfig(max_new_tokens=12), {}, {"eos_token_ids": [2]}))
+    assert seqs(stops) == [[[5, 2]]] and reasons(stops) == [["eos"]]
 
 
 def test_unknown_keys_are_rejected_with_a_suggestion():
@@ -543,14 +621,14 @@ def test_every_parameter_is_covered_by_an_invalid_case():
 def test_stop_strings_stop_and_trim():
     model = TinyAttentionLM()
     free = G.greedy(model, [PROMPTS[0]], GenerationConfig(max_new_tokens=10), decode=letters)
-    text = free.texts[0][0]
+    text = texts_of(free)[0][0]
     stop = text[3:5]
     cut = text.find(stop)
     out = G.greedy(model, [PROMPTS[0]], GenerationConfig(max_new_tokens=10, stop_strings=("zzz", stop)),
                    decode=letters)
-    assert out.finish_reasons == [["stop"]]
-    assert out.texts == [[text[:cut]]]
-    assert out.sequences[0][0] == free.sequences[0][0][: cut + len(stop)]  # up to the token completing it
+    assert reasons(out) == [["stop"]]
+    assert texts_of(out) == [[text[:cut]]]
+    assert seqs(out)[0][0] == seqs(free)[0][0][: cut + len(stop)]  # up to the token completing it
 
 
 def test_stream_deltas_concatenate_to_the_final_text():
@@ -558,7 +636,7 @@ def test_stream_deltas_concatenate_to_the_final_text():
     config = GenerationConfig(max_new_tokens=10)
     deltas = list(G.stream(model, PROMPTS[0], config, letters))
     assert len(deltas) == 10 and all(deltas)
-    assert "".join(deltas) == G.greedy(model, [PROMPTS[0]], config, decode=letters).texts[0][0]
+    assert "".join(deltas) == texts_of(G.greedy(model, [PROMPTS[0]], config, decode=letters))[0][0]
     # with a stop string: nothing after the stop string is ever yielded
     text = "".join(deltas)
     stop = text[4:6]
@@ -566,7 +644,7 @@ def test_stream_deltas_concatenate_to_the_final_text():
     assert "".join(deltas) == text[: text.find(stop)]
     sampled = GenerationConfig(strategy="sample", seed=3, max_new_tokens=6)
     assert "".join(G.stream(model, PROMPTS[0], sampled, letters)) == \
-        G.sample(model, [PROMPTS[0]], sampled, decode=letters).texts[0][0]
+        texts_of(G.sample(model, [PROMPTS[0]], sampled, decode=letters))[0][0]
 
 
 BYTES = [b"h", b"i", b" ", b"\xf0\x9f", b"\x98\x80", b"\xe4", b"\xb8\x96", b"!"]  # 😀 = f0 9f 98 80, 世 = e4 b8 96
@@ -587,13 +665,14 @@ def test_stream_checks_arguments_when_called():
 
 
 def test_a_step_returning_the_wrong_logits_shape_is_reported():
+    """A step model that breaks the protocol is a bug: a plain ValueError with the shapes."""
     class AllPositions(TinyAttentionLM):
-        def step(self, input_ids, position_ids, attention_mask, cache):
-            logits, cache, _ = super().step(input_ids, position_ids, attention_mask, cache)
-            return StepResult(np.repeat(logits[:, None], input_ids.shape[1], axis=1), cache)  # (N, T, V)
+        def _forward(self, input_ids, position_ids, attention_mask, cache, last_only):
+            return super()._forward(input_ids, position_ids, attention_mask, cache, False)  # (N, T, V)
 
-    with pytest.raises(OnnxformerError, match=r"shape \(N=1, V=12\) for the last position; got \(1, 3, 12\)"):
-        G.greedy(AllPositions(), [[1, 2, 3]], GenerationConfig())
+    with pytest.raises(ValueError, match=r"logits of shape \(1, 3, 12\); the protocol needs \(N=1, V=12\)") as err:
+        G.greedy(AllPositions(), [[1, 2, 3]], GenerationConfig(repetition_penalty=1.1))
+    assert not isinstance(err.value, OnnxformerError)
 
 
 def test_stream_holds_back_split_multibyte_characters():
@@ -615,7 +694,7 @@ def test_stream_holds_back_a_possible_stop_string_prefix():
 
 
 def test_stream_with_a_real_byte_level_bpe_tokenizer():
-    tokenizers = pytest.importorskip("tokenizers")
+    pytest.importorskip("tokenizers")
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
     tok = Tokenizer(models.BPE())
@@ -638,4 +717,4 @@ def test_stream_with_a_real_byte_level_bpe_tokenizer():
     assert "".join(deltas) == text
     assert not any("\ufffd" in d for d in deltas)
     out = G.greedy(model, [[0]], config, decode=decode)
-    assert out.sequences == [[ids + [eos]]] and out.finish_reasons == [["eos"]] and out.texts == [[text]]
+    assert seqs(out) == [[ids + [eos]]] and reasons(out) == [["eos"]] and texts_of(out) == [[text]]

@@ -1,5 +1,5 @@
 """The "shared" KV-cache layout: the decoder graph written for onnxruntime's fused operators
-(export/builder.py), its runtime step model (runtime/model.py `_SharedCacheSteps`) and the
+(export/builder.py), its runtime step model (runtime/session_steps.py `SharedSteps`) and the
 choice of layout at export.
 
 Every model here is exported twice, "shared" and "concat" (the traced graph): the two are
@@ -108,36 +108,74 @@ def test_shared_and_concat_generate_the_same(packages, name, strategy):
     config = GenerationConfig(eos_token_ids=(), **STRATEGIES[strategy])
     shared = loaded["shared"].generate_ids(PROMPTS, config)
     concat = loaded["concat"].generate_ids(PROMPTS, config)
-    assert shared.sequences == concat.sequences
-    assert shared.finish_reasons == concat.finish_reasons
-    np.testing.assert_allclose(np.array(shared.scores), np.array(concat.scores), rtol=1e-4, atol=1e-4)
+    assert [g.token_ids for g in shared] == [g.token_ids for g in concat]
+    assert [g.finish_reasons for g in shared] == [g.finish_reasons for g in concat]
+    np.testing.assert_allclose(np.array([g.scores for g in shared]), np.array([g.scores for g in concat]),
+                               rtol=1e-4, atol=1e-4)
+
+
+class LogitReads:
+    """A step model that passes every call to another and records, per step, whether the
+    search read the logits (StepResult reads them only on first use)."""
+
+    def __init__(self, inner):
+        self.inner, self.vocab_size, self.reads = inner, inner.vocab_size, []
+
+    rows = property(lambda self: self.inner.rows)
+
+    def _wrap(self, result):
+        from onnxformer.runtime.steps import StepResult
+
+        step = len(self.reads)
+        self.reads.append(False)
+
+        def read():
+            self.reads[step] = True
+            return result.logits
+
+        return StepResult(read, result.next_token, result.next_logprob)
+
+    def prefill(self, prompts):
+        return self._wrap(self.inner.prefill(prompts))
+
+    def advance(self, tokens):
+        return self._wrap(self.inner.advance(tokens))
+
+    def select(self, rows):
+        self.inner.select(rows)
+
+    def release(self, rows):
+        self.inner.release(rows)
+
+    def sequence_start(self, prompt):
+        return self.inner.sequence_start(prompt)
 
 
 @pytest.mark.parametrize("name", ["rope-gqa", "seq2seq-rope-post"])
-def test_plain_greedy_takes_the_graphs_choice(packages, name, monkeypatch):
-    """The shared graph computes next_token / next_token_logprob: plain greedy never runs the
-    numpy chooser over the V logits, and gives the tokens and (to float32 rounding) the scores
-    of the concat package, which always does. Logits processing switches back to the numpy
-    chooser for exactly the steps it applies to."""
+def test_plain_greedy_takes_the_graphs_choice(packages, name):
+    """The shared graph computes next_token / next_token_logprob: plain greedy never reads the
+    V logits, and gives the tokens and (to float32 rounding) the scores of the concat package,
+    whose choice numpy computes from the logits. Logits processing reads the logits for
+    exactly the steps it applies to."""
     from onnxformer.runtime import generation as gen
 
-    calls = []
-    chooser = gen._greedy_chooser
-    monkeypatch.setattr(gen, "_greedy_chooser", lambda logits: calls.append(len(logits)) or chooser(logits))
     _, loaded, _ = packages(name)
-    plain = gen.GenerationConfig(strategy="greedy", max_new_tokens=7, eos_token_ids=())
-    shared = loaded["shared"].generate_ids(PROMPTS, plain)
-    assert calls == []
-    concat = loaded["concat"].generate_ids(PROMPTS, plain)
-    assert calls == [len(PROMPTS)] * 7 and shared.sequences == concat.sequences
-    np.testing.assert_allclose(shared.scores, concat.scores, rtol=1e-5, atol=1e-5)
-    calls.clear()
-    loaded["shared"].generate_ids(PROMPTS, plain.replace(min_new_tokens=3))
-    assert len(calls) == 3  # eos suppressed on steps 0-2 only
-    calls.clear()
+    plain = gen.GenerationConfig(strategy="greedy", max_new_tokens=7, eos_token_ids=(), pad_token_id=0)
+
+    def run(layout, config):
+        steps = LogitReads(loaded[layout].step_model(capacity=16))
+        return gen.generate(steps, PROMPTS, config), steps.reads
+
+    shared, reads = run("shared", plain)
+    assert reads == [False] * 7
+    concat, _ = run("concat", plain)
+    assert [g.token_ids for g in shared] == [g.token_ids for g in concat]
+    np.testing.assert_allclose([g.scores for g in shared], [g.scores for g in concat], rtol=1e-5, atol=1e-5)
+    assert run("shared", plain.replace(min_new_tokens=3, eos_token_ids=(2,)))[1] == [True] * 3 + [False] * 4
     penalised = plain.replace(repetition_penalty=1.5)
-    out = loaded["shared"].generate_ids(PROMPTS, penalised)
-    assert len(calls) == 7 and out.sequences == loaded["concat"].generate_ids(PROMPTS, penalised).sequences
+    out, reads = run("shared", penalised)
+    assert reads == [True] * 7
+    assert [g.token_ids for g in out] == [g.token_ids for g in run("concat", penalised)[0]]
 
 
 @pytest.mark.parametrize("name", ["rope-gqa", "seq2seq-learned"])
@@ -148,9 +186,9 @@ def test_greedy_equals_pytorch_per_row(packages, name):
 
     model, loaded, _ = packages(name)
     config = GenerationConfig(strategy="greedy", max_new_tokens=12, eos_token_ids=())
-    got = loaded["shared"].generate_ids(PROMPTS, config).sequences
+    got = loaded["shared"].generate_ids(PROMPTS, config)
     for prompt, row in zip(PROMPTS, got):
-        assert row == generate(model, [prompt], config)[0]
+        assert row.token_ids == generate(model, [prompt], config)[0]
 
 
 def test_text_api_and_stream(packages):
@@ -165,73 +203,46 @@ def test_text_api_and_stream(packages):
 def test_the_cache_is_updated_in_place_and_grows_when_needed(packages):
     """The buffers bound as past are the presents (written by the graph, no new tensors per
     step); a generation longer than the capacity hint grows them and stays correct."""
-    from onnxformer.runtime import model as runtime_model
+    from onnxformer.runtime import generation as gen
     from onnxformer.runtime.generation import GenerationConfig
 
     _, loaded, _ = packages("rope-gqa")
     model = loaded["shared"]
-    steps = runtime_model._SharedCacheSteps(model, capacity=3)
-    cache = steps.init_cache(2)
-    buffers = dict(cache.buffers)
-    batch = np.array([[0, 7, 8], [9, 10, 11]]), np.array([[0, 0, 1], [0, 1, 2]]), np.array([[0, 1, 1], [1, 1, 1]])
-    logits, cache, (token, logprob) = steps.step(*batch, cache)
-    assert cache.buffers == buffers  # the same OrtValues: the graph wrote into them
+    steps = model.step_model(capacity=8)
+    result = steps.prefill([[7, 8], [9, 10, 11]])
+    buffers = dict(steps._state.buffers)
+    logits, token, logprob = result.logits.copy(), result.next_token.copy(), result.next_logprob.copy()
+    steps.advance(token)  # the result's arrays are the step's output buffers: copied before this
+    assert steps._state.buffers == buffers  # the same OrtValues: the graph wrote into them
     key = buffers["past_key_values.0.key"].numpy()  # (N, Hkv, C, Dh)
-    assert np.abs(key[0, :, :2]).min() > 0 and np.abs(key[1, :, :3]).min() > 0  # rows right-padded: 2 and 3 tokens
+    assert np.abs(key[0, :, :3]).min() > 0 and np.abs(key[1, :, :4]).min() > 0  # right-padded: 3 and 4 tokens
+    assert not key[0, :, 3:].any() and not key[1, :, 4:].any()
     assert logits.shape == (2, model.dims.vocab_size)
     # The graph's greedy choice is the argmax of these logits and its log-softmax value.
     assert token.tolist() == np.argmax(logits, axis=1).tolist()
     shifted = logits.astype(np.float64) - logits.max(axis=1, keepdims=True)
     np.testing.assert_allclose(logprob, -np.log(np.exp(shifted).sum(axis=1)), rtol=1e-5, atol=1e-6)
     # Past the capacity: grown, same tokens as a generation sized from the start.
-    config = GenerationConfig(strategy="greedy", max_new_tokens=9, eos_token_ids=())
-    small = runtime_model._SharedCacheSteps(model, capacity=2)
-    from onnxformer.runtime import generation as gen
-
-    assert gen.generate(small, PROMPTS, config).sequences == model.generate_ids(PROMPTS, config).sequences
-
-
-def test_advance_is_step_with_one_more_token(packages):
-    """advance(tokens) (generation's per-token step: the model tracks the row lengths) gives
-    exactly what step() gives with the next positions and a mask one longer."""
-    from onnxformer.runtime import generation as gen
-    from onnxformer.runtime import model as runtime_model
-
-    _, loaded, _ = packages("rope-gqa")
-    steps = runtime_model._SharedCacheSteps(loaded["shared"], capacity=16)
-    batch = gen.left_pad([[5, 6, 7], [8, 9]], 0)
-    tokens = np.array([11, 12], dtype=np.int64)
-    results = []
-    for use_advance in (False, True):
-        cache = steps.init_cache(2)
-        steps.step(batch.input_ids, batch.position_ids, batch.attention_mask, cache)
-        if use_advance:
-            out = steps.advance(tokens, cache)
-        else:
-            mask = np.concatenate([batch.attention_mask, np.ones((2, 1), np.int64)], axis=1)
-            out = steps.step(tokens[:, None], batch.position_ids[:, -1:] + 1, mask, cache)
-        results.append((out.logits.copy(), out.choice[0].copy(), out.choice[1].copy(), cache.lengths.tolist()))
-    (logits_a, token_a, lp_a, len_a), (logits_b, token_b, lp_b, len_b) = results
-    assert len_a == len_b == [4, 3]
-    np.testing.assert_array_equal(logits_a, logits_b)
-    assert token_a.tolist() == token_b.tolist() and np.array_equal(lp_a, lp_b)
+    config = GenerationConfig(strategy="greedy", max_new_tokens=9, eos_token_ids=(), pad_token_id=0)
+    small = gen.generate(model.step_model(capacity=2), PROMPTS, config)
+    assert [g.token_ids for g in small] == [g.token_ids for g in model.generate_ids(PROMPTS, config)]
 
 
 def test_shared_buffers_are_cache_line_aligned(packages):
     """The KV buffers and the logits array the graph writes into start on 64-byte boundaries
     (numpy's own large arrays start 16 bytes past one), zeroed, also after growth."""
-    from onnxformer.runtime import model as runtime_model
+    from onnxformer.runtime.session_steps import aligned_zeros
 
     for shape, dtype in (((3, 4, 17, 16), np.float32), ((5,), np.float16), ((2, 8000), np.float32)):
-        array = runtime_model._aligned_zeros(shape, dtype)
+        array = aligned_zeros(shape, dtype)
         assert array.ctypes.data % 64 == 0 and array.shape == shape and array.dtype == dtype and not array.any()
     _, loaded, _ = packages("rope-gqa")
-    steps = runtime_model._SharedCacheSteps(loaded["shared"], capacity=2)
-    cache = steps.init_cache(2)
-    steps.step(np.array([[0, 5, 6], [7, 8, 9]]), np.zeros((2, 3), np.int64), np.array([[0, 1, 1], [1, 1, 1]]), cache)
-    assert cache.capacity > 2  # grown
-    assert cache.buffers and all(value.data_ptr() % 64 == 0 for value in cache.buffers.values())
-    assert cache.logits_host.ctypes.data % 64 == 0
+    steps = loaded["shared"].step_model(capacity=2)
+    steps.prefill([[5, 6], [7, 8, 9]])
+    state = steps._state
+    assert state.capacity > 2  # grown
+    assert state.buffers and all(value.data_ptr() % 64 == 0 for value in state.buffers.values())
+    assert state.logits_host.ctypes.data % 64 == 0
 
 
 def test_layout_choice(tmp_path):
@@ -282,7 +293,7 @@ def test_variants_of_the_shared_graph(tmp_path, variant):
     from onnxformer.runtime.generation import GenerationConfig
 
     out = rt.load(tmp_path / "p").generate_ids(PROMPTS, GenerationConfig(max_new_tokens=5, eos_token_ids=()))
-    assert all(len(row[0]) == 5 for row in out.sequences)
+    assert all(len(g.token_ids[0]) == 5 for g in out)
 
 
 def test_concurrent_generations_share_the_session_not_the_buffers(packages):
@@ -296,9 +307,10 @@ def test_concurrent_generations_share_the_session_not_the_buffers(packages):
     model = loaded["shared"]
     config = GenerationConfig(strategy="greedy", max_new_tokens=8, eos_token_ids=())
     jobs = [PROMPTS[k % len(PROMPTS):] + PROMPTS[:k % len(PROMPTS)] for k in range(8)]
-    sequential = [model.generate_ids(job, config).sequences for job in jobs]
+    run = lambda job: [g.token_ids for g in model.generate_ids(job, config)]  # noqa: E731
+    sequential = [run(job) for job in jobs]
     with ThreadPoolExecutor(max_workers=4) as pool:
-        concurrent = list(pool.map(lambda job: model.generate_ids(job, config).sequences, jobs))
+        concurrent = list(pool.map(run, jobs))
     assert concurrent == sequential
 
 
@@ -310,4 +322,4 @@ def test_loading_without_fast_start_gives_the_same_model(packages):
     _, loaded, reports = packages("rope-gqa")
     config = GenerationConfig(strategy="greedy", max_new_tokens=6, eos_token_ids=())
     slow = rt.load(reports["shared"].path, fast_start=False)
-    assert slow.generate_ids(PROMPTS, config).sequences == loaded["shared"].generate_ids(PROMPTS, config).sequences
+    assert slow.generate_ids(PROMPTS, config) == loaded["shared"].generate_ids(PROMPTS, config)

@@ -186,7 +186,7 @@ def test_generate_ids_with_any_token_ids(models, figures):
 
         out = tally_call(tally, call)
         if out is not None:
-            assert len(out.sequences) == len(ids)
+            assert len(out) == len(ids)
 
     check()
     figures.record("properties", "Model.generate_ids on random id lists (ints in and out of range, 2**63, floats, "
