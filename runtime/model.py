@@ -112,7 +112,8 @@ def _session(path: Path, provider: str, threads: int | None, fast_start: bool = 
         first = str(err).strip().splitlines()[0][:300] if str(err).strip() else type(err).__name__
         raise PackageError(
             f"onnxruntime could not load {path.name!r}: {first}. The file is damaged or not an ONNX "
-            "graph; re-export the package."
+            "graph; re-export the package.",
+            code="E_GRAPH",
         ) from None
 
 
@@ -187,7 +188,8 @@ class Model:
                     raise InputError(
                         f"text {i} is {len(ids)} tokens; this model takes at most {limit}"
                         + (f" ({self.manifest.max_seq_len} minus {reserve} new tokens)" if reserve else "")
-                        + ". Shorten it, lower max_new_tokens, or pass truncate=True."
+                        + ". Shorten it, lower max_new_tokens, or pass truncate=True.",
+                        code="E_TOO_LONG",
                     )
                 keep = truncate_keeping_specials(ids, enc.special_tokens_mask, limit, keep_end=reserve > 0)
                 ids = [ids[k] for k in keep]  # a prompt keeps its end, a text its start
@@ -204,7 +206,7 @@ class Model:
         bad = [t for t in ids if not is_int(t) or not 0 <= t < self.dims.vocab_size]
         if bad:
             raise InputError(f"decode(): {bad[0]!r:.40} is not a token id of this model (integers in "
-                             f"[0, {self.dims.vocab_size}))")
+                             f"[0, {self.dims.vocab_size}))", code="E_TOKEN_ID")
         return self._decode(ids)
 
     def _decode(self, ids: Sequence[int]) -> str:  # generation's decode: ids come from the model
@@ -215,7 +217,8 @@ class Model:
     # ---------------------------------------------------------------------------------------
     def _require(self, ok: bool, call: str, need: str) -> None:
         if not ok:
-            raise InputError(f"{call}() needs {need}; this package is a {self.arch!r} model ({self.directory.name})")
+            raise InputError(f"{call}() needs {need}; this package is a {self.arch!r} model ({self.directory.name})",
+                             code="E_WRONG_KIND")
 
     def _encoder_batches(self, texts: list[str], batch_size: int, truncate: bool) -> Iterator[dict[str, np.ndarray]]:
         encodings = self.tokenizer.encode_batch(texts)
@@ -227,7 +230,8 @@ class Model:
                 i = start + max(range(len(chunk)), key=lambda j: len(chunk[j].ids))
                 raise InputError(
                     f"text {i} is {len(encodings[i].ids)} tokens; this model takes at most {limit}. "
-                    "Shorten it or pass truncate=True."
+                    "Shorten it or pass truncate=True.",
+                    code="E_TOO_LONG",
                 )
             width = min(width, limit)
             ids = np.full((len(chunk), width), max(self.manifest.special("pad"), 0), dtype=np.int64)
@@ -304,7 +308,8 @@ class Model:
         if config.max_new_tokens >= self.manifest.max_seq_len:
             raise InputError(
                 f"max_new_tokens ({config.max_new_tokens}) must be below this model's max_seq_len "
-                f"({self.manifest.max_seq_len})"
+                f"({self.manifest.max_seq_len})",
+                code="E_TOO_LONG",
             )
         reserve = config.max_new_tokens if self.arch != "encoder-decoder" else 0
         return self.encode(prompts, truncate=truncate, reserve=reserve)
@@ -313,7 +318,8 @@ class Model:
         rows = gen.check_prompts(prompts)
         top = max(max(r) for r in rows)
         if top >= self.dims.vocab_size:
-            raise InputError(f"token id {top} is out of range for this model's vocabulary (size {self.dims.vocab_size})")
+            raise InputError(f"token id {top} is out of range for this model's vocabulary (size {self.dims.vocab_size})",
+                             code="E_TOKEN_ID")
         if config.strategy == "beam" and config.num_beams > self.dims.vocab_size:
             raise ConfigError(f"num_beams ({config.num_beams}) must be <= the vocabulary size ({self.dims.vocab_size})")
         per_prompt = max(config.num_beams, config.num_return_sequences)
@@ -327,7 +333,8 @@ class Model:
         if longest + extra > self.manifest.max_seq_len or config.max_new_tokens >= self.manifest.max_seq_len:
             raise InputError(
                 f"prompt of {longest} tokens + max_new_tokens {config.max_new_tokens} exceeds this model's "
-                f"max_seq_len ({self.manifest.max_seq_len}); shorten the prompt or lower max_new_tokens"
+                f"max_seq_len ({self.manifest.max_seq_len}); shorten the prompt or lower max_new_tokens",
+                code="E_TOO_LONG",
             )
         return rows
 
@@ -413,20 +420,23 @@ def _tokenizer(directory: Path, manifest: Manifest) -> Tokenizer:
     try:
         tokenizer = Tokenizer.from_file(str(directory / name))
     except Exception as err:  # tokenizers raises a bare Exception for unreadable or malformed files
-        raise PackageError(f"tokenizer {name!r} could not be loaded ({str(err)[:200]}); re-export the package") from None
+        raise PackageError(f"tokenizer {name!r} could not be loaded ({str(err)[:200]}); re-export the package",
+                           code="E_TOKENIZER") from None
     vocab = manifest.dims.vocab_size
     top = max(tokenizer.get_vocab(with_added_tokens=True).values(), default=-1)
     if top >= vocab:
         raise PackageError(
             f"tokenizer {name!r} produces token ids up to {top} but the model's vocabulary has {vocab} entries "
             f"(ids 0..{vocab - 1}): the tokenizer does not belong to this model; re-export the package with the "
-            "tokenizer the model was trained with"
+            "tokenizer the model was trained with",
+            code="E_TOKENIZER",
         )
     unknown = {role: i for role, i in manifest.special_tokens.items() if i >= 0 and tokenizer.id_to_token(i) is None}
     if unknown:
         raise PackageError(
             f"manifest special_tokens {unknown} are not tokens of {name!r}: the tokenizer does not belong to "
-            "this model; re-export the package"
+            "this model; re-export the package",
+            code="E_TOKENIZER",
         )
     return tokenizer
 
