@@ -70,7 +70,8 @@ def truncate_keeping_specials(ids: Sequence[int], special_mask: Sequence[int], l
     trail = next((i for i, m in enumerate(reversed(special_mask)) if not m), n) if lead < n else 0
     room = limit - lead - trail
     if room < 1:
-        raise InputError(f"max length {limit} leaves no room for text besides {lead + trail} special tokens")
+        raise InputError(f"max length {limit} leaves no room for text besides {lead + trail} special tokens",
+                         code="E_TOO_LONG")
     body = list(range(lead, n - trail))
     body = body[-room:] if keep_end else body[:room]
     return [*range(lead), *body, *range(n - trail, n)]
