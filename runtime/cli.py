@@ -3,29 +3,41 @@
 Each subcommand lives in its own module that defines `add_arguments(parser)` and
 `run(args) -> int`. Those modules are torch-free at import time (train and export import
 torch inside `run`), so `onnxformer --help` and the runtime subcommands start without torch.
+
+An error onnxformer raises on purpose (`OnnxformerError`) prints `error[CODE]: message` on
+stderr and exits with status 2 (`-v` re-raises it with its traceback); usage errors are
+argparse's (status 2). Any other exception is a bug and ends with its traceback.
 """
 
 from __future__ import annotations
 
 import argparse
-import importlib
 import logging
 import sys
+from importlib.metadata import entry_points
 
-# name -> (module, one-line help). Order is the order shown in --help.
-SUBCOMMANDS: dict[str, tuple[str, str]] = {
-    "quickstart": ("onnxformer.export.quickstart", "train, export and run tiny models of all four architectures"),
-    "train": ("onnxformer.modeling.cli", "train a model (pretraining, fine-tuning, LoRA/BitFit)"),
-    "export": ("onnxformer.export.cli", "export a checkpoint to a validated ONNX package"),
-    "inspect": ("onnxformer.runtime.commands", "describe a package: graphs, I/O, sizes, validation"),
-    "generate": ("onnxformer.runtime.commands", "generate text with a decoder or encoder-decoder package"),
-    "classify": ("onnxformer.runtime.commands", "classify texts with an encoder package"),
-    "embed": ("onnxformer.runtime.commands", "sentence embeddings from an encoder package"),
+# name -> one-line help, in the order --help shows them. Which module runs a subcommand is
+# declared in pyproject.toml's entry-point group "onnxformer.commands" (the runtime names no
+# module of training or export; tests/test_layering.py checks it). A module that cannot be
+# imported in this install (train and export without the [train] extra) leaves its subcommand
+# without options.
+SUBCOMMANDS: dict[str, str] = {
+    "quickstart": "train, export and run tiny models of all four architectures",
+    "train": "train a model (pretraining, fine-tuning, LoRA/BitFit)",
+    "export": "export a checkpoint to a validated ONNX package",
+    "inspect": "describe a package: graphs, I/O, sizes, validation",
+    "generate": "generate text with a decoder or encoder-decoder package",
+    "classify": "classify texts with an encoder package",
+    "embed": "sentence embeddings from an encoder package",
 }
+ENTRY_POINTS = "onnxformer.commands"
 
 
 def _module(name: str):
-    return importlib.import_module(SUBCOMMANDS[name][0])
+    found = entry_points(group=ENTRY_POINTS, name=name)
+    if not found:  # an install whose metadata predates the subcommand: reinstall
+        raise ImportError(f"no {ENTRY_POINTS!r} entry point {name!r}; reinstall onnxformer (pip install -e .)")
+    return next(iter(found)).load()
 
 
 def build_parser(only: str | None = None) -> argparse.ArgumentParser:
@@ -35,7 +47,7 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
     )
     parser.add_argument("-v", "--verbose", action="store_true", help="log progress details")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
-    for name, (_, help_text) in SUBCOMMANDS.items():
+    for name, help_text in SUBCOMMANDS.items():
         p = sub.add_parser(name, help=help_text, description=help_text)
         if only is None or only == name:
             try:
@@ -60,12 +72,13 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         return int(_module(args.command).run(args) or 0)
-    except (OnnxformerError, ValueError, FileNotFoundError, NotADirectoryError, IsADirectoryError) as err:
-        # The project's errors, and invalid configs / data / paths (ValueError, DataError):
-        # the message names the problem and the fix; -v shows where it came from.
+    except OnnxformerError as err:
+        # Raised on purpose: the message names the problem and the fix, the code is stable
+        # (runtime/errors.py), -v shows where it came from. Anything else is a bug and keeps
+        # its traceback.
         if args.verbose:
             raise
-        print(f"error: {err}", file=sys.stderr)
+        print(f"error[{err.code}]: {err}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
