@@ -35,7 +35,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from .exporter import ExportError, ExportOptions, export_checkpoint
+    from .exporter import ExportOptions, export_checkpoint
 
     options = ExportOptions(
         opset=args.opset,
@@ -47,10 +47,7 @@ def run(args: argparse.Namespace) -> int:
         fused_attention=args.fused_attention,
         kv_cache=None if args.kv_cache == "auto" else args.kv_cache,
     )
-    try:
-        report = export_checkpoint(args.checkpoint, args.out_dir, options)
-    except OSError as err:  # the output folder cannot be written (permissions, a file in the way, disk full)
-        raise ExportError(f"cannot write the package to {args.out_dir!r}: {err}") from None
+    report = export_checkpoint(args.checkpoint, args.out_dir, options)  # errors: CheckpointError, ExportError
     m = report.manifest
     print(f"wrote {report.path} ({m.arch}, weights {m.weights}, kv cache {m.kv_cache}, opset {m.opset})")
     for variant, figures in report.validation.items():

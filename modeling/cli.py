@@ -125,18 +125,13 @@ def config_from_args(args: argparse.Namespace):
 
 
 def run(args: argparse.Namespace) -> int:
-    import logging
     import os
-    import sys
 
     from .train import train
 
-    try:
-        result = train(config_from_args(args))
-    except (ValueError, OSError) as err:  # bad options, data or run dir; unreadable or unwritable files
-        logging.getLogger(__name__).debug("training failed", exc_info=True)
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+    # Bad options, data or run directory raise ConfigError, DataError or CheckpointError, which
+    # the `onnxformer` entry point prints as `error[CODE]: ...` (status 2); anything else is a bug.
+    result = train(config_from_args(args))
     if int(os.environ.get("RANK", "0")) != 0:  # under torchrun, rank 0 reports
         return 0
     if result.metrics:

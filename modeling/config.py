@@ -2,7 +2,7 @@
 
 One vocabulary across architectures (d_model, n_heads, n_kv_heads, n_layers, max_seq_len).
 Choices are strings; derived values are properties. Every constraint is checked at
-construction and the error names the offending values.
+construction and the error (a ConfigError) names the offending values.
 """
 
 from __future__ import annotations
@@ -13,6 +13,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from onnxformer.runtime.errors import ConfigError
+
 ARCHITECTURES = ("encoder", "decoder", "encoder-decoder", "prefix-lm")
 POS_ENCODINGS = ("sinusoidal", "learned", "rope")
 ACTIVATIONS = ("gelu", "swiglu")
@@ -22,12 +24,12 @@ NORM_POSITIONS = ("pre", "post")
 
 def _choice(name: str, value: Any, choices: tuple[str, ...]) -> None:
     if value not in choices:
-        raise ValueError(f"{name} must be one of {', '.join(map(repr, choices))}; got {value!r}")
+        raise ConfigError(f"{name} must be one of {', '.join(map(repr, choices))}; got {value!r}")
 
 
 def _positive(name: str, value: Any) -> None:
     if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
-        raise ValueError(f"{name} must be a positive integer; got {value!r}")
+        raise ConfigError(f"{name} must be a positive integer; got {value!r}")
 
 
 @dataclass(frozen=True)
@@ -77,41 +79,41 @@ class ModelConfig:
             object.__setattr__(self, "n_decoder_layers", self.n_layers)
         _positive("n_decoder_layers", self.n_decoder_layers)
         if self.d_model % self.n_heads:
-            raise ValueError(
+            raise ConfigError(
                 f"d_model ({self.d_model}) must be divisible by n_heads ({self.n_heads})"
             )
         if self.n_heads % self.n_kv_heads:
-            raise ValueError(
+            raise ConfigError(
                 f"n_heads ({self.n_heads}) must be a multiple of n_kv_heads ({self.n_kv_heads})"
             )
         if self.pos_encoding == "rope" and self.d_head % 2:
-            raise ValueError(f"rope needs an even head size; d_model/n_heads = {self.d_head}")
+            raise ConfigError(f"rope needs an even head size; d_model/n_heads = {self.d_head}")
         if self.pos_encoding == "sinusoidal" and self.d_model % 2:
-            raise ValueError(f"sinusoidal encodings need an even d_model; got {self.d_model}")
+            raise ConfigError(f"sinusoidal encodings need an even d_model; got {self.d_model}")
         if not 0.0 <= self.dropout < 1.0:
-            raise ValueError(f"dropout must be in [0, 1); got {self.dropout!r}")
+            raise ConfigError(f"dropout must be in [0, 1); got {self.dropout!r}")
         if self.norm_eps <= 0:
-            raise ValueError(f"norm_eps must be > 0; got {self.norm_eps!r}")
+            raise ConfigError(f"norm_eps must be > 0; got {self.norm_eps!r}")
         if self.rope_theta <= 0:
-            raise ValueError(f"rope_theta must be > 0; got {self.rope_theta!r}")
+            raise ConfigError(f"rope_theta must be > 0; got {self.rope_theta!r}")
         if self.type_vocab_size < 0 or self.num_labels < 0:
-            raise ValueError(
+            raise ConfigError(
                 f"type_vocab_size ({self.type_vocab_size}) and num_labels ({self.num_labels}) must be >= 0"
             )
         if self.arch != "encoder" and (self.type_vocab_size or self.num_labels):
-            raise ValueError(
+            raise ConfigError(
                 f"type_vocab_size ({self.type_vocab_size}) and num_labels ({self.num_labels}) "
                 f"apply to arch 'encoder' only; got arch {self.arch!r}"
             )
         object.__setattr__(self, "label_names", tuple(self.label_names))
         if self.label_names and len(self.label_names) != self.num_labels:
-            raise ValueError(
+            raise ConfigError(
                 f"label_names has {len(self.label_names)} entries but num_labels is {self.num_labels}"
             )
         for name in ("pad_token_id", "bos_token_id", "eos_token_id", "decoder_start_token_id"):
             value = getattr(self, name)
             if not -1 <= value < self.vocab_size:
-                raise ValueError(f"{name} ({value}) must be -1 or in [0, vocab_size={self.vocab_size})")
+                raise ConfigError(f"{name} ({value}) must be -1 or in [0, vocab_size={self.vocab_size})")
 
     # Derived values -------------------------------------------------------------------------
     @property
@@ -154,7 +156,8 @@ class ModelConfig:
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(data) - known)
         if unknown:
-            raise ValueError(f"unknown model config fields: {', '.join(unknown)}")
+            raise ConfigError(f"unknown model config fields: {', '.join(unknown)}; valid: {', '.join(sorted(known))}",
+                              code="E_UNKNOWN_PARAMETER")
         return cls(**data)
 
     def to_json(self) -> str:

@@ -39,7 +39,8 @@ here from small grammars, seeded and identical in every process; nothing is down
   ``int(target.replace(" ", ""))``.
 
 File formats (``read_text_file``, ``read_jsonl``, ``read_tsv``, ``load_task_data``): UTF-8
-text (a BOM is allowed); every problem raises ``DataError`` naming ``path:line`` and the fix.
+text (a BOM is allowed); every problem raises ``DataError`` (``onnxformer.runtime.errors``, also
+importable from here) naming ``path:line`` and the fix; bad arguments raise ``ConfigError``.
 """
 
 from __future__ import annotations
@@ -53,21 +54,20 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator, Sequence
 
+from onnxformer.runtime.errors import ConfigError, DataError
+
 logger = logging.getLogger(__name__)
 
 TASK_KINDS = ("text", "classification", "seq2seq")
 
 
-class DataError(ValueError):
-    """Bad task data; the message starts with ``path:line:`` when a file is at fault."""
-
-    def __init__(
-        self, message: str, path: str | os.PathLike | None = None, line: int | None = None
-    ) -> None:
-        self.path = None if path is None else str(path)
-        self.line = line
-        where = "" if path is None else f"{path}:{line}: " if line is not None else f"{path}: "
-        super().__init__(where + message)
+def _data_error(message: str, path: str | os.PathLike | None = None, line: int | None = None) -> DataError:
+    """A DataError whose message starts with ``path:line:`` (or ``path:``) when a file is at
+    fault; ``err.path`` and ``err.line`` say the same for callers (None when not known)."""
+    where = "" if path is None else f"{path}:{line}: " if line is not None else f"{path}: "
+    error = DataError(where + message)
+    error.path, error.line = None if path is None else str(path), line
+    return error
 
 
 # Examples -------------------------------------------------------------------------------------
@@ -120,7 +120,7 @@ class TaskData:
 
     def __post_init__(self) -> None:
         if self.kind not in _KIND_FIELDS:
-            raise ValueError(
+            raise ConfigError(
                 f"kind must be one of {', '.join(map(repr, TASK_KINDS))}; got {self.kind!r}"
             )
         object.__setattr__(self, "label_names", tuple(self.label_names))
@@ -128,29 +128,29 @@ class TaskData:
         for split in ("train", "valid", "test"):
             for i, example in enumerate(getattr(self, split)):
                 if not isinstance(example, cls):
-                    raise ValueError(
+                    raise DataError(
                         f"{split}[{i}] is a {type(example).__name__}; "
                         f"kind {self.kind!r} needs {cls.__name__}"
                     )
         if not self.train:
-            raise ValueError("train split is empty; a task needs training examples")
+            raise DataError("train split is empty; a task needs training examples")
         if self.kind == "classification":
             if len(self.label_names) < 2:
-                raise ValueError(
+                raise DataError(
                     f"classification needs at least 2 label names; got {self.label_names!r}"
                 )
             if len(set(self.label_names)) != len(self.label_names):
-                raise ValueError(f"label_names has duplicates: {self.label_names!r}")
+                raise DataError(f"label_names has duplicates: {self.label_names!r}")
             known = set(self.label_names)
             for split in ("train", "valid", "test"):
                 for i, example in enumerate(getattr(self, split)):
                     if example.label not in known:
-                        raise ValueError(
+                        raise DataError(
                             f"{split}[{i}] has label {example.label!r}, "
                             f"not in label_names {self.label_names!r}"
                         )
         elif self.label_names:
-            raise ValueError(f"label_names apply to classification only; kind is {self.kind!r}")
+            raise DataError(f"label_names apply to classification only; kind is {self.kind!r}")
 
     def label_id(self, label: str) -> int:
         return self.label_names.index(label)
@@ -477,7 +477,7 @@ def load_builtin(name: str, seed: int = 0) -> TaskData:
     key = name.removeprefix("builtin:")
     if key not in BUILTINS:
         valid = ", ".join(f"builtin:{n}" for n in BUILTINS)
-        raise ValueError(f"unknown built-in dataset {name!r}; choose one of {valid}")
+        raise DataError(f"unknown built-in dataset {name!r}; choose one of {valid}")
     data = BUILTINS[key](seed)
     logger.info(
         "built-in %s (seed %d): %d/%d/%d examples",
@@ -491,31 +491,31 @@ def _read_lines(path: str | os.PathLike) -> list[str]:
     """The file's lines (without line ends), after checking it is non-empty UTF-8 text."""
     path = Path(path)
     if not path.exists():
-        raise DataError("file not found; check the path", path)
+        raise _data_error("file not found; check the path", path)
     if not path.is_file():
-        raise DataError("not a file; pass the path of a data file", path)
+        raise _data_error("not a file; pass the path of a data file", path)
     try:
         data = path.read_bytes()
     except OSError as exc:
-        raise DataError(f"cannot read the file ({exc.strerror or exc})", path) from None
+        raise _data_error(f"cannot read the file ({exc.strerror or exc})", path) from None
     nul = data.find(b"\x00")
     if nul >= 0:
         line = data.count(b"\n", 0, nul) + 1
-        raise DataError("binary data (NUL byte); expected a UTF-8 text file", path, line)
+        raise _data_error("binary data (NUL byte); expected a UTF-8 text file", path, line)
     try:
         text = data.decode("utf-8-sig")
     except UnicodeDecodeError as exc:
         offset = exc.start + (3 if data.startswith(b"\xef\xbb\xbf") else 0)
         line = data.count(b"\n", 0, offset) + 1
         column = offset - (data.rfind(b"\n", 0, offset) + 1) + 1
-        raise DataError(
+        raise _data_error(
             f"invalid UTF-8 (byte 0x{data[offset]:02x} at column {column}); "
             "re-save the file as UTF-8",
             path,
             line,
         ) from None
     if not text.strip():
-        raise DataError("empty file; expected at least one example", path)
+        raise _data_error("empty file; expected at least one example", path)
     lines = text.split("\n")
     return [line.removesuffix("\r") for line in lines]
 
@@ -528,7 +528,7 @@ def read_text_file(path: str | os.PathLike, *, split: str = "paragraphs") -> lis
     line is a document. Leading and trailing whitespace of each document is removed.
     """
     if split not in ("paragraphs", "lines"):
-        raise ValueError(f"split must be 'paragraphs' or 'lines'; got {split!r}")
+        raise ConfigError(f"split must be 'paragraphs' or 'lines'; got {split!r}")
     lines = _read_lines(path)
     if split == "lines":
         documents = [line.strip() for line in lines if line.strip()]
@@ -548,7 +548,7 @@ def _kind_of_fields(fields: Sequence[str]) -> str:
         if tuple(fields) == kind_fields:
             return kind
     choices = ", ".join(repr(f) for _, f in _KIND_FIELDS.values())
-    raise ValueError(f"fields must be one of {choices}; got {tuple(fields)!r}")
+    raise ConfigError(f"fields must be one of {choices}; got {tuple(fields)!r}")
 
 
 def _make_example(
@@ -562,15 +562,15 @@ def _make_example(
         if name == "label" and isinstance(value, int) and not isinstance(value, bool):
             value = str(value)  # integer class labels are common; they name the class
         if not isinstance(value, str):
-            raise DataError(
+            raise _data_error(
                 f"field {name!r} must be a string; got {type(value).__name__} {value!r}", path, line
             )
         if not value.strip():
-            raise DataError(f"field {name!r} is empty; remove the line or fill it in", path, line)
+            raise _data_error(f"field {name!r} is empty; remove the line or fill it in", path, line)
         checked.append(value.strip())
     example = cls(*checked)
     if label_names is not None and kind == "classification" and example.label not in label_names:
-        raise DataError(
+        raise _data_error(
             f"unknown label {example.label!r}; known labels: {', '.join(label_names)} "
             "(every label must occur in the training data or the label list)",
             path,
@@ -604,11 +604,11 @@ def read_jsonl(
             record = json.loads(line)
         except json.JSONDecodeError as exc:
             message = f"invalid JSON ({exc.msg} at column {exc.colno}); {_JSONL_HINT}"
-            raise DataError(message, path, number) from None
+            raise _data_error(message, path, number) from None
         except RecursionError:
-            raise DataError(f"JSON nested too deeply to read; {_JSONL_HINT}", path, number) from None
+            raise _data_error(f"JSON nested too deeply to read; {_JSONL_HINT}", path, number) from None
         if not isinstance(record, dict):
-            raise DataError(
+            raise _data_error(
                 f"expected a JSON object with keys {', '.join(fields)}; "
                 f"got {type(record).__name__}",
                 path,
@@ -616,7 +616,7 @@ def read_jsonl(
             )
         missing = [name for name in fields if name not in record]
         if missing:
-            raise DataError(
+            raise _data_error(
                 f"missing field {', '.join(map(repr, missing))}; every line needs "
                 f"{', '.join(map(repr, fields))} "
                 f"(found {', '.join(map(repr, record)) or 'no keys'})",
@@ -625,7 +625,7 @@ def read_jsonl(
             )
         examples.append(_make_example(kind, record, path, number, label_names))
     if not examples:
-        raise DataError("no examples (only blank lines)", path)
+        raise _data_error("no examples (only blank lines)", path)
     return examples
 
 
@@ -646,7 +646,7 @@ def read_tsv(
     header = lines[0].split("\t")
     missing = [name for name in fields if name not in header]
     if missing:
-        raise DataError(
+        raise _data_error(
             f"header {header!r} lacks column {', '.join(map(repr, missing))}; the first line "
             f"must name the columns, e.g. {'<TAB>'.join(fields)}",
             path,
@@ -659,7 +659,7 @@ def read_tsv(
             continue
         cells = line.split("\t")
         if len(cells) != len(header):
-            raise DataError(
+            raise _data_error(
                 f"{len(cells)} tab-separated columns, but the header has {len(header)}; "
                 "fields may not contain tabs",
                 path,
@@ -668,7 +668,7 @@ def read_tsv(
         values = {name: cells[i] for name, i in index.items()}
         examples.append(_make_example(kind, values, path, number, label_names))
     if not examples:
-        raise DataError("no examples below the header", path)
+        raise _data_error("no examples below the header", path)
     return examples
 
 
@@ -681,7 +681,7 @@ def read_label_names(path: str | os.PathLike) -> tuple[str, ...]:
         if not name:
             continue
         if name in names:
-            raise DataError(f"duplicate label {name!r}; each label must appear once", path, number)
+            raise _data_error(f"duplicate label {name!r}; each label must appear once", path, number)
         names.append(name)
     return tuple(names)
 
@@ -741,7 +741,7 @@ def _read_file(path: Path, kind: str, label_names: Sequence[str] | None = None) 
     if suffix == ".tsv":
         return read_tsv(path, fields, label_names=label_names)
     if kind != "text":
-        raise DataError(
+        raise _data_error(
             f"cannot read {kind} data from a {suffix or 'suffix-less'} file; use .jsonl or .tsv",
             path,
         )
@@ -763,22 +763,22 @@ def infer_kind(path: str | os.PathLike) -> str:
             record = json.loads(lines[first - 1])
         except json.JSONDecodeError as exc:
             message = f"invalid JSON ({exc.msg} at column {exc.colno}); {_JSONL_HINT}"
-            raise DataError(message, path, first) from None
+            raise _data_error(message, path, first) from None
         except RecursionError:
-            raise DataError(f"JSON nested too deeply to read; {_JSONL_HINT}", path, first) from None
+            raise _data_error(f"JSON nested too deeply to read; {_JSONL_HINT}", path, first) from None
         keys = set(record) if isinstance(record, dict) else set()
     for kind in ("seq2seq", "classification", "text"):
         if set(_KIND_FIELDS[kind][1]) <= keys:
             return kind
     expected = " or ".join("+".join(f) for _, f in _KIND_FIELDS.values())
     message = f"cannot tell the task kind from fields {sorted(keys)}; expected {expected}"
-    raise DataError(message, path, first)
+    raise _data_error(message, path, first)
 
 
 def _split_off(examples: list, fraction: float, seed: int, path: Path) -> tuple[list, list]:
     """Deterministically hold out ``fraction`` of ``examples`` (at least one) as a valid split."""
     if len(examples) < 2:
-        raise DataError(
+        raise _data_error(
             f"only {len(examples)} example; need at least 2 to hold out a validation split "
             "(or pass a validation file)",
             path,
@@ -812,37 +812,37 @@ def load_task_data(
     valid/test label not among them is an error naming its line.
     """
     if kind is not None and kind not in _KIND_FIELDS:
-        raise ValueError(
+        raise ConfigError(
             f"kind must be one of {', '.join(map(repr, TASK_KINDS))} or None; got {kind!r}"
         )
     if not 0.0 < valid_fraction < 1.0:
-        raise ValueError(f"valid_fraction must be in (0, 1); got {valid_fraction!r}")
+        raise ConfigError(f"valid_fraction must be in (0, 1); got {valid_fraction!r}")
     spec_text = str(spec)
     if spec_text.startswith("builtin:"):
         if valid is not None or test is not None or label_names is not None:
-            raise ValueError(
+            raise ConfigError(
                 f"{spec_text} has fixed splits and labels; drop valid, test and label_names"
             )
         data = load_builtin(spec_text, seed=seed)
         if kind is not None and kind != data.kind:
-            raise ValueError(f"{spec_text} is a {data.kind} task, not {kind}")
+            raise DataError(f"{spec_text} is a {data.kind} task, not {kind}")
         return data
 
     if spec_text.startswith("shared:"):
         name = spec_text.removeprefix("shared:")
         if name not in SHARED_DATASETS:
             choices = ", ".join(f"shared:{n}" for n in SHARED_DATASETS)
-            raise ValueError(f"unknown shared dataset {spec_text!r}; choose one of {choices}")
+            raise DataError(f"unknown shared dataset {spec_text!r}; choose one of {choices}")
         root = shared_data_dir()
         if not root.is_dir():
-            raise DataError(
+            raise _data_error(
                 f"{spec_text} needs the shared data folder, which is missing; "
                 f"set {SHARED_DATA_ENV} to the folder holding the shared data files",
                 root,
             )
         shared = SHARED_DATASETS[name]
         if kind is not None and kind != shared.kind:
-            raise ValueError(f"{spec_text} is a {shared.kind} task, not {kind}")
+            raise DataError(f"{spec_text} is a {shared.kind} task, not {kind}")
         kind = shared.kind
         train_path = root / shared.train
         if valid is None and shared.valid:
@@ -863,7 +863,7 @@ def load_task_data(
         label_names = tuple(label_names)
     else:
         if label_names:
-            raise ValueError(f"label_names apply to classification only; kind is {kind!r}")
+            raise ConfigError(f"label_names apply to classification only; kind is {kind!r}")
         label_names = ()
     if valid is None:
         train, valid_examples = _split_off(train, valid_fraction, seed, train_path)

@@ -30,6 +30,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from onnxformer.runtime.errors import DataError
+
 IGNORE_INDEX = -100
 
 
@@ -186,7 +188,7 @@ def next_sentence_pairs(documents: Sequence[Sequence[str]], *, generator: torch.
     """
     flat = [s for doc in documents for s in doc]
     if len(flat) < 3:
-        raise ValueError(f"next-sentence pairs need at least 3 sentences; got {len(flat)}")
+        raise DataError(f"next-sentence pairs need at least 3 sentences; got {len(flat)}. Pass more text, or drop --nsp")
     pairs: list[SentencePair] = []
     offset = 0
     for doc in documents:

@@ -27,6 +27,8 @@ from typing import Iterable, Sequence
 import torch
 from torch import Tensor, nn
 
+from onnxformer.runtime.errors import ConfigError
+
 logger = logging.getLogger(__name__)
 
 LORA_TARGET_CHOICES = ("q_proj", "k_proj", "v_proj", "o_proj", "up_proj", "down_proj", "gate_proj")
@@ -41,15 +43,15 @@ class LoRAConfig:
 
     def __post_init__(self) -> None:
         if not isinstance(self.rank, int) or self.rank <= 0:
-            raise ValueError(f"LoRA rank must be a positive integer; got {self.rank!r}")
+            raise ConfigError(f"LoRA rank must be a positive integer; got {self.rank!r}")
         if self.alpha <= 0:
-            raise ValueError(f"LoRA alpha must be > 0; got {self.alpha!r}")
+            raise ConfigError(f"LoRA alpha must be > 0; got {self.alpha!r}")
         if not 0.0 <= self.dropout < 1.0:
-            raise ValueError(f"LoRA dropout must be in [0, 1); got {self.dropout!r}")
+            raise ConfigError(f"LoRA dropout must be in [0, 1); got {self.dropout!r}")
         object.__setattr__(self, "targets", tuple(self.targets))
         unknown = sorted(set(self.targets) - set(LORA_TARGET_CHOICES))
         if not self.targets or unknown:
-            raise ValueError(
+            raise ConfigError(
                 f"LoRA targets must be a non-empty subset of {', '.join(LORA_TARGET_CHOICES)}; "
                 f"got {', '.join(self.targets) or 'nothing'}"
             )
@@ -120,7 +122,7 @@ def apply_lora(model: nn.Module, config: LoRAConfig, *, trainable: Sequence[str]
         if isinstance(module, nn.Linear) and name.rsplit(".", 1)[-1] in config.targets
     ]
     if not targets:
-        raise ValueError(
+        raise ConfigError(
             f"no nn.Linear named {', '.join(config.targets)} in the model; "
             f"choose LoRA targets among {', '.join(LORA_TARGET_CHOICES)} that the architecture has"
         )
@@ -164,7 +166,7 @@ def apply_bitfit(model: nn.Module, *, trainable: Sequence[str] = ()) -> list[str
             param.requires_grad_(True)
             names.append(name)
     if not names:
-        raise ValueError("BitFit needs bias parameters, and this model has none; build it with ModelConfig(bias=True)")
+        raise ConfigError("BitFit needs bias parameters, and this model has none; build it with ModelConfig(bias=True)")
     names += [n for n in _unfreeze(model, trainable) if n not in names]
     logger.info("BitFit: %d trainable tensors", len(names))
     return names

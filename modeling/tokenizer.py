@@ -61,6 +61,8 @@ from tokenizers import (
     trainers,
 )
 
+from onnxformer.runtime.errors import CheckpointError, ConfigError, DataError
+
 logger = logging.getLogger(__name__)
 
 TOKENIZER_FILE = "tokenizer.json"
@@ -93,11 +95,11 @@ def train_tokenizer(
     deterministic: the same texts give the same ``tokenizer.json``, in any process.
     """
     if arch not in WORDPIECE_ARCHS + BPE_ARCHS:
-        raise ValueError(
+        raise ConfigError(
             f"arch must be one of {', '.join(map(repr, WORDPIECE_ARCHS + BPE_ARCHS))}; got {arch!r}"
         )
     if not isinstance(min_frequency, int) or min_frequency < 1:
-        raise ValueError(f"min_frequency must be an integer >= 1; got {min_frequency!r}")
+        raise ConfigError(f"min_frequency must be an integer >= 1; got {min_frequency!r}")
     texts = _CountedTexts(texts)
     if arch in WORDPIECE_ARCHS:
         tokenizer = _train_wordpiece(texts, vocab_size, min_frequency)
@@ -123,14 +125,14 @@ class _CountedTexts:
             self.count += 1
             yield text
         if self.count == 0:
-            raise ValueError("cannot train a tokenizer on no texts; texts was empty")
+            raise DataError("cannot train a tokenizer on no texts; texts was empty")
 
 
 def _train_byte_level_bpe(texts: Iterable[str], vocab_size: int, min_frequency: int) -> Tokenizer:
     alphabet = pre_tokenizers.ByteLevel.alphabet()
     minimum = len(alphabet) + len(BPE_SPECIAL_TOKENS)
     if not isinstance(vocab_size, int) or vocab_size < minimum:
-        raise ValueError(
+        raise ConfigError(
             f"vocab_size must be an integer >= {minimum} for byte-level BPE ({len(alphabet)} "
             f"byte symbols + {len(BPE_SPECIAL_TOKENS)} special tokens); got {vocab_size!r}"
         )
@@ -152,7 +154,7 @@ def _train_byte_level_bpe(texts: Iterable[str], vocab_size: int, min_frequency: 
 def _train_wordpiece(texts: Iterable[str], vocab_size: int, min_frequency: int) -> Tokenizer:
     n_special = len(WORDPIECE_SPECIAL_TOKENS)
     if not isinstance(vocab_size, int) or vocab_size <= n_special:
-        raise ValueError(
+        raise ConfigError(
             f"vocab_size must be an integer > {n_special} (the special tokens) for WordPiece; "
             f"got {vocab_size!r}"
         )
@@ -324,13 +326,18 @@ def load_tokenizer(path: str | os.PathLike) -> Tokenizer:
     """Load a ``tokenizer.json`` (``path`` is the file or its folder)."""
     path = _tokenizer_path(path)
     if not path.is_file():
-        raise FileNotFoundError(
-            f"no tokenizer file at {path}; train one with train_tokenizer() and save_tokenizer()"
+        raise CheckpointError(
+            f"no tokenizer file at {path}; train one with train_tokenizer() and save_tokenizer()",
+            code="E_TOKENIZER",
         )
-    text = path.read_text(encoding="utf-8", errors="replace")
+    try:
+        text = path.read_text(encoding="utf-8", errors="replace")
+    except OSError as exc:
+        raise CheckpointError(f"cannot read {path}: {exc.strerror or exc}", code="E_TOKENIZER") from None
     try:
         return Tokenizer.from_str(text)
     except Exception as exc:  # tokenizers raises a bare Exception for parse errors
-        raise ValueError(
-            f"{path} is not a valid tokenizer.json ({exc}); re-create it with save_tokenizer()"
+        raise CheckpointError(
+            f"{path} is not a valid tokenizer.json ({exc}); re-create it with save_tokenizer()",
+            code="E_TOKENIZER",
         ) from exc

@@ -202,30 +202,33 @@ class Dims:
 
     def __post_init__(self) -> None:
         if self.arch not in ARCHITECTURES:
-            raise PackageError(f"arch must be one of {ARCHITECTURES}; got {self.arch!r}")
+            raise PackageError(f"arch must be one of {ARCHITECTURES}; got {self.arch!r}", code="E_MANIFEST")
         for name in ("n_heads", "n_kv_heads", "d_head", "d_model", "vocab_size"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
-                raise PackageError(f"dims.{name} must be a positive integer; got {value!r}")
+                raise PackageError(f"dims.{name} must be a positive integer; got {value!r}", code="E_MANIFEST")
         for name in ("n_layers", "num_labels"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 0:
-                raise PackageError(f"dims.{name} must be an integer >= 0; got {value!r}")
+                raise PackageError(f"dims.{name} must be an integer >= 0; got {value!r}", code="E_MANIFEST")
         if self.arch != "encoder" and self.n_layers == 0:
-            raise PackageError(f"dims.n_layers must be >= 1 for arch {self.arch!r}; got 0")
+            raise PackageError(f"dims.n_layers must be >= 1 for arch {self.arch!r}; got 0", code="E_MANIFEST")
         if self.n_layers > MAX_LAYERS:  # the cache I/O lists 4 tensors per layer: refuse before building it
             raise PackageError(f"dims.n_layers = {self.n_layers} is beyond any real model (limit {MAX_LAYERS}); "
-                               "the manifest is damaged")
+                               "the manifest is damaged", code="E_MANIFEST")
         if not isinstance(self.has_token_types, bool):
-            raise PackageError(f"dims.has_token_types must be true or false; got {self.has_token_types!r:.80}")
+            raise PackageError(f"dims.has_token_types must be true or false; got {self.has_token_types!r:.80}",
+                               code="E_MANIFEST")
         if self.n_heads % self.n_kv_heads:
             raise PackageError(
-                f"dims.n_heads ({self.n_heads}) must be a multiple of n_kv_heads ({self.n_kv_heads})"
+                f"dims.n_heads ({self.n_heads}) must be a multiple of n_kv_heads ({self.n_kv_heads})",
+                code="E_MANIFEST",
             )
         if self.arch != "encoder" and (self.num_labels or self.has_token_types):
             raise PackageError(
                 f"num_labels ({self.num_labels}) and has_token_types ({self.has_token_types}) "
-                f"apply to arch 'encoder' only; got arch {self.arch!r}"
+                f"apply to arch 'encoder' only; got arch {self.arch!r}",
+                code="E_MANIFEST",
             )
 
     @property
@@ -253,7 +256,8 @@ class Dims:
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> "Dims":
         if not isinstance(data, Mapping):
-            raise PackageError(f"manifest dims must be a JSON object; got {type(data).__name__}. Re-export the package.")
+            raise PackageError(f"manifest dims must be a JSON object; got {type(data).__name__}. Re-export the package.",
+                               code="E_MANIFEST")
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(data) - known)
         required = [f.name for f in dataclasses.fields(cls) if f.default is dataclasses.MISSING]
@@ -261,7 +265,8 @@ class Dims:
         if unknown or missing:
             raise PackageError(
                 f"manifest dims: unknown fields {unknown}, missing fields {missing}; "
-                f"expected fields {sorted(known)}. Re-export the package."
+                f"expected fields {sorted(known)}. Re-export the package.",
+                code="E_MANIFEST",
             )
         return cls(**data)
 
@@ -283,11 +288,13 @@ class TensorSpec:
 
     def __post_init__(self) -> None:
         if self.dtype not in DTYPES:
-            raise PackageError(f"tensor {self.name!r}: dtype must be one of {DTYPES}; got {self.dtype!r}")
+            raise PackageError(f"tensor {self.name!r}: dtype must be one of {DTYPES}; got {self.dtype!r}",
+                               code="E_MANIFEST")
         object.__setattr__(self, "shape", tuple(self.shape))
         for axis in self.shape:
             if isinstance(axis, bool) or not isinstance(axis, (str, int)):
-                raise PackageError(f"tensor {self.name!r}: shape entries must be str or int; got {axis!r}")
+                raise PackageError(f"tensor {self.name!r}: shape entries must be str or int; got {axis!r}",
+                                   code="E_MANIFEST")
 
     @property
     def dynamic_axes(self) -> dict[int, str]:
@@ -305,11 +312,13 @@ class TensorSpec:
     def from_dict(cls, data: Mapping[str, Any]) -> "TensorSpec":
         if not isinstance(data, Mapping) or set(data) != {"name", "dtype", "shape"}:
             raise PackageError(
-                f"tensor spec must be an object with keys name, dtype, shape; got {data!r}. Re-export the package."
+                f"tensor spec must be an object with keys name, dtype, shape; got {data!r}. Re-export the package.",
+                code="E_MANIFEST",
             )
         if not isinstance(data["name"], str) or not isinstance(data["shape"], list):
             raise PackageError(
-                f"tensor spec needs a string name and a list shape; got {data!r:.120}. Re-export the package."
+                f"tensor spec needs a string name and a list shape; got {data!r:.120}. Re-export the package.",
+                code="E_MANIFEST",
             )
         return cls(name=data["name"], dtype=data["dtype"], shape=tuple(data["shape"]))
 
@@ -358,10 +367,12 @@ class GraphSpec:
         if not isinstance(data, Mapping) or set(data) != {"name", "file", "inputs", "outputs"}:
             raise PackageError(
                 f"graph spec must be an object with keys name, file, inputs, outputs; got keys "
-                f"{sorted(data) if isinstance(data, Mapping) else type(data).__name__}. Re-export the package."
+                f"{sorted(data) if isinstance(data, Mapping) else type(data).__name__}. Re-export the package.",
+                code="E_MANIFEST",
             )
         if not isinstance(data["inputs"], list) or not isinstance(data["outputs"], list):
-            raise PackageError(f"graph spec {data['name']!r:.80}: inputs and outputs must be lists. Re-export the package.")
+            raise PackageError(f"graph spec {data['name']!r:.80}: inputs and outputs must be lists. Re-export the package.",
+                               code="E_MANIFEST")
         return cls(
             name=data["name"],
             file=data["file"],
@@ -386,7 +397,8 @@ def graph_specs_from_dict(data: Mapping[str, Any]) -> dict[str, GraphSpec]:
     specs = {name: GraphSpec.from_dict(spec) for name, spec in data.items()}
     for name, spec in specs.items():
         if spec.name != name:
-            raise PackageError(f"manifest graph {name!r} declares name {spec.name!r}; re-export the package")
+            raise PackageError(f"manifest graph {name!r} declares name {spec.name!r}; re-export the package",
+                               code="E_MANIFEST")
     return specs
 
 
@@ -461,11 +473,12 @@ def graph_specs(dims: Dims, float_dtype: str = "float32", kv_cache: str = "conca
     the decoder and encoder-decoder architectures.
     """
     if float_dtype not in FLOAT_DTYPES:
-        raise PackageError(f"float_dtype must be one of {FLOAT_DTYPES}; got {float_dtype!r}")
+        raise PackageError(f"float_dtype must be one of {FLOAT_DTYPES}; got {float_dtype!r}", code="E_MANIFEST")
     if kv_cache not in KV_CACHE_LAYOUTS:
-        raise PackageError(f"kv_cache must be one of {KV_CACHE_LAYOUTS}; got {kv_cache!r:.60}")
+        raise PackageError(f"kv_cache must be one of {KV_CACHE_LAYOUTS}; got {kv_cache!r:.60}", code="E_MANIFEST")
     if kv_cache == "shared" and dims.arch not in ("decoder", "encoder-decoder"):
-        raise PackageError(f"kv_cache 'shared' exists for arch 'decoder' and 'encoder-decoder'; got arch {dims.arch!r}")
+        raise PackageError(f"kv_cache 'shared' exists for arch 'decoder' and 'encoder-decoder'; got arch {dims.arch!r}",
+                           code="E_MANIFEST")
     builders = dict(_BUILDERS, **{DECODER: functools.partial(_decoder_spec, kv_cache=kv_cache)})
     return {graph: builders[graph](dims, float_dtype) for graph in dims.graphs}
 
@@ -487,7 +500,7 @@ def empty_past(batch: int, dims: Dims, dtype: str = "float32") -> dict[str, np.n
     comes from the cross_attention graph.
     """
     if dtype not in FLOAT_DTYPES:
-        raise PackageError(f"dtype must be one of {FLOAT_DTYPES}; got {dtype!r}")
+        raise PackageError(f"dtype must be one of {FLOAT_DTYPES}; got {dtype!r}", code="E_MANIFEST")
     shape = (batch, dims.n_kv_heads, 0, dims.d_head)  # (B, Hkv, P=0, Dh)
     return {past: np.zeros(shape, dtype=dtype) for _, past in self_cache_names(dims)}
 
@@ -548,7 +561,8 @@ def check_session_io(spec: GraphSpec, session_inputs: Sequence[Any], session_out
         raise PackageError(
             f"graph {spec.file!r} does not match the I/O contract ({len(problems)} problem(s)):\n  - "
             + "\n  - ".join(problems)
-            + "\nThe package was exported by an incompatible version or is damaged; re-export it."
+            + "\nThe package was exported by an incompatible version or is damaged; re-export it.",
+            code="E_GRAPH_IO",
         )
 
 

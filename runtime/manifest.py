@@ -62,7 +62,8 @@ def _plain_name(name: Any, what: str) -> str:
             or name != os.path.basename(name) or "\x00" in name:
         raise PackageError(
             f"{what} {name!r} is not a plain file name inside the package; "
-            "a package may only reference files in its own directory"
+            "a package may only reference files in its own directory",
+            code="E_MANIFEST",
         )
     return name
 
@@ -83,7 +84,8 @@ class FileEntry:
         _require(data, ("file", "sha256", "bytes"), what)
         sha256 = data["sha256"]
         if not isinstance(sha256, str) or len(sha256) != 64 or any(c not in "0123456789abcdef" for c in sha256):
-            raise PackageError(f"{what} sha256 must be 64 lowercase hex digits; got {sha256!r:.80}. Re-export the package")
+            raise PackageError(f"{what} sha256 must be 64 lowercase hex digits; got {sha256!r:.80}. Re-export the package",
+                               code="E_MANIFEST")
         return cls(_plain_name(data["file"], f"{what} file"), sha256, _integer(data, "bytes", what, minimum=0))
 
     @classmethod
@@ -114,43 +116,48 @@ class GraphEntry:
         file = FileEntry.from_dict({k: data[k] for k in ("file", "sha256", "bytes")}, what)
         external_data = data.get("external_data", [])
         if not isinstance(external_data, list):
-            raise PackageError(f"{what}.external_data must be a list of file entries; got {type(external_data).__name__}")
+            raise PackageError(f"{what}.external_data must be a list of file entries; got {type(external_data).__name__}",
+                               code="E_MANIFEST")
         external = tuple(FileEntry.from_dict(e, f"{what}.external_data") for e in external_data)
         return cls(spec, file, external)
 
 
 def _require(data: Any, keys: tuple[str, ...], what: str) -> None:
     if not isinstance(data, Mapping):
-        raise PackageError(f"{what} must be a JSON object; got {type(data).__name__}")
+        raise PackageError(f"{what} must be a JSON object; got {type(data).__name__}", code="E_MANIFEST")
     missing = [k for k in keys if k not in data]
     if missing:
-        raise PackageError(f"{what} is missing field(s) {', '.join(missing)}; re-export the package")
+        raise PackageError(f"{what} is missing field(s) {', '.join(missing)}; re-export the package", code="E_MANIFEST")
 
 
 def _integer(data: Mapping[str, Any], key: str, what: str, *, minimum: int) -> int:
     value = data[key]
     if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
-        raise PackageError(f"{what} {key} must be an integer >= {minimum}; got {value!r:.80}. Re-export the package")
+        raise PackageError(f"{what} {key} must be an integer >= {minimum}; got {value!r:.80}. Re-export the package",
+                           code="E_MANIFEST")
     return value
 
 
 def _object(data: Mapping[str, Any], key: str, what: str = "manifest") -> dict[str, Any]:
     value = data.get(key, {})
     if not isinstance(value, Mapping):
-        raise PackageError(f"{what} {key} must be a JSON object; got {type(value).__name__}. Re-export the package")
+        raise PackageError(f"{what} {key} must be a JSON object; got {type(value).__name__}. Re-export the package",
+                           code="E_MANIFEST")
     return dict(value)
 
 
 def _label_names(value: Any, num_labels: int) -> tuple[str, ...]:
     if not isinstance(value, list) or not all(isinstance(v, str) and v for v in value):
-        raise PackageError(f"manifest label_names must be a list of non-empty strings; got {value!r:.80}")
+        raise PackageError(f"manifest label_names must be a list of non-empty strings; got {value!r:.80}",
+                           code="E_MANIFEST")
     if value and len(value) != num_labels:
         raise PackageError(
             f"manifest label_names has {len(value)} name(s) but the model has {num_labels} label(s); "
-            "re-export the package"
+            "re-export the package",
+            code="E_MANIFEST",
         )
     if len(set(value)) != len(value):
-        raise PackageError(f"manifest label_names has duplicates: {value!r:.120}")
+        raise PackageError(f"manifest label_names has duplicates: {value!r:.120}", code="E_MANIFEST")
     return tuple(value)
 
 
@@ -178,44 +185,48 @@ class Manifest:
     def __post_init__(self) -> None:
         if self.kv_cache not in KV_CACHE_LAYOUTS:
             raise PackageError(f"manifest kv_cache must be one of {list(KV_CACHE_LAYOUTS)}; got {self.kv_cache!r:.60}. "
-                               "Re-export the package")
+                               "Re-export the package", code="E_MANIFEST")
         needed = SHARED_CACHE_FORMAT_VERSION if self.kv_cache == "shared" else FORMAT_VERSION
         if self.format_version != needed:
             raise PackageError(f"manifest kv_cache {self.kv_cache!r} needs format_version {needed}; got "
-                               f"{self.format_version!r}. The package is damaged; re-export it")
+                               f"{self.format_version!r}. The package is damaged; re-export it", code="E_MANIFEST")
         expected = graph_specs(self.dims, self.float_dtype, self.kv_cache)
         if set(self.graphs) != set(expected):
             raise PackageError(
                 f"manifest lists graphs {sorted(self.graphs)} but arch {self.arch!r} needs "
-                f"{sorted(expected)}; re-export the package"
+                f"{sorted(expected)}; re-export the package",
+                code="E_MANIFEST",
             )
         for name, entry in self.graphs.items():
             if entry.spec != expected[name]:
                 raise PackageError(
                     f"manifest I/O of graph {name!r} does not match the contract for these dims "
                     f"(expected inputs {expected[name].input_names}, outputs {expected[name].output_names}); "
-                    "the package is damaged or from an incompatible exporter; re-export it"
+                    "the package is damaged or from an incompatible exporter; re-export it",
+                    code="E_GRAPH_IO",
                 )
         missing = [r for r in SPECIAL_TOKEN_ROLES if r not in self.special_tokens]
         if missing:
-            raise PackageError(f"manifest special_tokens is missing role(s) {', '.join(missing)}")
+            raise PackageError(f"manifest special_tokens is missing role(s) {', '.join(missing)}", code="E_MANIFEST")
         for role, value in self.special_tokens.items():
             if not isinstance(value, int) or isinstance(value, bool) or not -1 <= value < self.dims.vocab_size:
                 raise PackageError(
-                    f"manifest special_tokens.{role} = {value!r:.80} is outside [-1, vocab_size={self.dims.vocab_size})"
+                    f"manifest special_tokens.{role} = {value!r:.80} is outside [-1, vocab_size={self.dims.vocab_size})",
+                    code="E_MANIFEST",
                 )
         if self.arch == "encoder-decoder" and self.special_tokens["decoder_start"] < 0:
             raise PackageError("manifest special_tokens.decoder_start is -1, but an encoder-decoder model needs a "
-                               "decoder start token; re-export the package")
+                               "decoder start token; re-export the package", code="E_MANIFEST")
         if self.generation:
             try:
                 defaults = GenerationConfig.from_dict(self.generation)
             except ConfigError as err:
-                raise PackageError(f"manifest generation defaults are invalid: {err}. Re-export the package") from None
-            ids = [*defaults.eos_token_ids, defaults.pad_token_id]
-            if max(ids) >= self.dims.vocab_size:
+                raise PackageError(f"manifest generation defaults are invalid: {err}. Re-export the package",
+                                   code="E_MANIFEST") from None
+            ids = [*(defaults.eos_token_ids or ()), *([] if defaults.pad_token_id is None else [defaults.pad_token_id])]
+            if ids and max(ids) >= self.dims.vocab_size:
                 raise PackageError(f"manifest generation token ids {ids} are outside vocab_size "
-                                   f"{self.dims.vocab_size}; re-export the package")
+                                   f"{self.dims.vocab_size}; re-export the package", code="E_MANIFEST")
 
     # Serialisation --------------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
@@ -244,14 +255,16 @@ class Manifest:
         _require(data, ("format", "format_version"), "manifest")
         if data["format"] != FORMAT_NAME:
             raise PackageError(
-                f"manifest format is {data['format']!r:.80}, expected {FORMAT_NAME!r}: not an onnxformer package"
+                f"manifest format is {data['format']!r:.80}, expected {FORMAT_NAME!r}: not an onnxformer package",
+                code="E_MANIFEST",
             )
         version = data["format_version"]
         if isinstance(version, bool) or version not in SUPPORTED_FORMAT_VERSIONS:
             raise PackageError(
                 f"package format_version {version!r} is not supported by this runtime "
                 f"(supported: {', '.join(map(str, SUPPORTED_FORMAT_VERSIONS))}); "
-                "upgrade onnxformer or re-export the package with this version"
+                "upgrade onnxformer or re-export the package with this version",
+                code="E_FORMAT_VERSION",
             )
         required = ("arch", "dims", "max_seq_len", "float_dtype", "weights", "special_tokens", "label_names",
                     "generation", "tokenizer", "graphs", "opset", "producer")
@@ -259,10 +272,12 @@ class Manifest:
         graphs = _object(data, "graphs")
         dims = Dims.from_dict(_object(data, "dims"))
         if dims.arch != data["arch"]:
-            raise PackageError(f"manifest arch {data['arch']!r:.80} disagrees with dims.arch {dims.arch!r}")
+            raise PackageError(f"manifest arch {data['arch']!r:.80} disagrees with dims.arch {dims.arch!r}",
+                               code="E_MANIFEST")
         for key in ("float_dtype", "weights"):
             if not isinstance(data[key], str):
-                raise PackageError(f"manifest {key} must be a string; got {data[key]!r:.80}. Re-export the package")
+                raise PackageError(f"manifest {key} must be a string; got {data[key]!r:.80}. Re-export the package",
+                                   code="E_MANIFEST")
         return cls(
             arch=data["arch"],
             dims=dims,
@@ -291,16 +306,19 @@ class Manifest:
     def load(cls, directory: str | os.PathLike) -> "Manifest":
         directory = Path(directory)
         if not directory.is_dir():
-            raise PackageError(f"package directory {str(directory)!r} does not exist or is not a directory")
+            raise PackageError(f"package directory {str(directory)!r} does not exist or is not a directory",
+                               code="E_MISSING_FILE")
         path = directory / MANIFEST_FILE
         if not path.is_file():
-            raise PackageError(f"{str(path)!r} is missing: {str(directory)!r} is not an onnxformer package")
+            raise PackageError(f"{str(path)!r} is missing: {str(directory)!r} is not an onnxformer package",
+                               code="E_MANIFEST")
         try:
             data = json.loads(path.read_bytes().decode("utf-8"))
         except OSError as err:
-            raise PackageError(f"cannot read {str(path)!r}: {err.strerror or err}") from None
+            raise PackageError(f"cannot read {str(path)!r}: {err.strerror or err}", code="E_MANIFEST") from None
         except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as err:
-            raise PackageError(f"{str(path)!r} is not valid JSON ({err}); the package is damaged, re-export it") from None
+            raise PackageError(f"{str(path)!r} is not valid JSON ({err}); the package is damaged, re-export it",
+                               code="E_MANIFEST") from None
         return cls.from_dict(data)
 
     # Checks ---------------------------------------------------------------------------------
@@ -311,7 +329,7 @@ class Manifest:
             for entry in (graph.file, *graph.external_data):
                 if entries.setdefault(entry.file, entry) != entry:
                     raise PackageError(f"manifest lists package file {entry.file!r} twice with different "
-                                       "checksums; the package is damaged, re-export it")
+                                       "checksums; the package is damaged, re-export it", code="E_MANIFEST")
         return list(entries.values())
 
     def verify_files(self, directory: str | os.PathLike) -> None:
@@ -320,23 +338,28 @@ class Manifest:
         for entry in self.files():
             path = (directory / entry.file).resolve()
             if path.parent != directory:
-                raise PackageError(f"package file {entry.file!r} resolves outside the package directory; refused")
+                raise PackageError(f"package file {entry.file!r} resolves outside the package directory; refused",
+                                   code="E_PACKAGE")
             if not path.is_file():
-                raise PackageError(f"package file {entry.file!r} is missing from {str(directory)!r}; re-export the package")
+                raise PackageError(f"package file {entry.file!r} is missing from {str(directory)!r}; re-export the package",
+                                   code="E_MISSING_FILE")
             size = path.stat().st_size
             if size != entry.bytes:
                 raise PackageError(
                     f"package file {entry.file!r} has {size} bytes, the manifest says {entry.bytes}: "
-                    "it was truncated or altered; re-export the package"
+                    "it was truncated or altered; re-export the package",
+                    code="E_CHECKSUM",
                 )
             try:
                 digest = sha256_file(path)
             except OSError as err:
-                raise PackageError(f"cannot read package file {entry.file!r}: {err.strerror or err}") from None
+                raise PackageError(f"cannot read package file {entry.file!r}: {err.strerror or err}",
+                                   code="E_PACKAGE") from None
             if digest != entry.sha256:
                 raise PackageError(
                     f"package file {entry.file!r} has sha256 {digest[:16]}..., the manifest says "
-                    f"{entry.sha256[:16]}...: it was altered or damaged; re-export the package"
+                    f"{entry.sha256[:16]}...: it was altered or damaged; re-export the package",
+                    code="E_CHECKSUM",
                 )
 
     def special(self, role: str) -> int:

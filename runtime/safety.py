@@ -139,7 +139,8 @@ def external_data_refs(path: str | os.PathLike) -> list[ExternalRef]:
     try:
         with open(path, "rb") as f:
             if os.fstat(f.fileno()).st_size == 0:
-                raise PackageError(f"graph file {path.name!r} is empty; the package is damaged, re-export it")
+                raise PackageError(f"graph file {path.name!r} is empty; the package is damaged, re-export it",
+                                   code="E_GRAPH")
             with mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as mapped:
                 buf = memoryview(mapped)
                 try:
@@ -149,12 +150,13 @@ def external_data_refs(path: str | os.PathLike) -> list[ExternalRef]:
                 except _Malformed as err:
                     raise PackageError(
                         f"graph file {path.name!r} is not a valid ONNX protobuf ({err}); "
-                        "the package is damaged, re-export it"
+                        "the package is damaged, re-export it",
+                        code="E_GRAPH",
                     ) from None
                 finally:
                     buf.release()
     except OSError as err:
-        raise PackageError(f"cannot read graph file {str(path)!r}: {err.strerror or err}") from None
+        raise PackageError(f"cannot read graph file {str(path)!r}: {err.strerror or err}", code="E_GRAPH") from None
 
 
 def _plain(location: str) -> bool:
@@ -180,17 +182,20 @@ def check_external_data(graph_path: str | os.PathLike, allowed: Iterable[str]) -
         if not _plain(ref.location):
             raise PackageError(
                 f"{what}, a path outside the package directory; refused. A package may only "
-                "reference files in its own directory; this one is damaged or hostile, do not use it"
+                "reference files in its own directory; this one is damaged or hostile, do not use it",
+                code="E_EXTERNAL_DATA",
             )
         if ref.location not in allowed:
             raise PackageError(
                 f"{what}, which the manifest does not list for this graph (listed: "
-                f"{', '.join(sorted(allowed)) or 'none'}); refused: the package is damaged, re-export it"
+                f"{', '.join(sorted(allowed)) or 'none'}); refused: the package is damaged, re-export it",
+                code="E_EXTERNAL_DATA",
             )
         if (directory / ref.location).resolve().parent != directory:
             raise PackageError(
                 f"{what}, which is a link leading outside the package directory; refused. "
-                "A package may only reference files in its own directory"
+                "A package may only reference files in its own directory",
+                code="E_EXTERNAL_DATA",
             )
     return refs
 

@@ -10,6 +10,7 @@ import textwrap
 import pytest
 
 from onnxformer.modeling.data import format_continuation, format_prompt, load_builtin
+from onnxformer.runtime.errors import CheckpointError
 from onnxformer.modeling.tokenizer import (
     load_tokenizer,
     save_tokenizer,
@@ -222,9 +223,9 @@ def test_save_overwrites_atomically(tmp_path, wordpiece, bpe):
 
 
 def test_load_errors(tmp_path):
-    with pytest.raises(FileNotFoundError, match="no tokenizer file at .*missing.json"):
+    with pytest.raises(CheckpointError, match="no tokenizer file at .*missing.json"):
         load_tokenizer(tmp_path / "missing.json")
     corrupt = tmp_path / "tokenizer.json"
     corrupt.write_text('{"model": {"type": "BPE"', encoding="utf-8")
-    with pytest.raises(ValueError, match="tokenizer.json is not a valid tokenizer.json"):
+    with pytest.raises(CheckpointError, match="tokenizer.json is not a valid tokenizer.json"):
         load_tokenizer(corrupt)

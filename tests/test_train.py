@@ -21,6 +21,7 @@ from safetensors import safe_open  # noqa: E402
 from safetensors.torch import load_file  # noqa: E402
 
 from onnxformer.modeling import checkpoint as ckpt  # noqa: E402
+from onnxformer.runtime.errors import CheckpointError  # noqa: E402
 from onnxformer.modeling.data import load_builtin  # noqa: E402
 from onnxformer.modeling.train import (  # noqa: E402
     TASK_ARCHS,
@@ -209,7 +210,7 @@ def test_a_failed_save_leaves_the_previous_latest_intact(files, tmp_path, monkey
 
 
 def test_load_model_errors_name_the_path(tmp_path):
-    with pytest.raises(FileNotFoundError, match=str(tmp_path)):
+    with pytest.raises(CheckpointError, match=str(tmp_path)):
         ckpt.load_model(tmp_path)
 
 
@@ -255,9 +256,9 @@ def test_resume_refuses_changed_settings_and_fresh_runs_refuse_an_existing_run(f
     train(config(files, run, "classify"))
     with pytest.raises(ValueError, match=r"lr=0\.002 \(now 0\.1\)"):
         train(config(files, run, "classify", resume=True, lr=0.1))
-    with pytest.raises(FileExistsError, match="--resume"):
+    with pytest.raises(CheckpointError, match="--resume"):
         train(config(files, run, "classify"))
-    with pytest.raises(FileNotFoundError, match="drop --resume"):
+    with pytest.raises(CheckpointError, match="drop --resume"):
         train(config(files, tmp_path / "empty", "classify", resume=True))
 
 

@@ -1,6 +1,7 @@
-"""Bad input to the runtime's API and CLI: each gives the project's own error, a message that
-names the problem, raised by onnxformer's code (never a trace from inside onnxruntime, the
-tokenizer or numpy), and the model keeps working afterwards."""
+"""Bad input to the runtime's API and CLI: each gives the project's own error with its code
+(runtime/errors.py CODES), a message that names the problem, raised by onnxformer's code (never
+a trace from inside onnxruntime, the tokenizer or numpy), and the model keeps working afterwards.
+The CLI prints `error[CODE]: message` and exits 2."""
 
 from __future__ import annotations
 
@@ -153,33 +154,50 @@ CASES = [
      InputError, r"classify\(\) needs"),
 ]
 
+# The code of each case whose code is finer than its class's default (E_INPUT, E_CONFIG, ...).
+FINER_CODES = {
+    **dict.fromkeys(["prompt over max length", "text over max length", "source over max length",
+                     "max_new_tokens >= max_seq_len", "ids + max_new_tokens too long", "too long for source"],
+                    "E_TOO_LONG"),
+    **dict.fromkeys(["token id >= vocab", "token id 2**70", "negative token id", "float token id", "NaN token id",
+                     "string token id", "bool token id", "nested token ids", "decode negative id",
+                     "decode id >= vocab"], "E_TOKEN_ID"),
+    **dict.fromkeys(["misspelt parameter", "config with int key"], "E_UNKNOWN_PARAMETER"),
+    **dict.fromkeys(["classify on a decoder", "embed on a decoder", "generate on an encoder",
+                     "generate_ids on an encoder", "stream on an encoder", "classify on a seq2seq model"],
+                    "E_WRONG_KIND"),
+}
+
 
 # --- load and providers ----------------------------------------------------------------------
 
+# (case id, call, error type, code, message pattern)
 LOAD_CASES = [
     ("provider not known", lambda p: rt.load(p, provider="tpu"),
-     ProviderError, "provider must be one of cpu, cuda; got 'tpu'"),
-    ("provider not a string", lambda p: rt.load(p, provider=3), ProviderError, "provider must be one of"),
+     ProviderError, "E_PROVIDER", "provider must be one of cpu, cuda; got 'tpu'"),
+    ("provider not a string", lambda p: rt.load(p, provider=3), ProviderError, "E_PROVIDER", "provider must be one of"),
     ("threads -1", lambda p: rt.load(p, threads=-1),
-     InputError, r"threads must be None .* or an integer in \[0, 1024\]; got -1"),
-    ("threads a string", lambda p: rt.load(p, threads="2"), InputError, "threads must be"),
-    ("package path None", lambda p: rt.load(None), PackageError, "package_dir must be a path"),
+     InputError, "E_INPUT", r"threads must be None .* or an integer in \[0, 1024\]; got -1"),
+    ("threads a string", lambda p: rt.load(p, threads="2"), InputError, "E_INPUT", "threads must be"),
+    ("package path None", lambda p: rt.load(None), PackageError, "E_PACKAGE", "package_dir must be a path"),
     ("package path a file", lambda p: rt.load(p / "manifest.json"),
-     PackageError, "does not exist or is not a directory"),
-    ("package path missing", lambda p: rt.load(p / "nope"), PackageError, "does not exist or is not a directory"),
-    ("not a package", lambda p: rt.load(p.parent), PackageError, "manifest.json' is missing"),
+     PackageError, "E_MISSING_FILE", "does not exist or is not a directory"),
+    ("package path missing", lambda p: rt.load(p / "nope"),
+     PackageError, "E_MISSING_FILE", "does not exist or is not a directory"),
+    ("not a package", lambda p: rt.load(p.parent), PackageError, "E_MANIFEST", "manifest.json' is missing"),
 ]
 if NO_CUDA:
-    LOAD_CASES.append(("provider not installed", lambda p: rt.load(p, provider="cuda"), ProviderError,
+    LOAD_CASES.append(("provider not installed", lambda p: rt.load(p, provider="cuda"), ProviderError, "E_PROVIDER",
                        "'cuda' .* is not available in this onnxruntime build .*install the onnxruntime-gpu wheel"))
 
 
 @pytest.mark.parametrize("case", CASES, ids=[c[0] for c in CASES])
 def test_bad_runtime_input_gets_a_clear_error_of_our_own(models, case):
-    _, package, call, error, pattern = case
+    name, package, call, error, pattern = case
     with pytest.raises(error, match=pattern) as excinfo:
         call(models[package])
     assert isinstance(excinfo.value, rt.OnnxformerError)
+    assert excinfo.value.code == FINER_CODES.get(name, error.default_code)
     assert raised_by_us(excinfo), f"raised from {excinfo.traceback[-1].path}"
     assert excinfo.value.__cause__ is None
 
@@ -190,7 +208,7 @@ def test_models_still_work_after_every_bad_call(models, package_paths, figures):
     for _, package, call, error, _ in CASES:
         with pytest.raises(error):
             call(models[package])
-    for _, call, error, _ in LOAD_CASES:
+    for _, call, error, _, _ in LOAD_CASES:
         with pytest.raises(error):
             call(package_paths["decoder"])
     after = decoder.generate("the cat sat", max_new_tokens=6)[0].token_ids, encoder.classify("the cat")[0]
@@ -209,7 +227,7 @@ def test_edge_inputs_that_are_valid_give_results(models):
     assert decoder.generate("   \t ", max_new_tokens=2)[0].token_ids  # whitespace is text
     assert decoder.generate("\x00", max_new_tokens=2)[0].token_ids
     assert decoder.generate(LONG, max_new_tokens=4, truncate=True)[0].token_ids
-    assert decoder.generate_ids(np.array([[5, 6, 7]]), rt.GenerationConfig(max_new_tokens=2)).sequences
+    assert decoder.generate_ids(np.array([[5, 6, 7]]), rt.GenerationConfig(max_new_tokens=2))[0].token_ids
     assert decoder.decode([]) == ""
     assert seq2seq.generate(LONG, max_new_tokens=2, truncate=True)[0].token_ids
     assert len(encoder.classify(["a"] * 5, batch_size=2)) == 5
@@ -217,48 +235,59 @@ def test_edge_inputs_that_are_valid_give_results(models):
 
 @pytest.mark.parametrize("case", LOAD_CASES, ids=[c[0] for c in LOAD_CASES])
 def test_bad_load_arguments(package_paths, case):
-    _, call, error, pattern = case
+    _, call, error, code, pattern = case
     with pytest.raises(error, match=pattern) as excinfo:
         call(package_paths["decoder"])
     assert raised_by_us(excinfo)
+    assert excinfo.value.code == code
 
 
-# --- the CLI: exit status 2, `error: ...`, no traceback --------------------------------------
+# --- the CLI: exit status 2, `error[CODE]: ...`, no traceback --------------------------------
 
+# (case id, argv, stdin, code, message pattern)
 CLI_CASES = [
-    ("top-p 2", ["generate", "{decoder}", "x", "--strategy", "sample", "--top-p", "2"], None, r"top_p must be in \(0, 1\]"),
-    ("temperature 0", ["generate", "{decoder}", "x", "--strategy", "sample", "--temperature", "0"], None,
+    ("top-p 2", ["generate", "{decoder}", "x", "--strategy", "sample", "--top-p", "2"], None, "E_CONFIG",
+     r"top_p must be in \(0, 1\]"),
+    ("temperature 0", ["generate", "{decoder}", "x", "--strategy", "sample", "--temperature", "0"], None, "E_CONFIG",
      "temperature must be > 0"),
-    ("num-beams 0", ["generate", "{decoder}", "x", "--num-beams", "0"], None, "num_beams must be an integer >= 1"),
-    ("max-new-tokens -1", ["generate", "{decoder}", "x", "--max-new-tokens", "-1"], None, "max_new_tokens must be"),
-    ("top-k -1", ["generate", "{decoder}", "x", "--strategy", "sample", "--top-k", "-1"], None, "top_k must be"),
-    ("threads -3", ["generate", "{decoder}", "x", "--threads", "-3"], None, "threads must be"),
-    ("empty prompt", ["generate", "{decoder}", ""], None, "is empty"),
-    ("prompt too long", ["generate", "{decoder}", LONG, "--max-new-tokens", "4"], None, "this model takes at most"),
-    ("stream two prompts", ["generate", "{decoder}", "a", "b", "--stream"], None, "--stream takes one prompt"),
-    ("classify a decoder", ["classify", "{decoder}", "x"], None, "needs an encoder package"),
-    ("generate an encoder", ["generate", "{encoder}", "x"], None, "needs a decoder-only"),
-    ("embed a decoder", ["embed", "{decoder}", "x"], None, "needs a package with an encoder"),
-    ("no such package", ["generate", "{decoder}/nope", "x"], None, "does not exist or is not a directory"),
-    ("inspect a file", ["inspect", "{decoder}/manifest.json"], None, "does not exist or is not a directory"),
-    ("inspect a non-package", ["inspect", "{decoder}/.."], None, "is not an onnxformer package"),
-    ("empty stdin", ["classify", "{encoder}"], "", "stdin had no non-empty lines"),
-    ("non-UTF-8 stdin", ["classify", "{encoder}"], b"caf\xe9\n\xff\xfe\n", "stdin is not valid UTF-8"),
-    ("export a missing checkpoint", ["export", "{decoder}/no-checkpoint", "{decoder}/../out"], None,
-     "cannot export .*no-checkpoint.* neither a checkpoint folder"),
-    ("export a package", ["export", "{decoder}", "{decoder}/../out"], None, "cannot export .* neither a checkpoint folder"),
+    ("num-beams 0", ["generate", "{decoder}", "x", "--num-beams", "0"], None, "E_CONFIG",
+     "num_beams must be an integer >= 1"),
+    ("max-new-tokens -1", ["generate", "{decoder}", "x", "--max-new-tokens", "-1"], None, "E_CONFIG",
+     "max_new_tokens must be"),
+    ("top-k -1", ["generate", "{decoder}", "x", "--strategy", "sample", "--top-k", "-1"], None, "E_CONFIG",
+     "top_k must be"),
+    ("threads -3", ["generate", "{decoder}", "x", "--threads", "-3"], None, "E_INPUT", "threads must be"),
+    ("empty prompt", ["generate", "{decoder}", ""], None, "E_INPUT", "is empty"),
+    ("prompt too long", ["generate", "{decoder}", LONG, "--max-new-tokens", "4"], None, "E_TOO_LONG",
+     "this model takes at most"),
+    ("stream two prompts", ["generate", "{decoder}", "a", "b", "--stream"], None, "E_INPUT", "--stream takes one prompt"),
+    ("classify a decoder", ["classify", "{decoder}", "x"], None, "E_WRONG_KIND", "needs an encoder package"),
+    ("generate an encoder", ["generate", "{encoder}", "x"], None, "E_WRONG_KIND", "needs a decoder-only"),
+    ("embed a decoder", ["embed", "{decoder}", "x"], None, "E_WRONG_KIND", "needs a package with an encoder"),
+    ("no such package", ["generate", "{decoder}/nope", "x"], None, "E_MISSING_FILE",
+     "does not exist or is not a directory"),
+    ("inspect a file", ["inspect", "{decoder}/manifest.json"], None, "E_MISSING_FILE",
+     "does not exist or is not a directory"),
+    ("inspect a non-package", ["inspect", "{decoder}/.."], None, "E_MANIFEST", "is not an onnxformer package"),
+    ("empty stdin", ["classify", "{encoder}"], "", "E_INPUT", "stdin had no non-empty lines"),
+    ("non-UTF-8 stdin", ["classify", "{encoder}"], b"caf\xe9\n\xff\xfe\n", "E_INPUT", "stdin is not valid UTF-8"),
+    ("export a missing checkpoint", ["export", "{decoder}/no-checkpoint", "{decoder}/../out"], None, "E_CHECKPOINT",
+     "no-checkpoint is neither a checkpoint folder"),
+    ("export a package", ["export", "{decoder}", "{decoder}/../out"], None, "E_CHECKPOINT",
+     "is neither a checkpoint folder"),
 ]
 if NO_CUDA:
-    CLI_CASES.append(("cuda not installed", ["classify", "{encoder}", "x", "--provider", "cuda"], None, "is not available"))
+    CLI_CASES.append(("cuda not installed", ["classify", "{encoder}", "x", "--provider", "cuda"], None, "E_PROVIDER",
+                      "is not available"))
 
 
 @pytest.mark.parametrize("case", CLI_CASES, ids=[c[0] for c in CLI_CASES])
 def test_cli_bad_input_exits_2_with_a_one_line_error(package_paths, case):
-    _, argv, stdin, pattern = case
+    _, argv, stdin, code, pattern = case
     argv = [a.format(**{k: str(v) for k, v in package_paths.items() if k != "encoder-decoder"}) for a in argv]
     result = run_cli(argv, stdin)
     assert result.rc == 2, result
-    assert result.err.startswith("error: ") and "Traceback" not in result.err, result
+    assert result.err.startswith(f"error[{code}]: ") and "Traceback" not in result.err, result
     assert __import__("re").search(pattern, result.err), result
 
 
@@ -272,8 +301,8 @@ def test_cli_in_a_real_process_exits_2_without_traceback(package_paths, figures)
     for argv in runs:
         proc = subprocess.run(argv, capture_output=True, text=True, timeout=120)
         assert proc.returncode == 2, proc.stderr
-        assert proc.stderr.startswith("error: ") and "Traceback" not in proc.stderr, proc.stderr
+        assert proc.stderr.startswith("error[E_") and "Traceback" not in proc.stderr, proc.stderr
     assert not (package_paths["decoder"].parent / "never-written").exists()
     figures.record("bad input", "CLI: bad options, empty/non-UTF-8 stdin, wrong package kind, missing package or "
                    "checkpoint (in-process, plus 2 real processes)", len(CLI_CASES) + len(runs),
-                   f"{len(CLI_CASES) + len(runs)} exit status 2 with a one-line `error: ...`, 0 tracebacks")
+                   f"{len(CLI_CASES) + len(runs)} exit status 2 with a one-line `error[CODE]: ...`, 0 tracebacks")

@@ -1,6 +1,7 @@
 """Damaged and hostile training checkpoints: loading, resuming and exporting one gives a
-ValueError (`onnxformer export`: an ExportError, exit status 2) that names the file, and a
-`latest` pointer can only name a folder of its own run directory."""
+CheckpointError (code E_CHECKPOINT; `onnxformer export` and `train --resume` print
+`error[E_CHECKPOINT]: ...` and exit 2) that names the file, and a `latest` pointer can only name
+a folder of its own run directory."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ import pytest
 pytest.importorskip("torch", reason="checkpoints need the [train] extra")
 
 from onnxformer.modeling import checkpoint as ckpt  # noqa: E402
+from onnxformer.runtime.errors import CheckpointError  # noqa: E402
 from reliability_support import run_cli  # noqa: E402
 
 # (case id, file in the latest checkpoint, new content, message pattern)
@@ -58,18 +60,19 @@ def test_damaged_checkpoint_names_the_file(trained_run, tmp_path, case):
     shutil.copytree(trained_run, run)
     _damage(ckpt.latest_checkpoint(run), name, content)
     if case in DAMAGE:
-        with pytest.raises(ValueError, match=pattern):
+        with pytest.raises(CheckpointError, match=pattern) as excinfo:
             ckpt.load_model(run)
+        assert excinfo.value.code == "E_CHECKPOINT"
         result = run_cli(["export", str(run), str(tmp_path / "package")])
-        assert result.rc == 2 and result.err.startswith("error: cannot export") and "Traceback" not in result.err
+        assert result.rc == 2 and result.err.startswith("error[E_CHECKPOINT]: ") and "Traceback" not in result.err
         assert pattern.split(" ")[0] in result.err
         assert not (tmp_path / "package").exists()
     if name != ckpt.MODEL_FILE:  # resuming reads everything else (and the weights through ckpt.load_file)
-        with pytest.raises(ValueError, match=pattern):
+        with pytest.raises(CheckpointError, match=pattern):
             ckpt.load_training_state(run)
         result = run_cli(["train", "--arch", "decoder", "--task", "causal-lm", "--data", "unused.txt", "--out", str(run),
                           "--resume", "--no-progress"])
-        assert result.rc == 2 and result.err.startswith("error: ") and "Traceback" not in result.err, result
+        assert result.rc == 2 and result.err.startswith("error[E_CHECKPOINT]: ") and "Traceback" not in result.err, result
         assert name in result.err
 
 
@@ -81,18 +84,18 @@ def test_latest_pointer_cannot_leave_the_run_directory(trained_run, tmp_path, po
     elsewhere = tmp_path / "elsewhere"  # a real checkpoint the pointer could reach
     shutil.copytree(ckpt.latest_checkpoint(run), elsewhere / "step-000002")
     (run / ckpt.LATEST).write_bytes(pointer.encode("utf-8", "surrogateescape") if pointer != "\xff\xfe" else b"\xff\xfe")
-    with pytest.raises(ValueError, match="refused|not a text file"):
+    with pytest.raises(CheckpointError, match="refused|not a text file"):
         ckpt.load_model(run)
 
 
 def test_figures(figures):
     figures.record("security", "checkpoint `latest` pointer naming a folder "
                    "outside its run directory ('../x', an absolute path, '..', 'a/../..') or binary", 5,
-                   "5 refused with ValueError; load_model never followed the pointer")
+                   "5 refused with CheckpointError; load_model never followed the pointer")
     figures.record("nothing lost", "damaged checkpoints: config.json (not JSON, a list, wrong types, unknown field), "
                    "model.safetensors (garbage, truncated, empty), trainer_state.json (not UTF-8, no step), "
                    "training_state.safetensors (garbage); load_model / load_training_state / `onnxformer export` / "
                    "`onnxformer train --resume`",
                    len(DAMAGE) + len(RESUME_DAMAGE),
-                   f"{len(DAMAGE) + len(RESUME_DAMAGE)} ValueError naming the file; export and train --resume exit "
-                   "2 with a one-line error naming it; export writes nothing")
+                   f"{len(DAMAGE) + len(RESUME_DAMAGE)} CheckpointError naming the file; export and train --resume "
+                   "exit 2 with a one-line error[E_CHECKPOINT] naming it; export writes nothing")

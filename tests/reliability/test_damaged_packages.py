@@ -1,5 +1,6 @@
 """Damaged, forged and hostile packages: each is refused with a PackageError that names the
-file and the problem, before onnxruntime runs anything from it.
+file and the problem and carries the code of the condition (E_MANIFEST, E_CHECKSUM, ...), before
+onnxruntime runs anything from it.
 
 Kinds of damage: missing files, altered or truncated files, garbage graphs, a manifest that
 is not JSON, misses fields, has an unknown format version or wrong types (a systematic sweep
@@ -31,10 +32,11 @@ from onnxformer.runtime.safety import _SCHEMA, check_external_data, external_dat
 from reliability_support import raised_by_us, refresh_checksums, rewrite_manifest  # noqa: E402
 
 
-def refused(directory: Path, pattern: str, **load_kwargs) -> PackageError:
+def refused(directory: Path, pattern: str, code: str, **load_kwargs) -> PackageError:
     with pytest.raises(PackageError, match=pattern) as excinfo:
         rt.load(directory, **load_kwargs)
     assert raised_by_us(excinfo), excinfo.traceback[-1].path
+    assert excinfo.value.code == code, (excinfo.value.code, str(excinfo.value))
     return excinfo.value
 
 
@@ -45,7 +47,7 @@ def refused(directory: Path, pattern: str, **load_kwargs) -> PackageError:
 def test_a_missing_file_is_named(package_copy, name):
     package = package_copy("decoder")
     (package / name).unlink()
-    refused(package, f"{name}' is missing")
+    refused(package, f"{name}' is missing", "E_MANIFEST" if name == "manifest.json" else "E_MISSING_FILE")
 
 
 @pytest.mark.parametrize("name", ["tokenizer.json", "decoder.onnx"])
@@ -54,7 +56,7 @@ def test_an_altered_byte_fails_the_checksum(package_copy, name):
     data = bytearray((package / name).read_bytes())
     data[len(data) // 2] ^= 0x01
     (package / name).write_bytes(bytes(data))
-    refused(package, f"package file '{name}' has sha256 .* altered or damaged")
+    refused(package, f"package file '{name}' has sha256 .* altered or damaged", "E_CHECKSUM")
 
 
 def test_truncated_and_garbage_graphs(package_copy, figures):
@@ -64,19 +66,19 @@ def test_truncated_and_garbage_graphs(package_copy, figures):
     cases = 0
     for size in (0, 1, 100, len(whole) // 2, len(whole) - 1):
         graph.write_bytes(whole[:size])
-        refused(package, "'decoder.onnx' has .* bytes, the manifest says .* truncated or altered")
-        refused(package, "decoder.onnx", verify=False)  # damaged file reaches no onnxruntime trace
+        refused(package, "'decoder.onnx' has .* bytes, the manifest says .* truncated or altered", "E_CHECKSUM")
+        refused(package, "decoder.onnx", "E_GRAPH", verify=False)  # damaged file reaches no onnxruntime trace
         cases += 2
     rng = np.random.default_rng(0)
     for size in (0, 16, 4096, len(whole)):  # garbage with a forged, matching checksum
         graph.write_bytes(rng.bytes(size))
         refresh_checksums(package)
         refused(package, "graph file 'decoder.onnx' is (empty|not a valid ONNX protobuf)"
-                         "|onnxruntime could not load 'decoder.onnx'")
+                         "|onnxruntime could not load 'decoder.onnx'", "E_GRAPH")
         cases += 1
     graph.unlink()
     graph.mkdir()  # a directory where the graph should be
-    refused(package, "'decoder.onnx' is missing")
+    refused(package, "'decoder.onnx' is missing", "E_MISSING_FILE")
     figures.record("damaged packages", "truncated graphs (5 sizes, with and without verification), garbage graphs "
                    "with forged checksums (4 sizes), a directory in place of the graph", cases + 1,
                    f"{cases + 1} PackageError naming decoder.onnx, 0 onnxruntime traces")
@@ -98,7 +100,7 @@ MANIFEST_TEXTS = {
 def test_an_unreadable_manifest(package_copy, name):
     package = package_copy("decoder")
     (package / "manifest.json").write_bytes(MANIFEST_TEXTS[name])
-    refused(package, "manifest.json' is not valid JSON|manifest must be a JSON object")
+    refused(package, "manifest.json' is not valid JSON|manifest must be a JSON object", "E_MANIFEST")
 
 
 def test_manifest_that_cannot_be_read(package_copy, monkeypatch):
@@ -111,11 +113,11 @@ def test_manifest_that_cannot_be_read(package_copy, monkeypatch):
         return real(self)
 
     monkeypatch.setattr(Path, "read_bytes", denied)
-    refused(package, "cannot read .*manifest.json.*Permission denied")
+    refused(package, "cannot read .*manifest.json.*Permission denied", "E_MANIFEST")
     shutil.rmtree(package / "manifest.json", ignore_errors=True)
     (package / "manifest.json").unlink()
     (package / "manifest.json").mkdir()
-    refused(package, "manifest.json' is missing")
+    refused(package, "manifest.json' is missing", "E_MANIFEST")
 
 
 REQUIRED = ["format", "format_version", "arch", "dims", "max_seq_len", "float_dtype", "weights", "special_tokens",
@@ -126,14 +128,14 @@ REQUIRED = ["format", "format_version", "arch", "dims", "max_seq_len", "float_dt
 def test_a_missing_manifest_field_is_named(package_copy, field):
     package = package_copy("decoder")
     rewrite_manifest(package, lambda m: m.pop(field))
-    refused(package, f"manifest is missing field\\(s\\) {field}")
+    refused(package, f"manifest is missing field\\(s\\) {field}", "E_MANIFEST")
 
 
 @pytest.mark.parametrize("version", [0, 3, 99, "1", None, True])
 def test_unknown_format_version(package_copy, version):
     package = package_copy("decoder")
     rewrite_manifest(package, lambda m: m.update(format_version=version))
-    refused(package, f"format_version {version!r} is not supported by this runtime")
+    refused(package, f"format_version {version!r} is not supported by this runtime", "E_FORMAT_VERSION")
 
 
 @pytest.mark.parametrize("layout", ["concat", "shared"])
@@ -146,17 +148,18 @@ def test_kv_cache_layout_and_format_version_must_agree(package_copy, layout):
     needed = {"concat": 1, "shared": 2}
     if layout == "concat":  # the layout stays, the version is the other layout's
         rewrite_manifest(package, lambda m: m.update(format_version=needed[other]))
-        refused(package, f"manifest kv_cache '{current}' needs format_version {needed[current]}; got {needed[other]}")
+        refused(package, f"manifest kv_cache '{current}' needs format_version {needed[current]}; got {needed[other]}",
+                "E_MANIFEST")
     else:  # the layout is flipped with its version: the graph specs no longer match the layout
         rewrite_manifest(package, lambda m: m.update(kv_cache=other, format_version=needed[other]))
-        refused(package, "does not match the contract")
+        refused(package, "does not match the contract", "E_GRAPH_IO")
 
 
 @pytest.mark.parametrize("value", ["paged", 1, None, ["shared"]])
 def test_unknown_kv_cache_layout(package_copy, value):
     package = package_copy("decoder")
     rewrite_manifest(package, lambda m: m.update(kv_cache=value))
-    refused(package, "manifest kv_cache must be one of")
+    refused(package, "manifest kv_cache must be one of", "E_MANIFEST")
 
 
 def _paths(node, prefix=()):
@@ -179,7 +182,7 @@ def test_every_manifest_field_damaged_every_way(package_copy, figures):
     value is harmless, a package that loads and runs; never another exception."""
     package = package_copy("encoder")
     original = json.loads((package / "manifest.json").read_text())
-    outcomes, leaks = collections.Counter(), []
+    outcomes, codes, leaks = collections.Counter(), collections.Counter(), []
     for path in list(_paths(original))[1:]:
         if path[0] in INFORMATIONAL and len(path) > 1:
             continue
@@ -197,11 +200,14 @@ def test_every_manifest_field_damaged_every_way(package_copy, figures):
                 model = rt.load(package)
                 model.classify("the cat")
                 outcomes["loaded and ran"] += 1
-            except PackageError:
+            except PackageError as err:
                 outcomes["PackageError"] += 1
+                codes[err.code] += 1
             except Exception as err:  # noqa: BLE001 - the point of the test
                 leaks.append(f"{path} = {value!r}: {type(err).__name__}: {err}")
     assert not leaks, "\n".join(leaks[:20])
+    assert set(codes) <= {"E_MANIFEST", "E_FORMAT_VERSION", "E_GRAPH_IO", "E_TOKENIZER", "E_MISSING_FILE",
+                          "E_CHECKSUM", "E_EXTERNAL_DATA"}, codes
     total = sum(outcomes.values())
     assert outcomes["PackageError"] > total // 2
     figures.record("damaged packages", "manifest sweep: every field of an encoder manifest deleted or set to each "
@@ -240,7 +246,7 @@ def test_manifest_io_that_does_not_match_the_graph(package_copy, figures):
         if name == "encoder" and "num_labels" in dims:
             rewrite_manifest(package, lambda m: m.update(label_names=[]))
         _set_dims(package, **dims)
-        error = refused(package, "does not match the I/O contract")
+        error = refused(package, "does not match the I/O contract", "E_GRAPH_IO")
         assert pattern in str(error), str(error)
         shutil.rmtree(package)
     package = package_copy("decoder")
@@ -250,7 +256,7 @@ def test_manifest_io_that_does_not_match_the_graph(package_copy, figures):
 
     rewrite_manifest(package, to_fp16)
     _set_dims(package)
-    error = refused(package, "does not match the I/O contract")
+    error = refused(package, "does not match the I/O contract", "E_GRAPH_IO")
     assert "dtype float32, expected float16" in str(error)
     figures.record("damaged packages", "manifest I/O edited to disagree with the unchanged graph (layers, kv heads, "
                    "vocabulary, labels, token types, head size, float type)", len(cases) + 1,
@@ -265,7 +271,7 @@ def test_a_tokenizer_that_does_not_belong_to_the_model(package_copy, package_pat
     top = rt.load(package).dims.vocab_size - 1
     rewrite_manifest(package, lambda m: m["dims"].update(vocab_size=50))  # the encoder I/O has no vocab axis
     error = refused(package, f"tokenizer 'tokenizer.json' produces token ids up to {top} but the model's "
-                             "vocabulary has 50 entries")
+                             "vocabulary has 50 entries", "E_TOKENIZER")
     assert "does not belong to this model" in str(error)
 
     package = package_copy("decoder")  # a bigger tokenizer, its checksum forged
@@ -276,7 +282,8 @@ def test_a_tokenizer_that_does_not_belong_to_the_model(package_copy, package_pat
         vocab[f"extra{i}"] = len(vocab)
     (package / "tokenizer.json").write_text(json.dumps(tokenizer))
     refresh_checksums(package)
-    refused(package, f"produces token ids up to {models_vocab + 39} but the model's vocabulary has {models_vocab} entries")
+    refused(package, f"produces token ids up to {models_vocab + 39} but the model's vocabulary has {models_vocab} entries",
+            "E_TOKENIZER")
 
     package = package_copy("decoder")  # a smaller tokenizer: special token ids it does not have
     tokenizer = json.loads((package / "tokenizer.json").read_text())
@@ -285,12 +292,12 @@ def test_a_tokenizer_that_does_not_belong_to_the_model(package_copy, package_pat
     tokenizer["model"]["vocab"] = {k: v for k, v in tokenizer["model"]["vocab"].items() if v not in specials}
     (package / "tokenizer.json").write_text(json.dumps(tokenizer))
     refresh_checksums(package)
-    refused(package, "manifest special_tokens .* are not tokens of 'tokenizer.json'")
+    refused(package, "manifest special_tokens .* are not tokens of 'tokenizer.json'", "E_TOKENIZER")
 
     package = package_copy("decoder")
     (package / "tokenizer.json").write_text('{"model": "not a tokenizer"}')
     refresh_checksums(package)
-    refused(package, "tokenizer 'tokenizer.json' could not be loaded")
+    refused(package, "tokenizer 'tokenizer.json' could not be loaded", "E_TOKENIZER")
     figures.record("damaged packages", "tokenizer vs model: vocabulary larger than the model's, special tokens "
                    "missing, not a tokenizer", 4, "4 PackageError naming tokenizer.json")
 
@@ -364,7 +371,7 @@ def test_external_data_outside_the_package_is_refused_before_onnxruntime(package
         _externalize(package, location, list_in_manifest=listed)
         shutil.copyfile(package / "decoder.onnx_data", outside)  # a working target, were the path followed
         for verify in (True, False):
-            error = refused(package, pattern, verify=verify)
+            error = refused(package, pattern, "E_EXTERNAL_DATA", verify=verify)
             assert "tensor '" in str(error)
             cases += 1
         assert spy.opened == [], "onnxruntime opened a graph that reads outside its package"
@@ -375,8 +382,8 @@ def test_external_data_outside_the_package_is_refused_before_onnxruntime(package
     secret = tmp_path / "secret.bin"
     shutil.move(package / "decoder.onnx_data", secret)
     os.symlink(secret, package / "decoder.onnx_data")
-    refused(package, "'decoder.onnx_data' resolves outside the package directory; refused")
-    refused(package, "a link leading outside the package directory", verify=False)
+    refused(package, "'decoder.onnx_data' resolves outside the package directory; refused", "E_PACKAGE")
+    refused(package, "a link leading outside the package directory", "E_EXTERNAL_DATA", verify=False)
     assert spy.opened == []
     cases += 2
     figures.record("security", "external-data location in a graph pointing outside the package ('../x', "
@@ -417,8 +424,9 @@ def test_external_data_hidden_in_nodes_and_subgraphs_is_found(tmp_path, owner):
     path = tmp_path / "g.onnx"
     path.write_bytes(_graph_with(owner).SerializeToString())
     assert external_data_refs(path) == [("w", "../../etc/passwd")]
-    with pytest.raises(PackageError, match="reads tensor 'w' from external file '../../etc/passwd', a path outside"):
+    with pytest.raises(PackageError, match="reads tensor 'w' from external file '../../etc/passwd', a path outside") as excinfo:
         check_external_data(path, [])
+    assert excinfo.value.code == "E_EXTERNAL_DATA"
 
 
 def test_the_safety_schema_matches_onnx():

@@ -113,6 +113,7 @@ def test_planted_pickles_are_never_loaded(trained_run, tmp_path, payload, packag
     from onnxformer.export.exporter import ExportOptions, export_checkpoint
     from onnxformer.modeling import checkpoint as ckpt
     from onnxformer.runtime.cli import main
+    from onnxformer.runtime.errors import CheckpointError
 
     marker, data = payload
     run = tmp_path / "run"
@@ -142,7 +143,7 @@ def test_planted_pickles_are_never_loaded(trained_run, tmp_path, payload, packag
         saved = (latest / name).read_bytes()
         for blob in (data, _torch_zip(torch, marker, tmp_path)):
             (latest / name).write_bytes(blob)
-            with pytest.raises(ValueError, match=f"{name} is not a valid safetensors file"):
+            with pytest.raises(CheckpointError, match=f"{name} is not a valid safetensors file"):
                 load(latest)
             cases += 1
         (latest / name).write_bytes(saved)

@@ -1,5 +1,6 @@
-"""Bad training data: a DataError that names the file and the line (`path:line: problem; fix`),
-from the readers and from `onnxformer train`, which exits 2 with that one line."""
+"""Bad training data: a DataError (code E_DATA) that names the file and the line
+(`path:line: problem; fix`), from the readers and from `onnxformer train`, which exits 2 with
+that one line (`error[E_DATA]: path:line: ...`)."""
 
 from __future__ import annotations
 
@@ -65,6 +66,7 @@ def test_bad_training_file_names_file_and_line(tmp_path, case):
     where = f"{path}:{line}: " if line is not None else f"{path}: "
     assert str(excinfo.value).startswith(where), str(excinfo.value)
     assert (excinfo.value.path, excinfo.value.line) == (str(path), line)
+    assert excinfo.value.code == "E_DATA"
 
 
 def test_unknown_label_in_the_validation_file(tmp_path):
@@ -103,7 +105,7 @@ def test_train_cli_reports_file_and_line_and_exits_2(tmp_path, figures):
         result = run_cli(["train", "--arch", "encoder", "--task", "classify", "--data", str(path),
                           "--out", str(tmp_path / f"run{i}"), "--steps", "2", "--no-progress"])
         assert result.rc == 2, (name, result)
-        assert result.err.startswith(f"error: {path}:{line}: ") and "Traceback" not in result.err, (name, result)
+        assert result.err.startswith(f"error[E_DATA]: {path}:{line}: ") and "Traceback" not in result.err, (name, result)
         assert not (tmp_path / f"run{i}" / "latest").exists()
     figures.record("training data", "bad files: missing fields, wrong types, null/list/float labels, invalid or "
                    "50,000-deep JSON, bad TSV columns, empty, binary (NUL, PNG), Latin-1 and UTF-16 text, unknown "
