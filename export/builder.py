@@ -30,15 +30,17 @@ against the PyTorch model like the traced one (export/validate.py).
 
 from __future__ import annotations
 
+import dataclasses
 import functools
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import onnx
 import torch
 from onnx import TensorProto, helper, numpy_helper
 
-from onnxformer.modeling.model import Transformer
+from onnxformer.modeling.config import ModelConfig
+from onnxformer.modeling.model import Attention, Block, FeedForward, RMSNorm, RotaryEmbedding, Transformer
 from onnxformer.runtime.contract import (
     ENCODER_ATTENTION_MASK,
     INPUT_IDS,
@@ -52,26 +54,88 @@ from onnxformer.runtime.contract import (
     present_names,
     self_cache_kind,
 )
+from onnxformer.runtime.errors import ExportError
 
 MS_DOMAIN = "com.microsoft"
 NEXT_TOKEN_NODES = "/next_token"  # name prefix of the greedy-choice nodes (kept float32 in fp16 exports)
 
 
-class UnsupportedModel(ValueError):
-    """The builder cannot express this model; the exporter falls back to the traced graph."""
+# The support check fails closed. Every ModelConfig field is listed with what the built graph
+# implements for it: ANY value, the values listed, or a check on the whole config naming the
+# limit. A field not listed here (a new one) makes the check refuse the model by name, and the
+# exporter traces the decoder instead; tests/test_export.py checks the list covers every field.
+ANY = "any value"
+
+
+def _arch(c: ModelConfig) -> str | None:
+    if c.arch not in ("decoder", "encoder-decoder"):
+        return (f"arch {c.arch!r} is not implemented (supported: 'decoder', 'encoder-decoder'): onnxruntime's "
+                "GroupQueryAttention is causal only, and a prefix-LM prompt attends bidirectionally")
+    return None
+
+
+def _head_size(c: ModelConfig) -> str | None:
+    return (f"head size d_model / n_heads = {c.d_head}: onnxruntime's GroupQueryAttention needs a multiple of 16"
+            if c.d_head % 16 else None)
+
+
+def _cross_heads(c: ModelConfig) -> str | None:
+    if c.arch == "encoder-decoder" and c.n_kv_heads != c.n_heads:
+        return (f"n_kv_heads {c.n_kv_heads} < n_heads {c.n_heads} in an encoder-decoder: its cross-attention "
+                "(onnxruntime's MultiHeadAttention) needs n_kv_heads == n_heads")
+    return None
+
+
+IMPLEMENTED: dict[str, str | tuple | Callable[[ModelConfig], str | None]] = {
+    "arch": _arch,  # decoder, encoder-decoder
+    "vocab_size": ANY,
+    "d_model": ANY,
+    "n_heads": _head_size,
+    "n_kv_heads": _cross_heads,
+    "n_layers": ANY,
+    "n_decoder_layers": ANY,
+    "d_ff": ANY,
+    "max_seq_len": ANY,  # the rotary cos/sin caches span it
+    "pos_encoding": ("rope", "learned", "sinusoidal"),
+    "rope_theta": ANY,  # the caches are the model's own RotaryEmbedding values
+    "activation": ("gelu", "swiglu"),
+    "norm": ("layernorm", "rmsnorm"),
+    "norm_position": ("pre", "post"),
+    "norm_eps": ANY,
+    "bias": (True, False),
+    "dropout": ANY,  # inference: no dropout
+    "tie_embeddings": (True, False),
+    "type_vocab_size": (0,),
+    "num_labels": (0,),
+    "pad_token_id": ANY,  # token ids: the runtime's concern, not the graph's
+    "bos_token_id": ANY,
+    "eos_token_id": ANY,
+    "decoder_start_token_id": ANY,
+    "label_names": ((),),
+}
+# The modules the builder reads weights from; anything else (a LoRA wrapper, a user's
+# replacement module) is refused rather than read wrongly.
+KNOWN_MODULES = (Transformer, torch.nn.ModuleList, torch.nn.Embedding, torch.nn.Linear, torch.nn.LayerNorm,
+                 torch.nn.Dropout, torch.nn.Sequential, torch.nn.GELU, RMSNorm, RotaryEmbedding, Block, Attention,
+                 FeedForward)
 
 
 def unsupported_reason(model: Transformer) -> str | None:
-    """Why the "shared" layout cannot express `model`, or None when it can."""
-    c = model.config
-    if c.arch not in ("decoder", "encoder-decoder"):
-        return (f"arch {c.arch!r}: onnxruntime's GroupQueryAttention is causal only, and a prefix-LM prompt "
-                "attends bidirectionally")
-    if c.d_head % 16:
-        return f"head size {c.d_head}: onnxruntime's GroupQueryAttention needs a multiple of 16"
-    if c.arch == "encoder-decoder" and c.n_kv_heads != c.n_heads:
-        return "encoder-decoder cross-attention with n_kv_heads < n_heads (MultiHeadAttention needs H == Hkv)"
-    return None
+    """Why the built ("shared" layout) decoder cannot express `model`, naming every field (and
+    its value) outside IMPLEMENTED, or None when it can."""
+    config, reasons = model.config, []
+    for f in dataclasses.fields(config):
+        rule, value = IMPLEMENTED.get(f.name), getattr(config, f.name)
+        if rule is None:
+            reasons.append(f"config field {f.name!r} ({value!r}) is not implemented by export/builder.py")
+        elif isinstance(rule, tuple) and value not in rule:
+            reasons.append(f"{f.name} {value!r} is not implemented (supported: {', '.join(map(repr, rule))})")
+        elif callable(rule) and (why := rule(config)) is not None:
+            reasons.append(why)
+    foreign = sorted({type(m).__name__ for m in model.modules() if type(m) not in KNOWN_MODULES})
+    if foreign:
+        reasons.append(f"module type(s) {', '.join(foreign)} are not read by export/builder.py")
+    return "; ".join(reasons) or None
 
 
 class _Graph:
@@ -309,7 +373,7 @@ def build_decoder(model: Transformer, spec: GraphSpec, dims: Dims, *, opset: int
     """The decoder step graph of `spec` (layout "shared") for `model`, in float32."""
     reason = unsupported_reason(model)
     if reason is not None:
-        raise UnsupportedModel(reason)
+        raise ExportError(f"the built decoder graph cannot express this model: {reason}", code="E_UNSUPPORTED")
     with torch.no_grad():
         graph = _Builder(model.float().eval(), spec, dims).build()
     proto = helper.make_model(

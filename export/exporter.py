@@ -1,39 +1,41 @@
-"""Checkpoint -> validated ONNX package.
+"""Checkpoint -> validated ONNX package, as a short pipeline of passes.
 
     export_checkpoint(checkpoint, out_dir, ExportOptions()) -> ExportReport
 
-1. Each graph of the architecture (contract: onnxformer.runtime.contract) is traced from a
-   thin wrapper over the trained Transformer (export/graphs.py) with the contract's names and
-   dynamic axes: B, S, T and P are dynamic, P = 0 is valid, so one decoder graph serves the
-   prefill and every decode step. The decoder of the "shared" KV-cache layout (the default
-   where onnxruntime's GroupQueryAttention can express the model) is instead written node by
-   node from the weights (export/builder.py): fused attention with the cache updated in place.
-2. Validation before anything is written (export/validate.py): onnx's full checker, then
-   onnxruntime against PyTorch on fresh random inputs (batch 1 and left-padded batches,
-   P = 0 and P > 0, T = 1 and T > 1) within `atol`, then greedy generation through the
-   graphs equal to PyTorch's token for token. Failure raises ExportError with the figures.
-3. Variants: fp16 weights and I/O (for GPU), int8 / int4 weight-only quantization (for CPU,
-   onnxruntime's MatMulNBits, the format onnxruntime-genai runs), and for encoder models
-   int8-dynamic (int8 weights and activations, onnxruntime's MatMulInteger); all are
-   derived from the validated fp32 graphs and measured against PyTorch (figures recorded in
-   the manifest, never hidden).
-4. The package is assembled in a temporary directory beside OUT_DIR and renamed into place,
-   so a failed or interrupted export never leaves a half-written or broken package.
+    plan_export     options checked against the model; the decoder's producer and KV-cache
+                    layout; the graph specs (runtime/contract.py). Nothing is written yet.
+    produce_graphs  every graph of the architecture in float32, in memory. The decoder is built
+                    node by node (export/builder.py: onnxruntime's fused operators, KV cache
+                    "shared", updated in place) where the builder's support check accepts the
+                    model, and traced from PyTorch otherwise (KV cache "concat"), like the
+                    encoder and cross-attention graphs (thin wrappers: export/graphs.py).
+    stage           each graph file written once, every distinct weight once in
+                    weights.onnx_data (or inside its graph on request), the tokenizer, and a
+                    manifest: a package the runtime loads exactly as a user will.
+    validate        onnxruntime against PyTorch (export/validate.py) on the staged package:
+                    numbers within `atol`, greedy tokens equal. Failure raises ValidationError
+                    with the figures; nothing is published.
+    convert_graphs  optional: fp16, int8 / int4 weight-only (MatMulNBits, as onnxruntime-genai
+                    runs), int8-dynamic (encoders), derived from the validated fp32 graphs,
+                    staged and measured again (figures recorded, never hidden).
+    publish         the manifest gets the figures; the staged folder replaces OUT_DIR
+                    atomically (onnxformer.runtime.atomic): a failed or killed export leaves
+                    the previous package, never a half-written one.
+
+manifest.json is written by `stage` (the runtime reads it from disk to validate the package)
+and once more by `publish` with the figures; a graph file is written once per graph set.
 """
 
 from __future__ import annotations
 
 import contextlib
-import ctypes
-import errno
-import functools
+import dataclasses
 import glob
 import hashlib
 import io
 import logging
 import os
 import shutil
-import sys
 import tempfile
 import warnings
 from dataclasses import dataclass, field
@@ -44,9 +46,9 @@ import numpy as np
 import onnx
 import torch
 
-from onnxformer.runtime.atomic import pid_alive
 from onnxformer.modeling.config import ModelConfig
-from onnxformer.modeling.model import Attention, Transformer
+from onnxformer.modeling.model import Transformer
+from onnxformer.runtime import atomic
 from onnxformer.runtime.contract import (
     CROSS_ATTENTION,
     DECODER,
@@ -55,13 +57,14 @@ from onnxformer.runtime.contract import (
     NEXT_TOKEN,
     NEXT_TOKEN_LOGPROB,
     Dims,
+    GraphSpec,
     graph_specs,
 )
-from onnxformer.runtime.errors import OnnxformerError
+from onnxformer.runtime.errors import CheckpointError, ExportError, ValidationError
 from onnxformer.runtime.manifest import (
     FORMAT_VERSION,
-    SHARED_CACHE_FORMAT_VERSION,
     MANIFEST_FILE,
+    SHARED_CACHE_FORMAT_VERSION,
     TOKENIZER_FILE,
     FileEntry,
     GraphEntry,
@@ -85,10 +88,9 @@ DTYPES = ("float32", "float16")
 QUANTIZATIONS = ("int8", "int4", "int8-dynamic")
 DYNAMIC_QUANT_ARCHS = ("encoder",)
 QUANT_BLOCK_SIZE = 32
-
-
-class ExportError(OnnxformerError):
-    """Export failed: invalid options, an untraceable model, or validation figures out of bounds."""
+WEIGHTS_FILE = "weights.onnx_data"  # every graph's weights, each distinct tensor once
+INLINE_BYTES = 1024  # initializers below this stay inside their graph (shapes, scalars, small biases)
+BUILT, TRACED = "built", "traced"  # the decoder graph's producer (manifest producer.decoder_graph)
 
 
 @dataclass(frozen=True)
@@ -102,13 +104,9 @@ class ExportOptions:
     external_data: bool | None = None
     atol: float = 1e-4  # fp32 ONNX vs PyTorch, max abs difference
     validate_generation: bool = True  # greedy through the graphs == PyTorch greedy
-    # Decoder self-attention as onnxruntime's fused com.microsoft.MultiHeadAttention (layers
-    # with n_kv_heads == n_heads): fewer, faster nodes; needs onnxruntime (any language).
-    # Applies to the traced "concat" decoder; the "shared" one is always fused.
-    fused_attention: bool = False
-    # The decoder's KV-cache layout (runtime/contract.py): "shared" (a preallocated buffer updated
-    # in place, the graph written for onnxruntime's fused operators: fastest), "concat" (the
-    # traced graph, every architecture), or None: "shared" where the model allows it.
+    # The decoder's KV-cache layout (runtime/contract.py): "shared" (the built graph: a
+    # preallocated buffer updated in place, onnxruntime's fused operators; fastest), "concat"
+    # (the traced graph, every architecture), or None: "shared" where the builder accepts the model.
     kv_cache: str | None = None
     generation_defaults: dict[str, Any] = field(default_factory=dict)
 
@@ -130,37 +128,124 @@ class ExportOptions:
             raise ExportError(f"kv_cache must be one of {KV_CACHE_LAYOUTS} or None (the fastest the model allows); "
                               f"got {self.kv_cache!r}")
 
+    @property
+    def weights(self) -> str:
+        """The package's weights: "float32", "float16" or the quantization."""
+        return self.quantize or self.dtype
+
 
 @dataclass(frozen=True)
 class ExportReport:
     path: Path
     manifest: Manifest
-    validation: dict[str, Any]
+    validation: dict[str, Any]  # per weights variant, as in the manifest
+    decoder_graph: str | None  # "built" | "traced"; None for a model without a decoder
 
 
 # --------------------------------------------------------------------------------------------
-# Tracing
+# plan_export: what to write, decided before anything is
 # --------------------------------------------------------------------------------------------
 
 
-@contextlib.contextmanager
-def _fused_attention(model: Transformer, enabled: bool):
-    """Trace self-attention as one fused node where the layer allows it (Hkv == H)."""
-    layers = [m for m in model.modules() if isinstance(m, Attention) and m.n_kv_heads == m.n_heads]
-    for layer in layers:
-        layer.fused = enabled
-    try:
-        yield
-    finally:
-        for layer in layers:
-            layer.fused = False
+@dataclass(frozen=True)
+class ExportPlan:
+    out_dir: Path  # absolute
+    tokenizer_file: Path
+    options: ExportOptions
+    dims: Dims
+    kv_cache: str  # "shared" (decoder built) | "concat" (traced, or no decoder)
+    decoder_graph: str | None  # BUILT | TRACED | None (no decoder)
+    special_tokens: dict[str, int]
+    model_config: dict[str, Any]  # the ModelConfig as JSON, with num_parameters
+
+    def specs(self, dtype: str = "float32") -> dict[str, GraphSpec]:
+        return graph_specs(self.dims, dtype, self.kv_cache)
 
 
-def _trace(model: Transformer, spec, path: Path, opset: int, dims: Dims, fused: bool = False) -> None:
+def choose_decoder(model: Transformer, kv_cache: str | None) -> tuple[str, str | None]:
+    """(KV-cache layout, decoder producer): the built graph where the builder's support check
+    accepts the model (or "shared" is asked for, which then must be), else the traced one."""
+    config = model.config
+    if not config.has_decoder:
+        if kv_cache == "shared":
+            raise ExportError(f"kv_cache 'shared' applies to models with a decoder; arch {config.arch!r} has none",
+                              code="E_UNSUPPORTED")
+        return "concat", None
+    reason = unsupported_reason(model)
+    if kv_cache == "shared" and reason is not None:
+        raise ExportError(f"kv_cache 'shared' cannot express this model: {reason}. Export with kv_cache='concat' "
+                          "(--kv-cache concat)", code="E_UNSUPPORTED")
+    if kv_cache == "concat" or reason is not None:
+        log.info("decoder graph: traced, KV cache 'concat' (%s)", reason or "asked for")
+        return "concat", TRACED
+    log.info("decoder graph: built (export/builder.py), KV cache 'shared'")
+    return "shared", BUILT
+
+
+def plan_export(model: Transformer, tokenizer_file: Path, out_dir: Path, options: ExportOptions) -> ExportPlan:
+    config = model.config
+    if options.quantize == "int8-dynamic" and config.arch not in DYNAMIC_QUANT_ARCHS:
+        raise ExportError(
+            f"quantize 'int8-dynamic' applies to {' and '.join(DYNAMIC_QUANT_ARCHS)} models (large batches of "
+            f"whole sequences); arch {config.arch!r} generates token by token: use quantize 'int8' "
+            "(--quantize int8, weight-only MatMulNBits)"
+        )
+    if not tokenizer_file.is_file():
+        raise ExportError(f"tokenizer file {str(tokenizer_file)!r} does not exist")
+    _check_replaceable(out_dir)
+    kv_cache, decoder_graph = choose_decoder(model, options.kv_cache)
+    return ExportPlan(
+        out_dir=out_dir, tokenizer_file=tokenizer_file, options=options, dims=Dims.from_model_config(config),
+        kv_cache=kv_cache, decoder_graph=decoder_graph, special_tokens=_special_tokens(config, tokenizer_file),
+        model_config={**config.to_dict(), "num_parameters": model.num_parameters()},
+    )
+
+
+def _special_tokens(config: ModelConfig, tokenizer_file: Path) -> dict[str, int]:
+    from onnxformer.modeling.tokenizer import load_tokenizer, special_token_ids
+
+    ids = special_token_ids(load_tokenizer(tokenizer_file))
+    ids = {role: int(ids.get(role, -1)) for role in ("pad", "unk", "bos", "eos", "mask", "cls", "sep")}
+    ids["decoder_start"] = config.start_token_id if config.arch == "encoder-decoder" else -1
+    return ids
+
+
+def _check_replaceable(out_dir: Path) -> None:
+    """OUT_DIR is absent, empty or a package: anything else is never replaced."""
+    if out_dir.exists() and (not out_dir.is_dir() or (not (out_dir / MANIFEST_FILE).is_file() and any(out_dir.iterdir()))):
+        raise ExportError(
+            f"{str(out_dir)!r} exists and is not an onnxformer package; refusing to replace it. "
+            "Choose an empty or new output directory.", code="E_DISK",
+        )
+
+
+# --------------------------------------------------------------------------------------------
+# produce_graphs: float32 ONNX models in memory
+# --------------------------------------------------------------------------------------------
+
+
+def produce_graphs(model: Transformer, plan: ExportPlan, workdir: Path) -> dict[str, onnx.ModelProto]:
+    """Every graph of the plan, float32: the decoder built or traced (plan.decoder_graph), the
+    others traced (the tracer's own files go to a scratch folder in `workdir`)."""
+    graphs = {}
+    with tempfile.TemporaryDirectory(dir=workdir) as scratch:
+        for name, spec in plan.specs().items():
+            built = name == DECODER and plan.decoder_graph == BUILT
+            log.info("exporting %s (%s)", spec.file, BUILT if built else TRACED)
+            if built:
+                graphs[name] = build_decoder(model, spec, plan.dims, opset=plan.options.opset)
+            else:
+                graphs[name] = _trace(model, spec, plan.dims, plan.options.opset, Path(scratch))
+            graphs[name].producer_name, graphs[name].doc_string = "onnxformer", f"onnxformer {name} graph"
+    return graphs
+
+
+def _trace(model: Transformer, spec: GraphSpec, dims: Dims, opset: int, scratch: Path) -> onnx.ModelProto:
     module = graph_module(model, spec)
     feeds = example_feeds(spec, dims, batch=2, new=3, past=2, source=4)
     args = tuple(torch.from_numpy(feeds[t.name]) for t in spec.inputs)
-    with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()), _fused_attention(model, fused):
+    path = scratch / spec.file  # a file, not memory: over 2 GB the tracer writes external data beside it
+    with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
         warnings.simplefilter("ignore")  # TorchScript exporter deprecation and tracer notes
         torch.onnx.export(
             module, args, str(path),
@@ -168,9 +253,16 @@ def _trace(model: Transformer, spec, path: Path, opset: int, dims: Dims, fused: 
             dynamic_axes=spec.dynamic_axes(), opset_version=opset,
             do_constant_folding=True, dynamo=False,
         )
+    proto = onnx.load(str(path), load_external_data=True)
+    for written in scratch.iterdir():
+        written.unlink()
+    saved = _drop_transposed_copies(proto)
+    if saved:
+        log.info("%s: stored a transposed weight copy once (%.2f MB saved)", spec.file, saved / 1e6)
+    return proto
 
 
-def _store_weights_once(proto: onnx.ModelProto) -> int:
+def _drop_transposed_copies(proto: onnx.ModelProto) -> int:
     """Replace every 2-D initializer that is the transpose of another by a Transpose node.
 
     Constant folding turns a tied output head (logits = h @ E^T) into a second, transposed
@@ -208,52 +300,38 @@ def _store_weights_once(proto: onnx.ModelProto) -> int:
     return saved
 
 
-def _use_onnxruntime_attention(proto: onnx.ModelProto) -> int:
-    """Rewrite the traced `onnxformer.MultiHeadAttention` placeholders (q, k, v, bias, past_key,
-    past_value) into onnxruntime's `com.microsoft.MultiHeadAttention`, whose inputs are
-    (query, key, value, bias, key_padding_mask, attention_bias, past_key, past_value)."""
-    count = 0
-    for node in proto.graph.node:
-        if node.domain == "onnxformer" and node.op_type == "MultiHeadAttention":
-            q, k, v, bias, past_key, past_value = node.input
-            del node.input[:]
-            node.input.extend([q, k, v, "", "", bias, past_key, past_value])
-            node.domain = "com.microsoft"
-            count += 1
-    if count:
-        imports = [o for o in proto.opset_import if o.domain not in ("onnxformer", "com.microsoft")]
-        del proto.opset_import[:]
-        proto.opset_import.extend([*imports, onnx.helper.make_opsetid("com.microsoft", 1)])
-    return count
+# --------------------------------------------------------------------------------------------
+# stage: the graphs, their weights and a manifest in the staging folder
+# --------------------------------------------------------------------------------------------
 
 
-def _finalise(path: Path, name: str, external: bool | None) -> tuple[str, ...]:
-    """Re-save the traced graph: fused ops, each weight once, external data when over the
-    protobuf limit (or forced)."""
-    proto = onnx.load(str(path), load_external_data=True)
-    _use_onnxruntime_attention(proto)
-    saved = _store_weights_once(proto)
-    if saved:
-        log.info("%s: stored a transposed weight copy once (%.2f MB saved)", name, saved / 1e6)
-    proto.producer_name, proto.doc_string = "onnxformer", f"onnxformer {name} graph"
-    size = sum(len(t.raw_data) for t in proto.graph.initializer)
-    use_external = external if external is not None else size > PROTOBUF_LIMIT - (64 << 20)
-    for leftover in path.parent.glob(f"{path.name}*"):
-        if leftover != path:
-            leftover.unlink()
-    if use_external:
-        data_name = f"{path.name}_data"
-        onnx.save_model(
-            proto, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
-            location=data_name, size_threshold=0,
-        )
-        return (data_name,)
-    onnx.save_model(proto, str(path))
-    return ()
+def stage(directory: Path, graphs: dict[str, onnx.ModelProto], plan: ExportPlan, weights: str) -> Manifest:
+    """Write `graphs` (replacing any staged before) as a package the runtime can load; returns
+    its manifest (no validation figures yet)."""
+    specs = plan.specs("float16" if weights == "float16" else "float32")
+    for old in [*directory.glob("*.onnx"), *directory.glob("*.onnx_data")]:
+        old.unlink()
+    files = {specs[name].file: proto for name, proto in graphs.items()}
+    if plan.options.external_data is False:
+        external = {file: _save_self_contained(directory / file, proto) for file, proto in files.items()}
+    else:
+        external = _save_with_shared_weights(directory, files)
+    for file in files:
+        _check_portability(directory / file)
+    manifest = _manifest(directory, plan, specs, weights, {name: external[spec.file] for name, spec in specs.items()})
+    manifest.save(directory)
+    return manifest
 
 
-WEIGHTS_FILE = "weights.onnx_data"  # every graph's weights, each distinct tensor once
-INLINE_BYTES = 1024  # initializers below this stay inside their graph (shapes, scalars, small biases)
+def _save_self_contained(path: Path, proto: onnx.ModelProto) -> tuple[str, ...]:
+    """One graph file with its weights inside; over the protobuf limit, beside it in PATH_data."""
+    if sum(len(t.raw_data) for t in proto.graph.initializer) <= PROTOBUF_LIMIT - (64 << 20):
+        onnx.save_model(proto, str(path))
+        return ()
+    data_name = f"{path.name}_data"
+    onnx.save_model(proto, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
+                    location=data_name, size_threshold=0)
+    return (data_name,)
 
 
 def _align(size: int) -> int:
@@ -261,22 +339,20 @@ def _align(size: int) -> int:
     return 1 << 16 if size >= 1 << 20 else 64
 
 
-def _store_weights_in_one_file(directory: Path, files: list[str]) -> dict[str, tuple[str, ...]]:
-    """Move the initializers of every graph in `files` into one external-data file,
-    `WEIGHTS_FILE`, storing each distinct tensor once; returns graph file -> its external files.
+def _save_with_shared_weights(directory: Path, protos: dict[str, onnx.ModelProto]) -> dict[str, tuple[str, ...]]:
+    """Write every graph (file name -> model) with its initializers moved into one external-data
+    file, `WEIGHTS_FILE`, each distinct tensor once; returns file -> its external files.
 
     A weight several graphs use (the token embedding of an encoder-decoder model: the
     encoder's input embedding and the decoder's, also its tied output head) is then stored once,
     and onnxruntime reads raw weights from the file instead of parsing them out of the protobuf,
-    which makes a package load faster.
+    which makes a package load faster. The models are modified (their weights point at the file).
     """
     from onnx import numpy_helper
 
-    protos = {f: onnx.load(str(directory / f), load_external_data=True) for f in files}  # all in memory first
     stored: dict[tuple[int, bytes], tuple[int, int]] = {}  # (dtype, sha256) -> (offset, length)
     users: dict[str, tuple[str, ...]] = {}
-    partial = directory / f".{WEIGHTS_FILE}.partial"
-    with open(partial, "wb") as out:
+    with open(directory / WEIGHTS_FILE, "wb") as out:
         for name, proto in protos.items():
             for tensor in proto.graph.initializer:
                 if not tensor.HasField("raw_data"):  # typed fields (rare): normalise to raw bytes
@@ -297,18 +373,14 @@ def _store_weights_in_one_file(directory: Path, files: list[str]) -> dict[str, t
                     entry = tensor.external_data.add()
                     entry.key, entry.value = k, v
                 users[name] = (WEIGHTS_FILE,)
-    partial.replace(directory / WEIGHTS_FILE)
     for name, proto in protos.items():
         onnx.save_model(proto, str(directory / name))
-        for leftover in directory.glob(f"{name}*"):  # per-graph data files written before
-            if leftover.name != name:
-                leftover.unlink()
     if not users:
         (directory / WEIGHTS_FILE).unlink()
-    return {name: users.get(name, ()) for name in files}
+    return {name: users.get(name, ()) for name in protos}
 
 
-def _check_portability(path: Path, opset: int) -> None:
+def _check_portability(path: Path) -> None:
     proto = onnx.load(str(path), load_external_data=False)
     onnx.checker.check_model(str(path), full_check=True)
     default = [o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")]
@@ -319,15 +391,105 @@ def _check_portability(path: Path, opset: int) -> None:
         )
 
 
+def _manifest(directory: Path, plan: ExportPlan, specs: dict[str, GraphSpec], weights: str,
+              external: dict[str, tuple[str, ...]]) -> Manifest:
+    config = plan.model_config
+    producer = _producers()
+    if plan.decoder_graph is not None:
+        producer["decoder_graph"] = plan.decoder_graph
+    return Manifest(
+        arch=plan.dims.arch,
+        dims=plan.dims,
+        max_seq_len=config["max_seq_len"],
+        float_dtype=next(iter(specs.values())).outputs[0].dtype,
+        weights=weights,
+        special_tokens=plan.special_tokens,
+        label_names=tuple(config["label_names"]),
+        generation=_generation_defaults(plan),
+        tokenizer=FileEntry.of(directory, TOKENIZER_FILE),
+        graphs={name: GraphEntry(spec, FileEntry.of(directory, spec.file),
+                                 tuple(FileEntry.of(directory, e) for e in external[name]))
+                for name, spec in specs.items()},
+        opset=plan.options.opset,
+        producer=producer,
+        model_config=config,
+        format_version=SHARED_CACHE_FORMAT_VERSION if plan.kv_cache == "shared" else FORMAT_VERSION,
+        kv_cache=plan.kv_cache,
+    )
+
+
+def _generation_defaults(plan: ExportPlan) -> dict[str, Any]:
+    if plan.dims.arch == "encoder":
+        return {}
+    special = plan.special_tokens
+    eos = [special["eos"]] if special["eos"] >= 0 else []
+    return {"strategy": "greedy", "max_new_tokens": 32, "eos_token_ids": eos, "pad_token_id": max(special["pad"], 0),
+            **plan.options.generation_defaults}
+
+
+def _producers() -> dict[str, str]:
+    from importlib.metadata import PackageNotFoundError, version
+
+    import onnxruntime
+
+    try:
+        own = version("onnxformer")
+    except PackageNotFoundError:
+        own = "unknown"
+    return {"onnxformer": own, "torch": torch.__version__, "onnx": onnx.__version__, "onnxruntime": onnxruntime.__version__}
+
+
 # --------------------------------------------------------------------------------------------
-# Variants
+# validate: the staged package against PyTorch
 # --------------------------------------------------------------------------------------------
 
 
-def _to_fp16(path: Path) -> None:
+def validate(model: Transformer, directory: Path, manifest: Manifest, plan: ExportPlan, *,
+             atol: float | None) -> dict[str, Any]:
+    """The figures of the staged graphs (export/validate.py). With `atol`: numbers within it and
+    greedy tokens equal, else ValidationError; without: measured, and finite."""
+    specs = {name: entry.spec for name, entry in manifest.graphs.items()}
+    figures = validate_package_graphs(model, directory, specs, plan.dims, plan.special_tokens, atol=atol,
+                                      generation=plan.options.validate_generation, label=manifest.weights)
+    if not figures["passed"]:
+        details = "\n".join(f"  {k}: {v}" for k, v in figures.items())
+        if atol is None:
+            raise ValidationError(f"the {manifest.weights} graphs produce non-finite outputs; nothing was written:\n"
+                                  f"{details}")
+        raise ValidationError(f"validation failed ({manifest.weights}: worst |onnx - torch| "
+                              f"{figures['worst_abs_diff']:.3g} vs atol {atol:g}, greedy tokens equal: "
+                              f"{figures.get('greedy_match', 'not checked')}); nothing was written:\n{details}")
+    return figures
+
+
+# --------------------------------------------------------------------------------------------
+# convert_graphs: the fp16 / quantized variant of the validated fp32 graphs
+# --------------------------------------------------------------------------------------------
+
+
+def convert_graphs(directory: Path, manifest: Manifest, plan: ExportPlan) -> dict[str, onnx.ModelProto]:
+    """The fp32 graphs staged in `directory` converted to plan.options.weights (in memory)."""
+    weights = plan.options.weights
+    graphs = {name: onnx.load(str(directory / entry.file.file), load_external_data=True)
+              for name, entry in manifest.graphs.items()}  # all in memory before the next stage rewrites the files
+    with tempfile.TemporaryDirectory(dir=directory) as scratch:
+        for name, proto in graphs.items():
+            if weights in QUANTIZATIONS and name == CROSS_ATTENTION:
+                continue  # a few small projections, computed once per input: keep them exact
+            log.info("converting %s to %s", manifest.graphs[name].file.file, weights)
+            if weights == "float16":
+                graphs[name] = _to_fp16(proto)
+            elif weights == "int8-dynamic":
+                graphs[name] = _quantize_dynamic(proto, Path(scratch))
+            else:
+                graphs[name] = _quantize(proto, int(weights.removeprefix("int")),
+                                         tied_head=bool(plan.model_config["tie_embeddings"]))
+    return graphs
+
+
+def _to_fp16(proto: onnx.ModelProto) -> onnx.ModelProto:
     from onnxruntime.transformers.float16 import convert_float_to_float16
 
-    proto = onnx.load(str(path), load_external_data=True)
     # The in-graph greedy choice (layout "shared") stays float32, on a float32 copy of the fp16
     # logits: a log-softmax summed in fp16 would not be the score computed from the logits.
     # Its nodes are set aside during the conversion and put back behind a Cast.
@@ -348,7 +510,7 @@ def _to_fp16(path: Path) -> None:
             node.input[:] = [logits32 if name == LOGITS else name for name in node.input]
         half.graph.node.extend(greedy)
         half.graph.output.extend(greedy_outputs)
-    onnx.save_model(half, str(path))
+    return half
 
 
 @contextlib.contextmanager
@@ -370,7 +532,7 @@ def _quiet_quantizer():
         root.handlers[:] = saved[2]
 
 
-def _quantize(path: Path, bits: int, *, tied_head: bool) -> None:
+def _quantize(proto: onnx.ModelProto, bits: int, *, tied_head: bool) -> onnx.ModelProto:
     """Weight-only quantization of every MatMul with a constant weight to onnxruntime's
     MatMulNBits (blocks of QUANT_BLOCK_SIZE along K, symmetric, int8 compute: accuracy_level 4).
 
@@ -380,15 +542,14 @@ def _quantize(path: Path, bits: int, *, tied_head: bool) -> None:
         from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
 
         quantizer = MatMulNBitsQuantizer(
-            onnx.load(str(path), load_external_data=True), bits=bits, block_size=QUANT_BLOCK_SIZE,
-            is_symmetric=True, accuracy_level=4,
+            proto, bits=bits, block_size=QUANT_BLOCK_SIZE, is_symmetric=True, accuracy_level=4,
             nodes_to_exclude=["/model/lm_head/MatMul", "/lm_head/MatMul"] if tied_head else None,
         )
         quantizer.process()
-    onnx.save_model(quantizer.model.model, str(path))
+    return quantizer.model.model
 
 
-def _quantize_dynamic(path: Path) -> None:
+def _quantize_dynamic(proto: onnx.ModelProto, scratch: Path) -> onnx.ModelProto:
     """Dynamic int8 quantization (onnxruntime's DynamicQuantizeLinear + MatMulInteger, the
     format of Optimum's ORTQuantizer): every MatMul runs in int8, its activations quantized to
     uint8 with a scale and zero point computed from each batch at run time, its constant
@@ -401,119 +562,40 @@ def _quantize_dynamic(path: Path) -> None:
     no time over per-tensor ones. Figures: benchmarks/VARIANTS.md."""
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
-    proto = onnx.load(str(path), load_external_data=False)  # structure only
     matmuls = [n.name for n in proto.graph.node if n.op_type == "MatMul"]
+    path = scratch / "quantized.onnx"  # the quantizer writes files only (external data at any size)
     with _quiet_quantizer():
-        # External data at any size (path + ".data"); _finalise re-saves under the export's own rule.
-        quantize_dynamic(path, path, op_types_to_quantize=["MatMul"], nodes_to_quantize=matmuls,
+        quantize_dynamic(proto, path, op_types_to_quantize=["MatMul"], nodes_to_quantize=matmuls,
                          per_channel=True, weight_type=QuantType.QInt8, use_external_data_format=True,
                          extra_options={"MatMulConstBOnly": False})
+    quantized = onnx.load(str(path), load_external_data=True)
+    for written in scratch.iterdir():
+        written.unlink()
+    return quantized
 
 
 # --------------------------------------------------------------------------------------------
-# Package
+# publish, and the pipeline
 # --------------------------------------------------------------------------------------------
 
 
-def _special_tokens(config: ModelConfig, tokenizer_file: Path) -> dict[str, int]:
-    from onnxformer.modeling.tokenizer import load_tokenizer, special_token_ids
-
-    ids = special_token_ids(load_tokenizer(tokenizer_file))
-    ids = {role: int(ids.get(role, -1)) for role in ("pad", "unk", "bos", "eos", "mask", "cls", "sep")}
-    ids["decoder_start"] = config.start_token_id if config.arch == "encoder-decoder" else -1
-    return ids
+def publish(tmp: Path, out_dir: Path) -> None:
+    """The finished package replaces OUT_DIR in one atomic step (onnxformer.runtime.atomic)."""
+    _check_replaceable(out_dir)
+    atomic.publish_dir(tmp, out_dir)
 
 
-def _generation_defaults(config: ModelConfig, special: dict[str, int], extra: dict[str, Any]) -> dict[str, Any]:
-    if not config.has_decoder:
-        return {}
-    eos = [special["eos"]] if special["eos"] >= 0 else []
-    defaults = {"strategy": "greedy", "max_new_tokens": 32, "eos_token_ids": eos, "pad_token_id": max(special["pad"], 0)}
-    defaults.update(extra)
-    return defaults
-
-
-def _producers() -> dict[str, str]:
-    import onnxruntime
-
-    from importlib.metadata import PackageNotFoundError, version
-
+@contextlib.contextmanager
+def _staging(out_dir: Path):
+    """A staging folder beside OUT_DIR (.NAME.tmp-PID-*), removed unless it was published;
+    ones left by killed exports are removed first."""
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    atomic.remove_stale_temporaries(out_dir.parent, glob.escape(out_dir.name))
+    tmp = atomic.staging_dir(out_dir)
     try:
-        own = version("onnxformer")
-    except PackageNotFoundError:
-        own = "unknown"
-    return {"onnxformer": own, "torch": torch.__version__, "onnx": onnx.__version__, "onnxruntime": onnxruntime.__version__}
-
-
-def _exchange(a: Path, b: Path) -> bool:
-    """Swap two directories in one atomic step (Linux renameat2 RENAME_EXCHANGE).
-    False where the platform or file system cannot, and the caller falls back to two renames."""
-    if not sys.platform.startswith("linux"):
-        return False
-    try:
-        renameat2 = ctypes.CDLL(None, use_errno=True).renameat2
-    except (OSError, AttributeError):  # no libc symbol (glibc < 2.28, musl)
-        return False
-    at_fdcwd, rename_exchange = -100, 2
-    if renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0:
-        return True
-    code = ctypes.get_errno()
-    if code in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP):
-        return False
-    raise OSError(code, os.strerror(code), str(b))
-
-
-def _remove_stale_temporaries(out_dir: Path) -> None:
-    """Delete `.NAME.tmp-PID-*` / `.NAME.old-PID` folders left by exports that were killed (their
-    process is gone). A live export's folders are left alone."""
-    for path in out_dir.parent.glob(glob.escape(f".{out_dir.name}.") + "*"):
-        kind, _, rest = path.name[len(out_dir.name) + 2:].partition("-")
-        pid = rest.split("-")[0]
-        if kind in ("tmp", "old") and pid.isdigit() and path.is_dir() and not pid_alive(int(pid)):
-            log.info("removing %s, left by an interrupted export", path)
-            shutil.rmtree(path, ignore_errors=True)
-
-
-def _replace_dir(tmp: Path, out_dir: Path) -> None:
-    """Move the finished package into place; an existing package is replaced only now, in one
-    atomic exchange where the OS offers it (a kill at any moment leaves the old or the new
-    package at out_dir, and the other in the temporary folder, which the next export removes)."""
-    if out_dir.exists():
-        if not (out_dir / MANIFEST_FILE).is_file() and any(out_dir.iterdir()):
-            raise ExportError(
-                f"{str(out_dir)!r} exists and is not an onnxformer package; refusing to replace it. "
-                "Choose an empty or new output directory."
-            )
-        if _exchange(tmp, out_dir):
-            shutil.rmtree(tmp, ignore_errors=True)  # tmp now holds the previous package
-            return
-        old = out_dir.with_name(f".{out_dir.name}.old-{os.getpid()}")
-        os.replace(out_dir, old)
-        os.replace(tmp, out_dir)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(tmp, out_dir)
-
-
-def _fsync_dir(directory: Path) -> None:
-    for path in directory.iterdir():
-        with open(path, "rb") as f:
-            os.fsync(f.fileno())
-
-
-def _kv_cache_layout(model: Transformer, options: ExportOptions) -> str:
-    """The decoder's cache layout: the option, or "shared" wherever the builder can express the model."""
-    if not model.config.has_decoder:
-        if options.kv_cache == "shared":
-            raise ExportError(f"kv_cache 'shared' applies to models with a decoder; arch {model.config.arch!r} has none")
-        return "concat"
-    reason = unsupported_reason(model)
-    if options.kv_cache == "shared" and reason is not None:
-        raise ExportError(f"kv_cache 'shared' cannot express this model: {reason}. Export with kv_cache='concat' "
-                          "(--kv-cache concat)")
-    if options.kv_cache is None and reason is not None:
-        log.info("decoder KV cache: 'concat' (%s)", reason)
-    return options.kv_cache or ("concat" if reason is not None else "shared")
+        yield tmp
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)  # gone already once published
 
 
 def export_model(
@@ -523,122 +605,24 @@ def export_model(
     options: ExportOptions = ExportOptions(),
 ) -> ExportReport:
     """Export an in-memory model and its tokenizer file to a validated package at `out_dir`."""
-    config = model.config
-    if options.quantize == "int8-dynamic" and config.arch not in DYNAMIC_QUANT_ARCHS:
-        raise ExportError(
-            f"quantize 'int8-dynamic' applies to {' and '.join(DYNAMIC_QUANT_ARCHS)} models (large batches of "
-            f"whole sequences); arch {config.arch!r} generates token by token: use quantize 'int8' "
-            "(--quantize int8, weight-only MatMulNBits)"
-        )
-    tokenizer_file = Path(tokenizer_file)
-    if not tokenizer_file.is_file():
-        raise ExportError(f"tokenizer file {str(tokenizer_file)!r} does not exist")
-    out_dir = Path(out_dir).absolute()
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
     model = model.float().eval()
-    dims = Dims.from_model_config(config)
-    kv_cache = _kv_cache_layout(model, options)
-    fp32_specs = graph_specs(dims, "float32", kv_cache)
-    special = _special_tokens(config, tokenizer_file)
-
-    _remove_stale_temporaries(out_dir)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-{os.getpid()}-", dir=out_dir.parent))
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes 0700; a package is meant to be read by services
+    plan = plan_export(model, Path(tokenizer_file), Path(out_dir).absolute(), options)
     try:
-        external: dict[str, tuple[str, ...]] = {}
-
-        def share_weights(specs) -> None:
-            if options.external_data is False:
-                return
-            files = _store_weights_in_one_file(tmp, [spec.file for spec in specs.values()])
-            for name, spec in specs.items():
-                external[name] = files[spec.file]
-                _check_portability(tmp / spec.file, options.opset)
-
-        for name, spec in fp32_specs.items():
-            path = tmp / spec.file
-            log.info("exporting %s", spec.file)
-            if name == DECODER and kv_cache == "shared":
-                onnx.save_model(build_decoder(model, spec, dims, opset=options.opset), str(path))
-            else:
-                _trace(model, spec, path, options.opset, dims, fused=options.fused_attention)
-            external[name] = _finalise(path, name, options.external_data)
-            _check_portability(path, options.opset)
-        share_weights(fp32_specs)
-        shutil.copyfile(tokenizer_file, tmp / TOKENIZER_FILE)
-
-        def write_manifest(specs, weights: str, validation: dict) -> Manifest:
-            manifest = Manifest(
-                arch=config.arch,
-                dims=dims,
-                max_seq_len=config.max_seq_len,
-                float_dtype=next(iter(specs.values())).outputs[0].dtype,
-                weights=weights,
-                special_tokens=special,
-                label_names=tuple(config.label_names),
-                generation=_generation_defaults(config, special, options.generation_defaults),
-                tokenizer=FileEntry.of(tmp, TOKENIZER_FILE),
-                graphs={
-                    name: GraphEntry(spec, FileEntry.of(tmp, spec.file),
-                                     tuple(FileEntry.of(tmp, e) for e in external[name]))
-                    for name, spec in specs.items()
-                },
-                opset=options.opset,
-                producer=_producers(),
-                validation=validation,
-                model_config={**config.to_dict(), "num_parameters": model.num_parameters()},
-                format_version=SHARED_CACHE_FORMAT_VERSION if kv_cache == "shared" else FORMAT_VERSION,
-                kv_cache=kv_cache,
-            )
+        with _staging(plan.out_dir) as tmp:
+            shutil.copyfile(plan.tokenizer_file, tmp / TOKENIZER_FILE)
+            manifest = stage(tmp, produce_graphs(model, plan, tmp), plan, "float32")
+            validation = {"float32": validate(model, tmp, manifest, plan, atol=options.atol)}
+            if options.weights != "float32":
+                manifest = stage(tmp, convert_graphs(tmp, manifest, plan), plan, options.weights)
+                validation[options.weights] = validate(model, tmp, manifest, plan, atol=None)
+            manifest = dataclasses.replace(manifest, validation=validation)
             manifest.save(tmp)
-            return manifest
-
-        write_manifest(fp32_specs, "float32", {})
-        validation = {"float32": validate_package_graphs(
-            model, tmp, fp32_specs, dims, special, atol=options.atol,
-            generation=options.validate_generation, label="float32",
-        )}
-        if not validation["float32"]["passed"]:
-            figures = "\n".join(f"  {k}: {v}" for k, v in validation["float32"].items())
-            raise ExportError(f"validation failed; nothing was written:\n{figures}")
-
-        specs, weights = fp32_specs, "float32"
-        if options.dtype == "float16" or options.quantize:
-            weights = "float16" if options.dtype == "float16" else options.quantize
-            if weights == "float16":
-                convert = _to_fp16
-            elif weights == "int8-dynamic":
-                convert = _quantize_dynamic
-            else:
-                convert = functools.partial(_quantize, bits=int(weights.removeprefix("int")),
-                                            tied_head=config.tie_embeddings)
-            specs = graph_specs(dims, options.dtype, kv_cache)
-            for name, spec in specs.items():
-                if weights in QUANTIZATIONS and name == CROSS_ATTENTION:
-                    continue  # a few small projections, computed once per input: keep them exact
-                log.info("converting %s to %s", spec.file, weights)
-                convert(tmp / spec.file)
-                external[name] = _finalise(tmp / spec.file, name, options.external_data)
-                _check_portability(tmp / spec.file, options.opset)
-            share_weights(specs)
-            write_manifest(specs, weights, validation)
-            validation[weights] = validate_package_graphs(
-                model, tmp, specs, dims, special, atol=None, generation=options.validate_generation,
-                label=weights,
-            )
-            if not validation[weights]["passed"]:
-                raise ExportError(f"the {weights} graphs produce non-finite outputs; nothing was written")
-
-        manifest = write_manifest(specs, weights, validation)
-        _fsync_dir(tmp)
-        _replace_dir(tmp, out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    log.info("wrote %s", out_dir)
-    return ExportReport(out_dir, manifest, validation)
+            publish(tmp, plan.out_dir)
+    except OSError as err:  # disk full, permissions, a file in the way
+        raise ExportError(f"cannot write the package to {str(plan.out_dir)!r}: {err.strerror or err}. Choose a "
+                          "writable folder with free space", code="E_DISK") from None
+    log.info("wrote %s", plan.out_dir)
+    return ExportReport(plan.out_dir, manifest, validation, plan.decoder_graph)
 
 
 def export_checkpoint(
@@ -651,5 +635,12 @@ def export_checkpoint(
         model, _ = load_model(checkpoint)
         tokenizer = tokenizer_path(checkpoint)
     except (OSError, ValueError) as err:  # missing, damaged or foreign checkpoint: say which, no traceback
-        raise ExportError(f"cannot export {str(checkpoint)!r}: {err}") from None
+        raise CheckpointError(f"cannot export {str(checkpoint)!r}: {err}") from None
     return export_model(model, tokenizer, out_dir, options)
+
+
+__all__ = [
+    "ExportError", "ExportOptions", "ExportPlan", "ExportReport", "ValidationError", "choose_decoder",
+    "convert_graphs", "export_checkpoint", "export_model", "plan_export", "produce_graphs", "publish", "stage",
+    "validate",
+]

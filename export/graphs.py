@@ -80,12 +80,15 @@ class DecoderGraph(nn.Module):
 
 
 def graph_module(model: Transformer, spec: GraphSpec) -> nn.Module:
+    """The wrapper of `spec`, in eval mode: torch.onnx.export restores a wrapper's mode, and
+    recursively the model's, when it is done (a wrapper left in training mode would switch the
+    user's model to training mode, dropout on)."""
     if spec.name == ENCODER:
-        return EncoderGraph(model, spec)
+        return EncoderGraph(model, spec).eval()
     if spec.name == CROSS_ATTENTION:
-        return CrossAttentionGraph(model)
+        return CrossAttentionGraph(model).eval()
     if spec.name == DECODER:
-        return DecoderGraph(model)
+        return DecoderGraph(model).eval()
     raise ValueError(f"unknown graph {spec.name!r}")
 
 

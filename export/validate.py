@@ -7,6 +7,10 @@ runtime drives it: right-padded prompts of different lengths, then several steps
 the cache buffers updated in place (I/O binding) and once fed back by copy (a runtime without
 binding), against PyTorch's left-padded batch. Generation: greedy decoding through the package with the
 runtime (torch-free) must equal greedy decoding in PyTorch, token for token.
+
+The figures come back as a dict; a graph that breaks the contract outright (an output of the
+wrong shape, an in-graph greedy choice that is not the argmax of its own logits) raises
+ValidationError (E_VALIDATION) with the figures.
 """
 
 from __future__ import annotations
@@ -37,6 +41,7 @@ from onnxformer.runtime.contract import (
     parse_cache_name,
     past_name_for,
 )
+from onnxformer.runtime.errors import ValidationError
 
 from .graphs import graph_module, run_torch
 
@@ -177,8 +182,11 @@ def _shared_decoder_parity(model, session: ort.InferenceSession, spec: GraphSpec
                 # The in-graph greedy choice: exactly the argmax of the graph's own logits, and
                 # its log-probability against PyTorch's log_softmax at that token.
                 if not np.array_equal(token, np.argmax(logits, axis=1)):
-                    raise AssertionError(f"{spec.file} {NEXT_TOKEN}: {token.tolist()} is not the argmax of the "
-                                         f"graph's logits {np.argmax(logits, axis=1).tolist()}")
+                    top2 = np.sort(logits, axis=1)[:, -2:]
+                    raise ValidationError(
+                        f"{spec.file} {NEXT_TOKEN} {token.tolist()} is not the argmax of the graph's own logits "
+                        f"{np.argmax(logits, axis=1).tolist()} (they must be equal exactly; the top two logits per "
+                        f"row differ by {np.round(top2[:, 1] - top2[:, 0], 7).tolist()}; step {k}, prompt lengths {lens})")
                 reference = want[k].astype(np.float64)
                 top = reference.max(axis=1, keepdims=True)
                 reference = reference - top - np.log(np.exp(reference - top).sum(axis=1, keepdims=True))
@@ -208,7 +216,8 @@ def numeric_parity(model, package: Path, specs: dict[str, GraphSpec], dims: Dims
                 a = got[out].astype(np.float32)
                 b = want[out].float().numpy()
                 if a.shape != b.shape:
-                    raise AssertionError(f"{spec.file} {out}: shape {a.shape} vs PyTorch {b.shape}")
+                    raise ValidationError(f"{spec.file} {out}: shape {a.shape} vs PyTorch {b.shape} (they must be "
+                                          f"equal; batch {batch}, new {new}, past {past}, source {source})")
                 if not np.isfinite(a).all():
                     return {**figures, name: float("inf")}
                 worst = max(worst, float(np.abs(a - b).max()))
@@ -233,7 +242,7 @@ def greedy_parity(model, package: Path, special: dict[str, int], *, max_new_toke
     compared, mismatches = 0, []
     for batch in ([prompts[0]], prompts):
         want = [seqs[0] for seqs in generate(model, batch, gen)]
-        got = [seqs[0] for seqs in loaded.generate_ids(batch, gen).sequences]
+        got = [g.token_ids[0] for g in loaded.generate_ids(batch, gen)]
         compared += sum(len(w) for w in want)
         mismatches += [(p, w, g) for p, w, g in zip(batch, want, got) if w != g]
     return {"greedy_tokens_compared": compared, "greedy_match": not mismatches,

@@ -3,7 +3,7 @@
 Architectures differ only by wiring and masks. One attention implementation serves
 self-attention (causal, bidirectional or prefix-LM), cross-attention and the KV cache; the
 cache is functional (attention takes `past` and returns `present`), so the same code trains,
-decodes step by step and exports to ONNX.
+decodes step by step and is traced for export.
 
 Shape letters used in comments throughout:
     B   batch
@@ -51,9 +51,8 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: Tensor) -> Tensor:
-        # Normalise in fp32. No Cast when x already is fp32: the exported graph is then the
-        # plain pattern onnxruntime fuses into SimplifiedLayerNormalization (and its basic
-        # optimizer mishandles the redundant same-type Casts that x.float() would emit).
+        # Normalise in fp32; no cast when x already is fp32 (a traced graph then holds the
+        # plain RMSNorm pattern, without redundant same-type casts).
         h = x if x.dtype == torch.float32 else x.float()
         h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
         return (h if x.dtype == torch.float32 else h.to(x.dtype)) * self.weight
@@ -167,39 +166,11 @@ def default_position_ids(attention_mask: Tensor | None, batch: int, past: int, n
 # --------------------------------------------------------------------------------------------
 
 
-class FusedMultiHeadAttention(torch.autograd.Function):
-    """Self-attention with a KV cache as ONE onnxruntime `com.microsoft.MultiHeadAttention` node.
-
-    Eager: the same math as Attention's plain path (it only runs while tracing). Export: a
-    node of the placeholder domain `onnxformer`, rewritten to onnxruntime's op by the exporter
-    (export/exporter.py). q, k, v (B, T, H*Dh) after RoPE; past (B, H, P, Dh); bias (B, 1, T, P+T).
-    """
-
-    @staticmethod
-    def forward(ctx, q, k, v, bias, past_key, past_value, n_heads: int, scale: float):  # noqa: ARG004
-        b, t, _ = q.shape
-        heads = lambda x: x.view(b, t, n_heads, -1).transpose(1, 2)  # noqa: E731  (B, H, T, Dh)
-        key = torch.cat([past_key, heads(k)], dim=2)  # (B, H, P+T, Dh)
-        value = torch.cat([past_value, heads(v)], dim=2)
-        probs = ((heads(q) @ key.transpose(-2, -1)) * scale + bias).softmax(-1)  # (B, H, T, P+T)
-        return (probs @ value).transpose(1, 2).reshape(b, t, -1), key, value
-
-    @staticmethod
-    def symbolic(g, q, k, v, bias, past_key, past_value, n_heads: int, scale: float):
-        outputs = g.op("onnxformer::MultiHeadAttention", q, k, v, bias, past_key, past_value,
-                       num_heads_i=n_heads, scale_f=scale, outputs=3)
-        for out, like, rank in zip(outputs, (q, past_key, past_value), (3, 4, 4)):  # dtype, rank; sizes dynamic
-            out.setType(like.type().with_sizes([None] * rank))
-        return outputs
-
-
 class Attention(nn.Module):
     """Multi-head attention with grouped-query K/V, scaled by 1/sqrt(Dh).
 
     Self-attention projects K/V from `x` and appends them to `past`; cross-attention is given
     precomputed `kv` (from `project_kv` on the encoder output) and never recomputes it.
-    `fused` (set only by export, and only when Hkv == H) traces self-attention as one fused
-    onnxruntime node; the math is the same.
     """
 
     def __init__(self, config: ModelConfig):
@@ -207,7 +178,6 @@ class Attention(nn.Module):
         self.n_heads, self.n_kv_heads, self.d_head = config.n_heads, config.n_kv_heads, config.d_head
         self.scale = 1.0 / math.sqrt(self.d_head)
         self.dropout = config.dropout
-        self.fused = False
         d, bias = config.d_model, config.bias
         self.q_proj = nn.Linear(d, self.n_heads * self.d_head, bias=bias)
         self.k_proj = nn.Linear(d, self.n_kv_heads * self.d_head, bias=bias)
@@ -238,15 +208,6 @@ class Attention(nn.Module):
         q = self._split(self.q_proj(x), self.n_heads)  # (B, T, H, Dh)
         if rope is not None:
             q = apply_rope(q, *rope)
-        if kv is None and self.fused and past is not None:
-            k = self._split(self.k_proj(x), self.n_kv_heads)
-            if rope is not None:
-                k = apply_rope(k, *rope)
-            y, key, value = FusedMultiHeadAttention.apply(
-                q.flatten(2), k.flatten(2), self.v_proj(x), bias.to(q.dtype), past.key, past.value,
-                self.n_heads, self.scale,
-            )  # (B, T, H*Dh), (B, H, P+T, Dh) x 2
-            return self.o_proj(y), KV(key, value)
         if kv is None:
             kv = self.project_kv(x, rope)
             if past is not None:

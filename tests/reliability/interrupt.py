@@ -6,7 +6,7 @@ so that a test can kill it right there with a real signal.
 POINT
   checkpoint:N     saving checkpoint step N: config.json, model.safetensors and tokenizer.json
                    are in the temporary folder, training_state.safetensors is not yet
-  export:graphs    the graphs and a first manifest are in the temporary folder; validation next
+  export:graphs    the graphs and a manifest are staged in the temporary folder; validation next
   export:replace   the package is complete in the temporary folder; it replaces OUT_DIR next
   export:swapped   OUT_DIR was just exchanged: it holds the new package, the temporary folder
                    the previous one, which is deleted next
@@ -58,17 +58,17 @@ def install(point: str, marker: str) -> None:
     elif point == "export:replace":
         from onnxformer.export import exporter
 
-        real_replace = exporter._replace_dir
+        real_replace = exporter.publish
 
         def replace(tmp, out_dir):
             pause(marker, Path(tmp))
             return real_replace(tmp, out_dir)
 
-        exporter._replace_dir = replace
+        exporter.publish = replace
     elif point == "export:swapped":
-        from onnxformer.export import exporter
+        from onnxformer.runtime import atomic
 
-        real_exchange = exporter._exchange
+        real_exchange = atomic.exchange
 
         def exchange(a, b):
             done = real_exchange(a, b)
@@ -76,7 +76,7 @@ def install(point: str, marker: str) -> None:
                 pause(marker, Path(a))
             return done
 
-        exporter._exchange = exchange
+        atomic.exchange = exchange
     else:
         raise SystemExit(f"unknown pause point {point!r}")
 

@@ -23,9 +23,9 @@ import pytest
 pytest.importorskip("torch", reason="training and export need the [train] extra")
 
 import onnxformer.runtime as rt  # noqa: E402
-from onnxformer.export.exporter import _exchange  # noqa: E402
 from onnxformer.modeling import checkpoint as ckpt  # noqa: E402
 from onnxformer.modeling.data import load_builtin  # noqa: E402
+from onnxformer.runtime.atomic import exchange  # noqa: E402
 from reliability_support import run_cli  # noqa: E402
 
 INTERRUPT = Path(__file__).with_name("interrupt.py")
@@ -135,7 +135,7 @@ def test_export_killed_at_every_stage_keeps_the_previous_package(killed_training
     outcomes = []
     points = [("export:graphs", signal.SIGKILL), ("export:replace", signal.SIGTERM)]
     (tmp_path / "a").mkdir(), (tmp_path / "b").mkdir()
-    if _exchange(tmp_path / "a", tmp_path / "b"):  # this file system swaps folders atomically
+    if exchange(tmp_path / "a", tmp_path / "b"):  # this file system swaps folders atomically
         points.append(("export:swapped", signal.SIGKILL))
     for point, sig in points:
         marker = tmp_path / f"marker-{point.split(':')[1]}"
