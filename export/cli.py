@@ -21,10 +21,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="store weights in <graph>.onnx_data files (automatic above the 2 GB protobuf limit)")
     parser.add_argument("--atol", type=float, default=1e-4,
                         help="largest max-abs difference ONNX vs PyTorch (fp32) that passes validation (default 1e-4)")
-    parser.add_argument("--fused-attention", action="store_true",
-                        help="decoder self-attention as onnxruntime's fused MultiHeadAttention (faster; "
-                             "layers with n_kv_heads == n_heads; validated like the plain graph). "
-                             "Applies to --kv-cache concat")
     parser.add_argument("--kv-cache", choices=["auto", "shared", "concat"], default="auto",
                         help="decoder KV-cache layout: 'shared' = one preallocated buffer per layer updated in "
                              "place, graph written for onnxruntime's GroupQueryAttention (fastest; decoder and "
@@ -44,7 +40,6 @@ def run(args: argparse.Namespace) -> int:
         external_data=True if args.external_data else None,
         atol=args.atol,
         validate_generation=not args.skip_generation_check,
-        fused_attention=args.fused_attention,
         kv_cache=None if args.kv_cache == "auto" else args.kv_cache,
     )
     report = export_checkpoint(args.checkpoint, args.out_dir, options)  # errors: CheckpointError, ExportError
