@@ -183,6 +183,7 @@ def choose_decoder(model: Transformer, kv_cache: str | None) -> tuple[str, str |
 
 
 def plan_export(model: Transformer, tokenizer_file: Path, out_dir: Path, options: ExportOptions) -> ExportPlan:
+    """The options checked against the model and OUT_DIR, and every decision of the export; nothing written."""
     config = model.config
     if options.quantize == "int8-dynamic" and config.arch not in DYNAMIC_QUANT_ARCHS:
         raise ExportError(
