@@ -7,7 +7,9 @@
  *     node runtime/node/cli.js embed PACKAGE "text" ... [--pooling mean|cls] [--json]
  *
  * Texts come from the arguments or, when none are given, from standard input (one per line).
- * Errors print `error: <message>` on stderr and exit with status 2.
+ * An error onnxformer raises on purpose prints `error[CODE]: <message>` on stderr (the codes of
+ * errors.js, the Python CLI's) and exits with status 2; a usage error prints the usage and
+ * `error: <message>` (status 2); anything else is a bug and ends with its stack trace.
  */
 
 import { readFileSync } from 'node:fs';
@@ -157,7 +159,7 @@ async function main(argv) {
     return 0;
   } catch (err) {
     if (!(err instanceof OnnxformerError)) throw err;
-    process.stderr.write(`error: ${err.message}\n`);
+    process.stderr.write(`error[${err.code}]: ${err.message}\n`);
     return 2;
   }
 }

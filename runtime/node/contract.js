@@ -19,8 +19,7 @@
  * @module contract
  */
 
-import { PackageError } from './errors.js';
-import { repr } from './repr.js';
+import { PackageError, show } from './errors.js';
 
 export const ARCHITECTURES = ['encoder', 'decoder', 'encoder-decoder', 'prefix-lm'];
 export const ENCODER = 'encoder';
@@ -122,7 +121,7 @@ export function selfCacheKind(arch) {
 export function pastNameFor(presentName) {
   const match = CACHE_NAME.exec(presentName);
   if (!match || match[1] !== PRESENT_PREFIX) {
-    throw new Error(`${repr(presentName)} is not a present cache name`);
+    throw new Error(`${show(presentName)} is not a present cache name`);
   }
   return `${PAST_PREFIX}${presentName.slice(PRESENT_PREFIX.length)}`;
 }
@@ -145,7 +144,8 @@ const DIMS_FIELDS = ['arch', 'n_layers', 'n_heads', 'n_kv_heads', 'd_head', 'd_m
 const DIMS_REQUIRED = DIMS_FIELDS.slice(0, 7);
 
 /**
- * Parse and check the manifest's `dims` object (same checks and messages as Python's `Dims`).
+ * Parse and check the manifest's `dims` object (the checks of Python's `Dims`; each fails with a
+ * PackageError E_MANIFEST).
  * @param {any} data
  * @returns {Readonly<Dims>}
  */
@@ -155,40 +155,41 @@ export function dimsFromDict(data) {
   const unknown = keys.filter((k) => !DIMS_FIELDS.includes(k)).sort();
   const missing = DIMS_REQUIRED.filter((k) => !keys.includes(k)).sort();
   if (!isObject || unknown.length || missing.length) {
-    throw new PackageError(
-      `manifest dims: unknown fields ${repr(unknown)}, missing fields ${repr(missing)}; ` +
-        `expected fields ${repr([...DIMS_FIELDS].sort())}. Re-export the package.`,
-    );
+    const problem = isObject ? `has unknown fields [${unknown.join(', ')}], lacks [${missing.join(', ')}]` : 'is not an object';
+    throw dimsError(`manifest dims ${problem}; its fields are ${DIMS_FIELDS.join(', ')}`);
   }
   const dims = { num_labels: 0, has_token_types: false, ...data };
   if (!ARCHITECTURES.includes(dims.arch)) {
-    throw new PackageError(`arch must be one of ${repr(ARCHITECTURES)}; got ${repr(dims.arch)}`);
+    throw dimsError(`dims.arch must be one of ${ARCHITECTURES.join(', ')}, not ${show(dims.arch)}`);
   }
   for (const name of ['n_heads', 'n_kv_heads', 'd_head', 'd_model', 'vocab_size']) {
     if (!Number.isInteger(dims[name]) || dims[name] <= 0) {
-      throw new PackageError(`dims.${name} must be a positive integer; got ${repr(dims[name])}`);
+      throw dimsError(`dims.${name} must be a positive integer, not ${show(dims[name])}`);
     }
   }
   for (const name of ['n_layers', 'num_labels']) {
     if (!Number.isInteger(dims[name]) || dims[name] < 0) {
-      throw new PackageError(`dims.${name} must be an integer >= 0; got ${repr(dims[name])}`);
+      throw dimsError(`dims.${name} must be an integer >= 0, not ${show(dims[name])}`);
     }
   }
   if (dims.arch !== 'encoder' && dims.n_layers === 0) {
-    throw new PackageError(`dims.n_layers must be >= 1 for arch ${repr(dims.arch)}; got 0`);
+    throw dimsError(`dims.n_layers is 0, but arch '${dims.arch}' has a decoder: it needs at least 1`);
   }
   if (dims.n_heads % dims.n_kv_heads) {
-    throw new PackageError(
-      `dims.n_heads (${dims.n_heads}) must be a multiple of n_kv_heads (${dims.n_kv_heads})`,
-    );
+    throw dimsError(`dims.n_heads (${dims.n_heads}) must be a multiple of n_kv_heads (${dims.n_kv_heads})`);
   }
   if (dims.arch !== 'encoder' && (dims.num_labels || dims.has_token_types)) {
-    throw new PackageError(
-      `num_labels (${dims.num_labels}) and has_token_types (${repr(dims.has_token_types)}) apply to ` +
-        `arch 'encoder' only; got arch ${repr(dims.arch)}`,
+    throw dimsError(
+      `dims.num_labels (${dims.num_labels}) and has_token_types (${dims.has_token_types}) apply to arch ` +
+        `'encoder' only, not '${dims.arch}'`,
     );
   }
   return Object.freeze(dims);
+}
+
+/** A manifest whose dims, graph specs or layout break the contract. */
+function dimsError(message) {
+  return new PackageError(`${message}. Re-export the package.`, { code: 'E_MANIFEST' });
 }
 
 /**
@@ -273,9 +274,6 @@ function sharedDecoderSpec(dims, dtype) {
 
 const BUILDERS = { [ENCODER]: encoderSpec, [CROSS_ATTENTION]: crossAttentionSpec, [DECODER]: decoderSpec };
 
-/** A Python tuple's repr, for messages that name one: `('concat', 'shared')`. */
-const tupleRepr = (items) => `(${items.map(repr).join(', ')}${items.length === 1 ? ',' : ''})`;
-
 /**
  * Every graph of `dims.arch` -> its spec, in run order (encoder, cross_attention, decoder).
  * `kvCache` is the decoder's cache layout (KV_CACHE_LAYOUTS); "shared" exists for the decoder
@@ -287,13 +285,13 @@ const tupleRepr = (items) => `(${items.map(repr).join(', ')}${items.length === 1
  */
 export function graphSpecs(dims, floatDtype = 'float32', kvCache = 'concat') {
   if (!FLOAT_DTYPES.includes(floatDtype)) {
-    throw new PackageError(`float_dtype must be one of ${tupleRepr(FLOAT_DTYPES)}; got ${repr(floatDtype)}`);
+    throw dimsError(`float_dtype must be ${FLOAT_DTYPES.join(' or ')}, not ${show(floatDtype)}`);
   }
   if (!KV_CACHE_LAYOUTS.includes(kvCache)) {
-    throw new PackageError(`kv_cache must be one of ${tupleRepr(KV_CACHE_LAYOUTS)}; got ${repr(kvCache).slice(0, 60)}`);
+    throw dimsError(`kv_cache must be ${KV_CACHE_LAYOUTS.join(' or ')}, not ${show(kvCache)}`);
   }
   if (kvCache === 'shared' && dims.arch !== 'decoder' && dims.arch !== 'encoder-decoder') {
-    throw new PackageError(`kv_cache 'shared' exists for arch 'decoder' and 'encoder-decoder'; got arch ${repr(dims.arch)}`);
+    throw dimsError(`kv_cache 'shared' exists for arch 'decoder' and 'encoder-decoder', not '${dims.arch}'`);
   }
   const builders = { ...BUILDERS, ...(kvCache === 'shared' ? { [DECODER]: sharedDecoderSpec } : {}) };
   return Object.fromEntries(GRAPHS_BY_ARCH[dims.arch].map((g) => [g, builders[g](dims, floatDtype)]));
@@ -323,16 +321,14 @@ export function selfCacheNames(dims) {
 export function tensorSpecFromDict(data) {
   const keys = data !== null && typeof data === 'object' && !Array.isArray(data) ? Object.keys(data).sort() : null;
   if (!keys || keys.join() !== 'dtype,name,shape' || !Array.isArray(data.shape)) {
-    throw new PackageError(
-      `tensor spec must be an object with keys name, dtype, shape; got ${repr(data)}. Re-export the package.`,
-    );
+    throw dimsError(`a tensor spec must be an object with keys name, dtype and shape (an array), not ${show(data)}`);
   }
   if (!DTYPES.includes(data.dtype)) {
-    throw new PackageError(`tensor ${repr(data.name)}: dtype must be one of ${repr(DTYPES)}; got ${repr(data.dtype)}`);
+    throw dimsError(`tensor ${show(data.name)}: dtype must be one of ${DTYPES.join(', ')}, not ${show(data.dtype)}`);
   }
   for (const axis of data.shape) {
     if (typeof axis !== 'string' && !Number.isInteger(axis)) {
-      throw new PackageError(`tensor ${repr(data.name)}: shape entries must be str or int; got ${repr(axis)}`);
+      throw dimsError(`tensor ${show(data.name)}: a shape entry must be an axis name or an integer, not ${show(axis)}`);
     }
   }
   return { name: data.name, dtype: data.dtype, shape: [...data.shape] };
@@ -356,9 +352,10 @@ export function checkSessionIo(spec, inputs, outputs) {
   const problems = [...checkSide('input', spec.inputs, inputs), ...checkSide('output', spec.outputs, outputs)];
   if (problems.length) {
     throw new PackageError(
-      `graph ${repr(spec.file)} does not match the I/O contract (${problems.length} problem(s)):\n  - ` +
+      `graph ${spec.file} does not match the I/O contract (${problems.length} problem(s)):\n  - ` +
         problems.join('\n  - ') +
         '\nThe package was exported by an incompatible version or is damaged; re-export it.',
+      { code: 'E_GRAPH_IO' },
     );
   }
 }
@@ -368,17 +365,17 @@ function checkSide(side, expected, actual) {
   const problems = [];
   const got = new Map(actual.map((m) => [m.name, m]));
   const want = new Map(expected.map((s) => [s.name, s]));
-  for (const name of want.keys()) if (!got.has(name)) problems.push(`missing ${side} ${repr(name)}`);
-  for (const name of got.keys()) if (!want.has(name)) problems.push(`unexpected ${side} ${repr(name)}`);
+  for (const name of want.keys()) if (!got.has(name)) problems.push(`missing ${side} '${name}'`);
+  for (const name of got.keys()) if (!want.has(name)) problems.push(`unexpected ${side} '${name}'`);
   for (const [name, spec] of want) {
     const meta = got.get(name);
     if (!meta) continue;
-    if (meta.type !== spec.dtype) problems.push(`${side} ${repr(name)}: dtype ${meta.type}, expected ${spec.dtype}`);
+    if (meta.type !== spec.dtype) problems.push(`${side} '${name}': dtype ${meta.type}, expected ${spec.dtype}`);
     const shape = meta.isTensor && meta.shape && meta.shape.length ? [...meta.shape] : null; // [] = unknown
     if (!shape || shape.length !== spec.shape.length) {
       problems.push(
-        `${side} ${repr(name)}: rank ${shape ? shape.length : 'None'} (shape ${shape ? repr(shape) : 'None'}), ` +
-          `expected rank ${spec.shape.length} ${repr(spec.shape)}`,
+        `${side} '${name}': rank ${shape ? shape.length : 'unknown'} (shape ${shape ? show(shape) : 'unknown'}), ` +
+          `expected rank ${spec.shape.length} ${show(spec.shape)}`,
       );
       continue;
     }
@@ -386,10 +383,10 @@ function checkSide(side, expected, actual) {
       const dim = shape[k];
       const fixed = typeof dim === 'number' && dim >= 0; // unnamed dynamic axes may read as -1
       if (typeof axis === 'number') {
-        if (fixed && dim !== axis) problems.push(`${side} ${repr(name)}: axis ${k} is ${dim}, expected ${axis}`);
+        if (fixed && dim !== axis) problems.push(`${side} '${name}': axis ${k} is ${dim}, expected ${axis}`);
       } else if (fixed) {
         problems.push(
-          `${side} ${repr(name)}: axis ${k} is fixed to ${dim} but must be dynamic (${repr(axis)}); ` +
+          `${side} '${name}': axis ${k} is fixed to ${dim} but must be dynamic ('${axis}'); ` +
             'export it with dynamic_axes',
         );
       }

@@ -32,11 +32,12 @@ if (model.sessions.encoder) {
   console.log(`embed   cosine similarity ${a.reduce((s, x, i) => s + x * b[i], 0).toFixed(4)} (dimension ${a.length})`);
 }
 
-// Bad input raises the same errors as the Python runtime.
+// Bad input raises the Python runtime's error class with its code (err.code, stable; the
+// message is for people).
 try {
   await model.generate([]);
 } catch (err) {
   if (!(err instanceof InputError)) throw err;
-  console.log(`error   ${err.name}: ${err.message}`);
+  console.log(`error   ${err.name} ${err.code}: ${err.message}`);
 }
 await model.release();

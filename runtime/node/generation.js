@@ -37,9 +37,8 @@
  * @module generation
  */
 
-import { ConfigError, InputError, OnnxformerError } from './errors.js';
+import { ConfigError, InputError, show } from './errors.js';
 import { Random } from './random.js';
-import { floatRepr, repr } from './repr.js';
 
 export const STRATEGIES = ['greedy', 'sample', 'beam'];
 
@@ -89,20 +88,21 @@ const FIELDS = Object.keys(DEFAULTS);
 // Configuration ------------------------------------------------------------------------------
 function checkInt(name, value, minimum) {
   if (!Number.isInteger(value) || value < minimum) {
-    throw new ConfigError(`${name} must be an integer >= ${minimum}; got ${repr(value)}`);
+    throw new ConfigError(`${name} must be an integer >= ${minimum}, not ${show(value)}`);
   }
   return value;
 }
 
 function checkFloat(name, value) {
-  if (typeof value !== 'number') throw new ConfigError(`${name} must be a number; got ${repr(value)}`);
-  if (!Number.isFinite(value)) throw new ConfigError(`${name} must be finite; got ${floatRepr(value)}`);
+  if (typeof value !== 'number') throw new ConfigError(`${name} must be a number, not ${show(value)}`);
+  if (!Number.isFinite(value)) throw new ConfigError(`${name} must be finite, not ${value}`);
   return value;
 }
 
 /**
- * Check generation parameters and fill in defaults (same checks, order and messages as
- * Python's `GenerationConfig`). Unknown names are refused, with a suggestion.
+ * Check generation parameters and fill in defaults (the checks of Python's `GenerationConfig`,
+ * in its order: the same condition fails with the same error code). Unknown names are refused,
+ * with a suggestion.
  * @param {Record<string, any>} params
  * @returns {Readonly<GenerationConfig>}
  */
@@ -111,7 +111,7 @@ export function generationConfig(params = {}) {
   const given = Object.fromEntries(Object.entries(params).filter(([, v]) => v !== undefined));
   const c = { ...DEFAULTS, ...given };
   if (!STRATEGIES.includes(c.strategy)) {
-    throw new ConfigError(`strategy must be one of ${STRATEGIES.map(repr).join(', ')}; got ${repr(c.strategy)}`);
+    throw new ConfigError(`strategy must be one of ${STRATEGIES.join(', ')}, not ${show(c.strategy)}`);
   }
   checkInt('max_new_tokens', c.max_new_tokens, 0);
   checkInt('min_new_tokens', c.min_new_tokens, 0);
@@ -124,28 +124,28 @@ export function generationConfig(params = {}) {
   checkFloat('temperature', c.temperature);
   if (c.strategy === 'sample' && c.temperature <= 0) {
     throw new ConfigError(
-      `temperature must be > 0 for strategy 'sample'; got ${floatRepr(c.temperature)}. ` +
+      `temperature must be > 0 for strategy 'sample', not ${c.temperature}. ` +
         "Use strategy 'greedy' for deterministic decoding.",
     );
   }
   checkInt('top_k', c.top_k, 0);
   checkFloat('top_p', c.top_p);
   if (!(c.top_p > 0 && c.top_p <= 1)) {
-    throw new ConfigError(`top_p must be in (0, 1]; got ${floatRepr(c.top_p)}. Use 1.0 to turn nucleus filtering off.`);
+    throw new ConfigError(`top_p must be in (0, 1], not ${c.top_p}. Use 1 to turn nucleus filtering off.`);
   }
   if (c.seed !== null) checkInt('seed', c.seed, 0);
   checkInt('num_beams', c.num_beams, 1);
   if (c.num_beams > 1 && c.strategy !== 'beam') {
-    throw new ConfigError(`num_beams (${c.num_beams}) > 1 needs strategy 'beam'; got strategy ${repr(c.strategy)}`);
+    throw new ConfigError(`num_beams (${c.num_beams}) > 1 needs strategy 'beam', not '${c.strategy}'`);
   }
   checkFloat('length_penalty', c.length_penalty);
   if (typeof c.early_stopping !== 'boolean') {
-    throw new ConfigError(`early_stopping must be a bool; got ${repr(c.early_stopping)}`);
+    throw new ConfigError(`early_stopping must be true or false, not ${show(c.early_stopping)}`);
   }
   const nrs = checkInt('num_return_sequences', c.num_return_sequences, 1);
   if (c.strategy === 'greedy' && nrs !== 1) {
     throw new ConfigError(
-      `num_return_sequences must be 1 for strategy 'greedy' (it is deterministic); got ${nrs}. ` +
+      `num_return_sequences must be 1 for strategy 'greedy' (it is deterministic), not ${nrs}. ` +
         "Use strategy 'sample' or 'beam' for several sequences.",
     );
   }
@@ -155,23 +155,23 @@ export function generationConfig(params = {}) {
   checkFloat('repetition_penalty', c.repetition_penalty);
   if (c.repetition_penalty <= 0) {
     throw new ConfigError(
-      `repetition_penalty must be > 0; got ${floatRepr(c.repetition_penalty)}. Use 1.0 to turn it off.`,
+      `repetition_penalty must be > 0, not ${c.repetition_penalty}. Use 1 to turn it off.`,
     );
   }
   checkInt('no_repeat_ngram_size', c.no_repeat_ngram_size, 0);
   const eos = Number.isInteger(c.eos_token_ids) ? [c.eos_token_ids] : c.eos_token_ids;
   if (!Array.isArray(eos) || !eos.every((t) => Number.isInteger(t) && t >= 0)) {
     throw new ConfigError(
-      `eos_token_ids must be a tuple of token ids >= 0 (empty = none); got ${repr(c.eos_token_ids)}`,
+      `eos_token_ids must be an array of token ids >= 0 (empty: none), not ${show(c.eos_token_ids)}`,
     );
   }
   const stops = typeof c.stop_strings === 'string' ? [c.stop_strings] : c.stop_strings;
   if (!Array.isArray(stops) || !stops.every((s) => typeof s === 'string' && s)) {
-    throw new ConfigError(`stop_strings must be a tuple of non-empty strings; got ${repr(c.stop_strings)}`);
+    throw new ConfigError(`stop_strings must be an array of non-empty strings, not ${show(c.stop_strings)}`);
   }
   if (stops.length && c.strategy === 'beam') {
     throw new ConfigError(
-      `stop_strings (${repr(stops)}) are not supported with strategy 'beam'; ` +
+      `stop_strings (${show(stops)}) are not supported with strategy 'beam'; ` +
         "use eos_token_ids, or strategy 'greedy' / 'sample'",
     );
   }
@@ -184,55 +184,43 @@ function rejectUnknown(params) {
   if (unknown.length) {
     const hints = unknown.map((name) => {
       const close = closeMatch(name, FIELDS);
-      return repr(name) + (close ? ` (did you mean ${repr(close)}?)` : '');
+      return name + (close ? ` (did you mean ${close}?)` : '');
     });
-    throw new ConfigError(`unknown generation parameter(s): ${hints.join(', ')}; valid: ${FIELDS.join(', ')}`);
+    throw new ConfigError(`unknown generation parameter ${hints.join(', ')}; the parameters are ${FIELDS.join(', ')}`,
+      { code: 'E_UNKNOWN_PARAMETER' });
   }
 }
 
 /**
- * Python's `difflib.get_close_matches(word, possibilities, n=1)` (cutoff 0.6): the best
- * candidate by SequenceMatcher ratio, or null.
+ * The known name closest to a misspelt one: the nearest at most 2 edits away (insert, delete,
+ * replace a character), else one that holds all of its words (`max_tokens` -> `max_new_tokens`),
+ * else null.
  * @param {string} word
  * @param {string[]} possibilities
  * @returns {string | null}
  */
 export function closeMatch(word, possibilities) {
   let best = null;
-  let bestScore = -1;
-  for (const x of possibilities) {
-    const score = ratio(x, word);
-    if (score >= 0.6 && (score > bestScore || (score === bestScore && x > best))) [best, bestScore] = [x, score];
+  let bestDistance = 3;
+  for (const candidate of possibilities) {
+    const d = editDistance(word, candidate);
+    if (d < bestDistance) [best, bestDistance] = [candidate, d];
   }
-  return best;
+  const words = word.split('_');
+  return best ?? possibilities.find((c) => words.length > 1 && words.every((w) => c.split('_').includes(w))) ?? null;
 }
 
-/** difflib's SequenceMatcher(None, a, b).ratio() for short strings (no junk heuristics). */
-function ratio(a, b) {
-  let matched = 0;
-  const queue = [[0, a.length, 0, b.length]];
-  while (queue.length) {
-    const [alo, ahi, blo, bhi] = queue.pop();
-    // longest common block: earliest in a, then earliest in b
-    let [besti, bestj, bestk] = [alo, blo, 0];
-    let lengths = new Map();
-    for (let i = alo; i < ahi; i++) {
-      const next = new Map();
-      for (let j = blo; j < bhi; j++) {
-        if (a[i] !== b[j]) continue;
-        const k = (lengths.get(j - 1) ?? 0) + 1;
-        next.set(j, k);
-        if (k > bestk) [besti, bestj, bestk] = [i - k + 1, j - k + 1, k];
-      }
-      lengths = next;
+/** Levenshtein distance of two short strings. */
+function editDistance(a, b) {
+  let previous = Array.from({ length: b.length + 1 }, (_, j) => j);
+  for (let i = 1; i <= a.length; i++) {
+    const current = [i];
+    for (let j = 1; j <= b.length; j++) {
+      current[j] = Math.min(previous[j] + 1, current[j - 1] + 1, previous[j - 1] + (a[i - 1] === b[j - 1] ? 0 : 1));
     }
-    if (bestk) {
-      matched += bestk;
-      if (alo < besti && blo < bestj) queue.push([alo, besti, blo, bestj]);
-      if (besti + bestk < ahi && bestj + bestk < bhi) queue.push([besti + bestk, ahi, bestj + bestk, bhi]);
-    }
+    previous = current;
   }
-  return a.length + b.length ? (2 * matched) / (a.length + b.length) : 1;
+  return previous[b.length];
 }
 
 // Prompts and padding -------------------------------------------------------------------------
@@ -243,20 +231,21 @@ function ratio(a, b) {
  */
 export function checkPrompts(prompts) {
   if (!Array.isArray(prompts) || prompts.length === 0) {
-    throw new InputError(`prompts must be a non-empty list of token id lists; got ${repr(prompts).slice(0, 80)}`);
+    throw new InputError(`prompts must be a non-empty array of token id arrays, not ${show(prompts)}`);
   }
   return prompts.map((prompt, b) => {
     if (!Array.isArray(prompt)) {
-      throw new InputError(`prompt ${b} must be a list of token ids; got ${repr(prompt).slice(0, 80)}. Tokenize it first.`);
+      throw new InputError(`prompt ${b} must be an array of token ids, not ${show(prompt)}. Tokenize it first.`);
     }
-    if (!prompt.every(Number.isInteger)) {
-      throw new InputError(`prompt ${b} must be a list of token ids; got ${repr(prompt).slice(0, 80)}`);
+    const bad = prompt.find((t) => !Number.isInteger(t));
+    if (bad !== undefined) {
+      throw new InputError(`prompt ${b} holds ${show(bad)}, which is not a token id (an integer)`, { code: 'E_TOKEN_ID' });
     }
     if (!prompt.length) {
       throw new InputError(`prompt ${b} is empty; every prompt needs at least one token (e.g. bos)`);
     }
     const low = Math.min(...prompt);
-    if (low < 0) throw new InputError(`prompt ${b} has a negative token id (${low})`);
+    if (low < 0) throw new InputError(`prompt ${b} has a negative token id (${low})`, { code: 'E_TOKEN_ID' });
     return [...prompt];
   });
 }
@@ -306,22 +295,24 @@ export function leftPad(rows, padTokenId) {
 async function runStep(model, inputIds, positionIds, mask, cache) {
   const out = await model.step(inputIds, positionIds, mask, cache);
   if (out.logits.length !== inputIds.length || out.logits.some((row) => row.length !== model.vocabSize)) {
-    throw new OnnxformerError(
+    throw new Error( // a step model that breaks the protocol is a bug, not the caller's mistake
       `step() must return logits of shape (N=${inputIds.length}, V=${model.vocabSize}) for the last position`,
     );
   }
   if (out.choice && (out.choice.length !== inputIds.length || out.choice.some((c) => c.length !== 2))) {
-    throw new OnnxformerError(`step() must return choice as N=${inputIds.length} [token, logprob] pairs or nothing`);
+    throw new Error(`step() must return choice as N=${inputIds.length} [token, logprob] pairs or nothing`);
   }
   return out;
 }
 
 function checkVocab(vocabSize, rows, config) {
   const top = Math.max(...rows.map((r) => Math.max(...r)));
-  if (top >= vocabSize) throw new InputError(`prompt token id ${top} is out of range for vocab_size ${vocabSize}`);
+  if (top >= vocabSize) {
+    throw new InputError(`prompt token id ${top} is not below vocab_size ${vocabSize}`, { code: 'E_TOKEN_ID' });
+  }
   for (const [name, ids] of [['eos_token_ids', config.eos_token_ids], ['pad_token_id', [config.pad_token_id]]]) {
     const bad = ids.filter((t) => t >= vocabSize);
-    if (bad.length) throw new ConfigError(`${name} ${repr(bad)} out of range for vocab_size ${vocabSize}`);
+    if (bad.length) throw new ConfigError(`${name} [${bad.join(', ')}] are not below vocab_size ${vocabSize}`);
   }
 }
 
@@ -485,7 +476,7 @@ function findStop(text, stopStrings) {
  */
 function decodeLoop(model, prompts, config, choose, decode, copies, liveText = false) {
   if (config.stop_strings.length && !decode) {
-    throw new ConfigError(`stop_strings ${repr(config.stop_strings)} need a decode function; pass decode`);
+    throw new ConfigError(`stop_strings ${show(config.stop_strings)} need a decode function; pass decode`);
   }
   const rows = checkPrompts(prompts);
   checkVocab(model.vocabSize, rows, config);
@@ -565,7 +556,7 @@ async function collect(state, steps, nPrompts, copies, decode) {
 function requireStrategy(config, strategy) {
   if (config.strategy !== strategy) {
     throw new ConfigError(
-      `${strategy}() got a config with strategy ${repr(config.strategy)}; ` +
+      `${strategy}() got a config with strategy '${config.strategy}'; ` +
         `call ${config.strategy === 'beam' ? 'beamSearch' : config.strategy}() or generate()`,
     );
   }
@@ -775,11 +766,11 @@ function heldBack(text, stopStrings) {
  */
 export function stream(model, prompt, config, decode, { rng } = {}) {
   if (config.strategy === 'beam') {
-    throw new ConfigError("stream() supports strategy 'greedy' or 'sample'; got 'beam'. Use generate().");
+    throw new ConfigError("stream() supports strategy 'greedy' or 'sample', not 'beam'. Use generate().");
   }
   if (config.num_return_sequences !== 1) {
     throw new ConfigError(
-      `stream() yields one sequence; got num_return_sequences=${config.num_return_sequences}. Use generate().`,
+      `stream() yields one sequence, not num_return_sequences ${config.num_return_sequences}. Use generate().`,
     );
   }
   const chooser = config.strategy === 'greedy' ? greedyChooser : sampleChooser(config, rng ?? new Random(config.seed));

@@ -11,7 +11,7 @@
  * @module onnxformer
  */
 
-export { ConfigError, InputError, OnnxformerError, PackageError, ProviderError } from './errors.js';
+export { CODES, ConfigError, InputError, OnnxformerError, PackageError, ProviderError, RunError } from './errors.js';
 export { DEFAULTS as GENERATION_DEFAULTS, STRATEGIES, generationConfig } from './generation.js';
 export { FORMAT_NAME, SUPPORTED_FORMAT_VERSIONS, loadManifest, manifestFromDict, verifyFiles } from './manifest.js';
 export { Model, load } from './model.js';

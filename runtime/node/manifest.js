@@ -1,7 +1,7 @@
 /**
  * The package manifest (`manifest.json`): parse, check, verify checksums. A port of
- * `runtime/manifest.py`, with the same checks and messages; `runtime/FORMAT.md` describes the
- * fields.
+ * `runtime/manifest.py`, with the same checks, each failing with the same error class and code
+ * (`runtime/FORMAT.md` section 9 lists them); `runtime/FORMAT.md` describes the fields.
  *
  * Versioning: `format_version` is an integer; this runtime reads the versions in
  * SUPPORTED_FORMAT_VERSIONS and refuses others. Unknown extra fields are ignored.
@@ -19,8 +19,7 @@ import * as fs from 'node:fs/promises';
 import * as path from 'node:path';
 
 import { KV_CACHE_LAYOUTS, dimsFromDict, graphSpecs, sameSpec, tensorSpecFromDict } from './contract.js';
-import { PackageError } from './errors.js';
-import { repr, typeName } from './repr.js';
+import { PackageError, show, typeOf } from './errors.js';
 
 export const FORMAT_NAME = 'onnxformer-package';
 export const FORMAT_VERSION = 1; // of a "concat" package; a "shared" one is SHARED_CACHE_FORMAT_VERSION
@@ -62,10 +61,15 @@ export const SPECIAL_TOKEN_ROLES = ['pad', 'unk', 'bos', 'eos', 'mask', 'cls', '
 
 const isObject = (x) => x !== null && typeof x === 'object' && !Array.isArray(x);
 
+/** A damaged manifest: its message, with the fix every such message shares. */
+function manifestError(message) {
+  return new PackageError(`${message}; re-export the package`, { code: 'E_MANIFEST' });
+}
+
 function requireFields(data, keys, what) {
-  if (!isObject(data)) throw new PackageError(`${what} must be a JSON object; got ${typeName(data)}`);
+  if (!isObject(data)) throw manifestError(`${what} must be a JSON object, not ${typeOf(data)}`);
   const missing = keys.filter((k) => !(k in data));
-  if (missing.length) throw new PackageError(`${what} is missing field(s) ${missing.join(', ')}; re-export the package`);
+  if (missing.length) throw manifestError(`${what} lacks ${missing.join(', ')}`);
 }
 
 /** A file name inside the package: no directories, no '..', no absolute paths. */
@@ -73,8 +77,8 @@ function plainName(name, what) {
   if (typeof name !== 'string' || !name || name === '.' || name === '..' || name.includes('/') ||
       name.includes('\\') || name.includes('\0')) {
     throw new PackageError(
-      `${what} ${repr(name)} is not a plain file name inside the package; ` +
-        'a package may only reference files in its own directory',
+      `${what} ${show(name)} is not a plain file name: a package may only reference files in its own directory`,
+      { code: 'E_MANIFEST' },
     );
   }
   return name;
@@ -109,22 +113,23 @@ function graphEntry(name, data) {
 export function manifestFromDict(data) {
   requireFields(data, ['format', 'format_version'], 'manifest');
   if (data.format !== FORMAT_NAME) {
-    throw new PackageError(`manifest format is ${repr(data.format)}, expected ${repr(FORMAT_NAME)}: not an onnxformer package`);
+    throw new PackageError(`manifest format is ${show(data.format)}, not '${FORMAT_NAME}': this is not an onnxformer package`,
+      { code: 'E_MANIFEST' });
   }
   const version = data.format_version;
   if (!SUPPORTED_FORMAT_VERSIONS.includes(version)) {
     throw new PackageError(
-      `package format_version ${repr(version)} is not supported by this runtime ` +
-        `(supported: ${SUPPORTED_FORMAT_VERSIONS.join(', ')}); ` +
+      `format_version ${show(version)} is not one this runtime reads (${SUPPORTED_FORMAT_VERSIONS.join(', ')}); ` +
         'upgrade onnxformer or re-export the package with this version',
+      { code: 'E_FORMAT_VERSION' },
     );
   }
   requireFields(data, ['arch', 'dims', 'max_seq_len', 'float_dtype', 'weights', 'special_tokens', 'label_names',
     'generation', 'tokenizer', 'graphs', 'opset', 'producer'], 'manifest');
-  if (!isObject(data.graphs)) throw new PackageError('manifest graphs must be a JSON object {graph name: entry}');
+  if (!isObject(data.graphs)) throw manifestError('manifest graphs must be a JSON object {graph name: entry}');
   const dims = dimsFromDict(data.dims);
   if (dims.arch !== data.arch) {
-    throw new PackageError(`manifest arch ${repr(data.arch)} disagrees with dims.arch ${repr(dims.arch)}`);
+    throw manifestError(`manifest arch ${show(data.arch)} disagrees with dims.arch ${show(dims.arch)}`);
   }
   const graphs = Object.fromEntries(Object.entries(data.graphs).map(([name, entry]) => [name, graphEntry(name, entry)]));
   const manifest = {
@@ -152,47 +157,38 @@ export function manifestFromDict(data) {
 /** The graphs and special tokens must be what the dims imply (Python: Manifest.__post_init__). */
 function checkAgainstContract(m) {
   if (!KV_CACHE_LAYOUTS.includes(m.kv_cache)) {
-    throw new PackageError(
-      `manifest kv_cache must be one of ${repr(KV_CACHE_LAYOUTS)}; got ${repr(m.kv_cache).slice(0, 60)}. Re-export the package`,
-    );
+    throw manifestError(`manifest kv_cache must be ${KV_CACHE_LAYOUTS.join(' or ')}, not ${show(m.kv_cache)}`);
   }
   const needed = m.kv_cache === 'shared' ? SHARED_CACHE_FORMAT_VERSION : FORMAT_VERSION;
   if (m.format_version !== needed) {
-    throw new PackageError(
-      `manifest kv_cache ${repr(m.kv_cache)} needs format_version ${needed}; got ${repr(m.format_version)}. ` +
-        'The package is damaged; re-export it',
-    );
+    throw manifestError(`manifest kv_cache '${m.kv_cache}' goes with format_version ${needed}, not ${m.format_version}`);
   }
   const expected = graphSpecs(m.dims, m.float_dtype, m.kv_cache);
   const listed = Object.keys(m.graphs).sort();
   if (listed.join() !== Object.keys(expected).sort().join()) {
-    throw new PackageError(
-      `manifest lists graphs ${repr(listed)} but arch ${repr(m.arch)} needs ${repr(Object.keys(expected).sort())}; ` +
-        're-export the package',
-    );
+    throw manifestError(`manifest lists graphs ${listed.join(', ')}; arch '${m.arch}' needs ${Object.keys(expected).sort().join(', ')}`);
   }
   for (const [name, entry] of Object.entries(m.graphs)) {
     const want = expected[name];
     if (!sameSpec(entry.spec, want)) {
       throw new PackageError(
-        `manifest I/O of graph ${repr(name)} does not match the contract for these dims ` +
-          `(expected inputs ${repr(want.inputs.map((t) => t.name))}, outputs ${repr(want.outputs.map((t) => t.name))}); ` +
+        `the manifest's inputs and outputs of graph '${name}' are not the contract's for these dims (inputs ` +
+          `${want.inputs.map((t) => t.name).join(', ')}; outputs ${want.outputs.map((t) => t.name).join(', ')}): ` +
           'the package is damaged or from an incompatible exporter; re-export it',
+        { code: 'E_GRAPH_IO' },
       );
     }
   }
   const missing = SPECIAL_TOKEN_ROLES.filter((r) => !(r in m.special_tokens));
-  if (missing.length) throw new PackageError(`manifest special_tokens is missing role(s) ${missing.join(', ')}`);
+  if (missing.length) throw manifestError(`manifest special_tokens lacks ${missing.join(', ')}`);
   for (const [role, value] of Object.entries(m.special_tokens)) {
     if (!Number.isInteger(value) || value < -1 || value >= m.dims.vocab_size) {
-      throw new PackageError(
-        `manifest special_tokens.${role} = ${repr(value)} is outside [-1, vocab_size=${m.dims.vocab_size})`,
-      );
+      throw manifestError(`manifest special_tokens.${role} is ${show(value)}; it must be -1 or an id below vocab_size ${m.dims.vocab_size}`);
     }
   }
 }
 
-/** A directory as Python's `str(Path(d))` prints it: no trailing separator. */
+/** A directory path normalised, without a trailing separator (as load() keeps it). */
 export function displayDir(directory) {
   const normal = path.normalize(directory);
   return normal.length > 1 && normal.endsWith(path.sep) ? normal.slice(0, -1) : normal;
@@ -207,16 +203,18 @@ export async function loadManifest(directory) {
   const dir = displayDir(directory);
   const stat = await fs.stat(dir).catch(() => null);
   if (!stat?.isDirectory()) {
-    throw new PackageError(`package directory ${repr(dir)} does not exist or is not a directory`);
+    throw new PackageError(`no package directory at ${dir}: check the path`, { code: 'E_MISSING_FILE' });
   }
   const file = path.join(dir, MANIFEST_FILE);
   const text = await fs.readFile(file, 'utf8').catch(() => null);
-  if (text === null) throw new PackageError(`${repr(file)} is missing: ${repr(dir)} is not an onnxformer package`);
+  if (text === null) {
+    throw new PackageError(`${dir} has no readable ${MANIFEST_FILE}: it is not an onnxformer package`, { code: 'E_MANIFEST' });
+  }
   let data;
   try {
     data = JSON.parse(text);
   } catch (err) {
-    throw new PackageError(`${repr(file)} is not valid JSON (${err.message}); the package is damaged, re-export it`);
+    throw manifestError(`${file} is not valid JSON (${err.message})`);
   }
   return manifestFromDict(data);
 }
@@ -231,9 +229,7 @@ export function manifestFiles(manifest) {
     for (const entry of [graph.file, ...graph.external_data]) {
       const seen = entries.get(entry.file);
       if (seen && (seen.sha256 !== entry.sha256 || seen.bytes !== entry.bytes)) {
-        throw new PackageError(
-          `manifest lists package file ${repr(entry.file)} twice with different checksums; the package is damaged, re-export it`,
-        );
+        throw manifestError(`manifest lists package file '${entry.file}' twice with different checksums`);
       }
       entries.set(entry.file, entry);
     }
@@ -259,22 +255,24 @@ export async function verifyFiles(manifest, directory) {
     const file = path.join(dir, entry.file);
     const stat = await fs.stat(file).catch(() => null);
     if (stat && path.dirname(await fs.realpath(file)) !== dir) {
-      throw new PackageError(`package file ${repr(entry.file)} resolves outside the package directory; refused`);
+      throw new PackageError(`package file '${entry.file}' leads outside the package directory; refused`);
     }
     if (!stat?.isFile()) {
-      throw new PackageError(`package file ${repr(entry.file)} is missing from ${repr(dir)}; re-export the package`);
+      throw new PackageError(`package file '${entry.file}' is not in ${dir}; re-export the package`, { code: 'E_MISSING_FILE' });
     }
     if (stat.size !== entry.bytes) {
       throw new PackageError(
-        `package file ${repr(entry.file)} has ${stat.size} bytes, the manifest says ${entry.bytes}: ` +
+        `package file '${entry.file}' has ${stat.size} bytes where the manifest says ${entry.bytes}: ` +
           'it was truncated or altered; re-export the package',
+        { code: 'E_CHECKSUM' },
       );
     }
     const digest = await sha256File(file);
     if (digest !== entry.sha256) {
       throw new PackageError(
-        `package file ${repr(entry.file)} has sha256 ${digest.slice(0, 16)}..., the manifest says ` +
-          `${entry.sha256.slice(0, 16)}...: it was altered or damaged; re-export the package`,
+        `package file '${entry.file}' has sha256 ${digest.slice(0, 16)}… where the manifest says ` +
+          `${entry.sha256.slice(0, 16)}…: it was altered or damaged; re-export the package`,
+        { code: 'E_CHECKSUM' },
       );
     }
   }

@@ -18,10 +18,9 @@ import * as path from 'node:path';
 import {
   ATTENTION_MASK, DECODER, ENCODER, INPUT_IDS, LAST_HIDDEN_STATE, LOGITS, TOKEN_TYPE_IDS,
 } from './contract.js';
-import { ConfigError, InputError, PackageError } from './errors.js';
+import { ConfigError, InputError, PackageError, show, typeOf } from './errors.js';
 import * as gen from './generation.js';
 import { displayDir, loadManifest, special, verifyFiles } from './manifest.js';
-import { repr, typeName } from './repr.js';
 import { DecoderSteps, SharedCacheSteps, floatData, int64Tensor, openSession, resolveProvider } from './session.js';
 import { PackageTokenizer } from './tokenizer.js';
 
@@ -52,21 +51,22 @@ const CALL_OPTIONS = ['truncate', 'rng'];
 
 function checkOptions(call, options, valid) {
   if (options === null || typeof options !== 'object' || Array.isArray(options)) {
-    throw new InputError(`${call}() options must be an object; got ${typeName(options)}`);
+    throw new InputError(`${call}() options must be an object, not ${typeOf(options)}`);
   }
   const unknown = Object.keys(options).filter((k) => !valid.includes(k));
   if (unknown.length) {
-    throw new InputError(`${call}() got unknown option(s) ${unknown.map(repr).join(', ')}; valid: ${valid.join(', ')}`);
+    throw new InputError(`${call}() has no option ${unknown.join(', ')}; its options are ${valid.join(', ')}`,
+      { code: 'E_UNKNOWN_PARAMETER' });
   }
   if (options.batch_size !== undefined && (!Number.isInteger(options.batch_size) || options.batch_size < 1)) {
-    throw new InputError(`batch_size must be an integer >= 1; got ${repr(options.batch_size)}`);
+    throw new InputError(`batch_size must be an integer >= 1, not ${show(options.batch_size)}`);
   }
 }
 
 /** Split generate() options into generation parameters and call options. */
 function splitOptions(options) {
   if (options === null || typeof options !== 'object' || Array.isArray(options)) {
-    throw new ConfigError(`generation options must be an object; got ${typeName(options)}`);
+    throw new ConfigError(`generation options must be an object, not ${typeOf(options)}`);
   }
   const params = {};
   const call = {};
@@ -77,7 +77,7 @@ function splitOptions(options) {
 /**
  * Positions kept when cutting an encoding to `limit` tokens: the template's leading and trailing
  * special tokens (`<s>` / `[CLS]` ... `[SEP]` / `</s>`) stay, the text between them is cut
- * (a prompt keeps its end, a text its start). Mirrors the Python runtime.
+ * (a prompt keeps its end, a text its start), as in the Python runtime.
  * @param {number} n @param {number[]} specialMask @param {number} limit @param {boolean} keepEnd
  * @returns {number[]}
  */
@@ -87,7 +87,10 @@ export function truncateKeepingSpecials(n, specialMask, limit, keepEnd) {
   let trail = 0;
   if (lead < n) while (trail < n && specialMask[n - 1 - trail]) trail += 1;
   const room = limit - lead - trail;
-  if (room < 1) throw new InputError(`max length ${limit} leaves no room for text besides ${lead + trail} special tokens`);
+  if (room < 1) {
+    throw new InputError(`a limit of ${limit} tokens leaves no room for text besides ${lead + trail} special tokens`,
+      { code: 'E_TOO_LONG' });
+  }
   let body = Array.from({ length: n - trail - lead }, (_, k) => lead + k);
   body = keepEnd ? body.slice(-room) : body.slice(0, room);
   return [...Array.from({ length: lead }, (_, k) => k), ...body, ...Array.from({ length: trail }, (_, k) => n - trail + k)];
@@ -130,18 +133,18 @@ export class Model {
   }
 
   // Tokenization ----------------------------------------------------------------------------------
-  /** A string or a list of non-empty strings (same checks and messages as Python's `_texts`). */
+  /** A string or an array of non-empty strings (the checks of Python's `_texts`). */
   #texts(texts, what) {
     if (typeof texts === 'string') texts = [texts];
     if (!Array.isArray(texts)) {
-      throw new InputError(`${what} must be a string or a list of strings; got ${typeName(texts)}`);
+      throw new InputError(`${what} must be a string or an array of strings, not ${typeOf(texts)}`);
     }
-    if (!texts.length) throw new InputError(`${what}: the list is empty; pass at least one text`);
+    if (!texts.length) throw new InputError(`${what} is an empty array; pass at least one text`);
     texts.forEach((text, i) => {
       if (typeof text !== 'string') {
-        throw new InputError(`${what}[${i}] must be a string; got ${typeName(text)} (${repr(text).slice(0, 60)})`);
+        throw new InputError(`${what}[${i}] must be a string, not ${typeOf(text)} (${show(text)})`);
       }
-      if (!text) throw new InputError(`${what}[${i}] is empty; pass non-empty text`);
+      if (!text) throw new InputError(`${what}[${i}] is an empty string; pass some text`);
     });
     return [...texts];
   }
@@ -163,13 +166,14 @@ export class Model {
           throw new InputError(
             `text ${i} is ${ids.length} tokens; this model takes at most ${limit}` +
               (reserve ? ` (${this.manifest.max_seq_len} minus ${reserve} new tokens)` : '') +
-              '. Shorten it, lower max_new_tokens, or pass truncate=True.',
+              '. Shorten it, lower max_new_tokens, or pass { truncate: true }.',
+            { code: 'E_TOO_LONG' },
           );
         }
         const keep = truncateKeepingSpecials(ids.length, specialMask, limit, reserve > 0);
         ids = keep.map((k) => ids[k]); // a prompt keeps its end, a text its start
       }
-      if (!ids.length) throw new InputError(`text ${i} is empty after tokenization; pass non-empty text`);
+      if (!ids.length) throw new InputError(`text ${i} has no tokens; pass some text`);
       return ids;
     });
   }
@@ -182,7 +186,8 @@ export class Model {
   // Encoder: classification and embeddings ------------------------------------------------------
   #require(ok, call, need) {
     if (!ok) {
-      throw new InputError(`${call}() needs ${need}; this package is a ${repr(this.arch)} model (${path.basename(this.directory)})`);
+      throw new InputError(`${call}() needs ${need}; ${path.basename(this.directory)} is a '${this.arch}' package`,
+        { code: 'E_WRONG_KIND' });
     }
   }
 
@@ -199,7 +204,8 @@ export class Model {
         const i = start + chunk.findIndex((e) => e.ids.length === width);
         throw new InputError(
           `text ${i} is ${encodings[i].ids.length} tokens; this model takes at most ${limit}. ` +
-            'Shorten it or pass truncate=True.',
+            'Shorten it or pass { truncate: true }.',
+          { code: 'E_TOO_LONG' },
         );
       }
       width = Math.min(width, limit);
@@ -262,7 +268,7 @@ export class Model {
     this.#require(ENCODER in this.sessions, 'embed', 'a package with an encoder');
     checkOptions('embed', options, ['pooling', 'normalize', 'batch_size', 'truncate']);
     const { pooling = 'mean', normalize = true, batch_size: batchSize = 32, truncate = false } = options;
-    if (pooling !== 'mean' && pooling !== 'cls') throw new InputError(`pooling must be 'mean' or 'cls'; got ${repr(pooling)}`);
+    if (pooling !== 'mean' && pooling !== 'cls') throw new InputError(`pooling must be 'mean' or 'cls', not ${show(pooling)}`);
     texts = this.#texts(texts, 'embed texts');
     const out = [];
     for (const feeds of await this.#encoderBatches(texts, batchSize, truncate)) {
@@ -295,11 +301,9 @@ export class Model {
   async #promptIds(prompts, config, truncate) {
     const maxLen = this.manifest.max_seq_len;
     const reserve = this.arch !== 'encoder-decoder' ? config.max_new_tokens : 0;
-    if (reserve >= maxLen) {
-      throw new InputError(`max_new_tokens (${config.max_new_tokens}) must be below this model's max_seq_len (${maxLen})`);
-    }
-    if (this.arch === 'encoder-decoder' && config.max_new_tokens >= maxLen) {
-      throw new InputError(`max_new_tokens (${config.max_new_tokens}) must be below this model's max_seq_len (${maxLen})`);
+    if (config.max_new_tokens >= maxLen) {
+      throw new InputError(`max_new_tokens (${config.max_new_tokens}) must be below this model's max_seq_len (${maxLen})`,
+        { code: 'E_TOO_LONG' });
     }
     return this.encode(prompts, { truncate, reserve });
   }
@@ -308,15 +312,17 @@ export class Model {
     const rows = gen.checkPrompts(prompts);
     const top = Math.max(...rows.map((r) => Math.max(...r)));
     if (top >= this.dims.vocab_size) {
-      throw new InputError(`token id ${top} is out of range for this model's vocabulary (size ${this.dims.vocab_size})`);
+      throw new InputError(`token id ${top} is not in this model's vocabulary (ids 0 to ${this.dims.vocab_size - 1})`,
+        { code: 'E_TOKEN_ID' });
     }
     const longest = Math.max(...rows.map((r) => r.length));
     const extra = this.arch !== 'encoder-decoder' ? config.max_new_tokens : 0;
     const maxLen = this.manifest.max_seq_len;
     if (longest + extra > maxLen || config.max_new_tokens >= maxLen) {
       throw new InputError(
-        `prompt of ${longest} tokens + max_new_tokens ${config.max_new_tokens} exceeds this model's ` +
+        `a prompt of ${longest} tokens plus max_new_tokens ${config.max_new_tokens} exceeds this model's ` +
           `max_seq_len (${maxLen}); shorten the prompt or lower max_new_tokens`,
+        { code: 'E_TOO_LONG' },
       );
     }
     return rows;
@@ -392,7 +398,7 @@ export class Model {
    */
   async stream(prompt, options = {}) {
     this.#require(this.canGenerate, 'stream', 'a decoder-only, prefix-lm or encoder-decoder package');
-    if (typeof prompt !== 'string') throw new InputError(`stream() takes one prompt string; got ${typeName(prompt)}`);
+    if (typeof prompt !== 'string') throw new InputError(`stream() takes one prompt string, not ${typeOf(prompt)}`);
     this.#texts([prompt], 'stream prompt');
     const { params, truncate, rng } = splitOptions(options);
     const config = this.generationConfig(params);
@@ -410,6 +416,10 @@ export class Model {
  * @returns {Promise<Model>}
  */
 export async function load(packageDir, { provider = 'cpu', threads, verify = true } = {}) {
+  if (typeof packageDir !== 'string') throw new PackageError(`packageDir must be a path string, not ${typeOf(packageDir)}`);
+  if (threads !== undefined && !(Number.isInteger(threads) && threads >= 0 && threads <= 1024)) {
+    throw new InputError(`threads must be undefined (onnxruntime's choice) or an integer from 0 to 1024, not ${show(threads)}`);
+  }
   const directory = displayDir(packageDir);
   const backend = resolveProvider(provider);
   const manifest = await loadManifest(directory);
@@ -417,8 +427,9 @@ export async function load(packageDir, { provider = 'cpu', threads, verify = tru
   const tokenizer = PackageTokenizer.fromPackage(directory, manifest.tokenizer.file);
   if (tokenizer.vocabSize > manifest.dims.vocab_size) {
     throw new PackageError(
-      `tokenizer has ${tokenizer.vocabSize} tokens but the model's vocabulary is ${manifest.dims.vocab_size}: ` +
+      `the tokenizer has ${tokenizer.vocabSize} tokens but the model's vocabulary ${manifest.dims.vocab_size}: ` +
         'they do not belong together; re-export the package',
+      { code: 'E_TOKENIZER' },
     );
   }
   const sessions = {};

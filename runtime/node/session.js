@@ -25,10 +25,9 @@ import {
   INPUT_IDS, LAST_HIDDEN_STATE, LOGITS, NEXT_TOKEN, NEXT_TOKEN_LOGPROB, POSITION_IDS, SEQUENCE_LENGTHS,
   checkSessionIo, pastNameFor, selfCacheNames,
 } from './contract.js';
-import { InputError, PackageError, ProviderError } from './errors.js';
+import { InputError, PackageError, ProviderError, show } from './errors.js';
 import { leftPad } from './generation.js';
 import { special } from './manifest.js';
-import { repr } from './repr.js';
 
 export const PROVIDERS = ['cpu', 'cuda'];
 
@@ -40,13 +39,13 @@ export const PROVIDERS = ['cpu', 'cuda'];
 export function resolveProvider(provider) {
   const key = (provider || 'cpu').toLowerCase().replace(/executionprovider$/, '');
   if (!PROVIDERS.includes(key)) {
-    throw new ProviderError(`provider must be one of ${PROVIDERS.join(', ')}; got ${repr(provider)}`);
+    throw new ProviderError(`provider must be one of ${PROVIDERS.join(', ')}, not ${show(provider)}`);
   }
   const available = ort.listSupportedBackends().map((b) => b.name);
   if (!available.includes(key)) {
     throw new ProviderError(
-      `provider ${repr(provider)} is not available in this onnxruntime-node build ` +
-        `(available: ${available.join(', ')}); use provider 'cpu'`,
+      `provider '${key}' is not available in this onnxruntime-node build (available: ${available.join(', ')}); ` +
+        "use provider 'cpu'",
     );
   }
   return key;
@@ -74,11 +73,12 @@ export async function openSession(directory, entry, { provider, threads, spinnin
   } catch (err) {
     const first = String(err.message ?? err).trim().split('\n')[0].slice(0, 300) || err.name;
     if (provider !== 'cpu') {
-      throw new ProviderError(`provider ${repr(provider)} could not start for ${repr(entry.file.file)}: ${first}`);
+      throw new ProviderError(`provider '${provider}' could not start for ${entry.file.file}: ${first}`, { cause: err });
     }
     throw new PackageError(
-      `onnxruntime could not load ${repr(entry.file.file)}: ${first}. The file is damaged or not an ONNX ` +
-        'graph; re-export the package.',
+      `onnxruntime could not load ${entry.file.file}: ${first}. The file is damaged or not an ONNX graph; ` +
+        're-export the package.',
+      { code: 'E_GRAPH', cause: err },
     );
   }
   checkSessionIo(entry.spec, session.inputMetadata, session.outputMetadata);
@@ -138,7 +138,8 @@ export function floatData(tensor) {
     const data = tensor.data;
     return data instanceof Uint16Array ? Float32Array.from(data, halfToFloat) : Float32Array.from(data);
   }
-  throw new PackageError(`expected a float tensor; got ${tensor.type}`);
+  throw new PackageError(`a graph output is ${tensor.type}, where the contract says float; re-export the package`,
+    { code: 'E_GRAPH_IO' });
 }
 
 /**
@@ -361,7 +362,9 @@ export class SharedCacheSteps {
   #grow(cache, needed) {
     const maxLen = this.manifest.max_seq_len;
     const capacity = Math.min(Math.max(needed, 2 * cache.capacity), maxLen);
-    if (needed > capacity) throw new InputError(`rows of ${needed} tokens exceed this model's max_seq_len (${maxLen})`);
+    if (needed > capacity) {
+      throw new InputError(`rows of ${needed} tokens exceed this model's max_seq_len (${maxLen})`, { code: 'E_TOO_LONG' });
+    }
     const [from, to] = [this.#block(cache.capacity), this.#block(capacity)];
     for (const [name, old] of Object.entries(cache.buffers)) {
       const grown = new old.constructor((old.length / from) * to);

@@ -12,7 +12,6 @@ import * as path from 'node:path';
 import tokenizers from 'tokenizers';
 
 import { PackageError } from './errors.js';
-import { repr } from './repr.js';
 
 /** One encoded text. @typedef {{ids: number[], typeIds: number[], specialMask: number[]}} Encoded */
 
@@ -31,7 +30,8 @@ export class PackageTokenizer {
     try {
       return new PackageTokenizer(tokenizers.Tokenizer.fromFile(path.join(directory, file)));
     } catch (err) {
-      throw new PackageError(`tokenizer ${repr(file)} could not be loaded (${err.message}); re-export the package`);
+      throw new PackageError(`tokenizer ${file} could not be loaded (${err.message}); re-export the package`,
+        { code: 'E_TOKENIZER', cause: err });
     }
   }
 

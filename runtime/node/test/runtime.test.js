@@ -71,14 +71,14 @@ for (const dir of dirs) {
 
     test('load() refuses an unknown provider', async () => {
       await assert.rejects(load(dir, { provider: 'tpu' }),
-        (err) => err instanceof ProviderError && err.message === "provider must be one of cpu, cuda; got 'tpu'");
+        (err) => err instanceof ProviderError && err.code === 'E_PROVIDER' && /tpu/.test(err.message));
     });
 
     test('load() refuses a package file that links outside the package', async () => {
       const copy = mkdtempSync(path.join(tmpdir(), 'onnxformer-link-'));
       for (const name of readdirSync(dir)) symlinkSync(path.join(dir, name), path.join(copy, name));
       try {
-        await assert.rejects(load(copy), (err) => err instanceof PackageError && /resolves outside the package directory/.test(err.message));
+        await assert.rejects(load(copy), (err) => err instanceof PackageError && err.code === 'E_PACKAGE' && /outside/.test(err.message));
       } finally {
         rmSync(copy, { recursive: true });
       }
