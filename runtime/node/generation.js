@@ -1,21 +1,20 @@
 /**
- * Token generation driven by a step model: the JavaScript port of `runtime/generation.py`.
- * No onnxruntime here; `session.js` provides the step model over the decoder graph.
+ * The search: greedy, sampling and beam search over any step model (the JavaScript port of
+ * `runtime/generation.py`). No onnxruntime here: `steps.js` has the step protocol and
+ * `session.js` implements it over a package's graphs; this file is the only implementation of
+ * the search, and it uses only that protocol.
  *
  * Shape letters:
  *
  *     B   prompts
  *     K   beams per prompt (beam search)
  *     N   rows run through the model: B, B * num_return_sequences (sample) or B * K (beam)
- *     T   tokens fed in one step (the padded prompt length on the first step, then 1)
- *     P   tokens already in the cache
  *     V   vocabulary size
  *
- * Batching: prompts are left-padded with `pad_token_id`; `attention_mask` is 0 on the pads
- * and `position_ids = max(cumsum(mask) - 1, 0)`. Each later step feeds one token per row at
- * position `previous + 1` and appends a column of ones to `attention_mask`. Finished rows keep
- * being fed `pad_token_id`; their outputs are ignored. (The step model of the "shared"
- * KV-cache layout turns this into the right padding and row lengths its graph takes.)
+ * Each prompt starts one row (`prefill`); several sequences per prompt copy its row
+ * (`select`). Each later step feeds one token per row (`advance`); rows that have finished
+ * keep being fed `pad_token_id` and their outputs are ignored. Padding, positions, masks and
+ * the cache layout are the step model's business. A search releases its rows when it ends.
  *
  * Logits processing, in this order (the same as Python's):
  *
@@ -28,6 +27,11 @@
  *     7. choice                  greedy: argmax (lowest id among ties);
  *                                sample: softmax, inverse CDF with one rng.random() per row;
  *                                beam: log-softmax + beam step
+ *
+ * Steps 1-3 count the row's sequence: `model.sequenceStart(prompt)` (the prompt, or for an
+ * encoder-decoder the decoder's start token) plus the generated tokens. Plain greedy (no
+ * repetition penalty or n-gram ban, past min_new_tokens) takes the step's own greedy choice
+ * (`nextToken`, `nextLogprob`), which a graph may compute: nothing of size V is read per token.
  *
  * Steps 1-6 are float32 arithmetic (`Math.fround`), as numpy does, so greedy decoding picks
  * exactly the tokens the Python runtime picks. Sampling probabilities are float64. The
@@ -108,8 +112,7 @@ function checkFloat(name, value) {
  */
 export function generationConfig(params = {}) {
   rejectUnknown(params);
-  const given = Object.fromEntries(Object.entries(params).filter(([, v]) => v !== undefined));
-  const c = { ...DEFAULTS, ...given };
+  const c = { ...DEFAULTS, ...setFields(params) };
   if (!STRATEGIES.includes(c.strategy)) {
     throw new ConfigError(`strategy must be one of ${STRATEGIES.join(', ')}, not ${show(c.strategy)}`);
   }
@@ -177,6 +180,26 @@ export function generationConfig(params = {}) {
   }
   checkInt('pad_token_id', c.pad_token_id, 0);
   return Object.freeze({ ...c, eos_token_ids: Object.freeze([...eos]), stop_strings: Object.freeze([...stops]) });
+}
+
+/** The fields given a value: undefined and null mean "unset" (Python's None). */
+function setFields(params) {
+  return Object.fromEntries(Object.entries(params ?? {}).filter(([, v]) => v !== undefined && v !== null));
+}
+
+/**
+ * The one place a call's parameters are settled (Python's `resolve_config`): each field is the
+ * caller's value, else the package's generation default (its manifest), else the built-in
+ * default (`DEFAULTS`); then checked as a whole. A value given is kept, even an empty
+ * `eos_token_ids` (no eos) or `pad_token_id` 0.
+ * @param {Record<string, any>} params  the caller's parameters
+ * @param {Record<string, any>} [packageDefaults]  the manifest's `generation`
+ * @returns {Readonly<GenerationConfig>}
+ */
+export function resolveConfig(params = {}, packageDefaults = {}) {
+  rejectUnknown(params);
+  rejectUnknown(packageDefaults ?? {});
+  return generationConfig({ ...setFields(packageDefaults), ...setFields(params) });
 }
 
 function rejectUnknown(params) {
@@ -277,32 +300,51 @@ export function leftPad(rows, padTokenId) {
 
 // The step model --------------------------------------------------------------------------------
 /**
- * What generation needs from a model; `session.js` implements it over the decoder graph.
- * The cache is opaque and functional: `step` returns a new one (an implementation may update
- * buffers in place, as the "shared" KV-cache layout does, as long as the old cache is not read
- * again).
+ * What a search needs from a model (steps.js has the protocol; session.js implements it over
+ * a package's graphs). A search owns the model's rows while it runs and releases them when it
+ * ends.
  * @typedef {object} StepModel
- * @property {number} vocabSize   V
- * @property {(batchSize: number) => Promise<any>} initCache  an empty cache (P = 0) for B rows
- * @property {(inputIds: number[][], positionIds: number[][], attentionMask: number[][], cache: any)
- *   => Promise<{logits: Float32Array[], cache: any, choice?: Array<[number, number]>}>} step  T new tokens
- *   per row; last-position logits (N, V); optionally the model's own greedy choice, [argmax, its
- *   log-softmax value] per row (a "shared" layout graph computes it), used by greedy steps
- *   without logits processing
- * @property {(cache: any, indices: number[]) => any} reorderCache  new row r = old row indices[r]
+ * @property {number} vocabSize  V
+ * @property {number} rows       N, the running rows
+ * @property {(prompts: number[][]) => Promise<import('./steps.js').StepResult>} prefill  start
+ *   one row per prompt after the running rows; the result covers the new rows
+ * @property {(tokens: number[] | number[][]) => Promise<import('./steps.js').StepResult>} advance
+ *   one token (N,) or K tokens (N, K) more per running row
+ * @property {(rows: number[]) => void | Promise<void>} select  new row r = old row rows[r]
+ * @property {(rows: number[]) => void | Promise<void>} release  drop rows; the others keep their order
+ * @property {(prompt: number[]) => number[]} sequenceStart  what the logits processors count first
  */
 
-async function runStep(model, inputIds, positionIds, mask, cache) {
-  const out = await model.step(inputIds, positionIds, mask, cache);
-  if (out.logits.length !== inputIds.length || out.logits.some((row) => row.length !== model.vocabSize)) {
-    throw new Error( // a step model that breaks the protocol is a bug, not the caller's mistake
-      `step() must return logits of shape (N=${inputIds.length}, V=${model.vocabSize}) for the last position`,
-    );
+/** The step's logits, checked: a step model that breaks the protocol is a bug (a plain Error). */
+function checkedLogits(result, n, vocab) {
+  const logits = result.logits;
+  if (logits.length !== n || logits.some((row) => row.length !== vocab)) {
+    throw new Error(`the step model returned logits of ${logits.length} rows; the protocol needs (N=${n}, V=${vocab})`);
   }
-  if (out.choice && (out.choice.length !== inputIds.length || out.choice.some((c) => c.length !== 2))) {
-    throw new Error(`step() must return choice as N=${inputIds.length} [token, logprob] pairs or nothing`);
+  return logits;
+}
+
+/**
+ * Prefill each prompt once, then copy its row `copies` times (row r continues prompt
+ * floor(r / copies)).
+ * @param {StepModel} model
+ * @param {number[][]} rows
+ * @param {number} copies
+ */
+async function startRows(model, rows, copies) {
+  if (model.rows) throw new Error(`the search needs a step model with no running rows; this one has ${model.rows}`);
+  let result = await model.prefill(rows);
+  if (copies > 1) {
+    const expand = Array.from({ length: rows.length * copies }, (_, r) => Math.floor(r / copies)); // (N,)
+    await model.select(expand);
+    result = result.take(expand);
   }
-  return out;
+  return result;
+}
+
+/** Release every running row of the model (a search ends, also when a stream is closed early). */
+async function releaseAll(model) {
+  if (model.rows) await model.release(Array.from({ length: model.rows }, (_, r) => r));
 }
 
 function checkVocab(vocabSize, rows, config) {
@@ -438,13 +480,28 @@ export function samplingFilters(source, config) {
 
 // Output ----------------------------------------------------------------------------------------
 /**
- * Indexed `[prompt][returned sequence]` for every strategy (greedy returns 1 per prompt).
- * @typedef {object} GenerationOutput
- * @property {number[][][]} sequences     generated ids only (no prompt), eos included if produced
- * @property {number[][]} scores          greedy/sample: sum of log-probs; beam: length-normalised score
- * @property {string[][]} finish_reasons  "eos" | "length" | "stop"
- * @property {string[][] | null} texts    decoded text (cut at a stop string); null without decode
+ * One prompt's result, the same for every strategy and entry point: `token_ids[j]`,
+ * `scores[j]`, `finish_reasons[j]` and `texts[j]` for each returned sequence j.
+ * @typedef {object} Generation
+ * @property {string | number[]} prompt    the prompt as the caller gave it: text, or token ids
+ * @property {number[][]} token_ids        generated ids only (no prompt), eos included if produced
+ * @property {number[]} scores             greedy/sample: sum of log-probs; beam: length-normalised score
+ * @property {string[]} finish_reasons     "eos" | "length" | "stop"
+ * @property {string[] | null} texts       decoded text (cut at a stop string); null without decode
+ * @property {string | null} text          texts[0]; null without decode
  */
+
+/** @returns {Generation} */
+export function generationResult(prompt, tokenIds, scores, reasons, texts) {
+  return { prompt, text: texts ? texts[0] : null, texts, token_ids: tokenIds, scores, finish_reasons: reasons };
+}
+
+/** One Generation per prompt from per-row lists (row r continues prompt floor(r / copies)). */
+function results(prompts, copies, sequences, scores, reasons, texts) {
+  const group = (items, b) => items.slice(b * copies, (b + 1) * copies);
+  return prompts.map((p, b) => generationResult(p, group(sequences, b), group(scores, b), group(reasons, b),
+    texts ? group(texts, b) : null));
+}
 
 /** Token ids -> text (async, as the tokenizer binding is). @typedef {(ids: number[]) => Promise<string>} Decode */
 
@@ -482,7 +539,7 @@ function decodeLoop(model, prompts, config, choose, decode, copies, liveText = f
   checkVocab(model.vocabSize, rows, config);
   const n = rows.length * copies;
   const state = {
-    history: Array.from({ length: n }, (_, r) => [...rows[Math.floor(r / copies)]]), // prompt + generated
+    history: Array.from({ length: n }, (_, r) => model.sequenceStart(rows[Math.floor(r / copies)])), // + generated
     generated: Array.from({ length: n }, () => []),
     finished: Array(n).fill(false),
     reasons: Array(n).fill('length'),
@@ -491,39 +548,43 @@ function decodeLoop(model, prompts, config, choose, decode, copies, liveText = f
     stopAt: Array(n).fill(null), // text index where a stop string starts
   };
   const liveDecode = config.stop_strings.length || liveText ? decode : null;
-  return { state, steps: advance(model, rows, config, choose, liveDecode, copies, state) };
+  return { rows, state, steps: advance(model, rows, config, choose, liveDecode, copies, state) };
 }
 
 async function* advance(model, rows, config, choose, decode, copies, state) {
   if (config.max_new_tokens === 0) return;
-  const n = state.generated.length;
-  const batch = leftPad(rows, config.pad_token_id);
-  let cache = await model.initCache(rows.length);
-  let { logits, cache: next, choice } = await runStep(model, batch.input_ids, batch.position_ids, batch.attention_mask, cache);
-  cache = next;
-  let mask = batch.attention_mask; // (B, T)
-  let positions = batch.position_ids.map((p) => p[p.length - 1]); // (B,)
-  if (copies > 1) { // run each prompt once, then copy its rows
-    const expand = Array.from({ length: n }, (_, r) => Math.floor(r / copies)); // (N,)
-    logits = expand.map((b) => logits[b]);
-    if (choice) choice = expand.map((b) => choice[b]);
-    mask = expand.map((b) => mask[b]);
-    positions = expand.map((b) => positions[b]);
-    cache = await model.reorderCache(cache, expand);
+  try {
+    yield* tokenLoop(model, rows, config, choose, decode, copies, state);
+  } finally { // also when a stream is closed early
+    await releaseAll(model);
   }
+}
+
+async function* tokenLoop(model, rows, config, choose, decode, copies, state) {
+  const n = state.generated.length;
+  const vocab = model.vocabSize;
+  let result = await startRows(model, rows, copies);
   const eos = new Set(config.eos_token_ids);
-  // Greedy without logits processing takes the model's own choice when it has one.
-  const modelChoice = choose === greedyChooser && config.repetition_penalty === 1 && config.no_repeat_ngram_size === 0;
+  // Plain greedy takes the step's own greedy choice (the graph's, where it computes one).
+  const plain = config.strategy === 'greedy' && config.repetition_penalty === 1 && config.no_repeat_ngram_size === 0;
   for (let t = 0; t < config.max_new_tokens; t++) {
-    const useChoice = modelChoice && choice && t >= config.min_new_tokens && choice.every(([, lp]) => Number.isFinite(lp));
-    const choices = useChoice ? choice : choose(processLogits(logits, state.history, config, t)); // (N,) [token, logprob]
-    const tokens = choices.map(([tok], r) => (state.finished[r] ? config.pad_token_id : tok));
+    let tokens = null;
+    let logprobs = null;
+    if (plain && (t >= config.min_new_tokens || !eos.size)) {
+      [tokens, logprobs] = [result.nextToken, result.nextLogprob]; // (N,), (N,)
+      if (tokens.length !== n || !logprobs.every(Number.isFinite)) tokens = null; // take it from the logits
+    }
+    if (tokens === null) {
+      const choices = choose(processLogits(checkedLogits(result, n, vocab), state.history, config, t)); // (N,) [token, logprob]
+      [tokens, logprobs] = [choices.map(([tok]) => tok), choices.map(([, lp]) => lp)];
+    }
+    const fed = tokens.map((tok, r) => (state.finished[r] ? config.pad_token_id : tok)); // finished rows are fed pads
     for (let r = 0; r < n; r++) {
       if (state.finished[r]) continue;
-      const tok = tokens[r];
+      const tok = fed[r];
       state.generated[r].push(tok);
       state.history[r].push(tok);
-      state.scores[r] += choices[r][1];
+      state.scores[r] += logprobs[r];
       if (eos.has(tok)) [state.finished[r], state.reasons[r]] = [true, 'eos'];
       if (decode) {
         state.texts[r] = await decode(state.generated[r]);
@@ -533,9 +594,7 @@ async function* advance(model, rows, config, choose, decode, copies, state) {
     }
     yield;
     if (state.finished.every(Boolean) || t === config.max_new_tokens - 1) return;
-    mask = mask.map((row) => [...row, 1]); // (N, P+T+1)
-    positions = positions.map((p) => p + 1);
-    ({ logits, cache, choice } = await runStep(model, tokens.map((tok) => [tok]), positions.map((p) => [p]), mask, cache));
+    result = await model.advance(fed);
   }
 }
 
@@ -545,12 +604,10 @@ async function finalText(state, r, decode) {
   return decode(state.generated[r]);
 }
 
-async function collect(state, steps, nPrompts, copies, decode) {
+async function collect(rows, state, steps, copies, decode) {
   for await (const _ of steps); // eslint-disable-line no-unused-vars
-  const group = (items) => Array.from({ length: nPrompts }, (_, b) => items.slice(b * copies, (b + 1) * copies));
-  let texts = null;
-  if (decode) texts = group(await Promise.all(state.generated.map((_, r) => finalText(state, r, decode))));
-  return { sequences: group(state.generated), scores: group(state.scores), finish_reasons: group(state.reasons), texts };
+  const texts = decode ? await Promise.all(state.generated.map((_, r) => finalText(state, r, decode))) : null;
+  return results(rows, copies, state.generated, state.scores, state.reasons, texts);
 }
 
 function requireStrategy(config, strategy) {
@@ -568,12 +625,12 @@ function requireStrategy(config, strategy) {
  * @param {number[][]} prompts
  * @param {Readonly<GenerationConfig>} config
  * @param {{decode?: Decode}} [options]
- * @returns {Promise<GenerationOutput>}
+ * @returns {Promise<Generation[]>}  one per prompt
  */
 export async function greedy(model, prompts, config, { decode } = {}) {
   requireStrategy(config, 'greedy');
-  const { state, steps } = decodeLoop(model, prompts, config, greedyChooser, decode, 1);
-  return collect(state, steps, state.generated.length, 1, decode);
+  const { rows, state, steps } = decodeLoop(model, prompts, config, greedyChooser, decode, 1);
+  return collect(rows, state, steps, 1, decode);
 }
 
 /**
@@ -584,14 +641,14 @@ export async function greedy(model, prompts, config, { decode } = {}) {
  * @param {number[][]} prompts
  * @param {Readonly<GenerationConfig>} config
  * @param {{rng?: {random(): number}, decode?: Decode}} [options]
- * @returns {Promise<GenerationOutput>}
+ * @returns {Promise<Generation[]>}  one per prompt
  */
 export async function sample(model, prompts, config, { rng, decode } = {}) {
   requireStrategy(config, 'sample');
   const copies = config.num_return_sequences;
   const chooser = sampleChooser(config, rng ?? new Random(config.seed));
-  const { state, steps } = decodeLoop(model, prompts, config, chooser, decode, copies);
-  return collect(state, steps, state.generated.length / copies, copies, decode);
+  const { rows, state, steps } = decodeLoop(model, prompts, config, chooser, decode, copies);
+  return collect(rows, state, steps, copies, decode);
 }
 
 // Beam search -------------------------------------------------------------------------------------
@@ -610,41 +667,38 @@ function addHypothesis(hyps, hyp, keep) {
  * @param {number[][]} prompts
  * @param {Readonly<GenerationConfig>} config
  * @param {{decode?: Decode}} [options]
- * @returns {Promise<GenerationOutput>}
+ * @returns {Promise<Generation[]>}  one per prompt
  */
 export async function beamSearch(model, prompts, config, { decode } = {}) {
   requireStrategy(config, 'beam');
   const rows = checkPrompts(prompts);
   checkVocab(model.vocabSize, rows, config);
+  const [k, keep] = [config.num_beams, config.num_return_sequences];
+  if (config.max_new_tokens === 0) {
+    const initial = [0, ...Array(k - 1).fill(-Infinity)].slice(0, keep);
+    const empty = decode ? await decode([]) : null;
+    return rows.map((prompt) => generationResult(prompt, Array.from({ length: keep }, () => []), [...initial],
+      Array(keep).fill('length'), decode ? Array(keep).fill(empty) : null));
+  }
+  try {
+    return await beamLoop(model, rows, config, decode);
+  } finally {
+    await releaseAll(model);
+  }
+}
+
+async function beamLoop(model, rows, config, decode) {
   const nPrompts = rows.length;
   const k = config.num_beams;
   const n = nPrompts * k;
   const keep = config.num_return_sequences;
-  const decodeAll = async (seqs) => (decode ? Promise.all(seqs.map((s) => decode(s))) : null);
-  if (config.max_new_tokens === 0) {
-    const initial = [0, ...Array(k - 1).fill(-Infinity)].slice(0, keep);
-    const texts = decode ? await decodeAll([[]]) : null;
-    return {
-      sequences: rows.map(() => Array.from({ length: keep }, () => [])),
-      scores: rows.map(() => [...initial]),
-      finish_reasons: rows.map(() => Array(keep).fill('length')),
-      texts: texts ? rows.map(() => Array(keep).fill(texts[0])) : null,
-    };
-  }
-  const batch = leftPad(rows, config.pad_token_id);
-  let cache = await model.initCache(nPrompts);
-  let { logits, cache: next } = await runStep(model, batch.input_ids, batch.position_ids, batch.attention_mask, cache);
   const vocab = model.vocabSize;
-  const expand = Array.from({ length: n }, (_, r) => Math.floor(r / k)); // (N,) row -> prompt
-  logits = expand.map((b) => logits[b]);
-  cache = await model.reorderCache(next, expand);
-  let mask = expand.map((b) => batch.attention_mask[b]); // (N, T)
-  let positions = expand.map((b) => batch.position_ids[b][batch.position_ids[b].length - 1]); // (N,)
-
+  const decodeAll = async (seqs) => (decode ? Promise.all(seqs.map((s) => decode(s))) : null);
+  let result = await startRows(model, rows, k);
   const eos = new Set(config.eos_token_ids);
   const nCand = Math.min(Math.max(2, 1 + eos.size) * k, k * vocab);
   const lp = f32(config.length_penalty);
-  let history = expand.map((b) => [...rows[b]]);
+  let history = Array.from({ length: n }, (_, r) => model.sequenceStart(rows[Math.floor(r / k)]));
   let beams = Array.from({ length: n }, () => []);
   let scores = Float32Array.from({ length: n }, (_, r) => (r % k === 0 ? 0 : -Infinity)); // (N,)
   const hyps = Array.from({ length: nPrompts }, () => []);
@@ -653,7 +707,7 @@ export async function beamSearch(model, prompts, config, { decode } = {}) {
   let lastT = 0;
   for (let t = 0; t < config.max_new_tokens; t++) {
     lastT = t;
-    const logprobs = processLogits(logits, history, config, t).map(logSoftmax); // (N, V) float32
+    const logprobs = processLogits(checkedLogits(result, n, vocab), history, config, t).map(logSoftmax); // (N, V) float32
     const norm = f32(f32(t + 1) ** lp);
     const nextRows = Array.from({ length: n }, (_, r) => Math.floor(r / k) * k); // default: copy beam 0
     const nextTokens = Array(n).fill(config.pad_token_id);
@@ -689,10 +743,8 @@ export async function beamSearch(model, prompts, config, { decode } = {}) {
     history = nextRows.map((r, i) => [...history[r], nextTokens[i]]);
     scores = nextScores;
     if (done.every(Boolean) || t === config.max_new_tokens - 1) break;
-    cache = await model.reorderCache(cache, nextRows);
-    mask = nextRows.map((r) => [...mask[r], 1]); // (N, P+T+1)
-    positions = nextRows.map((r) => positions[r] + 1);
-    ({ logits, cache } = await runStep(model, nextTokens.map((tok) => [tok]), positions.map((p) => [p]), mask, cache));
+    await model.select(nextRows);
+    result = await model.advance(nextTokens);
   }
   const norm = f32(f32(lastT + 1) ** lp);
   for (let b = 0; b < nPrompts; b++) {
@@ -701,13 +753,11 @@ export async function beamSearch(model, prompts, config, { decode } = {}) {
       addHypothesis(hyps[b], { score: f32(scores[r] / norm), order: counter++, tokens: beams[r], reason: 'length' }, k);
     }
   }
-  const best = hyps.map((h) => h.slice(0, keep));
-  return {
-    sequences: best.map((hs) => hs.map((h) => h.tokens)),
-    scores: best.map((hs) => hs.map((h) => h.score)),
-    finish_reasons: best.map((hs) => hs.map((h) => h.reason)),
-    texts: decode ? await Promise.all(best.map((hs) => decodeAll(hs.map((h) => h.tokens)))) : null,
-  };
+  return Promise.all(hyps.map(async (h, b) => {
+    const best = h.slice(0, keep);
+    return generationResult(rows[b], best.map((x) => x.tokens), best.map((x) => x.score), best.map((x) => x.reason),
+      await decodeAll(best.map((x) => x.tokens)));
+  }));
 }
 
 /** Indices of the `count` largest values, descending, lower index first among ties. */
@@ -727,7 +777,7 @@ function topIndices(values, count) {
  * @param {number[][]} prompts
  * @param {Readonly<GenerationConfig>} config
  * @param {{rng?: {random(): number}, decode?: Decode}} [options]
- * @returns {Promise<GenerationOutput>}
+ * @returns {Promise<Generation[]>}  one per prompt
  */
 export async function generate(model, prompts, config, { rng, decode } = {}) {
   if (config.strategy === 'greedy') return greedy(model, prompts, config, { decode });

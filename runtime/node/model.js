@@ -21,7 +21,7 @@ import {
 import { ConfigError, InputError, PackageError, show, typeOf } from './errors.js';
 import * as gen from './generation.js';
 import { displayDir, loadManifest, special, verifyFiles } from './manifest.js';
-import { DecoderSteps, SharedCacheSteps, floatData, int64Tensor, openSession, resolveProvider } from './session.js';
+import { ConcatSteps, SharedSteps, floatData, int64Tensor, openSession, resolveProvider } from './session.js';
 import { PackageTokenizer } from './tokenizer.js';
 
 /**
@@ -31,16 +31,7 @@ import { PackageTokenizer } from './tokenizer.js';
  * @property {Record<string, number>} probabilities  every label's probability
  */
 
-/**
- * One prompt's result: `texts[j]` / `token_ids[j]` for each returned sequence j.
- * @typedef {object} Generation
- * @property {string} prompt
- * @property {string} text         texts[0]
- * @property {string[]} texts
- * @property {number[][]} token_ids
- * @property {number[]} scores
- * @property {string[]} finish_reasons  "eos" | "length" | "stop"
- */
+/** One prompt's result (generation.js): `texts[j]` / `token_ids[j]` for each returned sequence j. @typedef {import('./generation.js').Generation} Generation */
 
 /**
  * Generation parameters (see generation.js GenerationConfig) plus call options.
@@ -291,11 +282,14 @@ export class Model {
 
   // Generation ------------------------------------------------------------------------------------
   /**
-   * The package's generation defaults overlaid with `params`, checked.
+   * The config a call runs with: each field from `params`, else the package's generation
+   * defaults (manifest), else the built-in defaults; a value given is kept, even
+   * `eos_token_ids: []` (no eos) or `pad_token_id: 0`. Every generation entry point resolves
+   * its parameters here.
    * @param {Partial<import('./generation.js').GenerationConfig>} [params]
    */
   generationConfig(params = {}) {
-    return gen.generationConfig({ ...this.manifest.generation, ...params });
+    return gen.resolveConfig(params, this.manifest.generation);
   }
 
   async #promptIds(prompts, config, truncate) {
@@ -329,37 +323,39 @@ export class Model {
   }
 
   /**
-   * The step model of the manifest's KV-cache layout and the decoder prompts (encoder-decoder:
-   * the start token per source). A "shared" cache holds the longest decoder prompt plus
-   * max_new_tokens tokens per row, at most max_seq_len.
+   * A fresh step model over this package's graphs (steps.js has the protocol): prefill rows
+   * from prompts (the sources for an encoder-decoder), advance them, select, release and admit
+   * rows. `capacity` hints the tokens per row the "shared" KV buffers hold at first.
+   * @param {{capacity?: number}} [options]
+   * @returns {ConcatSteps | SharedSteps}
    */
-  #steps(prompts, config) {
-    let [sources, decoderPrompts] = [null, prompts];
-    if (this.arch === 'encoder-decoder') {
-      const start = special(this.manifest, 'decoder_start');
-      [sources, decoderPrompts] = [prompts, prompts.map(() => [start])];
-    }
+  stepModel({ capacity } = {}) {
+    this.#require(this.canGenerate, 'stepModel', 'a decoder-only, prefix-lm or encoder-decoder package');
     if (this.manifest.kv_cache === 'shared') {
-      const longest = Math.max(...decoderPrompts.map((p) => p.length)) + config.max_new_tokens;
-      const capacity = Math.min(longest, this.manifest.max_seq_len);
-      return { steps: new SharedCacheSteps(this, sources, { capacity }), decoderPrompts };
+      return new SharedSteps(this, { capacity: Math.min(capacity || 64, this.manifest.max_seq_len) });
     }
-    return { steps: new DecoderSteps(this, sources), decoderPrompts };
+    return new ConcatSteps(this);
+  }
+
+  /** The step model of one call: its rows hold the longest decoder prompt plus max_new_tokens. */
+  #steps(rows, config) {
+    const decoderPrompt = this.arch === 'encoder-decoder' ? 1 : Math.max(...rows.map((p) => p.length));
+    return this.stepModel({ capacity: decoderPrompt + config.max_new_tokens });
   }
 
   /**
-   * Generation on token ids (the source ids for encoder-decoder packages).
+   * Generation on token ids (the source ids for encoder-decoder packages); one Generation per
+   * prompt, its `prompt` the ids.
    * @param {number[][]} prompts
    * @param {GenerateOptions} [options]
-   * @returns {Promise<import('./generation.js').GenerationOutput>}
+   * @returns {Promise<Generation[]>}
    */
   async generateIds(prompts, options = {}) {
     this.#require(this.canGenerate, 'generate', 'a decoder-only, prefix-lm or encoder-decoder package');
     const { params, rng } = splitOptions(options);
     const config = this.generationConfig(params);
     const rows = this.#checkIds(prompts, config);
-    const { steps, decoderPrompts } = this.#steps(rows, config);
-    return gen.generate(steps, decoderPrompts, config, { rng, decode: (ids) => this.decode(ids) });
+    return gen.generate(this.#steps(rows, config), rows, config, { rng, decode: (ids) => this.decode(ids) });
   }
 
   /**
@@ -376,14 +372,7 @@ export class Model {
     const config = this.generationConfig(params);
     const ids = await this.#promptIds(texts, config, truncate);
     const out = await this.generateIds(ids, options);
-    return texts.map((prompt, b) => ({
-      prompt,
-      text: out.texts[b][0],
-      texts: out.texts[b],
-      token_ids: out.sequences[b],
-      scores: out.scores[b],
-      finish_reasons: out.finish_reasons[b],
-    }));
+    return out.map((g, b) => ({ ...g, prompt: texts[b] }));
   }
 
   /**
@@ -403,8 +392,7 @@ export class Model {
     const { params, truncate, rng } = splitOptions(options);
     const config = this.generationConfig(params);
     const ids = this.#checkIds(await this.#promptIds([prompt], config, truncate), config);
-    const { steps, decoderPrompts } = this.#steps(ids, config);
-    return gen.stream(steps, decoderPrompts[0], config, (t) => this.decode(t), { rng });
+    return gen.stream(this.#steps(ids, config), ids[0], config, (t) => this.decode(t), { rng });
   }
 }
 

@@ -1,17 +1,21 @@
 /**
- * onnxruntime-node sessions of a package and the decoder step models with their KV cache, one
- * per KV-cache layout of the manifest (`kv_cache`, FORMAT.md sections 4.3 and 4.4):
+ * onnxruntime-node sessions of a package and the decoder step models (the protocol is in
+ * steps.js), one per KV-cache layout of the manifest (`kv_cache`, FORMAT.md sections 4.3, 4.4):
  *
- *     DecoderSteps      "concat": the cache is a plain object `{input name: ort.Tensor}`; each
- *                       step's `present.*` outputs become the next step's `past_key_values.*`
- *                       inputs as they are (no copy in JavaScript).
- *     SharedCacheSteps  "shared": one preallocated buffer (N, Hkv, C, Dh) per layer, both the
- *                       past input and the present output, so the graph appends in place.
+ *     ConcatSteps   "concat": left-padded rows with `attention_mask` and `position_ids`; each
+ *                   step's `present.*` outputs become the next step's `past_key_values.*`.
+ *     SharedSteps   "shared": one preallocated buffer (N, Hkv, C, Dh) per layer, both the past
+ *                   input and the present output, so the graph appends in place; right-padded
+ *                   rows with `sequence_lengths`; the graph also computes the greedy choice.
  *
- * For an encoder-decoder model the cache also holds the cross-attention keys/values
- * (`past_key_values.{i}.encoder.*`) and `encoder_attention_mask`, computed once per source.
+ * Encoder-decoder packages: `prefill` takes the sources; the encoder and cross-attention graphs
+ * run once per prefill and their K/V (`past_key_values.{i}.encoder.*`) and
+ * `encoder_attention_mask` are fed to every step (gathered only when a row's source changes,
+ * never on beam search's reorders within a prompt). The decoder rows start from
+ * `decoder_start`.
  *
- * Shape letters as in contract.js; N = rows run through the model, C = buffer capacity.
+ * Shape letters as in contract.js; N rows, T tokens in a call, P cached columns, C buffer
+ * capacity, S source tokens.
  *
  * @module session
  */
@@ -28,6 +32,7 @@ import {
 import { InputError, PackageError, ProviderError, show } from './errors.js';
 import { leftPad } from './generation.js';
 import { special } from './manifest.js';
+import { StepResult, asTokens, keptRows } from './steps.js';
 
 export const PROVIDERS = ['cpu', 'cuda'];
 
@@ -160,71 +165,200 @@ function gatherArrayRows(source, rowSize, indices) {
   return out;
 }
 
+/** `tensor` with `before` zero entries inserted at the start of axis `axis`. */
+function padAxis(tensor, axis, before) {
+  if (before === 0) return tensor;
+  const dims = tensor.dims;
+  const outer = dims.slice(0, axis).reduce((a, b) => a * b, 1);
+  const inner = dims.slice(axis + 1).reduce((a, b) => a * b, 1);
+  const [from, to] = [dims[axis] * inner, (dims[axis] + before) * inner];
+  const out = new tensor.data.constructor(outer * to);
+  for (let o = 0; o < outer; o++) out.set(tensor.data.subarray(o * from, (o + 1) * from), o * to + before * inner);
+  return new ort.Tensor(tensor.type, out, [...dims.slice(0, axis), dims[axis] + before, ...dims.slice(axis + 1)]);
+}
+
+/** Rows of `a` then rows of `b` (axis 0; the other axes equal). */
+function concatRows(a, b) {
+  const out = new a.data.constructor(a.data.length + b.data.length);
+  out.set(a.data);
+  out.set(b.data, a.data.length);
+  return new ort.Tensor(a.type, out, [a.dims[0] + b.dims[0], ...a.dims.slice(1)]);
+}
+
 /**
- * Encoder over the left-padded sources, then cross_attention once: the decoder's encoder K/V
- * `{past_key_values.{i}.encoder.*: (B, Hkv, S, Dh), encoder_attention_mask: (B, S)}`.
- * @param {{manifest: import('./manifest.js').Manifest, sessions: Record<string, ort.InferenceSession>}} model
- * @param {number[][]} sources
- * @returns {Promise<Record<string, ort.Tensor>>}
+ * The encoder side of an encoder-decoder's rows: the cross-attention K/V
+ * `{past_key_values.{i}.encoder.*: (N, Hkv, S, Dh)}` and `encoder_attention_mask` (N, S), and
+ * which source each row reads.
  */
-async function encodeSources(model, sources) {
-  const batch = leftPad(sources, Math.max(special(model.manifest, 'pad'), 0));
-  const mask = int64Tensor(batch.attention_mask); // (B, S)
-  const encoded = await model.sessions[ENCODER].run({ [INPUT_IDS]: int64Tensor(batch.input_ids), [ATTENTION_MASK]: mask });
-  const hidden = encoded[LAST_HIDDEN_STATE]; // (B, S, D)
-  const cross = await model.sessions[CROSS_ATTENTION].run({ [ENCODER_HIDDEN_STATES]: hidden });
-  const entries = { [ENCODER_ATTENTION_MASK]: mask };
-  for (const name of model.sessions[CROSS_ATTENTION].outputNames) entries[pastNameFor(name)] = cross[name]; // (B, Hkv, S, Dh)
-  return entries;
+class Encoded {
+  /** @param {Record<string, ort.Tensor>} values @param {number[]} sources */
+  constructor(values, sources) {
+    this.values = values;
+    this.sources = sources;
+  }
+
+  /**
+   * Encoder over the left-padded sources, then cross_attention once.
+   * @param {{manifest: import('./manifest.js').Manifest, sessions: Record<string, ort.InferenceSession>}} model
+   * @param {number[][]} prompts  the sources
+   * @param {number} firstSource  the number of the first source (each source gets a new one)
+   */
+  static async of(model, prompts, firstSource) {
+    const batch = leftPad(prompts, Math.max(special(model.manifest, 'pad'), 0));
+    const mask = int64Tensor(batch.attention_mask); // (B, S)
+    const encoded = await model.sessions[ENCODER].run({ [INPUT_IDS]: int64Tensor(batch.input_ids), [ATTENTION_MASK]: mask });
+    const hidden = encoded[LAST_HIDDEN_STATE]; // (B, S, D)
+    const cross = await model.sessions[CROSS_ATTENTION].run({ [ENCODER_HIDDEN_STATES]: hidden });
+    const values = { [ENCODER_ATTENTION_MASK]: mask };
+    for (const name of model.sessions[CROSS_ATTENTION].outputNames) values[pastNameFor(name)] = cross[name]; // (B, Hkv, S, Dh)
+    return new Encoded(values, prompts.map((_, b) => firstSource + b));
+  }
+
+  /** Rows `rows`; the same tensors when every row keeps its source (beam reorders within a prompt). */
+  take(rows) {
+    const sources = rows.map((r) => this.sources[r]);
+    if (sources.length === this.sources.length && sources.every((s, r) => s === this.sources[r])) {
+      return new Encoded(this.values, sources);
+    }
+    return new Encoded(Object.fromEntries(Object.entries(this.values).map(([name, t]) => [name, gatherRows(t, rows)])), sources);
+  }
+
+  /** Rows of this then of `other`; the shorter sources left-padded (masked) to the longer. */
+  join(other) {
+    const width = (e) => e.values[ENCODER_ATTENTION_MASK].dims[1]; // S
+    const s = Math.max(width(this), width(other));
+    const values = {};
+    for (const [name, mine] of Object.entries(this.values)) {
+      const axis = name === ENCODER_ATTENTION_MASK ? 1 : 2; // (N, S) or (N, Hkv, S, Dh)
+      values[name] = concatRows(padAxis(mine, axis, s - width(this)), padAxis(other.values[name], axis, s - width(other)));
+    }
+    return new Encoded(values, [...this.sources, ...other.sources]);
+  }
+}
+
+/** What the two step models share: each prompt's decoder prompt, and the encoder side. */
+class Sources {
+  /** @param {{manifest: import('./manifest.js').Manifest, sessions: Record<string, ort.InferenceSession>}} model */
+  constructor(model) {
+    this.model = model;
+    this.seq2seq = model.manifest.arch === 'encoder-decoder';
+    this.start = this.seq2seq ? [special(model.manifest, 'decoder_start')] : null;
+    this.issued = 0; // sources encoded so far: a new source gets a new number
+  }
+
+  /** @param {number[][]} prompts @returns {Promise<{starts: number[][], encoded: Encoded | null}>} */
+  async decoderPrompts(prompts) {
+    if (!this.seq2seq) return { starts: prompts, encoded: null };
+    const encoded = await Encoded.of(this.model, prompts, this.issued);
+    this.issued += prompts.length;
+    return { starts: prompts.map(() => [...this.start]), encoded };
+  }
+
+  /** @param {number[]} prompt @returns {number[]} */
+  sequenceStart(prompt) {
+    return this.seq2seq ? [...this.start] : [...prompt];
+  }
 }
 
 /** Logits (N, V) of a float tensor as one Float32Array row per batch row. */
 function logitRows(tensor) {
   const [n, v] = tensor.dims; // (N, V)
   const all = floatData(tensor);
-  return Array.from({ length: n }, (_, r) => all.slice(r * v, (r + 1) * v));
+  return Array.from({ length: n }, (_, r) => all.subarray(r * v, (r + 1) * v));
 }
 
-// The decoder step models -------------------------------------------------------------------------
+// "concat" layout: the traced graph ------------------------------------------------------------
 /**
- * The StepModel of generation over the package's decoder graph (see generation.js).
- * @implements {import('./generation.js').StepModel}
+ * The step model over a "concat" layout decoder graph (steps.js has the protocol).
+ *
+ * Every row has the same number P of cached columns: prompts of different lengths are
+ * left-padded, `attention_mask` (N, P) is 0 on the pads and positions count each row's real
+ * tokens, so a padded row computes what it would alone. Each step's `present.*` outputs become
+ * the next step's `past_key_values.*` as they are (no copy in JavaScript). Rows admitted into
+ * a running batch are prefilled on their own, then joined: the cache with fewer columns is
+ * left-padded (masked) to the other's. A prefix-LM graph treats the tokens of one call as one
+ * bidirectional block, so its K-token advances run as K one-token steps.
+ * @implements {import('./steps.js').StepModel}
  */
-export class DecoderSteps {
-  /**
-   * @param {{manifest: import('./manifest.js').Manifest, sessions: Record<string, ort.InferenceSession>}} model
-   * @param {number[][] | null} [sources]  encoder-decoder: the source ids, one row per prompt
-   */
-  constructor(model, sources = null) {
+export class ConcatSteps {
+  /** @param {{manifest: import('./manifest.js').Manifest, sessions: Record<string, ort.InferenceSession>}} model */
+  constructor(model) {
     this.manifest = model.manifest;
-    this.sessions = model.sessions;
     this.session = model.sessions[DECODER];
-    this.sources = sources;
     this.vocabSize = model.manifest.dims.vocab_size;
+    this.bidirectionalBlock = model.manifest.arch === 'prefix-lm';
+    this.sources = new Sources(model);
+    this.past = {}; // {past_key_values.*: (N, Hkv, P, Dh)}
+    this.encoded = null; // encoder-decoder: Encoded
+    this.mask = []; // (N, P) 0 on pads
+    this.last = []; // (N,) position of each row's last token
   }
 
-  /** An empty self-attention cache (P = 0); encoder-decoder: plus the encoder K/V and mask. */
-  async initCache(batchSize) {
+  get rows() {
+    return this.last.length;
+  }
+
+  sequenceStart(prompt) {
+    return this.sources.sequenceStart(prompt);
+  }
+
+  async prefill(prompts) {
+    const { starts, encoded } = await this.sources.decoderPrompts(prompts);
     const { dims, float_dtype: dtype } = this.manifest;
-    const cache = {};
-    for (const [, past] of selfCacheNames(dims)) cache[past] = emptyPast(batchSize, dims, dtype);
-    if (this.sources) {
-      if (batchSize !== this.sources.length) throw new Error(`initCache(${batchSize}) for ${this.sources.length} sources`);
-      Object.assign(cache, await encodeSources(this, this.sources));
+    const past = Object.fromEntries(selfCacheNames(dims).map(([, name]) => [name, emptyPast(starts.length, dims, dtype)])); // P = 0
+    const batch = leftPad(starts, 0);
+    const { logits, past: next } = await this.#forward(batch.input_ids, batch.position_ids, batch.attention_mask, past, encoded, true);
+    const t = batch.input_ids[0].length;
+    const width = this.mask.length ? this.mask[0].length : 0; // P of the running rows
+    if (!this.rows) {
+      [this.past, this.encoded, this.mask] = [next, encoded, batch.attention_mask];
+    } else { // admission: join the new rows' cache to the running rows' cache, left-padded
+      const p = Math.max(width, t);
+      this.past = Object.fromEntries(Object.entries(this.past).map(([name, mine]) =>
+        [name, concatRows(padAxis(mine, 2, p - width), padAxis(next[name], 2, p - t))])); // (N, Hkv, P, Dh)
+      this.encoded = this.encoded && this.encoded.join(encoded);
+      const pad = (row, before) => [...Array(before).fill(0), ...row];
+      this.mask = [...this.mask.map((row) => pad(row, p - width)), ...batch.attention_mask.map((row) => pad(row, p - t))];
     }
-    return cache;
+    this.last = [...this.last, ...batch.position_ids.map((row) => row[row.length - 1])];
+    return new StepResult(logits);
+  }
+
+  async advance(tokens) {
+    const ids = asTokens(tokens, this.rows); // (N, K)
+    const k = ids[0].length;
+    if (k > 1 && this.bidirectionalBlock) { // one token at a time, each causal
+      const steps = [];
+      for (let j = 0; j < k; j++) steps.push(await this.advance(ids.map((row) => row[j])));
+      return StepResult.stack(steps); // (N, K, V)
+    }
+    this.mask = this.mask.map((row) => [...row, ...Array(k).fill(1)]); // (N, P+K)
+    const positions = this.last.map((p) => Array.from({ length: k }, (_, j) => p + 1 + j)); // (N, K)
+    const { logits, past } = await this.#forward(ids, positions, this.mask, this.past, this.encoded, k === 1);
+    this.past = past;
+    this.last = positions.map((row) => row[k - 1]);
+    return new StepResult(logits);
+  }
+
+  select(rows) {
+    this.past = Object.fromEntries(Object.entries(this.past).map(([name, tensor]) => [name, gatherRows(tensor, rows)]));
+    this.encoded = this.encoded && this.encoded.take(rows);
+    this.mask = rows.map((r) => this.mask[r]); // rows are never written in place: copies may share one
+    this.last = rows.map((r) => this.last[r]);
+  }
+
+  release(rows) {
+    this.select(keptRows(this.rows, rows));
   }
 
   /**
-   * T new tokens per row against the cache; logits of the last position of each row.
-   * @param {number[][]} inputIds       (N, T)
-   * @param {number[][]} positionIds    (N, T)
-   * @param {number[][]} attentionMask  (N, P+T)
-   * @param {Record<string, ort.Tensor>} cache
+   * T tokens per row against the cache: logits (N, V) of each row's last token if `lastOnly`,
+   * else (N, T, V), and the new cache.
    */
-  async step(inputIds, positionIds, attentionMask, cache) {
+  async #forward(inputIds, positionIds, attentionMask, past, encoded, lastOnly) {
     const feeds = {
-      ...cache,
+      ...past,
+      ...(encoded ? encoded.values : {}),
       [INPUT_IDS]: int64Tensor(inputIds),
       [POSITION_IDS]: int64Tensor(positionIds),
       [ATTENTION_MASK]: int64Tensor(attentionMask),
@@ -232,40 +366,36 @@ export class DecoderSteps {
     const outputs = await this.session.run(feeds);
     const [n, t, v] = outputs[LOGITS].dims; // (N, T, V)
     const all = floatData(outputs[LOGITS]);
-    const logits = Array.from({ length: n }, (_, r) => all.slice((r * t + t - 1) * v, (r * t + t) * v)); // (N, V)
-    const next = { ...cache };
+    const row = (r, j) => all.subarray((r * t + j) * v, (r * t + j + 1) * v);
+    const logits = Array.from({ length: n }, (_, r) => (lastOnly ? row(r, t - 1) : Array.from({ length: t }, (_, j) => row(r, j))));
+    const next = {};
     for (const name of this.session.outputNames) {
       if (name !== LOGITS) next[pastNameFor(name)] = outputs[name]; // present.* -> past_key_values.*
     }
-    return { logits, cache: next };
-  }
-
-  /** New row r = old row indices[r], for every cached tensor. */
-  reorderCache(cache, indices) {
-    return Object.fromEntries(Object.entries(cache).map(([name, tensor]) => [name, gatherRows(tensor, indices)]));
+    return { logits, past: next };
   }
 }
 
+// "shared" layout: the built graph -------------------------------------------------------------
 /**
- * The state of one generation over a "shared" layout decoder (opaque to generation). A step
- * writes into `buffers`, so only the cache that the last step or reorder returned is valid.
- * @typedef {object} SharedCache
+ * The rows of a batch over a "shared" layout decoder.
+ * @typedef {object} SharedRows
  * @property {number} rows       N
  * @property {number} capacity   C: tokens per row the buffers hold
  * @property {Record<string, Float32Array | Uint16Array>} buffers  past name -> (N, Hkv, C, Dh), also the present
  * @property {number[]} lengths  (N,) tokens of each row in the buffers
- * @property {Record<string, ort.Tensor>} encoder  encoder-decoder: the encoder K/V and mask; else {}
- * @property {number[]} sources  (N,) the source (initial row) each row continues
+ * @property {Encoded | null} encoded  encoder-decoder: the encoder side
  */
 
 /**
- * The StepModel of generation over a decoder exported with the "shared" KV-cache layout
- * (FORMAT.md sections 4.4 and 7.7).
+ * The step model over a decoder exported with the "shared" KV-cache layout (FORMAT.md
+ * sections 4.4 and 7.7; steps.js has the protocol). Rows are right-padded and
+ * `sequence_lengths` says how long each is; positions come from the lengths inside the graph.
  *
- * Each layer's cache is ONE buffer (N, Hkv, C, Dh), allocated once per generation (and again
- * only by reorderCache, or if a row would pass C), passed to `session.run` both as the past
- * input and as the preallocated present output (`fetches`): two ort.Tensors over the same
- * typed array. onnxruntime-node 1.30 runs the graph on that memory, so GroupQueryAttention
+ * Each layer's cache is ONE buffer (N, Hkv, C, Dh), allocated when rows start (and again only
+ * when rows are selected or admitted, or a row would pass C), passed to `session.run` both as
+ * the past input and as the preallocated present output (`fetches`): two ort.Tensors over the
+ * same typed array. onnxruntime-node 1.30 runs the graph on that memory, so GroupQueryAttention
  * sees past and present share a buffer and writes only the new tokens' keys/values, in place.
  * The logits and the cache equal those of feeding each present output back as the next past
  * (test/runtime.test.js checks it). The binding still returns every fetched output as a new
@@ -274,25 +404,34 @@ export class DecoderSteps {
  * model, in place is as fast as feeding present back for small caches and faster for large
  * ones (about 1.5x per step at N = 16 rows, C = 4096).
  *
- * The prompt step turns generation's left-padded rows into the right-padded rows the layout
- * takes; sequence_lengths = the attention mask's row sums; positions come from the lengths
- * inside the graph, so position_ids are not fed.
- * @implements {import('./generation.js').StepModel}
+ * The graph computes the greedy choice (`next_token`, `next_token_logprob`); the logits rows
+ * are made only when a search reads them. Admission concatenates the buffers (rows of the
+ * larger capacity); a K-token advance is K one-token runs (the graph projects only each row's
+ * last token).
+ * @implements {import('./steps.js').StepModel}
  */
-export class SharedCacheSteps {
+export class SharedSteps {
   /**
    * @param {{manifest: import('./manifest.js').Manifest, sessions: Record<string, ort.InferenceSession>}} model
-   * @param {number[][] | null} sources  encoder-decoder: the source ids, one row per prompt
-   * @param {{capacity: number}} options  C: tokens per row (longest prompt + max_new_tokens, at most max_seq_len)
+   * @param {{capacity: number}} options  C: tokens per row the buffers hold at first (grown on need)
    */
-  constructor(model, sources, { capacity }) {
-    this.model = model;
+  constructor(model, { capacity }) {
     this.manifest = model.manifest;
     this.session = model.sessions[DECODER];
-    this.sources = sources;
     this.vocabSize = model.manifest.dims.vocab_size;
     this.capacity = Math.max(1, capacity);
     this.pairs = selfCacheNames(model.manifest.dims); // [present, past] per layer, key then value
+    this.sources = new Sources(model);
+    /** @type {SharedRows} */
+    this.state = this.#empty(0, this.capacity);
+  }
+
+  get rows() {
+    return this.state.rows;
+  }
+
+  sequenceStart(prompt) {
+    return this.sources.sequenceStart(prompt);
   }
 
   /** Values of one (row, head) block of a buffer: C * Dh. */
@@ -300,100 +439,115 @@ export class SharedCacheSteps {
     return capacity * this.manifest.dims.d_head;
   }
 
-  /** Zeroed buffers for `batchSize` rows; encoder-decoder: plus the encoder K/V and mask. */
-  async initCache(batchSize) {
-    const { n_kv_heads: hkv } = this.manifest.dims;
-    const size = batchSize * hkv * this.#block(this.capacity); // N * Hkv * C * Dh
-    /** @type {SharedCache} */
-    const cache = {
-      rows: batchSize,
-      capacity: this.capacity,
-      buffers: Object.fromEntries(this.pairs.map(([, past]) => [past, floatArray(this.manifest.float_dtype, size)])),
-      lengths: Array(batchSize).fill(0),
-      encoder: {},
-      sources: Array.from({ length: batchSize }, (_, r) => r),
+  /** Zeroed buffers for `rows` rows of `capacity` tokens. @returns {SharedRows} */
+  #empty(rows, capacity) {
+    const size = rows * this.manifest.dims.n_kv_heads * this.#block(capacity); // N * Hkv * C * Dh
+    const buffers = Object.fromEntries(this.pairs.map(([, past]) => [past, floatArray(this.manifest.float_dtype, size)]));
+    return { rows, capacity, buffers, lengths: Array(rows).fill(0), encoded: null };
+  }
+
+  async prefill(prompts) {
+    const { starts, encoded } = await this.sources.decoderPrompts(prompts);
+    const longest = Math.max(...starts.map((s) => s.length));
+    const rows = this.#empty(starts.length, Math.max(this.capacity, longest));
+    rows.encoded = encoded;
+    const ids = starts.map((s) => [...s, ...Array(longest - s.length).fill(0)]); // (B, T) right-padded
+    const result = await this.#run(rows, ids, starts.map((s) => s.length));
+    this.state = this.rows ? this.#join(this.state, rows) : rows;
+    return result;
+  }
+
+  async advance(tokens) {
+    const ids = asTokens(tokens, this.rows); // (N, K)
+    const state = this.state;
+    const k = ids[0].length;
+    if (k === 1) return this.#run(state, ids, state.lengths.map((l) => l + 1));
+    const steps = []; // K tokens: K one-token runs
+    for (let j = 0; j < k; j++) steps.push(await this.#run(state, ids.map((row) => [row[j]]), state.lengths.map((l) => l + 1)));
+    return StepResult.stack(steps); // (N, K, ...)
+  }
+
+  /** New row r = old row rows[r] of the buffers, the lengths and the encoder side. New buffers. */
+  select(rows) {
+    const old = this.state;
+    const rowSize = this.manifest.dims.n_kv_heads * this.#block(old.capacity); // Hkv * C * Dh
+    this.state = {
+      rows: rows.length,
+      capacity: old.capacity,
+      buffers: Object.fromEntries(Object.entries(old.buffers).map(([name, data]) => [name, gatherArrayRows(data, rowSize, rows)])),
+      lengths: rows.map((r) => old.lengths[r]),
+      encoded: old.encoded && old.encoded.take(rows),
     };
-    if (this.sources) {
-      if (batchSize !== this.sources.length) throw new Error(`initCache(${batchSize}) for ${this.sources.length} sources`);
-      cache.encoder = await encodeSources(this.model, this.sources);
+  }
+
+  release(rows) {
+    this.select(keptRows(this.rows, rows));
+  }
+
+  /** Rows of a then b in buffers of the larger capacity. @returns {SharedRows} */
+  #join(a, b) {
+    const out = this.#empty(a.rows + b.rows, Math.max(a.capacity, b.capacity));
+    const to = this.#block(out.capacity);
+    for (const [name, buffer] of Object.entries(out.buffers)) {
+      let offset = 0;
+      for (const part of [a, b]) {
+        const from = this.#block(part.capacity);
+        const source = part.buffers[name];
+        for (let blk = 0; blk < source.length / from; blk++) { // per (row, head)
+          buffer.set(source.subarray(blk * from, (blk + 1) * from), offset + blk * to);
+        }
+        offset += (source.length / from) * to;
+      }
     }
-    return cache;
+    out.lengths = [...a.lengths, ...b.lengths];
+    out.encoded = a.encoded && a.encoded.join(b.encoded);
+    return out;
   }
 
   /**
-   * T new tokens per row; each row's last real token's logits. Updates `cache` in place.
-   * @param {number[][]} inputIds       (N, T) left-padded on the prompt step
-   * @param {number[][]} positionIds    (N, T) unused: the graph derives positions from the lengths
-   * @param {number[][]} attentionMask  (N, P+T)
-   * @param {SharedCache} cache
+   * Longer buffers when a row would pass the capacity (a caller past the hinted length).
+   * @param {SharedRows} state
+   * @param {number} needed
    */
-  async step(inputIds, positionIds, attentionMask, cache) {
-    const lengths = attentionMask.map((row) => row.reduce((sum, m) => sum + m, 0)); // (N,) tokens after this step
-    const t = inputIds[0].length;
-    let ids = inputIds;
-    if (t > 1 && cache.lengths.every((l) => l === 0)) { // the prompt: left padding -> right padding
-      ids = inputIds.map((row, r) => [...row.slice(t - lengths[r]), ...row.slice(0, t - lengths[r])]);
+  #grow(state, needed) {
+    const maxLen = this.manifest.max_seq_len;
+    const capacity = Math.min(Math.max(needed, 2 * state.capacity), maxLen);
+    if (needed > capacity) {
+      throw new InputError(`rows of ${needed} tokens exceed this model's max_seq_len (${maxLen})`, { code: 'E_TOO_LONG' });
     }
+    const [from, to] = [this.#block(state.capacity), this.#block(capacity)];
+    for (const [name, old] of Object.entries(state.buffers)) {
+      const grown = new old.constructor((old.length / from) * to);
+      for (let b = 0; b < old.length / from; b++) grown.set(old.subarray(b * from, (b + 1) * from), b * to); // per (row, head)
+      state.buffers[name] = grown;
+    }
+    state.capacity = capacity;
+  }
+
+  /**
+   * Run ids (N, T) so that row b holds lengths[b] tokens afterwards; updates the buffers in place.
+   * @param {SharedRows} state
+   * @param {number[][]} ids
+   * @param {number[]} lengths
+   * @returns {Promise<StepResult>}
+   */
+  async #run(state, ids, lengths) {
     const longest = Math.max(...lengths);
-    if (longest > cache.capacity) this.#grow(cache, longest);
+    if (longest > state.capacity) this.#grow(state, longest);
     const { float_dtype: dtype, dims } = this.manifest;
-    const shape = [cache.rows, dims.n_kv_heads, cache.capacity, dims.d_head]; // (N, Hkv, C, Dh)
-    const feeds = { [INPUT_IDS]: int64Tensor(ids), [SEQUENCE_LENGTHS]: int64Vector(lengths), ...cache.encoder };
+    const shape = [state.rows, dims.n_kv_heads, state.capacity, dims.d_head]; // (N, Hkv, C, Dh)
+    const feeds = { [INPUT_IDS]: int64Tensor(ids), [SEQUENCE_LENGTHS]: int64Vector(lengths), ...(state.encoded ? state.encoded.values : {}) };
     const fetches = { [LOGITS]: null, [NEXT_TOKEN]: null, [NEXT_TOKEN_LOGPROB]: null };
     for (const [present, past] of this.pairs) {
-      const buffer = new ort.Tensor(dtype, cache.buffers[past], shape);
+      const buffer = new ort.Tensor(dtype, state.buffers[past], shape);
       feeds[past] = buffer;
       fetches[present] = buffer; // the same memory: the graph appends in place
     }
     const outputs = await this.session.run(feeds, fetches); // present.*: copies of the buffers, unused
-    cache.lengths = lengths;
-    // The graph's greedy choice (FORMAT.md 4.4): [token, logprob] per row.
-    const logprobs = outputs[NEXT_TOKEN_LOGPROB].data;
-    const choice = Array.from(outputs[NEXT_TOKEN].data, (token, r) => [Number(token), logprobs[r]]);
-    return { logits: logitRows(outputs[LOGITS]), cache, choice };
-  }
-
-  /**
-   * Longer buffers when a row would pass the capacity (a caller past the sized length; the
-   * model sizes C so that generation never needs it).
-   * @param {SharedCache} cache
-   * @param {number} needed
-   */
-  #grow(cache, needed) {
-    const maxLen = this.manifest.max_seq_len;
-    const capacity = Math.min(Math.max(needed, 2 * cache.capacity), maxLen);
-    if (needed > capacity) {
-      throw new InputError(`rows of ${needed} tokens exceed this model's max_seq_len (${maxLen})`, { code: 'E_TOO_LONG' });
-    }
-    const [from, to] = [this.#block(cache.capacity), this.#block(capacity)];
-    for (const [name, old] of Object.entries(cache.buffers)) {
-      const grown = new old.constructor((old.length / from) * to);
-      for (let b = 0; b < old.length / from; b++) grown.set(old.subarray(b * from, (b + 1) * from), b * to); // per (row, head)
-      cache.buffers[name] = grown;
-    }
-    cache.capacity = capacity;
-  }
-
-  /**
-   * New row r = old row indices[r] of the buffers, the lengths and (only when the source a row
-   * continues changes) the encoder K/V and mask. New buffers: the old cache stays as it was.
-   * @param {SharedCache} cache
-   * @param {number[]} indices
-   * @returns {SharedCache}
-   */
-  reorderCache(cache, indices) {
-    const sources = indices.map((i) => cache.sources[i]);
-    const sameSources = sources.length === cache.sources.length && sources.every((s, r) => s === cache.sources[r]);
-    const rowSize = this.manifest.dims.n_kv_heads * this.#block(cache.capacity); // Hkv * C * Dh
-    return {
-      rows: indices.length,
-      capacity: cache.capacity,
-      buffers: Object.fromEntries(Object.entries(cache.buffers).map(([name, data]) => [name, gatherArrayRows(data, rowSize, indices)])),
-      lengths: indices.map((i) => cache.lengths[i]),
-      encoder: sameSources ? cache.encoder : Object.fromEntries(
-        Object.entries(cache.encoder).map(([name, tensor]) => [name, gatherRows(tensor, indices)]),
-      ),
-      sources,
-    };
+    state.lengths = lengths;
+    // The graph's greedy choice (FORMAT.md 4.4); the logits rows are made only if read.
+    const logits = outputs[LOGITS];
+    return new StepResult(() => logitRows(logits), Array.from(outputs[NEXT_TOKEN].data, Number),
+      Array.from(outputs[NEXT_TOKEN_LOGPROB].data));
   }
 }

@@ -9,40 +9,56 @@ import { describe, test } from 'node:test';
 
 import { ConfigError, InputError } from '../errors.js';
 import * as gen from '../generation.js';
+import { StepResult } from '../steps.js';
 import { Random } from '../random.js';
 
 const V = 12;
 
 /**
- * A step model whose logits depend only on each row's real tokens (pads excluded via the
- * mask), so padding must not change results. Records every call's shapes.
+ * A step model (the protocol of steps.js) whose logits depend only on each row's tokens.
+ * Records every call.
  */
 class ScriptedSteps {
   constructor(logitsOf = (tokens) => Float32Array.from({ length: V }, (_, v) => Math.cos(v * 1.7 + tokens.reduce((s, t) => s + t * 0.37, 0) + tokens.length))) {
     this.vocabSize = V;
     this.logitsOf = logitsOf;
     this.calls = [];
+    this.seqs = []; // per row: its tokens
   }
 
-  async initCache(batch) {
-    return Array.from({ length: batch }, () => []); // per row: [token, mask] pairs seen
+  get rows() {
+    return this.seqs.length;
   }
 
-  async step(inputIds, positionIds, mask, cache) {
-    this.calls.push({ inputIds, positionIds, mask });
-    const next = cache.map((row, r) => {
-      const fed = inputIds[r].map((tok, t) => [tok, mask[r][row.length + t]]);
-      return [...row, ...fed];
-    });
-    next.forEach((row, r) => assert.equal(row.length, mask[r].length, 'mask covers past + new tokens'));
-    const logits = next.map((row) => this.logitsOf(row.filter(([, m]) => m).map(([tok]) => tok)));
-    return { logits, cache: next };
+  sequenceStart(prompt) {
+    return [...prompt];
   }
 
-  reorderCache(cache, indices) {
-    return indices.map((i) => [...cache[i]]);
+  async prefill(prompts) {
+    this.calls.push({ prefill: prompts.map((p) => [...p]) });
+    const added = prompts.map((p) => [...p]);
+    this.seqs.push(...added);
+    return new StepResult(added.map((seq) => this.logitsOf(seq)));
+  }
+
+  async advance(tokens) {
+    this.calls.push({ advance: [...tokens] });
+    assert.equal(tokens.length, this.rows, 'one token per running row');
+    tokens.forEach((tok, r) => this.seqs[r].push(tok));
+    return new StepResult(this.seqs.map((seq) => this.logitsOf(seq)));
+  }
+
+  select(rows) {
+    this.seqs = rows.map((r) => [...this.seqs[r]]);
+  }
+
+  release(rows) {
+    this.seqs = this.seqs.filter((_, r) => !rows.includes(r));
   }
 }
+
+/** A field of every prompt's Generation. */
+const each = (out, field) => out.map((g) => g[field]);
 
 const letters = async (ids) => ids.map((i) => 'abcdefghijkl'[i]).join('');
 
@@ -62,7 +78,7 @@ describe('generationConfig', () => {
     [{ top_p: 0 }, 'E_CONFIG', /top_p .*\b0\b/],
     [{ strategy: 'sample', temperature: -1 }, 'E_CONFIG', /temperature .*-1.*strategy 'greedy'/],
     [{ top_k: 1.5 }, 'E_CONFIG', /top_k .*1\.5/],
-    [{ max_new_tokens: null }, 'E_CONFIG', /max_new_tokens .*null/],
+    [{ max_new_tokens: 'many' }, 'E_CONFIG', /max_new_tokens .*many/],
     [{ num_beams: 3, strategy: 'beam', num_return_sequences: 4 }, 'E_CONFIG', /num_return_sequences \(4\).*num_beams \(3\)/],
     [{ no_repeat_ngram_size: -2 }, 'E_CONFIG', /no_repeat_ngram_size .*-2/],
     [{ length_penalty: Infinity }, 'E_CONFIG', /length_penalty must be finite, not Infinity/],
@@ -74,6 +90,17 @@ describe('generationConfig', () => {
         (err) => err instanceof ConfigError && err.code === code && message.test(err.message));
     });
   }
+
+  test('resolveConfig: the caller value, else the package default, else the built-in; unset is undefined or null', () => {
+    const pkg = { max_new_tokens: 9, eos_token_ids: [3], pad_token_id: 2, temperature: 0.5 };
+    const c = gen.resolveConfig({ max_new_tokens: undefined, temperature: null, top_k: 4 }, pkg);
+    assert.deepEqual([c.max_new_tokens, c.temperature, c.top_k, c.eos_token_ids, c.pad_token_id, c.min_new_tokens],
+      [9, 0.5, 4, [3], 2, 0]);
+    const given = gen.resolveConfig({ eos_token_ids: [], pad_token_id: 0 }, pkg); // no eos, pad 0: kept
+    assert.deepEqual([given.eos_token_ids, given.pad_token_id], [[], 0]);
+    assert.equal(gen.generationConfig({ max_new_tokens: null }).max_new_tokens, gen.DEFAULTS.max_new_tokens);
+    assert.throws(() => gen.resolveConfig({ top_pp: 0.9 }, pkg), (err) => err.code === 'E_UNKNOWN_PARAMETER');
+  });
 
   test('closeMatch suggests a name at most 2 edits away', () => {
     const fields = Object.keys(gen.DEFAULTS);
@@ -157,24 +184,41 @@ describe('logits processing', () => {
 });
 
 describe('greedy and sample loops', () => {
-  test('feeds left-padded prompts, then one token per row with a growing mask', async () => {
+  test('prefills the prompts once, then advances one token per row; releases its rows at the end', async () => {
     const steps = new ScriptedSteps();
     const config = gen.generationConfig({ max_new_tokens: 3 });
-    await gen.greedy(steps, [[1, 2, 3], [4]], config);
-    const [first, second, third] = steps.calls;
-    assert.deepEqual(first.inputIds, [[1, 2, 3], [0, 0, 4]]);
-    assert.deepEqual(first.positionIds, [[0, 1, 2], [0, 0, 0]]);
-    assert.deepEqual(second.positionIds, [[3], [1]]);
-    assert.deepEqual(second.mask, [[1, 1, 1, 1], [0, 0, 1, 1]]);
-    assert.deepEqual(third.positionIds, [[4], [2]]);
-    assert.equal(steps.calls.length, 3, 'the last token is not fed back');
+    const out = await gen.greedy(steps, [[1, 2, 3], [4]], config);
+    assert.deepEqual(steps.calls.map((c) => Object.keys(c)[0]), ['prefill', 'advance', 'advance'], 'the last token is not fed back');
+    assert.deepEqual(steps.calls[0].prefill, [[1, 2, 3], [4]]);
+    assert.deepEqual(steps.calls[1].advance, out.map((g) => g.token_ids[0][0]));
+    assert.equal(steps.rows, 0, 'the search released its rows');
+    assert.deepEqual(out.map((g) => g.prompt), [[1, 2, 3], [4]]);
+  });
+
+  test('sample copies each prompt row with select; beam search releases its rows', async () => {
+    const steps = new ScriptedSteps();
+    await gen.sample(steps, [[1], [2, 3]], gen.generationConfig({ strategy: 'sample', seed: 1, num_return_sequences: 2, max_new_tokens: 2 }));
+    assert.deepEqual(steps.calls[0].prefill, [[1], [2, 3]], 'each prompt runs once');
+    assert.equal(steps.calls[1].advance.length, 4);
+    assert.equal(steps.rows, 0);
+    await gen.beamSearch(steps, [[1]], gen.generationConfig({ strategy: 'beam', num_beams: 2, max_new_tokens: 3 }));
+    assert.equal(steps.rows, 0);
+  });
+
+  test('a stream closed early releases its rows', async () => {
+    const steps = new ScriptedSteps((tokens) => Float32Array.from({ length: V }, (_, v) => (v === 1 + (tokens.length % 3) ? 1 : 0)));
+    for await (const piece of gen.stream(steps, [0], gen.generationConfig({ max_new_tokens: 8 }), letters)) {
+      assert.ok(piece);
+      break;
+    }
+    assert.equal(steps.rows, 0);
   });
 
   test('a prompt gives the same tokens alone and in a padded batch', async () => {
     const config = gen.generationConfig({ max_new_tokens: 6 });
     const alone = await gen.greedy(new ScriptedSteps(), [[4]], config);
     const batched = await gen.greedy(new ScriptedSteps(), [[1, 2, 3], [4]], config);
-    assert.deepEqual(batched.sequences[1], alone.sequences[0]);
+    assert.deepEqual(each(batched, 'token_ids')[1], each(alone, 'token_ids')[0]);
   });
 
   test('eos finishes a row; finished rows are fed pad; min_new_tokens suppresses eos', async () => {
@@ -183,20 +227,20 @@ describe('greedy and sample loops', () => {
     const config = gen.generationConfig({ max_new_tokens: 5, eos_token_ids: [2], pad_token_id: 0 });
     const steps = new ScriptedSteps(eosAfter(3));
     const out = await gen.greedy(steps, [[7, 7, 7], [7]], config);
-    assert.deepEqual(out.sequences, [[[2]], [[5, 5, 2]]]);
-    assert.deepEqual(out.finish_reasons, [['eos'], ['eos']]);
-    assert.deepEqual(steps.calls[2].inputIds, [[0], [5]], 'finished row 0 is fed pad');
+    assert.deepEqual(each(out, 'token_ids'), [[[2]], [[5, 5, 2]]]);
+    assert.deepEqual(each(out, 'finish_reasons'), [['eos'], ['eos']]);
+    assert.deepEqual(steps.calls[2].advance, [0, 5], 'finished row 0 is fed pad');
     const late = await gen.greedy(new ScriptedSteps(eosAfter(1)), [[7]], gen.generationConfig({ ...config, min_new_tokens: 3 }));
-    assert.deepEqual(late.sequences, [[[5, 5, 5, 2]]]);
+    assert.deepEqual(each(late, 'token_ids'), [[[5, 5, 5, 2]]]);
   });
 
   test('stop strings cut the text and finish with reason "stop"', async () => {
     const config = gen.generationConfig({ max_new_tokens: 8, stop_strings: ['cd'] });
     const counting = (tokens) => Float32Array.from({ length: V }, (_, v) => (v === tokens.length % V ? 1 : 0));
     const out = await gen.greedy(new ScriptedSteps(counting), [[0]], config, { decode: letters });
-    assert.deepEqual(out.sequences, [[[1, 2, 3]]]);
-    assert.deepEqual(out.texts, [['b']]);
-    assert.deepEqual(out.finish_reasons, [['stop']]);
+    assert.deepEqual(each(out, 'token_ids'), [[[1, 2, 3]]]);
+    assert.deepEqual(each(out, 'texts'), [['b']]);
+    assert.deepEqual(each(out, 'finish_reasons'), [['stop']]);
   });
 
   test('seeded sampling is reproducible; num_return_sequences copies each prompt', async () => {
@@ -204,37 +248,44 @@ describe('greedy and sample loops', () => {
     const a = await gen.sample(new ScriptedSteps(), [[1], [2, 3]], config);
     const b = await gen.sample(new ScriptedSteps(), [[1], [2, 3]], config);
     assert.deepEqual(a, b);
-    assert.equal(a.sequences.length, 2);
-    assert.equal(a.sequences[0].length, 3);
+    assert.equal(each(a, 'token_ids').length, 2);
+    assert.equal(each(a, 'token_ids')[0].length, 3);
     const other = await gen.sample(new ScriptedSteps(), [[1], [2, 3]], { ...config, seed: 12 });
-    assert.notDeepEqual(other.sequences, a.sequences);
+    assert.notDeepEqual(each(other, 'token_ids'), each(a, 'token_ids'));
   });
 
   test('sampling with top_k 1 is greedy', async () => {
     const greedy = await gen.greedy(new ScriptedSteps(), [[3, 1]], gen.generationConfig({ max_new_tokens: 6 }));
     const sampled = await gen.sample(new ScriptedSteps(), [[3, 1]], gen.generationConfig({ strategy: 'sample', top_k: 1, max_new_tokens: 6 }));
-    assert.deepEqual(sampled.sequences, greedy.sequences);
+    assert.deepEqual(each(sampled, 'token_ids'), each(greedy, 'token_ids'));
   });
 
   test("plain greedy takes the model's own choice; logits processing goes back to the logits", async () => {
     // A model that also reports a choice, deliberately not the argmax (token 9, logprob -0.25),
     // so which one generation used shows in the tokens and the scores.
+    const choosing = (result) => new StepResult(result.logits, result.logits.map(() => 9), result.logits.map(() => -0.25));
     class Choosing extends ScriptedSteps {
-      async step(...args) {
-        const out = await super.step(...args);
-        return { ...out, choice: out.logits.map(() => [9, -0.25]) };
+      async prefill(prompts) {
+        return choosing(await super.prefill(prompts));
+      }
+
+      async advance(tokens) {
+        return choosing(await super.advance(tokens));
       }
     }
     const plain = gen.generationConfig({ max_new_tokens: 4 });
     const got = await gen.greedy(new Choosing(), [[1, 2], [3]], plain);
-    assert.deepEqual(got.sequences, [[[9, 9, 9, 9]], [[9, 9, 9, 9]]]);
-    assert.deepEqual(got.scores, [[-1], [-1]]);
+    assert.deepEqual(each(got, 'token_ids'), [[[9, 9, 9, 9]], [[9, 9, 9, 9]]]);
+    assert.deepEqual(each(got, 'scores'), [[-1], [-1]]);
     const byLogits = await gen.greedy(new ScriptedSteps(), [[1, 2], [3]], { ...plain, repetition_penalty: 1.5 });
     const processed = await gen.greedy(new Choosing(), [[1, 2], [3]], { ...plain, repetition_penalty: 1.5 });
     assert.deepEqual(processed, byLogits);
-    const late = await gen.greedy(new Choosing(), [[1, 2]], { ...plain, min_new_tokens: 2 });
-    const first2 = (await gen.greedy(new ScriptedSteps(), [[1, 2]], { ...plain, max_new_tokens: 2 })).sequences[0][0];
-    assert.deepEqual(late.sequences[0][0], [...first2, 9, 9], 'eos suppression applies to steps 0-1 only');
+    const suppressing = gen.generationConfig({ ...plain, eos_token_ids: [11], min_new_tokens: 2 });
+    const late = await gen.greedy(new Choosing(), [[1, 2]], suppressing);
+    const first2 = (await gen.greedy(new ScriptedSteps(), [[1, 2]], { ...suppressing, max_new_tokens: 2 }))[0].token_ids[0];
+    assert.deepEqual(each(late, 'token_ids')[0][0], [...first2, 9, 9], 'eos suppression applies to steps 0-1 only');
+    const noEos = await gen.greedy(new Choosing(), [[1, 2]], { ...plain, min_new_tokens: 2 });
+    assert.deepEqual(each(noEos, 'token_ids')[0][0], [9, 9, 9, 9], 'without eos there is nothing to suppress');
   });
 
   test('token-id prompts are checked', async () => {
@@ -253,11 +304,11 @@ describe('beam search', () => {
   test('returns num_return_sequences hypotheses, best first, and K=1 equals greedy', async () => {
     const config = gen.generationConfig({ strategy: 'beam', num_beams: 3, num_return_sequences: 2, max_new_tokens: 5 });
     const out = await gen.beamSearch(new ScriptedSteps(), [[1], [2, 3]], config);
-    assert.equal(out.sequences.length, 2);
-    for (const scores of out.scores) assert.ok(scores[0] >= scores[1]);
+    assert.equal(each(out, 'token_ids').length, 2);
+    for (const scores of each(out, 'scores')) assert.ok(scores[0] >= scores[1]);
     const one = await gen.beamSearch(new ScriptedSteps(), [[1]], gen.generationConfig({ strategy: 'beam', max_new_tokens: 5 }));
     const greedy = await gen.greedy(new ScriptedSteps(), [[1]], gen.generationConfig({ max_new_tokens: 5 }));
-    assert.deepEqual(one.sequences, greedy.sequences);
+    assert.deepEqual(each(one, 'token_ids'), each(greedy, 'token_ids'));
   });
 });
 

@@ -15,38 +15,37 @@ import { after, before, describe, test } from 'node:test';
 import ort from 'onnxruntime-node';
 
 import { selfCacheNames } from '../contract.js';
-import { leftPad } from '../generation.js';
 import { PackageError, ProviderError, Random, load } from '../index.js';
 import { special } from '../manifest.js';
-import { DecoderSteps, SharedCacheSteps, floatData } from '../session.js';
+import { floatData } from '../session.js';
 import { NO_PACKAGES, packageDirs } from './packages.js';
 
 const PROMPT = 'three hundred and twelve = 3 1 2';
 
-/** Last-position logits after feeding `chunks` one decoder step each. */
-async function logitsAfter(steps, chunks) {
-  let cache = await steps.initCache(1);
-  const fed = [];
-  let logits;
-  for (const chunk of chunks) {
-    const positions = chunk.map((_, t) => fed.length + t);
-    fed.push(...chunk);
-    ({ logits, cache } = await steps.step([chunk], [positions], [fed.map(() => 1)], cache));
-  }
-  return logits[0];
+/**
+ * Last-position logits of one row on a fresh step model: prefill of `prompt` (encoder-decoder:
+ * of the source, the row starting from decoder_start), then `chunks` advanced one call each.
+ */
+async function logitsAfter(model, { prompt, capacity = 64, chunks = [] }) {
+  const steps = model.stepModel({ capacity });
+  let result = await steps.prefill([prompt]);
+  for (const chunk of chunks) result = await steps.advance([chunk]);
+  const logits = result.logits[0];
+  return Array.isArray(logits) ? logits[logits.length - 1] : logits; // (K, V) after K tokens
 }
 
-/** The step model of the package's KV-cache layout; a "shared" cache of `capacity` tokens per row. */
-function stepsFor(model, sources, capacity) {
-  return model.manifest.kv_cache === 'shared' ? new SharedCacheSteps(model, sources, { capacity }) : new DecoderSteps(model, sources);
-}
-
-/** A prompt's ids for the decoder: the prompt (decoder-only) or a target after decoder_start, and
- * the sources (encoder-decoder). */
+/** A prompt's ids for the decoder: the prompt (decoder-only), or the source and a target
+ * after decoder_start (encoder-decoder). */
 async function decoderInput(model) {
   if (model.arch !== 'encoder-decoder') return { sources: null, ids: (await model.encode([PROMPT]))[0] };
   const start = special(model.manifest, 'decoder_start');
   return { sources: await model.encode([PROMPT]), ids: [start, ...(await model.encode(['a short target']))[0]].slice(0, 8) };
+}
+
+/** The row's prompt and the decoder tokens after it: the first two decoder tokens are the
+ * prompt (encoder-decoder: the source, whose row starts from decoder_start). */
+function rowOf({ sources, ids }) {
+  return sources ? { prompt: sources[0], rest: ids.slice(1) } : { prompt: ids.slice(0, 2), rest: ids.slice(2) };
 }
 
 /** Quantized packages (weights "int8", "int4") may quantize activations too (per tensor or per
@@ -87,44 +86,42 @@ for (const dir of dirs) {
     test('cached decoding gives the logits of a full recomputation', async (t) => {
       if (!model.canGenerate) return t.skip('no decoder');
       if (model.arch === 'prefix-lm') return t.skip('a prefix-LM prompt is one bidirectional block (next test)');
-      const { sources, ids } = await decoderInput(model);
-      const steps = stepsFor(model, sources, ids.length);
-      const full = await logitsAfter(steps, [ids]);
-      const cached = await logitsAfter(steps, [ids.slice(0, 2), ...ids.slice(2).map((tok) => [tok])]);
+      const input = await decoderInput(model);
+      const { prompt, rest } = rowOf(input);
+      const full = input.sources // encoder-decoder: the target as one K-token advance
+        ? await logitsAfter(model, { prompt, chunks: [rest] })
+        : await logitsAfter(model, { prompt: input.ids });
+      const cached = await logitsAfter(model, { prompt, chunks: rest.map((tok) => [tok]) });
       const diff = maxAbsDiff(full, cached);
       assert.ok(diff < tolerance(model), `max |cached - full| = ${diff}`);
     });
 
     test('shared KV cache: a cache that grows past its capacity gives the same logits', async (t) => {
       if (model.manifest.kv_cache !== 'shared') return t.skip('kv_cache is not "shared"');
-      const { sources, ids } = await decoderInput(model);
-      const chunks = [ids.slice(0, 2), ...ids.slice(2).map((tok) => [tok])];
-      const sized = await logitsAfter(stepsFor(model, sources, ids.length), chunks);
-      const grown = await logitsAfter(stepsFor(model, sources, 1), chunks); // grows 1 -> 2 -> 4 -> 8 ...
+      const input = await decoderInput(model);
+      const { prompt, rest } = rowOf(input);
+      const chunks = rest.map((tok) => [tok]);
+      const sized = await logitsAfter(model, { prompt, capacity: input.ids.length, chunks });
+      const grown = await logitsAfter(model, { prompt, capacity: 1, chunks }); // grows 1 -> 2 -> 4 -> 8 ...
       const diff = maxAbsDiff(grown, sized);
       assert.ok(diff < tolerance(model) / 10, `max |grown - sized| = ${diff}`);
     });
 
     test('shared KV cache: buffers updated in place equal feeding present back as past', async (t) => {
       if (model.manifest.kv_cache !== 'shared') return t.skip('kv_cache is not "shared"');
-      // A left-padded batch through SharedCacheSteps (in place), and the same right-padded
-      // batch through plain session.run, each present output fed back as the next past.
+      // A batch through SharedSteps (in place), and the same right-padded batch through plain
+      // session.run, each present output fed back as the next past.
       const { sources: source, ids } = await decoderInput(model);
-      const prompts = [ids, ids.slice(0, 3), ids.slice(1, 2)];
-      const sources = source && prompts.map(() => source[0]);
+      const start = special(model.manifest, 'decoder_start');
+      const sources = source && [source[0], source[0].slice(0, 3), source[0].slice(1, 2)];
+      const prompts = sources ? sources.map(() => [start]) : [ids, ids.slice(0, 3), ids.slice(1, 2)]; // decoder rows
       const newTokens = [[5, 6, 7], [8, 9, 10]]; // two more steps, one token per row
-      const capacity = ids.length + newTokens.length;
-      const steps = stepsFor(model, sources, capacity);
-      const batch = leftPad(prompts, 0);
-      let { attention_mask: mask, position_ids: positions } = batch;
-      let out = await steps.step(batch.input_ids, positions, mask, await steps.initCache(prompts.length));
-      const inPlace = [out.logits];
-      for (const tokens of newTokens) {
-        mask = mask.map((row) => [...row, 1]);
-        positions = positions.map((row) => [row[row.length - 1] + 1]);
-        out = await steps.step(tokens.map((tok) => [tok]), positions, mask, out.cache);
-        inPlace.push(out.logits);
-      }
+      const width = Math.max(...prompts.map((p) => p.length));
+      const capacity = width + newTokens.length;
+      const steps = model.stepModel({ capacity });
+      const inPlace = [(await steps.prefill(sources ?? prompts)).logits];
+      const fixed = steps.state.encoded?.values ?? {}; // encoder-decoder: the encoder K/V and mask
+      for (const tokens of newTokens) inPlace.push((await steps.advance(tokens)).logits);
 
       const { dims, float_dtype: dtype } = model.manifest;
       const n = prompts.length;
@@ -133,10 +130,9 @@ for (const dir of dirs) {
       const zeros = () => new ort.Tensor(dtype, dtype === 'float16' ? new Uint16Array(size) : new Float32Array(size), shape);
       const int64 = (values, dimsOf) => new ort.Tensor('int64', BigInt64Array.from(values.flat(), BigInt), dimsOf);
       const names = selfCacheNames(dims); // [present, past] per layer
-      const fixed = (await steps.initCache(n)).encoder; // encoder-decoder: the encoder K/V and mask
       let past = Object.fromEntries(names.map(([, name]) => [name, zeros()]));
       let lengths = prompts.map((p) => p.length);
-      let feedIds = int64(prompts.map((p) => [...p, ...Array(ids.length - p.length).fill(0)]), [n, ids.length]); // right-padded
+      let feedIds = int64(prompts.map((p) => [...p, ...Array(width - p.length).fill(0)]), [n, width]); // right-padded
       for (let k = 0; k <= newTokens.length; k++) {
         const outputs = await model.sessions.decoder.run({ input_ids: feedIds, sequence_lengths: int64(lengths, [n]), ...fixed, ...past });
         const worst = maxAbsDiff(inPlace[k].flatMap((row) => Array.from(row)), floatData(outputs.logits)); // (N, V)
@@ -151,10 +147,9 @@ for (const dir of dirs) {
 
     test('prefix-LM: the prompt must be fed as one block (it is bidirectional)', async (t) => {
       if (model.arch !== 'prefix-lm') return t.skip('not a prefix-LM');
-      const steps = new DecoderSteps(model);
       const ids = (await model.encode([PROMPT]))[0];
-      const block = await logitsAfter(steps, [ids]);
-      const tokenwise = await logitsAfter(steps, ids.map((tok) => [tok]));
+      const block = await logitsAfter(model, { prompt: ids });
+      const tokenwise = await logitsAfter(model, { prompt: ids.slice(0, 1), chunks: ids.slice(1).map((tok) => [tok]) });
       assert.ok(maxAbsDiff(block, tokenwise) > tolerance(model), 'token-by-token prefill should differ from the block');
     });
 
