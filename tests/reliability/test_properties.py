@@ -143,7 +143,9 @@ def test_generation_config_from_any_parameters(figures):
         config = tally_call(tally, lambda: GenerationConfig.from_dict(data))
         if config is not None:
             assert GenerationConfig.from_dict(config.to_dict()) == config  # round-trips
-            assert config.top_p > 0 and config.num_beams >= 1 and config.max_new_tokens >= 0
+            resolved = tally_call(tally, config.resolve)  # the rules between fields, all now known
+            if resolved is not None:
+                assert resolved.top_p > 0 and resolved.num_beams >= 1 and resolved.max_new_tokens >= 0
 
     check()
     figures.record("properties", "GenerationConfig.from_dict on random parameter dicts (plausible and junk values, "
