@@ -136,8 +136,6 @@ def test_export_cli_user_errors(tmp_path):
 
 
 @needs_torch
-@pytest.mark.xfail(strict=True, reason="export_model does not yet turn an OSError writing OUT_DIR into "
-                   "ExportError(code='E_DISK') (export/exporter.py, issue 13)")
 def test_export_cli_unwritable_output(tmp_path):
     from onnxformer.modeling.train import TrainConfig, train
 
