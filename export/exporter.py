@@ -60,7 +60,7 @@ from onnxformer.runtime.contract import (
     GraphSpec,
     graph_specs,
 )
-from onnxformer.runtime.errors import CheckpointError, ExportError, ValidationError
+from onnxformer.runtime.errors import ExportError, ValidationError
 from onnxformer.runtime.manifest import (
     FORMAT_VERSION,
     MANIFEST_FILE,
@@ -189,10 +189,11 @@ def plan_export(model: Transformer, tokenizer_file: Path, out_dir: Path, options
         raise ExportError(
             f"quantize 'int8-dynamic' applies to {' and '.join(DYNAMIC_QUANT_ARCHS)} models (large batches of "
             f"whole sequences); arch {config.arch!r} generates token by token: use quantize 'int8' "
-            "(--quantize int8, weight-only MatMulNBits)"
+            "(--quantize int8, weight-only MatMulNBits)",
+            code="E_UNSUPPORTED",
         )
     if not tokenizer_file.is_file():
-        raise ExportError(f"tokenizer file {str(tokenizer_file)!r} does not exist")
+        raise ExportError(f"tokenizer file {str(tokenizer_file)!r} does not exist", code="E_TOKENIZER")
     _check_replaceable(out_dir)
     kv_cache, decoder_graph = choose_decoder(model, options.kv_cache)
     return ExportPlan(
@@ -307,8 +308,9 @@ def _drop_transposed_copies(proto: onnx.ModelProto) -> int:
 
 
 def stage(directory: Path, graphs: dict[str, onnx.ModelProto], plan: ExportPlan, weights: str) -> Manifest:
-    """Write `graphs` (replacing any staged before) as a package the runtime can load; returns
-    its manifest (no validation figures yet)."""
+    """Write `graphs` (replacing any staged before) beside the tokenizer; returns the package's
+    manifest (no validation figures yet), in memory: it is written once, when the package is
+    complete."""
     specs = plan.specs("float16" if weights == "float16" else "float32")
     for old in [*directory.glob("*.onnx"), *directory.glob("*.onnx_data")]:
         old.unlink()
@@ -319,9 +321,7 @@ def stage(directory: Path, graphs: dict[str, onnx.ModelProto], plan: ExportPlan,
         external = _save_with_shared_weights(directory, files)
     for file in files:
         _check_portability(directory / file)
-    manifest = _manifest(directory, plan, specs, weights, {name: external[spec.file] for name, spec in specs.items()})
-    manifest.save(directory)
-    return manifest
+    return _manifest(directory, plan, specs, weights, {name: external[spec.file] for name, spec in specs.items()})
 
 
 def _save_self_contained(path: Path, proto: onnx.ModelProto) -> tuple[str, ...]:
@@ -451,7 +451,8 @@ def validate(model: Transformer, directory: Path, manifest: Manifest, plan: Expo
     greedy tokens equal, else ValidationError; without: measured, and finite."""
     specs = {name: entry.spec for name, entry in manifest.graphs.items()}
     figures = validate_package_graphs(model, directory, specs, plan.dims, plan.special_tokens, atol=atol,
-                                      generation=plan.options.validate_generation, label=manifest.weights)
+                                      generation=plan.options.validate_generation, label=manifest.weights,
+                                      manifest=manifest)
     if not figures["passed"]:
         details = "\n".join(f"  {k}: {v}" for k, v in figures.items())
         if atol is None:
@@ -617,7 +618,7 @@ def export_model(
                 manifest = stage(tmp, convert_graphs(tmp, manifest, plan), plan, options.weights)
                 validation[options.weights] = validate(model, tmp, manifest, plan, atol=None)
             manifest = dataclasses.replace(manifest, validation=validation)
-            manifest.save(tmp)
+            manifest.save(tmp)  # the one write of manifest.json
             publish(tmp, plan.out_dir)
     except OSError as err:  # disk full, permissions, a file in the way
         raise ExportError(f"cannot write the package to {str(plan.out_dir)!r}: {err.strerror or err}. Choose a "
@@ -632,12 +633,8 @@ def export_checkpoint(
     """Export a training checkpoint (a run directory or one checkpoint directory)."""
     from onnxformer.modeling.checkpoint import load_model, tokenizer_path
 
-    try:
-        model, _ = load_model(checkpoint)
-        tokenizer = tokenizer_path(checkpoint)
-    except (OSError, ValueError) as err:  # missing, damaged or foreign checkpoint: say which, no traceback
-        raise CheckpointError(f"cannot export {str(checkpoint)!r}: {err}") from None
-    return export_model(model, tokenizer, out_dir, options)
+    model, _ = load_model(checkpoint)  # CheckpointError for a missing, damaged or foreign checkpoint
+    return export_model(model, tokenizer_path(checkpoint), out_dir, options)
 
 
 __all__ = [

@@ -225,8 +225,10 @@ def numeric_parity(model, package: Path, specs: dict[str, GraphSpec], dims: Dims
     return figures
 
 
-def greedy_parity(model, package: Path, special: dict[str, int], *, max_new_tokens: int = 12) -> dict[str, Any]:
-    """Greedy through the package (runtime, onnxruntime) vs PyTorch; batch 1 and a padded batch."""
+def greedy_parity(model, package: Path, special: dict[str, int], *, max_new_tokens: int = 12,
+                  manifest=None) -> dict[str, Any]:
+    """Greedy through the package (runtime, onnxruntime) vs PyTorch; batch 1 and a padded batch.
+    `manifest`: the staged package's manifest, not yet written (rt.load takes it in memory)."""
     import onnxformer.runtime as rt
     from onnxformer.modeling.generate import generate
     from onnxformer.runtime.generation import GenerationConfig
@@ -238,7 +240,7 @@ def greedy_parity(model, package: Path, special: dict[str, int], *, max_new_toke
     eos = [special["eos"]] if special.get("eos", -1) >= 0 else []
     gen = GenerationConfig(strategy="greedy", max_new_tokens=max_new_tokens, eos_token_ids=tuple(eos),
                            pad_token_id=max(special.get("pad", 0), 0))
-    loaded = rt.load(package, verify=False)
+    loaded = rt.load(package, verify=False, manifest=manifest)
     compared, mismatches = 0, []
     for batch in ([prompts[0]], prompts):
         want = [seqs[0] for seqs in generate(model, batch, gen)]
@@ -251,7 +253,7 @@ def greedy_parity(model, package: Path, special: dict[str, int], *, max_new_toke
 
 def validate_package_graphs(
     model, package: Path, specs: dict[str, GraphSpec], dims: Dims, special: dict[str, int], *,
-    atol: float | None, generation: bool, label: str,
+    atol: float | None, generation: bool, label: str, manifest=None,
 ) -> dict[str, Any]:
     """All checks for one set of graphs; `atol=None` measures without a pass/fail bound."""
     diffs = numeric_parity(model, package, specs, dims)
@@ -262,7 +264,7 @@ def validate_package_graphs(
         result["atol"] = atol
         passed = passed and worst <= atol
     if generation and dims.arch != "encoder" and passed:
-        result.update(greedy_parity(model, package, special))
+        result.update(greedy_parity(model, package, special, manifest=manifest))
         if atol is not None:
             passed = passed and result["greedy_match"]
     result["passed"] = passed

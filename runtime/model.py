@@ -443,19 +443,23 @@ def _tokenizer(directory: Path, manifest: Manifest) -> Tokenizer:
 
 
 def load(package_dir: str | os.PathLike, *, provider: str = "cpu", threads: int | None = None,
-         verify: bool = True, fast_start: bool = True) -> Model:
+         verify: bool = True, fast_start: bool = True, manifest: Manifest | None = None) -> Model:
     """Open a package: read and check the manifest, verify checksums, open one session per
     graph on `provider` ("cpu" or "cuda") and check each session's I/O against the contract.
 
     `fast_start` prepares the weights on all threads: a faster load at a transient memory
-    peak (about 1.5x the weights while loading); pass False under a tight memory limit."""
+    peak (about 1.5x the weights while loading); pass False under a tight memory limit.
+    `manifest`: use this one instead of reading the package's manifest.json (the exporter
+    loads a staged package before its manifest is written); it is checked the same way."""
     if not isinstance(package_dir, (str, os.PathLike)):
         raise PackageError(f"package_dir must be a path (str or os.PathLike); got {type(package_dir).__name__}")
     if threads is not None and (not isinstance(threads, int) or isinstance(threads, bool) or not 0 <= threads <= 1024):
         raise InputError(f"threads must be None (onnxruntime's choice) or an integer in [0, 1024]; got {threads!r:.60}")
     directory = Path(package_dir)
     provider_name, device = _resolve_provider(provider)
-    manifest = Manifest.load(directory)
+    if manifest is not None and not isinstance(manifest, Manifest):
+        raise PackageError(f"manifest must be a Manifest or None; got {type(manifest).__name__}", code="E_MANIFEST")
+    manifest = Manifest.load(directory) if manifest is None else manifest
     # The checksums (a full read of every file) run on a second thread while onnxruntime opens
     # the sessions (hashlib and session creation both release the GIL): the load costs about
     # max(hash, open) instead of their sum. A damaged file is reported by its checksum even

@@ -194,12 +194,13 @@ def _sized(items: Any) -> bool:
 
 
 def as_tokens(tokens: Any, rows: int) -> np.ndarray:
-    """advance()'s tokens as an (N, K) int64 array; InputError for another shape."""
+    """advance()'s tokens as an (N, K) int64 array. Another shape breaks the protocol: a bug of
+    the caller (a search, a scheduler), so a plain ValueError with its traceback."""
     array = np.asarray(tokens, dtype=np.int64)
     if array.ndim == 1:
         array = array[:, None]
     if array.ndim != 2 or array.shape[0] != rows or array.shape[1] < 1:
-        raise InputError(f"advance() takes (N={rows},) or (N={rows}, K) token ids; got shape {np.shape(tokens)}")
+        raise ValueError(f"advance() takes (N={rows},) or (N={rows}, K) token ids; got shape {np.shape(tokens)}")
     return array
 
 
