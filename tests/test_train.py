@@ -6,10 +6,13 @@ the whole module takes well under a minute on 2 CPU cores.
 
 from __future__ import annotations
 
+import ast
 import dataclasses
+import hashlib
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -23,14 +26,18 @@ from safetensors.torch import load_file  # noqa: E402
 from onnxformer.modeling import checkpoint as ckpt  # noqa: E402
 from onnxformer.runtime.errors import CheckpointError  # noqa: E402
 from onnxformer.modeling.data import load_builtin  # noqa: E402
+from onnxformer.modeling.tasks import MLM_NSP, OBJECTIVES, objective_for  # noqa: E402
 from onnxformer.modeling.train import (  # noqa: E402
     TASK_ARCHS,
+    TASK_DATA_KINDS,
+    TASK_DEFAULTS,
     TASKS,
     TrainConfig,
     learning_rate,
     sample_positions,
     train,
 )
+from onnxformer.runtime.errors import CheckpointError, ConfigError, TrainingError  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -105,6 +112,30 @@ def test_sample_positions_split_each_global_batch_across_ranks():
             assert list(r0) + list(r1) == list(sample_positions(step, micro, config=single, rank=0, world_size=1))
 
 
+# --- the objective registry -------------------------------------------------------------------
+
+
+def test_every_task_is_one_registered_objective():
+    assert tuple(OBJECTIVES) == TASKS
+    for name, objective in OBJECTIVES.items():
+        assert objective.name == name and objective_for(name) is objective
+        assert (TASK_ARCHS[name], TASK_DATA_KINDS[name], TASK_DEFAULTS[name]) == (
+            objective.archs, objective.data_kinds, objective.defaults)
+    nsp = objective_for("mlm", nsp=True)
+    assert nsp is MLM_NSP and nsp.redraws_each_epoch and nsp.name == "mlm" and nsp.loss is not OBJECTIVES["mlm"].loss
+    with pytest.raises(ConfigError, match="nsp adds next-sentence prediction to task 'mlm'; got task 'sft'") as err:
+        objective_for("sft", nsp=True)
+    assert err.value.code == "E_CONFIG"
+
+
+def test_the_trainer_never_names_a_task():
+    """What differs between tasks lives in their Objective (modeling/tasks.py): no string
+    constant in train.py's code is a task name, so nothing there branches on one."""
+    tree = ast.parse((REPO / "modeling" / "train.py").read_text())
+    named = [(node.lineno, node.value) for node in ast.walk(tree) if isinstance(node, ast.Constant) and node.value in TASKS]
+    assert not named, f"modeling/train.py names tasks at (line, task) {named}; put the difference in the Objective"
+
+
 # --- every task -----------------------------------------------------------------------------
 
 TASK_CASES = [(task, arch) for task in TASKS for arch in TASK_ARCHS[task]] + [("mlm+nsp", "encoder")]
@@ -177,36 +208,74 @@ def test_tied_embeddings_are_stored_once_and_tied_after_loading(files, tmp_path)
     assert json.loads((result.checkpoint / "config.json").read_text())["eos_token_id"] == 2  # from the tokenizer
 
 
-def test_a_failed_save_leaves_the_previous_latest_intact(files, tmp_path, monkeypatch):
+# Saves a checkpoint of the run in argv[1] as step 9 under a real fault (argv[2]):
+#   disk-full  files may not grow past 4 KiB (RLIMIT_FSIZE): config.json is written, then
+#              model.safetensors fails with the kernel's EFBIG, as on a full disk
+#   power-cut  the process is SIGKILLed the moment `latest` is renamed into place (a Python
+#              audit hook on os.rename): the new folder is published, the pointer not yet moved
+FAULTY_SAVE = """
+import os, resource, signal, sys
+from pathlib import Path
+from onnxformer.modeling import checkpoint as ckpt
+
+run, fault = Path(sys.argv[1]), sys.argv[2]
+state = ckpt.load_training_state(run)
+model, model_config = ckpt.load_model(run)
+files = ckpt.CheckpointFiles(model_config, ckpt.plain_state_dict(model),
+                             (state.folder / ckpt.TOKENIZER_FILE).read_text(), state.trainer_state, state.tensors)
+if fault == "disk-full":
+    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past the limit fails instead of killing
+    resource.setrlimit(resource.RLIMIT_FSIZE, (4096, resource.getrlimit(resource.RLIMIT_FSIZE)[1]))
+else:
+    def power_cut(event, args):
+        if event == "os.rename" and Path(args[1]).name == ckpt.LATEST:
+            os.kill(os.getpid(), signal.SIGKILL)
+    sys.addaudithook(power_cut)
+ckpt.save_checkpoint(run, 9, files)
+"""
+
+
+def _save_under_fault(run: Path, fault: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-c", FAULTY_SAVE, str(run), fault], capture_output=True, text=True,
+                          timeout=120, env={**os.environ, "OMP_NUM_THREADS": "1"})
+
+
+def _digests(folder: Path) -> dict[str, str]:
+    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(folder.iterdir())}
+
+
+@pytest.mark.skipif(os.name != "posix", reason="RLIMIT_FSIZE and SIGKILL are POSIX")
+def test_an_interrupted_save_leaves_the_previous_checkpoint_intact(files, tmp_path):
     run = tmp_path / "run"
     first = train(config(files, run, "classify")).checkpoint
+    before = _digests(first)
+
+    disk_full = _save_under_fault(run, "disk-full")
+    assert disk_full.returncode == 1 and "File too large" in disk_full.stderr, disk_full.stderr[-2000:]
+    assert ckpt.latest_checkpoint(run) == first and _digests(first) == before
+    assert sorted(p.name for p in run.iterdir()) == ["latest", "metrics.jsonl", "step-000003"]  # no debris
+
+    power_cut = _save_under_fault(run, "power-cut")
+    assert power_cut.returncode == -signal.SIGKILL, power_cut.stderr[-2000:]
+    assert ckpt.latest_checkpoint(run) == first and _digests(first) == before
+    assert (run / "step-000009" / ckpt.TRAINER_STATE_FILE).is_file()  # published, never pointed at
+
+    # The next save of that step replaces the stale folder, then moves `latest`.
     state = ckpt.load_training_state(run)
     model, model_config = ckpt.load_model(run)
-    files_ = ckpt.CheckpointFiles(model_config, ckpt.plain_state_dict(model), first.joinpath("tokenizer.json").read_text(),
+    files_ = ckpt.CheckpointFiles(model_config, ckpt.plain_state_dict(model), (first / ckpt.TOKENIZER_FILE).read_text(),
                                   state.trainer_state, state.tensors)
-    real_write = ckpt._write_files
-
-    def crash_midway(folder, what):
-        (folder / ckpt.CONFIG_FILE).write_text("{}")  # a partial write...
-        raise OSError("disk full")  # ...then the failure
-
-    monkeypatch.setattr(ckpt, "_write_files", crash_midway)
-    with pytest.raises(OSError, match="disk full"):
-        ckpt.save_checkpoint(run, 9, files_)
-    assert ckpt.latest_checkpoint(run) == first
-    assert sorted(p.name for p in run.iterdir()) == ["latest", "metrics.jsonl", "step-000003"]  # no debris
+    assert ckpt.save_checkpoint(run, 9, files_) == ckpt.latest_checkpoint(run) == run / "step-000009"
     reloaded, _ = ckpt.load_model(run)
     torch.testing.assert_close(reloaded.classifier.weight, model.classifier.weight)
 
-    # A crash after the folder was renamed but before `latest` moved: latest still names the
-    # old checkpoint, and saving that step again replaces the stale folder.
-    monkeypatch.setattr(ckpt, "_write_files", real_write)
-    monkeypatch.setattr(ckpt, "_set_latest", lambda *a: (_ for _ in ()).throw(OSError("power cut")))
-    with pytest.raises(OSError, match="power cut"):
-        ckpt.save_checkpoint(run, 9, files_)
-    assert ckpt.latest_checkpoint(run) == first
-    monkeypatch.undo()
-    assert ckpt.save_checkpoint(run, 9, files_) == ckpt.latest_checkpoint(run) == run / "step-000009"
+
+def test_a_loss_that_is_not_finite_stops_the_run(files, tmp_path):
+    run = tmp_path / "run"
+    with pytest.raises(TrainingError, match=r"training loss is (nan|inf|-inf) at step 2 .* lower --lr") as err:
+        train(config(files, run, "classify", lr=1e30, steps=4, save_every=1, keep_checkpoints=0))
+    assert err.value.code == "E_NOT_FINITE"
+    assert ckpt.latest_checkpoint(run) == run / "step-000001"  # the checkpoints before it stay
 
 
 def test_load_model_errors_name_the_path(tmp_path):
@@ -325,6 +394,7 @@ def _cli_args(files, out: Path, batch_size: int) -> list[str]:
             "--vocab-size", "300", "--eval-examples", "12", "--no-progress", "--threads", "1"]
 
 
+@pytest.mark.slow  # two torchrun processes: 6.5 CPU seconds
 def test_ddp_two_processes_train_on_different_shards(files, tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
