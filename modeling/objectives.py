@@ -1,8 +1,8 @@
 """Training objectives as pure functions: tensors (or token lists) in, tensors out.
 
 Nothing here holds state or touches a global random generator: every random choice takes an
-explicit ``torch.Generator``. The training loop (``train.py``) builds batches with these
-functions and calls the model; the functions never call the model themselves.
+explicit ``torch.Generator``. Each task's ``Objective`` (``tasks.py``) builds its batches with
+these functions and calls the model; the functions never call the model themselves.
 
 Shape letters: B batch, T tokens of a (decoder or encoder) row, V vocabulary, C classes.
 
