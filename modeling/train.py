@@ -170,6 +170,11 @@ class TrainConfig:
         if self.device not in ("auto", "cpu", "cuda"):
             raise ConfigError(f"device must be 'auto', 'cpu' or 'cuda'; got {self.device!r}")
 
+    @property
+    def objective(self) -> Objective:
+        """What this run trains: its task's entry of OBJECTIVES (masked LM + NSP with nsp)."""
+        return objective_for(self.task, nsp=self.nsp)
+
     def lora_config(self) -> LoRAConfig | None:
         if not self.lora_rank:
             return None
@@ -361,7 +366,7 @@ def build_model_config(config: TrainConfig, tokenizer, data: TaskData) -> ModelC
         bos_token_id=s["bos"],
         eos_token_id=s["eos"],
         decoder_start_token_id=s["bos"] if config.arch == "encoder-decoder" else -1,
-        **objective_for(config.task, nsp=config.nsp).head_config(data),
+        **config.objective.head_config(data),
     )
 
 
@@ -370,8 +375,7 @@ def _fine_tune_config(source: ModelConfig, config: TrainConfig, data: TaskData) 
         raise ConfigError(
             f"from_checkpoint holds a {source.arch!r} model but arch is {config.arch!r}; pass --arch {source.arch}"
         )
-    head = objective_for(config.task, nsp=config.nsp).head_config(data)
-    return source.replace(**head, dropout=config.dropout)
+    return source.replace(**config.objective.head_config(data), dropout=config.dropout)
 
 
 def build_model(
@@ -379,7 +383,7 @@ def build_model(
 ) -> Transformer:
     """A new model, or one loaded from `source` (from_checkpoint, or the checkpoint being
     resumed), with LoRA or BitFit applied. Fine-tuning a classifier adds a fresh head."""
-    objective = objective_for(config.task, nsp=config.nsp)
+    objective = config.objective
     if resume is not None:
         model_config = ModelConfig.load(resume.folder / ckpt.CONFIG_FILE)
     elif source is not None:
@@ -539,7 +543,7 @@ class _Run:
 
 def _build_run(config: TrainConfig, env: Distributed, resume: ckpt.TrainingState | None) -> _Run:
     """Data, tokenizer, model, datasets and optimizer; a resumed run's optimizer and RNG state."""
-    objective = objective_for(config.task, nsp=config.nsp)
+    objective = config.objective
     data = _load_data(config, objective)
     source = resume.folder if resume else ckpt.resolve_checkpoint(config.from_checkpoint) if config.from_checkpoint else None
     tokenizer = _tokenizer(config, objective, data, source, env)
