@@ -217,13 +217,24 @@ class CheckpointFiles(NamedTuple):
     training_tensors: dict[str, Tensor]  # optimizer moments, RNG tensors, unmerged LoRA model
 
 
+def _save_tensors(tensors: dict[str, Tensor], path: Path, metadata: dict[str, str] | None) -> None:
+    """safetensors' save_file; its write failures (disk full: SafetensorError "os error 28") as the
+    OSError they are, so the trainer reports them like any other failed write (E_DISK)."""
+    try:
+        save_file(tensors, str(path), metadata=metadata)
+    except SafetensorError as err:
+        if "os error" not in str(err).lower() and "i/o error" not in str(err).lower():
+            raise  # not a write failure: a bug, keep its traceback
+        raise OSError(f"writing {path.name} failed: {err}") from err
+
+
 def _write_files(folder: Path, files: CheckpointFiles) -> None:
     """The writing step of ``save_checkpoint``: every file into the staging folder (fsync'ed
     when the folder is published)."""
     (folder / CONFIG_FILE).write_text(files.model_config.to_json() + "\n", encoding="utf-8")
-    save_file(files.model_tensors, str(folder / MODEL_FILE), metadata={"format": "pt"})
+    _save_tensors(files.model_tensors, folder / MODEL_FILE, {"format": "pt"})
     (folder / TOKENIZER_FILE).write_text(files.tokenizer_json, encoding="utf-8")
-    save_file(files.training_tensors, str(folder / TRAINING_STATE_FILE))
+    _save_tensors(files.training_tensors, folder / TRAINING_STATE_FILE, None)
     (folder / TRAINER_STATE_FILE).write_text(json.dumps(files.trainer_state, indent=2, sort_keys=True) + "\n",
                                              encoding="utf-8")
 
