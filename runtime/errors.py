@@ -84,8 +84,8 @@ class OnnxformerError(Exception):
     def message(self) -> str:
         return str(self.args[0]) if self.args else ""
 
-    def __reduce__(self):  # picklable with its code (worker processes, multiprocessing)
-        return (_rebuild, (type(self), self.message, self.code))
+    def __reduce__(self):  # picklable with its code and attributes (worker processes, multiprocessing)
+        return (_rebuild, (type(self), self.message, self.code), dict(self.__dict__))
 
 
 def _rebuild(cls: type, message: str, code: str) -> OnnxformerError:
