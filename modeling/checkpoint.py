@@ -245,7 +245,8 @@ def save_checkpoint(run_dir: str | os.PathLike, step: int, files: CheckpointFile
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     final = run_dir / checkpoint_name(step)
-    atomic.remove_stale_temporaries(run_dir, "step-*")
+    for name in ("step-*", LATEST):  # checkpoint folders and the `latest` pointer of killed runs
+        atomic.remove_stale_temporaries(run_dir, name)
     tmp = atomic.staging_dir(final)
     try:
         _write_files(tmp, files)

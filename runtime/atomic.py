@@ -92,7 +92,7 @@ def fsync_tree(directory: Path) -> None:
 def replace_text(path: Path, text: str) -> None:
     """Atomically replace the small text file `path`: a temporary file beside it, fsync'ed,
     renamed over it, then the folder fsync'ed. Readers see the old text or the new one."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.tmp-{os.getpid()}-", dir=path.parent)
     os.close(fd)
     try:
         with open(tmp, "w", encoding="utf-8") as f:
@@ -116,18 +116,21 @@ def staging_dir(target: Path) -> Path:
 
 
 def remove_stale_temporaries(parent: Path, name: str) -> list[Path]:
-    """Delete the .NAME.tmp-PID-* / .NAME.old-PID-* folders in `parent` left by writers that
-    were killed (their process is gone); `name` may be a glob pattern ("step-*"). A live
-    writer's folders are left alone. Returns what was removed."""
+    """Delete the .NAME.tmp-PID-* / .NAME.old-PID-* folders (staging_dir, publish_dir) and files
+    (replace_text) in `parent` left by writers that were killed (their process is gone); `name`
+    may be a glob pattern ("step-*"). A live writer's temporaries are left alone. Returns what
+    was removed."""
     removed = []
     for path in parent.glob(".*"):
         match = _TEMPORARY.match(path.name)
-        if match is None or not fnmatch.fnmatchcase(match["name"], name) or not path.is_dir():
+        if match is None or not fnmatch.fnmatchcase(match["name"], name) or pid_alive(int(match["pid"])):
             continue
-        if not pid_alive(int(match["pid"])):
-            log.info("removing %s, left by an interrupted write", path)
+        log.info("removing %s, left by an interrupted write", path)
+        if path.is_dir() and not path.is_symlink():
             shutil.rmtree(path, ignore_errors=True)
-            removed.append(path)
+        else:
+            path.unlink(missing_ok=True)
+        removed.append(path)
     return removed
 
 

@@ -63,3 +63,19 @@ def test_replace_text_is_all_or_nothing(tmp_path, monkeypatch):
     with pytest.raises(OSError, match="power cut"):
         atomic.replace_text(target, "step-000004\n")
     assert target.read_text() == "step-000002\n" and [p.name for p in tmp_path.iterdir()] == ["latest"]
+
+
+def test_a_killed_writers_text_temporary_is_removed_and_a_live_ones_kept(tmp_path):
+    """replace_text's temporary carries the writer's pid like a staging folder, so the
+    clean-up of a later writer removes it once that process is gone (and only then)."""
+    child = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    dead = int(child.stdout)
+    left = tmp_path / f".latest.tmp-{dead}-abc123"
+    left.write_text("step-000001\n")
+    live = tmp_path / f".latest.tmp-{os.getpid()}-def456"
+    live.write_text("step-000002\n")
+    assert atomic.remove_stale_temporaries(tmp_path, "latest") == [left]
+    assert not left.exists() and live.exists()
+    atomic.replace_text(tmp_path / "latest", "step-000003\n")
+    assert (tmp_path / "latest").read_text() == "step-000003\n"
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["latest", live.name])
