@@ -42,6 +42,7 @@ from torch import Tensor, nn
 
 from onnxformer.runtime import atomic
 from onnxformer.runtime.errors import CheckpointError
+from onnxformer.runtime.manifest import TOKENIZER_FILE  # the name packages use too
 
 from .config import ModelConfig
 from .model import Transformer
@@ -51,7 +52,6 @@ logger = logging.getLogger(__name__)
 LATEST = "latest"
 CONFIG_FILE = "config.json"
 MODEL_FILE = "model.safetensors"
-TOKENIZER_FILE = "tokenizer.json"
 TRAINER_STATE_FILE = "trainer_state.json"
 TRAINING_STATE_FILE = "training_state.safetensors"
 CHECKPOINT_FILES = (CONFIG_FILE, MODEL_FILE, TOKENIZER_FILE, TRAINER_STATE_FILE, TRAINING_STATE_FILE)

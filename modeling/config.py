@@ -13,9 +13,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from onnxformer.runtime.contract import ARCHITECTURES  # the one list, shared with the package format
 from onnxformer.runtime.errors import ConfigError
 
-ARCHITECTURES = ("encoder", "decoder", "encoder-decoder", "prefix-lm")
 POS_ENCODINGS = ("sinusoidal", "learned", "rope")
 ACTIVATIONS = ("gelu", "swiglu")
 NORMS = ("layernorm", "rmsnorm")

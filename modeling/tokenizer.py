@@ -62,10 +62,10 @@ from tokenizers import (
 )
 
 from onnxformer.runtime.errors import CheckpointError, ConfigError, DataError
+from onnxformer.runtime.manifest import TOKENIZER_FILE  # checkpoints and packages name it alike
 
 logger = logging.getLogger(__name__)
 
-TOKENIZER_FILE = "tokenizer.json"
 WORDPIECE_PREFIX = "##"
 
 WORDPIECE_SPECIAL_TOKENS = ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]")
