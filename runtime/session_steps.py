@@ -47,7 +47,7 @@ from .contract import (
     past_name_for,
 )
 from .errors import InputError
-from .steps import AlignedSteps, StepModel, StepResult, as_tokens, left_pad
+from .steps import AlignedSteps, StepModel, StepResult, as_tokens, left_pad, prefill_rows
 
 if TYPE_CHECKING:  # the Model type only; model.py imports this module
     from .model import Model
@@ -255,7 +255,7 @@ class SharedSteps(StepModel):
 
     # the protocol -------------------------------------------------------------------------
     def prefill(self, prompts: Sequence[Sequence[int]]) -> StepResult:
-        starts, encoded = self._sources.decoder_prompts([list(p) for p in prompts])
+        starts, encoded = self._sources.decoder_prompts(prefill_rows(prompts, self.vocab_size))
         longest = max(len(s) for s in starts)
         new = _SharedRows(len(starts), max(self.capacity, longest))
         new.buffers = {past: self._empty(new.rows, new.capacity) for past in self._self_past}
@@ -272,7 +272,7 @@ class SharedSteps(StepModel):
         return result
 
     def advance(self, tokens: np.ndarray) -> StepResult:
-        ids = as_tokens(tokens, self.rows)  # (N, K)
+        ids = as_tokens(tokens, self.rows, self.vocab_size)  # (N, K)
         state = self._state
         if ids.shape[1] == 1:
             return self._run(state, ids, state.lengths + 1)

@@ -193,15 +193,27 @@ def _sized(items: Any) -> bool:
         return False
 
 
-def as_tokens(tokens: Any, rows: int) -> np.ndarray:
-    """advance()'s tokens as an (N, K) int64 array. Another shape breaks the protocol: a bug of
-    the caller (a search, a scheduler), so a plain ValueError with its traceback."""
+def as_tokens(tokens: Any, rows: int, vocab_size: int) -> np.ndarray:
+    """advance()'s tokens as an (N, K) int64 array. Another shape, or ids outside the
+    vocabulary, break the protocol: a bug of the caller (a search, a scheduler), so a plain
+    ValueError with its traceback."""
     array = np.asarray(tokens, dtype=np.int64)
     if array.ndim == 1:
         array = array[:, None]
     if array.ndim != 2 or array.shape[0] != rows or array.shape[1] < 1:
         raise ValueError(f"advance() takes (N={rows},) or (N={rows}, K) token ids; got shape {np.shape(tokens)}")
+    if array.min() < 0 or array.max() >= vocab_size:
+        raise ValueError(f"advance() got token ids in [{array.min()}, {array.max()}]; the vocabulary is [0, {vocab_size})")
     return array
+
+
+def prefill_rows(prompts: Sequence[Sequence[int]], vocab_size: int) -> list[list[int]]:
+    """prefill()'s prompts checked (InputError: they may come straight from a caller)."""
+    rows = check_prompts(prompts)
+    top = max(max(r) for r in rows)
+    if top >= vocab_size:
+        raise InputError(f"prompt token id {top} is out of range for vocab_size {vocab_size}", code="E_TOKEN_ID")
+    return rows
 
 
 class AlignedSteps(StepModel):
@@ -252,7 +264,7 @@ class AlignedSteps(StepModel):
 
     # the protocol -------------------------------------------------------------------------
     def prefill(self, prompts: Sequence[Sequence[int]]) -> StepResult:
-        cache, starts = self._start([list(p) for p in prompts])
+        cache, starts = self._start(prefill_rows(prompts, self.vocab_size))
         batch = left_pad(starts)
         logits, cache = self._forward(batch.input_ids, batch.position_ids, batch.attention_mask, cache, True)
         t = batch.input_ids.shape[1]
@@ -285,7 +297,7 @@ class AlignedSteps(StepModel):
             self._mask = grown
 
     def advance(self, tokens: np.ndarray) -> StepResult:
-        ids = as_tokens(tokens, self.rows)  # (N, K)
+        ids = as_tokens(tokens, self.rows, self.vocab_size)  # (N, K)
         k = ids.shape[1]
         if k > 1 and self.bidirectional_block:  # one token at a time, each causal
             steps = [self.advance(ids[:, j]).logits.copy() for j in range(k)]
@@ -307,5 +319,5 @@ class AlignedSteps(StepModel):
 
 __all__ = [
     "greedy_choice", "StepResult", "StepModel", "PaddedBatch", "left_pad", "check_prompts", "is_int",
-    "as_tokens", "AlignedSteps",
+    "as_tokens", "prefill_rows", "AlignedSteps",
 ]

@@ -215,3 +215,24 @@ def test_a_step_model_can_run_several_searches_one_after_another(built):
     first = G.generate(steps, PROMPTS, config)
     assert G.generate(steps, PROMPTS, config) == first
     assert [g.token_ids for g in first] == [g.token_ids for g in package.generate_ids(PROMPTS, config)]
+
+
+def test_the_protocol_refuses_bad_prompts_and_tokens(built):
+    """prefill() takes prompts straight from a caller (a server): InputError with a code.
+    advance() takes what a search or scheduler chose: a wrong shape or an id outside the
+    vocabulary is that caller's bug, a plain ValueError."""
+    from onnxformer.runtime.errors import InputError
+
+    model, package = built("decoder-shared")
+    for steps in step_models(model, package).values():
+        with pytest.raises(InputError, match="out of range") as err:
+            steps.prefill([[5, model.config.vocab_size]])
+        assert err.value.code == "E_TOKEN_ID" and steps.rows == 0
+        with pytest.raises(InputError, match="prompt 0 is empty"):
+            steps.prefill([[]])
+        steps.prefill([[5, 6], [7]])
+        with pytest.raises(ValueError, match=r"\(N=2,\) or \(N=2, K\)"):
+            steps.advance(np.array([1, 2, 3]))
+        with pytest.raises(ValueError, match="vocabulary"):
+            steps.advance(np.array([1, model.config.vocab_size]))
+        assert steps.advance(np.array([1, 2])).logits.shape == (2, model.config.vocab_size)
