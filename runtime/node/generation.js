@@ -112,74 +112,105 @@ function checkFloat(name, value) {
  */
 export function generationConfig(params = {}) {
   rejectUnknown(params);
-  const c = { ...DEFAULTS, ...setFields(params) };
-  if (!STRATEGIES.includes(c.strategy)) {
-    throw new ConfigError(`strategy must be one of ${STRATEGIES.join(', ')}, not ${show(c.strategy)}`);
+  const c = validated({ ...DEFAULTS, ...setFields(params) });
+  return Object.freeze({ ...c, eos_token_ids: Object.freeze(c.eos_token_ids), stop_strings: Object.freeze(c.stop_strings) });
+}
+
+/**
+ * Check the parameters that are set, without filling in defaults (Python's
+ * `GenerationConfig.from_dict`): each set field alone, and each rule between fields when all of
+ * its fields are set, so `{min_new_tokens: 40}` passes here and fails once merged with a
+ * `max_new_tokens` below it. A package's generation defaults are checked this way on load.
+ * @param {Record<string, any>} params
+ * @returns {Partial<GenerationConfig>}  the set fields, normalised (eos_token_ids, stop_strings as arrays)
+ */
+export function checkParameters(params = {}) {
+  rejectUnknown(params);
+  return validated(setFields(params));
+}
+
+/** Each field of `v` checked, then the rules between fields all of which are in `v`. */
+function validated(v) {
+  const has = (...names) => names.every((name) => name in v);
+  if (has('strategy') && !STRATEGIES.includes(v.strategy)) {
+    throw new ConfigError(`strategy must be one of ${STRATEGIES.join(', ')}, not ${show(v.strategy)}`);
   }
-  checkInt('max_new_tokens', c.max_new_tokens, 0);
-  checkInt('min_new_tokens', c.min_new_tokens, 0);
-  if (c.min_new_tokens > c.max_new_tokens) {
+  if (has('max_new_tokens')) checkInt('max_new_tokens', v.max_new_tokens, 0);
+  if (has('min_new_tokens')) checkInt('min_new_tokens', v.min_new_tokens, 0);
+  if (has('min_new_tokens', 'max_new_tokens') && v.min_new_tokens > v.max_new_tokens) {
     throw new ConfigError(
-      `min_new_tokens (${c.min_new_tokens}) must be <= max_new_tokens (${c.max_new_tokens}); ` +
+      `min_new_tokens (${v.min_new_tokens}) must be <= max_new_tokens (${v.max_new_tokens}); ` +
         'lower min_new_tokens or raise max_new_tokens',
     );
   }
-  checkFloat('temperature', c.temperature);
-  if (c.strategy === 'sample' && c.temperature <= 0) {
+  if (has('temperature')) checkFloat('temperature', v.temperature);
+  if (has('strategy', 'temperature') && v.strategy === 'sample' && v.temperature <= 0) {
     throw new ConfigError(
-      `temperature must be > 0 for strategy 'sample', not ${c.temperature}. ` +
+      `temperature must be > 0 for strategy 'sample', not ${v.temperature}. ` +
         "Use strategy 'greedy' for deterministic decoding.",
     );
   }
-  checkInt('top_k', c.top_k, 0);
-  checkFloat('top_p', c.top_p);
-  if (!(c.top_p > 0 && c.top_p <= 1)) {
-    throw new ConfigError(`top_p must be in (0, 1], not ${c.top_p}. Use 1 to turn nucleus filtering off.`);
+  if (has('top_k')) checkInt('top_k', v.top_k, 0);
+  if (has('top_p')) {
+    checkFloat('top_p', v.top_p);
+    if (!(v.top_p > 0 && v.top_p <= 1)) {
+      throw new ConfigError(`top_p must be in (0, 1], not ${v.top_p}. Use 1 to turn nucleus filtering off.`);
+    }
   }
-  if (c.seed !== null) checkInt('seed', c.seed, 0);
-  checkInt('num_beams', c.num_beams, 1);
-  if (c.num_beams > 1 && c.strategy !== 'beam') {
-    throw new ConfigError(`num_beams (${c.num_beams}) > 1 needs strategy 'beam', not '${c.strategy}'`);
+  if (v.seed !== undefined && v.seed !== null) checkInt('seed', v.seed, 0);
+  if (has('num_beams')) checkInt('num_beams', v.num_beams, 1);
+  if (has('strategy', 'num_beams') && v.num_beams > 1 && v.strategy !== 'beam') {
+    throw new ConfigError(`num_beams (${v.num_beams}) > 1 needs strategy 'beam', not '${v.strategy}'`);
   }
-  checkFloat('length_penalty', c.length_penalty);
-  if (typeof c.early_stopping !== 'boolean') {
-    throw new ConfigError(`early_stopping must be true or false, not ${show(c.early_stopping)}`);
+  if (has('length_penalty')) checkFloat('length_penalty', v.length_penalty);
+  if (has('early_stopping') && typeof v.early_stopping !== 'boolean') {
+    throw new ConfigError(`early_stopping must be true or false, not ${show(v.early_stopping)}`);
   }
-  const nrs = checkInt('num_return_sequences', c.num_return_sequences, 1);
-  if (c.strategy === 'greedy' && nrs !== 1) {
+  if (has('num_return_sequences')) checkInt('num_return_sequences', v.num_return_sequences, 1);
+  if (has('strategy', 'num_return_sequences') && v.strategy === 'greedy' && v.num_return_sequences !== 1) {
     throw new ConfigError(
-      `num_return_sequences must be 1 for strategy 'greedy' (it is deterministic), not ${nrs}. ` +
+      `num_return_sequences must be 1 for strategy 'greedy' (it is deterministic), not ${v.num_return_sequences}. ` +
         "Use strategy 'sample' or 'beam' for several sequences.",
     );
   }
-  if (c.strategy === 'beam' && nrs > c.num_beams) {
-    throw new ConfigError(`num_return_sequences (${nrs}) must be <= num_beams (${c.num_beams}) for strategy 'beam'`);
-  }
-  checkFloat('repetition_penalty', c.repetition_penalty);
-  if (c.repetition_penalty <= 0) {
+  if (has('strategy', 'num_return_sequences', 'num_beams') && v.strategy === 'beam' &&
+      v.num_return_sequences > v.num_beams) {
     throw new ConfigError(
-      `repetition_penalty must be > 0, not ${c.repetition_penalty}. Use 1 to turn it off.`,
+      `num_return_sequences (${v.num_return_sequences}) must be <= num_beams (${v.num_beams}) for strategy 'beam'`,
     );
   }
-  checkInt('no_repeat_ngram_size', c.no_repeat_ngram_size, 0);
-  const eos = Number.isInteger(c.eos_token_ids) ? [c.eos_token_ids] : c.eos_token_ids;
-  if (!Array.isArray(eos) || !eos.every((t) => Number.isInteger(t) && t >= 0)) {
-    throw new ConfigError(
-      `eos_token_ids must be an array of token ids >= 0 (empty: none), not ${show(c.eos_token_ids)}`,
-    );
+  if (has('repetition_penalty')) {
+    checkFloat('repetition_penalty', v.repetition_penalty);
+    if (v.repetition_penalty <= 0) {
+      throw new ConfigError(`repetition_penalty must be > 0, not ${v.repetition_penalty}. Use 1 to turn it off.`);
+    }
   }
-  const stops = typeof c.stop_strings === 'string' ? [c.stop_strings] : c.stop_strings;
-  if (!Array.isArray(stops) || !stops.every((s) => typeof s === 'string' && s)) {
-    throw new ConfigError(`stop_strings must be an array of non-empty strings, not ${show(c.stop_strings)}`);
+  if (has('no_repeat_ngram_size')) checkInt('no_repeat_ngram_size', v.no_repeat_ngram_size, 0);
+  const out = { ...v };
+  if (has('eos_token_ids')) {
+    const eos = Number.isInteger(v.eos_token_ids) ? [v.eos_token_ids] : v.eos_token_ids;
+    if (!Array.isArray(eos) || !eos.every((t) => Number.isInteger(t) && t >= 0)) {
+      throw new ConfigError(
+        `eos_token_ids must be an array of token ids >= 0 (empty: none), not ${show(v.eos_token_ids)}`,
+      );
+    }
+    out.eos_token_ids = [...eos];
   }
-  if (stops.length && c.strategy === 'beam') {
-    throw new ConfigError(
-      `stop_strings (${show(stops)}) are not supported with strategy 'beam'; ` +
-        "use eos_token_ids, or strategy 'greedy' / 'sample'",
-    );
+  if (has('stop_strings')) {
+    const stops = typeof v.stop_strings === 'string' ? [v.stop_strings] : v.stop_strings;
+    if (!Array.isArray(stops) || !stops.every((s) => typeof s === 'string' && s)) {
+      throw new ConfigError(`stop_strings must be an array of non-empty strings, not ${show(v.stop_strings)}`);
+    }
+    if (has('strategy') && stops.length && v.strategy === 'beam') {
+      throw new ConfigError(
+        `stop_strings (${show(stops)}) are not supported with strategy 'beam'; ` +
+          "use eos_token_ids, or strategy 'greedy' / 'sample'",
+      );
+    }
+    out.stop_strings = [...stops];
   }
-  checkInt('pad_token_id', c.pad_token_id, 0);
-  return Object.freeze({ ...c, eos_token_ids: Object.freeze([...eos]), stop_strings: Object.freeze([...stops]) });
+  if (has('pad_token_id')) checkInt('pad_token_id', v.pad_token_id, 0);
+  return out;
 }
 
 /** The fields given a value: undefined and null mean "unset" (Python's None). */

@@ -12,7 +12,10 @@
  */
 
 export { CODES, ConfigError, InputError, OnnxformerError, PackageError, ProviderError, RunError } from './errors.js';
-export { DEFAULTS as GENERATION_DEFAULTS, STRATEGIES, generationConfig } from './generation.js';
+export { DEFAULTS as GENERATION_DEFAULTS, STRATEGIES, checkParameters, generationConfig, resolveConfig } from './generation.js';
 export { FORMAT_NAME, SUPPORTED_FORMAT_VERSIONS, loadManifest, manifestFromDict, verifyFiles } from './manifest.js';
-export { Model, load } from './model.js';
+export { MAX_SEQUENCES_PER_PROMPT, Model, load } from './model.js';
 export { Random } from './random.js';
+export { checkExternalData, externalDataRefs } from './safety.js';
+export { ConcatSteps, SharedSteps } from './session.js';
+export { StepResult } from './steps.js';

@@ -19,7 +19,8 @@ import * as fs from 'node:fs/promises';
 import * as path from 'node:path';
 
 import { KV_CACHE_LAYOUTS, dimsFromDict, graphSpecs, sameSpec, tensorSpecFromDict } from './contract.js';
-import { PackageError, show, typeOf } from './errors.js';
+import { ConfigError, PackageError, show, typeOf } from './errors.js';
+import { checkParameters } from './generation.js';
 
 export const FORMAT_NAME = 'onnxformer-package';
 export const FORMAT_VERSION = 1; // of a "concat" package; a "shared" one is SHARED_CACHE_FORMAT_VERSION
@@ -87,7 +88,14 @@ function plainName(name, what) {
 /** @returns {FileEntry} */
 function fileEntry(data, what) {
   requireFields(data, ['file', 'sha256', 'bytes'], what);
-  return { file: plainName(data.file, `${what} file`), sha256: String(data.sha256), bytes: Math.trunc(Number(data.bytes)) };
+  if (typeof data.sha256 !== 'string' || !/^[0-9a-f]{64}$/.test(data.sha256)) {
+    throw manifestError(`${what} sha256 must be 64 lowercase hex digits, not ${show(data.sha256)}`);
+  }
+  const file = plainName(data.file, `${what} file`);
+  if (!Number.isInteger(data.bytes) || data.bytes < 0) {
+    throw manifestError(`${what} bytes must be an integer >= 0 (the file's size), not ${show(data.bytes)}`);
+  }
+  return { file, sha256: data.sha256, bytes: data.bytes };
 }
 
 /** @returns {GraphEntry} */
@@ -101,7 +109,11 @@ function graphEntry(name, data) {
     outputs: Array.from(data.outputs, tensorSpecFromDict),
   };
   const file = fileEntry({ file: data.file, sha256: data.sha256, bytes: data.bytes }, what);
-  const external = Array.from(data.external_data ?? [], (e) => fileEntry(e, `${what}.external_data`));
+  const listed = data.external_data ?? [];
+  if (!Array.isArray(listed)) {
+    throw manifestError(`${what}.external_data must be an array of file entries, not ${typeOf(listed)}`);
+  }
+  const external = listed.map((e) => fileEntry(e, `${what}.external_data`));
   return { spec, file, external_data: external };
 }
 
@@ -131,30 +143,64 @@ export function manifestFromDict(data) {
   if (dims.arch !== data.arch) {
     throw manifestError(`manifest arch ${show(data.arch)} disagrees with dims.arch ${show(dims.arch)}`);
   }
+  for (const key of ['float_dtype', 'weights']) {
+    if (typeof data[key] !== 'string') throw manifestError(`manifest ${key} must be a string, not ${show(data[key])}`);
+  }
   const graphs = Object.fromEntries(Object.entries(data.graphs).map(([name, entry]) => [name, graphEntry(name, entry)]));
   const manifest = {
     format_version: version,
     arch: data.arch,
     kv_cache: 'kv_cache' in data ? data.kv_cache : 'concat', // null is not the default (as in Python)
     dims,
-    max_seq_len: Math.trunc(Number(data.max_seq_len)),
+    max_seq_len: integerField(data, 'max_seq_len', 1),
     float_dtype: data.float_dtype,
     weights: data.weights,
-    special_tokens: { ...data.special_tokens },
-    label_names: [...data.label_names],
-    generation: { ...data.generation },
+    special_tokens: objectField(data, 'special_tokens'),
+    label_names: labelNames(data.label_names, dims.num_labels),
+    generation: objectField(data, 'generation'),
     tokenizer: fileEntry(data.tokenizer, 'manifest tokenizer'),
     graphs,
-    opset: Math.trunc(Number(data.opset)),
-    producer: { ...data.producer },
-    validation: { ...(data.validation ?? {}) },
-    model_config: { ...(data.model_config ?? {}) },
+    opset: integerField(data, 'opset', 1),
+    producer: objectField(data, 'producer'),
+    validation: objectField(data, 'validation'),
+    model_config: objectField(data, 'model_config'),
   };
   checkAgainstContract(manifest);
   return Object.freeze(manifest);
 }
 
-/** The graphs and special tokens must be what the dims imply (Python: Manifest.__post_init__). */
+/** A field that must be an integer >= minimum. */
+function integerField(data, key, minimum) {
+  const value = data[key];
+  if (!Number.isInteger(value) || value < minimum) {
+    throw manifestError(`manifest ${key} must be an integer >= ${minimum}, not ${show(value)}`);
+  }
+  return value;
+}
+
+/** Classification labels: non-empty, distinct strings, none or one per label of the model. */
+function labelNames(value, numLabels) {
+  if (!Array.isArray(value) || !value.every((v) => typeof v === 'string' && v)) {
+    throw manifestError(`manifest label_names must be an array of non-empty strings, not ${show(value)}`);
+  }
+  if (value.length && value.length !== numLabels) {
+    throw manifestError(`manifest label_names has ${value.length} name(s) but the model has ${numLabels} label(s)`);
+  }
+  if (new Set(value).size !== value.length) throw manifestError(`manifest label_names has duplicates: ${show(value)}`);
+  return [...value];
+}
+
+/** A field that must be a JSON object; absent is {} (required fields are checked before). */
+function objectField(data, key) {
+  const value = key in data ? data[key] : {};
+  if (!isObject(value)) throw manifestError(`manifest ${key} must be a JSON object, not ${typeOf(value)}`);
+  return { ...value };
+}
+
+/**
+ * The graphs, special tokens and generation defaults must be what the dims imply (Python:
+ * Manifest.__post_init__).
+ */
 function checkAgainstContract(m) {
   if (!KV_CACHE_LAYOUTS.includes(m.kv_cache)) {
     throw manifestError(`manifest kv_cache must be ${KV_CACHE_LAYOUTS.join(' or ')}, not ${show(m.kv_cache)}`);
@@ -185,6 +231,31 @@ function checkAgainstContract(m) {
     if (!Number.isInteger(value) || value < -1 || value >= m.dims.vocab_size) {
       throw manifestError(`manifest special_tokens.${role} is ${show(value)}; it must be -1 or an id below vocab_size ${m.dims.vocab_size}`);
     }
+  }
+  if (m.arch === 'encoder-decoder' && m.special_tokens.decoder_start < 0) {
+    throw manifestError('manifest special_tokens.decoder_start is -1, but an encoder-decoder model needs a decoder start token');
+  }
+  checkGenerationDefaults(m.generation, m.dims.vocab_size);
+}
+
+/**
+ * The package's generation defaults, checked like a caller's parameters (each set field, and
+ * the rules between set fields) and their token ids against the vocabulary. A bad default is
+ * the package's fault: E_MANIFEST, not the E_CONFIG a caller's value gets.
+ */
+function checkGenerationDefaults(generation, vocabSize) {
+  if (!Object.keys(generation).length) return;
+  let defaults;
+  try {
+    defaults = checkParameters(generation);
+  } catch (err) {
+    if (!(err instanceof ConfigError)) throw err;
+    throw manifestError(`manifest generation defaults are invalid: ${err.message}`);
+  }
+  const ids = [...(defaults.eos_token_ids ?? []), ...(defaults.pad_token_id === undefined ? [] : [defaults.pad_token_id])];
+  const outside = ids.filter((id) => id >= vocabSize);
+  if (outside.length) {
+    throw manifestError(`manifest generation token ids ${outside.join(', ')} are not below vocab_size ${vocabSize}`);
   }
 }
 

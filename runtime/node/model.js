@@ -22,6 +22,7 @@ import { ConfigError, InputError, PackageError, show, typeOf } from './errors.js
 import * as gen from './generation.js';
 import { displayDir, loadManifest, special, verifyFiles } from './manifest.js';
 import { ConcatSteps, SharedSteps, floatData, int64Tensor, openSession, resolveProvider } from './session.js';
+import { checkExternalData } from './safety.js';
 import { PackageTokenizer } from './tokenizer.js';
 
 /**
@@ -39,6 +40,9 @@ import { PackageTokenizer } from './tokenizer.js';
  */
 
 const CALL_OPTIONS = ['truncate', 'rng'];
+
+/** num_beams / num_return_sequences above this are refused, not allocated (as in Python). */
+export const MAX_SEQUENCES_PER_PROMPT = 4096;
 
 function checkOptions(call, options, valid) {
   if (options === null || typeof options !== 'object' || Array.isArray(options)) {
@@ -309,6 +313,16 @@ export class Model {
       throw new InputError(`token id ${top} is not in this model's vocabulary (ids 0 to ${this.dims.vocab_size - 1})`,
         { code: 'E_TOKEN_ID' });
     }
+    if (config.strategy === 'beam' && config.num_beams > this.dims.vocab_size) {
+      throw new ConfigError(`num_beams (${config.num_beams}) must be <= the vocabulary size (${this.dims.vocab_size})`);
+    }
+    const perPrompt = Math.max(config.num_beams, config.num_return_sequences);
+    if (perPrompt > MAX_SEQUENCES_PER_PROMPT) { // refused before the rows are allocated
+      throw new ConfigError(
+        `${perPrompt} beams or sequences per prompt is more than ${MAX_SEQUENCES_PER_PROMPT}; lower num_beams / ` +
+          'num_return_sequences, or call generate several times with different seeds',
+      );
+    }
     const longest = Math.max(...rows.map((r) => r.length));
     const extra = this.arch !== 'encoder-decoder' ? config.max_new_tokens : 0;
     const maxLen = this.manifest.max_seq_len;
@@ -426,6 +440,9 @@ export async function load(packageDir, { provider = 'cpu', threads, verify = tru
     // An encoder-decoder's encoder and cross-attention run once per call, right before the
     // decoder's steps: their workers must not spin on the cores the steps need (as in Python).
     const once = graphs.length > 1 && name !== DECODER;
+    // FORMAT.md 2.5, on every load (also without verify): onnxruntime opens no graph that reads
+    // files the manifest does not list or that lie outside the package.
+    await checkExternalData(path.join(directory, entry.file.file), entry.external_data.map((e) => e.file));
     sessions[name] = await openSession(directory, entry, { provider: backend, threads, spinning: !once });
   }
   return new Model(directory, manifest, tokenizer, sessions);

@@ -115,6 +115,10 @@ def error_cases(model: rt.Model) -> list[dict[str, Any]]:
             case("generate_ids", [[1, 1.5]]),
             case("stream", ["a", "b"]),
             case("stream", "x", strategy="beam", num_beams=2),
+            case("generate", "x", strategy="beam", num_beams=model.dims.vocab_size + 1, max_new_tokens=2),
+            case("generate", "x", strategy="sample", num_return_sequences=4097, max_new_tokens=2),
+            case("generate_ids", [[1]], strategy="beam", num_beams=5000, num_return_sequences=4097),
+            case("stream", "x", strategy="sample", num_return_sequences=4097),
         ]
     if "encoder" not in model.sessions:
         cases.append(case("embed", ["x"]))
@@ -174,7 +178,54 @@ def damaged_packages(package: Path, out: Path, prefix: str) -> list[dict[str, An
         change(data)
         rewrite(target / "manifest.json", json.dumps(data, indent=2).encode())
 
-    cases = []
+    def set_graph_file(target: Path, data: bytes) -> None:  # a changed graph with a matching checksum
+        rewrite(target / graph_file, data)
+        entry = rt.manifest.FileEntry.of(target, graph_file)
+        edit_manifest(target, lambda d: d["graphs"][first_graph].update(sha256=entry.sha256, bytes=entry.bytes))
+
+    def set_generation(**generation):
+        return lambda d: d.update(generation=generation)
+
+    first_graph = next(iter(manifest["graphs"]))
+    vocab = manifest["dims"]["vocab_size"]
+    cases: list[Path | tuple[Path, dict[str, Any]]] = []
+    for name, change in [  # bad generation defaults and file entries: E_MANIFEST when the package loads
+        ("generation-strategy", set_generation(strategy="nucleus")),
+        ("generation-unknown", set_generation(temprature=0.5)),
+        ("generation-rule", set_generation(min_new_tokens=5, max_new_tokens=2)),
+        ("generation-eos", set_generation(eos_token_ids=[vocab])),
+        ("generation-pad", set_generation(pad_token_id=vocab)),
+        ("generation-not-object", lambda d: d.update(generation=["greedy"])),
+        ("sha256-uppercase", lambda d: d["tokenizer"].update(sha256=d["tokenizer"]["sha256"].upper())),
+        ("sha256-short", lambda d: d["graphs"][first_graph].update(sha256="abc123")),
+        ("bytes-negative", lambda d: d["tokenizer"].update(bytes=-1)),
+        ("bytes-fraction", lambda d: d["graphs"][first_graph].update(bytes=10.5)),
+        ("bytes-string", lambda d: d["tokenizer"].update(bytes="10")),
+    ]:
+        target = copy(name)
+        edit_manifest(target, change)
+        cases.append(target)
+    external = manifest["graphs"][first_graph].get("external_data", [])
+    if external:  # FORMAT.md 2.5: a graph's external-data locations, checked before onnxruntime opens it
+        data_file = external[0]["file"]
+        target = copy("external-unlisted")
+        edit_manifest(target, lambda d: d["graphs"][first_graph].update(external_data=[]))
+        cases.append(target)
+        for name, location in [("external-parent", "../" + data_file[3:]), ("external-colon", "C:" + data_file[2:]),
+                               ("external-unlisted-name", "x" + data_file[1:])]:
+            target = copy(name)  # the same length: the protobuf stays valid
+            set_graph_file(target, (package / graph_file).read_bytes().replace(data_file.encode(), location.encode()))
+            cases += [target, (target, {"verify": False})]
+        target = copy("external-link")  # a listed file that is a link leading out of the package
+        (target / data_file).unlink()
+        os.symlink((package / data_file).resolve(), target / data_file)
+        cases += [target, (target, {"verify": False})]
+    target = copy("empty-graph")
+    set_graph_file(target, b"")
+    cases.append(target)
+    target = copy("garbage-graph")  # not protobuf: refused by the external-data walk or by onnxruntime
+    set_graph_file(target, b"\xff" * 64)
+    cases.append(target)
     target = copy("format-version")
     edit_manifest(target, lambda d: d.update(format_version=99))
     cases.append(target)
@@ -211,9 +262,12 @@ def damaged_packages(package: Path, out: Path, prefix: str) -> list[dict[str, An
     cases.append(out / "damaged" / f"{prefix}-does-not-exist")
 
     results = []
-    for path in cases:
+    for path, options in (c if isinstance(c, tuple) else (c, {}) for c in cases):
         path_text = str(path)
-        results.append({"call": "load", "args": [path_text], "options": {}, **record_error(lambda: rt.load(path_text))})
+        found = record_error(lambda: rt.load(path_text, **options))
+        if found is None:
+            raise AssertionError(f"damaged package {path_text} ({options}) loaded in the Python runtime")
+        results.append({"call": "load", "args": [path_text], "options": options, **found})
     for options in ({"provider": "tpu"}, {"threads": -1}):  # bad load options on the intact package
         results.append({"call": "load", "args": [str(package)], "options": options,
                         **record_error(lambda: rt.load(package, **options))})

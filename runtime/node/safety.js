@@ -1,0 +1,229 @@
+/**
+ * Refuse ONNX graphs that would make onnxruntime read files outside their package (the port
+ * of `runtime/safety.py`; FORMAT.md section 2.5).
+ *
+ * An ONNX tensor can keep its bytes in another file: `TensorProto.external_data` holds
+ * `{location: <path relative to the .onnx>, offset, length}`. A hostile or damaged package
+ * can point `location` anywhere (`../../etc/passwd`, an absolute path, a link inside the
+ * package that leads out of it). So before onnxruntime opens a graph, every `location` is read
+ * and only plain file names that the manifest lists for that graph and that resolve inside the
+ * package directory are accepted.
+ *
+ * The `onnx` protobuf schema is not a dependency: this module walks the protobuf wire format
+ * itself. It descends only into the messages that can hold a TensorProto (SCHEMA, field
+ * numbers from onnx.proto) and skips every other field by its length; a field whose bytes do
+ * not contain `location` (the key every external-data entry spells out) is not entered at all,
+ * so a graph with inline weights costs one byte search. A file the walk finds malformed is
+ * refused as damaged (E_GRAPH), as Python does.
+ *
+ * @module safety
+ */
+
+import * as fs from 'node:fs/promises';
+import * as path from 'node:path';
+
+import { PackageError } from './errors.js';
+
+/** message -> {field number: message type of that (sub)message field}, as in safety.py. */
+const SCHEMA = {
+  ModelProto: { 7: 'GraphProto', 20: 'TrainingInfoProto', 25: 'FunctionProto' },
+  TrainingInfoProto: { 1: 'GraphProto', 2: 'GraphProto' },
+  GraphProto: { 1: 'NodeProto', 5: 'TensorProto', 15: 'SparseTensorProto' },
+  NodeProto: { 5: 'AttributeProto' },
+  FunctionProto: { 7: 'NodeProto', 11: 'AttributeProto' },
+  AttributeProto: { 5: 'TensorProto', 6: 'GraphProto', 10: 'TensorProto', 11: 'GraphProto',
+    22: 'SparseTensorProto', 23: 'SparseTensorProto' },
+  SparseTensorProto: { 1: 'TensorProto', 2: 'TensorProto' },
+};
+const TENSOR_NAME = 8;
+const TENSOR_EXTERNAL_DATA = 13; // TensorProto fields
+const ENTRY_KEY = 1;
+const ENTRY_VALUE = 2; // StringStringEntryProto fields
+const KEY = Buffer.from('location'); // the external_data key, stored verbatim in the file
+export const MAX_DEPTH = 64; // nested subgraphs deeper than this are refused rather than recursed into
+
+const UTF8 = new TextDecoder('utf-8', { fatal: true });
+
+/** One external-data reference: the tensor's name ('' if none) and its `location` as written. @typedef {{tensor: string, location: string}} ExternalRef */
+
+class Malformed extends Error {}
+
+/** A varint at `pos`: [value, position after it]. Multiplication, not shifts: values exceed 32 bits. */
+function varint(buf, pos, end) {
+  let value = 0;
+  for (let shift = 0; ; shift += 7) {
+    if (pos >= end || shift > 63) throw new Malformed(`truncated or overlong varint at byte ${pos}`);
+    const byte = buf[pos++];
+    value += (byte & 0x7f) * 2 ** shift;
+    if (byte < 0x80) return [value, pos];
+  }
+}
+
+/** Each field of the message in [pos, end): [field number, wire type, value start, value end]. */
+function* fields(buf, pos, end) {
+  while (pos < end) {
+    let key;
+    [key, pos] = varint(buf, pos, end);
+    const number = Math.floor(key / 8);
+    const wire = key % 8;
+    if (number === 0) throw new Malformed(`field number 0 at byte ${pos}`);
+    let after;
+    if (wire === 0) {
+      [, after] = varint(buf, pos, end);
+    } else if (wire === 1) {
+      after = pos + 8;
+    } else if (wire === 2) {
+      let length;
+      [length, pos] = varint(buf, pos, end);
+      after = pos + length;
+    } else if (wire === 5) {
+      after = pos + 4;
+    } else { // groups (3, 4) are not used by ONNX; 6 and 7 do not exist
+      throw new Malformed(`unsupported wire type ${wire} at byte ${pos}`);
+    }
+    if (after > end) throw new Malformed(`field ${number} runs past the end of its message (byte ${after} > ${end})`);
+    yield [number, wire, pos, after];
+    pos = after;
+  }
+}
+
+function text(buf, start, end) {
+  try {
+    return UTF8.decode(buf.subarray(start, end));
+  } catch {
+    throw new Malformed(`invalid UTF-8 in a string field at byte ${start}`);
+  }
+}
+
+function tensor(buf, start, end, found) {
+  let name = '';
+  const locations = [];
+  for (const [number, wire, a, b] of fields(buf, start, end)) {
+    if (wire !== 2) continue;
+    if (number === TENSOR_NAME) {
+      name = text(buf, a, b);
+    } else if (number === TENSOR_EXTERNAL_DATA) {
+      let key = null;
+      let value = null;
+      for (const [n, w, c, d] of fields(buf, a, b)) {
+        if (w === 2 && n === ENTRY_KEY) key = text(buf, c, d);
+        else if (w === 2 && n === ENTRY_VALUE) value = text(buf, c, d);
+      }
+      if (key === 'location') locations.push(value ?? '');
+    }
+  }
+  for (const location of locations) found.push({ tensor: name, location });
+}
+
+function walk(buf, start, end, message, depth, found) {
+  if (depth > MAX_DEPTH) throw new Malformed(`subgraphs nested more than ${MAX_DEPTH} deep`);
+  const children = SCHEMA[message];
+  for (const [number, wire, a, b] of fields(buf, start, end)) {
+    const child = children[number];
+    // An external-data entry spells out its key: no "location" bytes, none inside.
+    if (child === undefined || wire !== 2 || buf.subarray(a, b).indexOf(KEY) < 0) continue;
+    if (child === 'TensorProto') tensor(buf, a, b, found);
+    else walk(buf, a, b, child, depth + 1, found);
+  }
+}
+
+/**
+ * Every external-data `location` in an ONNX graph's bytes (initializers, sparse initializers,
+ * tensor attributes of nodes and functions, subgraphs at any depth).
+ * @param {Uint8Array} bytes  the graph file
+ * @param {string} name  the file's name, for messages
+ * @returns {ExternalRef[]}
+ */
+export function externalDataRefsOf(bytes, name) {
+  if (!bytes.length) {
+    throw new PackageError(`graph file '${name}' is empty; the package is damaged, re-export it`, { code: 'E_GRAPH' });
+  }
+  const buf = Buffer.from(bytes.buffer, bytes.byteOffset, bytes.byteLength); // a view: indexOf on Buffers
+  const found = [];
+  try {
+    walk(buf, 0, buf.length, 'ModelProto', 0, found);
+  } catch (err) {
+    if (!(err instanceof Malformed)) throw err;
+    throw new PackageError(
+      `graph file '${name}' is not a valid ONNX protobuf (${err.message}); the package is damaged, re-export it`,
+      { code: 'E_GRAPH' },
+    );
+  }
+  return found;
+}
+
+/**
+ * Every external-data `location` in the ONNX file at `file`.
+ * @param {string} file
+ * @returns {Promise<ExternalRef[]>}
+ */
+export async function externalDataRefs(file) {
+  let bytes;
+  try {
+    bytes = await fs.readFile(file);
+  } catch (err) {
+    throw new PackageError(`cannot read graph file ${file}: ${err.message}`, { code: 'E_GRAPH', cause: err });
+  }
+  return externalDataRefsOf(bytes, path.basename(file));
+}
+
+/** As FORMAT.md 2.5 rule 1: not empty, not . or .., no / \ : NUL, its own base name. */
+function plain(location) {
+  return Boolean(location) && location !== '.' && location !== '..' && !/[/\\:\0]/.test(location) &&
+    location === path.basename(location);
+}
+
+/**
+ * A path with every link followed, also where the target does not exist (Python's
+ * `Path.resolve()`, not strict): a dangling link resolves to where it points.
+ * @param {string} file  absolute
+ */
+async function resolveLoose(file, hops = 0) {
+  try {
+    return await fs.realpath(file);
+  } catch {
+    const parent = await fs.realpath(path.dirname(file)).catch(() => path.dirname(file));
+    const here = path.join(parent, path.basename(file));
+    const stat = await fs.lstat(here).catch(() => null);
+    if (!stat?.isSymbolicLink() || hops >= 40) return here; // missing (the file checks report it), or a loop
+    return resolveLoose(path.resolve(parent, await fs.readlink(here)), hops + 1);
+  }
+}
+
+/**
+ * Refuse a graph whose external data is not a listed file inside its own directory.
+ * @param {string} graphPath  the graph file
+ * @param {Iterable<string>} allowed  the external-data file names the manifest lists for this graph
+ * @returns {Promise<ExternalRef[]>}  the references found
+ */
+export async function checkExternalData(graphPath, allowed) {
+  const directory = await fs.realpath(path.dirname(graphPath));
+  const listed = new Set(allowed);
+  const refs = await externalDataRefs(graphPath);
+  const name = path.basename(graphPath);
+  for (const ref of refs) {
+    const what = `graph '${name}' reads tensor '${ref.tensor}' from external file ${JSON.stringify(ref.location)}`;
+    if (!plain(ref.location)) {
+      throw new PackageError(
+        `${what}, a path outside the package directory; refused. A package may only reference files in its own ` +
+          'directory; this one is damaged or hostile, do not use it',
+        { code: 'E_EXTERNAL_DATA' },
+      );
+    }
+    if (!listed.has(ref.location)) {
+      throw new PackageError(
+        `${what}, which the manifest does not list for this graph (listed: ${[...listed].sort().join(', ') || 'none'}); ` +
+          'refused: the package is damaged, re-export it',
+        { code: 'E_EXTERNAL_DATA' },
+      );
+    }
+    if (path.dirname(await resolveLoose(path.join(directory, ref.location))) !== directory) {
+      throw new PackageError(
+        `${what}, which is a link leading outside the package directory; refused. A package may only reference ` +
+          'files in its own directory',
+        { code: 'E_EXTERNAL_DATA' },
+      );
+    }
+  }
+  return refs;
+}
