@@ -102,6 +102,20 @@ describe('generationConfig', () => {
     assert.throws(() => gen.resolveConfig({ top_pp: 0.9 }, pkg), (err) => err.code === 'E_UNKNOWN_PARAMETER');
   });
 
+  test('checkParameters checks the set fields and the rules between set fields only (Python: from_dict)', () => {
+    assert.deepEqual(gen.checkParameters({ min_new_tokens: 40, eos_token_ids: 2, seed: null }), { min_new_tokens: 40, eos_token_ids: [2] });
+    assert.deepEqual(gen.checkParameters({ strategy: 'beam', stop_strings: [] }), { strategy: 'beam', stop_strings: [] });
+    assert.deepEqual(gen.checkParameters({ num_return_sequences: 3 }), { num_return_sequences: 3 }); // no strategy set
+    for (const [params, code] of [
+      [{ min_new_tokens: 5, max_new_tokens: 2 }, 'E_CONFIG'], [{ strategy: 'greedy', num_return_sequences: 2 }, 'E_CONFIG'],
+      [{ strategy: 'beam', stop_strings: ['x'] }, 'E_CONFIG'], [{ top_p: 2 }, 'E_CONFIG'], [{ temprature: 1 }, 'E_UNKNOWN_PARAMETER'],
+    ]) {
+      assert.throws(() => gen.checkParameters(params), (err) => err instanceof ConfigError && err.code === code, JSON.stringify(params));
+    }
+    // A set field the rules accept alone still meets the built-in defaults when a call resolves it.
+    assert.throws(() => gen.resolveConfig({}, { min_new_tokens: 40 }), (err) => err.code === 'E_CONFIG');
+  });
+
   test('closeMatch suggests a name at most 2 edits away', () => {
     const fields = Object.keys(gen.DEFAULTS);
     const expected = { top_pp: 'top_p', temprature: 'temperature', seeed: 'seed', topk: 'top_k', xyz: null,

@@ -7,7 +7,7 @@
  */
 
 import assert from 'node:assert/strict';
-import { mkdtempSync, readdirSync, rmSync, symlinkSync } from 'node:fs';
+import { mkdtempSync, readFileSync, readdirSync, rmSync, symlinkSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import * as path from 'node:path';
 import { after, before, describe, test } from 'node:test';
@@ -15,7 +15,7 @@ import { after, before, describe, test } from 'node:test';
 import ort from 'onnxruntime-node';
 
 import { selfCacheNames } from '../contract.js';
-import { PackageError, ProviderError, Random, load } from '../index.js';
+import { PackageError, ProviderError, Random, load, manifestFromDict } from '../index.js';
 import { special } from '../manifest.js';
 import { floatData } from '../session.js';
 import { NO_PACKAGES, packageDirs } from './packages.js';
@@ -80,6 +80,20 @@ for (const dir of dirs) {
         await assert.rejects(load(copy), (err) => err instanceof PackageError && err.code === 'E_PACKAGE' && /outside/.test(err.message));
       } finally {
         rmSync(copy, { recursive: true });
+      }
+    });
+
+    test('manifest generation defaults: checked as set (as Python), token ids below V, E_MANIFEST', () => {
+      const data = JSON.parse(readFileSync(path.join(dir, 'manifest.json'), 'utf8'));
+      const V = data.dims.vocab_size;
+      const withGeneration = (generation) => manifestFromDict({ ...data, generation });
+      // Set fields are checked alone: min_new_tokens 40 needs a max_new_tokens only once a call resolves it.
+      assert.deepEqual(withGeneration({ min_new_tokens: 40 }).generation, { min_new_tokens: 40 });
+      assert.deepEqual(withGeneration({}).generation, {});
+      for (const generation of [{ top_k: -1 }, { num_beams: 2, strategy: 'greedy' }, { max_tokens: 3 },
+        { eos_token_ids: [0, V] }, { pad_token_id: V }, null, 'greedy']) {
+        assert.throws(() => withGeneration(generation), (err) => err instanceof PackageError && err.code === 'E_MANIFEST' &&
+          /generation/.test(err.message), JSON.stringify(generation));
       }
     });
 
