@@ -32,7 +32,7 @@ import {
 import { InputError, PackageError, ProviderError, show } from './errors.js';
 import { leftPad } from './generation.js';
 import { special } from './manifest.js';
-import { StepResult, asTokens, keptRows } from './steps.js';
+import { StepResult, asTokens, keptRows, prefillRows } from './steps.js';
 
 export const PROVIDERS = ['cpu', 'cuda'];
 
@@ -303,7 +303,7 @@ export class ConcatSteps {
   }
 
   async prefill(prompts) {
-    const { starts, encoded } = await this.sources.decoderPrompts(prompts);
+    const { starts, encoded } = await this.sources.decoderPrompts(prefillRows(prompts, this.vocabSize));
     const { dims, float_dtype: dtype } = this.manifest;
     const past = Object.fromEntries(selfCacheNames(dims).map(([, name]) => [name, emptyPast(starts.length, dims, dtype)])); // P = 0
     const batch = leftPad(starts, 0);
@@ -325,7 +325,7 @@ export class ConcatSteps {
   }
 
   async advance(tokens) {
-    const ids = asTokens(tokens, this.rows); // (N, K)
+    const ids = asTokens(tokens, this.rows, this.vocabSize); // (N, K)
     const k = ids[0].length;
     if (k > 1 && this.bidirectionalBlock) { // one token at a time, each causal
       const steps = [];
@@ -447,7 +447,7 @@ export class SharedSteps {
   }
 
   async prefill(prompts) {
-    const { starts, encoded } = await this.sources.decoderPrompts(prompts);
+    const { starts, encoded } = await this.sources.decoderPrompts(prefillRows(prompts, this.vocabSize));
     const longest = Math.max(...starts.map((s) => s.length));
     const rows = this.#empty(starts.length, Math.max(this.capacity, longest));
     rows.encoded = encoded;
@@ -458,7 +458,7 @@ export class SharedSteps {
   }
 
   async advance(tokens) {
-    const ids = asTokens(tokens, this.rows); // (N, K)
+    const ids = asTokens(tokens, this.rows, this.vocabSize); // (N, K)
     const state = this.state;
     const k = ids[0].length;
     if (k === 1) return this.#run(state, ids, state.lengths.map((l) => l + 1));

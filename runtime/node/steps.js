@@ -31,7 +31,8 @@
  * @module steps
  */
 
-import { argmax, logProb } from './generation.js';
+import { InputError } from './errors.js';
+import { argmax, checkPrompts, logProb } from './generation.js';
 
 /**
  * The greedy choice of logits rows: argmax (lowest id among ties) and its log-softmax value.
@@ -120,18 +121,37 @@ export class StepResult {
 }
 
 /**
- * advance()'s tokens as N rows of K >= 1 token ids; an Error for another shape (a search that
- * breaks the protocol is a bug).
+ * advance()'s tokens as N rows of K >= 1 token ids. Another shape, or ids outside the
+ * vocabulary, break the protocol: a bug of the caller (a search, a scheduler), so a plain Error.
  * @param {number[] | number[][]} tokens
  * @param {number} rows  N
+ * @param {number} vocabSize  V
  * @returns {number[][]}
  */
-export function asTokens(tokens, rows) {
+export function asTokens(tokens, rows, vocabSize) {
   const ids = tokens.map((t) => (Array.isArray(t) ? t : [t]));
   if (ids.length !== rows || !ids.length || ids.some((row) => row.length !== ids[0].length || !row.length)) {
     throw new Error(`advance() takes (N=${rows},) or (N=${rows}, K) token ids; got ${tokens.length} rows`);
   }
+  if (ids.some((row) => row.some((t) => !Number.isInteger(t) || t < 0 || t >= vocabSize))) {
+    throw new Error(`advance() got a token id outside the vocabulary [0, ${vocabSize})`);
+  }
   return ids;
+}
+
+/**
+ * prefill()'s prompts checked (InputError: they may come straight from a caller).
+ * @param {number[][]} prompts
+ * @param {number} vocabSize  V
+ * @returns {number[][]}
+ */
+export function prefillRows(prompts, vocabSize) {
+  const rows = checkPrompts(prompts);
+  const top = Math.max(...rows.map((r) => Math.max(...r)));
+  if (top >= vocabSize) {
+    throw new InputError(`prompt token id ${top} is out of range for vocab_size ${vocabSize}`, { code: 'E_TOKEN_ID' });
+  }
+  return rows;
 }
 
 /**

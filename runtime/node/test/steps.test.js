@@ -117,3 +117,25 @@ for (const dir of dirs) {
     });
   });
 }
+
+for (const dir of dirs) {
+  test(`step protocol refuses bad prompts and tokens: ${dir}`, async (t) => {
+    const model = await load(dir);
+    try {
+      if (!model.canGenerate) return t.skip('no decoder');
+      const vocab = model.dims.vocab_size;
+      const steps = model.stepModel();
+      // prefill's prompts may come straight from a caller: InputError with a code
+      await assert.rejects(steps.prefill([[5, vocab]]), (err) => err.name === 'InputError' && err.code === 'E_TOKEN_ID');
+      await assert.rejects(steps.prefill([[]]), (err) => err.name === 'InputError' && err.code === 'E_INPUT');
+      assert.equal(steps.rows, 0);
+      await steps.prefill([[5, 6], [7]]);
+      // advance's tokens come from a search or scheduler: a wrong shape or id is its bug, a plain Error
+      await assert.rejects(steps.advance([1, 2, 3]), (err) => err.constructor === Error && /N=2/.test(err.message));
+      await assert.rejects(steps.advance([1, vocab]), (err) => err.constructor === Error && /vocabulary/.test(err.message));
+      assert.equal((await steps.advance([1, 2])).logits.length, 2);
+    } finally {
+      await model.release();
+    }
+  });
+}
