@@ -5,8 +5,9 @@ Each subcommand lives in its own module that defines `add_arguments(parser)` and
 torch inside `run`), so `onnxformer --help` and the runtime subcommands start without torch.
 
 An error onnxformer raises on purpose (`OnnxformerError`) prints `error[CODE]: message` on
-stderr and exits with status 2 (`-v` re-raises it with its traceback); usage errors are
-argparse's (status 2). Any other exception is a bug and ends with its traceback.
+stderr and exits with status 2 (`-v`, before or after the subcommand, re-raises it with its
+traceback); usage errors are argparse's (status 2). Any other exception is a bug and ends with its
+traceback. `onnxformer --version` prints the installed version (`onnxformer.runtime.__version__`).
 """
 
 from __future__ import annotations
@@ -45,10 +46,17 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
         prog="onnxformer",
         description="Train transformers in PyTorch, export them to ONNX packages, run them anywhere.",
     )
+    from . import __version__
+
+    parser.add_argument("--version", action="version", version=f"onnxformer {__version__}")
     parser.add_argument("-v", "--verbose", action="store_true", help="log progress details")
+    # -v also after the subcommand; SUPPRESS keeps a subcommand's unset flag from overriding the top's.
+    verbose = argparse.ArgumentParser(add_help=False)
+    verbose.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS,
+                         help="log progress details; show an error's traceback")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for name, help_text in SUBCOMMANDS.items():
-        p = sub.add_parser(name, help=help_text, description=help_text)
+        p = sub.add_parser(name, help=help_text, description=help_text, parents=[verbose])
         if only is None or only == name:
             try:
                 add = _module(name).add_arguments

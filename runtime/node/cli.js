@@ -25,6 +25,7 @@ common options:
   --provider {cpu,cuda}       onnxruntime execution provider (default cpu)
   --threads N                 intra-op threads (default: onnxruntime's choice)
   --truncate                  truncate inputs longer than the model's maximum
+  --version                   print the version and exit
 
 generate:
   --strategy {greedy,sample,beam}   decoding strategy (default: the package's, greedy)
@@ -74,6 +75,7 @@ function parse(argv) {
     pooling: { type: 'string', default: 'mean' },
     'no-normalize': { type: 'boolean' },
     help: { type: 'boolean', short: 'h' },
+    version: { type: 'boolean' },
   };
   for (const flag of Object.keys(GENERATION_FLAGS)) options[flag] = { type: 'string' };
   let parsed;
@@ -84,6 +86,7 @@ function parse(argv) {
   }
   const { values, positionals } = parsed;
   if (values.help) return { help: true };
+  if (values.version) return { version: true };
   const [command, pkg, ...texts] = positionals;
   if (!['generate', 'classify', 'embed'].includes(command)) {
     throw new UsageError(`the first argument must be generate, classify or embed; got ${command === undefined ? 'nothing' : `'${command}'`}`);
@@ -152,6 +155,11 @@ async function main(argv) {
   }
   if (args.help) {
     process.stdout.write(`${USAGE}\n`);
+    return 0;
+  }
+  if (args.version) { // package.json's version, as `onnxformer --version` prints pyproject's
+    const { version } = JSON.parse(readFileSync(new URL('./package.json', import.meta.url), 'utf8'));
+    process.stdout.write(`onnxformer ${version}\n`);
     return 0;
   }
   try {
