@@ -23,6 +23,8 @@ def add_arguments(parser: argparse.ArgumentParser, command: str) -> None:
     parser.add_argument("--json", action="store_true", help="print JSON for scripts")
     parser.add_argument("--provider", default="cpu", choices=["cpu", "cuda"], help="onnxruntime execution provider")
     parser.add_argument("--threads", type=int, default=None, help="intra-op threads (default: onnxruntime's choice)")
+    parser.add_argument("--trust-store", action="append", default=None, metavar="PATH",
+                        help="allow the package's files to be links into this content store (repeatable)")
     parser.add_argument("--truncate", action="store_true", help="truncate inputs longer than the model's maximum")
     if command == "generate":
         g = parser.add_argument_group("generation")
@@ -40,6 +42,8 @@ def add_arguments(parser: argparse.ArgumentParser, command: str) -> None:
         g.add_argument("--no-repeat-ngram-size", type=int, default=None, help="never repeat an n-gram of this size")
         g.add_argument("--stop", action="append", default=None, metavar="STRING", help="stop at this string (repeatable)")
         g.add_argument("--stream", action="store_true", help="print text as it is generated (one prompt)")
+        g.add_argument("--raw", action="store_true",
+                       help="send prompts exactly as given, without the package's prompt format")
     if command == "embed":
         parser.add_argument("--pooling", choices=["mean", "cls"], default="mean", help="how to pool token states")
         parser.add_argument("--no-normalize", action="store_true", help="do not L2-normalise the embeddings")
@@ -47,11 +51,18 @@ def add_arguments(parser: argparse.ArgumentParser, command: str) -> None:
 
 def _texts(args: argparse.Namespace) -> list[str]:
     if args.texts:
+        for i, text in enumerate(args.texts):
+            try:
+                text.encode("utf-8")
+            except UnicodeEncodeError:  # undecodable argv bytes arrive as lone surrogates
+                raise InputError(f"text argument {i + 1} is not valid UTF-8; pass UTF-8 text (e.g. convert it "
+                                 "with iconv -f latin1 -t utf-8)") from None
         return args.texts
     if sys.stdin is None or sys.stdin.isatty():
         raise InputError("no input texts: pass them as arguments or pipe them on stdin (one per line)")
     try:
-        texts = [line.rstrip("\n") for line in sys.stdin if line.strip()]
+        # A line ends at \n; a \r before it (Windows line endings) is no part of the text.
+        texts = [line.rstrip("\n").removesuffix("\r") for line in sys.stdin if line.strip()]
     except UnicodeDecodeError as err:
         raise InputError(f"stdin is not valid UTF-8 ({err.reason} at byte {err.start} of a read block); "
                          "pipe UTF-8 text, one input per line") from None
@@ -91,6 +102,8 @@ def _inspect(args: argparse.Namespace) -> int:
     print(f"special      {special}")
     if manifest.label_names:
         print(f"labels       {', '.join(manifest.label_names)}")
+    if manifest.prompt_format:
+        print(f"prompts      {manifest.prompt_format.template!r}" + (" (stripped)" if manifest.prompt_format.strip else ""))
     for name, entry in manifest.graphs.items():
         size = entry.file.bytes + sum(e.bytes for e in entry.external_data)
         print(f"\n{entry.file.file}  {size / 1e6:.2f} MB  sha256 {entry.file.sha256[:16]}")
@@ -118,7 +131,7 @@ def run(args: argparse.Namespace) -> int:
     from . import load
 
     texts = _texts(args)
-    model = load(args.package, provider=args.provider, threads=args.threads)
+    model = load(args.package, provider=args.provider, threads=args.threads, trusted_roots=args.trust_store)
     if args.command == "classify":
         results = model.classify(texts, truncate=args.truncate)
         if args.json:
@@ -140,12 +153,12 @@ def run(args: argparse.Namespace) -> int:
     overrides = _generation_overrides(args)
     if args.stream:
         if len(texts) != 1:
-            raise InputError(f"--stream takes one prompt; got {len(texts)}")
-        for piece in model.stream(texts[0], truncate=args.truncate, **overrides):
+            raise InputError(f"--stream takes one prompt; got {len(texts)}. Pass one, or drop --stream")
+        for piece in model.stream(texts[0], truncate=args.truncate, raw=args.raw, **overrides):
             print(piece, end="", flush=True)
         print()
         return 0
-    results = model.generate(texts, truncate=args.truncate, **overrides)
+    results = model.generate(texts, truncate=args.truncate, raw=args.raw, **overrides)
     if args.json:
         print(json.dumps([{"prompt": r.prompt, "texts": r.texts, "token_ids": r.token_ids, "scores": r.scores,
                            "finish_reasons": r.finish_reasons} for r in results], ensure_ascii=False))

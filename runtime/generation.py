@@ -67,6 +67,23 @@ Decode = Callable[[Sequence[int]], str]
 """Token ids -> text, e.g. ``lambda ids: tokenizer.decode(ids, skip_special_tokens=True)``."""
 
 
+# Advice in messages ------------------------------------------------------------------------
+# A message that suggests a fix names it as both surfaces spell it, so the fix works where the
+# user is: the Python API (``max_new_tokens=7``) and the CLI (``--max-new-tokens 7``).
+# Node's generation.js spells its own (``{ max_new_tokens: 7 }``). tests/reliability/test_advice.py
+# applies every such fix, literally, and sees the call succeed.
+CLI_FLAGS: dict[str, str | None] = {"stop_strings": "--stop", "eos_token_ids": None, "early_stopping": None,
+                                    "pad_token_id": None}  # None: no CLI flag (the package's value applies)
+
+
+def option(name: str, value: Any) -> str:
+    """``name=value (--flag value)``: a parameter setting as the API and the CLI spell it."""
+    flag = CLI_FLAGS.get(name, "--" + name.replace("_", "-"))
+    if value is True:  # a switch: truncate=True (--truncate)
+        return f"{name}=True ({flag})" if flag else f"{name}=True"
+    return f"{name}={value!r} ({flag} {value})" if flag else f"{name}={value!r}"
+
+
 # Configuration -----------------------------------------------------------------------------
 def _check_int(name: str, value: Any, minimum: int) -> int:
     if not is_int(value) or value < minimum:
@@ -171,9 +188,11 @@ def _validated(values: dict[str, Any]) -> dict[str, Any]:
         if name in v:
             v[name] = _check_float(name, v[name])
     if "top_p" in v and not 0.0 < v["top_p"] <= 1.0:
-        raise ConfigError(f"top_p must be in (0, 1]; got {v['top_p']!r}. Use 1.0 to turn nucleus filtering off.")
+        raise ConfigError(f"top_p must be in (0, 1]; got {v['top_p']!r}. Pass {option('top_p', 1.0)} to turn nucleus "
+                          "filtering off.")
     if "repetition_penalty" in v and v["repetition_penalty"] <= 0:
-        raise ConfigError(f"repetition_penalty must be > 0; got {v['repetition_penalty']!r}. Use 1.0 to turn it off.")
+        raise ConfigError(f"repetition_penalty must be > 0; got {v['repetition_penalty']!r}. "
+                          f"Pass {option('repetition_penalty', 1.0)} to turn it off.")
     if "early_stopping" in v:
         if not isinstance(v["early_stopping"], (bool, np.bool_)):
             raise ConfigError(f"early_stopping must be a bool; got {v['early_stopping']!r}")
@@ -198,37 +217,41 @@ def _validated(values: dict[str, Any]) -> dict[str, Any]:
 
 def _min_within_max(min_new: int, max_new: int) -> None:
     if min_new > max_new:
-        raise ConfigError(f"min_new_tokens ({min_new}) must be <= max_new_tokens ({max_new}); "
-                          "lower min_new_tokens or raise max_new_tokens")
+        raise ConfigError(f"min_new_tokens ({min_new}) must be <= max_new_tokens ({max_new}); pass "
+                          f"{option('min_new_tokens', max_new)} or less, or {option('max_new_tokens', min_new)} or more")
 
 
 def _positive_temperature(strategy: str, temperature: float) -> None:
     if strategy == "sample" and temperature <= 0:
         raise ConfigError(f"temperature must be > 0 for strategy 'sample'; got {temperature!r}. "
-                          "Use strategy 'greedy' for deterministic decoding.")
+                          f"Pass a temperature > 0, e.g. {option('temperature', 1.0)}, or "
+                          f"{option('strategy', 'greedy')} for deterministic decoding.")
 
 
 def _beams_need_beam(strategy: str, num_beams: int) -> None:
     if num_beams > 1 and strategy != "beam":
-        raise ConfigError(f"num_beams ({num_beams}) > 1 needs strategy 'beam'; got strategy {strategy!r}")
+        raise ConfigError(f"num_beams ({num_beams}) > 1 needs strategy 'beam'; got strategy {strategy!r}. "
+                          f"Pass {option('strategy', 'beam')}, or {option('num_beams', 1)} for strategy {strategy!r}.")
 
 
 def _one_greedy_sequence(strategy: str, num_return_sequences: int) -> None:
     if strategy == "greedy" and num_return_sequences != 1:
         raise ConfigError(f"num_return_sequences must be 1 for strategy 'greedy' (it is deterministic); got "
-                          f"{num_return_sequences}. Use strategy 'sample' or 'beam' for several sequences.")
+                          f"{num_return_sequences}. For several sequences pass {option('strategy', 'sample')}, or "
+                          f"{option('strategy', 'beam')} with {option('num_beams', num_return_sequences)}.")
 
 
 def _sequences_within_beams(strategy: str, num_return_sequences: int, num_beams: int) -> None:
     if strategy == "beam" and num_return_sequences > num_beams:
         raise ConfigError(f"num_return_sequences ({num_return_sequences}) must be <= num_beams ({num_beams}) "
-                          "for strategy 'beam'")
+                          f"for strategy 'beam'; pass {option('num_beams', num_return_sequences)} or more")
 
 
 def _no_stop_strings_in_beam(strategy: str, stop_strings: tuple[str, ...]) -> None:
     if stop_strings and strategy == "beam":
-        raise ConfigError(f"stop_strings ({stop_strings!r}) are not supported with strategy 'beam'; "
-                          "use eos_token_ids, or strategy 'greedy' / 'sample'")
+        raise ConfigError(f"stop_strings ({stop_strings!r}) are not supported with strategy 'beam' (it stops at "
+                          f"eos_token_ids); drop stop_strings (--stop), or pass {option('strategy', 'greedy')} "
+                          "or 'sample'")
 
 
 _RULES: tuple[tuple[tuple[str, ...], Callable[..., None]], ...] = (
@@ -839,10 +862,12 @@ def stream(
     """
     config = _resolved(config)
     if config.strategy == "beam":
-        raise ConfigError("stream() supports strategy 'greedy' or 'sample'; got 'beam'. Use beam_search().")
+        raise ConfigError("stream() supports strategy 'greedy' or 'sample'; got 'beam'. For beam search call "
+                          "generate() instead (without --stream), or pass " + option("strategy", "greedy") + ".")
     if config.num_return_sequences != 1:
         raise ConfigError(
-            f"stream() yields one sequence; got num_return_sequences={config.num_return_sequences}. Use sample()."
+            f"stream() yields one sequence; got num_return_sequences={config.num_return_sequences}. Pass "
+            f"{option('num_return_sequences', 1)}, or call generate() instead (without --stream) for several."
         )
     if config.strategy == "greedy":
         chooser = greedy_choice

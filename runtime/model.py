@@ -2,7 +2,7 @@
 tokenizers only; never torch.
 
     model = onnxformer.runtime.load("artifacts/decoder")
-    model.generate(["three hundred ="], GenerationConfig(max_new_tokens=8))
+    model.generate(["three hundred"], GenerationConfig(max_new_tokens=8))  # in the trained prompt format
     model.classify(["the food was not good"])      # encoder packages with a classifier
     model.embed(["a sentence"], pooling="mean")     # encoder packages
 
@@ -39,11 +39,12 @@ from .contract import (
     self_cache_names,
 )
 from .errors import ConfigError, InputError, PackageError, ProviderError, RunError
-from .safety import check_external_data
+from .safety import check_external_data, trusted_roots as trusted_roots_of
 from .generation import Generation, GenerationConfig
 from .session_steps import ConcatSteps, SharedSteps
 from .steps import StepModel, is_int
 from .manifest import Manifest
+from .prompt_format import PromptFormat
 
 log = logging.getLogger(__name__)
 
@@ -89,7 +90,7 @@ def _resolve_provider(provider: str) -> tuple[str, str]:
         raise ProviderError(
             f"provider {provider!r} ({name}) is not available in this onnxruntime build "
             f"(available: {', '.join(available)}). For CUDA install the onnxruntime-gpu wheel "
-            "instead of onnxruntime, or use provider='cpu'."
+            "instead of onnxruntime, or pass provider='cpu' (--provider cpu)."
         )
     return name, device
 
@@ -167,7 +168,8 @@ class Model:
                 except UnicodeEncodeError as err:  # a lone surrogate, e.g. from a bad decode upstream
                     raise InputError(
                         f"{what}[{i}] is not valid Unicode ({err.reason} at character {err.start}); "
-                        "decode your input with errors='replace'"
+                        "decode the bytes it came from with errors='replace' "
+                        "(data.decode('utf-8', errors='replace'))"
                     ) from None
         return texts
 
@@ -186,10 +188,13 @@ class Model:
             ids = enc.ids
             if len(ids) > limit:
                 if not truncate:
+                    # Fewer new tokens help only a prompt that fits the model's length on its own.
+                    fewer = self.manifest.max_seq_len - len(ids)
+                    lower = f", {gen.option('max_new_tokens', fewer)} or less" if reserve and fewer >= 1 else ""
                     raise InputError(
                         f"text {i} is {len(ids)} tokens; this model takes at most {limit}"
                         + (f" ({self.manifest.max_seq_len} minus {reserve} new tokens)" if reserve else "")
-                        + ". Shorten it, lower max_new_tokens, or pass truncate=True.",
+                        + f". Shorten it{lower}, or pass {gen.option('truncate', True)}.",
                         code="E_TOO_LONG",
                     )
                 keep = truncate_keeping_specials(ids, enc.special_tokens_mask, limit, keep_end=reserve > 0)
@@ -231,7 +236,7 @@ class Model:
                 i = start + max(range(len(chunk)), key=lambda j: len(chunk[j].ids))
                 raise InputError(
                     f"text {i} is {len(encodings[i].ids)} tokens; this model takes at most {limit}. "
-                    "Shorten it or pass truncate=True.",
+                    f"Shorten it or pass {gen.option('truncate', True)}.",
                     code="E_TOO_LONG",
                 )
             width = min(width, limit)
@@ -305,13 +310,18 @@ class Model:
         `pad_token_id=0`. Every generation entry point resolves its parameters here."""
         return gen.resolve_config(config, overrides, self.manifest.generation)
 
+    def _max_new_tokens_too_many(self, config: GenerationConfig) -> InputError:
+        most = self.manifest.max_seq_len - 1
+        room = "" if self.arch == "encoder-decoder" else " minus the prompt's tokens"
+        return InputError(
+            f"max_new_tokens ({config.max_new_tokens}) must be below this model's max_seq_len "
+            f"({self.manifest.max_seq_len}); pass {gen.option('max_new_tokens', most)}{room} or less",
+            code="E_TOO_LONG",
+        )
+
     def _prompt_ids(self, prompts: list[str], config: GenerationConfig, truncate: bool) -> list[list[int]]:
         if config.max_new_tokens >= self.manifest.max_seq_len:
-            raise InputError(
-                f"max_new_tokens ({config.max_new_tokens}) must be below this model's max_seq_len "
-                f"({self.manifest.max_seq_len})",
-                code="E_TOO_LONG",
-            )
+            raise self._max_new_tokens_too_many(config)
         reserve = config.max_new_tokens if self.arch != "encoder-decoder" else 0
         return self.encode(prompts, truncate=truncate, reserve=reserve)
 
@@ -322,19 +332,29 @@ class Model:
             raise InputError(f"token id {top} is out of range for this model's vocabulary (size {self.dims.vocab_size})",
                              code="E_TOKEN_ID")
         if config.strategy == "beam" and config.num_beams > self.dims.vocab_size:
-            raise ConfigError(f"num_beams ({config.num_beams}) must be <= the vocabulary size ({self.dims.vocab_size})")
+            raise ConfigError(f"num_beams ({config.num_beams}) must be <= the vocabulary size ({self.dims.vocab_size}); "
+                              f"pass {gen.option('num_beams', self.dims.vocab_size)} or fewer")
         per_prompt = max(config.num_beams, config.num_return_sequences)
         if per_prompt > MAX_SEQUENCES_PER_PROMPT:  # refused before numpy tries to allocate the rows
             raise ConfigError(
-                f"{per_prompt} beams or sequences per prompt is more than {MAX_SEQUENCES_PER_PROMPT}; "
-                "lower num_beams / num_return_sequences, or call generate several times with different seeds"
+                f"{per_prompt} beams or sequences per prompt is more than {MAX_SEQUENCES_PER_PROMPT}; pass "
+                f"num_beams and num_return_sequences of at most {MAX_SEQUENCES_PER_PROMPT} (--num-beams, "
+                "--num-return-sequences), or generate several times with different seeds"
             )
-        longest = max(len(r) for r in rows)
-        extra = config.max_new_tokens if self.arch != "encoder-decoder" else 0
-        if longest + extra > self.manifest.max_seq_len or config.max_new_tokens >= self.manifest.max_seq_len:
+        longest, limit = max(len(r) for r in rows), self.manifest.max_seq_len
+        if config.max_new_tokens >= limit:
+            raise self._max_new_tokens_too_many(config)
+        if self.arch == "encoder-decoder":  # the source and the generated tokens have a max_seq_len each
+            if longest > limit:
+                raise InputError(f"source of {longest} tokens exceeds this model's max_seq_len ({limit}); shorten it "
+                                 f"to {limit} tokens (from text: pass {gen.option('truncate', True)})",
+                                 code="E_TOO_LONG")
+        elif longest + config.max_new_tokens > limit:
+            fewer = limit - longest
+            lower = f" or pass {gen.option('max_new_tokens', fewer)} or less" if fewer >= 1 else ""
             raise InputError(
                 f"prompt of {longest} tokens + max_new_tokens {config.max_new_tokens} exceeds this model's "
-                f"max_seq_len ({self.manifest.max_seq_len}); shorten the prompt or lower max_new_tokens",
+                f"max_seq_len ({limit}); shorten the prompt to {limit - config.max_new_tokens} tokens{lower}",
                 code="E_TOO_LONG",
             )
         return rows
@@ -368,28 +388,59 @@ class Model:
         except ORT_ERRORS as err:
             raise _run_error(err, "the generation graphs") from None
 
+    @property
+    def prompt_format(self) -> PromptFormat | None:
+        """The format the model was trained with (manifest `prompt_format`), None for raw text."""
+        return self.manifest.prompt_format
+
+    def _format(self, texts: list[str], raw: bool, what: str) -> list[str]:
+        """The texts the model reads: in the package's prompt format unless `raw`."""
+        if not isinstance(raw, bool):
+            raise InputError(f"raw must be True or False; got {raw!r:.40}")
+        fmt = self.manifest.prompt_format
+        if raw or fmt is None:
+            return texts
+        for i, text in enumerate(texts):
+            if fmt.strip and not text.strip():
+                raise InputError(f"{what}[{i}] is only whitespace; pass the text to answer")
+        return [fmt.format(text) for text in texts]
+
     def generate(self, prompts: str | Sequence[str], config: GenerationConfig | None = None, *,
-                 truncate: bool = False, rng: np.random.Generator | None = None,
+                 truncate: bool = False, rng: np.random.Generator | None = None, raw: bool = False,
                  **overrides: Any) -> list[Generation]:
-        """Generate for each prompt; keyword overrides (max_new_tokens=..., ...) update `config`."""
+        """Generate for each prompt; keyword overrides (max_new_tokens=..., ...) update `config`.
+
+        A package with a `prompt_format` (an sft model: ``"{prompt} ="``) gets each prompt in
+        that format and returns the parsed answer, so ``generate("seventeen")`` is called as
+        training scored it (runtime/prompt_format.py; the prompt's and the answer's surrounding
+        whitespace, ``\r`` included, is stripped). `raw=True` sends the text exactly as given
+        and returns the decoded continuation as is; line endings inside a prompt are never
+        rewritten. `Generation.prompt` is the text as the caller gave it."""
         self._require(self.can_generate, "generate", "a decoder-only, prefix-lm or encoder-decoder package")
         texts = self._texts(prompts, "generate prompts")
+        model_texts = self._format(texts, raw, "generate prompts")
+        fmt = None if raw else self.manifest.prompt_format
         config = self.generation_config(config, **overrides)
         _check_rng(rng)
-        rows = self._check_ids(self._prompt_ids(texts, config, truncate), config)
-        return [dataclasses.replace(g, prompt=text) for g, text in zip(self._generate(rows, config, rng), texts)]
+        rows = self._check_ids(self._prompt_ids(model_texts, config, truncate), config)
+        results = self._generate(rows, config, rng)
+        return [dataclasses.replace(g, prompt=text, texts=[fmt.parse(t) for t in g.texts] if fmt else g.texts)
+                for g, text in zip(results, texts)]
 
     def stream(self, prompt: str, config: GenerationConfig | None = None, *, truncate: bool = False,
-               rng: np.random.Generator | None = None, **overrides: Any) -> Iterator[str]:
-        """Yield the continuation's text as it is produced (greedy or sample)."""
+               rng: np.random.Generator | None = None, raw: bool = False, **overrides: Any) -> Iterator[str]:
+        """Yield the continuation's text as it is produced (greedy or sample). The prompt format
+        and `raw` work as in `generate`; the pieces join to `generate`'s text."""
         self._require(self.can_generate, "stream", "a decoder-only, prefix-lm or encoder-decoder package")
         if not isinstance(prompt, str):
             raise InputError(f"stream() takes one prompt string; got {type(prompt).__name__}")
-        self._texts([prompt], "stream prompt")
+        model_texts = self._format(self._texts([prompt], "stream prompt"), raw, "stream prompt")
+        fmt = None if raw else self.manifest.prompt_format
         config = self.generation_config(config, **overrides)
         _check_rng(rng)
-        ids = self._check_ids(self._prompt_ids([prompt], config, truncate), config)
-        return _guarded(gen.stream(self._steps(ids, config), ids[0], config, self._decode, rng=rng))
+        ids = self._check_ids(self._prompt_ids(model_texts, config, truncate), config)
+        pieces = _guarded(gen.stream(self._steps(ids, config), ids[0], config, self._decode, rng=rng))
+        return fmt.parse_stream(pieces) if fmt else pieces
 
 
 def _guarded(pieces: Iterator[str]) -> Iterator[str]:
@@ -410,7 +461,7 @@ def _run_error(err: Exception, what: str) -> RunError:
 def _check_rng(rng: Any) -> None:
     if rng is not None and not isinstance(rng, np.random.Generator):
         raise ConfigError(f"rng must be a numpy.random.Generator or None; got {type(rng).__name__}. "
-                          "Use numpy.random.default_rng(seed), or pass seed=...")
+                          "Pass rng=numpy.random.default_rng(seed), or seed=... (--seed) and no rng")
 
 
 def _tokenizer(directory: Path, manifest: Manifest) -> Tokenizer:
@@ -443,19 +494,24 @@ def _tokenizer(directory: Path, manifest: Manifest) -> Tokenizer:
 
 
 def load(package_dir: str | os.PathLike, *, provider: str = "cpu", threads: int | None = None,
-         verify: bool = True, fast_start: bool = True, manifest: Manifest | None = None) -> Model:
+         verify: bool = True, fast_start: bool = True, manifest: Manifest | None = None,
+         trusted_roots: Sequence[str | os.PathLike] | None = None) -> Model:
     """Open a package: read and check the manifest, verify checksums, open one session per
     graph on `provider` ("cpu" or "cuda") and check each session's I/O against the contract.
 
     `fast_start` prepares the weights on all threads: a faster load at a transient memory
     peak (about 1.5x the weights while loading); pass False under a tight memory limit.
     `manifest`: use this one instead of reading the package's manifest.json (the exporter
-    loads a staged package before its manifest is written); it is checked the same way."""
+    loads a staged package before its manifest is written); it is checked the same way.
+    `trusted_roots`: directories (content stores, e.g. the Hugging Face cache) that the
+    package's files may be links into; other links leading out of the package are refused.
+    The environment variable ONNXFORMER_TRUSTED_STORES adds more (os.pathsep-separated)."""
     if not isinstance(package_dir, (str, os.PathLike)):
         raise PackageError(f"package_dir must be a path (str or os.PathLike); got {type(package_dir).__name__}")
     if threads is not None and (not isinstance(threads, int) or isinstance(threads, bool) or not 0 <= threads <= 1024):
         raise InputError(f"threads must be None (onnxruntime's choice) or an integer in [0, 1024]; got {threads!r:.60}")
     directory = Path(package_dir)
+    roots = trusted_roots_of(trusted_roots)
     provider_name, device = _resolve_provider(provider)
     if manifest is not None and not isinstance(manifest, Manifest):
         raise PackageError(f"manifest must be a Manifest or None; got {type(manifest).__name__}", code="E_MANIFEST")
@@ -465,12 +521,13 @@ def load(package_dir: str | os.PathLike, *, provider: str = "cpu", threads: int 
     # max(hash, open) instead of their sum. A damaged file is reported by its checksum even
     # when onnxruntime trips over it first, and no Model is returned before the check passes.
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="onnxformer-verify") as pool:
-        checked = pool.submit(manifest.verify_files, directory) if verify else None
+        checked = pool.submit(manifest.verify_files, directory, roots) if verify else None
         try:
             tokenizer = _tokenizer(directory, manifest)
+            manifest.check_graph_limits(directory)
             sessions = {}
             for name, entry in manifest.graphs.items():
-                check_external_data(directory / entry.file.file, [e.file for e in entry.external_data])
+                check_external_data(directory / entry.file.file, [e.file for e in entry.external_data], roots)
                 # Each session has its own thread pool, whose workers spin for a while after a
                 # run. The encoder and cross-attention of an encoder-decoder run once per call,
                 # right before the decoder's steps: spinning, their workers would take the
