@@ -2,16 +2,26 @@
 
 Two families, chosen by architecture:
 
-- ``arch="encoder"``: WordPiece (BERT style). NFC + BERT normalisation (case and accents
-  kept), BERT pre-tokenizer (split on whitespace and punctuation, CJK characters one by one),
-  ``##`` continuation prefix. A word with a character outside the learned alphabet (never
-  seen in training, or too rare for the vocabulary budget) encodes as ``[UNK]``. The
-  vocabulary is learned here rather than by ``tokenizers``' WordPiece trainer, whose ties
-  break in hash order and so differ from process to process.
+- ``arch="encoder"``: WordPiece (BERT style). NFKC + BERT normalisation (accents kept;
+  full-width and compatibility forms folded, so ``ＧＯＯＤ`` reads as ``GOOD``), lowercasing
+  when the tokenizer is uncased, BERT pre-tokenizer (split on whitespace and punctuation, CJK
+  characters one by one), ``##`` continuation prefix. ``lowercase=None`` (the default)
+  decides from the data: uncased when no training text changes under lowercasing (a model
+  trained on lowercase text then reads ``THE FOOD`` as ``the food`` instead of ``[UNK] [UNK]``),
+  cased otherwise; pass ``lowercase=True`` or ``False`` to choose. The learned alphabet is
+  every character of the training texts, most frequent first, up to half the vocabulary
+  budget. WordPiece has no byte fallback in ``tokenizers``: a word with a character outside
+  that alphabet (never seen in training, such as an emoji or another script, or too rare for
+  the budget) still encodes as one ``[UNK]``; the runtime reports the share of such tokens
+  with every result (``unknown_fraction``). The vocabulary is learned here rather than by
+  ``tokenizers``' WordPiece trainer, whose ties break in hash order and so differ from
+  process to process. Tokenizers trained before NFKC and lowercasing came in (NFC, cased)
+  keep their ``tokenizer.json`` exactly: a loaded tokenizer is never changed.
 - ``arch in ("decoder", "prefix-lm", "encoder-decoder")``: byte-level BPE (GPT-2 style).
   No normaliser and all 256 byte symbols in the vocabulary, so every string is encodable
   and ``decode(encode(text).ids)`` returns ``text`` exactly (``<unk>`` exists but is
-  never produced).
+  never produced). A normaliser would break that round trip: generated text must come back
+  as written, so case and width are the model's to learn.
 
 The contract with the runtime is ``tokenizer.encode(text)`` (``add_special_tokens=True``)
 to build model inputs and ``tokenizer.decode(ids, skip_special_tokens=True)`` for output.
@@ -86,13 +96,16 @@ SPECIAL_TOKEN_ROLES: dict[str, tuple[str, ...]] = {
 
 
 def train_tokenizer(
-    texts: Iterable[str], *, arch: str, vocab_size: int, min_frequency: int = 1
+    texts: Iterable[str], *, arch: str, vocab_size: int, min_frequency: int = 1,
+    lowercase: bool | None = None,
 ) -> Tokenizer:
     """Train the tokenizer family that ``arch`` uses on ``texts``.
 
     The vocabulary holds at most ``vocab_size`` tokens, fewer when the texts run out of
     pairs to merge; size the model with ``tokenizer.get_vocab_size()``. Training is
     deterministic: the same texts give the same ``tokenizer.json``, in any process.
+    ``lowercase`` (WordPiece only): True uncased, False cased, None decided from the texts
+    (uncased when none has an upper-case letter); byte-level BPE never normalises.
     """
     if arch not in WORDPIECE_ARCHS + BPE_ARCHS:
         raise ConfigError(
@@ -100,9 +113,16 @@ def train_tokenizer(
         )
     if not isinstance(min_frequency, int) or min_frequency < 1:
         raise ConfigError(f"min_frequency must be an integer >= 1; got {min_frequency!r}")
+    if lowercase not in (None, True, False):
+        raise ConfigError(f"lowercase must be True, False or None (decide from the texts); got {lowercase!r}")
+    if lowercase is not None and arch in BPE_ARCHS:
+        raise ConfigError(
+            f"lowercase applies to WordPiece (arch 'encoder'); byte-level BPE for arch {arch!r} never "
+            "normalises (decode must give back the text as written): leave lowercase unset"
+        )
     texts = _CountedTexts(texts)
     if arch in WORDPIECE_ARCHS:
-        tokenizer = _train_wordpiece(texts, vocab_size, min_frequency)
+        tokenizer = _train_wordpiece(texts, vocab_size, min_frequency, lowercase)
     else:
         tokenizer = _train_byte_level_bpe(texts, vocab_size, min_frequency)
     _add_post_processor(tokenizer, arch)
@@ -151,26 +171,42 @@ def _train_byte_level_bpe(texts: Iterable[str], vocab_size: int, min_frequency: 
     return tokenizer
 
 
-def _train_wordpiece(texts: Iterable[str], vocab_size: int, min_frequency: int) -> Tokenizer:
+def _wordpiece_normalizer(lowercase: bool) -> normalizers.Normalizer:
+    return normalizers.Sequence(
+        [
+            normalizers.NFKC(),
+            normalizers.BertNormalizer(
+                clean_text=True, handle_chinese_chars=True, strip_accents=False, lowercase=lowercase
+            ),
+        ]
+    )
+
+
+def _train_wordpiece(
+    texts: Iterable[str], vocab_size: int, min_frequency: int, lowercase: bool | None
+) -> Tokenizer:
     n_special = len(WORDPIECE_SPECIAL_TOKENS)
     if not isinstance(vocab_size, int) or vocab_size <= n_special:
         raise ConfigError(
             f"vocab_size must be an integer > {n_special} (the special tokens) for WordPiece; "
             f"got {vocab_size!r}"
         )
-    normalizer = normalizers.Sequence(
-        [
-            normalizers.NFC(),
-            normalizers.BertNormalizer(
-                clean_text=True, handle_chinese_chars=True, strip_accents=False, lowercase=False
-            ),
-        ]
-    )
+    # One pass: words counted as normalised with the case kept (and lowercased when asked);
+    # with lowercase=None the texts decide, and when none changes under lowercasing the cased
+    # counts are already the uncased ones.
+    normalizer, uncased = _wordpiece_normalizer(bool(lowercase)), _wordpiece_normalizer(True)
     pre_tokenizer = pre_tokenizers.BertPreTokenizer()
     word_counts: Counter[str] = Counter()
+    cased = False
     for text in texts:
-        words = pre_tokenizer.pre_tokenize_str(normalizer.normalize_str(text))
+        normalized = normalizer.normalize_str(text)
+        cased = cased or (lowercase is None and uncased.normalize_str(text) != normalized)
+        words = pre_tokenizer.pre_tokenize_str(normalized)
         word_counts.update(word for word, _ in words)
+    if lowercase is None:
+        lowercase = not cased
+        normalizer = _wordpiece_normalizer(lowercase)
+        logger.info("WordPiece tokenizer is %s (decided from the texts)", "uncased" if lowercase else "cased")
     vocab = list(WORDPIECE_SPECIAL_TOKENS) + _learn_wordpiece_vocab(
         word_counts, vocab_size - n_special, min_frequency
     )
