@@ -125,6 +125,18 @@ def _inspect(args: argparse.Namespace) -> int:
     return 0
 
 
+def _warn_unknown(fractions: list[float], consequence: str) -> None:
+    """On stderr, for each text mostly unknown to the tokenizer: what it means and what to do."""
+    from .model import UNKNOWN_WARNING
+
+    for i, share in enumerate(fractions):
+        if share > UNKNOWN_WARNING:
+            print(f"warning: text {i}: {int(share * 100 + 0.5)}% of its tokens are unknown to this model's tokenizer (characters "
+                  f"or words never seen in training: another script, emoji, other casing); {consequence}. "
+                  "Write the text the way the training data is written, or fine-tune the model on text like it.",
+                  file=sys.stderr)
+
+
 def run(args: argparse.Namespace) -> int:
     if args.command == "inspect":
         return _inspect(args)
@@ -135,20 +147,24 @@ def run(args: argparse.Namespace) -> int:
     if args.command == "classify":
         results = model.classify(texts, truncate=args.truncate)
         if args.json:
-            print(json.dumps([{"text": t, "label": r.label, "score": r.score, "probabilities": r.probabilities}
-                              for t, r in zip(texts, results)], ensure_ascii=False))
+            print(json.dumps([{"text": t, "label": r.label, "score": r.score, "probabilities": r.probabilities,
+                               "unknown_fraction": r.unknown_fraction} for t, r in zip(texts, results)],
+                             ensure_ascii=False))
         else:
             for t, r in zip(texts, results):
                 print(f"{r.label}\t{r.score:.4f}\t{t}")
+            _warn_unknown([r.unknown_fraction for r in results], "its label is a guess")
         return 0
     if args.command == "embed":
         vectors = model.embed(texts, pooling=args.pooling, normalize=not args.no_normalize, truncate=args.truncate)
+        unknown = model.unknown_fractions(texts)
         if args.json:
-            print(json.dumps([{"text": t, "embedding": [round(float(x), 6) for x in v]} for t, v in zip(texts, vectors)],
-                             ensure_ascii=False))
+            print(json.dumps([{"text": t, "embedding": [round(float(x), 6) for x in v], "unknown_fraction": u}
+                              for t, v, u in zip(texts, vectors, unknown)], ensure_ascii=False))
         else:
             for t, v in zip(texts, vectors):
                 print(" ".join(f"{x:.6f}" for x in v))
+            _warn_unknown(unknown, "its embedding says little about it")
         return 0
     overrides = _generation_overrides(args)
     if args.stream:

@@ -29,11 +29,13 @@ import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Mapping, Sequence
 
 from .contract import KV_CACHE_LAYOUTS, Dims, GraphSpec, graph_specs, graph_specs_from_dict
 from .errors import ConfigError, PackageError
+from .safety import TRUST_ADVICE, inside_package, position_tables
 from .generation import GenerationConfig
+from .prompt_format import PromptFormat, from_manifest as _prompt_format
 
 FORMAT_NAME = "onnxformer-package"
 FORMAT_VERSION = 1  # of a "concat" package; a "shared" one is SHARED_CACHE_FORMAT_VERSION
@@ -54,6 +56,10 @@ def sha256_file(path: str | os.PathLike) -> str:
         while size := f.readinto(buffer):
             digest.update(view[:size])
     return digest.hexdigest()
+
+
+def is_integer(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
 
 
 def _plain_name(name: Any, what: str) -> str:
@@ -181,6 +187,7 @@ class Manifest:
     model_config: dict[str, Any] = field(default_factory=dict)
     format_version: int = FORMAT_VERSION
     kv_cache: str = "concat"  # the decoder's KV-cache layout: "concat" | "shared" (contract.KV_CACHE_LAYOUTS)
+    prompt_format: PromptFormat | None = None  # what generate() wraps a text prompt in (runtime/prompt_format.py); None: raw
 
     def __post_init__(self) -> None:
         if self.kv_cache not in KV_CACHE_LAYOUTS:
@@ -214,6 +221,15 @@ class Manifest:
                     f"manifest special_tokens.{role} = {value!r:.80} is outside [-1, vocab_size={self.dims.vocab_size})",
                     code="E_MANIFEST",
                 )
+        if self.prompt_format is not None and self.arch == "encoder":
+            raise PackageError("manifest prompt_format applies to generating packages; an encoder package has none. "
+                               "Re-export the package", code="E_MANIFEST")
+        trained = self.model_config.get("max_seq_len")
+        if is_integer(trained) and self.max_seq_len > trained:
+            raise PackageError(f"manifest max_seq_len ({self.max_seq_len}) is more than its model_config.max_seq_len "
+                               f"({trained}), the longest sequence the model was built for; the manifest was edited "
+                               f"or is damaged: set max_seq_len to {trained} or less, or re-export the package",
+                               code="E_MANIFEST")
         if self.arch == "encoder-decoder" and self.special_tokens["decoder_start"] < 0:
             raise PackageError("manifest special_tokens.decoder_start is -1, but an encoder-decoder model needs a "
                                "decoder start token; re-export the package", code="E_MANIFEST")
@@ -248,6 +264,7 @@ class Manifest:
             "producer": dict(self.producer),
             "validation": self.validation,
             "model_config": self.model_config,
+            **({"prompt_format": self.prompt_format.to_dict()} if self.prompt_format else {}),
         }
 
     @classmethod
@@ -295,6 +312,7 @@ class Manifest:
             model_config=_object(data, "model_config"),
             format_version=version,
             kv_cache=data.get("kv_cache", "concat"),
+            prompt_format=_prompt_format(data.get("prompt_format")),
         )
 
     def save(self, directory: str | os.PathLike) -> Path:
@@ -332,14 +350,16 @@ class Manifest:
                                        "checksums; the package is damaged, re-export it", code="E_MANIFEST")
         return list(entries.values())
 
-    def verify_files(self, directory: str | os.PathLike) -> None:
-        """Every listed file exists inside the package and matches its size and sha256."""
+    def verify_files(self, directory: str | os.PathLike, trusted_roots: Sequence[Path] = ()) -> None:
+        """Every listed file exists inside the package (or, followed through links, inside one of
+        `trusted_roots`: a content store such as the Hugging Face cache) and matches its size
+        and sha256."""
         directory = Path(directory).resolve()
         for entry in self.files():
             path = (directory / entry.file).resolve()
-            if path.parent != directory:
-                raise PackageError(f"package file {entry.file!r} resolves outside the package directory; refused",
-                                   code="E_PACKAGE")
+            if not inside_package(path, directory, trusted_roots):
+                raise PackageError(f"package file {entry.file!r} resolves outside the package directory; refused: it "
+                                   f"leads to {str(path)!r}. {TRUST_ADVICE}", code="E_PACKAGE")
             if not path.is_file():
                 raise PackageError(f"package file {entry.file!r} is missing from {str(directory)!r}; re-export the package",
                                    code="E_MISSING_FILE")
@@ -361,6 +381,17 @@ class Manifest:
                     f"{entry.sha256[:16]}...: it was altered or damaged; re-export the package",
                     code="E_CHECKSUM",
                 )
+
+    def check_graph_limits(self, directory: str | os.PathLike) -> None:
+        """`max_seq_len` is within every graph's built-in position tables (the rotary cos/sin
+        caches of a built decoder, learned or sinusoidal embeddings: FORMAT.md 2.1)."""
+        for name, entry in self.graphs.items():
+            for table, positions in position_tables(Path(directory) / entry.file.file).items():
+                if self.max_seq_len > positions:
+                    raise PackageError(
+                        f"manifest max_seq_len ({self.max_seq_len}) is more than graph {name!r} supports: its position "
+                        f"table {table!r} has {positions} positions; the manifest was edited or is damaged: set "
+                        f"max_seq_len to {positions} or less, or re-export the package", code="E_MANIFEST")
 
     def special(self, role: str) -> int:
         return int(self.special_tokens.get(role, -1))

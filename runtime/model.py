@@ -59,6 +59,19 @@ class Classification:
     label: str
     score: float
     probabilities: dict[str, float]
+    # Share of the text's tokens (special tokens not counted) that are the tokenizer's unk
+    # token: characters or words the model never saw in training. Near 1, the label is a guess.
+    unknown_fraction: float
+
+
+UNKNOWN_WARNING = 0.3  # the CLIs warn when more than this share of a text's tokens is unknown
+
+
+def unknown_fraction(ids: Sequence[int], special_mask: Sequence[int], unk_id: int) -> float:
+    """Share of the non-special tokens of one encoded text that are `unk_id` (0.0 with none;
+    -1, no unk token, gives 0.0)."""
+    text = [t for t, special in zip(ids, special_mask) if not special]
+    return sum(t == unk_id for t in text) / len(text) if text and unk_id >= 0 else 0.0
 
 
 def truncate_keeping_specials(ids: Sequence[int], special_mask: Sequence[int], limit: int, *,
@@ -226,8 +239,17 @@ class Model:
             raise InputError(f"{call}() needs {need}; this package is a {self.arch!r} model ({self.directory.name})",
                              code="E_WRONG_KIND")
 
-    def _encoder_batches(self, texts: list[str], batch_size: int, truncate: bool) -> Iterator[dict[str, np.ndarray]]:
+    def unknown_fractions(self, texts: str | Sequence[str]) -> list[float]:
+        """Per text, the share of its tokens (special tokens not counted) that the tokenizer
+        could not represent (its unk token): `Classification.unknown_fraction`, for any call."""
+        texts, unk = self._texts(texts, "unknown_fractions texts"), self.manifest.special("unk")
+        return [unknown_fraction(e.ids, e.special_tokens_mask, unk) for e in self.tokenizer.encode_batch(texts)]
+
+    def _encoder_batches(self, texts: list[str], batch_size: int, truncate: bool
+                         ) -> Iterator[tuple[dict[str, np.ndarray], list[float]]]:
+        """(feeds, unknown fraction of each row's text) per batch."""
         encodings = self.tokenizer.encode_batch(texts)
+        unk = self.manifest.special("unk")
         limit = self.manifest.max_seq_len
         for start in range(0, len(encodings), batch_size):
             chunk = encodings[start:start + batch_size]
@@ -255,7 +277,7 @@ class Model:
             feeds = {INPUT_IDS: ids, ATTENTION_MASK: mask}
             if self.dims.has_token_types:
                 feeds[TOKEN_TYPE_IDS] = types
-            yield feeds
+            yield feeds, [unknown_fraction(e.ids, e.special_tokens_mask, unk) for e in chunk]
 
     def _run_encoder(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         session = self.sessions[ENCODER]
@@ -271,24 +293,26 @@ class Model:
         texts, batch_size = self._texts(texts, "classify texts"), self._batch_size(batch_size)
         labels = self.label_names or tuple(f"LABEL_{i}" for i in range(self.dims.num_labels))
         results = []
-        for feeds in self._encoder_batches(texts, batch_size, truncate):
+        for feeds, unknown in self._encoder_batches(texts, batch_size, truncate):
             logits = self._run_encoder(feeds)[LOGITS].astype(np.float64)  # (B, num_labels)
             probs = np.exp(logits - logits.max(-1, keepdims=True))
             probs /= probs.sum(-1, keepdims=True)
-            for row in probs:
+            for row, share in zip(probs, unknown):
                 best = int(row.argmax())
-                results.append(Classification(labels[best], float(row[best]), dict(zip(labels, map(float, row)))))
+                results.append(Classification(labels[best], float(row[best]), dict(zip(labels, map(float, row))),
+                                              share))
         return results
 
     def embed(self, texts: str | Sequence[str], *, pooling: str = "mean", normalize: bool = True,
               batch_size: int = 32, truncate: bool = False) -> np.ndarray:
-        """Sentence embeddings (len(texts), D): mean over real tokens or the [CLS] state."""
+        """Sentence embeddings (len(texts), D): mean over real tokens or the [CLS] state.
+        `unknown_fractions(texts)` says how much of each text the tokenizer could not represent."""
         self._require(ENCODER in self.sessions, "embed", "a package with an encoder")
         if pooling not in ("mean", "cls"):
             raise InputError(f"pooling must be 'mean' or 'cls'; got {pooling!r}")
         texts, batch_size = self._texts(texts, "embed texts"), self._batch_size(batch_size)
         out = []
-        for feeds in self._encoder_batches(texts, batch_size, truncate):
+        for feeds, _ in self._encoder_batches(texts, batch_size, truncate):
             hidden = self._run_encoder(feeds)[LAST_HIDDEN_STATE].astype(np.float32)  # (B, S, D)
             if pooling == "cls":
                 vectors = hidden[:, 0]

@@ -22,9 +22,9 @@ from __future__ import annotations
 import mmap
 import os
 from pathlib import Path
-from typing import Iterable, NamedTuple
+from typing import Any, Callable, Iterable, NamedTuple, Sequence
 
-from .errors import PackageError
+from .errors import InputError, PackageError
 
 # message -> {field number: message type of that (sub)message field}. Every path from
 # ModelProto to a TensorProto in onnx.proto (IR version 10); tests/reliability checks this
@@ -39,7 +39,8 @@ _SCHEMA: dict[str, dict[int, str]] = {
                        22: "SparseTensorProto", 23: "SparseTensorProto"},
     "SparseTensorProto": {1: "TensorProto", 2: "TensorProto"},
 }
-_TENSOR_NAME, _TENSOR_EXTERNAL_DATA = 8, 13  # TensorProto fields
+_TENSOR_DIMS, _TENSOR_NAME, _TENSOR_EXTERNAL_DATA = 1, 8, 13  # TensorProto fields
+_MODEL_GRAPH, _GRAPH_INITIALIZER = 7, 5  # ModelProto.graph, GraphProto.initializer
 _ENTRY_KEY, _ENTRY_VALUE = 1, 2  # StringStringEntryProto fields
 _KEY = b"location"  # the external_data key, stored verbatim in the file
 MAX_DEPTH = 64  # nested subgraphs deeper than this are refused rather than recursed into
@@ -159,6 +160,69 @@ def external_data_refs(path: str | os.PathLike) -> list[ExternalRef]:
         raise PackageError(f"cannot read graph file {str(path)!r}: {err.strerror or err}", code="E_GRAPH") from None
 
 
+def _dims(buf: memoryview, start: int, end: int) -> tuple[str, tuple[int, ...]]:
+    """A TensorProto's name and dims (repeated int64: packed or one varint per field)."""
+    name, dims = "", []
+    for number, wire, a, b in _fields(buf, start, end):
+        if number == _TENSOR_NAME and wire == 2:
+            name = _text(buf, a, b)
+        elif number == _TENSOR_DIMS and wire == 0:
+            dims.append(_varint(buf, a, b)[0])
+        elif number == _TENSOR_DIMS and wire == 2:
+            while a < b:
+                value, a = _varint(buf, a, b)
+                dims.append(value)
+    return name, tuple(d - (1 << 64) if d >= 1 << 63 else d for d in dims)
+
+
+def initializer_dims(path: str | os.PathLike, wanted: Callable[[str], bool]) -> dict[str, tuple[int, ...]]:
+    """The dims of the main graph's initializers whose name satisfies ``wanted(name)`` (a
+    callable), read from the file at ``path`` without the onnx package. Every initializer's
+    header is read; its bytes (inline or external) are skipped by length."""
+    path = Path(path)
+    try:
+        with open(path, "rb") as f:
+            if os.fstat(f.fileno()).st_size == 0:
+                raise PackageError(f"graph file {path.name!r} is empty; the package is damaged, re-export it",
+                                   code="E_GRAPH")
+            with mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as mapped:
+                buf = memoryview(mapped)
+                try:
+                    found: dict[str, tuple[int, ...]] = {}
+                    for number, wire, a, b in _fields(buf, 0, len(buf)):
+                        if number != _MODEL_GRAPH or wire != 2:
+                            continue
+                        for n, w, c, d in _fields(buf, a, b):
+                            if n == _GRAPH_INITIALIZER and w == 2:
+                                name, dims = _dims(buf, c, d)
+                                if wanted(name):
+                                    found[name] = dims
+                    return found
+                except _Malformed as err:
+                    raise PackageError(
+                        f"graph file {path.name!r} is not a valid ONNX protobuf ({err}); "
+                        "the package is damaged, re-export it",
+                        code="E_GRAPH",
+                    ) from None
+                finally:
+                    buf.release()
+    except OSError as err:
+        raise PackageError(f"cannot read graph file {str(path)!r}: {err.strerror or err}", code="E_GRAPH") from None
+
+
+def _is_position_table(name: str) -> bool:
+    """The initializers whose first dim is a position count: a built decoder's rotary caches
+    (`cos_cache`, `sin_cache`), learned embeddings (`pos_emb.weight`, traced as
+    `model.pos_emb.weight`) and a sinusoid table stored as `sinusoid`."""
+    return name in ("cos_cache", "sin_cache") or name.endswith(("pos_emb.weight", "sinusoid")) and (
+        name in ("pos_emb.weight", "sinusoid") or name.endswith((".pos_emb.weight", ".sinusoid")))
+
+
+def position_tables(path: str | os.PathLike) -> dict[str, int]:
+    """Position table name -> the positions it holds (its first dim), for the graph at ``path``."""
+    return {name: dims[0] for name, dims in initializer_dims(path, _is_position_table).items() if dims}
+
+
 def _plain(location: str) -> bool:
     return (
         bool(location) and location not in (".", "..")
@@ -167,8 +231,10 @@ def _plain(location: str) -> bool:
     )
 
 
-def check_external_data(graph_path: str | os.PathLike, allowed: Iterable[str]) -> list[ExternalRef]:
-    """Refuse a graph whose external data is not a listed file inside its own directory.
+def check_external_data(graph_path: str | os.PathLike, allowed: Iterable[str],
+                        trusted_roots: Sequence[Path] = ()) -> list[ExternalRef]:
+    """Refuse a graph whose external data is not a listed file inside its own directory (a
+    link into one of ``trusted_roots`` counts as inside: see `trusted_roots`).
 
     ``allowed``: the external-data file names the manifest lists for this graph (their
     checksums are what `Manifest.verify_files` checks). Returns the references found.
@@ -191,13 +257,47 @@ def check_external_data(graph_path: str | os.PathLike, allowed: Iterable[str]) -
                 f"{', '.join(sorted(allowed)) or 'none'}); refused: the package is damaged, re-export it",
                 code="E_EXTERNAL_DATA",
             )
-        if (directory / ref.location).resolve().parent != directory:
+        if not inside_package((directory / ref.location).resolve(), directory, trusted_roots):
             raise PackageError(
                 f"{what}, which is a link leading outside the package directory; refused. "
-                "A package may only reference files in its own directory",
+                f"A package may only reference files in its own directory. {TRUST_ADVICE}",
                 code="E_EXTERNAL_DATA",
             )
     return refs
 
 
-__all__ = ["ExternalRef", "check_external_data", "external_data_refs"]
+# Content stores ----------------------------------------------------------------------------
+TRUSTED_STORES_ENV = "ONNXFORMER_TRUSTED_STORES"  # os.pathsep-separated directories
+TRUST_ADVICE = (f"If the package's files are links into a content store you trust (the Hugging Face cache lays out "
+                f"snapshots so), pass trusted_roots=[STORE] to load() (CLI: --trust-store STORE; or set "
+                f"{TRUSTED_STORES_ENV}=STORE)")
+
+
+def trusted_roots(given: Any = None) -> tuple[Path, ...]:
+    """The resolved directories a package's links may lead into: ``given`` (a list of paths)
+    and those in the environment variable ONNXFORMER_TRUSTED_STORES. Each must exist."""
+    if given is None:
+        given = []
+    if isinstance(given, (str, bytes, os.PathLike)) or not isinstance(given, (list, tuple)):
+        raise InputError(f"trusted_roots must be a list of directory paths; got {type(given).__name__} "
+                         f"({given!r:.60}). Pass e.g. trusted_roots=[\"~/.cache/huggingface/hub\"]")
+    env = [p for p in os.environ.get(TRUSTED_STORES_ENV, "").split(os.pathsep) if p]
+    roots = []
+    for root, source in [*((r, "trusted_roots") for r in given), *((r, TRUSTED_STORES_ENV) for r in env)]:
+        if not isinstance(root, (str, os.PathLike)):
+            raise InputError(f"{source} entries must be paths; got {type(root).__name__} ({root!r:.60})")
+        path = Path(root).expanduser()
+        if not path.is_dir():
+            raise InputError(f"{source}: {str(root)!r} is not a directory; pass an existing content store directory")
+        roots.append(path.resolve())
+    return tuple(roots)
+
+
+def inside_package(resolved: Path, directory: Path, roots: Sequence[Path] = ()) -> bool:
+    """A package file, links followed (``resolved``), lies directly in the package ``directory``
+    or anywhere under a trusted root."""
+    return resolved.parent == directory or any(resolved.is_relative_to(root) for root in roots)
+
+
+__all__ = ["ExternalRef", "check_external_data", "external_data_refs", "initializer_dims",
+           "inside_package", "position_tables", "trusted_roots"]
