@@ -61,6 +61,7 @@ from onnxformer.runtime.contract import (
     graph_specs,
 )
 from onnxformer.runtime.errors import ExportError, ValidationError
+from onnxformer.runtime.prompt_format import PromptFormat
 from onnxformer.runtime.manifest import (
     FORMAT_VERSION,
     MANIFEST_FILE,
@@ -194,6 +195,13 @@ def plan_export(model: Transformer, tokenizer_file: Path, out_dir: Path, options
         )
     if not tokenizer_file.is_file():
         raise ExportError(f"tokenizer file {str(tokenizer_file)!r} does not exist", code="E_TOKENIZER")
+    not_finite = [name for name, t in model.state_dict().items() if t.is_floating_point() and not bool(torch.isfinite(t).all())]
+    if not_finite:  # validation would only report max_abs_diff inf
+        raise ExportError(
+            f"the model's weights are NaN or infinite in {len(not_finite)} tensors ({', '.join(not_finite[:3])}): "
+            "its training diverged; export an earlier checkpoint, or train again with a lower --lr",
+            code="E_NOT_FINITE",
+        )
     _check_replaceable(out_dir)
     kv_cache, decoder_graph = choose_decoder(model, options.kv_cache)
     return ExportPlan(
@@ -416,6 +424,8 @@ def _manifest(directory: Path, plan: ExportPlan, specs: dict[str, GraphSpec], we
         model_config=config,
         format_version=SHARED_CACHE_FORMAT_VERSION if plan.kv_cache == "shared" else FORMAT_VERSION,
         kv_cache=plan.kv_cache,
+        # the format training used travels with the package; the runtimes apply it (FORMAT.md)
+        prompt_format=PromptFormat.from_dict(config["prompt_format"]) if config.get("prompt_format") else None,
     )
 
 

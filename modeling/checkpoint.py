@@ -25,10 +25,12 @@ a complete checkpoint (or absent, before the first save).
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import os
 import random
+import re
 import shutil
 from pathlib import Path
 from typing import Any, Mapping, NamedTuple
@@ -223,9 +225,12 @@ def _save_tensors(tensors: dict[str, Tensor], path: Path, metadata: dict[str, st
     try:
         save_file(tensors, str(path), metadata=metadata)
     except SafetensorError as err:
-        if "os error" not in str(err).lower() and "i/o error" not in str(err).lower():
+        text = str(err)
+        if "os error" not in text.lower() and "i/o error" not in text.lower():
             raise  # not a write failure: a bug, keep its traceback
-        raise OSError(f"writing {path.name} failed: {err}") from err
+        number = re.search(r"os error (\d+)", text)
+        code = int(number[1]) if number else errno.EIO
+        raise OSError(code, os.strerror(code), str(path)) from err
 
 
 def _write_files(folder: Path, files: CheckpointFiles) -> None:

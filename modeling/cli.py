@@ -114,6 +114,16 @@ def config_from_args(args: argparse.Namespace):
 
     from .train import TrainConfig
 
+    from onnxformer.runtime.errors import ConfigError
+
+    if args.from_checkpoint is not None:  # the checkpoint fixes the model and tokenizer: these would be ignored
+        ignored = [option for option, value in (("--vocab-size", args.vocab_size), ("--preset", args.preset))
+                   if value is not None]
+        if ignored:
+            raise ConfigError(
+                f"{' and '.join(ignored)} cannot change a model loaded with --from-checkpoint (it keeps the "
+                f"checkpoint's size, tokenizer and vocabulary); drop {' and '.join(ignored)}"
+            )
     fields = {f.name for f in dataclasses.fields(TrainConfig)}
     values = {}
     for dest, value in vars(args).items():
@@ -133,6 +143,10 @@ def run(args: argparse.Namespace) -> int:
     # the `onnxformer` entry point prints as `error[CODE]: ...` (status 2); anything else is a bug.
     result = train(config_from_args(args))
     if int(os.environ.get("RANK", "0")) != 0:  # under torchrun, rank 0 reports
+        return 0
+    if result.already_finished:
+        print(f"{result.run_dir} already finished at step {result.step} (--steps {result.step}); nothing was "
+              f"trained. To train further, resume with more steps: --resume --steps {2 * result.step}")
         return 0
     if result.metrics:
         print(" ".join(f"{k}={v:.4f}" for k, v in sorted(result.metrics.items()) if not k.endswith("examples")))

@@ -40,6 +40,7 @@ from tokenizers import Tokenizer
 from torch import nn
 from tqdm import tqdm
 
+from onnxformer.runtime import atomic
 from onnxformer.runtime.errors import CheckpointError, ConfigError, DataError, TrainingError
 
 from . import checkpoint as ckpt
@@ -149,6 +150,9 @@ class TrainConfig:
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 0:
                 raise ConfigError(f"{name} must be an integer >= 0; got {value!r}")
+        if self.max_len < 2:  # a prompt and one token to predict (or a source and a target)
+            raise ConfigError(f"max_len (--max-len) must be at least 2, the shortest sequence every task can "
+                              f"train on; got {self.max_len}; pass --max-len 128 (the default) or leave it unset")
         if not 0.0 <= self.dropout < 1.0:
             raise ConfigError(f"dropout must be in [0, 1); got {self.dropout!r}")
         if not self.lr > 0:
@@ -195,6 +199,7 @@ class TrainResult:
     first_loss: float  # training loss of the first step of this run (fresh runs: the untrained model)
     last_loss: float  # training loss of the last step
     wall_time_s: float
+    already_finished: bool = False  # resume of a run that had reached its steps: nothing was trained
 
 
 def learning_rate(step: int, config: TrainConfig) -> float:
@@ -436,9 +441,17 @@ def _write_error(run_dir: Path, err: OSError) -> CheckpointError:
 
 
 def _append_metrics(path: Path, record: dict[str, Any]) -> None:
+    """One JSON line; a failed write (disk full) is cut back off, so the file keeps whole lines."""
+    line = (json.dumps(record, sort_keys=True) + "\n").encode("utf-8")
     try:
-        with open(path, "a", encoding="utf-8") as f:
-            f.write(json.dumps(record, sort_keys=True) + "\n")
+        with open(path, "ab") as f:
+            end = f.tell()
+            try:
+                f.write(line)
+                f.flush()
+            except OSError:
+                f.truncate(end)  # needs no space
+                raise
     except OSError as err:
         raise _write_error(path.parent, err) from err
 
@@ -447,15 +460,30 @@ def _truncate_metrics(path: Path, step: int) -> None:
     """Drop records after `step` (written after the checkpoint we resume from)."""
     if not path.is_file():
         return
-    kept = [line for line in path.read_text(encoding="utf-8").splitlines()
-            if line.strip() and json.loads(line).get("step", 0) <= step]
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
-    os.replace(tmp, path)
+    kept = []
+    for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
+        try:
+            record = json.loads(line)
+        except ValueError:  # a line cut short by a full disk or a kill
+            logger.warning("%s: dropping a damaged line %r", path, line[:80])
+            continue
+        if isinstance(record, dict) and record.get("step", 0) <= step:
+            kept.append(line)
+    try:
+        atomic.replace_text(path, "".join(line + "\n" for line in kept))
+    except OSError as err:
+        raise _write_error(path.parent, err) from err
 
 
 METRICS_FILE = "metrics.jsonl"
-RESUME_MAY_CHANGE = ("resume", "progress", "threads", "device", "out_dir")  # a moved run dir still resumes
+# What --resume may change. The data order and noise (batch size, seeds, data), the model and
+# the optimizer's parameters must stay; the schedule may change (a lower lr after divergence,
+# more steps for a finished run: the cosine then ends at the new step count), and so may
+# logging, evaluation and checkpointing. A moved run dir still resumes.
+RESUME_MAY_CHANGE = (
+    "resume", "progress", "threads", "device", "out_dir", "steps", "lr", "min_lr_ratio", "warmup", "grad_clip",
+    "eval_every", "eval_examples", "save_every", "keep_checkpoints", "log_every",
+)
 
 
 def _resume_state(config: TrainConfig, env: Distributed) -> ckpt.TrainingState | None:
@@ -473,6 +501,9 @@ def _resume_state(config: TrainConfig, env: Distributed) -> ckpt.TrainingState |
         raise CheckpointError(f"resume: {run_dir} has no checkpoint yet; drop --resume to start a new run")
     state = ckpt.load_training_state(latest)
     saved, now = state.trainer_state["train_config"], config.to_dict()
+    changed = [f"{k} {saved.get(k)!r} -> {now[k]!r}" for k in RESUME_MAY_CHANGE[5:] if saved.get(k) != now[k]]
+    if changed and env.is_main:
+        logger.warning("resume: continuing with changed settings: %s", ", ".join(changed))
     diff = [k for k in now if k not in RESUME_MAY_CHANGE and saved.get(k) != now[k]]
     if diff:
         raise ConfigError(
@@ -600,8 +631,15 @@ def _write_checkpoint(run: _Run, step: int, metrics: dict[str, float]) -> Path:
     training_tensors = {**opt_tensors, **rng_tensors}
     if run.config.lora_rank:  # the exact unmerged weights, for resume
         training_tensors.update({f"model/{k}": v for k, v in _dedupe(run.model.state_dict()).items()})
+    weights = ckpt.plain_state_dict(run.model)
+    bad = [name for name, t in weights.items() if t.is_floating_point() and not bool(torch.isfinite(t).all())]
+    if bad:  # never written: `latest` keeps naming the last good checkpoint
+        raise TrainingError(
+            f"the weights are not finite (NaN or infinite) after step {step}, in {len(bad)} tensors "
+            f"({', '.join(bad[:3])}); they were not saved. {_divergence_advice(run)}", code="E_NOT_FINITE",
+        )
     files = ckpt.CheckpointFiles(
-        run.model.config, ckpt.plain_state_dict(run.model), run.tokenizer.to_str(),
+        run.model.config, weights, run.tokenizer.to_str(),
         _trainer_state(run, step, opt_meta, rng_scalars, metrics), training_tensors,
     )
     try:
@@ -623,11 +661,48 @@ def train(config: TrainConfig) -> TrainResult:
     try:
         if config.threads:
             torch.set_num_threads(config.threads)
-        return _train(config, env, started)
+        with _run_lock(config, env):
+            return _train(config, env, started)
     finally:
         torch.set_num_threads(threads)  # process-wide: give the caller its setting back
         if env.initialized_here:
             dist.destroy_process_group()
+
+
+@contextlib.contextmanager
+def _run_lock(config: TrainConfig, env: Distributed):
+    """Rank 0 holds the run directory's lock for the whole run (created here if new: removed
+    again if the run stops before writing anything into it)."""
+    if not env.is_main:
+        yield
+        return
+    run_dir = Path(config.out_dir)
+    if run_dir.exists() and not run_dir.is_dir():
+        raise CheckpointError(f"out_dir (--out) {run_dir} is a file, not a directory; pass a new directory "
+                              "or the directory of a run to --out", code="E_DISK")
+    created = not run_dir.exists()
+    stack = contextlib.ExitStack()
+    if created:  # runs last, once the lock (and its file) is gone
+        stack.callback(_remove_if_empty, run_dir)
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        stack.enter_context(atomic.lock_dir(run_dir))
+    except atomic.FolderLocked as err:
+        stack.close()
+        raise CheckpointError(
+            f"{run_dir} is in use by another training run (process {err.holder}); wait for it to finish, "
+            "or pass another --out", code="E_LOCKED",
+        ) from None
+    except OSError as err:
+        stack.close()
+        raise _write_error(run_dir, err) from err
+    with stack:
+        yield
+
+
+def _remove_if_empty(folder: Path) -> None:
+    with contextlib.suppress(OSError):  # not empty: the run wrote something there
+        folder.rmdir()
 
 
 def _train(config: TrainConfig, env: Distributed, started: float) -> TrainResult:
@@ -637,7 +712,7 @@ def _train(config: TrainConfig, env: Distributed, started: float) -> TrainResult
     if resume is not None and run.start_step >= config.steps:
         logger.info("the run already finished (step %d of %d)", run.start_step, config.steps)
         return TrainResult(run.run_dir, resume.folder, run.start_step, resume.trainer_state["metrics"],
-                           float("nan"), float("nan"), time.perf_counter() - started)
+                           float("nan"), float("nan"), time.perf_counter() - started, already_finished=True)
     trained = _distributed(run)
     _start_metrics(run)
     first_loss, last_loss = _step_loop(run, trained)
@@ -665,10 +740,6 @@ def _start_metrics(run: _Run) -> None:
     starts it afresh with the untrained model's validation loss at step 0."""
     if not run.env.is_main:
         return
-    try:
-        run.run_dir.mkdir(parents=True, exist_ok=True)
-    except OSError as err:
-        raise _write_error(run.run_dir, err) from err
     if run.resume is not None:
         _truncate_metrics(run.metrics_file, run.start_step)  # lines written after that checkpoint
         return
@@ -734,21 +805,39 @@ def _optimizer_step(run: _Run, trained: nn.Module, step: int, lr: float) -> tupl
             out = trained(batch)
         (out.loss / config.grad_accum).backward()
         loss += out.loss.item() / config.grad_accum
-    if config.grad_clip > 0:
-        nn.utils.clip_grad_norm_(run.trainable.values(), config.grad_clip)
-    run.optimizer.step()
-    run.optimizer.zero_grad(set_to_none=True)
     if env.world_size > 1:
         reduced = torch.tensor([loss], device=env.device)
         dist.all_reduce(reduced)
         loss = float(reduced) / env.world_size
-    if not math.isfinite(loss):  # the same on every process: checked after the all-reduce
+    params = list(run.trainable.values())
+    # The global gradient norm (gradients are all-reduced: the same on every process), clipped if asked.
+    norm = float(nn.utils.clip_grad_norm_(params, config.grad_clip) if config.grad_clip > 0
+                 else nn.utils.get_total_norm([p.grad for p in params if p.grad is not None]))
+    if not (math.isfinite(loss) and math.isfinite(norm)):  # checked before the update: the weights stay good
+        what = f"loss is {loss}" if not math.isfinite(loss) else f"gradient norm is {norm} (loss {loss:.4g})"
         raise TrainingError(
-            f"the training loss is {loss} at step {step + 1} (lr {lr:.3g}); the run cannot go on. Start it again "
-            f"with a lower --lr (peak now {config.lr:g}){'' if config.grad_clip else ' or with --grad-clip 1'}; "
-            "checkpoints written so far are intact", code="E_NOT_FINITE",
+            f"the training {what} at step {step + 1} (lr {lr:.3g}): training diverged and stopped before "
+            f"applying that step. {_divergence_advice(run)}", code="E_NOT_FINITE",
         )
+    run.optimizer.step()
+    run.optimizer.zero_grad(set_to_none=True)
     return loss, tokens
+
+
+def _divergence_advice(run: _Run) -> str:
+    """What to change after a NaN/inf: a lower peak lr, from the last good checkpoint if any."""
+    config = run.config
+    default = config.objective.defaults.lr
+    lower = config.lr / 10 if config.lr <= default else default
+    clip = "" if config.grad_clip else " and --grad-clip 1"
+    try:
+        latest = ckpt.latest_checkpoint(run.run_dir)
+    except CheckpointError:
+        latest = None
+    if latest is None:
+        return f"No checkpoint was written; start again with a lower --lr (peak now {config.lr:g}), e.g. --lr {lower:g}{clip}"
+    return (f"The last good checkpoint, {latest}, is intact; continue from it with a lower --lr (peak now "
+            f"{config.lr:g}): --resume --lr {lower:g}{clip}")
 
 
 def _final_evaluation(run: _Run) -> dict[str, float]:

@@ -13,10 +13,23 @@ Publishing swaps the two folders in one atomic exchange where the OS offers it (
 renameat2), else renames the old target aside first; a kill at any moment leaves the old or
 the new folder at `target`, and the other one in a hidden temporary folder that the next write
 removes (`remove_stale_temporaries`: only folders whose writer process is gone).
+
+A folder that one process writes over a long time (a training run) is locked for that time::
+
+    with lock_dir(run_dir) as lock:   # FolderLocked(holder pid) if another live process holds it
+        ...write into run_dir...
+
+The lock is the kernel's (flock on POSIX, msvcrt.locking on Windows) on ``run_dir/.lock``,
+which also names the holder's pid for the message. The kernel drops it the moment its holder
+dies, however it dies: a lock left by a crash is free at once, and taking it over is the same
+single atomic call as taking a free one, so two takers can never both win. (A pid file created
+with O_EXCL would need a separate check-then-remove to take over a stale lock, and a recycled
+pid would keep it "alive".)
 """
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import errno
 import fnmatch
@@ -26,7 +39,10 @@ import re
 import shutil
 import sys
 import tempfile
+import socket
+import time
 from pathlib import Path
+from typing import Iterator
 
 log = logging.getLogger(__name__)
 
@@ -174,7 +190,98 @@ def publish_dir(tmp: Path, target: Path) -> None:
         fsync_dir(target.parent)
 
 
+LOCK_FILE = ".lock"
+
+
+class FolderLocked(Exception):
+    """Another live process holds the lock on `folder` (`holder`: its "pid on host", or "unknown")."""
+
+    def __init__(self, folder: Path, holder: str):
+        super().__init__(f"{folder} is locked by process {holder}")
+        self.folder, self.holder = folder, holder
+
+
+class FolderLock:
+    """What `lock_dir` yields: the lock file, and the holder a crash left behind (None: none)."""
+
+    def __init__(self, path: Path, fd: int, previous: str | None):
+        self.path, self.fd, self.previous = path, fd, previous
+
+
+def _try_lock(fd: int) -> bool:
+    """Take the kernel's exclusive lock on the open file without waiting; False if it is held."""
+    if os.name == "nt":
+        import msvcrt
+
+        try:
+            msvcrt.locking(fd, msvcrt.LK_NBLCK, 1)
+        except OSError:
+            return False
+        return True
+    import fcntl
+
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return False
+    return True
+
+
+def _read_holder(path: Path) -> str:
+    """The "pid on host" a holder wrote; a holder that has just taken the lock writes it at once."""
+    for _ in range(20):
+        with contextlib.suppress(OSError):
+            text = path.read_text(encoding="utf-8", errors="replace").strip()
+            if text:
+                return text
+        time.sleep(0.05)
+    return "unknown"
+
+
+@contextlib.contextmanager
+def lock_dir(folder: Path) -> Iterator[FolderLock]:
+    """Hold an exclusive lock on the existing folder `folder` while the block runs; released
+    (and `folder/.lock` removed) on any exit, exceptions included. Another live holder:
+    FolderLocked naming it. A lock file whose holder died is taken over (logged)."""
+    path = Path(folder) / LOCK_FILE
+    while True:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666 & ~_umask())
+        if not _try_lock(fd):
+            os.close(fd)
+            raise FolderLocked(Path(folder), _read_holder(path))
+        try:  # the file we locked must still be the one at `path` (a releasing holder unlinks it)
+            same = os.path.samestat(os.fstat(fd), os.stat(path))
+        except FileNotFoundError:
+            same = False
+        if same:
+            break
+        os.close(fd)
+    try:
+        previous = os.read(fd, 200).decode("utf-8", "replace").strip() or None
+        if previous:
+            pid = previous.split()[0]
+            log.warning("%s: taking over the lock of process %s, which is gone (it did not release it)", folder,
+                        previous if not pid.isdigit() or not pid_alive(int(pid)) else f"{previous} (pid reused)")
+        os.ftruncate(fd, 0)
+        os.lseek(fd, 0, os.SEEK_SET)
+        os.write(fd, f"{os.getpid()} on {socket.gethostname()}\n".encode())
+    except BaseException:
+        os.close(fd)
+        raise
+    try:
+        yield FolderLock(path, fd, previous)
+    finally:
+        if os.name == "nt":  # Windows cannot remove an open file: release, close, then remove
+            os.close(fd)
+            with contextlib.suppress(OSError):
+                path.unlink()
+        else:  # removed while still locked: a process that opened the old file sees it is gone
+            with contextlib.suppress(OSError):
+                path.unlink()
+            os.close(fd)
+
+
 __all__ = [
-    "exchange", "fsync_dir", "fsync_file", "fsync_tree", "make_readable", "pid_alive", "publish_dir",
+    "FolderLock", "FolderLocked", "LOCK_FILE", "lock_dir", "exchange", "fsync_dir", "fsync_file", "fsync_tree", "make_readable", "pid_alive", "publish_dir",
     "remove_stale_temporaries", "replace_text", "staging_dir",
 ]
