@@ -251,7 +251,7 @@ def _no_stop_strings_in_beam(strategy: str, stop_strings: tuple[str, ...]) -> No
     if stop_strings and strategy == "beam":
         raise ConfigError(f"stop_strings ({stop_strings!r}) are not supported with strategy 'beam' (it stops at "
                           f"eos_token_ids); drop stop_strings (--stop), or pass {option('strategy', 'greedy')} "
-                          "or 'sample'")
+                          f"or 'sample' with {option('num_beams', 1)}")
 
 
 _RULES: tuple[tuple[tuple[str, ...], Callable[..., None]], ...] = (
@@ -862,8 +862,9 @@ def stream(
     """
     config = _resolved(config)
     if config.strategy == "beam":
+        beams = f" with {option('num_beams', 1)}" if config.num_beams > 1 else ""
         raise ConfigError("stream() supports strategy 'greedy' or 'sample'; got 'beam'. For beam search call "
-                          "generate() instead (without --stream), or pass " + option("strategy", "greedy") + ".")
+                          f"generate() instead (without --stream), or pass {option('strategy', 'greedy')}{beams}.")
     if config.num_return_sequences != 1:
         raise ConfigError(
             f"stream() yields one sequence; got num_return_sequences={config.num_return_sequences}. Pass "
