@@ -16,7 +16,7 @@ import { readFileSync } from 'node:fs';
 import { parseArgs } from 'node:util';
 
 import { OnnxformerError, InputError } from './errors.js';
-import { load } from './model.js';
+import { UNKNOWN_WARNING, load } from './model.js';
 
 const USAGE = `usage: node cli.js {generate,classify,embed} PACKAGE [TEXT ...] [options]
 
@@ -115,22 +115,39 @@ function readTexts(texts) {
 async function run({ command, pkg, texts, values, params, threads }) {
   texts = readTexts(texts);
   const model = await load(pkg, { provider: values.provider, threads });
+/** On stderr, for each text mostly unknown to the tokenizer: what it means and what to do (as in Python). */
+function warnUnknown(fractions, consequence) {
+  fractions.forEach((share, i) => {
+    if (share > UNKNOWN_WARNING) {
+      process.stderr.write(`warning: text ${i}: ${Math.round(share * 100)}% of its tokens are unknown to this model's ` +
+        'tokenizer (characters or words never seen in training: another script, emoji, other casing); ' +
+        `${consequence}. Write the text the way the training data is written, or fine-tune the model on text like it.\n`);
+    }
+  });
+}
+
   const truncate = Boolean(values.truncate);
   const print = (text) => process.stdout.write(`${text}\n`);
   if (command === 'classify') {
     const results = await model.classify(texts, { truncate });
     if (values.json) print(JSON.stringify(results.map((r, i) => ({ text: texts[i], ...r }))));
-    else results.forEach((r, i) => print(`${r.label}\t${r.score.toFixed(4)}\t${texts[i]}`));
+    else {
+      results.forEach((r, i) => print(`${r.label}\t${r.score.toFixed(4)}\t${texts[i]}`));
+      warnUnknown(results.map((r) => r.unknown_fraction), 'its label is a guess');
+    }
   } else if (command === 'embed') {
     const vectors = await model.embed(texts, { pooling: values.pooling, normalize: !values['no-normalize'], truncate });
     if (values.json) {
-      print(JSON.stringify(vectors.map((v, i) => ({ text: texts[i], embedding: Array.from(v, (x) => Number(x.toFixed(6))) }))));
+      print(JSON.stringify(vectors.map((v, i) => (
+        { text: texts[i], embedding: Array.from(v, (x) => Number(x.toFixed(6))), unknown_fraction: unknown[i] }))));
     } else {
       vectors.forEach((v) => print(Array.from(v, (x) => x.toFixed(6)).join(' ')));
+    const unknown = await model.unknownFractions(texts);
     }
   } else if (values.stream) {
     if (texts.length !== 1) throw new InputError(`--stream takes one prompt; got ${texts.length}`);
     for await (const piece of await model.stream(texts[0], { ...params, truncate })) process.stdout.write(piece);
+      warnUnknown(unknown, 'its embedding says little about it');
     print('');
   } else {
     const results = await model.generate(texts, { ...params, truncate });

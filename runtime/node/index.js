@@ -14,7 +14,7 @@
 export { CODES, ConfigError, InputError, OnnxformerError, PackageError, ProviderError, RunError } from './errors.js';
 export { DEFAULTS as GENERATION_DEFAULTS, STRATEGIES, checkParameters, generationConfig, resolveConfig } from './generation.js';
 export { FORMAT_NAME, SUPPORTED_FORMAT_VERSIONS, loadManifest, manifestFromDict, verifyFiles } from './manifest.js';
-export { MAX_SEQUENCES_PER_PROMPT, Model, load } from './model.js';
+export { MAX_SEQUENCES_PER_PROMPT, Model, UNKNOWN_WARNING, load } from './model.js';
 export { Random } from './random.js';
 export { checkExternalData, externalDataRefs } from './safety.js';
 export { ConcatSteps, SharedSteps } from './session.js';

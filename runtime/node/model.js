@@ -31,6 +31,8 @@ import { PackageTokenizer } from './tokenizer.js';
  * @property {number} score
  * @property {Record<string, number>} probabilities  every label's probability
  */
+ * @property {number} unknown_fraction  share of the text's tokens (special tokens not counted) that are the
+ *   tokenizer's unk token: characters or words never seen in training; near 1, the label is a guess
 
 /** One prompt's result (generation.js): `texts[j]` / `token_ids[j]` for each returned sequence j. @typedef {import('./generation.js').Generation} Generation */
 
@@ -44,6 +46,14 @@ const CALL_OPTIONS = ['truncate', 'rng'];
 /** num_beams / num_return_sequences above this are refused, not allocated (as in Python). */
 export const MAX_SEQUENCES_PER_PROMPT = 4096;
 
+/** The CLI warns when more than this share of a text's tokens is unknown (as in Python). */
+export const UNKNOWN_WARNING = 0.3;
+
+/** Share of the non-special tokens of one encoded text that are `unk` (0 with none; unk -1: 0). */
+function unknownFraction({ ids, specialMask }, unk) {
+  const text = ids.filter((_, k) => !specialMask[k]);
+  return text.length && unk >= 0 ? text.filter((t) => t === unk).length / text.length : 0;
+}
 function checkOptions(call, options, valid) {
   if (options === null || typeof options !== 'object' || Array.isArray(options)) {
     throw new InputError(`${call}() options must be an object, not ${typeOf(options)}`);
@@ -186,13 +196,29 @@ export class Model {
     }
   }
 
-  /** Right-padded encoder batches (rows of ids); positions come from the mask inside the graph. */
+  /**
+   * Per text, the share of its tokens (special tokens not counted) that the tokenizer could not
+   * represent (its unk token): `Classification.unknown_fraction`, for any call.
+   * @param {string | string[]} texts
+   * @returns {Promise<number[]>}
+   */
+  async unknownFractions(texts) {
+    texts = this.#texts(texts, 'unknownFractions texts');
+    const unk = special(this.manifest, 'unk');
+    return (await this.tokenizer.encodeBatch(texts)).map((e) => unknownFraction(e, unk));
+  }
+
+  /**
+   * Right-padded encoder batches (rows of ids; positions come from the mask inside the graph),
+   * each with the unknown fraction of its rows' texts.
+   */
   async #encoderBatches(texts, batchSize, truncate) {
     const encodings = await this.tokenizer.encodeBatch(texts);
     const limit = this.manifest.max_seq_len;
     const pad = Math.max(special(this.manifest, 'pad'), 0);
     const batches = [];
     for (let start = 0; start < encodings.length; start += batchSize) {
+    const unk = special(this.manifest, 'unk');
       const chunk = encodings.slice(start, start + batchSize);
       let width = Math.max(...chunk.map((e) => e.ids.length));
       if (width > limit && !truncate) {
@@ -212,7 +238,7 @@ export class Model {
       const mask = rows.map((row) => fill(row.map(() => 1), 0)); // (B, S)
       const feeds = { [INPUT_IDS]: rows.map((row) => fill(row, pad)), [ATTENTION_MASK]: mask };
       if (this.dims.has_token_types) feeds[TOKEN_TYPE_IDS] = chunk.map((e, r) => fill(kept[r].map((k) => e.typeIds[k]), 0));
-      batches.push(feeds);
+      batches.push({ feeds, unknown: chunk.map((e) => unknownFraction(e, unk)) });
     }
     return batches; // every chunk is checked before the first runs
   }
@@ -235,7 +261,7 @@ export class Model {
     texts = this.#texts(texts, 'classify texts');
     const labels = this.labelNames.length ? this.labelNames : Array.from({ length: this.dims.num_labels }, (_, i) => `LABEL_${i}`);
     const results = [];
-    for (const feeds of await this.#encoderBatches(texts, batchSize, truncate)) {
+    for (const { feeds, unknown } of await this.#encoderBatches(texts, batchSize, truncate)) {
       const logits = (await this.#runEncoder(feeds))[LOGITS]; // (B, num_labels)
       const [b, n] = logits.dims;
       const values = floatData(logits);
@@ -246,7 +272,10 @@ export class Model {
         const total = e.reduce((s, x) => s + x, 0);
         const probs = e.map((x) => x / total);
         const best = probs.indexOf(Math.max(...probs));
-        results.push({ label: labels[best], score: probs[best], probabilities: Object.fromEntries(labels.map((l, i) => [l, probs[i]])) });
+        results.push({
+          label: labels[best], score: probs[best], probabilities: Object.fromEntries(labels.map((l, i) => [l, probs[i]])),
+          unknown_fraction: unknown[r],
+        });
       }
     }
     return results;
@@ -259,6 +288,7 @@ export class Model {
    * @param {{pooling?: 'mean' | 'cls', normalize?: boolean, batch_size?: number, truncate?: boolean}} [options]
    * @returns {Promise<Float32Array[]>}
    */
+   * `unknownFractions(texts)` says how much of each text the tokenizer could not represent.
   async embed(texts, options = {}) {
     this.#require(ENCODER in this.sessions, 'embed', 'a package with an encoder');
     checkOptions('embed', options, ['pooling', 'normalize', 'batch_size', 'truncate']);
@@ -266,7 +296,7 @@ export class Model {
     if (pooling !== 'mean' && pooling !== 'cls') throw new InputError(`pooling must be 'mean' or 'cls', not ${show(pooling)}`);
     texts = this.#texts(texts, 'embed texts');
     const out = [];
-    for (const feeds of await this.#encoderBatches(texts, batchSize, truncate)) {
+    for (const { feeds } of await this.#encoderBatches(texts, batchSize, truncate)) {
       const hidden = (await this.#runEncoder(feeds))[LAST_HIDDEN_STATE]; // (B, S, D)
       const [b, s, d] = hidden.dims;
       const values = floatData(hidden);

@@ -60,6 +60,8 @@ CLASSIFY_TEXTS = [
     "Café naïve 日本語 😀",
     "short",
     "a much longer text that has many more tokens than the other texts in this batch",
+    "THE FOOD WAS GOOD",  # issue 14: unknown to an uncased tokenizer trained on lowercase text
+    "الطعام جيد",
 ]
 
 GENERATION_CASES: list[dict[str, Any]] = [
@@ -286,8 +288,9 @@ def expected_for(package: Path, out: Path, prefix: str) -> dict[str, Any]:
     if model.can_classify:
         results = model.classify(CLASSIFY_TEXTS, batch_size=2)
         data["classify"] = {"texts": CLASSIFY_TEXTS, "options": {"batch_size": 2},
-                            "results": [{"label": r.label, "score": r.score, "probabilities": r.probabilities}
-                                        for r in results]}
+                            "results": [{"label": r.label, "score": r.score, "probabilities": r.probabilities,
+                                         "unknown_fraction": r.unknown_fraction} for r in results]}
+    data["unknown_fractions"] = {"texts": CLASSIFY_TEXTS, "values": model.unknown_fractions(CLASSIFY_TEXTS)}
     if "encoder" in model.sessions:
         data["embed"] = [
             {"texts": CLASSIFY_TEXTS, "options": options, "vectors": model.embed(CLASSIFY_TEXTS, **options).tolist()}

@@ -64,7 +64,15 @@ for (const dir of dirs) {
           assert.deepEqual(Object.keys(got[i].probabilities), Object.keys(want.probabilities));
           assertClose(Object.values(got[i].probabilities), Object.values(want.probabilities), TOLERANCE, `text ${i}`);
           assertClose([got[i].score], [want.score], TOLERANCE, `score of text ${i}`);
+          assert.equal(got[i].unknown_fraction, want.unknown_fraction, `unknown_fraction of text ${i}`);
         });
+      });
+    }
+
+    if (expected.unknown_fractions) {
+      test('unknownFractions: the same share of unknown tokens as Python', async () => {
+        const { texts, values } = expected.unknown_fractions;
+        assert.deepEqual(await model.unknownFractions(texts), values);
       });
     }
 
