@@ -61,6 +61,7 @@ from onnxformer.runtime.contract import (
     graph_specs,
 )
 from onnxformer.runtime.errors import ExportError, ValidationError
+from onnxformer.runtime.prompt_format import PromptFormat
 from onnxformer.runtime.manifest import (
     FORMAT_VERSION,
     MANIFEST_FILE,
@@ -423,6 +424,8 @@ def _manifest(directory: Path, plan: ExportPlan, specs: dict[str, GraphSpec], we
         model_config=config,
         format_version=SHARED_CACHE_FORMAT_VERSION if plan.kv_cache == "shared" else FORMAT_VERSION,
         kv_cache=plan.kv_cache,
+        # the format training used travels with the package; the runtimes apply it (FORMAT.md)
+        prompt_format=PromptFormat.from_dict(config["prompt_format"]) if config.get("prompt_format") else None,
     )
 
 

@@ -15,6 +15,7 @@ from typing import Any
 
 from onnxformer.runtime.contract import ARCHITECTURES  # the one list, shared with the package format
 from onnxformer.runtime.errors import ConfigError
+from onnxformer.runtime.prompt_format import PromptFormat
 
 POS_ENCODINGS = ("sinusoidal", "learned", "rope")
 ACTIVATIONS = ("gelu", "swiglu")
@@ -63,6 +64,9 @@ class ModelConfig:
     decoder_start_token_id: int = -1  # encoder-decoder: first decoder input; -1 = bos
     # Free-form, JSON-serialisable extras (e.g. label names). Not used by the modules.
     label_names: tuple[str, ...] = field(default_factory=tuple)
+    # The prompt format training used (sft, prefix-lm on seq2seq data); export carries it into
+    # the package and the runtimes apply it. None: prompts are raw text. JSON: {template, strip}.
+    prompt_format: PromptFormat | None = None
 
     def __post_init__(self) -> None:
         _choice("arch", self.arch, ARCHITECTURES)
@@ -106,6 +110,12 @@ class ModelConfig:
                 f"apply to arch 'encoder' only; got arch {self.arch!r}"
             )
         object.__setattr__(self, "label_names", tuple(self.label_names))
+        if isinstance(self.prompt_format, dict):  # from JSON
+            object.__setattr__(self, "prompt_format", PromptFormat.from_dict(self.prompt_format))
+        if self.prompt_format is not None and not isinstance(self.prompt_format, PromptFormat):
+            raise ConfigError(f"prompt_format must be a PromptFormat, its JSON object or None; got {self.prompt_format!r:.60}")
+        if self.prompt_format is not None and not self.has_decoder:
+            raise ConfigError(f"prompt_format applies to generating models; arch {self.arch!r} has no decoder")
         if self.label_names and len(self.label_names) != self.num_labels:
             raise ConfigError(
                 f"label_names has {len(self.label_names)} entries but num_labels is {self.num_labels}"

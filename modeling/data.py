@@ -55,6 +55,7 @@ from pathlib import Path
 from typing import Callable, Iterator, Sequence
 
 from onnxformer.runtime.errors import ConfigError, DataError
+from onnxformer.runtime.prompt_format import SEQ2SEQ_PROMPT_FORMAT
 
 logger = logging.getLogger(__name__)
 
@@ -167,12 +168,16 @@ class TaskData:
 
 
 # Prompt / continuation convention for seq2seq on decoder-only and prefix-LM models -------------
-PROMPT_SUFFIX = " ="
+# One definition (runtime/prompt_format.py), which training writes into the checkpoint
+# (ModelConfig.prompt_format), export into the package, and both runtimes apply to a user's
+# prompt: what training scores is what generate("three hundred forty two") returns.
+PROMPT_FORMAT = SEQ2SEQ_PROMPT_FORMAT
+PROMPT_SUFFIX = PROMPT_FORMAT.format("")  # " ="
 
 
 def format_prompt(source: str) -> str:
     """``"three hundred forty two"`` -> ``"three hundred forty two ="`` (no trailing space)."""
-    return source.strip() + PROMPT_SUFFIX
+    return PROMPT_FORMAT.format(source)
 
 
 def format_continuation(target: str) -> str:
@@ -182,7 +187,7 @@ def format_continuation(target: str) -> str:
 
 def parse_continuation(text: str) -> str:
     """Generated continuation text -> target (inverse of ``format_continuation``)."""
-    return text.strip()
+    return PROMPT_FORMAT.parse(text)
 
 
 # Built-in: numbers ------------------------------------------------------------------------------

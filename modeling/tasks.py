@@ -52,7 +52,7 @@ from onnxformer.runtime.errors import ConfigError
 from onnxformer.runtime.generation import GenerationConfig
 
 from .config import ModelConfig
-from .data import Example, TaskData, TextExample, format_continuation, format_prompt, parse_continuation
+from .data import PROMPT_FORMAT, Example, TaskData, TextExample, format_continuation, format_prompt
 from .generate import generate
 from .model import Transformer
 from .objectives import (
@@ -85,6 +85,7 @@ class Encoded(NamedTuple):
     type_ids: list[int] = []  # mlm+nsp: segment ids of the pair
     sentences: list[list[int]] = []  # denoise / prefix-lm on text: sentences (no special tokens)
     text: str = ""  # generative tasks: the expected output text (exact match)
+    source: str = ""  # generative tasks: the source text as a user passes it to generate()
 
 
 class Batch(NamedTuple):
@@ -163,7 +164,7 @@ def _train_split_texts(data: TaskData) -> Iterable[str]:
 
 
 def _no_head_config(data: TaskData) -> dict[str, Any]:
-    return {}
+    return {"prompt_format": None}  # a fine-tuned sft checkpoint's format does not carry over
 
 
 @dataclass(frozen=True)
@@ -292,7 +293,7 @@ def _accuracy(sums: EvalSums) -> dict[str, float]:
 
 
 def _classify_head_config(data: TaskData) -> dict[str, Any]:
-    return {"num_labels": len(data.label_names), "label_names": data.label_names}
+    return {"num_labels": len(data.label_names), "label_names": data.label_names, "prompt_format": None}
 
 
 # ============================================================================================
@@ -392,7 +393,7 @@ def _prompted_encode(context: TaskContext, raw: Sequence[Example], epoch: int) -
     out = []
     for p, c, r in zip(prompts, continuations, raw):
         ids = context.cut(p.ids + c.ids + [eos])
-        out.append(Encoded(ids, prompt_len=min(len(p.ids), len(ids) - 1), text=r.target))
+        out.append(Encoded(ids, prompt_len=min(len(p.ids), len(ids) - 1), text=r.target, source=r.source))
     return out
 
 
@@ -415,6 +416,12 @@ def _prompted_collate(context: TaskContext, items: Sequence[tuple[Encoded, torch
     return Batch(ids, mask, labels, prefix_mask=prefix)
 
 
+def _prompted_head_config(data: TaskData) -> dict[str, Any]:
+    """seq2seq data trains on formatted prompts: the format goes into the config, the package and
+    the runtimes (runtime/prompt_format.py). Text data (prefix-lm) is continued as it is."""
+    return {"prompt_format": PROMPT_FORMAT if data.kind == "seq2seq" else None}
+
+
 def _prompted_tokenizer_texts(data: TaskData) -> Iterable[str]:
     """seq2seq data as the decoder will read it: prompt and continuation in one string."""
     if data.kind == "seq2seq":
@@ -430,7 +437,8 @@ def _prompted_tokenizer_texts(data: TaskData) -> Iterable[str]:
 def _seq2seq_encode(context: TaskContext, raw: Sequence[Example], epoch: int) -> list[Encoded]:
     sources = context.tokenizer.encode_batch([r.source for r in raw])
     targets = context.tokenizer.encode_batch([r.target for r in raw])
-    return [Encoded(context.cut(s.ids), target=context.cut(t.ids), text=r.target) for s, t, r in zip(sources, targets, raw)]
+    return [Encoded(context.cut(s.ids), target=context.cut(t.ids), text=r.target, source=r.source)
+            for s, t, r in zip(sources, targets, raw)]
 
 
 def _teacher_forcing(context: TaskContext, sources: list[list[int]], targets: list[list[int]]) -> Batch:
@@ -461,8 +469,11 @@ def _denoise_collate(context: TaskContext, items: Sequence[tuple[Encoded, torch.
 
 def exact_match(model: Transformer, context: TaskContext, examples: Sequence[Encoded]) -> float:
     """Share of examples whose greedy output (modeling.generate, KV cache), decoded, equals
-    the expected target text. Prompts: the source (encoder-decoder) or ``<s> prompt``."""
-    s = context.special
+    the expected target text, computed as the package's runtime will answer
+    ``generate(source)``: the raw source text through the model's ``prompt_format`` (none:
+    the text as is), tokenized with the tokenizer's template, the output parsed back by
+    the same format."""
+    s, fmt = context.special, model.config.prompt_format
     longest = max(len(e.target) if e.target else len(e.ids) - e.prompt_len for e in examples)
     gen_config = GenerationConfig(
         strategy="greedy", max_new_tokens=longest + 2, eos_token_ids=(s["eos"],), pad_token_id=s["pad"]
@@ -470,11 +481,12 @@ def exact_match(model: Transformer, context: TaskContext, examples: Sequence[Enc
     hits = 0
     for start in range(0, len(examples), 256):
         chunk = examples[start : start + 256]
-        prompts = [e.ids if e.target else e.ids[: e.prompt_len] for e in chunk]
+        texts = [fmt.format(e.source) if fmt else e.source for e in chunk]
+        prompts = [context.cut(enc.ids) for enc in context.tokenizer.encode_batch(texts)]
         outputs = generate(model, prompts, gen_config)
         for e, out in zip(chunk, outputs):
             text = context.tokenizer.decode(out[0], skip_special_tokens=True)
-            hits += parse_continuation(text) == e.text.strip()
+            hits += (fmt.parse(text) if fmt else text) == e.text.strip()
     return hits / len(examples)
 
 
@@ -517,12 +529,14 @@ OBJECTIVES: dict[str, Objective] = {o.name: o for o in (
         defaults=TaskDefaults(steps=600, batch_size=64, lr=3e-3, warmup=50, eval_every=200),
         encode=_prompted_encode, collate=_prompted_collate, loss=_decoder_loss, metrics=_perplexity,
         generation_metrics=_exact_match_metrics, tokenizer_texts=_prompted_tokenizer_texts,
+        head_config=_prompted_head_config,
     ),
     Objective(
         "prefix-lm", archs=("prefix-lm",), data_kinds=("seq2seq", "text"),
         defaults=TaskDefaults(steps=600, batch_size=64, lr=3e-3, warmup=50, eval_every=200),
         encode=_prompted_encode, collate=_prompted_collate, loss=_decoder_loss, metrics=_perplexity,
         generation_metrics=_exact_match_metrics, tokenizer_texts=_prompted_tokenizer_texts,
+        head_config=_prompted_head_config,
     ),
     Objective(
         "classify", archs=("encoder",), data_kinds=("classification",),

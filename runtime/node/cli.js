@@ -35,6 +35,7 @@ generate:
   --num-return-sequences N, --repetition-penalty X, --no-repeat-ngram-size N
   --stop STRING               stop at this string (repeatable)
   --stream                    print text as it is generated (one prompt)
+  --raw                       send prompts exactly as given, without the package's prompt format
 
 embed:
   --pooling {mean,cls}        how to pool token states (default mean)
@@ -72,6 +73,7 @@ function parse(argv) {
     truncate: { type: 'boolean' },
     stop: { type: 'string', multiple: true },
     stream: { type: 'boolean' },
+    raw: { type: 'boolean' },
     pooling: { type: 'string', default: 'mean' },
     'no-normalize': { type: 'boolean' },
     help: { type: 'boolean', short: 'h' },
@@ -107,7 +109,8 @@ function parse(argv) {
 function readTexts(texts) {
   if (texts.length) return texts;
   if (process.stdin.isTTY) throw new InputError('no input texts: pass them as arguments or pipe them on stdin (one per line)');
-  const lines = readFileSync(0, 'utf8').split('\n').filter((line) => line.trim());
+  // A line ends at \n; a \r before it (Windows line endings) is no part of the text.
+  const lines = readFileSync(0, 'utf8').split('\n').map((line) => line.replace(/\r$/, '')).filter((line) => line.trim());
   if (!lines.length) throw new InputError('stdin had no non-empty lines; pass at least one text');
   return lines;
 }
@@ -127,6 +130,7 @@ function warnUnknown(fractions, consequence) {
 }
 
   const truncate = Boolean(values.truncate);
+  const raw = Boolean(values.raw);
   const print = (text) => process.stdout.write(`${text}\n`);
   if (command === 'classify') {
     const results = await model.classify(texts, { truncate });
@@ -146,11 +150,11 @@ function warnUnknown(fractions, consequence) {
     }
   } else if (values.stream) {
     if (texts.length !== 1) throw new InputError(`--stream takes one prompt; got ${texts.length}`);
-    for await (const piece of await model.stream(texts[0], { ...params, truncate })) process.stdout.write(piece);
+    for await (const piece of await model.stream(texts[0], { ...params, truncate, raw })) process.stdout.write(piece);
       warnUnknown(unknown, 'its embedding says little about it');
     print('');
   } else {
-    const results = await model.generate(texts, { ...params, truncate });
+    const results = await model.generate(texts, { ...params, truncate, raw });
     if (values.json) {
       print(JSON.stringify(results.map(({ prompt, texts: t, token_ids, scores, finish_reasons }) => (
         { prompt, texts: t, token_ids, scores, finish_reasons }))));

@@ -21,6 +21,7 @@ import * as path from 'node:path';
 import { KV_CACHE_LAYOUTS, dimsFromDict, graphSpecs, sameSpec, tensorSpecFromDict } from './contract.js';
 import { ConfigError, PackageError, show, typeOf } from './errors.js';
 import { checkParameters } from './generation.js';
+import { promptFormatFromManifest } from './prompt_format.js';
 
 export const FORMAT_NAME = 'onnxformer-package';
 export const FORMAT_VERSION = 1; // of a "concat" package; a "shared" one is SHARED_CACHE_FORMAT_VERSION
@@ -164,6 +165,7 @@ export function manifestFromDict(data) {
     producer: objectField(data, 'producer'),
     validation: objectField(data, 'validation'),
     model_config: objectField(data, 'model_config'),
+    prompt_format: promptFormatFromManifest(data.prompt_format), // null: prompts are raw text (FORMAT.md 5.2)
   };
   checkAgainstContract(manifest);
   return Object.freeze(manifest);
@@ -231,6 +233,9 @@ function checkAgainstContract(m) {
     if (!Number.isInteger(value) || value < -1 || value >= m.dims.vocab_size) {
       throw manifestError(`manifest special_tokens.${role} is ${show(value)}; it must be -1 or an id below vocab_size ${m.dims.vocab_size}`);
     }
+  }
+  if (m.prompt_format !== null && m.arch === 'encoder') {
+    throw manifestError('manifest prompt_format applies to generating packages; an encoder package has none');
   }
   if (m.arch === 'encoder-decoder' && m.special_tokens.decoder_start < 0) {
     throw manifestError('manifest special_tokens.decoder_start is -1, but an encoder-decoder model needs a decoder start token');

@@ -3,7 +3,7 @@
  *
  *     import { load } from './index.js';
  *     const model = await load('artifacts/decoder');
- *     const [result] = await model.generate('three hundred =', { max_new_tokens: 8 });
+ *     const [result] = await model.generate('three hundred', { max_new_tokens: 8 });  // in the trained prompt format
  *     await model.classify(['the food was not good']);   // encoder packages with a classifier
  *     await model.embed(['a sentence'], { pooling: 'mean' });
  *
@@ -24,6 +24,7 @@ import { displayDir, loadManifest, special, verifyFiles } from './manifest.js';
 import { ConcatSteps, SharedSteps, floatData, int64Tensor, openSession, resolveProvider } from './session.js';
 import { checkExternalData } from './safety.js';
 import { PackageTokenizer } from './tokenizer.js';
+import { strip } from './prompt_format.js';
 
 /**
  * @typedef {object} Classification
@@ -38,10 +39,10 @@ import { PackageTokenizer } from './tokenizer.js';
 
 /**
  * Generation parameters (see generation.js GenerationConfig) plus call options.
- * @typedef {Partial<import('./generation.js').GenerationConfig> & {truncate?: boolean, rng?: {random(): number}}} GenerateOptions
+ * @typedef {Partial<import('./generation.js').GenerationConfig> & {truncate?: boolean, rng?: {random(): number}, raw?: boolean}} GenerateOptions
  */
 
-const CALL_OPTIONS = ['truncate', 'rng'];
+const CALL_OPTIONS = ['truncate', 'rng', 'raw'];
 
 /** num_beams / num_return_sequences above this are refused, not allocated (as in Python). */
 export const MAX_SEQUENCES_PER_PROMPT = 4096;
@@ -76,7 +77,10 @@ function splitOptions(options) {
   const params = {};
   const call = {};
   for (const [k, v] of Object.entries(options)) (CALL_OPTIONS.includes(k) ? call : params)[k] = v;
-  return { params, truncate: Boolean(call.truncate), rng: call.rng };
+  if (call.raw !== undefined && typeof call.raw !== 'boolean') {
+    throw new InputError(`raw must be true or false, not ${show(call.raw)}`);
+  }
+  return { params, truncate: Boolean(call.truncate), rng: call.rng, raw: Boolean(call.raw) };
 }
 
 /**
@@ -404,7 +408,9 @@ export class Model {
 
   /**
    * Generate for each prompt. Options are generation parameters (`max_new_tokens`,
-   * `strategy`, `temperature`, `top_k`, `top_p`, `seed`, ...) and `truncate`, `rng`.
+   * `strategy`, `temperature`, `top_k`, `top_p`, `seed`, ...) and `truncate`, `rng`, `raw`.
+   * A package with a `prompt_format` gets each prompt in that format and returns the parsed
+   * answer (FORMAT.md 5.2); `raw: true` sends the text as given. `prompt` is the caller's text.
    * @param {string | string[]} prompts
    * @param {GenerateOptions} [options]
    * @returns {Promise<Generation[]>}
@@ -412,18 +418,19 @@ export class Model {
   async generate(prompts, options = {}) {
     this.#require(this.canGenerate, 'generate', 'a decoder-only, prefix-lm or encoder-decoder package');
     const texts = this.#texts(prompts, 'generate prompts');
-    const { params, truncate } = splitOptions(options);
+    const { params, truncate, raw } = splitOptions(options);
+    const fmt = raw ? null : this.manifest.prompt_format;
     const config = this.generationConfig(params);
-    const ids = await this.#promptIds(texts, config, truncate);
+    const ids = await this.#promptIds(this.#format(texts, fmt, 'generate prompts'), config, truncate);
     const out = await this.generateIds(ids, options);
-    return out.map((g, b) => ({ ...g, prompt: texts[b] }));
+    return out.map((g, b) => ({ ...g, prompt: texts[b], texts: fmt ? g.texts.map((t) => fmt.parse(t)) : g.texts }));
   }
 
   /**
    * The continuation's text as it is produced (greedy or sample). Every argument is checked
    * before this resolves; iterate the result with `for await`.
    *
-   *     for await (const piece of await model.stream('twelve =')) process.stdout.write(piece);
+   *     for await (const piece of await model.stream('twelve')) process.stdout.write(piece);
    *
    * @param {string} prompt
    * @param {GenerateOptions} [options]
@@ -433,10 +440,24 @@ export class Model {
     this.#require(this.canGenerate, 'stream', 'a decoder-only, prefix-lm or encoder-decoder package');
     if (typeof prompt !== 'string') throw new InputError(`stream() takes one prompt string, not ${typeOf(prompt)}`);
     this.#texts([prompt], 'stream prompt');
-    const { params, truncate, rng } = splitOptions(options);
+    const { params, truncate, rng, raw } = splitOptions(options);
+    const fmt = raw ? null : this.manifest.prompt_format;
     const config = this.generationConfig(params);
-    const ids = this.#checkIds(await this.#promptIds([prompt], config, truncate), config);
-    return gen.stream(this.#steps(ids, config), ids[0], config, (t) => this.decode(t), { rng });
+    const ids = this.#checkIds(await this.#promptIds(this.#format([prompt], fmt, 'stream prompt'), config, truncate), config);
+    const pieces = await gen.stream(this.#steps(ids, config), ids[0], config, (t) => this.decode(t), { rng });
+    return fmt ? fmt.parseStream(pieces) : pieces;
+  }
+
+  /**
+   * The texts the model reads: in the package's prompt format (FORMAT.md 5.2), or as given.
+   * @param {string[]} texts @param {import('./prompt_format.js').PromptFormat | null} fmt @param {string} what
+   */
+  #format(texts, fmt, what) {
+    if (!fmt) return texts;
+    texts.forEach((text, i) => {
+      if (fmt.strip && !strip(text)) throw new InputError(`${what}[${i}] is only whitespace; pass the text to answer`);
+    });
+    return texts.map((text) => fmt.format(text));
   }
 }
 
