@@ -212,12 +212,52 @@ def plan_export(model: Transformer, tokenizer_file: Path, out_dir: Path, options
 
 
 def _special_tokens(config: ModelConfig, tokenizer_file: Path) -> dict[str, int]:
+    """The manifest's special token ids, after checking that the tokenizer belongs to the model."""
     from onnxformer.modeling.tokenizer import load_tokenizer, special_token_ids
 
-    ids = special_token_ids(load_tokenizer(tokenizer_file))
+    tokenizer = load_tokenizer(tokenizer_file)
+    ids = special_token_ids(tokenizer)
+    _check_tokenizer_fits(config, tokenizer, ids, tokenizer_file)
     ids = {role: int(ids.get(role, -1)) for role in ("pad", "unk", "bos", "eos", "mask", "cls", "sep")}
     ids["decoder_start"] = config.start_token_id if config.arch == "encoder-decoder" else -1
     return ids
+
+
+TOKENIZER_ADVICE = ("export the checkpoint with the tokenizer it was trained with (the tokenizer.json saved beside "
+                    "its config.json)")
+
+
+def _check_tokenizer_fits(config: ModelConfig, tokenizer, ids: dict[str, int], tokenizer_file: Path) -> None:
+    """A tokenizer swapped for another one exports a package that answers nonsense: refuse it.
+
+    Every id the tokenizer produces must index the model's vocabulary (training sizes the model
+    to the tokenizer exactly; a model built by hand may have spare rows, never fewer), and the
+    special tokens the model was configured with (ModelConfig pad/bos/eos, set by training
+    from special_token_ids) must be the tokenizer's."""
+    advice = TOKENIZER_ADVICE
+    top = max(tokenizer.get_vocab(with_added_tokens=True).values(), default=-1)
+    if top >= config.vocab_size:
+        raise ExportError(
+            f"tokenizer {str(tokenizer_file)!r} produces token ids up to {top} but the model's vocabulary has "
+            f"{config.vocab_size} entries (vocab_size): the tokenizer does not belong to this model; {advice}",
+            code="E_TOKENIZER",
+        )
+    for role, field_name in (("pad", "pad_token_id"), ("bos", "bos_token_id"), ("eos", "eos_token_id")):
+        want, got = getattr(config, field_name), ids[role]
+        if want != got:
+            token = f" ({tokenizer.id_to_token(got)!r})" if got >= 0 else ""
+            raise ExportError(
+                f"tokenizer {str(tokenizer_file)!r} has {role} token id {got}{token} (-1: none) but the model was "
+                f"trained with {field_name}={want}: the tokenizer does not belong to this model; {advice}",
+                code="E_TOKENIZER",
+            )
+    start = config.start_token_id
+    if config.arch == "encoder-decoder" and (start < 0 or tokenizer.id_to_token(start) is None):
+        raise ExportError(
+            f"the model's decoder start token id {start} is not a token of {str(tokenizer_file)!r}: "
+            f"the tokenizer does not belong to this model; {advice}",
+            code="E_TOKENIZER",
+        )
 
 
 def _check_replaceable(out_dir: Path) -> None:
@@ -642,9 +682,21 @@ def export_checkpoint(
 ) -> ExportReport:
     """Export a training checkpoint (a run directory or one checkpoint directory)."""
     from onnxformer.modeling.checkpoint import load_model, tokenizer_path
+    from onnxformer.modeling.tokenizer import load_tokenizer
 
     model, _ = load_model(checkpoint)  # CheckpointError for a missing, damaged or foreign checkpoint
-    return export_model(model, tokenizer_path(checkpoint), out_dir, options)
+    tokenizer_file = tokenizer_path(checkpoint)  # CheckpointError when it is missing
+    # Training sizes the model to its tokenizer exactly (modeling/train.py build_model_config);
+    # export_model also takes hand-built models with spare rows, a checkpoint never has them.
+    size, vocab = load_tokenizer(tokenizer_file).get_vocab_size(), model.config.vocab_size
+    if size != vocab:
+        raise ExportError(
+            f"tokenizer {str(tokenizer_file)!r} has {size} tokens but the checkpoint's model has vocab_size {vocab}; "
+            f"training sizes the model to its tokenizer exactly, so this is not the tokenizer it was trained "
+            f"with: {TOKENIZER_ADVICE}",
+            code="E_TOKENIZER",
+        )
+    return export_model(model, tokenizer_file, out_dir, options)
 
 
 __all__ = [
