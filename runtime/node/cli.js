@@ -24,6 +24,7 @@ common options:
   --json                      print JSON for scripts
   --provider {cpu,cuda}       onnxruntime execution provider (default cpu)
   --threads N                 intra-op threads (default: onnxruntime's choice)
+  --trust-store PATH          allow the package's files to be links into this content store (repeatable)
   --truncate                  truncate inputs longer than the model's maximum
   --version                   print the version and exit
 
@@ -70,6 +71,7 @@ function parse(argv) {
     json: { type: 'boolean' },
     provider: { type: 'string', default: 'cpu' },
     threads: { type: 'string' },
+    'trust-store': { type: 'string', multiple: true },
     truncate: { type: 'boolean' },
     stop: { type: 'string', multiple: true },
     stream: { type: 'boolean' },
@@ -106,18 +108,44 @@ function parse(argv) {
   return { command, pkg, texts, values, params, threads };
 }
 
+/** All of stdin as text; invalid UTF-8 is an InputError (as in Python), never U+FFFD. */
+function stdinText() {
+  const bytes = readFileSync(0);
+  try {
+    return new TextDecoder('utf-8', { fatal: true }).decode(bytes);
+  } catch {
+    const at = firstInvalidUtf8(bytes);
+    throw new InputError(`stdin is not valid UTF-8 (invalid byte at byte ${at}); pipe UTF-8 text, one input per line`);
+  }
+}
+
+/** The offset of the first byte where `bytes` stops being valid UTF-8. */
+function firstInvalidUtf8(bytes) {
+  const decoder = new TextDecoder('utf-8', { fatal: true });
+  let lo = 0;
+  let hi = bytes.length; // the invariant: bytes[0, lo) decodes (up to a cut character), [0, hi) does not
+  while (hi - lo > 1) {
+    const mid = (lo + hi) >> 1;
+    try {
+      decoder.decode(bytes.subarray(0, mid), { stream: true });
+      lo = mid;
+    } catch {
+      hi = mid;
+    }
+    decoder.decode(); // reset
+  }
+  return lo;
+}
+
 function readTexts(texts) {
   if (texts.length) return texts;
   if (process.stdin.isTTY) throw new InputError('no input texts: pass them as arguments or pipe them on stdin (one per line)');
   // A line ends at \n; a \r before it (Windows line endings) is no part of the text.
-  const lines = readFileSync(0, 'utf8').split('\n').map((line) => line.replace(/\r$/, '')).filter((line) => line.trim());
+  const lines = stdinText().split('\n').map((line) => line.replace(/\r$/, '')).filter((line) => line.trim());
   if (!lines.length) throw new InputError('stdin had no non-empty lines; pass at least one text');
   return lines;
 }
 
-async function run({ command, pkg, texts, values, params, threads }) {
-  texts = readTexts(texts);
-  const model = await load(pkg, { provider: values.provider, threads });
 /** On stderr, for each text mostly unknown to the tokenizer: what it means and what to do (as in Python). */
 function warnUnknown(fractions, consequence) {
   fractions.forEach((share, i) => {
@@ -129,6 +157,9 @@ function warnUnknown(fractions, consequence) {
   });
 }
 
+async function run({ command, pkg, texts, values, params, threads }) {
+  texts = readTexts(texts);
+  const model = await load(pkg, { provider: values.provider, threads, trustedRoots: values['trust-store'] });
   const truncate = Boolean(values.truncate);
   const raw = Boolean(values.raw);
   const print = (text) => process.stdout.write(`${text}\n`);
@@ -141,17 +172,17 @@ function warnUnknown(fractions, consequence) {
     }
   } else if (command === 'embed') {
     const vectors = await model.embed(texts, { pooling: values.pooling, normalize: !values['no-normalize'], truncate });
+    const unknown = await model.unknownFractions(texts);
     if (values.json) {
       print(JSON.stringify(vectors.map((v, i) => (
         { text: texts[i], embedding: Array.from(v, (x) => Number(x.toFixed(6))), unknown_fraction: unknown[i] }))));
     } else {
       vectors.forEach((v) => print(Array.from(v, (x) => x.toFixed(6)).join(' ')));
-    const unknown = await model.unknownFractions(texts);
+      warnUnknown(unknown, 'its embedding says little about it');
     }
   } else if (values.stream) {
-    if (texts.length !== 1) throw new InputError(`--stream takes one prompt; got ${texts.length}`);
+    if (texts.length !== 1) throw new InputError(`--stream takes one prompt; got ${texts.length}. Pass one, or drop --stream`);
     for await (const piece of await model.stream(texts[0], { ...params, truncate, raw })) process.stdout.write(piece);
-      warnUnknown(unknown, 'its embedding says little about it');
     print('');
   } else {
     const results = await model.generate(texts, { ...params, truncate, raw });

@@ -39,6 +39,7 @@ export const CODES = Object.freeze({
   E_GRAPH_IO: "a graph's inputs or outputs break the I/O contract",
   E_TOKENIZER: 'the tokenizer is unreadable or does not belong to the model',
   E_WRONG_KIND: 'the call needs another kind of package (e.g. classify on a decoder)',
+  E_RELEASED: 'a model used after release() (Node; Python frees sessions when the model is dropped)',
   // inputs and parameters
   E_INPUT: 'bad input to a call',
   E_TOO_LONG: 'an input is longer than the model takes',

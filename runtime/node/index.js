@@ -3,7 +3,7 @@
  *
  *     import { load } from 'onnxformer';   // or './runtime/node/index.js'
  *     const model = await load('artifacts/decoder');
- *     const [out] = await model.generate('twelve =', { max_new_tokens: 8 });
+ *     const [out] = await model.generate('twelve', { max_new_tokens: 8 });
  *     console.log(out.text);
  *
  * The package format is specified in runtime/FORMAT.md.
@@ -16,6 +16,6 @@ export { DEFAULTS as GENERATION_DEFAULTS, STRATEGIES, checkParameters, generatio
 export { FORMAT_NAME, SUPPORTED_FORMAT_VERSIONS, loadManifest, manifestFromDict, verifyFiles } from './manifest.js';
 export { MAX_SEQUENCES_PER_PROMPT, Model, UNKNOWN_WARNING, load } from './model.js';
 export { Random } from './random.js';
-export { checkExternalData, externalDataRefs } from './safety.js';
+export { TRUSTED_STORES_ENV, checkExternalData, externalDataRefs, positionTables, trustedRoots } from './safety.js';
 export { ConcatSteps, SharedSteps } from './session.js';
 export { StepResult } from './steps.js';

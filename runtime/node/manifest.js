@@ -20,6 +20,7 @@ import * as path from 'node:path';
 
 import { KV_CACHE_LAYOUTS, dimsFromDict, graphSpecs, sameSpec, tensorSpecFromDict } from './contract.js';
 import { ConfigError, PackageError, show, typeOf } from './errors.js';
+import { TRUST_ADVICE, insidePackage, positionTables } from './safety.js';
 import { checkParameters } from './generation.js';
 import { promptFormatFromManifest } from './prompt_format.js';
 
@@ -168,6 +169,13 @@ export function manifestFromDict(data) {
     prompt_format: promptFormatFromManifest(data.prompt_format), // null: prompts are raw text (FORMAT.md 5.2)
   };
   checkAgainstContract(manifest);
+  const trained = manifest.model_config.max_seq_len;
+  if (Number.isInteger(trained) && manifest.max_seq_len > trained) {
+    throw manifestError(
+      `manifest max_seq_len (${manifest.max_seq_len}) is more than its model_config.max_seq_len (${trained}), the ` +
+        `longest sequence the model was built for; the manifest was edited or is damaged: set max_seq_len to ${trained} or less`,
+    );
+  }
   return Object.freeze(manifest);
 }
 
@@ -325,13 +333,14 @@ export async function sha256File(file) {
  * @param {Manifest} manifest
  * @param {string} directory
  */
-export async function verifyFiles(manifest, directory) {
+export async function verifyFiles(manifest, directory, roots = []) {
   const dir = await fs.realpath(directory);
   for (const entry of manifestFiles(manifest)) {
     const file = path.join(dir, entry.file);
     const stat = await fs.stat(file).catch(() => null);
-    if (stat && path.dirname(await fs.realpath(file)) !== dir) {
-      throw new PackageError(`package file '${entry.file}' leads outside the package directory; refused`);
+    const real = stat ? await fs.realpath(file) : null;
+    if (stat && !insidePackage(real, dir, roots)) {
+      throw new PackageError(`package file '${entry.file}' leads outside the package directory, to ${real}; refused. ${TRUST_ADVICE}`);
     }
     if (!stat?.isFile()) {
       throw new PackageError(`package file '${entry.file}' is not in ${dir}; re-export the package`, { code: 'E_MISSING_FILE' });
@@ -350,6 +359,25 @@ export async function verifyFiles(manifest, directory) {
           `${entry.sha256.slice(0, 16)}…: it was altered or damaged; re-export the package`,
         { code: 'E_CHECKSUM' },
       );
+    }
+  }
+}
+
+/**
+ * `max_seq_len` is within every graph's built-in position tables (a built decoder's rotary
+ * cos/sin caches, learned or sinusoidal embeddings), as Python's `Manifest.check_graph_limits`.
+ * @param {Manifest} manifest
+ * @param {string} directory
+ */
+export async function checkGraphLimits(manifest, directory) {
+  for (const [name, entry] of Object.entries(manifest.graphs)) {
+    for (const [table, positions] of Object.entries(await positionTables(path.join(directory, entry.file.file)))) {
+      if (manifest.max_seq_len > positions) {
+        throw manifestError(
+          `manifest max_seq_len (${manifest.max_seq_len}) is more than graph '${name}' supports: its position table ` +
+            `'${table}' has ${positions} positions; the manifest was edited or is damaged: set max_seq_len to ${positions} or less`,
+        );
+      }
     }
   }
 }

@@ -20,20 +20,27 @@ import {
 } from './contract.js';
 import { ConfigError, InputError, PackageError, show, typeOf } from './errors.js';
 import * as gen from './generation.js';
-import { displayDir, loadManifest, special, verifyFiles } from './manifest.js';
+import { checkGraphLimits, displayDir, loadManifest, special, verifyFiles } from './manifest.js';
 import { ConcatSteps, SharedSteps, floatData, int64Tensor, openSession, resolveProvider } from './session.js';
-import { checkExternalData } from './safety.js';
+import { checkExternalData, trustedRoots as trustedRootsOf } from './safety.js';
 import { PackageTokenizer } from './tokenizer.js';
 import { strip } from './prompt_format.js';
+
+/** A released model's sessions run this instead: a clear InputError (E_RELEASED). */
+const RELEASED = Symbol('released');
+async function released() {
+  throw new InputError('this model was released (model.release()); load the package again to use it',
+    { code: 'E_RELEASED' });
+}
 
 /**
  * @typedef {object} Classification
  * @property {string} label
  * @property {number} score
  * @property {Record<string, number>} probabilities  every label's probability
- */
  * @property {number} unknown_fraction  share of the text's tokens (special tokens not counted) that are the
  *   tokenizer's unk token: characters or words never seen in training; near 1, the label is a guess
+ */
 
 /** One prompt's result (generation.js): `texts[j]` / `token_ids[j]` for each returned sequence j. @typedef {import('./generation.js').Generation} Generation */
 
@@ -46,7 +53,6 @@ const CALL_OPTIONS = ['truncate', 'rng', 'raw'];
 
 /** num_beams / num_return_sequences above this are refused, not allocated (as in Python). */
 export const MAX_SEQUENCES_PER_PROMPT = 4096;
-
 /** The CLI warns when more than this share of a text's tokens is unknown (as in Python). */
 export const UNKNOWN_WARNING = 0.3;
 
@@ -55,6 +61,7 @@ function unknownFraction({ ids, specialMask }, unk) {
   const text = ids.filter((_, k) => !specialMask[k]);
   return text.length && unk >= 0 ? text.filter((t) => t === unk).length / text.length : 0;
 }
+
 function checkOptions(call, options, valid) {
   if (options === null || typeof options !== 'object' || Array.isArray(options)) {
     throw new InputError(`${call}() options must be an object, not ${typeOf(options)}`);
@@ -138,7 +145,11 @@ export class Model {
 
   /** Release the onnxruntime sessions. */
   async release() {
-    await Promise.all(Object.values(this.sessions).map((s) => s.release()));
+    const open = Object.values(this.sessions).filter((s) => !s[RELEASED]);
+    await Promise.all(open.map((s) => s.release()));
+    // Later runs (this model's, or a step model's made before) get an error that says so, not
+    // onnxruntime's "Session already disposed"; releasing twice is a no-op.
+    for (const session of open) Object.assign(session, { [RELEASED]: true, run: released, release: async () => {} });
   }
 
   // Tokenization ----------------------------------------------------------------------------------
@@ -172,10 +183,13 @@ export class Model {
     return encodings.map(({ ids, specialMask }, i) => {
       if (ids.length > limit) {
         if (!truncate) {
+          // Fewer new tokens help only a prompt that fits the model's length on its own.
+          const fewer = this.manifest.max_seq_len - ids.length;
+          const lower = reserve && fewer >= 1 ? `, ${gen.option('max_new_tokens', fewer)} or less` : '';
           throw new InputError(
             `text ${i} is ${ids.length} tokens; this model takes at most ${limit}` +
               (reserve ? ` (${this.manifest.max_seq_len} minus ${reserve} new tokens)` : '') +
-              '. Shorten it, lower max_new_tokens, or pass { truncate: true }.',
+              `. Shorten it${lower}, or pass ${gen.option('truncate', true)}.`,
             { code: 'E_TOO_LONG' },
           );
         }
@@ -189,7 +203,16 @@ export class Model {
 
   /** Text of token ids, special tokens skipped. @param {number[]} ids @returns {Promise<string>} */
   decode(ids) {
-    return this.tokenizer.decode([...ids]);
+    if (typeof ids === 'string' || typeof ids?.[Symbol.iterator] !== 'function') {
+      throw new InputError(`decode() takes an array of token ids, not ${typeOf(ids)}`);
+    }
+    ids = [...ids];
+    const bad = ids.find((t) => !Number.isInteger(t) || t < 0 || t >= this.dims.vocab_size);
+    if (bad !== undefined) {
+      throw new InputError(`decode(): ${show(bad)} is not a token id of this model (integers in [0, ${this.dims.vocab_size}))`,
+        { code: 'E_TOKEN_ID' });
+    }
+    return this.tokenizer.decode(ids);
   }
 
   // Encoder: classification and embeddings ------------------------------------------------------
@@ -218,18 +241,18 @@ export class Model {
    */
   async #encoderBatches(texts, batchSize, truncate) {
     const encodings = await this.tokenizer.encodeBatch(texts);
+    const unk = special(this.manifest, 'unk');
     const limit = this.manifest.max_seq_len;
     const pad = Math.max(special(this.manifest, 'pad'), 0);
     const batches = [];
     for (let start = 0; start < encodings.length; start += batchSize) {
-    const unk = special(this.manifest, 'unk');
       const chunk = encodings.slice(start, start + batchSize);
       let width = Math.max(...chunk.map((e) => e.ids.length));
       if (width > limit && !truncate) {
         const i = start + chunk.findIndex((e) => e.ids.length === width);
         throw new InputError(
           `text ${i} is ${encodings[i].ids.length} tokens; this model takes at most ${limit}. ` +
-            'Shorten it or pass { truncate: true }.',
+            `Shorten it or pass ${gen.option('truncate', true)}.`,
           { code: 'E_TOO_LONG' },
         );
       }
@@ -288,11 +311,11 @@ export class Model {
   /**
    * Sentence embeddings, one Float32Array (D,) per text: mean over real tokens or the first
    * ([CLS]) state, L2-normalised unless `normalize` is false.
+   * `unknownFractions(texts)` says how much of each text the tokenizer could not represent.
    * @param {string | string[]} texts
    * @param {{pooling?: 'mean' | 'cls', normalize?: boolean, batch_size?: number, truncate?: boolean}} [options]
    * @returns {Promise<Float32Array[]>}
    */
-   * `unknownFractions(texts)` says how much of each text the tokenizer could not represent.
   async embed(texts, options = {}) {
     this.#require(ENCODER in this.sessions, 'embed', 'a package with an encoder');
     checkOptions('embed', options, ['pooling', 'normalize', 'batch_size', 'truncate']);
@@ -333,11 +356,18 @@ export class Model {
   async #promptIds(prompts, config, truncate) {
     const maxLen = this.manifest.max_seq_len;
     const reserve = this.arch !== 'encoder-decoder' ? config.max_new_tokens : 0;
-    if (config.max_new_tokens >= maxLen) {
-      throw new InputError(`max_new_tokens (${config.max_new_tokens}) must be below this model's max_seq_len (${maxLen})`,
-        { code: 'E_TOO_LONG' });
-    }
+    if (config.max_new_tokens >= maxLen) throw this.#maxNewTokensTooMany(config);
     return this.encode(prompts, { truncate, reserve });
+  }
+
+  #maxNewTokensTooMany(config) {
+    const maxLen = this.manifest.max_seq_len;
+    const room = this.arch === 'encoder-decoder' ? '' : " minus the prompt's tokens";
+    return new InputError(
+      `max_new_tokens (${config.max_new_tokens}) must be below this model's max_seq_len (${maxLen}); ` +
+        `pass ${gen.option('max_new_tokens', maxLen - 1)}${room} or less`,
+      { code: 'E_TOO_LONG' },
+    );
   }
 
   #checkIds(prompts, config) {
@@ -348,22 +378,34 @@ export class Model {
         { code: 'E_TOKEN_ID' });
     }
     if (config.strategy === 'beam' && config.num_beams > this.dims.vocab_size) {
-      throw new ConfigError(`num_beams (${config.num_beams}) must be <= the vocabulary size (${this.dims.vocab_size})`);
+      throw new ConfigError(`num_beams (${config.num_beams}) must be <= the vocabulary size (${this.dims.vocab_size}); ` +
+        `pass ${gen.option('num_beams', this.dims.vocab_size)} or fewer`);
     }
     const perPrompt = Math.max(config.num_beams, config.num_return_sequences);
     if (perPrompt > MAX_SEQUENCES_PER_PROMPT) { // refused before the rows are allocated
       throw new ConfigError(
-        `${perPrompt} beams or sequences per prompt is more than ${MAX_SEQUENCES_PER_PROMPT}; lower num_beams / ` +
-          'num_return_sequences, or call generate several times with different seeds',
+        `${perPrompt} beams or sequences per prompt is more than ${MAX_SEQUENCES_PER_PROMPT}; pass num_beams and ` +
+          `num_return_sequences of at most ${MAX_SEQUENCES_PER_PROMPT} (--num-beams, --num-return-sequences), ` +
+          'or generate several times with different seeds',
       );
     }
     const longest = Math.max(...rows.map((r) => r.length));
-    const extra = this.arch !== 'encoder-decoder' ? config.max_new_tokens : 0;
     const maxLen = this.manifest.max_seq_len;
-    if (longest + extra > maxLen || config.max_new_tokens >= maxLen) {
+    if (config.max_new_tokens >= maxLen) throw this.#maxNewTokensTooMany(config);
+    if (this.arch === 'encoder-decoder') { // the source and the generated tokens have a max_seq_len each
+      if (longest > maxLen) {
+        throw new InputError(
+          `a source of ${longest} tokens exceeds this model's max_seq_len (${maxLen}); shorten it to ${maxLen} ` +
+            `tokens (from text: pass ${gen.option('truncate', true)})`,
+          { code: 'E_TOO_LONG' },
+        );
+      }
+    } else if (longest + config.max_new_tokens > maxLen) {
+      const fewer = maxLen - longest;
+      const lower = fewer >= 1 ? ` or pass ${gen.option('max_new_tokens', fewer)} or less` : '';
       throw new InputError(
         `a prompt of ${longest} tokens plus max_new_tokens ${config.max_new_tokens} exceeds this model's ` +
-          `max_seq_len (${maxLen}); shorten the prompt or lower max_new_tokens`,
+          `max_seq_len (${maxLen}); shorten the prompt to ${maxLen - config.max_new_tokens} tokens${lower}`,
         { code: 'E_TOO_LONG' },
       );
     }
@@ -465,18 +507,21 @@ export class Model {
  * Open a package: read and check the manifest, verify checksums, load the tokenizer, open one
  * session per graph and check each session's I/O against the contract.
  * @param {string} packageDir
- * @param {{provider?: string, threads?: number, verify?: boolean}} [options]
+ * `trustedRoots`: directories (content stores, e.g. the Hugging Face cache) that the package's
+ * files may be links into; ONNXFORMER_TRUSTED_STORES adds more (path.delimiter-separated).
+ * @param {{provider?: string, threads?: number, verify?: boolean, trustedRoots?: string[]}} [options]
  * @returns {Promise<Model>}
  */
-export async function load(packageDir, { provider = 'cpu', threads, verify = true } = {}) {
+export async function load(packageDir, { provider = 'cpu', threads, verify = true, trustedRoots } = {}) {
   if (typeof packageDir !== 'string') throw new PackageError(`packageDir must be a path string, not ${typeOf(packageDir)}`);
   if (threads !== undefined && !(Number.isInteger(threads) && threads >= 0 && threads <= 1024)) {
     throw new InputError(`threads must be undefined (onnxruntime's choice) or an integer from 0 to 1024, not ${show(threads)}`);
   }
   const directory = displayDir(packageDir);
+  const roots = await trustedRootsOf(trustedRoots);
   const backend = resolveProvider(provider);
   const manifest = await loadManifest(directory);
-  if (verify) await verifyFiles(manifest, directory);
+  if (verify) await verifyFiles(manifest, directory, roots);
   const tokenizer = PackageTokenizer.fromPackage(directory, manifest.tokenizer.file);
   if (tokenizer.vocabSize > manifest.dims.vocab_size) {
     throw new PackageError(
@@ -485,6 +530,7 @@ export async function load(packageDir, { provider = 'cpu', threads, verify = tru
       { code: 'E_TOKENIZER' },
     );
   }
+  await checkGraphLimits(manifest, directory);
   const sessions = {};
   const graphs = Object.entries(manifest.graphs);
   for (const [name, entry] of graphs) {
@@ -493,7 +539,7 @@ export async function load(packageDir, { provider = 'cpu', threads, verify = tru
     const once = graphs.length > 1 && name !== DECODER;
     // FORMAT.md 2.5, on every load (also without verify): onnxruntime opens no graph that reads
     // files the manifest does not list or that lie outside the package.
-    await checkExternalData(path.join(directory, entry.file.file), entry.external_data.map((e) => e.file));
+    await checkExternalData(path.join(directory, entry.file.file), entry.external_data.map((e) => e.file), roots);
     sessions[name] = await openSession(directory, entry, { provider: backend, threads, spinning: !once });
   }
   return new Model(directory, manifest, tokenizer, sessions);

@@ -22,7 +22,7 @@
 import * as fs from 'node:fs/promises';
 import * as path from 'node:path';
 
-import { PackageError } from './errors.js';
+import { InputError, PackageError } from './errors.js';
 
 /** message -> {field number: message type of that (sub)message field}, as in safety.py. */
 const SCHEMA = {
@@ -35,10 +35,13 @@ const SCHEMA = {
     22: 'SparseTensorProto', 23: 'SparseTensorProto' },
   SparseTensorProto: { 1: 'TensorProto', 2: 'TensorProto' },
 };
+const TENSOR_DIMS = 1;
 const TENSOR_NAME = 8;
 const TENSOR_EXTERNAL_DATA = 13; // TensorProto fields
 const ENTRY_KEY = 1;
 const ENTRY_VALUE = 2; // StringStringEntryProto fields
+const MODEL_GRAPH = 7;
+const GRAPH_INITIALIZER = 5; // ModelProto.graph, GraphProto.initializer
 const KEY = Buffer.from('location'); // the external_data key, stored verbatim in the file
 export const MAX_DEPTH = 64; // nested subgraphs deeper than this are refused rather than recursed into
 
@@ -167,6 +170,120 @@ export async function externalDataRefs(file) {
   return externalDataRefsOf(bytes, path.basename(file));
 }
 
+/** A TensorProto's name and dims (repeated int64: packed, or one varint per field). */
+function nameAndDims(buf, start, end) {
+  let name = '';
+  const dims = [];
+  for (const [number, wire, a, b] of fields(buf, start, end)) {
+    if (number === TENSOR_NAME && wire === 2) name = text(buf, a, b);
+    else if (number === TENSOR_DIMS && wire === 0) dims.push(varint(buf, a, b)[0]);
+    else if (number === TENSOR_DIMS && wire === 2) {
+      for (let pos = a; pos < b;) {
+        let value;
+        [value, pos] = varint(buf, pos, b);
+        dims.push(value);
+      }
+    }
+  }
+  return [name, dims];
+}
+
+/**
+ * The dims of the main graph's initializers whose name satisfies `wanted` (safety.py's
+ * `initializer_dims`): each initializer's header is read, its bytes skipped by length.
+ * @param {Uint8Array} bytes  the graph file
+ * @param {string} name  the file's name, for messages
+ * @param {(name: string) => boolean} wanted
+ * @returns {Record<string, number[]>}
+ */
+export function initializerDimsOf(bytes, name, wanted) {
+  if (!bytes.length) {
+    throw new PackageError(`graph file '${name}' is empty; the package is damaged, re-export it`, { code: 'E_GRAPH' });
+  }
+  const buf = Buffer.from(bytes.buffer, bytes.byteOffset, bytes.byteLength);
+  const found = {};
+  try {
+    for (const [number, wire, a, b] of fields(buf, 0, buf.length)) {
+      if (number !== MODEL_GRAPH || wire !== 2) continue;
+      for (const [n, w, c, d] of fields(buf, a, b)) {
+        if (n !== GRAPH_INITIALIZER || w !== 2) continue;
+        const [tensorName, dims] = nameAndDims(buf, c, d);
+        if (wanted(tensorName)) found[tensorName] = dims;
+      }
+    }
+  } catch (err) {
+    if (!(err instanceof Malformed)) throw err;
+    throw new PackageError(
+      `graph file '${name}' is not a valid ONNX protobuf (${err.message}); the package is damaged, re-export it`,
+      { code: 'E_GRAPH' },
+    );
+  }
+  return found;
+}
+
+/** Initializers whose first dim is a position count (safety.py `_is_position_table`). */
+function isPositionTable(name) {
+  return name === 'cos_cache' || name === 'sin_cache' || name === 'pos_emb.weight' || name === 'sinusoid' ||
+    name.endsWith('.pos_emb.weight') || name.endsWith('.sinusoid');
+}
+
+/**
+ * Position table name -> the positions it holds (its first dim), for the graph at `file`.
+ * @param {string} file
+ * @returns {Promise<Record<string, number>>}
+ */
+export async function positionTables(file) {
+  let bytes;
+  try {
+    bytes = await fs.readFile(file);
+  } catch (err) {
+    throw new PackageError(`cannot read graph file ${file}: ${err.message}`, { code: 'E_GRAPH', cause: err });
+  }
+  const tables = {};
+  for (const [name, dims] of Object.entries(initializerDimsOf(bytes, path.basename(file), isPositionTable))) {
+    if (dims.length) tables[name] = dims[0];
+  }
+  return tables;
+}
+
+// Content stores ------------------------------------------------------------------------------
+export const TRUSTED_STORES_ENV = 'ONNXFORMER_TRUSTED_STORES'; // path.delimiter-separated directories
+export const TRUST_ADVICE =
+  "If the package's files are links into a content store you trust (the Hugging Face cache lays out snapshots " +
+  `so), pass { trustedRoots: [STORE] } to load() (CLI: --trust-store STORE; or set ${TRUSTED_STORES_ENV}=STORE)`;
+
+/**
+ * The real paths of the directories a package's links may lead into: `given` (an array of
+ * paths) and those in ONNXFORMER_TRUSTED_STORES. Each must be an existing directory.
+ * @param {string[] | undefined} given
+ * @returns {Promise<string[]>}
+ */
+export async function trustedRoots(given) {
+  if (given === undefined || given === null) given = [];
+  if (!Array.isArray(given)) {
+    throw new InputError(`trustedRoots must be an array of directory paths, not ${typeof given} (${String(given).slice(0, 60)}). ` +
+      "Pass e.g. { trustedRoots: ['~/.cache/huggingface/hub'] }");
+  }
+  const env = (process.env[TRUSTED_STORES_ENV] ?? '').split(path.delimiter).filter(Boolean);
+  const roots = [];
+  for (const [root, source] of [...given.map((r) => [r, 'trustedRoots']), ...env.map((r) => [r, TRUSTED_STORES_ENV])]) {
+    if (typeof root !== 'string') throw new InputError(`${source} entries must be paths, not ${typeof root} (${String(root).slice(0, 60)})`);
+    const expanded = root === '~' || root.startsWith('~/') ? path.join(process.env.HOME ?? '', root.slice(1)) : root;
+    const stat = await fs.stat(expanded).catch(() => null);
+    if (!stat?.isDirectory()) {
+      throw new InputError(`${source}: '${root}' is not a directory; pass an existing content store directory`);
+    }
+    roots.push(await fs.realpath(expanded));
+  }
+  return roots;
+}
+
+/** A package file, links followed (`resolved`), lies directly in `directory` or under a trusted root. */
+export function insidePackage(resolved, directory, roots = []) {
+  return path.dirname(resolved) === directory ||
+    roots.some((root) => resolved === root || resolved.startsWith(root.endsWith(path.sep) ? root : root + path.sep));
+}
+
 /** As FORMAT.md 2.5 rule 1: not empty, not . or .., no / \ : NUL, its own base name. */
 function plain(location) {
   return Boolean(location) && location !== '.' && location !== '..' && !/[/\\:\0]/.test(location) &&
@@ -194,9 +311,10 @@ async function resolveLoose(file, hops = 0) {
  * Refuse a graph whose external data is not a listed file inside its own directory.
  * @param {string} graphPath  the graph file
  * @param {Iterable<string>} allowed  the external-data file names the manifest lists for this graph
+ * @param {string[]} [roots]  trusted content stores (`trustedRoots`): a link into one counts as inside
  * @returns {Promise<ExternalRef[]>}  the references found
  */
-export async function checkExternalData(graphPath, allowed) {
+export async function checkExternalData(graphPath, allowed, roots = []) {
   const directory = await fs.realpath(path.dirname(graphPath));
   const listed = new Set(allowed);
   const refs = await externalDataRefs(graphPath);
@@ -217,10 +335,10 @@ export async function checkExternalData(graphPath, allowed) {
         { code: 'E_EXTERNAL_DATA' },
       );
     }
-    if (path.dirname(await resolveLoose(path.join(directory, ref.location))) !== directory) {
+    if (!insidePackage(await resolveLoose(path.join(directory, ref.location)), directory, roots)) {
       throw new PackageError(
         `${what}, which is a link leading outside the package directory; refused. A package may only reference ` +
-          'files in its own directory',
+          `files in its own directory. ${TRUST_ADVICE}`,
         { code: 'E_EXTERNAL_DATA' },
       );
     }

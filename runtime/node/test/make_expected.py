@@ -48,7 +48,7 @@ TOKENIZER_STRINGS = [
 
 PROMPTS = [
     "hello",
-    "three hundred =",
+    "three hundred",  # a user's prompt: a package with a prompt_format (FORMAT.md 5.2) formats it
     "Café naïve 😀",
     "日本語\tand\nnewlines",
     "a much longer prompt that has many more tokens than the other prompts in this batch",
@@ -137,6 +137,9 @@ def error_cases(model: rt.Model) -> list[dict[str, Any]]:
         cases += [case("embed", "x", pooling="max"), case("embed", [LONG_TEXT, "x"], batch_size=1)]
     if not model.can_generate:
         cases += [case("generate", "x"), case("stream", "x")]
+    cases += [case("decode", [999999]), case("decode", [1, -1])]  # issue 14: Node decoded them to ""
+    if model.can_generate:
+        cases.append(case("generate", "x", strategy="beam", num_beams=1000, max_new_tokens=2))
     return cases
 
 
@@ -227,6 +230,18 @@ def damaged_packages(package: Path, out: Path, prefix: str) -> list[dict[str, An
     cases.append(target)
     target = copy("garbage-graph")  # not protobuf: refused by the external-data walk or by onnxruntime
     set_graph_file(target, b"\xff" * 64)
+    cases.append(target)
+    # issue 14: the manifest checked against itself: max_seq_len above model_config's (and, for
+    # a built decoder, above its rotary cos/sin caches); one label name too many
+    target = copy("max-seq-len")
+    edit_manifest(target, lambda d: d.update(max_seq_len=4096))
+    cases.append(target)
+    target = copy("max-seq-len-graph")
+    edit_manifest(target, lambda d: (d.update(max_seq_len=4096), d["model_config"].pop("max_seq_len", None)))
+    if rt.safety.position_tables(target / graph_file):
+        cases.append(target)
+    target = copy("label-names-count")
+    edit_manifest(target, lambda d: d.update(label_names=[f"L{i}" for i in range(d["dims"].get("num_labels", 0) + 1)]))
     cases.append(target)
     target = copy("format-version")
     edit_manifest(target, lambda d: d.update(format_version=99))
