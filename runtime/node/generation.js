@@ -46,6 +46,21 @@ import { Random } from './random.js';
 
 export const STRATEGIES = ['greedy', 'sample', 'beam'];
 
+/** Parameters without a CLI flag (the package's value applies); the rest are `--name-with-dashes`. */
+const NO_FLAG = new Set(['eos_token_ids', 'early_stopping', 'pad_token_id']);
+
+/**
+ * `{ name: value } (--flag value)`: a setting as the API and cli.js spell it. A message that
+ * suggests a fix names it this way, so the fix works where the user is (Python's
+ * generation.option does the same); test/advice.test.js applies each one.
+ */
+export function option(name, value) {
+  const api = `{ ${name}: ${typeof value === 'string' ? `'${value}'` : value} }`;
+  if (NO_FLAG.has(name)) return api;
+  const flag = name === 'stop_strings' ? '--stop' : `--${name.replaceAll('_', '-')}`;
+  return value === true ? `${api} (${flag})` : `${api} (${flag} ${value})`;
+}
+
 /**
  * Search parameters. Field names are the manifest's (`generation` object) and Python's.
  * @typedef {object} GenerationConfig
@@ -139,28 +154,32 @@ function validated(v) {
   if (has('min_new_tokens')) checkInt('min_new_tokens', v.min_new_tokens, 0);
   if (has('min_new_tokens', 'max_new_tokens') && v.min_new_tokens > v.max_new_tokens) {
     throw new ConfigError(
-      `min_new_tokens (${v.min_new_tokens}) must be <= max_new_tokens (${v.max_new_tokens}); ` +
-        'lower min_new_tokens or raise max_new_tokens',
+      `min_new_tokens (${v.min_new_tokens}) must be <= max_new_tokens (${v.max_new_tokens}); pass ` +
+        `${option('min_new_tokens', v.max_new_tokens)} or less, or ${option('max_new_tokens', v.min_new_tokens)} or more`,
     );
   }
   if (has('temperature')) checkFloat('temperature', v.temperature);
   if (has('strategy', 'temperature') && v.strategy === 'sample' && v.temperature <= 0) {
     throw new ConfigError(
       `temperature must be > 0 for strategy 'sample', not ${v.temperature}. ` +
-        "Use strategy 'greedy' for deterministic decoding.",
+        `Pass a temperature > 0, e.g. ${option('temperature', 1)}, or ${option('strategy', 'greedy')} for ` +
+        'deterministic decoding.',
     );
   }
   if (has('top_k')) checkInt('top_k', v.top_k, 0);
   if (has('top_p')) {
     checkFloat('top_p', v.top_p);
     if (!(v.top_p > 0 && v.top_p <= 1)) {
-      throw new ConfigError(`top_p must be in (0, 1], not ${v.top_p}. Use 1 to turn nucleus filtering off.`);
+      throw new ConfigError(`top_p must be in (0, 1], not ${v.top_p}. Pass ${option('top_p', 1)} to turn nucleus filtering off.`);
     }
   }
   if (v.seed !== undefined && v.seed !== null) checkInt('seed', v.seed, 0);
   if (has('num_beams')) checkInt('num_beams', v.num_beams, 1);
   if (has('strategy', 'num_beams') && v.num_beams > 1 && v.strategy !== 'beam') {
-    throw new ConfigError(`num_beams (${v.num_beams}) > 1 needs strategy 'beam', not '${v.strategy}'`);
+    throw new ConfigError(
+      `num_beams (${v.num_beams}) > 1 needs strategy 'beam', not '${v.strategy}'. ` +
+        `Pass ${option('strategy', 'beam')}, or ${option('num_beams', 1)} for strategy '${v.strategy}'.`,
+    );
   }
   if (has('length_penalty')) checkFloat('length_penalty', v.length_penalty);
   if (has('early_stopping') && typeof v.early_stopping !== 'boolean') {
@@ -170,19 +189,21 @@ function validated(v) {
   if (has('strategy', 'num_return_sequences') && v.strategy === 'greedy' && v.num_return_sequences !== 1) {
     throw new ConfigError(
       `num_return_sequences must be 1 for strategy 'greedy' (it is deterministic), not ${v.num_return_sequences}. ` +
-        "Use strategy 'sample' or 'beam' for several sequences.",
+        `For several sequences pass ${option('strategy', 'sample')}, or ${option('strategy', 'beam')} with ` +
+        `${option('num_beams', v.num_return_sequences)}.`,
     );
   }
   if (has('strategy', 'num_return_sequences', 'num_beams') && v.strategy === 'beam' &&
       v.num_return_sequences > v.num_beams) {
     throw new ConfigError(
-      `num_return_sequences (${v.num_return_sequences}) must be <= num_beams (${v.num_beams}) for strategy 'beam'`,
+      `num_return_sequences (${v.num_return_sequences}) must be <= num_beams (${v.num_beams}) for strategy 'beam'; ` +
+        `pass ${option('num_beams', v.num_return_sequences)} or more`,
     );
   }
   if (has('repetition_penalty')) {
     checkFloat('repetition_penalty', v.repetition_penalty);
     if (v.repetition_penalty <= 0) {
-      throw new ConfigError(`repetition_penalty must be > 0, not ${v.repetition_penalty}. Use 1 to turn it off.`);
+      throw new ConfigError(`repetition_penalty must be > 0, not ${v.repetition_penalty}. Pass ${option('repetition_penalty', 1)} to turn it off.`);
     }
   }
   if (has('no_repeat_ngram_size')) checkInt('no_repeat_ngram_size', v.no_repeat_ngram_size, 0);
@@ -203,8 +224,8 @@ function validated(v) {
     }
     if (has('strategy') && stops.length && v.strategy === 'beam') {
       throw new ConfigError(
-        `stop_strings (${show(stops)}) are not supported with strategy 'beam'; ` +
-          "use eos_token_ids, or strategy 'greedy' / 'sample'",
+        `stop_strings (${show(stops)}) are not supported with strategy 'beam' (it stops at eos_token_ids); ` +
+          `drop stop_strings (--stop), or pass ${option('strategy', 'greedy')} or 'sample' with ${option('num_beams', 1)}`,
       );
     }
     out.stop_strings = [...stops];
@@ -847,11 +868,16 @@ function heldBack(text, stopStrings) {
  */
 export function stream(model, prompt, config, decode, { rng } = {}) {
   if (config.strategy === 'beam') {
-    throw new ConfigError("stream() supports strategy 'greedy' or 'sample', not 'beam'. Use generate().");
+    const beams = config.num_beams > 1 ? ` with ${option('num_beams', 1)}` : '';
+    throw new ConfigError(
+      "stream() supports strategy 'greedy' or 'sample', not 'beam'. For beam search call generate() instead " +
+        `(without --stream), or pass ${option('strategy', 'greedy')}${beams}.`,
+    );
   }
   if (config.num_return_sequences !== 1) {
     throw new ConfigError(
-      `stream() yields one sequence, not num_return_sequences ${config.num_return_sequences}. Use generate().`,
+      `stream() yields one sequence, not num_return_sequences ${config.num_return_sequences}. Pass ` +
+        `${option('num_return_sequences', 1)}, or call generate() instead (without --stream) for several.`,
     );
   }
   const chooser = config.strategy === 'greedy' ? greedyChooser : sampleChooser(config, rng ?? new Random(config.seed));

@@ -76,7 +76,7 @@ describe('generationConfig', () => {
   // [params, code, what the message must name]
   const bad = [
     [{ top_p: 0 }, 'E_CONFIG', /top_p .*\b0\b/],
-    [{ strategy: 'sample', temperature: -1 }, 'E_CONFIG', /temperature .*-1.*strategy 'greedy'/],
+    [{ strategy: 'sample', temperature: -1 }, 'E_CONFIG', /temperature .*-1.*strategy: 'greedy'/],
     [{ top_k: 1.5 }, 'E_CONFIG', /top_k .*1\.5/],
     [{ max_new_tokens: 'many' }, 'E_CONFIG', /max_new_tokens .*many/],
     [{ num_beams: 3, strategy: 'beam', num_return_sequences: 4 }, 'E_CONFIG', /num_return_sequences \(4\).*num_beams \(3\)/],
