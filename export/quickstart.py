@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import shutil
 import time
 from dataclasses import dataclass
@@ -55,13 +56,19 @@ def score_package(package: str | Path, job: Job, *, limit: int | None = None, ba
         hits = sum(r.label == e.label for r, e in zip(results, test))
         elapsed = time.perf_counter() - start
         return RuntimeScore(hits / len(test), len(test), len(test) / elapsed, "seq/s")
-    prompts = [e.source if job.arch == "encoder-decoder" else format_prompt(e.source) for e in test]
-    longest = max(len(model.tokenizer.encode(" " + e.target, add_special_tokens=False).ids) for e in test)
+    # As a user calls it: the source text as it is, in the package's prompt format (the runtime
+    # applies it), with the package's generation defaults, the answer as returned.
+    prompts, parse = [e.source for e in test], (lambda text: text)
+    if model.prompt_format is None and job.arch != "encoder-decoder":
+        # a package exported before prompt_format existed: its users must format prompts themselves
+        logging.getLogger(__name__).warning("%s has no prompt_format (exported before it existed); scoring with "
+                                            "prompts formatted here. Re-export it", package)
+        prompts, parse = [format_prompt(p) for p in prompts], parse_continuation
     hits, tokens = 0, 0
     for i in range(0, len(test), batch_size):
-        out = model.generate(prompts[i:i + batch_size], max_new_tokens=longest + 2)
+        out = model.generate(prompts[i:i + batch_size])
         for g, e in zip(out, test[i:i + batch_size]):
-            hits += parse_continuation(g.text) == e.target.strip()
+            hits += parse(g.text) == e.target
             tokens += len(g.token_ids[0])
     elapsed = time.perf_counter() - start
     return RuntimeScore(hits / len(test), len(test), tokens / elapsed, "tok/s")

@@ -2,7 +2,7 @@
 
     import onnxformer.runtime as rt
     model = rt.load("artifacts/decoder")
-    print(model.generate("twelve =", max_new_tokens=8)[0].text)
+    print(model.generate("twelve", max_new_tokens=8)[0].text)
 """
 
 from importlib import metadata as _metadata

@@ -10,16 +10,16 @@ console.log(`loaded a ${model.arch} package (vocabulary ${model.dims.vocab_size}
 
 if (model.canGenerate) {
   // Greedy: the same token ids as the Python runtime. Prompts of different lengths are left-padded.
-  const results = await model.generate(['twelve =', 'three hundred and four ='], { max_new_tokens: 12 });
+  const results = await model.generate(['twelve', 'three hundred four'], { max_new_tokens: 12 });
   for (const r of results) console.log(`greedy  ${JSON.stringify(r.prompt)} -> ${JSON.stringify(r.text)} (${r.finish_reasons[0]})`);
 
   // Sampling with a seed: reproducible in Node (not the same numbers as Python's for that seed).
-  const [sampled] = await model.generate('twelve =', { strategy: 'sample', temperature: 0.8, top_k: 40, top_p: 0.95, seed: 1, max_new_tokens: 12 });
+  const [sampled] = await model.generate('twelve', { strategy: 'sample', temperature: 0.8, top_k: 40, top_p: 0.95, seed: 1, max_new_tokens: 12 });
   console.log(`sampled ${JSON.stringify(sampled.text)}`);
 
   // Streaming: text pieces as they are generated.
   process.stdout.write('stream  ');
-  for await (const piece of await model.stream('twelve =', { max_new_tokens: 12 })) process.stdout.write(piece);
+  for await (const piece of await model.stream('twelve', { max_new_tokens: 12 })) process.stdout.write(piece);
   process.stdout.write('\n');
 }
 if (model.canClassify) {

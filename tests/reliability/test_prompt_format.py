@@ -170,3 +170,19 @@ def test_format_and_parse_rules():
     pieces = [" ", " 20", "01", " ", "-", "02 ", "\n"]
     assert "".join(fmt.parse_stream(pieces)) == fmt.parse("".join(pieces)) == "2001 -02"
     assert PromptFormat("{prompt}", strip=False).format(" a ") == " a "
+
+
+def test_quickstart_scores_as_a_user_calls_the_package(tmp_path):
+    """artifacts/decoder was trained on "seventeen =" prompts. With the format in its manifest
+    (as a re-export writes it) quickstart passes the bare sources, the runtime formats them, and
+    the score is the one of hand-formatted prompts on the package as committed."""
+    from support import ARTIFACTS
+
+    from onnxformer.export.quickstart import JOBS, score_package
+
+    job = next(j for j in JOBS if j.arch == "decoder")
+    copy = tmp_path / "decoder"
+    shutil.copytree(ARTIFACTS / "decoder", copy)
+    rewrite_manifest(copy, lambda data: data.update(prompt_format={"template": "{prompt} =", "strip": True}))
+    formatted, committed = score_package(copy, job, limit=100), score_package(ARTIFACTS / "decoder", job, limit=100)
+    assert formatted.metric == committed.metric >= 0.9
