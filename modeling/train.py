@@ -77,6 +77,9 @@ TASK_DATA_KINDS: dict[str, tuple[str, ...]] = {name: o.data_kinds for name, o in
 TASK_DEFAULTS: dict[str, TaskDefaults] = {name: o.defaults for name, o in OBJECTIVES.items()}
 
 
+_MAX_LR = 3.4e37  # AdamW's first step size, lr / (1 - 0.9), must fit float32 (torch raises otherwise)
+
+
 @dataclass(frozen=True)
 class TrainConfig:
     """One training run. Fields left at None take the task's default (TASK_DEFAULTS)."""
@@ -155,8 +158,9 @@ class TrainConfig:
                               f"train on; got {self.max_len}; pass --max-len 128 (the default) or leave it unset")
         if not 0.0 <= self.dropout < 1.0:
             raise ConfigError(f"dropout must be in [0, 1); got {self.dropout!r}")
-        if not self.lr > 0:
-            raise ConfigError(f"lr must be > 0; got {self.lr!r}")
+        if not 0 < self.lr < _MAX_LR:
+            raise ConfigError(f"lr must be > 0 and below {_MAX_LR:.3g} (AdamW divides it by 1 - beta1 = 0.1, and "
+                              f"that must fit float32); got {self.lr!r}")
         if not 0.0 <= self.min_lr_ratio <= 1.0:
             raise ConfigError(f"min_lr_ratio must be in [0, 1]; got {self.min_lr_ratio!r}")
         if self.weight_decay < 0 or self.grad_clip < 0:
@@ -444,11 +448,12 @@ def _append_metrics(path: Path, record: dict[str, Any]) -> None:
     """One JSON line; a failed write (disk full) is cut back off, so the file keeps whole lines."""
     line = (json.dumps(record, sort_keys=True) + "\n").encode("utf-8")
     try:
-        with open(path, "ab") as f:
-            end = f.tell()
+        with open(path, "ab", buffering=0) as f:  # unbuffered: a failed write can be undone here
+            end = f.seek(0, os.SEEK_END)
             try:
-                f.write(line)
-                f.flush()
+                rest = memoryview(line)
+                while rest:
+                    rest = rest[f.write(rest):]  # a short write, then the error
             except OSError:
                 f.truncate(end)  # needs no space
                 raise

@@ -228,14 +228,17 @@ def _try_lock(fd: int) -> bool:
 
 
 def _read_holder(path: Path) -> str:
-    """The "pid on host" a holder wrote; a holder that has just taken the lock writes it at once."""
+    """The "pid on host" the holder wrote. A holder that has just taken the lock replaces the
+    previous (dead) holder's line at once: wait a moment for a line naming a live process."""
+    text = ""
     for _ in range(20):
         with contextlib.suppress(OSError):
-            text = path.read_text(encoding="utf-8", errors="replace").strip()
-            if text:
-                return text
+            text = path.read_text(encoding="utf-8", errors="replace").strip() or text
+        pid = text.split()[0] if text else ""
+        if pid.isdigit() and (pid_alive(int(pid)) or not text.endswith(f" on {socket.gethostname()}")):
+            return text  # alive here, or on another host (we cannot tell)
         time.sleep(0.05)
-    return "unknown"
+    return text or "unknown"
 
 
 @contextlib.contextmanager
