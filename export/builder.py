@@ -112,6 +112,7 @@ IMPLEMENTED: dict[str, str | tuple | Callable[[ModelConfig], str | None]] = {
     "eos_token_id": ANY,
     "decoder_start_token_id": ANY,
     "label_names": ((),),
+    "prompt_format": ANY,  # the prompt's text, not the graph's: the runtime applies it (FORMAT.md 5.2)
 }
 # The modules the builder reads weights from; anything else (a LoRA wrapper, a user's
 # replacement module) is refused rather than read wrongly.

@@ -64,6 +64,7 @@ def test_the_format_travels_and_the_users_prompt_gets_the_trained_answer(dates_p
     package, train_rows, _, _ = dates_package
     manifest = json.loads((package / "manifest.json").read_text())
     assert manifest["prompt_format"] == {"template": "{prompt} =", "strip": True}
+    assert manifest["producer"]["decoder_graph"] == "built"  # the format is text: the fast graph still applies
     model = rt.load(package, threads=1)
     sources, targets = [r["source"] for r in train_rows], [r["target"] for r in train_rows]
     answers = [g.text for g in model.generate(sources)]
