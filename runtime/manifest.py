@@ -230,6 +230,12 @@ class Manifest:
                                f"({trained}), the longest sequence the model was built for; the manifest was edited "
                                f"or is damaged: set max_seq_len to {trained} or less, or re-export the package",
                                code="E_MANIFEST")
+        trained_labels = self.model_config.get("label_names")
+        if isinstance(trained_labels, list) and list(self.label_names) != trained_labels:
+            raise PackageError(f"manifest label_names {list(self.label_names)!r:.120} differ from its "
+                               f"model_config.label_names {trained_labels!r:.120}, the labels the model was trained "
+                               "with; the manifest was edited or is damaged: set label_names to the model_config's, "
+                               "or re-export the package", code="E_MANIFEST")
         if self.arch == "encoder-decoder" and self.special_tokens["decoder_start"] < 0:
             raise PackageError("manifest special_tokens.decoder_start is -1, but an encoder-decoder model needs a "
                                "decoder start token; re-export the package", code="E_MANIFEST")

@@ -176,6 +176,13 @@ export function manifestFromDict(data) {
         `longest sequence the model was built for; the manifest was edited or is damaged: set max_seq_len to ${trained} or less`,
     );
   }
+  const trainedLabels = manifest.model_config.label_names;
+  if (Array.isArray(trainedLabels) && JSON.stringify(manifest.label_names) !== JSON.stringify(trainedLabels)) {
+    throw manifestError(
+      `manifest label_names ${show(manifest.label_names)} differ from its model_config.label_names ${show(trainedLabels)}, ` +
+        "the labels the model was trained with; the manifest was edited or is damaged: set label_names to the model_config's",
+    );
+  }
   return Object.freeze(manifest);
 }
 

@@ -182,7 +182,8 @@ def test_every_manifest_field_damaged_every_way(package_copy, figures):
     value is harmless, a package that loads and runs; never another exception."""
     package = package_copy("encoder")
     original = json.loads((package / "manifest.json").read_text())
-    outcomes, codes, leaks = collections.Counter(), collections.Counter(), []
+    expected = _answer(rt.load(package), "encoder")
+    outcomes, codes, leaks, silent = collections.Counter(), collections.Counter(), [], []
     for path in list(_paths(original))[1:]:
         if path[0] in INFORMATIONAL and len(path) > 1:
             continue
@@ -197,23 +198,25 @@ def test_every_manifest_field_damaged_every_way(package_copy, figures):
                 node[path[-1]] = value
             (package / "manifest.json").write_text(json.dumps(data))
             try:
-                model = rt.load(package)
-                model.classify("the cat")
+                answer = _answer(rt.load(package), "encoder")
                 outcomes["loaded and ran"] += 1
+                if answer != expected:  # a silent success: damaged, loaded, answered differently
+                    silent.append(f"{path} = {value!r}")
             except PackageError as err:
                 outcomes["PackageError"] += 1
                 codes[err.code] += 1
             except Exception as err:  # noqa: BLE001 - the point of the test
                 leaks.append(f"{path} = {value!r}: {type(err).__name__}: {err}")
     assert not leaks, "\n".join(leaks[:20])
+    assert not silent, f"damaged manifests that load and answer differently: {silent}"
     assert set(codes) <= {"E_MANIFEST", "E_FORMAT_VERSION", "E_GRAPH_IO", "E_TOKENIZER", "E_MISSING_FILE",
                           "E_CHECKSUM", "E_EXTERNAL_DATA"}, codes
     total = sum(outcomes.values())
     assert outcomes["PackageError"] > total // 2
     figures.record("damaged packages", "manifest sweep: every field of an encoder manifest deleted or set to each "
                    "of 9 wrong values (None, str, -1, 10**30, 1.5, true, [], {}, [1, 'a'])", total,
-                   f"{outcomes['PackageError']} PackageError, {outcomes['loaded and ran']} harmless (loaded and ran), "
-                   "0 other exceptions")
+                   f"{outcomes['PackageError']} PackageError, {outcomes['loaded and ran']} harmless (loaded and gave the "
+                   "undamaged answer exactly), 0 other exceptions, 0 silent successes")
 
 
 # --- manifest I/O edited, graph unchanged ----------------------------------------------------
@@ -244,7 +247,7 @@ def test_manifest_io_that_does_not_match_the_graph(package_copy, figures):
     for name, dims, pattern in cases:
         package = package_copy(name)
         if name == "encoder" and "num_labels" in dims:
-            rewrite_manifest(package, lambda m: m.update(label_names=[]))
+            rewrite_manifest(package, lambda m: (m.update(label_names=[]), m["model_config"].update(label_names=[])))
         _set_dims(package, **dims)
         error = refused(package, "does not match the I/O contract", "E_GRAPH_IO")
         assert pattern in str(error), str(error)
@@ -441,3 +444,98 @@ def test_the_safety_schema_matches_onnx():
         assert _SCHEMA[name] == want, name
     tensor = onnx.TensorProto.DESCRIPTOR.fields_by_name
     assert (tensor["name"].number, tensor["external_data"].number) == (8, 13)
+
+
+# --- a generated corpus: random damage to every file, nothing forged -------------------------
+# Each case either raises an OnnxformerError with a code from CODES or is provably fine: it loads
+# and gives the undamaged package's answer exactly. A "silent success" is a damaged package that
+# loads, runs without error and answers differently; the corpus must have none.
+CORPUS_SEED, CORPUS_CASES = 14, 200  # over the three packages, 40% on manifest.json; about 3 s
+
+
+def _answer(model, arch: str):
+    """What a user gets from the package: greedy token ids and text, or labels and probabilities."""
+    if arch == "encoder":
+        return [(c.label, c.probabilities) for c in model.classify(["the cat sat", "one two"])]
+    return [(g.token_ids, g.texts) for g in model.generate(["one two", "the cat"], max_new_tokens=3)]
+
+
+def _damage_bytes(data: bytes, rng: np.random.Generator) -> tuple[str, bytes]:
+    how = rng.choice(["flip", "char", "char", "truncate", "append", "empty", "zero-run"])
+    if how == "char":  # one byte set to a printable ASCII character: text files stay readable
+        out = bytearray(data)
+        out[int(rng.integers(len(out)))] = int(rng.integers(32, 127))
+        return how, bytes(out)
+    if how == "flip":  # 1-8 random bytes set to random values
+        out = bytearray(data)
+        for _ in range(int(rng.integers(1, 9))):
+            out[int(rng.integers(len(out)))] = int(rng.integers(256))
+        return how, bytes(out)
+    if how == "truncate":
+        return how, data[: int(rng.integers(len(data)))]
+    if how == "append":
+        return how, data + bytes(rng.integers(0, 256, int(rng.integers(1, 64)), dtype=np.uint8))
+    if how == "zero-run":
+        start = int(rng.integers(len(data)))
+        return how, data[:start] + bytes(min(64, len(data) - start)) + data[start + 64:]
+    return how, b""
+
+
+def test_generated_damage_corpus(package_paths, models, tmp_path, figures):
+    from onnxformer.runtime.errors import CODES, OnnxformerError
+
+    rng = np.random.default_rng(CORPUS_SEED)
+    expected = {arch: _answer(models[arch], arch) for arch in package_paths}
+    outcomes, codes, silent, leaks = collections.Counter(), collections.Counter(), [], []
+    for case in range(CORPUS_CASES):
+        arch = list(package_paths)[case % len(package_paths)]
+        package = tmp_path / f"case-{case}"
+        shutil.copytree(package_paths[arch], package)
+        files = sorted(p.name for p in package.iterdir())
+        name = "manifest.json" if rng.random() < 0.4 else files[int(rng.integers(len(files)))]
+        if rng.random() < 0.08:
+            how = "deleted"
+            (package / name).unlink()
+        else:
+            how, data = _damage_bytes((package / name).read_bytes(), rng)
+            if data == (package / name).read_bytes():
+                how += " (no change)"
+            (package / name).write_bytes(data)
+        label = f"{arch}/{name} {how}"
+        try:
+            answer = _answer(rt.load(package, threads=1), arch)
+        except OnnxformerError as err:
+            assert err.code in CODES and err.code != "E_ONNXFORMER", (label, err.code)
+            outcomes["error"] += 1
+            codes[err.code] += 1
+            continue
+        except Exception as err:  # noqa: BLE001 - the point of the test
+            leaks.append(f"{label}: {type(err).__name__}: {err}")
+            continue
+        if answer == expected[arch]:
+            outcomes["fine"] += 1
+        else:
+            silent.append(label)
+        shutil.rmtree(package)
+    assert not leaks, "\n".join(leaks)
+    assert not silent, f"damaged packages that load and answer differently: {silent}"
+    assert outcomes["error"] + outcomes["fine"] == CORPUS_CASES
+    figures.record("damaged packages (issue 14)", "generated corpus: random damage to a random file of the decoder, "
+                   "encoder and encoder-decoder packages (1-8 bytes changed, truncated, bytes appended, a 64-byte "
+                   "zero run, one printable character, emptied, deleted; 40% on manifest.json), checksums not forged",
+                   CORPUS_CASES,
+                   f"{outcomes['error']} OnnxformerError with a code ({', '.join(f'{k} {v}' for k, v in codes.most_common())}), "
+                   f"{outcomes['fine']} provably fine (loaded, the undamaged answer exactly); 0 raw foreign "
+                   "exceptions, 0 silent successes (loaded and answered differently)")
+
+
+def test_a_label_name_changed_by_one_character_is_refused(package_copy, models):
+    """manifest.json has no digest of its own: load() checks label_names against model_config's."""
+    package = package_copy("encoder")
+    text = (package / "manifest.json").read_text()
+    label = models["encoder"].label_names[0]
+    (package / "manifest.json").write_text(text.replace(f'"{label}"', f'"{label[:-1]}#"', 1))
+    refused(package, "label_names .* differ from its model_config.label_names", "E_MANIFEST")
+    assert "set label_names to the model_config's" in str(refused(package, "label_names", "E_MANIFEST"))
+    rewrite_manifest(package, lambda m: m.update(label_names=m["model_config"]["label_names"]))  # the fix, applied
+    assert rt.load(package).classify(["the cat"])[0].label in models["encoder"].label_names

@@ -7,6 +7,8 @@
 
 import assert from 'node:assert/strict';
 import { spawnSync } from 'node:child_process';
+import { cpSync, mkdtempSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
+import { tmpdir } from 'node:os';
 import * as path from 'node:path';
 import { after, before, describe, test } from 'node:test';
 
@@ -108,6 +110,23 @@ else {
       const several = { strategy: 'sample', num_return_sequences: 2, seed: 0, max_new_tokens: 3 };
       await fails(() => drain(several), '{ num_return_sequences: 1 }');
       assert.equal(typeof await drain({ ...several, num_return_sequences: 1 }), 'string');
+    });
+
+    test("a renamed label: set label_names to the model_config's", async () => {
+      const dir = mkdtempSync(path.join(tmpdir(), 'advice-'));
+      try {
+        cpSync(dirs.encoder, dir, { recursive: true });
+        const file = path.join(dir, 'manifest.json');
+        const manifest = JSON.parse(readFileSync(file, 'utf8'));
+        writeFileSync(file, JSON.stringify({ ...manifest, label_names: manifest.label_names.map((l) => `${l}#`) }));
+        await fails(() => load(dir), "set label_names to the model_config's");
+        writeFileSync(file, JSON.stringify({ ...manifest, label_names: manifest.model_config.label_names }));
+        const model = await load(dir);
+        assert.ok(await model.classify(['one']));
+        await model.release();
+      } finally {
+        rmSync(dir, { recursive: true, force: true });
+      }
     });
 
     test('classify and embed too long', async () => {
