@@ -217,3 +217,21 @@ def test_export_checkpoint_refuses_a_swapped_tokenizer(trained_run, tmp_path):
     own.write_bytes(original)
     export_checkpoint(run, tmp_path / "pkg", ExportOptions(validate_generation=False))
     assert (tmp_path / "pkg" / "manifest.json").is_file()
+
+
+@needs_torch
+def test_a_classifier_trained_on_lowercase_text_reads_upper_case(tmp_path):
+    """The issue's case end to end: `onnxformer train` on builtin:sentiment (all lowercase),
+    exported; `THE FOOD WAS GOOD` is now the same input as `the food was good`, with nothing
+    unknown, while an emoji is still reported as unknown."""
+    import onnxformer.runtime as rt
+    from onnxformer.export.exporter import export_checkpoint
+    from onnxformer.modeling.train import TrainConfig, train
+
+    train(TrainConfig(arch="encoder", task="classify", data="builtin:sentiment", out_dir=str(tmp_path / "run"),
+                      steps=4, batch_size=8, preset="tiny", progress=False, eval_examples=8))
+    export_checkpoint(tmp_path / "run", tmp_path / "pkg")
+    model = rt.load(tmp_path / "pkg", threads=1)
+    upper, lower, emoji = model.classify(["THE FOOD WAS GOOD", "the food was good", "😀"])
+    assert upper.probabilities == lower.probabilities
+    assert upper.unknown_fraction == lower.unknown_fraction == 0.0 and emoji.unknown_fraction == 1.0
