@@ -10,13 +10,15 @@ Two families, chosen by architecture:
   trained on lowercase text then reads ``THE FOOD`` as ``the food`` instead of ``[UNK] [UNK]``),
   cased otherwise; pass ``lowercase=True`` or ``False`` to choose. The learned alphabet is
   every character of the training texts, most frequent first, up to half the vocabulary
-  budget. WordPiece has no byte fallback in ``tokenizers``: a word with a character outside
-  that alphabet (never seen in training, such as an emoji or another script, or too rare for
-  the budget) still encodes as one ``[UNK]``; the runtime reports the share of such tokens
-  with every result (``unknown_fraction``). The vocabulary is learned here rather than by
+  budget. WordPiece has no byte fallback in ``tokenizers``; instead the pre-tokenizer makes
+  each run of characters without a token (never seen in training, such as an emoji or another
+  script, or too rare for the budget) a word of its own, so ``good😀`` is ``good [UNK]``
+  rather than one ``[UNK]`` for the whole word, and training counts such words the same way.
+  The runtime reports the share of ``[UNK]`` tokens with every result (``unknown_fraction``). The vocabulary is learned here rather than by
   ``tokenizers``' WordPiece trainer, whose ties break in hash order and so differ from
-  process to process. Tokenizers trained before NFKC and lowercasing came in (NFC, cased)
-  keep their ``tokenizer.json`` exactly: a loaded tokenizer is never changed.
+  process to process. Tokenizers trained before NFKC, lowercasing and the unknown-run split
+  came in (NFC, cased, whole words ``[UNK]``) keep their ``tokenizer.json`` exactly: a loaded
+  tokenizer is never changed.
 - ``arch in ("decoder", "prefix-lm", "encoder-decoder")``: byte-level BPE (GPT-2 style).
   No normaliser and all 256 byte symbols in the vocabulary, so every string is encodable
   and ``decode(encode(text).ids)`` returns ``text`` exactly (``<unk>`` exists but is
@@ -62,6 +64,7 @@ from collections import Counter
 from typing import Iterable, Iterator
 
 from tokenizers import (
+    Regex,
     Tokenizer,
     decoders,
     models,
@@ -218,10 +221,37 @@ def _train_wordpiece(
         )
     )
     tokenizer.normalizer = normalizer
-    tokenizer.pre_tokenizer = pre_tokenizer
+    isolate = _isolate_unknown(vocab[n_special:])
+    tokenizer.pre_tokenizer = pre_tokenizer if isolate is None else pre_tokenizers.Sequence([pre_tokenizer, isolate])
     tokenizer.decoder = decoders.WordPiece(prefix=WORDPIECE_PREFIX)
     tokenizer.add_special_tokens(list(WORDPIECE_SPECIAL_TOKENS))
     return tokenizer
+
+
+def _runs(word: str, alphabet: set[str]) -> Iterator[str]:
+    """The maximal runs of `word` made of characters in `alphabet`."""
+    start = None
+    for i, char in enumerate(word):
+        if char in alphabet and start is None:
+            start = i
+        elif char not in alphabet and start is not None:
+            yield word[start:i]
+            start = None
+    if start is not None:
+        yield word[start:]
+
+
+def _isolate_unknown(vocab: list[str]) -> pre_tokenizers.PreTokenizer | None:
+    """A pre-tokenizer that makes each run of characters the vocabulary has no token for a
+    word of its own: ``good😀`` is ``good [UNK]``, not one ``[UNK]`` for the whole word
+    (WordPiece has no byte fallback). None when the vocabulary has no character tokens."""
+    chars = sorted({t for t in vocab if len(t) == 1} | {
+        t[len(WORDPIECE_PREFIX):] for t in vocab if t.startswith(WORDPIECE_PREFIX) and len(t) == len(WORDPIECE_PREFIX) + 1
+    })
+    if not chars:
+        return None
+    members = "".join(c if c.isalnum() and c.isascii() else "\\" + c if c.isascii() else c for c in chars)
+    return pre_tokenizers.Split(Regex(f"[^{members}]+"), behavior="isolated")
 
 
 def _learn_wordpiece_vocab(word_counts: Counter[str], budget: int, min_frequency: int) -> list[str]:
@@ -240,12 +270,17 @@ def _learn_wordpiece_vocab(word_counts: Counter[str], budget: int, min_frequency
     by_frequency = sorted(char_counts, key=lambda c: (-char_counts[c], c))
     alphabet = set(by_frequency[: max(1, budget // 2)])
 
+    # A word with a dropped character counts as its runs of kept characters: the encoder's
+    # pre-tokenizer splits it the same way (`_isolate_unknown`), so only the dropped run is [UNK].
+    pieces: Counter[str] = Counter()
+    for word, count in word_counts.items():
+        for piece in _runs(word, alphabet):
+            pieces[piece] += count
     words: list[list[str]] = []
     counts: list[int] = []
-    for word in sorted(word_counts):
-        if set(word) <= alphabet:
-            words.append([word[0]] + [WORDPIECE_PREFIX + c for c in word[1:]])
-            counts.append(word_counts[word])
+    for word in sorted(pieces):
+        words.append([word[0]] + [WORDPIECE_PREFIX + c for c in word[1:]])
+        counts.append(pieces[word])
     vocab = sorted({symbol for symbols in words for symbol in symbols})
     known = set(vocab)
 

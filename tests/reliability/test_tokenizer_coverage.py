@@ -56,6 +56,18 @@ def test_cased_data_keeps_a_cased_wordpiece_and_lowercase_chooses():
     assert _tokens(kept, "THE") == ["[UNK]"]  # asked for cased: upper case was never seen
 
 
+def test_an_unknown_character_costs_only_its_own_run():
+    """WordPiece has no byte fallback: a run of characters without a token is a word of its own,
+    so the known part of the word is kept (was: the whole word one [UNK])."""
+    tok = train_tokenizer(LOWERCASE_TEXTS, arch="encoder", vocab_size=80)
+    assert _tokens(tok, "good😀") == ["good", "[UNK]"]
+    assert _tokens(tok, "😀😀good!") == ["[UNK]", "good", "[UNK]"]  # '!' was never seen either
+    assert _tokens(tok, "the [MASK] was good") == ["the", "[MASK]", "was", "good"]  # special tokens kept whole
+    # characters the regex syntax treats specially are members like any other
+    tok = train_tokenizer(["a-b [x] \\ ^z"] * 3, arch="encoder", vocab_size=60)
+    assert "[UNK]" not in _tokens(tok, "a-b [x] \\ ^z") and _tokens(tok, "a+b") == ["a", "[UNK]", "b"]
+
+
 def test_lowercase_option_is_checked():
     with pytest.raises(ConfigError, match="lowercase must be True, False or None"):
         train_tokenizer(LOWERCASE_TEXTS, arch="encoder", vocab_size=80, lowercase="yes")
