@@ -677,17 +677,33 @@ def train(config: TrainConfig) -> TrainResult:
 @contextlib.contextmanager
 def _run_lock(config: TrainConfig, env: Distributed):
     """Rank 0 holds the run directory's lock for the whole run (created here if new: removed
-    again if the run stops before writing anything into it)."""
-    if not env.is_main:
+    again if the run stops before writing anything into it). Under torchrun every process
+    learns whether rank 0 got it, so none waits for a rank 0 that gave up."""
+    stack, refused = contextlib.ExitStack(), None
+    if env.is_main:
+        try:
+            _lock_run_dir(Path(config.out_dir), stack)
+        except CheckpointError as err:
+            refused = err
+    if env.world_size > 1:
+        device = env.device if env.device.type == "cuda" else torch.device("cpu")
+        flag = torch.tensor([int(refused is not None)], device=device)
+        dist.broadcast(flag, 0)
+        if int(flag) and refused is None:
+            refused = CheckpointError(f"rank 0 could not lock the run directory {config.out_dir} (its error says "
+                                      "why); wait for the run holding it to finish, or pass another --out",
+                                      code="E_LOCKED")
+    if refused is not None:
+        raise refused
+    with stack:
         yield
-        return
-    run_dir = Path(config.out_dir)
+
+
+def _lock_run_dir(run_dir: Path, stack: contextlib.ExitStack) -> None:
     if run_dir.exists() and not run_dir.is_dir():
         raise CheckpointError(f"out_dir (--out) {run_dir} is a file, not a directory; pass a new directory "
                               "or the directory of a run to --out", code="E_DISK")
-    created = not run_dir.exists()
-    stack = contextlib.ExitStack()
-    if created:  # runs last, once the lock (and its file) is gone
+    if not run_dir.exists():  # runs last, once the lock (and its file) is gone
         stack.callback(_remove_if_empty, run_dir)
     try:
         run_dir.mkdir(parents=True, exist_ok=True)
@@ -701,8 +717,6 @@ def _run_lock(config: TrainConfig, env: Distributed):
     except OSError as err:
         stack.close()
         raise _write_error(run_dir, err) from err
-    with stack:
-        yield
 
 
 def _remove_if_empty(folder: Path) -> None:

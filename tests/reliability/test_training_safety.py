@@ -406,3 +406,20 @@ def test_resuming_a_finished_run_says_so_and_how_to_train_further(data, tmp_path
     more = run_cli(args(data, run, "--resume", "--steps", further))
     assert more.rc == 0 and f"trained {further} steps" in more.out, more
     assert ckpt.latest_checkpoint(run) == run / ckpt.checkpoint_name(int(further))
+
+
+@POSIX
+@pytest.mark.slow  # two torchrun processes
+def test_under_torchrun_every_process_stops_when_the_run_dir_is_locked(data, tmp_path):
+    run = tmp_path / "run"
+    run.mkdir()
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           "-m", "onnxformer.runtime.cli", *args(data, run, "--steps", "2")]
+    with atomic.lock_dir(run):  # this process holds it
+        proc = subprocess.run(cmd, capture_output=True, text=True, env=ENV, timeout=240)  # no rank waits forever
+    out = proc.stdout + proc.stderr
+    assert proc.returncode != 0 and f'File "{REPO}' not in out, out[-4000:]  # torchrun's own report, no frame of ours
+    assert f"error[E_LOCKED]: {run} is in use by another training run (process {os.getpid()} on" in out, out[-3000:]
+    # Rank 1 stops too: with its own E_LOCKED line, or terminated by torchrun once rank 0 exited first.
+    assert "error[E_LOCKED]: rank 0 could not lock the run directory" in out or "SIGTERM" in out, out[-3000:]
+    assert list(run.iterdir()) == []  # nothing written (and this process released its lock)
