@@ -23,6 +23,7 @@ from hypothesis import strategies as st  # noqa: E402
 
 import onnxformer.runtime as rt  # noqa: E402
 from onnxformer.runtime import GenerationConfig, OnnxformerError  # noqa: E402
+from onnxformer.runtime.errors import CODES  # noqa: E402
 from onnxformer.runtime.safety import external_data_refs  # noqa: E402
 from reliability_support import refresh_checksums, run_cli, watchdog  # noqa: E402
 
@@ -114,13 +115,15 @@ id_lists = weighted(st.lists(st.integers(0, 319), max_size=8), st.one_of(st.list
 
 
 def tally_call(tally: collections.Counter, call):
-    """Run `call` under the watchdog; count a result or an OnnxformerError (by class name)."""
+    """Run `call` under the watchdog; count a result or an OnnxformerError (by class name), which
+    must carry a message and a code of its own condition (not the catch-all E_ONNXFORMER)."""
     try:
         with watchdog(PER_EXAMPLE_S):
             result = call()
     except OnnxformerError as err:
         tally[type(err).__name__] += 1
         assert str(err), "an error without a message"
+        assert err.code in CODES and err.code != "E_ONNXFORMER", (err.code, str(err))
         return None
     tally["result"] += 1
     return result
@@ -291,11 +294,15 @@ def test_graph_walker_on_damaged_graphs(package_paths, tmp_path, figures):
 
 def test_load_and_run_mutated_graphs(package_paths, tmp_path, figures):
     """Random byte changes in encoder.onnx with the checksum forged to match: load refuses the
-    graph (PackageError) or loads it; a loaded graph classifies or raises RunError."""
+    graph (PackageError) or loads it; a loaded graph classifies or raises RunError. A forged
+    checksum makes the changed graph indistinguishable from a real one, so a different answer is
+    counted, not failed (without forgery the corpus in test_damaged_packages.py has none)."""
     package = tmp_path / "package"
     shutil.copytree(package_paths["encoder"], package)
     original = (package / "encoder.onnx").read_bytes()
-    tally = collections.Counter()
+    texts = ["the cat sat", "one"]
+    expected = [c.probabilities for c in rt.load(package, threads=1).classify(texts)]
+    tally, answers = collections.Counter(), collections.Counter()
 
     @settings(max_examples=60, **SETTINGS)
     @given(st.lists(st.tuples(st.integers(0, len(original) - 1), st.integers(0, 255)), min_size=1, max_size=8),
@@ -311,11 +318,16 @@ def test_load_and_run_mutated_graphs(package_paths, tmp_path, figures):
         refresh_checksums(package)
         model = tally_call(tally, lambda: rt.load(package, threads=1))
         if model is not None:
-            tally_call(tally, lambda: model.classify(["the cat sat", "one"]))
+            result = tally_call(tally, lambda: model.classify(texts))
+            if result is not None:
+                answers["same" if [c.probabilities for c in result] == expected else "different"] += 1
 
     check()
     figures.record("properties", "encoder.onnx with 1-8 random byte changes or truncated, checksum forged; load "
-                   "then classify", sum(tally.values()), _summary(tally))
+                   "then classify", sum(tally.values()),
+                   _summary(tally) + f"; of the classifications {answers['same']} the undamaged answer exactly, "
+                   f"{answers['different']} different (a forged checksum makes the changed graph a valid other "
+                   "model: undetectable by design)")
 
 
 # --- the CLI ---------------------------------------------------------------------------------
@@ -397,12 +409,21 @@ def test_cli_with_any_arguments(cli_paths, figures):
     @settings(max_examples=300, **SETTINGS)
     @given(argv_strategy(cli_paths), st.sampled_from(["", "some text\n", b"\xff\xfe\n"]))
     def check(argv, stdin):
-        with watchdog(PER_EXAMPLE_S):
-            result = run_cli(argv, stdin)
+        try:
+            with watchdog(PER_EXAMPLE_S):
+                result = run_cli(argv, stdin)
+        except OnnxformerError as err:  # -v / --verbose (before or after the subcommand) asks for the traceback
+            assert {"-v", "--verbose"} & set(argv), (argv, err)
+            assert err.code in CODES and err.code != "E_ONNXFORMER", (argv, err.code)
+            tally["-v: our error re-raised"] += 1
+            return
         assert "Traceback" not in result.err, (argv, result.err)
         assert result.rc in (0, 2), (argv, result)
         if result.rc == 2:
             assert result.err.strip(), argv
+            if "usage:" not in result.err:  # one of our errors: error[CODE]: with a code of the table
+                code = result.err.split("error[", 1)[-1].split("]", 1)[0]
+                assert code in CODES and code != "E_ONNXFORMER", (argv, result.err)
         tally["exit 0" if result.rc == 0 else "exit 2 (usage)" if "usage:" in result.err else "exit 2 (error: ...)"] += 1
 
     check()
@@ -410,4 +431,5 @@ def test_cli_with_any_arguments(cli_paths, figures):
     figures.record("properties", "`onnxformer` CLI with random argument lists (every subcommand but quickstart; "
                    "options with random values, flags, junk, packages and data that exist or not, bad stdin)",
                    sum(tally.values()), ", ".join(f"{n} {k}" for k, n in sorted(tally.items()))
-                   + "; 0 tracebacks, 0 other exit codes, 0 hangs")
+                   + "; every error `error[CODE]: ...` with a code of the table; 0 tracebacks, 0 other exit codes, "
+                   "0 hangs")
