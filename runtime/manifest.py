@@ -167,6 +167,13 @@ def _label_names(value: Any, num_labels: int) -> tuple[str, ...]:
     return tuple(value)
 
 
+def _same_prompt_format(trained: Any, mine: dict[str, Any] | None) -> bool:
+    """model_config's prompt_format (what training used; None: raw) says the same as the manifest's."""
+    if mine is None:
+        return trained is None
+    return isinstance(trained, Mapping) and all(trained.get(k) == v for k, v in mine.items())
+
+
 @dataclass(frozen=True)
 class Manifest:
     """The parsed, checked `manifest.json`."""
@@ -236,6 +243,12 @@ class Manifest:
                                f"model_config.label_names {trained_labels!r:.120}, the labels the model was trained "
                                "with; the manifest was edited or is damaged: set label_names to the model_config's, "
                                "or re-export the package", code="E_MANIFEST")
+        mine, trained = self.prompt_format.to_dict() if self.prompt_format else None, self.model_config.get("prompt_format")
+        if "prompt_format" in self.model_config and not _same_prompt_format(trained, mine):
+            raise PackageError(f"manifest prompt_format {mine!r:.80} differs from its model_config.prompt_format "
+                               f"{trained!r:.80}, the format the model was trained with; the "
+                               "manifest was edited or is damaged: set prompt_format to the model_config's, or "
+                               "re-export the package", code="E_MANIFEST")
         if self.arch == "encoder-decoder" and self.special_tokens["decoder_start"] < 0:
             raise PackageError("manifest special_tokens.decoder_start is -1, but an encoder-decoder model needs a "
                                "decoder start token; re-export the package", code="E_MANIFEST")

@@ -183,6 +183,16 @@ export function manifestFromDict(data) {
         "the labels the model was trained with; the manifest was edited or is damaged: set label_names to the model_config's",
     );
   }
+  const trainedFormat = manifest.model_config.prompt_format;
+  const mine = manifest.prompt_format;
+  if ('prompt_format' in manifest.model_config && (mine === null ? trainedFormat !== null
+    : trainedFormat?.template !== mine.template || trainedFormat?.strip !== mine.strip)) {
+    throw manifestError(
+      `manifest prompt_format ${show(data.prompt_format ?? null)} differs from its model_config.prompt_format ` +
+        `${show(trainedFormat)}, the format the model was trained with; the manifest was edited or is damaged: ` +
+        "set prompt_format to the model_config's",
+    );
+  }
   return Object.freeze(manifest);
 }
 

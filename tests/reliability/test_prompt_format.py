@@ -33,6 +33,11 @@ def _dates(count: int, offset: int) -> list[dict[str, str]]:
     return rows
 
 
+def _with_format(data: dict, value) -> None:
+    """The manifest as a re-export of a model trained with `value` writes it: the field and model_config's."""
+    data["prompt_format"] = data["model_config"]["prompt_format"] = value
+
+
 def _write(path: Path, rows: list[dict[str, str]]) -> Path:
     path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
     return path
@@ -140,12 +145,12 @@ def test_a_damaged_prompt_format_is_refused_and_re_export_advice_works(package_c
     for bad in ({"template": "no placeholder", "strip": True}, {"template": "{prompt} {prompt}", "strip": True},
                 {"template": "{prompt} =", "strip": "yes"}, {"template": "{prompt} ="}, "{prompt} ="):
         copy = package_copy("decoder")
-        rewrite_manifest(copy, lambda data: data.update(prompt_format=bad))
+        rewrite_manifest(copy, lambda data: _with_format(data, bad))
         with pytest.raises(PackageError) as info:
             rt.load(copy)
         assert info.value.code == "E_MANIFEST" and "prompt_format" in str(info.value) and "e-export" in str(info.value)
     # the fix: a package as the exporter writes it (here: the field as it writes it) loads
-    rewrite_manifest(copy, lambda data: data.update(prompt_format={"template": "{prompt} =", "strip": True}))
+    rewrite_manifest(copy, lambda data: _with_format(data, {"template": "{prompt} =", "strip": True}))
     assert rt.load(copy).prompt_format == PromptFormat("{prompt} =")
 
 
@@ -153,7 +158,7 @@ def test_whitespace_only_prompt_is_refused_under_a_format(package_copy):
     import onnxformer.runtime as rt
 
     copy = package_copy("decoder")
-    rewrite_manifest(copy, lambda data: data.update(prompt_format={"template": "{prompt} =", "strip": True}))
+    rewrite_manifest(copy, lambda data: _with_format(data, {"template": "{prompt} =", "strip": True}))
     model = rt.load(copy, threads=1)
     with pytest.raises(InputError, match="only whitespace"):
         model.generate(["ab", " \r\n"])
@@ -184,6 +189,27 @@ def test_quickstart_scores_as_a_user_calls_the_package(tmp_path):
     job = next(j for j in JOBS if j.arch == "decoder")
     copy = tmp_path / "decoder"
     shutil.copytree(ARTIFACTS / "decoder", copy)
-    rewrite_manifest(copy, lambda data: data.update(prompt_format={"template": "{prompt} =", "strip": True}))
+    rewrite_manifest(copy, lambda data: _with_format(data, {"template": "{prompt} =", "strip": True}))
     formatted, committed = score_package(copy, job, limit=100), score_package(ARTIFACTS / "decoder", job, limit=100)
     assert formatted.metric == committed.metric >= 0.9
+
+
+def test_a_prompt_format_dropped_from_the_manifest_is_refused(dates_package, tmp_path):
+    """A damaged or edited manifest that lost (or changed) the field would answer nonsense
+    quietly; model_config keeps what training used, so load compares the two."""
+    import onnxformer.runtime as rt
+
+    package, train_rows, _, _ = dates_package
+    for change in (lambda d: d.pop("prompt_format"), lambda d: d.update(prompt_format={"template": "{prompt}:", "strip": True})):
+        copy = tmp_path / f"copy-{len(list(tmp_path.iterdir()))}"
+        shutil.copytree(package, copy)
+        rewrite_manifest(copy, change)
+        with pytest.raises(PackageError) as info:
+            rt.load(copy)
+        assert info.value.code == "E_MANIFEST" and "model_config.prompt_format" in str(info.value)
+        out = subprocess.run(["node", str(NODE_DIR / "cli.js"), "generate", str(copy), "x"], capture_output=True,
+                             text=True, timeout=120) if shutil.which("node") else None
+        assert out is None or (out.returncode == 2 and "error[E_MANIFEST]" in out.stderr), out and out.stderr
+        # the fix the message names: set prompt_format to the model_config's
+        rewrite_manifest(copy, lambda d: d.update(prompt_format=d["model_config"]["prompt_format"]))
+        assert rt.load(copy, threads=1).generate(train_rows[0]["source"])[0].text == train_rows[0]["target"]

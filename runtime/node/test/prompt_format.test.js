@@ -56,7 +56,8 @@ test('a package with a prompt_format: generate and stream format the prompt; raw
       await cp(decoder, target, { recursive: true });
       const file = path.join(target, 'manifest.json');
       const data = JSON.parse(await readFile(file, 'utf8'));
-      data.prompt_format = promptFormat;
+      data.prompt_format = promptFormat; // as a re-export of a model trained with it writes it
+      data.model_config.prompt_format = promptFormat;
       await writeFile(file, JSON.stringify(data));
       return load(target);
     };
