@@ -5,6 +5,7 @@ A run directory holds one folder per save and a ``latest`` pointer::
     RUN_DIR/
       latest                        one line: the folder name of the newest complete checkpoint
       metrics.jsonl                 one JSON object per log / eval event (written by the trainer)
+      .lock                         while a run writes here: its pid (onnxformer.runtime.atomic.lock_dir)
       step-000200/
         config.json                 ModelConfig (arch, sizes, special token ids, label_names)
         model.safetensors           plain model weights (LoRA merged), tied weights stored once

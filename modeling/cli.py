@@ -104,7 +104,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     run.add_argument("--save-every", type=int, metavar="N", help="steps between checkpoints; 0 = at the end only (default 0)")
     run.add_argument("--keep-checkpoints", type=int, metavar="N", help="newest checkpoints to keep; 0 = all (default 2)")
     run.add_argument("--log-every", type=int, metavar="N", help="steps between loss lines in metrics.jsonl (default 10)")
-    run.add_argument("--resume", action="store_true", default=None, help="continue the run in --out from its latest checkpoint")
+    run.add_argument("--resume", action="store_true", default=None, help="continue the run in --out from its latest checkpoint (with the same data, model and batch "
+                          "settings; --lr, --steps, the schedule, evaluation and checkpoint options may change)")
     run.add_argument("--no-progress", action="store_true", default=None, help="no progress bar")
 
 

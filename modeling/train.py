@@ -13,7 +13,13 @@ is ``permutation(seed, epoch)[p % n]`` and its random noise (masking, denoising,
 comes from a generator seeded by (seed, p). Data order and noise are therefore functions of
 the seed and the step alone, independent of the number of processes; with the optimizer,
 schedule and RNG state restored, ``--resume`` continues exactly where an uninterrupted run
-would be.
+would be. (Resume may also change the schedule, RESUME_MAY_CHANGE: a lower lr after a
+divergence, more steps for a finished run.)
+
+Safety: rank 0 holds the run directory's lock for the whole run (a second writer gets
+E_LOCKED); a NaN/inf loss or gradient stops the run before the update (E_NOT_FINITE) and
+non-finite weights are never saved, so ``latest`` always names good weights; every failed write
+(disk full, permissions) is one E_DISK error that leaves the previous checkpoint in place.
 
 Distributed: run the same command under ``torchrun``; each process takes its slice of every
 global batch, gradients are averaged by DistributedDataParallel (gloo on CPU, nccl on CUDA),
