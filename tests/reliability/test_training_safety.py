@@ -34,7 +34,7 @@ from onnxformer.modeling import checkpoint as ckpt  # noqa: E402
 from onnxformer.modeling.data import load_builtin  # noqa: E402
 from onnxformer.modeling.train import TaskModel, TrainConfig, train  # noqa: E402
 from onnxformer.runtime import atomic  # noqa: E402
-from onnxformer.runtime.errors import CheckpointError, ExportError, TrainingError  # noqa: E402
+from onnxformer.runtime.errors import ExportError, TrainingError  # noqa: E402
 
 from reliability_support import REPO, run_cli  # noqa: E402
 
