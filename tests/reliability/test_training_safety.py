@@ -28,7 +28,7 @@ from pathlib import Path
 import pytest
 
 torch = pytest.importorskip("torch", reason="training tests need torch")
-from safetensors.torch import load_file, save_file  # noqa: E402
+from safetensors.torch import load_file  # noqa: E402
 
 from onnxformer.modeling import checkpoint as ckpt  # noqa: E402
 from onnxformer.modeling.data import load_builtin  # noqa: E402
@@ -252,11 +252,14 @@ def test_export_refuses_non_finite_weights_and_an_earlier_checkpoint_exports(dat
 
     run = tmp_path / "run"
     train(config(data, run, steps=2, save_every=1, keep_checkpoints=0))
-    bad = run / "step-000002" / ckpt.MODEL_FILE
-    tensors = load_file(bad)
+    # A checkpoint written (through save_checkpoint, as a trainer without the guard would) with a NaN weight.
+    state = ckpt.load_training_state(run)
+    model, model_config = ckpt.load_model(run)
+    tensors = ckpt.plain_state_dict(model)
     name = sorted(tensors)[0]
     tensors[name] = tensors[name].clone().fill_(float("nan"))
-    save_file(tensors, bad, metadata={"format": "pt"})
+    ckpt.save_checkpoint(run, 3, ckpt.CheckpointFiles(model_config, tensors, (state.folder / ckpt.TOKENIZER_FILE).read_text(),
+                                                       state.trainer_state, state.tensors))
     with pytest.raises(ExportError, match=r"weights are NaN or infinite in 1 tensors .*export an earlier checkpoint") as err:
         export_checkpoint(run, tmp_path / "pkg")
     assert err.value.code == "E_NOT_FINITE" and not (tmp_path / "pkg").exists()
