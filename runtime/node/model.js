@@ -465,7 +465,10 @@ export class Model {
     const config = this.generationConfig(params);
     const ids = await this.#promptIds(this.#format(texts, fmt, 'generate prompts'), config, truncate);
     const out = await this.generateIds(ids, options);
-    return out.map((g, b) => ({ ...g, prompt: texts[b], texts: fmt ? g.texts.map((t) => fmt.parse(t)) : g.texts }));
+    return out.map((g, b) => {
+      const parsed = fmt ? g.texts.map((t) => fmt.parse(t)) : g.texts;
+      return { ...g, prompt: texts[b], texts: parsed, text: parsed[0] };
+    });
   }
 
   /**
