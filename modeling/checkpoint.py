@@ -45,7 +45,7 @@ from torch import Tensor, nn
 
 from onnxformer.runtime import atomic
 from onnxformer.runtime.errors import CheckpointError
-from onnxformer.runtime.manifest import TOKENIZER_FILE  # the name packages use too
+from onnxformer.runtime.manifest import TOKENIZER_FILE, sha256_file  # the name packages use too
 
 from .config import ModelConfig
 from .model import Transformer
@@ -57,7 +57,8 @@ CONFIG_FILE = "config.json"
 MODEL_FILE = "model.safetensors"
 TRAINER_STATE_FILE = "trainer_state.json"
 TRAINING_STATE_FILE = "training_state.safetensors"
-CHECKPOINT_FILES = (CONFIG_FILE, MODEL_FILE, TOKENIZER_FILE, TRAINER_STATE_FILE, TRAINING_STATE_FILE)
+CHECKSUMS_FILE = "checksums.json"  # {"sha256": {file: hex}} of the other files, written last
+CHECKPOINT_FILES = (CONFIG_FILE, MODEL_FILE, TOKENIZER_FILE, TRAINER_STATE_FILE, TRAINING_STATE_FILE, CHECKSUMS_FILE)
 
 
 def checkpoint_name(step: int) -> str:
@@ -243,6 +244,9 @@ def _write_files(folder: Path, files: CheckpointFiles) -> None:
     _save_tensors(files.training_tensors, folder / TRAINING_STATE_FILE, None)
     (folder / TRAINER_STATE_FILE).write_text(json.dumps(files.trainer_state, indent=2, sort_keys=True) + "\n",
                                              encoding="utf-8")
+    # Digests, so that a changed byte anywhere (a weight included) is refused at load, not exported.
+    digests = {name: sha256_file(folder / name) for name in CHECKPOINT_FILES if name != CHECKSUMS_FILE}
+    (folder / CHECKSUMS_FILE).write_text(json.dumps({"sha256": digests}, indent=2) + "\n", encoding="utf-8")
 
 
 def save_checkpoint(run_dir: str | os.PathLike, step: int, files: CheckpointFiles, *, keep: int = 0) -> Path:
@@ -275,23 +279,48 @@ def save_checkpoint(run_dir: str | os.PathLike, step: int, files: CheckpointFile
 # --------------------------------------------------------------------------------------------
 
 
+def _verify(path: Path) -> None:
+    """``path`` against its folder's checksums.json (checkpoints written before it have none).
+    Called once a file has parsed and passed its checks, so those name what is wrong first;
+    the digest then catches what still parses, like a changed weight byte."""
+    table = path.parent / CHECKSUMS_FILE
+    if not table.is_file():
+        return
+    try:
+        expected = json.loads(table.read_bytes().decode("utf-8"))["sha256"][path.name]
+    except OSError as err:
+        raise CheckpointError(f"cannot read {table}: {err.strerror or err}") from None
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError, KeyError, TypeError):
+        raise CheckpointError(f"{table} is not a valid digest table (or lacks {path.name}); the checkpoint is "
+                              "damaged") from None
+    try:
+        actual = sha256_file(path)
+    except OSError as err:
+        raise CheckpointError(f"cannot read {path}: {err.strerror or err}") from None
+    if actual != expected:
+        raise CheckpointError(f"{path} does not match its sha256 in {CHECKSUMS_FILE} ({str(expected)[:16]}..., "
+                              f"file {actual[:16]}...); the file was altered or the checkpoint is damaged")
+
+
 def load_file(path: str | os.PathLike) -> dict[str, Tensor]:
     """The tensors of a safetensors file (never pickle); a damaged file is a CheckpointError naming it."""
     try:
-        return _load_safetensors(str(path))
+        tensors = _load_safetensors(str(path))
     except SafetensorError as err:
         raise CheckpointError(f"{path} is not a valid safetensors file ({err}); the checkpoint is damaged") from None
     except OSError as err:
         raise CheckpointError(f"cannot read {path}: {err.strerror or err}") from None
+    return tensors
 
 
 def _read_json(path: Path, what: str) -> Any:
     try:
-        return json.loads(path.read_bytes().decode("utf-8"))
+        data = json.loads(path.read_bytes().decode("utf-8"))
     except OSError as err:
         raise CheckpointError(f"cannot read {path}: {err.strerror or err}") from None
     except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as err:
         raise CheckpointError(f"{path} is not valid JSON ({err}); the {what} is damaged") from None
+    return data
 
 
 def read_model_config(folder: Path) -> ModelConfig:
@@ -358,6 +387,8 @@ def load_model(path: str | os.PathLike, *, device: str | torch.device = "cpu") -
     config = read_model_config(folder)
     model = Transformer(config)
     load_plain_state_dict(model, load_file(str(folder / MODEL_FILE)), source=str(folder / MODEL_FILE))
+    for name in (CONFIG_FILE, MODEL_FILE):
+        _verify(folder / name)
     return model.to(device).eval(), config
 
 
@@ -379,11 +410,14 @@ def load_training_state(path: str | os.PathLike) -> TrainingState:
     missing = [k for k in required if not isinstance(state, dict) or k not in state]
     if missing:
         raise CheckpointError(f"{state_file} lacks {', '.join(missing)}; this checkpoint cannot be resumed")
-    return TrainingState(folder, state, load_file(tensor_file))
+    tensors = load_file(tensor_file)
+    for name in (CONFIG_FILE, TRAINER_STATE_FILE, TRAINING_STATE_FILE, MODEL_FILE):  # resume reads the weights too
+        _verify(folder / name)
+    return TrainingState(folder, state, tensors)
 
 
 __all__ = [
-    "CHECKPOINT_FILES", "CheckpointFiles", "TrainingState", "checkpoint_name", "latest_checkpoint",
+    "CHECKPOINT_FILES", "CHECKSUMS_FILE", "CheckpointFiles", "TrainingState", "checkpoint_name", "latest_checkpoint",
     "list_checkpoints", "load_file", "load_model", "load_optimizer_state", "load_plain_state_dict",
     "load_training_state", "optimizer_state", "plain_state_dict", "read_model_config", "resolve_checkpoint",
     "rng_state", "save_checkpoint", "set_rng_state", "tokenizer_path",

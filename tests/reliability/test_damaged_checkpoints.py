@@ -5,15 +5,17 @@ a folder of its own run directory."""
 
 from __future__ import annotations
 
+import collections
 import json
 import shutil
 
+import numpy as np
 import pytest
 
 pytest.importorskip("torch", reason="checkpoints need the [train] extra")
 
 from onnxformer.modeling import checkpoint as ckpt  # noqa: E402
-from onnxformer.runtime.errors import CheckpointError  # noqa: E402
+from onnxformer.runtime.errors import CODES, CheckpointError, OnnxformerError  # noqa: E402
 from reliability_support import run_cli  # noqa: E402
 
 # (case id, file in the latest checkpoint, new content, message pattern)
@@ -99,3 +101,86 @@ def test_figures(figures):
                    len(DAMAGE) + len(RESUME_DAMAGE),
                    f"{len(DAMAGE) + len(RESUME_DAMAGE)} CheckpointError naming the file; export and train --resume "
                    "exit 2 with a one-line error[E_CHECKPOINT] naming it; export writes nothing")
+
+
+# --- a generated corpus: random damage to the files load_model reads --------------------------
+# Each case raises a CheckpointError with a code, or is provably fine: load_model gives the
+# undamaged config and bitwise-equal weights. A silent success is a damaged checkpoint that
+# loads with other weights or config (`onnxformer export` would ship it); checksums.json (the
+# sha256 of each file, written last) is what refuses a changed weight byte that still parses.
+CKPT_SEED, CKPT_CASES = 14, 60  # about 2 s
+
+
+def _weights(folder):
+    model, config = ckpt.load_model(folder)
+    return config, {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def _same(a, b) -> bool:
+    import torch
+
+    return a[0] == b[0] and a[1].keys() == b[1].keys() and all(torch.equal(a[1][k], b[1][k]) for k in a[1])
+
+
+def test_generated_checkpoint_damage_corpus(trained_run, tmp_path, figures):
+    rng = np.random.default_rng(CKPT_SEED)
+    source = ckpt.latest_checkpoint(trained_run)
+    expected = _weights(source)
+    outcomes, codes, silent, leaks = collections.Counter(), collections.Counter(), [], []
+    for case in range(CKPT_CASES):
+        folder = tmp_path / f"case-{case}"
+        shutil.copytree(source, folder)
+        name = [ckpt.CONFIG_FILE, ckpt.MODEL_FILE, ckpt.MODEL_FILE, ckpt.CHECKSUMS_FILE][case % 4]
+        path = folder / name
+        data = bytearray(path.read_bytes())
+        how = rng.choice(["flip", "char", "truncate", "append", "empty"])
+        if how in ("flip", "char"):
+            for _ in range(int(rng.integers(1, 4))):
+                data[int(rng.integers(len(data)))] = int(rng.integers(32, 127) if how == "char" else rng.integers(256))
+        elif how == "truncate":
+            data = data[: int(rng.integers(len(data)))]
+        elif how == "append":
+            data += b"\x00" * int(rng.integers(1, 32))
+        else:
+            data = bytearray()
+        path.write_bytes(bytes(data))
+        label = f"{name} {how}"
+        try:
+            got = _weights(folder)
+        except OnnxformerError as err:
+            assert err.code in CODES and err.code != "E_ONNXFORMER", (label, err.code)
+            outcomes["error"] += 1
+            codes[err.code] += 1
+            continue
+        except Exception as err:  # noqa: BLE001 - the point of the test
+            leaks.append(f"{label}: {type(err).__name__}: {err}")
+            continue
+        if _same(got, expected):
+            outcomes["fine"] += 1
+        else:
+            silent.append(label)
+        shutil.rmtree(folder)
+    assert not leaks, "\n".join(leaks)
+    assert not silent, f"damaged checkpoints that load with other weights or config: {silent}"
+    assert outcomes["error"] + outcomes["fine"] == CKPT_CASES
+    figures.record("damaged checkpoints (issue 14)", "generated corpus: random damage to config.json, "
+                   "model.safetensors or checksums.json of a trained checkpoint (1-3 bytes changed, printable characters, truncated, "
+                   "zero bytes appended, emptied); load_model", CKPT_CASES,
+                   f"{outcomes['error']} CheckpointError with a code ({', '.join(f'{k} {v}' for k, v in codes.items())}), "
+                   f"{outcomes['fine']} provably fine (the undamaged config and bitwise-equal weights); 0 raw foreign "
+                   "exceptions, 0 silent successes (an earlier run before checksums.json: 12 of 60 loaded with other weights)")
+
+
+def test_a_changed_weight_byte_is_refused(trained_run, tmp_path):
+    """A changed weight byte still parses; the digest refuses it, and `onnxformer export` with it."""
+    folder = tmp_path / "checkpoint"
+    shutil.copytree(ckpt.latest_checkpoint(trained_run), folder)
+    path = folder / ckpt.MODEL_FILE
+    data = bytearray(path.read_bytes())
+    data[-3] ^= 0x01  # the low mantissa bits of the last weight: finite, slightly different
+    path.write_bytes(bytes(data))
+    with pytest.raises(CheckpointError, match="model.safetensors does not match its sha256 in checksums.json"):
+        ckpt.load_model(folder)
+    result = run_cli(["export", str(folder), str(tmp_path / "package")])
+    assert result.rc == 2 and result.err.startswith("error[E_CHECKPOINT]: ") and "sha256" in result.err
+    assert not (tmp_path / "package").exists()
