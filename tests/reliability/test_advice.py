@@ -13,6 +13,9 @@ on purpose in a test, and "reinstall onnxformer" (an install without entry point
 from __future__ import annotations
 
 import shutil
+import subprocess
+import sys
+from importlib import metadata
 
 import numpy as np
 import pytest
@@ -277,3 +280,11 @@ def test_cli_version_and_verbose_anywhere(package_paths, capsys):
     for argv in (["-v", "inspect", missing], ["inspect", missing, "-v"], ["inspect", "--verbose", missing]):
         with pytest.raises(OnnxformerError):  # -v shows the traceback: the error propagates
             run_cli(argv)
+
+
+@pytest.mark.runtime_only  # CI runs it in the torch-free `pip install .` venv too, not only the editable one
+def test_version_in_any_install():
+    assert rt.__version__ == metadata.version("onnxformer")
+    done = subprocess.run([sys.executable, "-m", "onnxformer.runtime.cli", "--version"], capture_output=True,
+                          text=True, timeout=60)
+    assert done.returncode == 0 and done.stdout.strip() == f"onnxformer {rt.__version__}", done
