@@ -281,8 +281,8 @@ def save_checkpoint(run_dir: str | os.PathLike, step: int, files: CheckpointFile
 
 def _verify(path: Path) -> None:
     """``path`` against its folder's checksums.json (checkpoints written before it have none).
-    Called once a file has parsed and passed its checks, so those name what is wrong first;
-    the digest then catches what still parses, like a changed weight byte."""
+    Called once a file has parsed (and a JSON file passed its checks), so those name what is
+    wrong first; the digest then catches what still parses, like a changed weight byte."""
     table = path.parent / CHECKSUMS_FILE
     if not table.is_file():
         return
@@ -310,6 +310,7 @@ def load_file(path: str | os.PathLike) -> dict[str, Tensor]:
         raise CheckpointError(f"{path} is not a valid safetensors file ({err}); the checkpoint is damaged") from None
     except OSError as err:
         raise CheckpointError(f"cannot read {path}: {err.strerror or err}") from None
+    _verify(Path(path))  # parsing is not enough: a changed weight byte still parses
     return tensors
 
 
@@ -387,8 +388,7 @@ def load_model(path: str | os.PathLike, *, device: str | torch.device = "cpu") -
     config = read_model_config(folder)
     model = Transformer(config)
     load_plain_state_dict(model, load_file(str(folder / MODEL_FILE)), source=str(folder / MODEL_FILE))
-    for name in (CONFIG_FILE, MODEL_FILE):
-        _verify(folder / name)
+    _verify(folder / CONFIG_FILE)  # load_file verified the weights
     return model.to(device).eval(), config
 
 
@@ -411,7 +411,7 @@ def load_training_state(path: str | os.PathLike) -> TrainingState:
     if missing:
         raise CheckpointError(f"{state_file} lacks {', '.join(missing)}; this checkpoint cannot be resumed")
     tensors = load_file(tensor_file)
-    for name in (CONFIG_FILE, TRAINER_STATE_FILE, TRAINING_STATE_FILE, MODEL_FILE):  # resume reads the weights too
+    for name in (CONFIG_FILE, TRAINER_STATE_FILE, MODEL_FILE):  # resume reads the weights with load_file too
         _verify(folder / name)
     return TrainingState(folder, state, tensors)
 
