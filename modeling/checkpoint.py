@@ -364,6 +364,9 @@ def latest_checkpoint(run_dir: str | os.PathLike) -> Path | None:
 def resolve_checkpoint(path: str | os.PathLike) -> Path:
     """A checkpoint folder from a checkpoint folder or a run directory (its ``latest``)."""
     path = Path(path)
+    if not path.exists():
+        raise CheckpointError(f"{path} does not exist; pass the --out folder of `onnxformer train` (or one of its "
+                              "step-N folders)", code="E_MISSING_FILE")
     if (path / CONFIG_FILE).is_file() and (path / MODEL_FILE).is_file():
         return path
     if (path / LATEST).is_file():

@@ -58,7 +58,6 @@ from __future__ import annotations
 import heapq
 import logging
 import os
-import tempfile
 from pathlib import Path
 from collections import Counter
 from typing import Iterable, Iterator
@@ -74,6 +73,7 @@ from tokenizers import (
     trainers,
 )
 
+from onnxformer.runtime import atomic
 from onnxformer.runtime.errors import CheckpointError, ConfigError, DataError
 from onnxformer.runtime.manifest import TOKENIZER_FILE  # checkpoints and packages name it alike
 
@@ -378,17 +378,7 @@ def save_tokenizer(tokenizer: Tokenizer, path: str | os.PathLike) -> Path:
     """
     path = _tokenizer_path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    text = tokenizer.to_str(pretty=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    atomic.replace_text(path, tokenizer.to_str(pretty=True))  # the one atomic write (fsync, rename)
     logger.info("saved tokenizer to %s", path)
     return path
 

@@ -39,7 +39,8 @@ CODES: dict[str, str] = {
     "E_MANIFEST": "manifest.json is missing, unreadable or breaks the format (runtime/FORMAT.md)",
     "E_FORMAT_VERSION": "the package was written for another format version",
     "E_CHECKSUM": "a package file's size or sha256 differs from the manifest",
-    "E_MISSING_FILE": "a file the manifest lists is not in the package, or the package directory does not exist",
+    "E_MISSING_FILE": ("a file the manifest lists is not in the package, or a package, checkpoint or run "
+                       "directory does not exist"),
     "E_EXTERNAL_DATA": "a graph's external-data reference is unsafe or does not match the manifest",
     "E_GRAPH": "onnxruntime could not load a graph file",
     "E_GRAPH_IO": "a graph's inputs or outputs break the I/O contract",

@@ -132,7 +132,10 @@ def test_train_cli_user_errors(tmp_path):
 @needs_torch
 def test_export_cli_user_errors(tmp_path):
     assert_user_error(cli("export", str(tmp_path / "no-run"), str(tmp_path / "package")),
-                      "E_CHECKPOINT", "no-run", "neither a checkpoint folder")
+                      "E_MISSING_FILE", "no-run", "does not exist")
+    (tmp_path / "not-a-run").mkdir()
+    assert_user_error(cli("export", str(tmp_path / "not-a-run"), str(tmp_path / "package")),
+                      "E_CHECKPOINT", "not-a-run", "neither a checkpoint folder")
 
 
 @needs_torch

@@ -271,8 +271,8 @@ CLI_CASES = [
     ("inspect a non-package", ["inspect", "{decoder}/.."], None, "E_MANIFEST", "is not an onnxformer package"),
     ("empty stdin", ["classify", "{encoder}"], "", "E_INPUT", "stdin had no non-empty lines"),
     ("non-UTF-8 stdin", ["classify", "{encoder}"], b"caf\xe9\n\xff\xfe\n", "E_INPUT", "stdin is not valid UTF-8"),
-    ("export a missing checkpoint", ["export", "{decoder}/no-checkpoint", "{decoder}/../out"], None, "E_CHECKPOINT",
-     "no-checkpoint is neither a checkpoint folder"),
+    ("export a missing checkpoint", ["export", "{decoder}/no-checkpoint", "{decoder}/../out"], None, "E_MISSING_FILE",
+     "no-checkpoint does not exist; pass the --out folder"),
     ("export a package", ["export", "{decoder}", "{decoder}/../out"], None, "E_CHECKPOINT",
      "is neither a checkpoint folder"),
 ]
