@@ -22,6 +22,7 @@ from onnxformer.runtime.prompt_format import PromptFormat
 from reliability_support import rewrite_manifest, run_cli
 
 NODE_DIR = Path(__file__).resolve().parents[2] / "runtime" / "node"
+HAS_NODE = shutil.which("node") is not None and (NODE_DIR / "node_modules").is_dir()
 MONTHS = ("January February March April May June July August September October November December").split()
 
 
@@ -115,7 +116,7 @@ def test_crlf_stdin_on_a_raw_package_is_read_as_lf(package_paths):
     assert json.loads(crlf.out) == json.loads(lf.out)
 
 
-@pytest.mark.skipif(shutil.which("node") is None or not (NODE_DIR / "node_modules").is_dir(), reason="needs Node")
+@pytest.mark.skipif(not HAS_NODE, reason="needs Node and runtime/node's npm packages (npm ci)")
 def test_node_applies_the_same_format(dates_package):
     package, train_rows, _, _ = dates_package
     rows = train_rows[:3]
@@ -208,7 +209,7 @@ def test_a_prompt_format_dropped_from_the_manifest_is_refused(dates_package, tmp
             rt.load(copy)
         assert info.value.code == "E_MANIFEST" and "model_config.prompt_format" in str(info.value)
         out = subprocess.run(["node", str(NODE_DIR / "cli.js"), "generate", str(copy), "x"], capture_output=True,
-                             text=True, timeout=120) if shutil.which("node") else None
+                             text=True, timeout=120) if HAS_NODE else None
         assert out is None or (out.returncode == 2 and "error[E_MANIFEST]" in out.stderr), out and out.stderr
         # the fix the message names: set prompt_format to the model_config's
         rewrite_manifest(copy, lambda d: d.update(prompt_format=d["model_config"]["prompt_format"]))
