@@ -533,6 +533,15 @@ export async function load(packageDir, { provider = 'cpu', threads, verify = tru
       { code: 'E_TOKENIZER' },
     );
   }
+  // Every special token id of the manifest must be a token of the tokenizer (as in Python).
+  const unknown = Object.entries(manifest.special_tokens).filter(([, id]) => id >= 0 && tokenizer.idToToken(id) === null);
+  if (unknown.length) {
+    throw new PackageError(
+      `manifest special_tokens ${unknown.map(([role, id]) => `${role}=${id}`).join(', ')} are not tokens of ` +
+        `${manifest.tokenizer.file}: the tokenizer does not belong to this model; re-export the package`,
+      { code: 'E_TOKENIZER' },
+    );
+  }
   await checkGraphLimits(manifest, directory);
   const sessions = {};
   const graphs = Object.entries(manifest.graphs);

@@ -35,6 +35,15 @@ export class PackageTokenizer {
     }
   }
 
+  /**
+   * The token of an id, or null where the vocabulary has none.
+   * @param {number} id
+   * @returns {string | null}
+   */
+  idToToken(id) {
+    return this.tokenizer.idToToken(id) ?? null;
+  }
+
   /** Tokens in the vocabulary, added tokens included. */
   get vocabSize() {
     return this.tokenizer.getVocabSize(true);

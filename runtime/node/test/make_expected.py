@@ -240,6 +240,19 @@ def damaged_packages(package: Path, out: Path, prefix: str) -> list[dict[str, An
     edit_manifest(target, lambda d: (d.update(max_seq_len=4096), d["model_config"].pop("max_seq_len", None)))
     if rt.safety.position_tables(target / graph_file):
         cases.append(target)
+    eos = manifest["special_tokens"].get("eos", -1)
+    if eos >= 0:  # a tokenizer without the manifest's eos token (its checksum updated): E_TOKENIZER
+        target = copy("tokenizer-lacks-special")
+        tok = json.loads((target / tokenizer_file).read_text(encoding="utf-8"))
+        name = next((t["content"] for t in tok.get("added_tokens", []) if t["id"] == eos), None)
+        tok["added_tokens"] = [t for t in tok.get("added_tokens", []) if t["id"] != eos]
+        vocab_map = tok["model"].get("vocab")
+        if name is not None and isinstance(vocab_map, dict):
+            vocab_map.pop(name, None)
+            rewrite(target / tokenizer_file, json.dumps(tok).encode())
+            entry = rt.manifest.FileEntry.of(target, tokenizer_file)
+            edit_manifest(target, lambda d: d["tokenizer"].update(sha256=entry.sha256, bytes=entry.bytes))
+            cases.append(target)
     target = copy("label-names-count")
     edit_manifest(target, lambda d: d.update(label_names=[f"L{i}" for i in range(d["dims"].get("num_labels", 0) + 1)]))
     cases.append(target)
