@@ -169,7 +169,8 @@ def choose_decoder(model: Transformer, kv_cache: str | None) -> tuple[str, str |
     config = model.config
     if not config.has_decoder:
         if kv_cache == "shared":
-            raise ExportError(f"kv_cache 'shared' applies to models with a decoder; arch {config.arch!r} has none",
+            raise ExportError(f"kv_cache 'shared' applies to models with a decoder; arch {config.arch!r} has none: "
+                              "leave kv_cache unset (--kv-cache auto)",
                               code="E_UNSUPPORTED")
         return "concat", None
     reason = unsupported_reason(model)

@@ -563,7 +563,8 @@ def objective_for(task: str, *, nsp: bool = False) -> Objective:
     if not nsp:
         return OBJECTIVES[task]
     if task != MLM_NSP.name:
-        raise ConfigError(f"nsp adds next-sentence prediction to task {MLM_NSP.name!r}; got task {task!r}")
+        raise ConfigError(f"nsp adds next-sentence prediction to task {MLM_NSP.name!r}; got task {task!r}: "
+                          f"pass task {MLM_NSP.name!r} (--task {MLM_NSP.name}) or leave nsp off (drop --nsp)")
     return MLM_NSP
 
 

@@ -148,7 +148,7 @@ class _CountedTexts:
             self.count += 1
             yield text
         if self.count == 0:
-            raise DataError("cannot train a tokenizer on no texts; texts was empty")
+            raise DataError("cannot train a tokenizer on no texts; texts was empty: pass at least one text")
 
 
 def _train_byte_level_bpe(texts: Iterable[str], vocab_size: int, min_frequency: int) -> Tokenizer:
