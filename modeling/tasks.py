@@ -564,7 +564,8 @@ def objective_for(task: str, *, nsp: bool = False) -> Objective:
         return OBJECTIVES[task]
     if task != MLM_NSP.name:
         raise ConfigError(f"nsp adds next-sentence prediction to task {MLM_NSP.name!r}; got task {task!r}: "
-                          f"pass task {MLM_NSP.name!r} (--task {MLM_NSP.name}) or leave nsp off (drop --nsp)")
+                          f"leave nsp off (drop --nsp), or train an encoder with it (--arch {MLM_NSP.archs[0]} --task "
+                          f"{MLM_NSP.name} --nsp)")
     return MLM_NSP
 
 

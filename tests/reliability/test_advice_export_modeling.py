@@ -11,16 +11,16 @@ cases export for real, a tiny model, under 2 s).
 =============================  =====================================================  ==============================
 site                           advice                                                 test / where else
 =============================  =====================================================  ==============================
-export/exporter.py:120         drop --dtype fp16 (or the quantization)                test_quantize_with_fp16
+export/exporter.py:120         drop --dtype fp16 (or the quantization)                test_quantize_with_fp16, test_export_cli_flags
 export/exporter.py:172 (*)     leave kv_cache unset (--kv-cache auto)                 test_shared_cache_on_encoder
-export/exporter.py:177         export with kv_cache='concat' (--kv-cache concat)      test_shared_cache_unsupported
-export/exporter.py:190         use quantize 'int8' (--quantize int8)                  test_int8_dynamic_on_decoder
-export/exporter.py:200         export an earlier checkpoint / lower --lr              test_training_safety.py (earlier
+export/exporter.py:178         export with kv_cache='concat' (--kv-cache concat)      test_shared_cache_unsupported, test_export_cli_flags
+export/exporter.py:191         use quantize 'int8' (--quantize int8)                  test_int8_dynamic_on_decoder, test_export_cli_flags
+export/exporter.py:201         export an earlier checkpoint / lower --lr              test_training_safety.py (earlier
                                                                                       checkpoint exports; --lr applied)
-export/exporter.py:240,249,    export with the tokenizer it was trained with          test_foreign_tokenizer (+
-  256, 693                                                                            test_tokenizer_coverage.py)
-export/exporter.py:266         choose an empty or new output directory                test_out_dir_not_a_package
-export/exporter.py:674         choose a writable folder with free space               test_unwritable_out_dir       
+export/exporter.py:241,250,    export with the tokenizer it was trained with          test_foreign_tokenizer (+
+  257, 694                                                                            test_tokenizer_coverage.py)
+export/exporter.py:267         choose an empty or new output directory                test_out_dir_not_a_package
+export/exporter.py:675         choose a writable folder with free space               test_unwritable_out_dir
 modeling/config.py:169         valid: <field names>                                   test_unknown_config_field
 modeling/peft.py:125           choose LoRA targets among ... the architecture has     test_lora_targets_absent
 modeling/peft.py:169           build it with ModelConfig(bias=True)                   test_bitfit_without_bias
@@ -32,7 +32,7 @@ modeling/tokenizer.py:401      re-create it with save_tokenizer()               
 modeling/checkpoint.py:155     resume with the same task, LoRA and BitFit settings    test_optimizer_other_parameters
 modeling/checkpoint.py:368     pass the --out folder of `onnxformer train`            test_checkpoint_path_missing
 modeling/checkpoint.py:374     pass the --out folder of `onnxformer train`            test_checkpoint_path_not_a_run
-modeling/tasks.py:566 (*)      pass task 'mlm' (--task mlm) or drop --nsp             test_nsp_with_other_task
+modeling/tasks.py:566 (*)      drop --nsp, or --arch encoder --task mlm --nsp         test_nsp_with_other_task(_cli)
 modeling/objectives.py:191     pass more text, or drop --nsp                          test_nsp_too_few_sentences
 =============================  =====================================================  ==============================
 
@@ -45,11 +45,11 @@ architecture?" (a diagnosis, no fix to apply).
 
 from __future__ import annotations
 
-import dataclasses
 import re
 from pathlib import Path
 
 import pytest
+from reliability_support import run_cli
 from support import HAS_TORCH, make_model, tiny_tokenizer
 
 pytestmark = pytest.mark.skipif(not HAS_TORCH, reason="needs torch")
@@ -98,6 +98,22 @@ def test_quantize_with_fp16(decoder, tmp_path):
     # Both ways out: without the dtype, without the quantization.
     assert _plan(*decoder, tmp_path / "a", quantize="int8").options.weights == "int8"
     assert _plan(*decoder, tmp_path / "b", dtype="float16").options.weights == "float16"
+
+
+def test_export_cli_flags(tmp_path):
+    """`onnxformer export`: each flag advice applied to the command line exports."""
+    run_dir = _run_dir(tmp_path)
+    out = str(tmp_path / "pkg")
+    base = ["export", str(run_dir), out, "--skip-generation-check"]
+    for bad, needle, fixed in [
+        (["--quantize", "int8", "--dtype", "fp16"], "drop --dtype fp16", ["--quantize", "int8"]),
+        (["--quantize", "int8-dynamic"], "(--quantize int8,", ["--quantize", "int8"]),
+        (["--kv-cache", "shared"], "(--kv-cache concat)", ["--kv-cache", "concat"]),
+    ]:
+        result = run_cli(base + bad)
+        assert result.rc == 2 and result.err.startswith("error[") and needle in result.err, result
+        assert run_cli(base + fixed).rc == 0, (bad, fixed)
+        assert (tmp_path / "pkg" / "manifest.json").is_file()
 
 
 def test_shared_cache_on_encoder(encoder, tmp_path):
@@ -280,9 +296,28 @@ def test_checkpoint_path_not_a_run(tmp_path):
 def test_nsp_with_other_task():
     from onnxformer.modeling.tasks import objective_for
 
-    _fails(lambda: objective_for("causal-lm", nsp=True), "pass task 'mlm' (--task mlm) or leave nsp off (drop --nsp)")
+    _fails(lambda: objective_for("causal-lm", nsp=True), "leave nsp off (drop --nsp), or train an encoder with it "
+           "(--arch encoder --task mlm --nsp)")
     assert objective_for("mlm", nsp=True) is not objective_for("mlm")
     assert objective_for("causal-lm") is not None
+
+
+TRAIN = ["--data", "builtin:corpus", "--steps", "2", "--batch-size", "4", "--eval-examples", "8", "--no-progress",
+         "--threads", "1"]
+
+
+@pytest.mark.slow
+def test_nsp_with_other_task_cli(tmp_path):
+    """`onnxformer train`: both fixes the message names, applied to the command line, train."""
+    argv = ["train", "--arch", "decoder", "--task", "causal-lm", "--nsp", "--out", str(tmp_path / "a"), *TRAIN]
+    result = run_cli(argv)
+    assert result.rc == 2 and result.err.startswith("error[E_CONFIG]: ") and "Traceback" not in result.err, result
+    assert "leave nsp off (drop --nsp)" in result.err and not (tmp_path / "a").exists()
+    dropped = [a for a in argv if a != "--nsp"]
+    assert run_cli(dropped).rc == 0 and (tmp_path / "a" / "latest").is_file()
+    fix = re.search(r"\((--arch \S+ --task \S+ --nsp)\)", result.err)[1].split()
+    encoder = [argv[0], *fix, "--out", str(tmp_path / "b"), *TRAIN]
+    assert run_cli(encoder).rc == 0 and (tmp_path / "b" / "latest").is_file()
 
 
 def test_nsp_too_few_sentences():
