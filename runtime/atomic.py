@@ -285,6 +285,6 @@ def lock_dir(folder: Path) -> Iterator[FolderLock]:
 
 
 __all__ = [
-    "FolderLock", "FolderLocked", "LOCK_FILE", "lock_dir", "exchange", "fsync_dir", "fsync_file", "fsync_tree", "make_readable", "pid_alive", "publish_dir",
-    "remove_stale_temporaries", "replace_text", "staging_dir",
+    "FolderLock", "FolderLocked", "LOCK_FILE", "lock_dir", "exchange", "fsync_dir", "fsync_file", "fsync_tree",
+    "make_readable", "pid_alive", "publish_dir", "remove_stale_temporaries", "replace_text", "staging_dir",
 ]
