@@ -19,10 +19,11 @@ walk finds malformed is refused as damaged. No torch, no onnx; stdlib only.
 
 from __future__ import annotations
 
+import contextlib
 import mmap
 import os
 from pathlib import Path
-from typing import Any, Callable, Iterable, NamedTuple, Sequence
+from typing import Any, Callable, Iterable, Iterator, NamedTuple, Sequence
 
 from .errors import InputError, PackageError
 
@@ -133,10 +134,11 @@ def _walk(data: mmap.mmap, buf: memoryview, start: int, end: int, message: str, 
             _walk(data, buf, a, b, child, depth + 1, found)
 
 
-def external_data_refs(path: str | os.PathLike) -> list[ExternalRef]:
-    """Every external-data ``location`` in the ONNX file at ``path`` (initializers, sparse
-    initializers, tensor attributes of nodes and functions, subgraphs at any depth)."""
-    path = Path(path)
+@contextlib.contextmanager
+def _mapped_graph(path: Path) -> Iterator[tuple[mmap.mmap, memoryview]]:
+    """The graph file at ``path`` mapped read-only (its bytes and a view of them); an empty,
+    unreadable or malformed file (a ``_Malformed`` raised inside the block) is PackageError
+    E_GRAPH."""
     try:
         with open(path, "rb") as f:
             if os.fstat(f.fileno()).st_size == 0:
@@ -145,9 +147,7 @@ def external_data_refs(path: str | os.PathLike) -> list[ExternalRef]:
             with mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as mapped:
                 buf = memoryview(mapped)
                 try:
-                    found: list[ExternalRef] = []
-                    _walk(mapped, buf, 0, len(buf), "ModelProto", 0, found)
-                    return found
+                    yield mapped, buf
                 except _Malformed as err:
                     raise PackageError(
                         f"graph file {path.name!r} is not a valid ONNX protobuf ({err}); "
@@ -158,6 +158,15 @@ def external_data_refs(path: str | os.PathLike) -> list[ExternalRef]:
                     buf.release()
     except OSError as err:
         raise PackageError(f"cannot read graph file {str(path)!r}: {err.strerror or err}", code="E_GRAPH") from None
+
+
+def external_data_refs(path: str | os.PathLike) -> list[ExternalRef]:
+    """Every external-data ``location`` in the ONNX file at ``path`` (initializers, sparse
+    initializers, tensor attributes of nodes and functions, subgraphs at any depth)."""
+    found: list[ExternalRef] = []
+    with _mapped_graph(Path(path)) as (mapped, buf):
+        _walk(mapped, buf, 0, len(buf), "ModelProto", 0, found)
+    return found
 
 
 def _dims(buf: memoryview, start: int, end: int) -> tuple[str, tuple[int, ...]]:
@@ -179,35 +188,17 @@ def initializer_dims(path: str | os.PathLike, wanted: Callable[[str], bool]) -> 
     """The dims of the main graph's initializers whose name satisfies ``wanted(name)`` (a
     callable), read from the file at ``path`` without the onnx package. Every initializer's
     header is read; its bytes (inline or external) are skipped by length."""
-    path = Path(path)
-    try:
-        with open(path, "rb") as f:
-            if os.fstat(f.fileno()).st_size == 0:
-                raise PackageError(f"graph file {path.name!r} is empty; the package is damaged, re-export it",
-                                   code="E_GRAPH")
-            with mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as mapped:
-                buf = memoryview(mapped)
-                try:
-                    found: dict[str, tuple[int, ...]] = {}
-                    for number, wire, a, b in _fields(buf, 0, len(buf)):
-                        if number != _MODEL_GRAPH or wire != 2:
-                            continue
-                        for n, w, c, d in _fields(buf, a, b):
-                            if n == _GRAPH_INITIALIZER and w == 2:
-                                name, dims = _dims(buf, c, d)
-                                if wanted(name):
-                                    found[name] = dims
-                    return found
-                except _Malformed as err:
-                    raise PackageError(
-                        f"graph file {path.name!r} is not a valid ONNX protobuf ({err}); "
-                        "the package is damaged, re-export it",
-                        code="E_GRAPH",
-                    ) from None
-                finally:
-                    buf.release()
-    except OSError as err:
-        raise PackageError(f"cannot read graph file {str(path)!r}: {err.strerror or err}", code="E_GRAPH") from None
+    found: dict[str, tuple[int, ...]] = {}
+    with _mapped_graph(Path(path)) as (_, buf):
+        for number, wire, a, b in _fields(buf, 0, len(buf)):
+            if number != _MODEL_GRAPH or wire != 2:
+                continue
+            for n, w, c, d in _fields(buf, a, b):
+                if n == _GRAPH_INITIALIZER and w == 2:
+                    name, dims = _dims(buf, c, d)
+                    if wanted(name):
+                        found[name] = dims
+    return found
 
 
 def _is_position_table(name: str) -> bool:

@@ -48,3 +48,31 @@ def make_model(arch: str, pos: str = "rope", *, seed: int = 0, **overrides):
     kwargs.update(overrides)
     torch.manual_seed(seed)
     return Transformer(ModelConfig(**kwargs)).eval(), tok
+
+
+class ForwardingSteps:
+    """A step model that passes every call to `inner` and hands each step's result to
+    `observe(result)`, which returns what the search gets (tests watch the search with it)."""
+
+    def __init__(self, inner):
+        self.inner, self.vocab_size = inner, inner.vocab_size
+
+    rows = property(lambda self: self.inner.rows)
+
+    def observe(self, result):
+        return result
+
+    def prefill(self, prompts):
+        return self.observe(self.inner.prefill(prompts))
+
+    def advance(self, tokens):
+        return self.observe(self.inner.advance(tokens))
+
+    def select(self, rows):
+        self.inner.select(rows)
+
+    def release(self, rows):
+        self.inner.release(rows)
+
+    def sequence_start(self, prompt):
+        return self.inner.sequence_start(prompt)

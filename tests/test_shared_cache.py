@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 
 from export_checks import check_package
-from support import HAS_TORCH, make_model
+from support import HAS_TORCH, ForwardingSteps, make_model
 
 pytestmark = pytest.mark.skipif(not HAS_TORCH, reason="exporting needs the [train] extra (torch)")
 
@@ -116,16 +116,15 @@ def test_shared_and_concat_generate_the_same(packages, name, strategy):
                                rtol=1e-4, atol=1e-4)
 
 
-class LogitReads:
-    """A step model that passes every call to another and records, per step, whether the
-    search read the logits (StepResult reads them only on first use)."""
+class LogitReads(ForwardingSteps):
+    """Records, per step, whether the search read the logits (StepResult reads them only on
+    first use)."""
 
     def __init__(self, inner):
-        self.inner, self.vocab_size, self.reads = inner, inner.vocab_size, []
+        super().__init__(inner)
+        self.reads = []
 
-    rows = property(lambda self: self.inner.rows)
-
-    def _wrap(self, result):
+    def observe(self, result):
         from onnxformer.runtime.steps import StepResult
 
         step = len(self.reads)
@@ -136,21 +135,6 @@ class LogitReads:
             return result.logits
 
         return StepResult(read, result.next_token, result.next_logprob)
-
-    def prefill(self, prompts):
-        return self._wrap(self.inner.prefill(prompts))
-
-    def advance(self, tokens):
-        return self._wrap(self.inner.advance(tokens))
-
-    def select(self, rows):
-        self.inner.select(rows)
-
-    def release(self, rows):
-        self.inner.release(rows)
-
-    def sequence_start(self, prompt):
-        return self.inner.sequence_start(prompt)
 
 
 @pytest.mark.parametrize("name", ["rope-gqa", "seq2seq-rope-post"])

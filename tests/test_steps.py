@@ -14,7 +14,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from support import HAS_TORCH, make_model
+from support import HAS_TORCH, ForwardingSteps, make_model
 
 pytestmark = pytest.mark.skipif(not HAS_TORCH, reason="the eager model and the export need torch")
 
@@ -149,32 +149,16 @@ def test_every_operation_keeps_every_row_equal_to_the_row_alone(built, name):
         assert steps.rows == 3
 
 
-class Recorder:
-    """Passes every call to a step model and keeps each step's logits (read eagerly)."""
+class Recorder(ForwardingSteps):
+    """Keeps each step's logits (read eagerly)."""
 
     def __init__(self, inner):
-        self.inner, self.vocab_size, self.logits = inner, inner.vocab_size, []
+        super().__init__(inner)
+        self.logits = []
 
-    rows = property(lambda self: self.inner.rows)
-
-    def prefill(self, prompts):
-        return self._keep(self.inner.prefill(prompts))
-
-    def advance(self, tokens):
-        return self._keep(self.inner.advance(tokens))
-
-    def _keep(self, result):
+    def observe(self, result):
         self.logits.append(result.logits.copy())
         return result
-
-    def select(self, rows):
-        self.inner.select(rows)
-
-    def release(self, rows):
-        self.inner.release(rows)
-
-    def sequence_start(self, prompt):
-        return self.inner.sequence_start(prompt)
 
 
 SEARCHES = {

@@ -138,13 +138,29 @@ function walk(buf, start, end, message, depth, found) {
  * @returns {ExternalRef[]}
  */
 export function externalDataRefsOf(bytes, name) {
+  return parseGraph(bytes, name, (buf) => {
+    const found = [];
+    walk(buf, 0, buf.length, 'ModelProto', 0, found);
+    return found;
+  });
+}
+
+/**
+ * `parse(buf)` over the graph file's bytes; an empty or malformed file (a Malformed thrown by
+ * `parse`) is PackageError E_GRAPH.
+ * @template T
+ * @param {Uint8Array} bytes  the graph file
+ * @param {string} name  the file's name, for messages
+ * @param {(buf: Buffer) => T} parse
+ * @returns {T}
+ */
+function parseGraph(bytes, name, parse) {
   if (!bytes.length) {
     throw new PackageError(`graph file '${name}' is empty; the package is damaged, re-export it`, { code: 'E_GRAPH' });
   }
   const buf = Buffer.from(bytes.buffer, bytes.byteOffset, bytes.byteLength); // a view: indexOf on Buffers
-  const found = [];
   try {
-    walk(buf, 0, buf.length, 'ModelProto', 0, found);
+    return parse(buf);
   } catch (err) {
     if (!(err instanceof Malformed)) throw err;
     throw new PackageError(
@@ -152,7 +168,19 @@ export function externalDataRefsOf(bytes, name) {
       { code: 'E_GRAPH' },
     );
   }
-  return found;
+}
+
+/**
+ * The bytes of the graph file at `file`; an unreadable one is PackageError E_GRAPH.
+ * @param {string} file
+ * @returns {Promise<Buffer>}
+ */
+async function readGraph(file) {
+  try {
+    return await fs.readFile(file);
+  } catch (err) {
+    throw new PackageError(`cannot read graph file ${file}: ${err.message}`, { code: 'E_GRAPH', cause: err });
+  }
 }
 
 /**
@@ -161,13 +189,7 @@ export function externalDataRefsOf(bytes, name) {
  * @returns {Promise<ExternalRef[]>}
  */
 export async function externalDataRefs(file) {
-  let bytes;
-  try {
-    bytes = await fs.readFile(file);
-  } catch (err) {
-    throw new PackageError(`cannot read graph file ${file}: ${err.message}`, { code: 'E_GRAPH', cause: err });
-  }
-  return externalDataRefsOf(bytes, path.basename(file));
+  return externalDataRefsOf(await readGraph(file), path.basename(file));
 }
 
 /** A TensorProto's name and dims (repeated int64: packed, or one varint per field). */
@@ -197,12 +219,8 @@ function nameAndDims(buf, start, end) {
  * @returns {Record<string, number[]>}
  */
 export function initializerDimsOf(bytes, name, wanted) {
-  if (!bytes.length) {
-    throw new PackageError(`graph file '${name}' is empty; the package is damaged, re-export it`, { code: 'E_GRAPH' });
-  }
-  const buf = Buffer.from(bytes.buffer, bytes.byteOffset, bytes.byteLength);
-  const found = {};
-  try {
+  return parseGraph(bytes, name, (buf) => {
+    const found = {};
     for (const [number, wire, a, b] of fields(buf, 0, buf.length)) {
       if (number !== MODEL_GRAPH || wire !== 2) continue;
       for (const [n, w, c, d] of fields(buf, a, b)) {
@@ -211,14 +229,8 @@ export function initializerDimsOf(bytes, name, wanted) {
         if (wanted(tensorName)) found[tensorName] = dims;
       }
     }
-  } catch (err) {
-    if (!(err instanceof Malformed)) throw err;
-    throw new PackageError(
-      `graph file '${name}' is not a valid ONNX protobuf (${err.message}); the package is damaged, re-export it`,
-      { code: 'E_GRAPH' },
-    );
-  }
-  return found;
+    return found;
+  });
 }
 
 /** Initializers whose first dim is a position count (safety.py `_is_position_table`). */
@@ -233,15 +245,10 @@ function isPositionTable(name) {
  * @returns {Promise<Record<string, number>>}
  */
 export async function positionTables(file) {
-  let bytes;
-  try {
-    bytes = await fs.readFile(file);
-  } catch (err) {
-    throw new PackageError(`cannot read graph file ${file}: ${err.message}`, { code: 'E_GRAPH', cause: err });
-  }
   const tables = {};
-  for (const [name, dims] of Object.entries(initializerDimsOf(bytes, path.basename(file), isPositionTable))) {
-    if (dims.length) tables[name] = dims[0];
+  const dims = initializerDimsOf(await readGraph(file), path.basename(file), isPositionTable);
+  for (const [name, shape] of Object.entries(dims)) {
+    if (shape.length) tables[name] = shape[0];
   }
   return tables;
 }

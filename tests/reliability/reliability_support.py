@@ -118,3 +118,18 @@ def watchdog(seconds: float):
     finally:
         signal.setitimer(signal.ITIMER_REAL, 0)
         signal.signal(signal.SIGALRM, previous)
+
+
+def fails_with_advice(call, needle: str, code: str | None = None):
+    """`call()` raises one of our errors whose message contains the fix `needle` (and `code`)."""
+    import pytest
+
+    from onnxformer.runtime.errors import OnnxformerError
+
+    with pytest.raises(OnnxformerError) as excinfo:
+        call()
+    err = excinfo.value
+    assert needle in str(err), f"the advice {needle!r} is not in the message: {err}"
+    if code:
+        assert err.code == code
+    return err

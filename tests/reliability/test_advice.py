@@ -19,24 +19,13 @@ from importlib import metadata
 
 import numpy as np
 import pytest
-from reliability_support import run_cli
+from reliability_support import fails_with_advice, run_cli
 
 import onnxformer.runtime as rt
 from onnxformer.runtime import generation as gen
 from onnxformer.runtime.errors import OnnxformerError
 
 LONG = "one two three four five six seven eight nine ten " * 30  # far beyond max_seq_len (96)
-
-
-def _fails(call, needle: str, code: str | None = None) -> OnnxformerError:
-    """`call()` raises one of our errors whose message contains the fix `needle`."""
-    with pytest.raises(OnnxformerError) as excinfo:
-        call()
-    err = excinfo.value
-    assert needle in str(err), f"the advice {needle!r} is not in the message: {err}"
-    if code:
-        assert err.code == code
-    return err
 
 
 # --- the Python API -------------------------------------------------------------------------
@@ -86,7 +75,7 @@ def test_generate_advice_works_in_the_api(models, name, package, broken, fixes):
     base = dict(prompts="one two three", max_new_tokens=4)
     call = lambda kw: model.generate(kw.pop("prompts"), **kw)  # noqa: E731
     for needle, fixed in fixes:
-        err = _fails(lambda: call({**base, **broken}), needle)
+        err = fails_with_advice(lambda: call({**base, **broken}), needle)
         if fixed == "FEWER":  # the message names the number: "max_new_tokens=N (...) or less"
             fixed = {"max_new_tokens": int(str(err).split("max_new_tokens=")[-1].split(" ")[0])}
         elif fixed == "MINUS_PROMPT":
@@ -101,15 +90,15 @@ def test_generate_advice_works_in_the_api(models, name, package, broken, fixes):
 def test_stream_advice_works_in_the_api(models):
     model = models["decoder"]
     beam = dict(strategy="beam", num_beams=2, max_new_tokens=4)
-    _fails(lambda: model.stream("one two", **beam), "call generate() instead")
+    fails_with_advice(lambda: model.stream("one two", **beam), "call generate() instead")
     assert model.generate("one two", **beam)[0].texts
-    _fails(lambda: model.stream("one two", **beam), "strategy='greedy' (--strategy greedy) with num_beams=1")
+    fails_with_advice(lambda: model.stream("one two", **beam), "strategy='greedy' (--strategy greedy) with num_beams=1")
     assert "".join(model.stream("one two", **{**beam, "strategy": "greedy", "num_beams": 1})) is not None
 
     several = dict(strategy="sample", num_return_sequences=2, seed=0, max_new_tokens=4)
-    _fails(lambda: model.stream("one two", **several), "num_return_sequences=1")
+    fails_with_advice(lambda: model.stream("one two", **several), "num_return_sequences=1")
     assert isinstance("".join(model.stream("one two", **{**several, "num_return_sequences": 1})), str)
-    _fails(lambda: model.stream("one two", **several), "call generate() instead")
+    fails_with_advice(lambda: model.stream("one two", **several), "call generate() instead")
     assert len(model.generate("one two", **several)[0].texts) == 2
 
 
@@ -117,49 +106,49 @@ def test_generate_ids_advice_works(models):
     encdec, decoder = models["encoder-decoder"], models["decoder"]
     source = encdec.encode(["one two three"])[0]
     long_source = source[:1] + source[1:-1] * 60 + source[-1:]
-    err = _fails(lambda: encdec.generate_ids([long_source], max_new_tokens=1), "shorten it to 96 tokens",
+    err = fails_with_advice(lambda: encdec.generate_ids([long_source], max_new_tokens=1), "shorten it to 96 tokens",
                  code="E_TOO_LONG")
     assert "max_new_tokens" not in str(err)  # fewer new tokens never shortens a source
     assert encdec.generate_ids([long_source[:96]], max_new_tokens=1)
 
     prompt = decoder.encode(["one two three four five six seven eight nine ten " * 3])[0]
-    _fails(lambda: decoder.generate_ids([prompt], max_new_tokens=90), f"shorten the prompt to {96 - 90} tokens")
+    fails_with_advice(lambda: decoder.generate_ids([prompt], max_new_tokens=90), f"shorten the prompt to {96 - 90} tokens")
     assert decoder.generate_ids([prompt[:6]], max_new_tokens=90)
-    err = _fails(lambda: decoder.generate_ids([prompt], max_new_tokens=90), "max_new_tokens=")
+    err = fails_with_advice(lambda: decoder.generate_ids([prompt], max_new_tokens=90), "max_new_tokens=")
     fewer = int(str(err).split("max_new_tokens=")[-1].split(" ")[0])
     assert decoder.generate_ids([prompt], max_new_tokens=fewer)
 
 
 def test_text_and_parameter_advice_works(models, package_paths):
     encoder, decoder = models["encoder"], models["decoder"]
-    _fails(lambda: encoder.classify([LONG]), "truncate=True")
+    fails_with_advice(lambda: encoder.classify([LONG]), "truncate=True")
     assert encoder.classify([LONG], truncate=True)
-    _fails(lambda: encoder.embed([LONG]), "truncate=True")
+    fails_with_advice(lambda: encoder.embed([LONG]), "truncate=True")
     assert encoder.embed([LONG], truncate=True).shape[0] == 1
 
     raw = "café".encode("latin-1")  # bytes that are not UTF-8, decoded the lenient way
-    _fails(lambda: encoder.classify([raw.decode("utf-8", errors="surrogateescape")]),
+    fails_with_advice(lambda: encoder.classify([raw.decode("utf-8", errors="surrogateescape")]),
            "data.decode('utf-8', errors='replace')")
     data = raw
     assert encoder.classify([data.decode("utf-8", errors="replace")])
 
-    _fails(lambda: encoder.classify([]), "pass at least one text")
+    fails_with_advice(lambda: encoder.classify([]), "pass at least one text")
     assert encoder.classify(["one"])
-    _fails(lambda: encoder.classify([""]), "pass non-empty text")
+    fails_with_advice(lambda: encoder.classify([""]), "pass non-empty text")
 
-    _fails(lambda: decoder.generate("one", rng=0), "rng=numpy.random.default_rng(seed)")
+    fails_with_advice(lambda: decoder.generate("one", rng=0), "rng=numpy.random.default_rng(seed)")
     assert decoder.generate("one", strategy="sample", rng=np.random.default_rng(0), max_new_tokens=2)
-    _fails(lambda: decoder.generate("one", rng=0), "seed=... (--seed) and no rng")
+    fails_with_advice(lambda: decoder.generate("one", rng=0), "seed=... (--seed) and no rng")
     assert decoder.generate("one", strategy="sample", seed=0, max_new_tokens=2)
 
-    err = _fails(lambda: decoder.generate("one", max_new_token=2), "did you mean 'max_new_tokens'?")
+    err = fails_with_advice(lambda: decoder.generate("one", max_new_token=2), "did you mean 'max_new_tokens'?")
     assert err.code == "E_UNKNOWN_PARAMETER"
     assert decoder.generate("one", max_new_tokens=2)
-    _fails(lambda: decoder.generate("one", {"max_new_tokens": 2}), "GenerationConfig.from_dict(...)")
+    fails_with_advice(lambda: decoder.generate("one", {"max_new_tokens": 2}), "GenerationConfig.from_dict(...)")
     assert decoder.generate("one", rt.GenerationConfig.from_dict({"max_new_tokens": 2}))
 
     if "CUDAExecutionProvider" not in __import__("onnxruntime").get_available_providers():
-        _fails(lambda: rt.load(package_paths["decoder"], provider="cuda"), "provider='cpu'")
+        fails_with_advice(lambda: rt.load(package_paths["decoder"], provider="cuda"), "provider='cpu'")
         assert rt.load(package_paths["decoder"], provider="cpu", threads=1).generate("one", max_new_tokens=1)
 
 
@@ -168,14 +157,14 @@ def test_generation_module_advice_works(models):
     model = models["decoder"]
     ids = model.encode(["one two"])[0:1]
     beam = gen.GenerationConfig(strategy="beam", num_beams=2, max_new_tokens=3).resolve()
-    _fails(lambda: gen.greedy(model.step_model(), ids, beam), "call beam_search() or generate()")
+    fails_with_advice(lambda: gen.greedy(model.step_model(), ids, beam), "call beam_search() or generate()")
     assert gen.beam_search(model.step_model(), ids, beam)
     assert gen.generate(model.step_model(), ids, beam)
     stops = gen.GenerationConfig(stop_strings=("x",), max_new_tokens=3).resolve()
-    _fails(lambda: gen.generate(model.step_model(), ids, stops), "pass decode=")
+    fails_with_advice(lambda: gen.generate(model.step_model(), ids, stops), "pass decode=")
     assert gen.generate(model.step_model(), ids, stops, decode=model.decode)
     plain = gen.generate(model.step_model(), ids, gen.GenerationConfig(max_new_tokens=3).resolve())
-    _fails(lambda: plain[0].text, "read token_ids, or pass decode=")
+    fails_with_advice(lambda: plain[0].text, "read token_ids, or pass decode=")
     assert plain[0].token_ids
     assert gen.generate(model.step_model(), ids, gen.GenerationConfig(max_new_tokens=3).resolve(),
                         decode=model.decode)[0].text is not None
@@ -191,7 +180,7 @@ def test_reexport_advice_works(package_factory, tmp_path):
     shutil.copytree(report.path, package)
     graph = package / "decoder.onnx"
     graph.write_bytes(graph.read_bytes()[: graph.stat().st_size // 2])
-    _fails(lambda: rt.load(package), "re-export the package")
+    fails_with_advice(lambda: rt.load(package), "re-export the package")
     export_model(model, report.path / "tokenizer.json", package, ExportOptions(validate_generation=False))
     assert rt.load(package, threads=1).generate("one", max_new_tokens=2)
 

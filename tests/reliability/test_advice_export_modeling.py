@@ -49,22 +49,10 @@ import re
 from pathlib import Path
 
 import pytest
-from reliability_support import run_cli
+from reliability_support import fails_with_advice, run_cli
 from support import HAS_TORCH, make_model, tiny_tokenizer
 
 pytestmark = pytest.mark.skipif(not HAS_TORCH, reason="needs torch")
-
-from onnxformer.runtime.errors import OnnxformerError  # noqa: E402
-
-
-def _fails(call, needle: str, code: str | None = None) -> OnnxformerError:
-    with pytest.raises(OnnxformerError) as excinfo:
-        call()
-    err = excinfo.value
-    assert needle in str(err), f"the advice {needle!r} is not in the message: {err}"
-    if code:
-        assert err.code == code
-    return err
 
 
 @pytest.fixture
@@ -94,7 +82,7 @@ def _plan(model, tokenizer_file, out_dir, **options):
 def test_quantize_with_fp16(decoder, tmp_path):
     from onnxformer.export.exporter import ExportOptions
 
-    _fails(lambda: ExportOptions(dtype="float16", quantize="int8"), "drop --dtype fp16 (or the quantization)")
+    fails_with_advice(lambda: ExportOptions(dtype="float16", quantize="int8"), "drop --dtype fp16 (or the quantization)")
     # Both ways out: without the dtype, without the quantization.
     assert _plan(*decoder, tmp_path / "a", quantize="int8").options.weights == "int8"
     assert _plan(*decoder, tmp_path / "b", dtype="float16").options.weights == "float16"
@@ -117,20 +105,20 @@ def test_export_cli_flags(tmp_path):
 
 
 def test_shared_cache_on_encoder(encoder, tmp_path):
-    _fails(lambda: _plan(*encoder, tmp_path / "out", kv_cache="shared"), "leave kv_cache unset (--kv-cache auto)",
+    fails_with_advice(lambda: _plan(*encoder, tmp_path / "out", kv_cache="shared"), "leave kv_cache unset (--kv-cache auto)",
            "E_UNSUPPORTED")
     assert _plan(*encoder, tmp_path / "out").kv_cache == "concat"  # unset = --kv-cache auto
 
 
 def test_shared_cache_unsupported(decoder, tmp_path):
     # d_model 32 / 4 heads: head size 8, not a multiple of 16, so the built graph refuses it.
-    _fails(lambda: _plan(*decoder, tmp_path / "out", kv_cache="shared"), "kv_cache='concat' (--kv-cache concat)",
+    fails_with_advice(lambda: _plan(*decoder, tmp_path / "out", kv_cache="shared"), "kv_cache='concat' (--kv-cache concat)",
            "E_UNSUPPORTED")
     assert _plan(*decoder, tmp_path / "out", kv_cache="concat").kv_cache == "concat"
 
 
 def test_int8_dynamic_on_decoder(decoder, tmp_path):
-    _fails(lambda: _plan(*decoder, tmp_path / "out", quantize="int8-dynamic"), "use quantize 'int8' (--quantize int8",
+    fails_with_advice(lambda: _plan(*decoder, tmp_path / "out", quantize="int8-dynamic"), "use quantize 'int8' (--quantize int8",
            "E_UNSUPPORTED")
     assert _plan(*decoder, tmp_path / "out", quantize="int8").options.quantize == "int8"
 
@@ -140,7 +128,7 @@ def test_foreign_tokenizer(decoder, tmp_path):
 
     model, own = decoder
     foreign = save_tokenizer(tiny_tokenizer("encoder"), tmp_path / "other" / "tokenizer.json")
-    _fails(lambda: _plan(model, foreign, tmp_path / "out"), "export the checkpoint with the tokenizer it was trained with",
+    fails_with_advice(lambda: _plan(model, foreign, tmp_path / "out"), "export the checkpoint with the tokenizer it was trained with",
            "E_TOKENIZER")
     assert _plan(model, own, tmp_path / "out").special_tokens["bos"] == model.config.bos_token_id
 
@@ -149,7 +137,7 @@ def test_out_dir_not_a_package(decoder, tmp_path):
     taken = tmp_path / "taken"
     taken.mkdir()
     (taken / "notes.txt").write_text("mine")
-    _fails(lambda: _plan(*decoder, taken), "Choose an empty or new output directory", "E_DISK")
+    fails_with_advice(lambda: _plan(*decoder, taken), "Choose an empty or new output directory", "E_DISK")
     empty = tmp_path / "empty"
     empty.mkdir()
     assert _plan(*decoder, tmp_path / "new").out_dir.name == "new"
@@ -164,7 +152,7 @@ def test_unwritable_out_dir(decoder, tmp_path):
     blocker = tmp_path / "a_file"
     blocker.write_text("x")
     options = ExportOptions(validate_generation=False)
-    _fails(lambda: export_model(model, tok, blocker / "pkg", options), "Choose a writable folder with free space",
+    fails_with_advice(lambda: export_model(model, tok, blocker / "pkg", options), "Choose a writable folder with free space",
            "E_DISK")
     report = export_model(model, tok, tmp_path / "writable" / "pkg", options)
     assert (report.path / "manifest.json").is_file()
@@ -178,7 +166,7 @@ def test_unknown_config_field():
     model, _ = make_model("decoder")
     data = model.config.to_dict()
     data["n_head"] = data.pop("n_heads")  # a typo
-    err = _fails(lambda: ModelConfig.from_dict(data), "valid: ", "E_UNKNOWN_PARAMETER")
+    err = fails_with_advice(lambda: ModelConfig.from_dict(data), "valid: ", "E_UNKNOWN_PARAMETER")
     valid = str(err).split("valid: ", 1)[1].split(", ")
     assert "n_heads" in valid
     data["n_heads"] = data.pop("n_head")  # the valid spelling
@@ -191,7 +179,7 @@ def test_lora_targets_absent():
     model, _ = make_model("decoder")
     absent = [t for t in ("gate_proj", "up_proj", "down_proj") if not any(n.endswith("." + t) for n, _ in model.named_modules())]
     assert absent, "the tiny decoder has every target; pick a model without one"
-    err = _fails(lambda: apply_lora(model, LoRAConfig(targets=(absent[0],))), "choose LoRA targets among")
+    err = fails_with_advice(lambda: apply_lora(model, LoRAConfig(targets=(absent[0],))), "choose LoRA targets among")
     choices = re.search(r"among (.*) that the architecture has", str(err))[1].split(", ")
     present = [t for t in choices if any(n.endswith("." + t) for n, _ in model.named_modules())]
     model, _ = make_model("decoder")
@@ -202,7 +190,7 @@ def test_bitfit_without_bias():
     from onnxformer.modeling.peft import apply_bitfit
 
     model, _ = make_model("decoder", bias=False)
-    _fails(lambda: apply_bitfit(model), "build it with ModelConfig(bias=True)")
+    fails_with_advice(lambda: apply_bitfit(model), "build it with ModelConfig(bias=True)")
     model, _ = make_model("decoder", bias=True)
     assert any(n.endswith("bias") for n in apply_bitfit(model))
 
@@ -211,7 +199,7 @@ def test_lowercase_with_bpe():
     from onnxformer.modeling.tokenizer import train_tokenizer
 
     texts = ["The Cat sat", "a Dog ran"] * 5
-    _fails(lambda: train_tokenizer(texts, arch="decoder", vocab_size=300, lowercase=True), "leave lowercase unset")
+    fails_with_advice(lambda: train_tokenizer(texts, arch="decoder", vocab_size=300, lowercase=True), "leave lowercase unset")
     tok = train_tokenizer(texts, arch="decoder", vocab_size=300)
     assert tok.decode(tok.encode("The Cat").ids) == "The Cat"
 
@@ -219,14 +207,14 @@ def test_lowercase_with_bpe():
 def test_tokenizer_no_texts():
     from onnxformer.modeling.tokenizer import train_tokenizer
 
-    _fails(lambda: train_tokenizer([], arch="decoder", vocab_size=300), "pass at least one text")
+    fails_with_advice(lambda: train_tokenizer([], arch="decoder", vocab_size=300), "pass at least one text")
     assert train_tokenizer(["one text"], arch="decoder", vocab_size=300).get_vocab_size() > 0
 
 
 def test_no_tokenizer_file(tmp_path):
     from onnxformer.modeling.tokenizer import load_tokenizer, save_tokenizer, train_tokenizer
 
-    _fails(lambda: load_tokenizer(tmp_path), "train one with train_tokenizer() and save_tokenizer()", "E_TOKENIZER")
+    fails_with_advice(lambda: load_tokenizer(tmp_path), "train one with train_tokenizer() and save_tokenizer()", "E_TOKENIZER")
     save_tokenizer(train_tokenizer(["one two three"] * 3, arch="decoder", vocab_size=300), tmp_path)
     assert load_tokenizer(tmp_path).get_vocab_size() > 0
 
@@ -236,7 +224,7 @@ def test_damaged_tokenizer_file(tmp_path):
 
     path = tmp_path / "tokenizer.json"
     path.write_text('{"model": ')
-    _fails(lambda: load_tokenizer(path), "re-create it with save_tokenizer()", "E_TOKENIZER")
+    fails_with_advice(lambda: load_tokenizer(path), "re-create it with save_tokenizer()", "E_TOKENIZER")
     tok = tiny_tokenizer("decoder")
     save_tokenizer(tok, path)
     assert load_tokenizer(path).to_str() == tok.to_str()
@@ -259,7 +247,7 @@ def test_optimizer_other_parameters():
     saved_opt, saved_names = run(lora=True)
     tensors, meta = optimizer_state(saved_opt, saved_names)
     other_opt, other_names = run(lora=False)
-    _fails(lambda: load_optimizer_state(other_opt, other_names, tensors, meta),
+    fails_with_advice(lambda: load_optimizer_state(other_opt, other_names, tensors, meta),
            "resume with the same task, LoRA and BitFit settings")
     same_opt, same_names = run(lora=True)  # the same LoRA setting
     load_optimizer_state(same_opt, same_names, tensors, meta)
@@ -278,7 +266,7 @@ def test_checkpoint_path_missing(tmp_path):
     from onnxformer.modeling.checkpoint import load_model
 
     run_dir = _run_dir(tmp_path)
-    _fails(lambda: load_model(tmp_path / "runn"), "pass the --out folder of `onnxformer train`", "E_MISSING_FILE")
+    fails_with_advice(lambda: load_model(tmp_path / "runn"), "pass the --out folder of `onnxformer train`", "E_MISSING_FILE")
     model, config = load_model(run_dir)  # the --out folder
     assert config.arch == "decoder"
     assert load_model(run_dir / "step-000001")[1] == config  # or one of its step-N folders
@@ -289,14 +277,14 @@ def test_checkpoint_path_not_a_run(tmp_path):
 
     run_dir = _run_dir(tmp_path)
     (tmp_path / "elsewhere").mkdir()
-    _fails(lambda: tokenizer_path(tmp_path / "elsewhere"), "pass the --out folder of `onnxformer train`")
+    fails_with_advice(lambda: tokenizer_path(tmp_path / "elsewhere"), "pass the --out folder of `onnxformer train`")
     assert tokenizer_path(run_dir).is_file()
 
 
 def test_nsp_with_other_task():
     from onnxformer.modeling.tasks import objective_for
 
-    _fails(lambda: objective_for("causal-lm", nsp=True), "leave nsp off (drop --nsp), or train an encoder with it "
+    fails_with_advice(lambda: objective_for("causal-lm", nsp=True), "leave nsp off (drop --nsp), or train an encoder with it "
            "(--arch encoder --task mlm --nsp)")
     assert objective_for("mlm", nsp=True) is not objective_for("mlm")
     assert objective_for("causal-lm") is not None
@@ -327,6 +315,6 @@ def test_nsp_too_few_sentences():
     from onnxformer.modeling.tasks import objective_for
 
     gen = torch.Generator().manual_seed(0)
-    _fails(lambda: next_sentence_pairs([["one.", "two."]], generator=gen), "Pass more text, or drop --nsp")
+    fails_with_advice(lambda: next_sentence_pairs([["one.", "two."]], generator=gen), "Pass more text, or drop --nsp")
     assert len(next_sentence_pairs([["one.", "two."], ["three.", "four."]], generator=gen)) == 2  # more text
     assert objective_for("mlm") is not None  # or without nsp
