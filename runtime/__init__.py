@@ -5,18 +5,12 @@
     print(model.generate("twelve", max_new_tokens=8)[0].text)
 """
 
-from importlib import metadata as _metadata
-
+from .. import __version__  # the root package's (runtime/_root/__init__.py): one place reads it
 from .errors import ConfigError, InputError, OnnxformerError, PackageError, ProviderError, RunError
 from .generation import Generation, GenerationConfig
 from .manifest import Manifest
 from .model import Classification, Model, load
 from .steps import StepModel, StepResult
-
-try:  # the installed distribution's version (editable or not); onnxformer itself is a namespace
-    __version__ = _metadata.version("onnxformer")
-except _metadata.PackageNotFoundError:  # a source tree that was never installed
-    __version__ = "0+unknown"
 
 __all__ = [
     "__version__",

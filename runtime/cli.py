@@ -7,7 +7,7 @@ torch inside `run`), so `onnxformer --help` and the runtime subcommands start wi
 An error onnxformer raises on purpose (`OnnxformerError`) prints `error[CODE]: message` on
 stderr and exits with status 2 (`-v`, before or after the subcommand, re-raises it with its
 traceback); usage errors are argparse's (status 2). Any other exception is a bug and ends with its
-traceback. `onnxformer --version` prints the installed version (`onnxformer.runtime.__version__`).
+traceback. `onnxformer --version` prints the installed version (`onnxformer.__version__`).
 """
 
 from __future__ import annotations

@@ -47,6 +47,10 @@ RUNTIME_THIRD_PARTY = {"numpy", "onnxruntime", "tokenizers"}
 # Never in the runtime's process, not even pulled in by a dependency (the train/bench extras).
 RUNTIME_FORBIDDEN = {"torch", "onnx", "onnx_ir", "onnxscript", "safetensors", "tqdm", "transformers", "optimum"}
 
+# The root package `onnxformer` (only __version__, stdlib imports) is installed from this folder,
+# inside the runtime's: it is not a module of onnxformer.runtime.
+ROOT_PACKAGE_DIR = Path("runtime", "_root")
+
 _MODULE_NAME = re.compile(rf"^{PACKAGE}\.({'|'.join(ALLOWED)})(\.[A-Za-z_]\w*)*$")
 
 
@@ -75,6 +79,8 @@ def package_modules(layer: str) -> dict[Path, str]:
     base = ROOT / layer
     modules = {}
     for path in sorted(base.rglob("*.py")):
+        if path.is_relative_to(ROOT / ROOT_PACKAGE_DIR):
+            continue  # installed as `onnxformer`, not as onnxformer.runtime._root
         folders = path.parent.relative_to(base).parts
         if not all((base.joinpath(*folders[:k]) / "__init__.py").is_file() for k in range(len(folders) + 1)):
             continue  # a script beside the package (runtime/node/test/make_expected.py), not a module
@@ -163,12 +169,28 @@ def test_the_table_covers_every_package_and_the_base_install():
         pytest.skip("tomllib needs Python 3.11")
     project = tomllib.loads((ROOT / "pyproject.toml").read_text(encoding="utf-8"))
     packages = project["tool"]["setuptools"]["packages"]
-    assert sorted(packages) == sorted(f"{PACKAGE}.{layer}" for layer in ALLOWED), f"pyproject packages {packages}"
+    assert sorted(packages) == sorted([PACKAGE] + [f"{PACKAGE}.{layer}" for layer in ALLOWED]), f"pyproject packages {packages}"
     folders = project["tool"]["setuptools"]["package-dir"]
-    assert folders == {f"{PACKAGE}.{layer}": layer for layer in ALLOWED}, f"pyproject package-dir {folders}"
+    assert folders == {PACKAGE: ROOT_PACKAGE_DIR.as_posix()} | {f"{PACKAGE}.{layer}": layer for layer in ALLOWED}, \
+        f"pyproject package-dir {folders}"
     declared = project["project"]["dependencies"]
     names = {re.split(r"[<>=!~\[; ]", d, maxsplit=1)[0].lower() for d in declared}
     assert names == RUNTIME_THIRD_PARTY, f"pyproject dependencies {sorted(names)} vs RUNTIME_THIRD_PARTY"
+
+
+@pytest.mark.runtime_only
+def test_the_root_package_imports_only_the_stdlib():
+    """`import onnxformer` (for __version__) loads no layer and no third-party module."""
+    path = ROOT / ROOT_PACKAGE_DIR / "__init__.py"
+    found = [imp for imp in imports_of(path, PACKAGE) if not _stdlib(imp.module.split(".")[0])]
+    assert not found, f"the root package imports {[str(imp) for imp in found]}"
+    code = "import sys, onnxformer; print(onnxformer.__version__); print(sorted(m for m in sys.modules if m.startswith('onnxformer') or m in ('numpy', 'onnxruntime', 'tokenizers', 'torch')))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, cwd=ROOT)
+    assert out.returncode == 0, out.stderr
+    version, loaded = out.stdout.strip().splitlines()
+    assert loaded == "['onnxformer']", loaded
+    from importlib import metadata
+    assert version == metadata.version(PACKAGE)
 
 
 @pytest.mark.runtime_only
@@ -211,7 +233,8 @@ class Recorder:
 sys.meta_path.insert(0, Recorder())
 import onnxformer.runtime as rt
 for info in pkgutil.walk_packages(rt.__path__, "onnxformer.runtime."):
-    importlib.import_module(info.name)
+    if info.name != "onnxformer.runtime._root":  # the root package's folder (installed as onnxformer)
+        importlib.import_module(info.name)
 loaded = sorted(m for m in sys.modules if m.split(".")[0] in forbidden or m.startswith(layers))
 print(json.dumps({"attempts": attempts, "loaded": loaded,
                   "runtime": sorted(m for m in sys.modules if m.startswith("onnxformer.runtime"))}))

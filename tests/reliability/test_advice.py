@@ -273,7 +273,9 @@ def test_cli_version_and_verbose_anywhere(package_paths, capsys):
 
 @pytest.mark.runtime_only  # CI runs it in the torch-free `pip install .` venv too, not only the editable one
 def test_version_in_any_install():
-    assert rt.__version__ == metadata.version("onnxformer")
+    import onnxformer
+
+    assert onnxformer.__version__ == rt.__version__ == metadata.version("onnxformer")
     done = subprocess.run([sys.executable, "-m", "onnxformer.runtime.cli", "--version"], capture_output=True,
                           text=True, timeout=60)
     assert done.returncode == 0 and done.stdout.strip() == f"onnxformer {rt.__version__}", done
