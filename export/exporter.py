@@ -307,10 +307,43 @@ def _trace(model: Transformer, spec: GraphSpec, dims: Dims, opset: int, scratch:
     proto = onnx.load(str(path), load_external_data=True)
     for written in scratch.iterdir():
         written.unlink()
+    _name_sinusoid_table(proto, model)
     saved = _drop_transposed_copies(proto)
     if saved:
         log.info("%s: stored a transposed weight copy once (%.2f MB saved)", spec.file, saved / 1e6)
     return proto
+
+
+SINUSOID_TABLE = "model.sinusoid"  # the name a learned table has when traced: model.pos_emb.weight
+
+
+def _name_sinusoid_table(proto: onnx.ModelProto, model: Transformer) -> None:
+    """Store a sinusoidal model's position table as the initializer `model.sinusoid`.
+
+    The table is a non-persistent buffer, which the tracer folds into anonymous Constant nodes;
+    named, it is what the runtimes' load check (`position_tables` in runtime/safety.py and
+    runtime/node/safety.js) holds the manifest's max_seq_len against, as for a learned or
+    rotary table. Each Constant equal to the buffer is replaced by the one initializer (a
+    graph that embeds no positions, the cross-attention step, has none).
+    """
+    from onnx import numpy_helper
+
+    if model.sinusoid is None:
+        return
+    table = model.sinusoid.detach().cpu().numpy()
+    graph, renamed = proto.graph, {}
+    for node in list(graph.node):
+        if node.op_type != "Constant" or len(node.attribute) != 1 or node.attribute[0].name != "value":
+            continue
+        value = node.attribute[0].t
+        if tuple(value.dims) == table.shape and np.array_equal(numpy_helper.to_array(value), table):
+            renamed[node.output[0]] = SINUSOID_TABLE
+            graph.node.remove(node)
+    if not renamed:
+        return
+    graph.initializer.append(numpy_helper.from_array(table, SINUSOID_TABLE))
+    for node in graph.node:
+        node.input[:] = [renamed.get(name, name) for name in node.input]
 
 
 def _drop_transposed_copies(proto: onnx.ModelProto) -> int:

@@ -2,7 +2,8 @@
 refused unless the store is trusted explicitly.
 
 * `max_seq_len` above its `model_config.max_seq_len`, or above a graph's built-in position
-  table (a built decoder's rotary cos/sin caches, a learned position embedding), is refused
+  table (a built decoder's rotary cos/sin caches, a learned position embedding, a traced
+  sinusoid table, which the exporter stores as `model.sinusoid`), is refused
   as E_MANIFEST naming both numbers; the fix the message names (lower it) loads.
 * A package laid out like a Hugging Face cache snapshot (every file a link into `blobs/`) is
   refused by default with advice; the advice applied (trusted_roots, --trust-store,
@@ -16,6 +17,8 @@ import os
 import shutil
 from pathlib import Path
 
+import subprocess
+
 import pytest
 
 import onnxformer.runtime as rt
@@ -25,6 +28,8 @@ from reliability_support import raised_by_us, rewrite_manifest, run_cli
 
 onnx = pytest.importorskip("onnx")
 ARTIFACTS = Path(__file__).resolve().parents[2] / "artifacts"
+NODE_DIR = Path(__file__).resolve().parents[2] / "runtime" / "node"
+HAS_NODE = shutil.which("node") is not None and (NODE_DIR / "node_modules").is_dir()
 
 
 def refused(directory: Path, pattern: str, code: str, error=PackageError, **kwargs):
@@ -76,6 +81,37 @@ def test_max_seq_len_above_a_graph_position_table_is_refused(package_copy, tmp_p
     if name == "decoder":  # the full length runs: no raw onnxruntime error at the table's end
         prompt = [1] * (positions - 4)
         assert len(model.generate_ids([prompt], max_new_tokens=3, eos_token_ids=[])[0].token_ids[0]) == 3
+
+
+@pytest.fixture
+def sinusoidal_copy(package_factory, tmp_path) -> Path:
+    """An encoder-decoder with sinusoidal positions (traced: the table was an anonymous
+    constant, so an edited max_seq_len ran past its end unchecked), model_config's limit removed."""
+    package = tmp_path / "sinusoidal"
+    shutil.copytree(package_factory("encoder-decoder", "sinusoidal")[2].path, package)
+    rewrite_manifest(package, lambda d: (d.update(max_seq_len=4096), d["model_config"].pop("max_seq_len")))
+    return package
+
+
+def test_a_traced_sinusoid_table_is_named_and_holds_max_seq_len(sinusoidal_copy):
+    for name in ("encoder", "decoder"):
+        graph = sinusoidal_copy / f"{name}.onnx"
+        assert position_tables(graph) == {"model.sinusoid": onnx_first_dims(graph)["model.sinusoid"]}
+    positions = onnx_first_dims(sinusoidal_copy / "encoder.onnx")["model.sinusoid"]
+    err = refused(sinusoidal_copy, f"graph '(encoder|decoder)'.*'model.sinusoid' has {positions} positions", "E_MANIFEST")
+    assert "4096" in str(err) and f"set max_seq_len to {positions}" in str(err)
+    assert set(position_tables(sinusoidal_copy / "cross_attention.onnx")) == set()  # embeds no positions
+    rewrite_manifest(sinusoidal_copy, lambda d: d.update(max_seq_len=positions))  # the fix the message names
+    model = rt.load(sinusoidal_copy)
+    with pytest.raises(InputError, match=f"takes at most {positions}"):  # the limit is now the table's
+        model.generate("one " * (positions + 10), max_new_tokens=2)
+
+
+@pytest.mark.skipif(not HAS_NODE, reason="needs Node and runtime/node's npm packages (npm ci)")
+def test_node_refuses_the_same_sinusoidal_package(sinusoidal_copy):
+    done = subprocess.run(["node", str(NODE_DIR / "cli.js"), "generate", str(sinusoidal_copy), "one"],
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == 2 and "error[E_MANIFEST]" in done.stderr and "'model.sinusoid'" in done.stderr, done
 
 
 def test_position_tables_of_graphs_without_one(package_paths):
