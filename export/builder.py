@@ -98,11 +98,24 @@ IMPLEMENTED: dict[str, str | tuple | Callable[[ModelConfig], str | None]] = {
     "max_seq_len": ANY,  # the rotary cos/sin caches span it
     "pos_encoding": ("rope", "learned", "sinusoidal"),
     "rope_theta": ANY,  # the caches are the model's own RotaryEmbedding values
+    "rope_scaling": (None,),
+    "d_embed": (None,),
+    "head_dim": (None,),
+    "pos_offset": (0,),
+    "relative_buckets": ANY,  # used only by pos_encoding "relative", which is not implemented
+    "relative_max_distance": ANY,
     "activation": ("gelu", "swiglu"),
     "norm": ("layernorm", "rmsnorm"),
     "norm_position": ("pre", "post"),
     "norm_eps": ANY,
     "bias": (True, False),
+    "qkv_bias": (None,),
+    "attn_scale": (None,),
+    "embed_scale": (1.0,),
+    "embedding_norm": (None,),
+    "logits_bias": (False,),
+    "logit_scale": (1.0,),
+    "pooler_activation": ANY,  # encoder only
     "dropout": ANY,  # inference: no dropout
     "tie_embeddings": (True, False),
     "type_vocab_size": (0,),
@@ -228,7 +241,7 @@ class _Builder:
 
     def feed_forward(self, x: str, *, ffn: torch.nn.Module, name: str) -> str:
         up = self.linear(x, ffn.up_proj, f"{name}.up_proj")
-        if ffn.swiglu:
+        if self.c.activation == "swiglu":
             gate = self.linear(x, ffn.gate_proj, f"{name}.gate_proj")
             silu = self.g.op1("Mul", [gate, self.g.op1("Sigmoid", [gate], f"/{name}/act/Sigmoid")], f"/{name}/act/Mul")
             hidden = self.g.op1("Mul", [silu, up], f"/{name}/Mul")

@@ -47,6 +47,7 @@ import onnx
 import torch
 
 from onnxformer.modeling.config import ModelConfig
+from onnxformer.modeling.hf_import import PackageInfo
 from onnxformer.modeling.model import Transformer
 from onnxformer.runtime import atomic
 from onnxformer.runtime.contract import (
@@ -158,6 +159,7 @@ class ExportPlan:
     decoder_graph: str | None  # BUILT | TRACED | None (no decoder)
     special_tokens: dict[str, int]
     model_config: dict[str, Any]  # the ModelConfig as JSON, with num_parameters
+    package: PackageInfo = PackageInfo()  # what an import carries into the package (chat template, ...)
 
     def specs(self, dtype: str = "float32") -> dict[str, GraphSpec]:
         return graph_specs(self.dims, dtype, self.kv_cache)
@@ -184,7 +186,8 @@ def choose_decoder(model: Transformer, kv_cache: str | None) -> tuple[str, str |
     return "shared", BUILT
 
 
-def plan_export(model: Transformer, tokenizer_file: Path, out_dir: Path, options: ExportOptions) -> ExportPlan:
+def plan_export(model: Transformer, tokenizer_file: Path, out_dir: Path, options: ExportOptions,
+                package: PackageInfo = PackageInfo()) -> ExportPlan:
     """The options checked against the model and OUT_DIR, and every decision of the export; nothing written."""
     config = model.config
     if options.quantize == "int8-dynamic" and config.arch not in DYNAMIC_QUANT_ARCHS:
@@ -207,17 +210,18 @@ def plan_export(model: Transformer, tokenizer_file: Path, out_dir: Path, options
     kv_cache, decoder_graph = choose_decoder(model, options.kv_cache)
     return ExportPlan(
         out_dir=out_dir, tokenizer_file=tokenizer_file, options=options, dims=Dims.from_model_config(config),
-        kv_cache=kv_cache, decoder_graph=decoder_graph, special_tokens=_special_tokens(config, tokenizer_file),
-        model_config={**config.to_dict(), "num_parameters": model.num_parameters()},
+        kv_cache=kv_cache, decoder_graph=decoder_graph, special_tokens=_special_tokens(config, tokenizer_file, package),
+        model_config={**config.to_dict(), "num_parameters": model.num_parameters()}, package=package,
     )
 
 
-def _special_tokens(config: ModelConfig, tokenizer_file: Path) -> dict[str, int]:
-    """The manifest's special token ids, after checking that the tokenizer belongs to the model."""
+def _special_tokens(config: ModelConfig, tokenizer_file: Path, package: PackageInfo) -> dict[str, int]:
+    """The manifest's special token ids, after checking that the tokenizer belongs to the model:
+    an import's (read from its tokenizer_config.json), else found by our tokenizers' names."""
     from onnxformer.modeling.tokenizer import load_tokenizer, special_token_ids
 
     tokenizer = load_tokenizer(tokenizer_file)
-    ids = special_token_ids(tokenizer)
+    ids = dict(package.special_tokens) if package.special_tokens else special_token_ids(tokenizer)
     _check_tokenizer_fits(config, tokenizer, ids, tokenizer_file)
     ids = {role: int(ids.get(role, -1)) for role in ("pad", "unk", "bos", "eos", "mask", "cls", "sep")}
     ids["decoder_start"] = config.start_token_id if config.arch == "encoder-decoder" else -1
@@ -509,7 +513,7 @@ def _generation_defaults(plan: ExportPlan) -> dict[str, Any]:
     special = plan.special_tokens
     eos = [special["eos"]] if special["eos"] >= 0 else []
     return {"strategy": "greedy", "max_new_tokens": 32, "eos_token_ids": eos, "pad_token_id": max(special["pad"], 0),
-            **plan.options.generation_defaults}
+            **plan.package.generation, **plan.options.generation_defaults}
 
 
 def _producers() -> dict[str, str]:
@@ -689,10 +693,12 @@ def export_model(
     tokenizer_file: str | os.PathLike,
     out_dir: str | os.PathLike,
     options: ExportOptions = ExportOptions(),
+    package: PackageInfo = PackageInfo(),
 ) -> ExportReport:
-    """Export an in-memory model and its tokenizer file to a validated package at `out_dir`."""
+    """Export an in-memory model and its tokenizer file to a validated package at `out_dir`
+    (`package`: what an import carries besides, e.g. a chat template)."""
     model = model.float().eval()
-    plan = plan_export(model, Path(tokenizer_file), Path(out_dir).absolute(), options)
+    plan = plan_export(model, Path(tokenizer_file), Path(out_dir).absolute(), options, package)
     try:
         with _staging(plan.out_dir) as tmp:
             shutil.copyfile(plan.tokenizer_file, tmp / TOKENIZER_FILE)
@@ -714,9 +720,15 @@ def export_model(
 def export_checkpoint(
     checkpoint: str | os.PathLike, out_dir: str | os.PathLike, options: ExportOptions = ExportOptions()
 ) -> ExportReport:
-    """Export a training checkpoint (a run directory or one checkpoint directory)."""
+    """Export a training checkpoint (a run directory or one checkpoint directory), or a local
+    Hugging Face model directory (modeling/hf_import.py)."""
     from onnxformer.modeling.checkpoint import load_model, tokenizer_path
+    from onnxformer.modeling.hf_import import is_hf_dir, load_hf
     from onnxformer.modeling.tokenizer import load_tokenizer
+
+    if is_hf_dir(checkpoint):
+        imported = load_hf(checkpoint)  # CheckpointError for what it cannot import, naming it
+        return export_model(imported.model, imported.tokenizer_file, out_dir, options, imported.package)
 
     model, _ = load_model(checkpoint)  # CheckpointError for a missing, damaged or foreign checkpoint
     tokenizer_file = tokenizer_path(checkpoint)  # CheckpointError when it is missing

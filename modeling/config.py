@@ -17,8 +17,20 @@ from onnxformer.runtime.contract import ARCHITECTURES  # the one list, shared wi
 from onnxformer.runtime.errors import ConfigError
 from onnxformer.runtime.prompt_format import PromptFormat
 
-POS_ENCODINGS = ("sinusoidal", "learned", "rope")
-ACTIVATIONS = ("gelu", "swiglu")
+# "relative": T5's bucketed relative-position bias, computed by each stack's first layer and
+# added to every layer's self-attention scores.
+POS_ENCODINGS = ("sinusoidal", "learned", "rope", "relative")
+# The feed-forward block: "gelu" (exact, erf), "gelu_tanh" (the tanh approximation: GPT-2's
+# gelu_new), "relu", "silu": W2 act(W1 x). Gated: "swiglu" W2 (silu(W_gate x) * W1 x),
+# "geglu" W2 (gelu_tanh(W_gate x) * W1 x) (T5 v1.1 / Flan-T5's gated-gelu).
+ACTIVATIONS = ("gelu", "gelu_tanh", "relu", "silu", "swiglu", "geglu")
+GATED_ACTIVATIONS = ("swiglu", "geglu")
+POOLER_ACTIVATIONS = ("tanh", "relu", "gelu")
+# rope_scaling types and the keys each takes (Hugging Face's names).
+ROPE_SCALING = {
+    "linear": {"factor"},
+    "llama3": {"factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings"},
+}
 NORMS = ("layernorm", "rmsnorm")
 NORM_POSITIONS = ("pre", "post")
 
@@ -48,11 +60,25 @@ class ModelConfig:
     max_seq_len: int = 256  # longest sequence (prompt + continuation) the model accepts
     pos_encoding: str = "rope"  # one of POS_ENCODINGS
     rope_theta: float = 10000.0
-    activation: str = "gelu"  # "gelu": W2 gelu(W1 x); "swiglu": W2 (silu(W1 x) * W3 x)
+    # RoPE frequency scaling, JSON {"rope_type": "linear" | "llama3", ...keys of ROPE_SCALING}; None = none.
+    rope_scaling: dict[str, Any] | None = None
+    d_embed: int | None = None  # encoder: embedding width, projected to d_model (ELECTRA); None = d_model
+    head_dim: int | None = None  # head size (Dh); None = d_model // n_heads (T5, Qwen3 set it apart)
+    pos_offset: int = 0  # learned positions: the table row of position 0 (RoBERTa, BART: 2)
+    relative_buckets: int = 32  # pos_encoding "relative": T5's relative_attention_num_buckets
+    relative_max_distance: int = 128  # and relative_attention_max_distance
+    activation: str = "gelu"  # one of ACTIVATIONS
     norm: str = "layernorm"  # one of NORMS
     norm_position: str = "pre"  # "pre": x + f(norm(x)); "post": norm(x + f(x)) (original Transformer/BERT)
     norm_eps: float = 1e-5
     bias: bool = True  # biases in linear layers (BitFit needs them)
+    qkv_bias: bool | None = None  # biases on the q/k/v projections only; None = bias (Qwen2: True with bias False)
+    attn_scale: float | None = None  # attention logits scale; None = 1/sqrt(Dh) (T5: 1.0)
+    embed_scale: float = 1.0  # token embeddings multiplied by this (BART/Marian scale_embedding: sqrt(D))
+    embedding_norm: bool | None = None  # a norm after the embedding sum; None = norm_position == "post"
+    logits_bias: bool = False  # a (V,) bias on the output projection (BERT's MLM decoder, BART's final_logits_bias)
+    logit_scale: float = 1.0  # hidden states scaled by this before the output projection (tied T5: D**-0.5)
+    pooler_activation: str = "tanh"  # encoder pooler act(W h_[CLS]): BERT tanh, DistilBERT relu, ELECTRA gelu
     dropout: float = 0.0
     tie_embeddings: bool = True  # output projection shares the token embedding matrix
     type_vocab_size: int = 0  # segment (token-type) embeddings; 2 for BERT-style NSP, 0 = none
@@ -72,6 +98,7 @@ class ModelConfig:
         _choice("arch", self.arch, ARCHITECTURES)
         _choice("pos_encoding", self.pos_encoding, POS_ENCODINGS)
         _choice("activation", self.activation, ACTIVATIONS)
+        _choice("pooler_activation", self.pooler_activation, POOLER_ACTIVATIONS)
         _choice("norm", self.norm, NORMS)
         _choice("norm_position", self.norm_position, NORM_POSITIONS)
         for name in ("vocab_size", "d_model", "n_heads", "n_layers", "d_ff", "max_seq_len"):
@@ -82,9 +109,15 @@ class ModelConfig:
         if self.n_decoder_layers is None:
             object.__setattr__(self, "n_decoder_layers", self.n_layers)
         _positive("n_decoder_layers", self.n_decoder_layers)
-        if self.d_model % self.n_heads:
+        if self.d_embed is not None:
+            _positive("d_embed", self.d_embed)
+            if self.arch != "encoder":
+                raise ConfigError(f"d_embed applies to arch 'encoder' only; got arch {self.arch!r}")
+        if self.head_dim is not None:
+            _positive("head_dim", self.head_dim)
+        elif self.d_model % self.n_heads:
             raise ConfigError(
-                f"d_model ({self.d_model}) must be divisible by n_heads ({self.n_heads})"
+                f"d_model ({self.d_model}) must be divisible by n_heads ({self.n_heads}), or set head_dim"
             )
         if self.n_heads % self.n_kv_heads:
             raise ConfigError(
@@ -100,6 +133,18 @@ class ModelConfig:
             raise ConfigError(f"norm_eps must be > 0; got {self.norm_eps!r}")
         if self.rope_theta <= 0:
             raise ConfigError(f"rope_theta must be > 0; got {self.rope_theta!r}")
+        if self.rope_scaling is not None:
+            object.__setattr__(self, "rope_scaling", _check_rope_scaling(self.rope_scaling))
+        if self.pos_offset < 0 or (self.pos_offset and self.pos_encoding != "learned"):
+            raise ConfigError(f"pos_offset ({self.pos_offset}) must be >= 0 and applies to learned positions only")
+        if self.pos_encoding == "relative":
+            _positive("relative_buckets", self.relative_buckets)
+            _positive("relative_max_distance", self.relative_max_distance)
+        for name in ("embed_scale", "logit_scale"):
+            if not getattr(self, name) > 0:
+                raise ConfigError(f"{name} must be > 0; got {getattr(self, name)!r}")
+        if self.attn_scale is not None and not self.attn_scale > 0:
+            raise ConfigError(f"attn_scale must be > 0 or None; got {self.attn_scale!r}")
         if self.type_vocab_size < 0 or self.num_labels < 0:
             raise ConfigError(
                 f"type_vocab_size ({self.type_vocab_size}) and num_labels ({self.num_labels}) must be >= 0"
@@ -129,7 +174,25 @@ class ModelConfig:
     @property
     def d_head(self) -> int:
         """Size of one attention head (Dh)."""
-        return self.d_model // self.n_heads
+        return self.head_dim if self.head_dim is not None else self.d_model // self.n_heads
+
+    @property
+    def gated(self) -> bool:
+        """The feed-forward block has a gate projection (swiglu, geglu)."""
+        return self.activation in GATED_ACTIVATIONS
+
+    @property
+    def has_qkv_bias(self) -> bool:
+        return self.bias if self.qkv_bias is None else self.qkv_bias
+
+    @property
+    def has_embedding_norm(self) -> bool:
+        return self.norm_position == "post" if self.embedding_norm is None else self.embedding_norm
+
+    @property
+    def scale(self) -> float:
+        """The attention logits scale."""
+        return self.attn_scale if self.attn_scale is not None else self.d_head ** -0.5
 
     @property
     def has_encoder(self) -> bool:
@@ -186,6 +249,25 @@ class ModelConfig:
 
     def replace(self, **changes: Any) -> "ModelConfig":
         return dataclasses.replace(self, **changes)
+
+
+def _check_rope_scaling(value: Any) -> dict[str, Any]:
+    """A copy of `rope_scaling` with its type under "rope_type" (Hugging Face also spells it "type")."""
+    if not isinstance(value, dict):
+        raise ConfigError(f"rope_scaling must be a JSON object or None; got {value!r:.60}")
+    data = dict(value)
+    kind = data.pop("rope_type", None) or data.pop("type", None)
+    data.pop("type", None)
+    if kind not in ROPE_SCALING:
+        raise ConfigError(f"rope_scaling type {kind!r} is not implemented; implemented: "
+                          f"{', '.join(map(repr, ROPE_SCALING))}")
+    keys = ROPE_SCALING[kind]
+    if set(data) != keys:
+        raise ConfigError(f"rope_scaling {kind!r} takes {', '.join(sorted(keys))}; got {', '.join(sorted(data)) or 'none'}")
+    for key, number in data.items():
+        if isinstance(number, bool) or not isinstance(number, (int, float)) or number <= 0:
+            raise ConfigError(f"rope_scaling {key} must be a positive number; got {number!r}")
+    return {"rope_type": kind, **data}
 
 
 # Size presets shared by training, tests and benchmarks: (name -> overrides).

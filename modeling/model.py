@@ -58,10 +58,11 @@ class RMSNorm(nn.Module):
         return (h if x.dtype == torch.float32 else h.to(x.dtype)) * self.weight
 
 
-def make_norm(config: ModelConfig) -> nn.Module:
+def make_norm(config: ModelConfig, dim: int | None = None) -> nn.Module:
+    dim = dim or config.d_model
     if config.norm == "rmsnorm":
-        return RMSNorm(config.d_model, config.norm_eps)
-    return nn.LayerNorm(config.d_model, eps=config.norm_eps, bias=config.bias)
+        return RMSNorm(dim, config.norm_eps)
+    return nn.LayerNorm(dim, eps=config.norm_eps, bias=config.bias)
 
 
 # --------------------------------------------------------------------------------------------
@@ -80,19 +81,76 @@ def sinusoidal_table(n_positions: int, dim: int) -> Tensor:
     return table.float()
 
 
+def rope_frequencies(d_head: int, theta: float, scaling: dict | None = None) -> Tensor:
+    """(Dh/2,) float32 inverse frequencies theta^(-2j/Dh), with `rope_scaling` applied:
+    "linear" divides them by `factor` (positions interpolated); "llama3" divides only the
+    low frequencies (wavelength above original_max_position_embeddings / low_freq_factor) by
+    `factor`, keeps the high ones (wavelength below .../high_freq_factor) and blends between.
+    Computed in float32 as Hugging Face does, so imported models rotate by the same angles."""
+    inv_freq = 1.0 / theta ** (torch.arange(0, d_head, 2, dtype=torch.int64).float() / d_head)
+    kind = (scaling or {}).get("rope_type")
+    if kind == "linear":
+        return inv_freq / scaling["factor"]
+    if kind == "llama3":
+        factor, low, high = scaling["factor"], scaling["low_freq_factor"], scaling["high_freq_factor"]
+        old = scaling["original_max_position_embeddings"]
+        wavelen = 2 * math.pi / inv_freq
+        scaled = torch.where(wavelen > old / low, inv_freq / factor, inv_freq)
+        smooth = (old / wavelen - low) / (high - low)
+        blended = (1 - smooth) * scaled / factor + smooth * scaled
+        medium = ~(wavelen < old / high) & ~(wavelen > old / low)
+        return torch.where(medium, blended, scaled)
+    return inv_freq
+
+
 class RotaryEmbedding(nn.Module):
     """RoPE (rotate-half convention, as in LLaMA): position p rotates channel pair
-    (j, j + Dh/2) by angle p * theta^(-2j/Dh)."""
+    (j, j + Dh/2) by angle p * inv_freq[j] (`rope_frequencies`)."""
 
-    def __init__(self, d_head: int, theta: float):
+    def __init__(self, d_head: int, theta: float, scaling: dict | None = None):
         super().__init__()
-        inv_freq = 1.0 / theta ** (torch.arange(0, d_head, 2, dtype=torch.float64) / d_head)
-        self.register_buffer("inv_freq", inv_freq.float(), persistent=False)  # (Dh/2,)
+        self.register_buffer("inv_freq", rope_frequencies(d_head, theta, scaling), persistent=False)  # (Dh/2,)
 
     def forward(self, position_ids: Tensor) -> tuple[Tensor, Tensor]:
         angle = position_ids[..., None].float() * self.inv_freq  # (B, T, Dh/2)
         angle = torch.cat([angle, angle], dim=-1)  # (B, T, Dh)
         return angle.cos()[:, :, None], angle.sin()[:, :, None]  # each (B, T, 1, Dh)
+
+
+def relative_position_bucket(relative: Tensor, *, bidirectional: bool, buckets: int, max_distance: int) -> Tensor:
+    """T5's buckets for key - query offsets: exact below buckets/2 (per direction), then
+    logarithmic up to max_distance; a bidirectional stack gives each sign half the buckets."""
+    bucket = torch.zeros_like(relative)
+    if bidirectional:
+        buckets //= 2
+        bucket = bucket + (relative > 0).long() * buckets
+        distance = relative.abs()
+    else:
+        distance = -torch.clamp(relative, max=0)
+    exact = buckets // 2
+    large = exact + (torch.log(distance.float() / exact) / math.log(max_distance / exact) * (buckets - exact)).long()
+    large = torch.clamp(large, max=buckets - 1)
+    return bucket + torch.where(distance < exact, distance, large)
+
+
+class RelativePositionBias(nn.Module):
+    """T5's learned bias per head and relative-position bucket, added to the attention scores
+    of every layer of one stack (computed once, by the stack's first layer in T5)."""
+
+    def __init__(self, config: ModelConfig, *, bidirectional: bool):
+        super().__init__()
+        self.bidirectional, self.buckets = bidirectional, config.relative_buckets
+        self.max_distance = config.relative_max_distance
+        self.bias = nn.Embedding(config.relative_buckets, config.n_heads)
+
+    def forward(self, query_positions: Tensor, key_positions: Tensor) -> Tensor:
+        """query (B, T), key (B, L) or (L,) positions -> (B, H, T, L) additive bias."""
+        if key_positions.dim() == 1:
+            key_positions = key_positions[None]
+        relative = key_positions[:, None, :] - query_positions[:, :, None]  # (B, T, L)
+        bucket = relative_position_bucket(relative, bidirectional=self.bidirectional, buckets=self.buckets,
+                                          max_distance=self.max_distance)
+        return self.bias(bucket).permute(0, 3, 1, 2)  # (B, H, T, L)
 
 
 def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
@@ -167,7 +225,7 @@ def default_position_ids(attention_mask: Tensor | None, batch: int, past: int, n
 
 
 class Attention(nn.Module):
-    """Multi-head attention with grouped-query K/V, scaled by 1/sqrt(Dh).
+    """Multi-head attention with grouped-query K/V, scaled by config.scale (1/sqrt(Dh) unless set).
 
     Self-attention projects K/V from `x` and appends them to `past`; cross-attention is given
     precomputed `kv` (from `project_kv` on the encoder output) and never recomputes it.
@@ -176,12 +234,12 @@ class Attention(nn.Module):
     def __init__(self, config: ModelConfig):
         super().__init__()
         self.n_heads, self.n_kv_heads, self.d_head = config.n_heads, config.n_kv_heads, config.d_head
-        self.scale = 1.0 / math.sqrt(self.d_head)
+        self.scale = config.scale
         self.dropout = config.dropout
-        d, bias = config.d_model, config.bias
-        self.q_proj = nn.Linear(d, self.n_heads * self.d_head, bias=bias)
-        self.k_proj = nn.Linear(d, self.n_kv_heads * self.d_head, bias=bias)
-        self.v_proj = nn.Linear(d, self.n_kv_heads * self.d_head, bias=bias)
+        d, bias, qkv_bias = config.d_model, config.bias, config.has_qkv_bias
+        self.q_proj = nn.Linear(d, self.n_heads * self.d_head, bias=qkv_bias)
+        self.k_proj = nn.Linear(d, self.n_kv_heads * self.d_head, bias=qkv_bias)
+        self.v_proj = nn.Linear(d, self.n_kv_heads * self.d_head, bias=qkv_bias)
         self.o_proj = nn.Linear(self.n_heads * self.d_head, d, bias=bias)
 
     def _split(self, x: Tensor, n: int) -> Tensor:
@@ -220,24 +278,35 @@ class Attention(nn.Module):
         y = F.scaled_dot_product_attention(
             q.transpose(1, 2), k, v, attn_mask=bias.to(q.dtype), scale=self.scale,
             dropout_p=self.dropout if self.training else 0.0,
-        )  # (B, H, T, Dh), softmax(q k^T / sqrt(Dh) + bias) v
+        )  # (B, H, T, Dh), softmax(scale q k^T + bias) v
         y = y.transpose(1, 2).reshape(b, t, self.n_heads * self.d_head)  # (B, T, H*Dh)
         return self.o_proj(y), kv
 
 
+def activation_function(name: str):
+    """The elementwise function of an ACTIVATIONS name (a gated one: its gate's)."""
+    return {
+        "gelu": F.gelu, "gelu_tanh": lambda x: F.gelu(x, approximate="tanh"), "relu": F.relu, "silu": F.silu,
+        "swiglu": F.silu, "geglu": lambda x: F.gelu(x, approximate="tanh"),
+        "tanh": torch.tanh,
+    }[name]
+
+
 class FeedForward(nn.Module):
+    """W2 act(W1 x), or gated: W2 (act(W_gate x) * W1 x) (config.activation)."""
+
     def __init__(self, config: ModelConfig):
         super().__init__()
-        self.swiglu = config.activation == "swiglu"
+        self.gated, self.act = config.gated, activation_function(config.activation)
         self.up_proj = nn.Linear(config.d_model, config.d_ff, bias=config.bias)
-        if self.swiglu:
+        if self.gated:
             self.gate_proj = nn.Linear(config.d_model, config.d_ff, bias=config.bias)
         self.down_proj = nn.Linear(config.d_ff, config.d_model, bias=config.bias)
 
     def forward(self, x: Tensor) -> Tensor:
-        if self.swiglu:
-            return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
-        return self.down_proj(F.gelu(self.up_proj(x)))
+        if self.gated:
+            return self.down_proj(self.act(self.gate_proj(x)) * self.up_proj(x))
+        return self.down_proj(self.act(self.up_proj(x)))
 
 
 class Block(nn.Module):
@@ -297,16 +366,23 @@ class Transformer(nn.Module):
     def __init__(self, config: ModelConfig):
         super().__init__()
         self.config = c = config
-        self.tok_emb = nn.Embedding(c.vocab_size, c.d_model)
-        self.pos_emb = nn.Embedding(c.max_seq_len, c.d_model) if c.pos_encoding == "learned" else None
+        d_embed = c.d_embed or c.d_model
+        self.tok_emb = nn.Embedding(c.vocab_size, d_embed)
+        learned = c.pos_encoding == "learned"
+        self.pos_emb = nn.Embedding(c.max_seq_len + c.pos_offset, d_embed) if learned else None
         if c.pos_encoding == "sinusoidal":
             self.register_buffer("sinusoid", sinusoidal_table(c.max_seq_len, c.d_model), persistent=False)
         else:
             self.sinusoid = None
-        self.rope = RotaryEmbedding(c.d_head, c.rope_theta) if c.pos_encoding == "rope" else None
-        self.type_emb = nn.Embedding(c.type_vocab_size, c.d_model) if c.type_vocab_size else None
+        self.rope = RotaryEmbedding(c.d_head, c.rope_theta, c.rope_scaling) if c.pos_encoding == "rope" else None
+        relative = c.pos_encoding == "relative"
+        self.encoder_rel_bias = RelativePositionBias(c, bidirectional=True) if relative and c.has_encoder else None
+        self.decoder_rel_bias = RelativePositionBias(c, bidirectional=False) if relative and c.has_decoder else None
+        self.type_emb = nn.Embedding(c.type_vocab_size, d_embed) if c.type_vocab_size else None
         post = c.norm_position == "post"
-        self.emb_norm = make_norm(c) if post else None  # BERT-style: norm after embedding sum
+        # BERT-style: a norm after the embedding sum (at the embedding width)
+        self.emb_norm = make_norm(c, d_embed) if c.has_embedding_norm else None
+        self.embed_proj = nn.Linear(d_embed, c.d_model) if c.d_embed else None  # ELECTRA: embedding -> model width
         self.emb_drop = nn.Dropout(c.dropout)
 
         self.encoder_layers = nn.ModuleList(Block(c, cross=False) for _ in range(c.n_encoder_layers))
@@ -316,12 +392,15 @@ class Transformer(nn.Module):
         self.decoder_norm = make_norm(c) if c.has_decoder and not post else None
 
         # One output projection over the vocabulary, optionally tied to the input embedding.
-        self.lm_head = nn.Linear(c.d_model, c.vocab_size, bias=False)
+        self.lm_head = nn.Linear(c.d_model, c.vocab_size, bias=c.logits_bias)
         if c.tie_embeddings:
+            if d_embed != c.d_model:
+                raise ValueError(f"tie_embeddings needs d_embed == d_model; got {d_embed} and {c.d_model}")
             self.lm_head.weight = self.tok_emb.weight
         if c.arch == "encoder":
             self.mlm_transform = nn.Sequential(nn.Linear(c.d_model, c.d_model), nn.GELU(), make_norm(c))
             self.pooler = nn.Linear(c.d_model, c.d_model)
+            self.pooler_act = activation_function(c.pooler_activation)
             self.nsp_head = nn.Linear(c.d_model, 2)
             self.classifier = nn.Linear(c.d_model, c.num_labels) if c.num_labels else None
         self.apply(self._init_weights)
@@ -345,8 +424,10 @@ class Transformer(nn.Module):
     # Embedding ------------------------------------------------------------------------------
     def embed(self, input_ids: Tensor, position_ids: Tensor, token_type_ids: Tensor | None = None) -> Tensor:
         x = self.tok_emb(input_ids)  # (B, T, D)
+        if self.config.embed_scale != 1.0:
+            x = x * self.config.embed_scale
         if self.pos_emb is not None:
-            x = x + self.pos_emb(position_ids)
+            x = x + self.pos_emb(position_ids + self.config.pos_offset if self.config.pos_offset else position_ids)
         elif self.sinusoid is not None:
             x = x + F.embedding(position_ids, self.sinusoid)
         if self.type_emb is not None:
@@ -355,6 +436,8 @@ class Transformer(nn.Module):
             x = x + self.type_emb(token_type_ids)
         if self.emb_norm is not None:
             x = self.emb_norm(x)
+        if self.embed_proj is not None:
+            x = self.embed_proj(x)
         return self.emb_drop(x)
 
     # Encoder --------------------------------------------------------------------------------
@@ -378,16 +461,19 @@ class Transformer(nn.Module):
             attention_mask, batch=b, new=s, total=s, causal=False, prefix_mask=None,
             dtype=x.dtype, device=x.device,
         )
+        if self.encoder_rel_bias is not None:
+            bias = bias + self.encoder_rel_bias(position_ids, position_ids).to(bias.dtype)  # (B, H, S, S)
         for layer in self.encoder_layers:
             x, _ = layer(x, bias, rope=rope)
         return self.encoder_norm(x) if self.encoder_norm is not None else x
 
     def pool(self, hidden: Tensor) -> Tensor:
-        """BERT pooling: tanh(W h_[CLS]) over the first token, (B, S, D) -> (B, D)."""
-        return torch.tanh(self.pooler(hidden[:, 0]))
+        """BERT pooling: act(W h_[CLS]) over the first token (act: config.pooler_activation,
+        tanh for BERT), (B, S, D) -> (B, D)."""
+        return self.pooler_act(self.pooler(hidden[:, 0]))
 
     def mlm_logits(self, hidden: Tensor) -> Tensor:
-        return self.lm_head(self.mlm_transform(hidden))  # (B, S, V)
+        return self.logits(self.mlm_transform(hidden))  # (B, S, V)
 
     def nsp_logits(self, hidden: Tensor) -> Tensor:
         return self.nsp_head(self.pool(hidden))  # (B, 2): 0 = is next, 1 = random
@@ -438,6 +524,8 @@ class Transformer(nn.Module):
             prefix_mask=prefix_mask if c.arch == "prefix-lm" else None,
             dtype=x.dtype, device=x.device,
         )
+        if self.decoder_rel_bias is not None:  # keys at positions 0..P+T-1 of the cache
+            bias = bias + self.decoder_rel_bias(position_ids, torch.arange(p + t, device=x.device)).to(bias.dtype)
         cross_bias = None
         if c.arch == "encoder-decoder":
             if cross_kv is None:
@@ -457,7 +545,12 @@ class Transformer(nn.Module):
             presents.append(present)
         if self.decoder_norm is not None:
             x = self.decoder_norm(x)
-        return DecoderOutput(self.lm_head(x), x, tuple(presents))
+        return DecoderOutput(self.logits(x), x, tuple(presents))
+
+    def logits(self, hidden: Tensor) -> Tensor:
+        """The output projection over the vocabulary (config.logit_scale applied first)."""
+        scale = self.config.logit_scale
+        return self.lm_head(hidden * scale if scale != 1.0 else hidden)
 
 
 def empty_past(config: ModelConfig, batch: int, *, dtype=torch.float32, device=None) -> tuple[KV, ...]:

@@ -229,7 +229,7 @@ def test_rope_scores_depend_only_on_relative_offset():
         (dict(n_heads=12, n_kv_heads=5, d_model=48), "n_heads (12) must be a multiple of n_kv_heads (5)"),
         (dict(arch="gpt"), "arch must be one of"),
         (dict(pos_encoding="alibi"), "'alibi'"),
-        (dict(activation="relu"), "'relu'"),
+        (dict(activation="mish"), "'mish'"),
         (dict(norm="batchnorm"), "'batchnorm'"),
         (dict(norm_position="sandwich"), "'sandwich'"),
         (dict(vocab_size=0), "vocab_size must be a positive integer; got 0"),
