@@ -377,8 +377,8 @@ def read_hf_config(directory: str | os.PathLike) -> tuple[Family, HFConfig, Mode
         shown = ", ".join(f"{k}={data[k]!r:.40}" for k in left[:10])
         raise CheckpointError(
             f"{path}: config key(s) {shown} are not understood by onnxformer's {family.name} import and may change "
-            "the model's math; onnxformer refuses them rather than convert the model wrongly (supported families "
-            "and their settings: runtime/FORMAT.md, 'Imported models')", code="E_UNSUPPORTED")
+            "the model's math; onnxformer refuses them rather than convert the model wrongly (the families and "
+            "settings it imports: README.md, 'Hugging Face models')", code="E_UNSUPPORTED")
     return family, hf, config
 
 
