@@ -144,6 +144,7 @@ class Source:
 
     names: tuple[str, ...]
     convert: Callable[..., Tensor] | None = None  # f(*tensors) -> our tensor; None: the one tensor as is
+    absent: str | None = None  # not in the checkpoint (`initialised`): why the parameter keeps its init
 
     def build(self, read: Callable[[str], Tensor]) -> Tensor:
         tensors = [read(name) for name in self.names]
@@ -152,6 +153,13 @@ class Source:
 
 def take(name: str) -> Source:
     return Source((name,))
+
+
+def initialised(why: str) -> Source:
+    """A parameter of our model that the checkpoint's architecture does not have (BertModel has
+    no MLM head): it keeps Transformer's initialisation and the import reports it (`why`) in
+    HFImport.initialised. Only for heads the architecture lacks, never for a missing tensor."""
+    return Source((), None, why)
 
 
 def transposed(name: str) -> Source:
@@ -345,6 +353,7 @@ class HFImport:
     tokenizer_file: Path
     package: PackageInfo
     dropped: dict[str, str]  # checkpoint tensor -> why it is not used
+    initialised: dict[str, str] = field(default_factory=dict)  # our parameter -> why it kept its init
 
 
 SPECIAL_ROLES = ("pad", "unk", "bos", "eos", "mask", "cls", "sep")
@@ -401,17 +410,40 @@ def load_hf(directory: str | os.PathLike, *, overrides: dict[str, Any] | None = 
             "tokenizer into the folder (AutoTokenizer.from_pretrained(...).save_pretrained(folder))",
             code="E_TOKENIZER")
     files = TensorFiles(directory)
-    model = Transformer(config)
-    dropped = _copy_tensors(model, family, config, hf, files, fresh)
+    model = Transformer(config) if fresh else _uninitialised(config)
+    initialised: dict[str, str] = {}
+    dropped = _copy_tensors(model, family, config, hf, files, fresh, initialised)
     package = _package_info(directory, hf, config, family)
     _check_tokenizer(tokenizer_file, config, package)
     log.info("imported %s (%s, %d tensors, %.1fM parameters)", directory, family.name, len(files.names),
              model.num_parameters() / 1e6)
-    return HFImport(model.eval(), config, tokenizer_file, package, dropped)
+    for line in dropped_report(initialised):
+        log.info("%s", line.replace("not used:", "not in the checkpoint, initialised:", 1))
+    return HFImport(model.eval(), config, tokenizer_file, package, dropped, initialised)
+
+
+_INIT_FUNCTIONS = ("normal_", "uniform_", "zeros_", "ones_", "constant_", "kaiming_uniform_", "trunc_normal_",
+                   "xavier_uniform_", "xavier_normal_")
+
+
+def _uninitialised(config: ModelConfig) -> Transformer:
+    """Transformer(config) without the random initialisation of its parameters (torch.nn.init
+    made a no-op while it is built, as transformers' no_init_weights does): every parameter is
+    then read from the checkpoint (_copy_tensors checks that none is left out), and a 1B model
+    is built in a second instead of ~20. Buffers (rotary frequencies, sinusoid tables) are
+    computed as usual: they do not go through torch.nn.init."""
+    saved = {name: getattr(torch.nn.init, name) for name in _INIT_FUNCTIONS}
+    try:
+        for name in _INIT_FUNCTIONS:
+            setattr(torch.nn.init, name, lambda tensor, *args, **kwargs: tensor)
+        return Transformer(config)
+    finally:
+        for name, function in saved.items():
+            setattr(torch.nn.init, name, function)
 
 
 def _copy_tensors(model: Transformer, family: Family, config: ModelConfig, hf: HFConfig, files: TensorFiles,
-                  fresh: tuple[str, ...]) -> dict[str, str]:
+                  fresh: tuple[str, ...], initialised: dict[str, str] | None = None) -> dict[str, str]:
     params = dict(model.named_parameters())  # a tied head appears once, as tok_emb.weight
     plan = family.tensors(config, hf, files.names)
     unknown = sorted(set(plan) - set(params))
@@ -426,6 +458,10 @@ def _copy_tensors(model: Transformer, family: Family, config: ModelConfig, hf: H
     used: set[str] = set()
     for name in sorted(wanted):
         source = plan[name]
+        if source.absent is not None:  # a head the checkpoint's architecture does not have
+            if initialised is not None:
+                initialised[name] = source.absent
+            continue
         absent = [n for n in source.names if n not in files.names]
         if absent:
             raise CheckpointError(f"{files.directory}: tensor(s) {', '.join(absent[:10])} missing from the checkpoint "
@@ -556,6 +592,7 @@ def dropped_report(dropped: dict[str, str]) -> Iterable[str]:
 
 
 __all__ = [
-    "FAMILIES", "Family", "HFConfig", "HFImport", "PackageInfo", "Source", "TensorFiles", "is_hf_dir", "load_hf",
+    "FAMILIES", "Family", "HFConfig", "HFImport", "PackageInfo", "Source", "TensorFiles", "initialised", "is_hf_dir",
+    "load_hf",
     "part", "read_hf_config", "register", "sentence_transformers_pooling", "take", "transposed", "unsupported",
 ]
