@@ -75,7 +75,8 @@ def _arch(c: ModelConfig) -> str | None:
 
 
 def _head_size(c: ModelConfig) -> str | None:
-    return (f"head size d_model / n_heads = {c.d_head}: onnxruntime's GroupQueryAttention needs a multiple of 16"
+    return (f"head size {c.d_head} (head_dim, or d_model / n_heads): onnxruntime's GroupQueryAttention needs a "
+            "multiple of 16"
             if c.d_head % 16 else None)
 
 
@@ -98,19 +99,21 @@ IMPLEMENTED: dict[str, str | tuple | Callable[[ModelConfig], str | None]] = {
     "max_seq_len": ANY,  # the rotary cos/sin caches span it
     "pos_encoding": ("rope", "learned", "sinusoidal"),
     "rope_theta": ANY,  # the caches are the model's own RotaryEmbedding values
-    "rope_scaling": (None,),
+    "rope_scaling": ANY,  # ... with its scaled frequencies
     "d_embed": (None,),
-    "head_dim": (None,),
+    "head_dim": ANY,  # GroupQueryAttention takes the head size from the packed q|k|v width; see n_heads
     "pos_offset": (0,),
+    "sinusoid_layout": ANY,  # the graph gathers the model's own table (model.sinusoid), in its layout
+    "separate_decoder_positions": (False,),
     "relative_buckets": ANY,  # used only by pos_encoding "relative", which is not implemented
     "relative_max_distance": ANY,
-    "activation": ("gelu", "swiglu"),
+    "activation": ("gelu", "gelu_tanh", "swiglu"),
     "norm": ("layernorm", "rmsnorm"),
     "norm_position": ("pre", "post"),
     "norm_eps": ANY,
     "bias": (True, False),
-    "qkv_bias": (None,),
-    "attn_scale": (None,),
+    "qkv_bias": ANY,  # the q|k|v projection's bias is the model's own (absent, or the three concatenated)
+    "attn_scale": ANY,  # the attention nodes' scale attribute is the model's config.scale
     "embed_scale": (1.0,),
     "embedding_norm": (None,),
     "logits_bias": (False,),
@@ -245,6 +248,8 @@ class _Builder:
             gate = self.linear(x, ffn.gate_proj, f"{name}.gate_proj")
             silu = self.g.op1("Mul", [gate, self.g.op1("Sigmoid", [gate], f"/{name}/act/Sigmoid")], f"/{name}/act/Mul")
             hidden = self.g.op1("Mul", [silu, up], f"/{name}/Mul")
+        elif self.c.activation == "gelu_tanh":  # GELU's tanh approximation, as F.gelu(approximate="tanh")
+            hidden = self.g.op1("FastGelu", [up], f"/{name}/act/FastGelu", domain=MS_DOMAIN)
         else:  # exact (erf) GELU, as torch's F.gelu
             hidden = self.g.op1("Gelu", [up], f"/{name}/act/Gelu", domain=MS_DOMAIN)
         return self.linear(hidden, ffn.down_proj, f"{name}.down_proj")

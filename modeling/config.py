@@ -31,6 +31,9 @@ ROPE_SCALING = {
     "linear": {"factor"},
     "llama3": {"factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings"},
 }
+# The columns of a sinusoidal table: "interleaved" pe[p, 2i] = sin, pe[p, 2i+1] = cos (ours),
+# "halves" [sin | cos]: the D/2 sines first, then the D/2 cosines (Marian).
+SINUSOID_LAYOUTS = ("interleaved", "halves")
 NORMS = ("layernorm", "rmsnorm")
 NORM_POSITIONS = ("pre", "post")
 
@@ -65,6 +68,10 @@ class ModelConfig:
     d_embed: int | None = None  # encoder: embedding width, projected to d_model (ELECTRA); None = d_model
     head_dim: int | None = None  # head size (Dh); None = d_model // n_heads (T5, Qwen3 set it apart)
     pos_offset: int = 0  # learned positions: the table row of position 0 (RoBERTa, BART: 2)
+    sinusoid_layout: str = "interleaved"  # pos_encoding "sinusoidal": one of SINUSOID_LAYOUTS
+    # encoder-decoder: the decoder stack has its own learned position table and embedding norm
+    # (BART); False = the two stacks share one of each.
+    separate_decoder_positions: bool = False
     relative_buckets: int = 32  # pos_encoding "relative": T5's relative_attention_num_buckets
     relative_max_distance: int = 128  # and relative_attention_max_distance
     activation: str = "gelu"  # one of ACTIVATIONS
@@ -100,6 +107,7 @@ class ModelConfig:
         _choice("activation", self.activation, ACTIVATIONS)
         _choice("pooler_activation", self.pooler_activation, POOLER_ACTIVATIONS)
         _choice("norm", self.norm, NORMS)
+        _choice("sinusoid_layout", self.sinusoid_layout, SINUSOID_LAYOUTS)
         _choice("norm_position", self.norm_position, NORM_POSITIONS)
         for name in ("vocab_size", "d_model", "n_heads", "n_layers", "d_ff", "max_seq_len"):
             _positive(name, getattr(self, name))
@@ -137,6 +145,9 @@ class ModelConfig:
             object.__setattr__(self, "rope_scaling", _check_rope_scaling(self.rope_scaling))
         if self.pos_offset < 0 or (self.pos_offset and self.pos_encoding != "learned"):
             raise ConfigError(f"pos_offset ({self.pos_offset}) must be >= 0 and applies to learned positions only")
+        if self.separate_decoder_positions and (self.arch != "encoder-decoder" or self.pos_encoding != "learned"):
+            raise ConfigError(f"separate_decoder_positions applies to arch 'encoder-decoder' with learned positions; "
+                              f"got arch {self.arch!r}, pos_encoding {self.pos_encoding!r}")
         if self.pos_encoding == "relative":
             _positive("relative_buckets", self.relative_buckets)
             _positive("relative_max_distance", self.relative_max_distance)

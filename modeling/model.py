@@ -70,14 +70,17 @@ def make_norm(config: ModelConfig, dim: int | None = None) -> nn.Module:
 # --------------------------------------------------------------------------------------------
 
 
-def sinusoidal_table(n_positions: int, dim: int) -> Tensor:
-    """(n_positions, dim) with pe[p, 2i] = sin(p / 10000^(2i/dim)), pe[p, 2i+1] = cos(...)."""
+def sinusoidal_table(n_positions: int, dim: int, layout: str = "interleaved") -> Tensor:
+    """(n_positions, dim) with pe[p, 2i] = sin(p / 10000^(2i/dim)), pe[p, 2i+1] = cos(...);
+    layout "halves" orders the same columns [sin | cos] (Marian): pe[p, i] = sin, pe[p, dim/2 + i] = cos."""
     position = torch.arange(n_positions, dtype=torch.float64)[:, None]  # (N, 1)
     two_i = torch.arange(0, dim, 2, dtype=torch.float64)[None, :]  # (1, dim/2)
     angle = position / torch.pow(10000.0, two_i / dim)  # (N, dim/2)
     table = torch.zeros(n_positions, dim, dtype=torch.float64)
     table[:, 0::2] = torch.sin(angle)
     table[:, 1::2] = torch.cos(angle)
+    if layout == "halves":
+        table = torch.cat([table[:, 0::2], table[:, 1::2]], dim=1)
     return table.float()
 
 
@@ -371,7 +374,8 @@ class Transformer(nn.Module):
         learned = c.pos_encoding == "learned"
         self.pos_emb = nn.Embedding(c.max_seq_len + c.pos_offset, d_embed) if learned else None
         if c.pos_encoding == "sinusoidal":
-            self.register_buffer("sinusoid", sinusoidal_table(c.max_seq_len, c.d_model), persistent=False)
+            self.register_buffer("sinusoid", sinusoidal_table(c.max_seq_len, c.d_model, c.sinusoid_layout),
+                                 persistent=False)
         else:
             self.sinusoid = None
         self.rope = RotaryEmbedding(c.d_head, c.rope_theta, c.rope_scaling) if c.pos_encoding == "rope" else None
@@ -382,6 +386,12 @@ class Transformer(nn.Module):
         post = c.norm_position == "post"
         # BERT-style: a norm after the embedding sum (at the embedding width)
         self.emb_norm = make_norm(c, d_embed) if c.has_embedding_norm else None
+        # BART: the decoder stack's own position table and embedding norm ("pos_emb", "emb_norm")
+        self.decoder_embedding = nn.ModuleDict() if c.separate_decoder_positions else None
+        if self.decoder_embedding is not None:
+            self.decoder_embedding["pos_emb"] = nn.Embedding(c.max_seq_len + c.pos_offset, d_embed)
+            if self.emb_norm is not None:
+                self.decoder_embedding["emb_norm"] = make_norm(c, d_embed)
         self.embed_proj = nn.Linear(d_embed, c.d_model) if c.d_embed else None  # ELECTRA: embedding -> model width
         self.emb_drop = nn.Dropout(c.dropout)
 
@@ -422,20 +432,27 @@ class Transformer(nn.Module):
         return sum(p.numel() for p in self.parameters())
 
     # Embedding ------------------------------------------------------------------------------
-    def embed(self, input_ids: Tensor, position_ids: Tensor, token_type_ids: Tensor | None = None) -> Tensor:
+    def embed(self, input_ids: Tensor, position_ids: Tensor, token_type_ids: Tensor | None = None, *,
+              decoder: bool = False) -> Tensor:
+        """Token (+ position, + segment) embeddings of one stack; `decoder` picks the decoder
+        stack's own position table and norm where it has them (separate_decoder_positions)."""
+        pos_emb, emb_norm = self.pos_emb, self.emb_norm
+        if decoder and self.decoder_embedding is not None:
+            pos_emb = self.decoder_embedding["pos_emb"]
+            emb_norm = self.decoder_embedding["emb_norm"] if "emb_norm" in self.decoder_embedding else None
         x = self.tok_emb(input_ids)  # (B, T, D)
         if self.config.embed_scale != 1.0:
             x = x * self.config.embed_scale
-        if self.pos_emb is not None:
-            x = x + self.pos_emb(position_ids + self.config.pos_offset if self.config.pos_offset else position_ids)
+        if pos_emb is not None:
+            x = x + pos_emb(position_ids + self.config.pos_offset if self.config.pos_offset else position_ids)
         elif self.sinusoid is not None:
             x = x + F.embedding(position_ids, self.sinusoid)
         if self.type_emb is not None:
             if token_type_ids is None:
                 token_type_ids = torch.zeros_like(input_ids)
             x = x + self.type_emb(token_type_ids)
-        if self.emb_norm is not None:
-            x = self.emb_norm(x)
+        if emb_norm is not None:
+            x = emb_norm(x)
         if self.embed_proj is not None:
             x = self.embed_proj(x)
         return self.emb_drop(x)
@@ -515,7 +532,7 @@ class Transformer(nn.Module):
         p = 0 if past is None else past[0].key.shape[2]
         if position_ids is None:
             position_ids = default_position_ids(attention_mask, b, p, t, input_ids.device)
-        x = self.embed(input_ids, position_ids)
+        x = self.embed(input_ids, position_ids, decoder=True)
         rope = self.rope(position_ids) if self.rope is not None else None
         if c.arch == "prefix-lm" and prefix_mask is None:
             prefix_mask = torch.ones(b, t, dtype=torch.bool, device=x.device)
