@@ -144,7 +144,7 @@ class Source:
 
     names: tuple[str, ...]
     convert: Callable[..., Tensor] | None = None  # f(*tensors) -> our tensor; None: the one tensor as is
-    absent: str | None = None  # not in the checkpoint (`initialised`): why the parameter keeps its init
+    absent: str | None = None  # not in the checkpoint (`initialised`): why the parameter is initialised
 
     def build(self, read: Callable[[str], Tensor]) -> Tensor:
         tensors = [read(name) for name in self.names]
@@ -157,7 +157,7 @@ def take(name: str) -> Source:
 
 def initialised(why: str) -> Source:
     """A parameter of our model that the checkpoint's architecture does not have (BertModel has
-    no MLM head): it keeps Transformer's initialisation and the import reports it (`why`) in
+    no MLM head): it gets Transformer's initialisation and the import reports it (`why`) in
     HFImport.initialised. Only for heads the architecture lacks, never for a missing tensor."""
     return Source((), None, why)
 
@@ -353,7 +353,7 @@ class HFImport:
     tokenizer_file: Path
     package: PackageInfo
     dropped: dict[str, str]  # checkpoint tensor -> why it is not used
-    initialised: dict[str, str] = field(default_factory=dict)  # our parameter -> why it kept its init
+    initialised: dict[str, str] = field(default_factory=dict)  # our parameter -> why it was initialised
 
 
 SPECIAL_ROLES = ("pad", "unk", "bos", "eos", "mask", "cls", "sep")
@@ -442,6 +442,19 @@ def _uninitialised(config: ModelConfig) -> Transformer:
             setattr(torch.nn.init, name, function)
 
 
+def _initialise(model: Transformer, name: str) -> None:
+    """Give parameter `name` Transformer's initialisation (_init_weights for a linear or
+    embedding, ones/zeros for a norm), whether or not the model was built without one."""
+    module = model.get_submodule(name.rsplit(".", 1)[0])
+    if isinstance(module, (torch.nn.Linear, torch.nn.Embedding)):
+        Transformer._init_weights(module)
+    elif hasattr(module, "reset_parameters"):
+        module.reset_parameters()
+    else:  # RMSNorm
+        with torch.no_grad():
+            module.weight.fill_(1.0)
+
+
 def _copy_tensors(model: Transformer, family: Family, config: ModelConfig, hf: HFConfig, files: TensorFiles,
                   fresh: tuple[str, ...], initialised: dict[str, str] | None = None) -> dict[str, str]:
     params = dict(model.named_parameters())  # a tied head appears once, as tok_emb.weight
@@ -459,6 +472,7 @@ def _copy_tensors(model: Transformer, family: Family, config: ModelConfig, hf: H
     for name in sorted(wanted):
         source = plan[name]
         if source.absent is not None:  # a head the checkpoint's architecture does not have
+            _initialise(model, name)
             if initialised is not None:
                 initialised[name] = source.absent
             continue
