@@ -1,0 +1,271 @@
+"""Encoder-decoder Hugging Face checkpoints (modeling/hf_seq2seq.py): T5, Flan-T5 (gated GELU,
+an untied head stored apart, a head size apart from d_model / heads), BART and Marian, each a
+tiny random model built by `transformers` from a config and saved with save_pretrained, then
+imported and exported. `transformers` is the reference throughout: eager logits, the
+package's logits, and greedy tokens of its `generate` at batch 1 and for a padded batch of
+sources, through the Python and the Node runtime."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from hf_support import hf_tokenizer, save_hf, torch, transformers
+
+from onnxformer.export.exporter import export_checkpoint
+from onnxformer.modeling.hf_import import load_hf
+from onnxformer.runtime.errors import CheckpointError
+
+import onnxformer.runtime as rt
+
+NODE_DIR = Path(__file__).resolve().parents[1] / "runtime" / "node"
+HAS_NODE = shutil.which("node") is not None and (NODE_DIR / "node_modules").is_dir()
+NEW_TOKENS = 32
+SOURCES = ["one red cat.", "two green dog. three blue sun. four", "hello"]
+ATOL = 1e-4
+
+T5 = dict(d_model=32, d_kv=8, d_ff=64, num_layers=2, num_decoder_layers=3, num_heads=4,
+          relative_attention_num_buckets=8, relative_attention_max_distance=16)
+BART = dict(d_model=32, encoder_layers=2, decoder_layers=3, encoder_attention_heads=4, decoder_attention_heads=4,
+            encoder_ffn_dim=64, decoder_ffn_dim=64, max_position_embeddings=64, forced_eos_token_id=None)
+# name -> (model class, config class, its arguments)
+FAMILIES = {
+    "t5": ("T5ForConditionalGeneration", "T5Config", dict(T5, feed_forward_proj="relu")),
+    # Flan-T5's shape: gated GELU, d_kv apart from d_model / heads; made untied below
+    "flan-t5": ("T5ForConditionalGeneration", "T5Config", dict(T5, d_kv=16, feed_forward_proj="gated-gelu")),
+    "bart": ("BartForConditionalGeneration", "BartConfig", BART),
+    "marian": ("MarianMTModel", "MarianConfig", dict(BART, scale_embedding=True, activation_function="swish")),
+}
+
+
+def _hf_model(name: str, **changes):
+    """A random transformers model of FAMILIES[name] (seeded), every weight moved off its
+    initial value (norms off 1, biases off 0), and its tokenizer."""
+    model_cls, config_cls, kwargs = FAMILIES[name]
+    tok = hf_tokenizer(300)  # <pad> 0, <s> 1, </s> 2
+    ids = dict(pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)
+    if name in ("t5", "flan-t5"):
+        ids["decoder_start_token_id"] = tok.pad_token_id
+    elif name == "bart":
+        ids.update(bos_token_id=tok.bos_token_id, decoder_start_token_id=tok.eos_token_id)
+    else:
+        ids["decoder_start_token_id"] = tok.pad_token_id
+    config = getattr(transformers, config_cls)(vocab_size=len(tok), **{**kwargs, **ids, **changes})
+    torch.manual_seed(0)
+    model = getattr(transformers, model_cls)(config).eval()
+    with torch.no_grad():
+        for key, param in model.named_parameters():
+            if "embed_positions" not in key or name != "marian":  # Marian's table is fixed, not saved
+                param.add_(torch.randn_like(param) * 0.2)
+        if hasattr(model, "final_logits_bias"):
+            model.final_logits_bias.normal_()
+    return model, tok
+
+
+def _untie(folder: Path) -> None:
+    """A transformers 4 Flan-T5 folder: tie_word_embeddings false and lm_head.weight stored."""
+    from safetensors.torch import load_file, save_file
+
+    tensors = load_file(folder / "model.safetensors")
+    tensors["lm_head.weight"] = torch.randn_like(tensors["shared.weight"]) * 0.2
+    save_file(tensors, folder / "model.safetensors", metadata={"format": "pt"})
+    _edit_config(folder, lambda d: (d.update(tie_word_embeddings=False), d.pop("scale_decoder_outputs", None)))
+
+
+def _edit_config(folder: Path, change) -> None:
+    path = folder / "config.json"
+    data = json.loads(path.read_text())
+    change(data)
+    path.write_text(json.dumps(data))
+
+
+@pytest.fixture(scope="module")
+def folders(tmp_path_factory):
+    """FAMILIES[name] saved as a Hugging Face folder, made once: folders(name) -> (reference,
+    tokenizer, path); the reference is transformers' model loaded back from the folder."""
+    made: dict = {}
+
+    def get(name: str):
+        if name not in made:
+            model, tok = _hf_model(name)
+            folder = save_hf(model, tok, tmp_path_factory.mktemp(name))
+            if name == "flan-t5":
+                _untie(folder)
+            reference = type(model).from_pretrained(folder).eval()
+            made[name] = (reference, tok, folder)
+        return made[name]
+
+    return get
+
+
+def _ids(tok, texts: list[str]) -> list[list[int]]:
+    return [tok(text)["input_ids"] for text in texts]
+
+
+def _padded(tok, texts: list[str]):
+    tok.padding_side = "right"  # how seq2seq sources are batched
+    return tok(texts, return_tensors="pt", padding=True)
+
+
+def _hf_generate(model, tok, texts: list[str]) -> list[list[int]]:
+    batch = _padded(tok, texts)
+    with torch.no_grad():
+        out = model.generate(**batch, max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS, do_sample=False)
+    return out[:, 1:].tolist()  # without the decoder start token
+
+
+# --------------------------------------------------------------------------------------------
+# Eager: our imported model against transformers
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", list(FAMILIES))
+def test_eager_logits_equal_transformers(folders, name):
+    reference, tok, folder = folders(name)
+    imported = load_hf(folder)
+    model, start = imported.model, imported.config.start_token_id
+    batch = _padded(tok, SOURCES)  # a right-padded batch of sources with its mask
+    targets = torch.tensor([[start] + _ids(tok, ["five naive sea."])[0]] * len(SOURCES))
+    with torch.no_grad():
+        want = reference(**batch, decoder_input_ids=targets).logits
+        hidden = model.encode(batch["input_ids"], batch["attention_mask"])
+        got = model.decode(targets, cross_kv=model.cross_kv(hidden),
+                           encoder_attention_mask=batch["attention_mask"]).logits
+    assert want.abs().max().item() > 1.0  # a model whose logits say something
+    assert (got - want).abs().max().item() <= ATOL
+    # the same, one source at a time and decoding one token at a time through the cache
+    ids = torch.tensor(_ids(tok, SOURCES[1:2]))
+    with torch.no_grad():
+        want = reference(input_ids=ids, decoder_input_ids=targets[:1]).logits
+        cross, past, rows = model.cross_kv(model.encode(ids)), None, []
+        for t in range(targets.shape[1]):
+            out = model.decode(targets[:1, t:t + 1], position_ids=torch.tensor([[t]]), past=past, cross_kv=cross)
+            past = out.present
+            rows.append(out.logits)
+    assert (torch.cat(rows, dim=1) - want).abs().max().item() <= ATOL
+    assert imported.package.source["model_type"] == reference.config.model_type
+    assert imported.package.special_tokens["decoder_start"] == reference.config.decoder_start_token_id
+
+
+def test_what_each_family_converts_to(folders):
+    """The config fields the families set; each checkpoint tensor used or dropped with its reason."""
+    t5 = load_hf(folders("t5")[2]).config
+    assert (t5.pos_encoding, t5.attn_scale, t5.norm, t5.activation, t5.bias) == ("relative", 1.0, "rmsnorm", "relu", False)
+    assert t5.tie_embeddings and t5.logit_scale == pytest.approx(32 ** -0.5) and t5.decoder_start_token_id == 0
+    assert (t5.relative_buckets, t5.relative_max_distance, t5.n_layers, t5.n_decoder_layers) == (8, 16, 2, 3)
+    flan = load_hf(folders("flan-t5")[2])
+    assert (flan.config.activation, flan.config.head_dim, flan.config.tie_embeddings) == ("geglu", 16, False)
+    assert flan.config.logit_scale == 1.0  # an untied T5 head is not scaled
+    bart = load_hf(folders("bart")[2]).config
+    assert (bart.pos_encoding, bart.pos_offset, bart.separate_decoder_positions, bart.norm_position) == \
+        ("learned", 2, True, "post")
+    assert bart.has_embedding_norm and bart.logits_bias and bart.embed_scale == 1.0 and bart.decoder_start_token_id == 2
+    marian = load_hf(folders("marian")[2]).config
+    assert (marian.pos_encoding, marian.sinusoid_layout, marian.has_embedding_norm) == ("sinusoidal", "halves", False)
+    assert marian.embed_scale == pytest.approx(32 ** 0.5) and marian.activation == "silu"
+
+
+def test_stored_copies_of_the_embedding_are_checked(folders, tmp_path):
+    """Older checkpoints store the shared embedding again per stack (and as a tied head): the
+    copies are read and must be equal; a differing one is refused by name."""
+    from safetensors.torch import load_file, save_file
+
+    reference, tok, folder = folders("bart")
+    copy = Path(shutil.copytree(folder, tmp_path / "copies"))
+    tensors = load_file(copy / "model.safetensors")
+    shared = tensors["model.shared.weight"]
+    for key in ("model.encoder.embed_tokens.weight", "model.decoder.embed_tokens.weight", "lm_head.weight"):
+        tensors[key] = shared.clone()
+    save_file(tensors, copy / "model.safetensors", metadata={"format": "pt"})
+    imported = load_hf(copy)
+    assert torch.equal(imported.model.tok_emb.weight, shared) and not imported.dropped
+    tensors["model.decoder.embed_tokens.weight"] = shared + 1
+    save_file(tensors, copy / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(CheckpointError, match="model.decoder.embed_tokens.weight differs from model.shared.weight"):
+        load_hf(copy)
+
+
+def test_t5_cross_attention_bias_is_dropped_with_the_reason(folders, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    folder = Path(shutil.copytree(folders("t5")[2], tmp_path / "t5"))
+    tensors = load_file(folder / "model.safetensors")
+    name = "decoder.block.0.layer.1.EncDecAttention.relative_attention_bias.weight"
+    tensors[name] = torch.zeros(8, 4)  # some T5 checkpoints carry it; T5 never applies it
+    save_file(tensors, folder / "model.safetensors", metadata={"format": "pt"})
+    assert "never applies" in load_hf(folder).dropped[name]
+
+
+@pytest.mark.parametrize("name, change, key", [
+    ("bart", dict(decoder_attention_heads=2), "decoder_attention_heads"),
+    ("bart", dict(forced_bos_token_id=0), "forced_bos_token_id"),
+    ("bart", dict(normalize_before=True), "normalize_before"),
+    ("marian", dict(share_encoder_decoder_embeddings=False), "share_encoder_decoder_embeddings"),
+    ("t5", dict(feed_forward_proj="gated-relu", dense_act_fn="relu", is_gated_act=True), "feed_forward_proj"),
+    ("t5", dict(architectures=["T5EncoderModel"]), "architectures"),
+])
+def test_settings_it_does_not_implement_are_refused_by_name(folders, tmp_path, name, change, key):
+    folder = Path(shutil.copytree(folders(name)[2], tmp_path / name))
+    _edit_config(folder, lambda d: d.update(change))
+    with pytest.raises(CheckpointError, match=f"{key}=") as err:
+        load_hf(folder)
+    assert err.value.code == "E_UNSUPPORTED"
+
+
+# --------------------------------------------------------------------------------------------
+# The package: the traced graphs, their logits, greedy tokens in Python and Node
+# --------------------------------------------------------------------------------------------
+
+NODE_GENERATE = """
+import { load } from '%s';
+const [packageDir, prompts, n] = [process.argv[1], JSON.parse(process.argv[2]), Number(process.argv[3])];
+const model = await load(packageDir, { threads: 1 });
+const options = { max_new_tokens: n, min_new_tokens: n };
+const one = await model.generateIds(prompts.slice(0, 1), options);
+const all = await model.generateIds(prompts, options);
+console.log(JSON.stringify([one.map((g) => g.token_ids[0]), all.map((g) => g.token_ids[0])]));
+await model.release();
+"""
+
+
+def _node_generate(package: Path, prompts: list[list[int]]) -> tuple[list, list]:
+    script = NODE_GENERATE % (NODE_DIR / "model.js").as_posix()
+    out = subprocess.run(["node", "--input-type=module", "-e", script, str(package), json.dumps(prompts),
+                          str(NEW_TOKENS)], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    one, batch = json.loads(out.stdout)
+    return one, batch
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", list(FAMILIES))
+def test_package_generates_like_transformers(folders, tmp_path, name):
+    reference, tok, folder = folders(name)
+    report = export_checkpoint(folder, tmp_path / "pkg")
+    manifest = json.loads((report.path / "manifest.json").read_text())
+    assert report.decoder_graph == manifest["producer"]["decoder_graph"] == "traced"  # the builder refuses them
+    figures = report.validation["float32"]
+    assert figures["worst_abs_diff"] <= ATOL and figures["greedy_match"]
+
+    package = rt.load(report.path, threads=1)
+    sources = _ids(tok, SOURCES)
+    batch = _padded(tok, SOURCES)
+    start = torch.full((len(SOURCES), 1), reference.config.decoder_start_token_id)
+    with torch.no_grad():
+        want = reference(**batch, decoder_input_ids=start).logits[:, -1].numpy()
+    np.testing.assert_allclose(np.array(package.step_model().prefill(sources).logits), want, atol=ATOL, rtol=0)
+
+    want_one, want_batch = _hf_generate(reference, tok, SOURCES[:1]), _hf_generate(reference, tok, SOURCES)
+    assert len(want_one[0]) == NEW_TOKENS and len(set(want_one[0])) > 2  # not one token repeated
+    options = dict(max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS)
+    assert [g.token_ids[0] for g in package.generate_ids(sources[:1], **options)] == want_one
+    assert [g.token_ids[0] for g in package.generate_ids(sources, **options)] == want_batch
+    assert package.generate(SOURCES[:1], **options)[0].token_ids[0] == want_one[0]  # text in, the same ids
+    if not HAS_NODE:
+        pytest.skip("the Node half needs node and runtime/node/node_modules (npm ci in runtime/node)")
+    assert _node_generate(report.path, sources) == (want_one, want_batch)
