@@ -722,7 +722,7 @@ def export_checkpoint(
 ) -> ExportReport:
     """Export a training checkpoint (a run directory or one checkpoint directory), or a local
     Hugging Face model directory (modeling/hf_import.py)."""
-    from onnxformer.modeling.checkpoint import load_model, tokenizer_path
+    from onnxformer.modeling.checkpoint import load_model, read_package, tokenizer_path
     from onnxformer.modeling.hf_import import is_hf_dir, load_hf
     from onnxformer.modeling.tokenizer import load_tokenizer
 
@@ -732,17 +732,19 @@ def export_checkpoint(
 
     model, _ = load_model(checkpoint)  # CheckpointError for a missing, damaged or foreign checkpoint
     tokenizer_file = tokenizer_path(checkpoint)  # CheckpointError when it is missing
+    package = read_package(checkpoint)  # fine-tuned from an import: its chat template, eos ids, ...
     # Training sizes the model to its tokenizer exactly (modeling/train.py build_model_config);
-    # export_model also takes hand-built models with spare rows, a checkpoint never has them.
+    # export_model also takes hand-built models with spare rows, a checkpoint never has them
+    # unless its model was imported (Hugging Face embeddings often have spare rows).
     size, vocab = load_tokenizer(tokenizer_file).get_vocab_size(), model.config.vocab_size
-    if size != vocab:
+    if size != vocab and package is None:
         raise ExportError(
             f"tokenizer {str(tokenizer_file)!r} has {size} tokens but the checkpoint's model has vocab_size {vocab}; "
             f"training sizes the model to its tokenizer exactly, so this is not the tokenizer it was trained "
             f"with: {TOKENIZER_ADVICE}",
             code="E_TOKENIZER",
         )
-    return export_model(model, tokenizer_file, out_dir, options)
+    return export_model(model, tokenizer_file, out_dir, options, package or PackageInfo())
 
 
 __all__ = [

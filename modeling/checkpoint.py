@@ -14,9 +14,15 @@ A run directory holds one folder per save and a ``latest`` pointer::
                                     data position, RNG scalars, last metrics
         training_state.safetensors  optimizer moments, RNG state tensors and, for a LoRA run,
                                     the unmerged training model (what --resume needs)
+        package.json                only for a model imported from Hugging Face (and what is
+                                    fine-tuned from it): its PackageInfo (special token ids,
+                                    eos ids, chat template, pooling, source), which export puts
+                                    into the package
+        checksums.json              sha256 of every other file, written last
 
-``config.json`` + ``model.safetensors`` + ``tokenizer.json`` is a complete model:
-``load_model`` and export need nothing else. The other two files only serve ``--resume``.
+``config.json`` + ``model.safetensors`` + ``tokenizer.json`` (+ ``package.json`` where present)
+is a complete model: ``load_model`` and export need nothing else. The two training files only
+serve ``--resume``.
 
 Atomicity (onnxformer.runtime.atomic): a checkpoint is built in a hidden temporary folder next
 to its target, every file is fsync'ed, the folder is renamed into place and only then is
@@ -26,6 +32,7 @@ a complete checkpoint (or absent, before the first save).
 
 from __future__ import annotations
 
+import dataclasses
 import errno
 import json
 import logging
@@ -48,6 +55,7 @@ from onnxformer.runtime.errors import CheckpointError
 from onnxformer.runtime.manifest import TOKENIZER_FILE, sha256_file  # the name packages use too
 
 from .config import ModelConfig
+from .hf_import import PackageInfo
 from .model import Transformer
 
 logger = logging.getLogger(__name__)
@@ -59,6 +67,7 @@ TRAINER_STATE_FILE = "trainer_state.json"
 TRAINING_STATE_FILE = "training_state.safetensors"
 CHECKSUMS_FILE = "checksums.json"  # {"sha256": {file: hex}} of the other files, written last
 CHECKPOINT_FILES = (CONFIG_FILE, MODEL_FILE, TOKENIZER_FILE, TRAINER_STATE_FILE, TRAINING_STATE_FILE, CHECKSUMS_FILE)
+PACKAGE_FILE = "package.json"  # PackageInfo of an imported model; only in checkpoints of one
 
 
 def checkpoint_name(step: int) -> str:
@@ -219,6 +228,7 @@ class CheckpointFiles(NamedTuple):
     tokenizer_json: str  # tokenizer.to_str()
     trainer_state: dict[str, Any]  # JSON-serialisable
     training_tensors: dict[str, Tensor]  # optimizer moments, RNG tensors, unmerged LoRA model
+    package: PackageInfo | None = None  # an imported model's: written as package.json
 
 
 def _save_tensors(tensors: dict[str, Tensor], path: Path, metadata: dict[str, str] | None) -> None:
@@ -244,8 +254,13 @@ def _write_files(folder: Path, files: CheckpointFiles) -> None:
     _save_tensors(files.training_tensors, folder / TRAINING_STATE_FILE, None)
     (folder / TRAINER_STATE_FILE).write_text(json.dumps(files.trainer_state, indent=2, sort_keys=True) + "\n",
                                              encoding="utf-8")
+    names = [name for name in CHECKPOINT_FILES if name != CHECKSUMS_FILE]
+    if files.package is not None:
+        (folder / PACKAGE_FILE).write_text(json.dumps(dataclasses.asdict(files.package), indent=2, sort_keys=True)
+                                           + "\n", encoding="utf-8")
+        names.append(PACKAGE_FILE)
     # Digests, so that a changed byte anywhere (a weight included) is refused at load, not exported.
-    digests = {name: sha256_file(folder / name) for name in CHECKPOINT_FILES if name != CHECKSUMS_FILE}
+    digests = {name: sha256_file(folder / name) for name in names}
     (folder / CHECKSUMS_FILE).write_text(json.dumps({"sha256": digests}, indent=2) + "\n", encoding="utf-8")
 
 
@@ -377,6 +392,31 @@ def resolve_checkpoint(path: str | os.PathLike) -> Path:
     )
 
 
+def read_package(path: str | os.PathLike) -> PackageInfo | None:
+    """The PackageInfo a checkpoint keeps for an imported model (package.json), or None for a
+    model trained here from scratch. Verified against checksums.json like the other files."""
+    folder = resolve_checkpoint(path)
+    file = folder / PACKAGE_FILE
+    if not file.is_file():
+        table = folder / CHECKSUMS_FILE
+        digests = _read_json(table, "checkpoint") if table.is_file() else {}
+        # Written with one: without it, export would drop the chat template and the eos ids.
+        if isinstance(digests, dict) and PACKAGE_FILE in (digests.get("sha256") or {}):
+            raise CheckpointError(f"{file} is missing but {CHECKSUMS_FILE} lists it; the checkpoint is incomplete: "
+                                  "copy the whole checkpoint folder")
+        return None
+    data = _read_json(file, "checkpoint")
+    fields = {f.name for f in dataclasses.fields(PackageInfo)}
+    if not isinstance(data, dict) or set(data) - fields:
+        extra = sorted(set(data) - fields) if isinstance(data, dict) else type(data).__name__
+        raise CheckpointError(f"{file} is not a package description (unexpected: {extra}); the checkpoint is damaged")
+    _verify(file)
+    try:
+        return PackageInfo(**data)
+    except TypeError as err:
+        raise CheckpointError(f"{file} is not a package description ({err}); the checkpoint is damaged") from None
+
+
 def tokenizer_path(path: str | os.PathLike) -> Path:
     """The ``tokenizer.json`` of a checkpoint (or of a run directory's latest checkpoint)."""
     file = resolve_checkpoint(path) / TOKENIZER_FILE
@@ -420,8 +460,8 @@ def load_training_state(path: str | os.PathLike) -> TrainingState:
 
 
 __all__ = [
-    "CHECKPOINT_FILES", "CHECKSUMS_FILE", "CheckpointFiles", "TrainingState", "checkpoint_name", "latest_checkpoint",
+    "CHECKPOINT_FILES", "CHECKSUMS_FILE", "PACKAGE_FILE", "CheckpointFiles", "TrainingState", "checkpoint_name", "latest_checkpoint",
     "list_checkpoints", "load_file", "load_model", "load_optimizer_state", "load_plain_state_dict",
-    "load_training_state", "optimizer_state", "plain_state_dict", "read_model_config", "resolve_checkpoint",
+    "load_training_state", "optimizer_state", "plain_state_dict", "read_model_config", "read_package", "resolve_checkpoint",
     "rng_state", "save_checkpoint", "set_rng_state", "tokenizer_path",
 ]

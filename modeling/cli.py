@@ -12,6 +12,8 @@ Examples::
     onnxformer train --arch encoder --task mlm --nsp --data builtin:corpus --out runs/bert
     onnxformer train --arch encoder --task classify --data builtin:sentiment \\
         --from-checkpoint runs/bert --lora-rank 8 --out runs/sentiment-lora
+    onnxformer train --arch decoder --task sft --data pairs.jsonl \
+        --from-checkpoint path/to/hf-llama-folder --lora-rank 8 --out runs/llama-sft   # a local Hugging Face folder
     torchrun --nproc_per_node 2 -m onnxformer.runtime.cli train ...   # DistributedDataParallel
 """
 
@@ -69,8 +71,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     model.add_argument("--dropout", type=float, metavar="P", help="dropout while training (default 0)")
     model.add_argument("--nsp", action="store_true", default=None, help="mlm: add next-sentence prediction")
     model.add_argument("--from-checkpoint", metavar="PATH",
-                       help="fine-tune: start from this run dir or checkpoint (weights + tokenizer); "
-                            "classify adds a fresh head")
+                       help="fine-tune: start from this run dir, checkpoint or local Hugging Face model folder "
+                            "(config.json, safetensors, tokenizer.json; weights + tokenizer); classify adds a fresh head")
 
     opt = parser.add_argument_group("optimisation")
     opt.add_argument("--steps", type=int, metavar="N", help="optimizer steps (default: per task)")

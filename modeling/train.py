@@ -52,6 +52,7 @@ from onnxformer.runtime.errors import CheckpointError, ConfigError, DataError, T
 from . import checkpoint as ckpt
 from .config import PRESETS, ModelConfig
 from .data import Example, TaskData, load_task_data
+from .hf_import import HFImport, PackageInfo, dropped_report, is_hf_dir, load_hf, read_hf_config
 from .model import Transformer
 from .peft import LoRAConfig, apply_bitfit, apply_lora, trainable_parameters
 from .tasks import (
@@ -119,7 +120,7 @@ class TrainConfig:
     lora_dropout: float = 0.0
     lora_targets: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj")
     bitfit: bool = False  # train biases (and the task head) only
-    from_checkpoint: str | None = None  # start from these weights (+ tokenizer); a run dir or checkpoint dir
+    from_checkpoint: str | None = None  # start from these weights (+ tokenizer): a run dir, a checkpoint dir or a local Hugging Face model folder
     resume: bool = False  # continue out_dir's latest checkpoint
     # Evaluation, checkpoints, logging
     eval_every: int | None = None  # steps between evaluations on the validation split
@@ -386,39 +387,94 @@ def build_model_config(config: TrainConfig, tokenizer, data: TaskData) -> ModelC
 
 
 def _fine_tune_config(source: ModelConfig, config: TrainConfig, data: TaskData) -> ModelConfig:
-    if source.arch != config.arch:
-        raise ConfigError(
-            f"from_checkpoint holds a {source.arch!r} model but arch is {config.arch!r}; pass --arch {source.arch}"
-        )
+    _check_arch(source.arch, config)
     return source.replace(**config.objective.head_config(data), dropout=config.dropout)
 
 
+def _check_arch(arch: str, config: TrainConfig) -> None:
+    if arch != config.arch:
+        raise ConfigError(
+            f"from_checkpoint holds a {arch!r} model but arch is {config.arch!r}; pass --arch {arch}"
+        )
+
+
+def import_hf(config: TrainConfig, data: TaskData, directory: Path) -> HFImport:
+    """A local Hugging Face model folder (from_checkpoint) imported for this run: the task's head
+    settings and the run's dropout applied, a fresh head (objective.fresh_head) left at its
+    initialisation, the checkpoint's own head tensors dropped."""
+    _, _, converted = read_hf_config(directory)  # cheap: config.json only, before any tensor is read
+    _check_arch(converted.arch, config)
+    imported = load_hf(directory, overrides={**config.objective.head_config(data), "dropout": config.dropout},
+                       fresh=config.objective.fresh_head)
+    for line in dropped_report(imported.dropped):
+        logger.info("%s: %s", directory, line)
+    return imported
+
+
+def _is_import(source: Path | None, resume: ckpt.TrainingState | None) -> bool:
+    """Does the run start from a Hugging Face folder (a resumed run starts from its own checkpoint)?"""
+    return resume is None and source is not None and is_hf_dir(source)
+
+
 def build_model(
-    config: TrainConfig, data: TaskData, tokenizer, *, source: Path | None, resume: ckpt.TrainingState | None
+    config: TrainConfig, data: TaskData, tokenizer, *, source: Path | None, resume: ckpt.TrainingState | None,
+    imported: HFImport | None = None,
 ) -> Transformer:
-    """A new model, or one loaded from `source` (from_checkpoint, or the checkpoint being
-    resumed), with LoRA or BitFit applied. Fine-tuning a classifier adds a fresh head."""
+    """A new model, or one loaded from `source` (from_checkpoint: one of our checkpoints or a
+    local Hugging Face folder, or the checkpoint being resumed), with LoRA or BitFit applied.
+    Fine-tuning a classifier adds a fresh head. `imported`: the import of a Hugging Face
+    `source` when the caller has made it already (import_hf); else it is made here."""
     objective = config.objective
-    if resume is not None:
-        model_config = ModelConfig.load(resume.folder / ckpt.CONFIG_FILE)
-    elif source is not None:
-        model_config = _fine_tune_config(ModelConfig.load(source / ckpt.CONFIG_FILE), config, data)
+    if _is_import(source, resume):
+        model = (imported or import_hf(config, data, source)).model.train()
     else:
-        model_config = build_model_config(config, tokenizer, data)
-    model = Transformer(model_config)
-    if source is not None:
-        tensors = ckpt.load_file(str(source / ckpt.MODEL_FILE))
-        fresh_head = objective.fresh_head if resume is None else ()
-        tensors = {k: v for k, v in tensors.items() if not k.startswith(fresh_head)} if fresh_head else tensors
-        ckpt.load_plain_state_dict(model, tensors, source=str(source / ckpt.MODEL_FILE), allow_missing=fresh_head)
+        if resume is not None:
+            model_config = ModelConfig.load(resume.folder / ckpt.CONFIG_FILE)
+        elif source is not None:
+            model_config = _fine_tune_config(ModelConfig.load(source / ckpt.CONFIG_FILE), config, data)
+        else:
+            model_config = build_model_config(config, tokenizer, data)
+        model = Transformer(model_config)
+        if source is not None:
+            tensors = ckpt.load_file(str(source / ckpt.MODEL_FILE))
+            fresh_head = objective.fresh_head if resume is None else ()
+            tensors = {k: v for k, v in tensors.items() if not k.startswith(fresh_head)} if fresh_head else tensors
+            ckpt.load_plain_state_dict(model, tensors, source=str(source / ckpt.MODEL_FILE), allow_missing=fresh_head)
     if config.lora_rank:
         apply_lora(model, config.lora_config(), trainable=objective.heads)
     elif config.bitfit:
+        if source is not None and not any(n.rsplit(".", 1)[-1] == "bias" for n, _ in model.named_parameters()):
+            raise ConfigError(f"BitFit trains the bias vectors, and the model of {source} has none; fine-tune it "
+                              "with LoRA (--lora-rank 8) or in full (drop --bitfit)")
         apply_bitfit(model, trainable=objective.heads)
     if resume is not None and config.lora_rank:  # the exact unmerged weights, not the merged export
         unmerged = {k[len("model/"):]: v for k, v in resume.tensors.items() if k.startswith("model/")}
         model.load_state_dict(unmerged, strict=False)
     return model
+
+
+def task_special_ids(tokenizer: Tokenizer, package: PackageInfo | None) -> dict[str, int]:
+    """The special token ids batches are built with: our tokenizers' by name
+    (tokenizer.special_token_ids); an imported model's as its import read them (package.json),
+    since a Hugging Face tokenizer names them its own way. A model without a pad token (most
+    decoders) is padded with its eos id (else 0): padded positions are masked out of attention
+    and loss, so the id never matters; the package keeps the model's own (none)."""
+    if package is None or not package.special_tokens:
+        return special_token_ids(tokenizer)
+    ids = {role: int(value) for role, value in package.special_tokens.items()}
+    if ids.get("pad", -1) < 0:
+        ids["pad"] = ids["eos"] if ids.get("eos", -1) >= 0 else 0
+        logger.info("the model has no pad token: training pads batches with id %d (%s); padded positions are masked",
+                    ids["pad"], "its eos" if ids.get("eos", -1) >= 0 else "no eos either")
+    return ids
+
+
+def _check_special_ids(ids: dict[str, int], model_config: ModelConfig, source: Path | None) -> None:
+    """Generative tasks end every target with eos (and generation stops at it): a model with a
+    decoder must have one."""
+    if model_config.has_decoder and ids.get("eos", -1) < 0:
+        raise ConfigError(f"the model of {source} has no eos token, which every task on a decoder ends its examples "
+                          "with: set eos_token_id in its config.json (or eos_token in tokenizer_config.json)")
 
 
 def _dedupe(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -573,6 +629,7 @@ class _Run:
     valid_set: TaskDataset | None
     test_set: TaskDataset | None
     autocast: Callable[[], contextlib.AbstractContextManager]  # bf16 autocast, or a no-op
+    package: PackageInfo | None = None  # an imported model's (chat template, eos ids, ...): saved as package.json
 
     @property
     def run_dir(self) -> Path:
@@ -583,19 +640,38 @@ class _Run:
         return self.run_dir / METRICS_FILE
 
 
+def _source(config: TrainConfig, resume: ckpt.TrainingState | None) -> Path | None:
+    """The folder the run's weights come from: the checkpoint being resumed, from_checkpoint (a
+    local Hugging Face folder, one of our checkpoints, or a run directory's latest), or None."""
+    if resume is not None:
+        return resume.folder
+    if config.from_checkpoint is None:
+        return None
+    if is_hf_dir(config.from_checkpoint):
+        return Path(config.from_checkpoint)
+    return ckpt.resolve_checkpoint(config.from_checkpoint)
+
+
 def _build_run(config: TrainConfig, env: Distributed, resume: ckpt.TrainingState | None) -> _Run:
     """Data, tokenizer, model, datasets and optimizer; a resumed run's optimizer and RNG state."""
     objective = config.objective
     data = _load_data(config, objective)
-    source = resume.folder if resume else ckpt.resolve_checkpoint(config.from_checkpoint) if config.from_checkpoint else None
-    tokenizer = _tokenizer(config, objective, data, source, env)
-    model = build_model(config, data, tokenizer, source=source, resume=resume).to(env.device)
+    source = _source(config, resume)
+    if _is_import(source, resume):  # a Hugging Face folder: its tokenizer and what its package needs
+        imported = import_hf(config, data, source)
+        tokenizer, package = load_tokenizer(imported.tokenizer_file), imported.package
+    else:  # our checkpoint (package.json: one fine-tuned from an import), or a new model
+        imported, package = None, ckpt.read_package(source) if source is not None else None
+        tokenizer = _tokenizer(config, objective, data, source, env)
+    model = build_model(config, data, tokenizer, source=source, resume=resume, imported=imported).to(env.device)
     trainable = trainable_parameters(model)
     counts = {"total": sum(p.numel() for p in model.parameters()), "trainable": sum(p.numel() for p in trainable.values())}
     logger.info("model: %s, %d parameters (%d trainable)", model.config.arch, counts["total"], counts["trainable"])
 
+    special = task_special_ids(tokenizer, package)
+    _check_special_ids(special, model.config, source)
     context = TaskContext(
-        tokenizer, special_token_ids(tokenizer), model.config, max_len=min(config.max_len, model.config.max_seq_len),
+        tokenizer, special, model.config, max_len=min(config.max_len, model.config.max_seq_len),
         label_names=data.label_names, seed=config.seed,
     )
     train_set, valid_set, test_set = (
@@ -613,7 +689,7 @@ def _build_run(config: TrainConfig, env: Distributed, resume: ckpt.TrainingState
     autocast = functools.partial(torch.autocast, device_type=env.device.type, dtype=torch.bfloat16, enabled=config.bf16)
     return _Run(
         config, env, objective, resume, start_step, tokenizer, model, TaskModel(model, objective), trainable, names,
-        counts, optimizer, train_set, valid_set, test_set, autocast,
+        counts, optimizer, train_set, valid_set, test_set, autocast, package,
     )
 
 
@@ -651,7 +727,7 @@ def _write_checkpoint(run: _Run, step: int, metrics: dict[str, float]) -> Path:
         )
     files = ckpt.CheckpointFiles(
         run.model.config, weights, run.tokenizer.to_str(),
-        _trainer_state(run, step, opt_meta, rng_scalars, metrics), training_tensors,
+        _trainer_state(run, step, opt_meta, rng_scalars, metrics), training_tensors, run.package,
     )
     try:
         return ckpt.save_checkpoint(run.run_dir, step, files, keep=run.config.keep_checkpoints)
@@ -897,5 +973,5 @@ def _format(metrics: dict[str, float]) -> str:
 __all__ = [
     "OBJECTIVES", "TASKS", "TASK_ARCHS", "TASK_DATA_KINDS", "TASK_DEFAULTS", "Batch", "Encoded", "LossOutput",
     "TaskDataset", "TaskDefaults", "TaskModel", "TrainConfig", "TrainResult", "build_model", "evaluate",
-    "learning_rate", "sample_positions", "train",
+    "import_hf", "learning_rate", "sample_positions", "task_special_ids", "train",
 ]
