@@ -53,6 +53,7 @@ from onnxformer.runtime import atomic
 from onnxformer.runtime.contract import (
     CROSS_ATTENTION,
     DECODER,
+    ENCODER,
     KV_CACHE_LAYOUTS,
     LOGITS,
     NEXT_TOKEN,
@@ -504,6 +505,11 @@ def _manifest(directory: Path, plan: ExportPlan, specs: dict[str, GraphSpec], we
         kv_cache=plan.kv_cache,
         # the format training used travels with the package; the runtimes apply it (FORMAT.md)
         prompt_format=PromptFormat.from_dict(config["prompt_format"]) if config.get("prompt_format") else None,
+        # what an imported model brings (modeling/hf_import.py PackageInfo; FORMAT.md 2.1): a template only
+        # where there is a decoder to chat with, pooling defaults only where there is an encoder to embed with
+        chat_template=plan.package.chat_template if plan.dims.arch != "encoder" else None,
+        embedding=dict(plan.package.embedding) if plan.package.embedding and ENCODER in specs else None,
+        source=dict(plan.package.source),
     )
 
 

@@ -1,7 +1,9 @@
 """Runtime subcommands: inspect, generate, classify, embed. Torch-free.
 
 Texts come from the command line or, when none are given, from standard input (one per
-line). `--json` prints machine-readable output (one JSON document).
+line). `--json` prints machine-readable output (one JSON document). `generate --chat` sends
+each text as a user message in the package's chat template; `--messages` sends a whole
+conversation (a JSON array of {"role", "content"}); `--render` prints the rendered prompt.
 """
 
 from __future__ import annotations
@@ -44,9 +46,23 @@ def add_arguments(parser: argparse.ArgumentParser, command: str) -> None:
         g.add_argument("--stream", action="store_true", help="print text as it is generated (one prompt)")
         g.add_argument("--raw", action="store_true",
                        help="send prompts exactly as given, without the package's prompt format")
+        c = parser.add_argument_group("chat (packages with a chat template, e.g. Hugging Face chat models)")
+        c.add_argument("--chat", action="store_true",
+                       help="send each TEXT as a user message in the package's chat template (one conversation each)")
+        c.add_argument("--system", default=None, metavar="TEXT", help="with --chat: a system message before each")
+        c.add_argument("--messages", default=None, metavar="JSON|FILE",
+                       help='one conversation: a JSON array of {"role": ..., "content": ...} messages, inline '
+                            "(starting with '[') or in a file ('-': stdin); implies --chat")
+        c.add_argument("--render", action="store_true",
+                       help="print the rendered chat prompt (with --json, its token ids too) instead of generating")
     if command == "embed":
-        parser.add_argument("--pooling", choices=["mean", "cls"], default="mean", help="how to pool token states")
-        parser.add_argument("--no-normalize", action="store_true", help="do not L2-normalise the embeddings")
+        parser.add_argument("--pooling", choices=["mean", "cls"], default=None,
+                            help="how to pool token states (default: the package's, else mean)")
+        norm = parser.add_mutually_exclusive_group()
+        norm.add_argument("--normalize", dest="normalize", action="store_const", const=True, default=None,
+                          help="L2-normalise the embeddings (default: the package's, else yes)")
+        norm.add_argument("--no-normalize", dest="normalize", action="store_const", const=False,
+                          help="do not L2-normalise the embeddings")
 
 
 def _texts(args: argparse.Namespace) -> list[str]:
@@ -69,6 +85,64 @@ def _texts(args: argparse.Namespace) -> list[str]:
     if not texts:
         raise InputError("stdin had no non-empty lines; pass at least one text")
     return texts
+
+
+def _conversations(args: argparse.Namespace) -> list[list[dict]]:
+    """The conversations of `generate --chat` / `--messages` (checked again by the model)."""
+    if args.raw or args.truncate:
+        raise InputError(f"{'--raw' if args.raw else '--truncate'} does not apply to a chat: a conversation is sent as "
+                         "its template renders it; drop it")
+    if args.messages is None:
+        system = [] if args.system is None else [{"role": "system", "content": args.system}]
+        return [[*system, {"role": "user", "content": text}] for text in _texts(args)]
+    if args.texts or args.system is not None:
+        raise InputError("--messages holds the whole conversation; pass no TEXT and no --system with it")
+    source = args.messages
+    if not source.lstrip().startswith("["):
+        try:
+            source = sys.stdin.read() if source == "-" else Path(source).read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as err:
+            raise InputError(f"--messages {args.messages!r}: cannot read it ({getattr(err, 'strerror', None) or err}); "
+                             "pass a JSON array inline or the path of a UTF-8 JSON file") from None
+    try:
+        messages = json.loads(source)
+    except json.JSONDecodeError as err:
+        raise InputError(f"--messages is not valid JSON ({err}); pass an array such as "
+                         '[{"role": "user", "content": "hi"}]') from None
+    return [messages]
+
+
+def _chat(model, args: argparse.Namespace, overrides: dict) -> int:
+    conversations = _conversations(args)
+    if args.render:
+        prompts = [model.render_chat(messages) for messages in conversations]
+        if args.json:
+            print(json.dumps([{"messages": m, "text": p.text, "token_ids": p.token_ids}
+                              for m, p in zip(conversations, prompts)], ensure_ascii=False))
+        else:
+            for p in prompts:
+                print(p.text)
+        return 0
+    if args.stream:
+        if len(conversations) != 1:
+            raise InputError(f"--stream takes one conversation; got {len(conversations)}. Pass one, or drop --stream")
+        for piece in model.stream_chat(conversations[0], **overrides):
+            print(piece, end="", flush=True)
+        print()
+        return 0
+    results = [model.chat(messages, **overrides) for messages in conversations]
+    _print_generations(results, args.json)
+    return 0
+
+
+def _print_generations(results: list, as_json: bool) -> None:
+    if as_json:
+        print(json.dumps([{"prompt": r.prompt, "texts": r.texts, "token_ids": r.token_ids, "scores": r.scores,
+                           "finish_reasons": r.finish_reasons} for r in results], ensure_ascii=False))
+    else:
+        for r in results:
+            for text in r.texts:
+                print(text)
 
 
 def _generation_overrides(args: argparse.Namespace) -> dict:
@@ -102,6 +176,15 @@ def _inspect(args: argparse.Namespace) -> int:
     print(f"special      {special}")
     if manifest.label_names:
         print(f"labels       {', '.join(manifest.label_names)}")
+    if manifest.source:
+        names = ", ".join(manifest.source.get("architectures", []))
+        print(f"source       {manifest.source.get('format', '?')} {manifest.source.get('model_type', '')}"
+              + (f" ({names})" if names else ""))
+    if manifest.chat_template is not None:
+        print(f"chat         template of {len(manifest.chat_template)} characters (generate --chat)")
+    if manifest.embedding is not None:
+        pooling, normalize = manifest.embedding_defaults()
+        print(f"embedding    {pooling} pooling, {'normalised' if normalize else 'not normalised'}")
     if manifest.prompt_format:
         print(f"prompts      {manifest.prompt_format.template!r}" + (" (stripped)" if manifest.prompt_format.strip else ""))
     for name, entry in manifest.graphs.items():
@@ -142,8 +225,14 @@ def run(args: argparse.Namespace) -> int:
         return _inspect(args)
     from . import load
 
-    texts = _texts(args)
+    chat = args.command == "generate" and (args.chat or args.messages is not None)
+    if args.command == "generate" and not chat and (args.system is not None or args.render):
+        raise InputError(f"{'--system' if args.system is not None else '--render'} applies to a chat; add --chat "
+                         "(each TEXT a user message) or --messages")
+    texts = [] if chat else _texts(args)
     model = load(args.package, provider=args.provider, threads=args.threads, trusted_roots=args.trust_store)
+    if chat:
+        return _chat(model, args, _generation_overrides(args))
     if args.command == "classify":
         results = model.classify(texts, truncate=args.truncate)
         if args.json:
@@ -156,7 +245,7 @@ def run(args: argparse.Namespace) -> int:
             _warn_unknown([r.unknown_fraction for r in results], "its label is a guess")
         return 0
     if args.command == "embed":
-        vectors = model.embed(texts, pooling=args.pooling, normalize=not args.no_normalize, truncate=args.truncate)
+        vectors = model.embed(texts, pooling=args.pooling, normalize=args.normalize, truncate=args.truncate)
         unknown = model.unknown_fractions(texts)
         if args.json:
             print(json.dumps([{"text": t, "embedding": [round(float(x), 6) for x in v], "unknown_fraction": u}
@@ -174,12 +263,5 @@ def run(args: argparse.Namespace) -> int:
             print(piece, end="", flush=True)
         print()
         return 0
-    results = model.generate(texts, truncate=args.truncate, raw=args.raw, **overrides)
-    if args.json:
-        print(json.dumps([{"prompt": r.prompt, "texts": r.texts, "token_ids": r.token_ids, "scores": r.scores,
-                           "finish_reasons": r.finish_reasons} for r in results], ensure_ascii=False))
-    else:
-        for r in results:
-            for text in r.texts:
-                print(text)
+    _print_generations(model.generate(texts, truncate=args.truncate, raw=args.raw, **overrides), args.json)
     return 0

@@ -31,7 +31,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
-from .contract import KV_CACHE_LAYOUTS, Dims, GraphSpec, graph_specs, graph_specs_from_dict
+from .contract import ENCODER as ENCODER_GRAPH, KV_CACHE_LAYOUTS, Dims, GraphSpec, graph_specs, graph_specs_from_dict
 from .errors import ConfigError, PackageError
 from .safety import TRUST_ADVICE, inside_package, position_tables
 from .generation import GenerationConfig
@@ -44,6 +44,8 @@ SUPPORTED_FORMAT_VERSIONS = (1, 2)
 MANIFEST_FILE = "manifest.json"
 TOKENIZER_FILE = "tokenizer.json"
 SPECIAL_TOKEN_ROLES = ("pad", "unk", "bos", "eos", "mask", "cls", "sep", "decoder_start")
+EMBEDDING_POOLINGS = ("mean", "cls")
+SOURCE_STRINGS = ("format", "model_type", "family")  # `source` entries a reader checks (all optional)
 
 
 def sha256_file(path: str | os.PathLike) -> str:
@@ -195,6 +197,9 @@ class Manifest:
     format_version: int = FORMAT_VERSION
     kv_cache: str = "concat"  # the decoder's KV-cache layout: "concat" | "shared" (contract.KV_CACHE_LAYOUTS)
     prompt_format: PromptFormat | None = None  # what generate() wraps a text prompt in (runtime/prompt_format.py); None: raw
+    chat_template: str | None = None  # the Jinja chat template chat() renders (runtime/chat.py); None: no chat()
+    embedding: dict[str, Any] | None = None  # embed()'s defaults: {"pooling": "mean" | "cls", "normalize": bool}
+    source: dict[str, Any] = field(default_factory=dict)  # where the model came from: {"format": "huggingface", ...}
 
     def __post_init__(self) -> None:
         if self.kv_cache not in KV_CACHE_LAYOUTS:
@@ -249,6 +254,7 @@ class Manifest:
                                f"{trained!r:.80}, the format the model was trained with; the "
                                "manifest was edited or is damaged: set prompt_format to the model_config's, or "
                                "re-export the package", code="E_MANIFEST")
+        self._check_imported_fields()
         if self.arch == "encoder-decoder" and self.special_tokens["decoder_start"] < 0:
             raise PackageError("manifest special_tokens.decoder_start is -1, but an encoder-decoder model needs a "
                                "decoder start token; re-export the package", code="E_MANIFEST")
@@ -262,6 +268,52 @@ class Manifest:
             if ids and max(ids) >= self.dims.vocab_size:
                 raise PackageError(f"manifest generation token ids {ids} are outside vocab_size "
                                    f"{self.dims.vocab_size}; re-export the package", code="E_MANIFEST")
+
+    def _check_imported_fields(self) -> None:
+        """`chat_template`, `embedding` and `source` (FORMAT.md 2.1): what an imported model brings."""
+        if self.chat_template is not None:
+            if not isinstance(self.chat_template, str) or not self.chat_template.strip():
+                raise PackageError(f"manifest chat_template must be a non-empty string (a Jinja template) or absent; "
+                                   f"got {self.chat_template!r:.80}. Re-export the package", code="E_MANIFEST")
+            if self.arch == "encoder":
+                raise PackageError("manifest chat_template applies to generating packages; an encoder package has "
+                                   "none. Re-export the package", code="E_MANIFEST")
+        if self.embedding is not None:
+            if not isinstance(self.embedding, Mapping):
+                raise PackageError(f"manifest embedding must be a JSON object {{\"pooling\": ..., \"normalize\": ...}} "
+                                   f"or absent; got {type(self.embedding).__name__}. Re-export the package",
+                                   code="E_MANIFEST")
+            unknown = sorted(set(self.embedding) - {"pooling", "normalize"})
+            if unknown:
+                raise PackageError(f"manifest embedding has unknown field(s) {', '.join(map(str, unknown))}; it takes "
+                                   "pooling and normalize only. Upgrade onnxformer or re-export the package",
+                                   code="E_MANIFEST")
+            pooling, normalize = self.embedding.get("pooling", "mean"), self.embedding.get("normalize", True)
+            if not isinstance(pooling, str) or pooling not in EMBEDDING_POOLINGS:
+                raise PackageError(f"manifest embedding.pooling must be one of {list(EMBEDDING_POOLINGS)}; got "
+                                   f"{pooling!r:.60}. Re-export the package", code="E_MANIFEST")
+            if not isinstance(normalize, bool):
+                raise PackageError(f"manifest embedding.normalize must be true or false; got {normalize!r:.60}. "
+                                   "Re-export the package", code="E_MANIFEST")
+            if ENCODER_GRAPH not in self.graphs:
+                raise PackageError(f"manifest embedding applies to packages with an encoder graph; a {self.arch!r} "
+                                   "package has none. Re-export the package", code="E_MANIFEST")
+        if not isinstance(self.source, Mapping):
+            raise PackageError(f"manifest source must be a JSON object; got {type(self.source).__name__}. "
+                               "Re-export the package", code="E_MANIFEST")
+        for key in SOURCE_STRINGS:
+            if key in self.source and not isinstance(self.source[key], str):
+                raise PackageError(f"manifest source.{key} must be a string; got {self.source[key]!r:.60}. "
+                                   "Re-export the package", code="E_MANIFEST")
+        names = self.source.get("architectures", [])
+        if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
+            raise PackageError(f"manifest source.architectures must be a list of strings; got {names!r:.80}. "
+                               "Re-export the package", code="E_MANIFEST")
+
+    def embedding_defaults(self) -> tuple[str, bool]:
+        """(pooling, normalize) that embed() uses when the caller passes none."""
+        defaults = self.embedding or {}
+        return defaults.get("pooling", "mean"), defaults.get("normalize", True)
 
     # Serialisation --------------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
@@ -284,6 +336,9 @@ class Manifest:
             "validation": self.validation,
             "model_config": self.model_config,
             **({"prompt_format": self.prompt_format.to_dict()} if self.prompt_format else {}),
+            **({"chat_template": self.chat_template} if self.chat_template is not None else {}),
+            **({"embedding": dict(self.embedding)} if self.embedding is not None else {}),
+            **({"source": dict(self.source)} if self.source else {}),
         }
 
     @classmethod
@@ -332,6 +387,9 @@ class Manifest:
             format_version=version,
             kv_cache=data.get("kv_cache", "concat"),
             prompt_format=_prompt_format(data.get("prompt_format")),
+            chat_template=data.get("chat_template"),  # null: none, as absent
+            embedding=data.get("embedding"),
+            source=_object(data, "source"),
         )
 
     def save(self, directory: str | os.PathLike) -> Path:

@@ -5,6 +5,7 @@ tokenizers only; never torch.
     model.generate(["three hundred"], GenerationConfig(max_new_tokens=8))  # in the trained prompt format
     model.classify(["the food was not good"])      # encoder packages with a classifier
     model.embed(["a sentence"], pooling="mean")     # encoder packages
+    model.chat([{"role": "user", "content": "hi"}])  # packages with a chat template (Hugging Face imports)
 
 Generation drives the one search (runtime/generation.py) over a step model of the package's
 sessions (runtime/session_steps.py); `Model.step_model()` gives one to callers that schedule
@@ -26,6 +27,7 @@ import onnxruntime as ort
 from onnxruntime.capi import onnxruntime_pybind11_state as _ort_state
 from tokenizers import Tokenizer
 
+from . import chat as chat_template
 from . import generation as gen
 from .contract import (
     ATTENTION_MASK,
@@ -45,6 +47,7 @@ from .session_steps import ConcatSteps, SharedSteps
 from .steps import StepModel, is_int
 from .manifest import Manifest
 from .prompt_format import PromptFormat
+from .chat import ChatPrompt
 
 log = logging.getLogger(__name__)
 
@@ -303,13 +306,20 @@ class Model:
                                               share))
         return results
 
-    def embed(self, texts: str | Sequence[str], *, pooling: str = "mean", normalize: bool = True,
+    def embed(self, texts: str | Sequence[str], *, pooling: str | None = None, normalize: bool | None = None,
               batch_size: int = 32, truncate: bool = False) -> np.ndarray:
-        """Sentence embeddings (len(texts), D): mean over real tokens or the [CLS] state.
+        """Sentence embeddings (len(texts), D): mean over real tokens or the [CLS] state, then
+        L2-normalised or not. `pooling` / `normalize` not given: the package's `embedding`
+        defaults (a sentence-transformers import says how it was trained), else "mean", True.
         `unknown_fractions(texts)` says how much of each text the tokenizer could not represent."""
         self._require(ENCODER in self.sessions, "embed", "a package with an encoder")
+        default_pooling, default_normalize = self.manifest.embedding_defaults()
+        pooling = default_pooling if pooling is None else pooling
+        normalize = default_normalize if normalize is None else normalize
         if pooling not in ("mean", "cls"):
             raise InputError(f"pooling must be 'mean' or 'cls'; got {pooling!r}")
+        if not isinstance(normalize, (bool, np.bool_)):
+            raise InputError(f"normalize must be True or False; got {normalize!r:.40}")
         texts, batch_size = self._texts(texts, "embed texts"), self._batch_size(batch_size)
         out = []
         for feeds, _ in self._encoder_batches(texts, batch_size, truncate):
@@ -465,6 +475,56 @@ class Model:
         ids = self._check_ids(self._prompt_ids(model_texts, config, truncate), config)
         pieces = _guarded(gen.stream(self._steps(ids, config), ids[0], config, self._decode, rng=rng))
         return fmt.parse_stream(pieces) if fmt else pieces
+
+    # ---------------------------------------------------------------------------------------
+    # Chat (packages with a chat template: runtime/chat.py, FORMAT.md 5.3)
+    # ---------------------------------------------------------------------------------------
+    @property
+    def chat_template(self) -> str | None:
+        """The package's Jinja chat template (manifest `chat_template`), None without one."""
+        return self.manifest.chat_template
+
+    def render_chat(self, messages: Sequence[dict[str, str]], *, add_generation_prompt: bool = True) -> ChatPrompt:
+        """The conversation in the package's chat template: the text, and its token ids
+        tokenized without adding special tokens (the template wrote those it wants)."""
+        self._require(self.can_generate, "chat", "a decoder-only, prefix-lm or encoder-decoder package")
+        if self.manifest.chat_template is None:
+            raise InputError(
+                f"chat() needs a package with a chat template; {self.directory.name} has none (manifest chat_template: "
+                "the model it was exported from shipped no template). Call generate() with the prompt text, or "
+                "export a Hugging Face model whose tokenizer_config.json or chat_template.jinja holds its template",
+                code="E_WRONG_KIND")
+        if not isinstance(add_generation_prompt, bool):
+            raise InputError(f"add_generation_prompt must be True or False; got {add_generation_prompt!r:.40}")
+        variables = chat_template.special_token_variables(self.manifest.special_tokens, self.tokenizer.id_to_token)
+        text = chat_template.render(self.manifest.chat_template, chat_template.check_messages(messages),
+                                    add_generation_prompt=add_generation_prompt, variables=variables)
+        ids = self.tokenizer.encode(text, add_special_tokens=False).ids
+        if not ids:
+            raise InputError("the chat template rendered this conversation as no tokens; pass a message with content")
+        return ChatPrompt(text, list(ids))
+
+    def chat(self, messages: Sequence[dict[str, str]], config: GenerationConfig | None = None, *,
+             add_generation_prompt: bool = True, rng: np.random.Generator | None = None,
+             **overrides: Any) -> Generation:
+        """Answer one conversation: `render_chat`, then generation on its ids with the package's
+        defaults (its eos ids stop the answer) updated by `config` and the keyword overrides.
+        `Generation.prompt` is the rendered text, `texts` the answers."""
+        prompt = self.render_chat(messages, add_generation_prompt=add_generation_prompt)
+        config = self.generation_config(config, **overrides)
+        _check_rng(rng)
+        [result] = self._generate(self._check_ids([prompt.token_ids], config), config, rng)
+        return dataclasses.replace(result, prompt=prompt.text)
+
+    def stream_chat(self, messages: Sequence[dict[str, str]], config: GenerationConfig | None = None, *,
+                    add_generation_prompt: bool = True, rng: np.random.Generator | None = None,
+                    **overrides: Any) -> Iterator[str]:
+        """`chat`'s answer as it is produced (greedy or sample); the pieces join to its text."""
+        prompt = self.render_chat(messages, add_generation_prompt=add_generation_prompt)
+        config = self.generation_config(config, **overrides)
+        _check_rng(rng)
+        ids = self._check_ids([prompt.token_ids], config)
+        return _guarded(gen.stream(self._steps(ids, config), ids[0], config, self._decode, rng=rng))
 
 
 def _guarded(pieces: Iterator[str]) -> Iterator[str]:

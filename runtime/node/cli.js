@@ -5,6 +5,8 @@
  *     node runtime/node/cli.js generate PACKAGE "prompt" [--max-new-tokens N] [--json] ...
  *     node runtime/node/cli.js classify PACKAGE "text" ... [--json]
  *     node runtime/node/cli.js embed PACKAGE "text" ... [--pooling mean|cls] [--json]
+ *     node runtime/node/cli.js generate PACKAGE --chat "a user message" [--system TEXT] [--render]
+ *     node runtime/node/cli.js generate PACKAGE --messages '[{"role": "user", "content": "hi"}]'
  *
  * Texts come from the arguments or, when none are given, from standard input (one per line).
  * An error onnxformer raises on purpose prints `error[CODE]: <message>` on stderr (the codes of
@@ -38,9 +40,16 @@ generate:
   --stream                    print text as it is generated (one prompt)
   --raw                       send prompts exactly as given, without the package's prompt format
 
+generate, chat (packages with a chat template, e.g. Hugging Face chat models):
+  --chat                      send each TEXT as a user message in the package's chat template (one conversation each)
+  --system TEXT               with --chat: a system message before each
+  --messages JSON|FILE        one conversation: a JSON array of {"role": ..., "content": ...} messages, inline
+                              (starting with '[') or in a file ('-': stdin); implies --chat
+  --render                    print the rendered chat prompt (with --json, its token ids too) instead of generating
+
 embed:
-  --pooling {mean,cls}        how to pool token states (default mean)
-  --no-normalize              do not L2-normalise the embeddings`;
+  --pooling {mean,cls}        how to pool token states (default: the package's, else mean)
+  --normalize, --no-normalize L2-normalise the embeddings or not (default: the package's, else yes)`;
 
 /** CLI flag -> [generation parameter, kind]. */
 const GENERATION_FLAGS = {
@@ -76,8 +85,13 @@ function parse(argv) {
     stop: { type: 'string', multiple: true },
     stream: { type: 'boolean' },
     raw: { type: 'boolean' },
-    pooling: { type: 'string', default: 'mean' },
+    pooling: { type: 'string' },
+    normalize: { type: 'boolean' },
     'no-normalize': { type: 'boolean' },
+    chat: { type: 'boolean' },
+    system: { type: 'string' },
+    messages: { type: 'string' },
+    render: { type: 'boolean' },
     help: { type: 'boolean', short: 'h' },
     version: { type: 'boolean' },
   };
@@ -97,7 +111,10 @@ function parse(argv) {
   }
   if (!pkg) throw new UsageError('the package directory is required');
   if (!['cpu', 'cuda'].includes(values.provider)) throw new UsageError(`argument --provider: invalid choice: '${values.provider}'`);
-  if (!['mean', 'cls'].includes(values.pooling)) throw new UsageError(`argument --pooling: invalid choice: '${values.pooling}'`);
+  if (values.pooling !== undefined && !['mean', 'cls'].includes(values.pooling)) {
+    throw new UsageError(`argument --pooling: invalid choice: '${values.pooling}'`);
+  }
+  if (values.normalize && values['no-normalize']) throw new UsageError('argument --no-normalize: not allowed with argument --normalize');
   const params = {};
   for (const [flag, [name, kind]] of Object.entries(GENERATION_FLAGS)) {
     if (values[flag] !== undefined) params[name] = kind === 'string' ? values[flag] : number(flag, values[flag], kind);
@@ -157,8 +174,72 @@ function warnUnknown(fractions, consequence) {
   });
 }
 
+/** The conversations of `generate --chat` / `--messages` (checked again by the model), as in Python. */
+function conversations(texts, values) {
+  if (values.raw || values.truncate) {
+    throw new InputError(`${values.raw ? '--raw' : '--truncate'} does not apply to a chat: a conversation is sent as ` +
+      'its template renders it; drop it');
+  }
+  if (values.messages === undefined) {
+    const system = values.system === undefined ? [] : [{ role: 'system', content: values.system }];
+    return readTexts(texts).map((text) => [...system, { role: 'user', content: text }]);
+  }
+  if (texts.length || values.system !== undefined) {
+    throw new InputError('--messages holds the whole conversation; pass no TEXT and no --system with it');
+  }
+  let source = values.messages;
+  if (!source.trimStart().startsWith('[')) {
+    try {
+      source = source === '-' ? stdinText() : new TextDecoder('utf-8', { fatal: true }).decode(readFileSync(source));
+    } catch (err) {
+      if (err instanceof OnnxformerError) throw err;
+      throw new InputError(`--messages '${values.messages}': cannot read it (${err.code ?? err.message}); pass a JSON ` +
+        'array inline or the path of a UTF-8 JSON file');
+    }
+  }
+  try {
+    return [JSON.parse(source)];
+  } catch (err) {
+    throw new InputError(`--messages is not valid JSON (${err.message}); pass an array such as [{"role": "user", "content": "hi"}]`);
+  }
+}
+
+function printGenerations(results, json, print) {
+  if (json) {
+    print(JSON.stringify(results.map(({ prompt, texts: t, token_ids, scores, finish_reasons }) => (
+      { prompt, texts: t, token_ids, scores, finish_reasons }))));
+  } else {
+    for (const r of results) for (const text of r.texts) print(text);
+  }
+}
+
+async function chat(model, texts, values, params, print) {
+  const convs = conversations(texts, values);
+  if (values.render) {
+    const prompts = [];
+    for (const messages of convs) prompts.push(await model.renderChat(messages));
+    if (values.json) print(JSON.stringify(prompts.map((p, i) => ({ messages: convs[i], text: p.text, token_ids: p.token_ids }))));
+    else prompts.forEach((p) => print(p.text));
+    return;
+  }
+  if (values.stream) {
+    if (convs.length !== 1) throw new InputError(`--stream takes one conversation; got ${convs.length}. Pass one, or drop --stream`);
+    for await (const piece of await model.streamChat(convs[0], params)) process.stdout.write(piece);
+    print('');
+    return;
+  }
+  const results = [];
+  for (const messages of convs) results.push(await model.chat(messages, params));
+  printGenerations(results, values.json, print);
+}
+
 async function run({ command, pkg, texts, values, params, threads }) {
-  texts = readTexts(texts);
+  const isChat = command === 'generate' && (values.chat || values.messages !== undefined);
+  if (command === 'generate' && !isChat && (values.system !== undefined || values.render)) {
+    throw new InputError(`${values.system !== undefined ? '--system' : '--render'} applies to a chat; add --chat ` +
+      '(each TEXT a user message) or --messages');
+  }
+  if (!isChat) texts = readTexts(texts);
   const model = await load(pkg, { provider: values.provider, threads, trustedRoots: values['trust-store'] });
   const truncate = Boolean(values.truncate);
   const raw = Boolean(values.raw);
@@ -171,7 +252,9 @@ async function run({ command, pkg, texts, values, params, threads }) {
       warnUnknown(results.map((r) => r.unknown_fraction), 'its label is a guess');
     }
   } else if (command === 'embed') {
-    const vectors = await model.embed(texts, { pooling: values.pooling, normalize: !values['no-normalize'], truncate });
+    const normalize = values.normalize ? true : values['no-normalize'] ? false : undefined;
+    const options = { truncate, ...(values.pooling && { pooling: values.pooling }), ...(normalize !== undefined && { normalize }) };
+    const vectors = await model.embed(texts, options);
     const unknown = await model.unknownFractions(texts);
     if (values.json) {
       print(JSON.stringify(vectors.map((v, i) => (
@@ -180,18 +263,14 @@ async function run({ command, pkg, texts, values, params, threads }) {
       vectors.forEach((v) => print(Array.from(v, (x) => x.toFixed(6)).join(' ')));
       warnUnknown(unknown, 'its embedding says little about it');
     }
+  } else if (isChat) {
+    await chat(model, texts, values, params, print);
   } else if (values.stream) {
     if (texts.length !== 1) throw new InputError(`--stream takes one prompt; got ${texts.length}. Pass one, or drop --stream`);
     for await (const piece of await model.stream(texts[0], { ...params, truncate, raw })) process.stdout.write(piece);
     print('');
   } else {
-    const results = await model.generate(texts, { ...params, truncate, raw });
-    if (values.json) {
-      print(JSON.stringify(results.map(({ prompt, texts: t, token_ids, scores, finish_reasons }) => (
-        { prompt, texts: t, token_ids, scores, finish_reasons }))));
-    } else {
-      for (const r of results) for (const text of r.texts) print(text);
-    }
+    printGenerations(await model.generate(texts, { ...params, truncate, raw }), values.json, print);
   }
   await model.release();
 }

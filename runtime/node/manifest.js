@@ -60,6 +60,9 @@ export const SPECIAL_TOKEN_ROLES = ['pad', 'unk', 'bos', 'eos', 'mask', 'cls', '
  * @property {Record<string, string>} producer
  * @property {Record<string, any>} validation
  * @property {Record<string, any>} model_config
+ * @property {string | null} chat_template   the Jinja chat template chat() renders (chat.js); null: none
+ * @property {{pooling: string, normalize: boolean} | null} embedding  embed()'s defaults; null: mean, normalised
+ * @property {Record<string, any>} source       where the model came from: {format: "huggingface", model_type, ...}
  */
 
 const isObject = (x) => x !== null && typeof x === 'object' && !Array.isArray(x);
@@ -167,6 +170,9 @@ export function manifestFromDict(data) {
     validation: objectField(data, 'validation'),
     model_config: objectField(data, 'model_config'),
     prompt_format: promptFormatFromManifest(data.prompt_format), // null: prompts are raw text (FORMAT.md 5.2)
+    chat_template: data.chat_template ?? null, // null: as absent
+    embedding: data.embedding ?? null,
+    source: objectField(data, 'source'),
   };
   checkAgainstContract(manifest);
   const trained = manifest.model_config.max_seq_len;
@@ -265,7 +271,56 @@ function checkAgainstContract(m) {
   if (m.arch === 'encoder-decoder' && m.special_tokens.decoder_start < 0) {
     throw manifestError('manifest special_tokens.decoder_start is -1, but an encoder-decoder model needs a decoder start token');
   }
+  checkImportedFields(m);
   checkGenerationDefaults(m.generation, m.dims.vocab_size);
+}
+
+export const EMBEDDING_POOLINGS = ['mean', 'cls'];
+
+/** `chat_template`, `embedding` and `source` (FORMAT.md 2.1), as Python's Manifest._check_imported_fields. */
+function checkImportedFields(m) {
+  if (m.chat_template !== null) {
+    if (typeof m.chat_template !== 'string' || !m.chat_template.trim()) {
+      throw manifestError(`manifest chat_template must be a non-empty string (a Jinja template) or absent, not ${show(m.chat_template)}`);
+    }
+    if (m.arch === 'encoder') throw manifestError('manifest chat_template applies to generating packages; an encoder package has none');
+  }
+  if (m.embedding !== null) {
+    if (!isObject(m.embedding)) {
+      throw manifestError(`manifest embedding must be a JSON object {"pooling": ..., "normalize": ...} or absent, not ${typeOf(m.embedding)}`);
+    }
+    const unknown = Object.keys(m.embedding).filter((k) => k !== 'pooling' && k !== 'normalize').sort();
+    if (unknown.length) {
+      throw manifestError(`manifest embedding has unknown field(s) ${unknown.join(', ')}; it takes pooling and normalize only`);
+    }
+    const { pooling = 'mean', normalize = true } = m.embedding;
+    if (!EMBEDDING_POOLINGS.includes(pooling)) {
+      throw manifestError(`manifest embedding.pooling must be one of ${EMBEDDING_POOLINGS.join(', ')}, not ${show(pooling)}`);
+    }
+    if (typeof normalize !== 'boolean') throw manifestError(`manifest embedding.normalize must be true or false, not ${show(normalize)}`);
+    if (!('encoder' in m.graphs)) {
+      throw manifestError(`manifest embedding applies to packages with an encoder graph; a '${m.arch}' package has none`);
+    }
+  }
+  for (const key of ['format', 'model_type', 'family']) {
+    if (key in m.source && typeof m.source[key] !== 'string') {
+      throw manifestError(`manifest source.${key} must be a string, not ${show(m.source[key])}`);
+    }
+  }
+  const names = m.source.architectures ?? [];
+  if (!Array.isArray(names) || !names.every((n) => typeof n === 'string')) {
+    throw manifestError(`manifest source.architectures must be an array of strings, not ${show(names)}`);
+  }
+}
+
+/**
+ * [pooling, normalize] that embed() uses when the caller passes none.
+ * @param {Manifest} manifest
+ * @returns {[string, boolean]}
+ */
+export function embeddingDefaults(manifest) {
+  const { pooling = 'mean', normalize = true } = manifest.embedding ?? {};
+  return [pooling, normalize];
 }
 
 /**

@@ -6,6 +6,7 @@
  *     const [result] = await model.generate('three hundred', { max_new_tokens: 8 });  // in the trained prompt format
  *     await model.classify(['the food was not good']);   // encoder packages with a classifier
  *     await model.embed(['a sentence'], { pooling: 'mean' });
+ *     await model.chat([{ role: 'user', content: 'hi' }]);  // packages with a chat template (Hugging Face imports)
  *
  * Option names are the Python runtime's and the manifest's (`max_new_tokens`, `top_p`,
  * `batch_size`), so a generation config reads the same in every runtime.
@@ -20,7 +21,8 @@ import {
 } from './contract.js';
 import { ConfigError, InputError, PackageError, show, typeOf } from './errors.js';
 import * as gen from './generation.js';
-import { checkGraphLimits, displayDir, loadManifest, special, verifyFiles } from './manifest.js';
+import { checkMessages, render as renderTemplate, specialTokenVariables } from './chat.js';
+import { checkGraphLimits, displayDir, embeddingDefaults, loadManifest, special, verifyFiles } from './manifest.js';
 import { ConcatSteps, SharedSteps, floatData, int64Tensor, openSession, resolveProvider } from './session.js';
 import { checkExternalData, trustedRoots as trustedRootsOf } from './safety.js';
 import { PackageTokenizer } from './tokenizer.js';
@@ -310,7 +312,8 @@ export class Model {
 
   /**
    * Sentence embeddings, one Float32Array (D,) per text: mean over real tokens or the first
-   * ([CLS]) state, L2-normalised unless `normalize` is false.
+   * ([CLS]) state, L2-normalised unless `normalize` is false. `pooling` / `normalize` not
+   * given: the package's `embedding` defaults, else 'mean', true.
    * `unknownFractions(texts)` says how much of each text the tokenizer could not represent.
    * @param {string | string[]} texts
    * @param {{pooling?: 'mean' | 'cls', normalize?: boolean, batch_size?: number, truncate?: boolean}} [options]
@@ -319,8 +322,11 @@ export class Model {
   async embed(texts, options = {}) {
     this.#require(ENCODER in this.sessions, 'embed', 'a package with an encoder');
     checkOptions('embed', options, ['pooling', 'normalize', 'batch_size', 'truncate']);
-    const { pooling = 'mean', normalize = true, batch_size: batchSize = 32, truncate = false } = options;
+    // not given: the package's embedding defaults (a sentence-transformers import), else mean, normalised
+    const [defaultPooling, defaultNormalize] = embeddingDefaults(this.manifest);
+    const { pooling = defaultPooling, normalize = defaultNormalize, batch_size: batchSize = 32, truncate = false } = options;
     if (pooling !== 'mean' && pooling !== 'cls') throw new InputError(`pooling must be 'mean' or 'cls', not ${show(pooling)}`);
+    if (typeof normalize !== 'boolean') throw new InputError(`normalize must be true or false, not ${show(normalize)}`);
     texts = this.#texts(texts, 'embed texts');
     const out = [];
     for (const { feeds } of await this.#encoderBatches(texts, batchSize, truncate)) {
@@ -491,6 +497,80 @@ export class Model {
     const ids = this.#checkIds(await this.#promptIds(this.#format([prompt], fmt, 'stream prompt'), config, truncate), config);
     const pieces = await gen.stream(this.#steps(ids, config), ids[0], config, (t) => this.decode(t), { rng });
     return fmt ? fmt.parseStream(pieces) : pieces;
+  }
+
+  // Chat (packages with a chat template: chat.js, FORMAT.md 5.3) ----------------------------------
+  /** The package's Jinja chat template (manifest chat_template), null without one. @returns {string | null} */
+  get chatTemplate() {
+    return this.manifest.chat_template;
+  }
+
+  /**
+   * The conversation in the package's chat template: the text, and its token ids tokenized
+   * without adding special tokens (the template wrote those it wants).
+   * @param {{role: string, content: string}[]} messages
+   * @param {{add_generation_prompt?: boolean}} [options]
+   * @returns {Promise<import('./chat.js').ChatPrompt>}
+   */
+  async renderChat(messages, options = {}) {
+    this.#require(this.canGenerate, 'chat', 'a decoder-only, prefix-lm or encoder-decoder package');
+    checkOptions('renderChat', options, ['add_generation_prompt']);
+    if (this.manifest.chat_template === null) {
+      throw new InputError(
+        `chat() needs a package with a chat template; ${path.basename(this.directory)} has none (manifest ` +
+          'chat_template: the model it was exported from shipped no template). Call generate() with the prompt text, ' +
+          "or export a Hugging Face model whose tokenizer_config.json or chat_template.jinja holds its template",
+        { code: 'E_WRONG_KIND' },
+      );
+    }
+    const { add_generation_prompt: addGenerationPrompt = true } = options;
+    if (typeof addGenerationPrompt !== 'boolean') {
+      throw new InputError(`add_generation_prompt must be true or false, not ${show(addGenerationPrompt)}`);
+    }
+    const variables = specialTokenVariables(this.manifest.special_tokens, (id) => this.tokenizer.idToToken(id));
+    const text = renderTemplate(this.manifest.chat_template, checkMessages(messages), { addGenerationPrompt, variables });
+    const ids = await this.tokenizer.encodeText(text);
+    if (!ids.length) throw new InputError('the chat template rendered this conversation as no tokens; pass a message with content');
+    return { text, token_ids: ids };
+  }
+
+  /**
+   * Answer one conversation: renderChat, then generation on its ids with the package's
+   * defaults (its eos ids stop the answer) updated by the options (generation parameters,
+   * `add_generation_prompt`, `rng`). `prompt` is the rendered text, `texts` the answers.
+   * @param {{role: string, content: string}[]} messages
+   * @param {GenerateOptions & {add_generation_prompt?: boolean}} [options]
+   * @returns {Promise<Generation>}
+   */
+  async chat(messages, options = {}) {
+    if (options === null || typeof options !== 'object' || Array.isArray(options)) {
+      throw new ConfigError(`chat() options must be an object, not ${typeOf(options)}`);
+    }
+    const { add_generation_prompt: addGenerationPrompt, ...rest } = options;
+    const prompt = await this.renderChat(messages, addGenerationPrompt === undefined ? {} : { add_generation_prompt: addGenerationPrompt });
+    for (const key of ['truncate', 'raw']) {
+      if (key in rest) throw new InputError(`chat() has no option ${key}: a conversation is sent as its template renders it`);
+    }
+    const [result] = await this.generateIds([prompt.token_ids], rest);
+    return { ...result, prompt: prompt.text };
+  }
+
+  /**
+   * chat()'s answer as it is produced (greedy or sample); the pieces join to its text.
+   * @param {{role: string, content: string}[]} messages
+   * @param {GenerateOptions & {add_generation_prompt?: boolean}} [options]
+   * @returns {Promise<AsyncGenerator<string, void, void>>}
+   */
+  async streamChat(messages, options = {}) {
+    if (options === null || typeof options !== 'object' || Array.isArray(options)) {
+      throw new ConfigError(`streamChat() options must be an object, not ${typeOf(options)}`);
+    }
+    const { add_generation_prompt: addGenerationPrompt, ...rest } = options;
+    const prompt = await this.renderChat(messages, addGenerationPrompt === undefined ? {} : { add_generation_prompt: addGenerationPrompt });
+    const { params, rng } = splitOptions(rest);
+    const config = this.generationConfig(params);
+    const ids = this.#checkIds([prompt.token_ids], config);
+    return gen.stream(this.#steps(ids, config), ids[0], config, (t) => this.decode(t), { rng });
   }
 
   /**

@@ -60,6 +60,16 @@ export class PackageTokenizer {
   }
 
   /**
+   * Ids of one text as it is, without the special-token template (a rendered chat template
+   * holds the special tokens it wants).
+   * @param {string} text
+   * @returns {Promise<number[]>}
+   */
+  async encodeText(text) {
+    return (await this.tokenizer.encode(text, null, { addSpecialTokens: false })).getIds();
+  }
+
+  /**
    * Text of token ids, special tokens skipped.
    * @param {number[]} ids
    * @returns {Promise<string>}
