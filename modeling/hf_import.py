@@ -325,7 +325,16 @@ class TensorFiles:
         if path is None:
             raise CheckpointError(f"{self.directory}: tensor {name!r} is missing from the checkpoint; it is "
                                   "incomplete, or not the model its config.json describes", code="E_CHECKPOINT")
-        tensor = self._bin[path][name] if path in self._bin else self._open[path].get_tensor(name)
+        if path in self._bin:
+            tensor = self._bin[path][name]
+        else:
+            # A fresh handle per tensor: a handle maps its whole file and keeps every page read
+            # through it resident (counted in the process's RSS) until it is closed; read once,
+            # the tensor is copied into the model and the map goes with the handle.
+            from safetensors import safe_open
+
+            with safe_open(str(path), framework="pt") as handle:
+                tensor = handle.get_tensor(name)
         return tensor.float() if tensor.is_floating_point() else tensor
 
 
