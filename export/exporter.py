@@ -694,6 +694,20 @@ def _staging(out_dir: Path):
         shutil.rmtree(tmp, ignore_errors=True)  # gone already once published
 
 
+def _copy_tokenizer(source: Path, target: Path) -> None:
+    """The tokenizer file into the package, without padding: the runtimes pad a batch themselves
+    and count a row's tokens as its ids, so a tokenizer.json that pads (sentence-transformers'
+    all-MiniLM-L6-v2 pads every text to 128) would make its [PAD]s real tokens."""
+    import json
+
+    text = source.read_text(encoding="utf-8")
+    data = json.loads(text)
+    if isinstance(data, dict) and data.get("padding") is not None:
+        data["padding"] = None
+        text = json.dumps(data, ensure_ascii=False)
+    target.write_text(text, encoding="utf-8")
+
+
 def export_model(
     model: Transformer,
     tokenizer_file: str | os.PathLike,
@@ -707,7 +721,7 @@ def export_model(
     plan = plan_export(model, Path(tokenizer_file), Path(out_dir).absolute(), options, package)
     try:
         with _staging(plan.out_dir) as tmp:
-            shutil.copyfile(plan.tokenizer_file, tmp / TOKENIZER_FILE)
+            _copy_tokenizer(plan.tokenizer_file, tmp / TOKENIZER_FILE)
             manifest = stage(tmp, produce_graphs(model, plan, tmp), plan, "float32")
             validation = {"float32": validate(model, tmp, manifest, plan, atol=options.atol)}
             if options.weights != "float32":
