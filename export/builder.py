@@ -15,7 +15,7 @@ code: ~1400 nodes for 8 layers (~500 after onnxruntime's optimizer), a KV cache 
     com.microsoft.SkipSimplifiedLayerNormalization / SkipLayerNormalization
                                                                     residual add + norm in one
                                                                     (the final norm included)
-    Sigmoid, Mul / com.microsoft.Gelu                               SwiGLU / GELU feed-forward
+    Sigmoid, Mul / com.microsoft.Gelu, FastGelu                     SwiGLU / GELU (erf, tanh) feed-forward
     GatherND                                                        the last real token of each
         row, so the vocabulary projection runs once per row, not per position
     ArgMax, and -log(sum(exp(logits - max)))                        the greedy choice and its

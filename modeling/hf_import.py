@@ -419,11 +419,15 @@ def load_hf(directory: str | os.PathLike, *, overrides: dict[str, Any] | None = 
             "tokenizer into the folder (AutoTokenizer.from_pretrained(...).save_pretrained(folder))",
             code="E_TOKENIZER")
     files = TensorFiles(directory)
+    package = _package_info(directory, hf, config, family)
+    _check_tokenizer(tokenizer_file, config, package)
+    # A special token config.json has no id for is the tokenizer's (Qwen2.5: no pad_token_id, a pad
+    # token in tokenizer_config.json): the model's math never reads it, the package's generation does.
+    config = config.replace(**{f"{role}_token_id": package.special_tokens[role] for role in ("pad", "bos", "eos")
+                               if getattr(config, f"{role}_token_id") < 0 <= package.special_tokens.get(role, -1)})
     model = Transformer(config) if fresh else _uninitialised(config)
     initialised: dict[str, str] = {}
     dropped = _copy_tensors(model, family, config, hf, files, fresh, initialised)
-    package = _package_info(directory, hf, config, family)
-    _check_tokenizer(tokenizer_file, config, package)
     log.info("imported %s (%s, %d tensors, %.1fM parameters)", directory, family.name, len(files.names),
              model.num_parameters() / 1e6)
     for line in dropped_report(initialised):
@@ -477,6 +481,12 @@ def _copy_tensors(model: Transformer, family: Family, config: ModelConfig, hf: H
             f"{files.directory}: the checkpoint has no tensor for {len(missing)} parameter(s) of the model its config "
             f"describes ({', '.join(missing[:10])}); it is incomplete or its config.json does not match it",
             code="E_CHECKPOINT")
+    absent = sorted({n for name in wanted for n in plan[name].names if n not in files.names})
+    if absent:  # every one of them named (the first ten), before anything is read
+        raise CheckpointError(
+            f"{files.directory}: {len(absent)} tensor(s) missing from the checkpoint ({', '.join(absent[:10])}"
+            f"{', ...' if len(absent) > 10 else ''}); it is incomplete, or not the model its config.json describes",
+            code="E_CHECKPOINT")
     used: set[str] = set()
     for name in sorted(wanted):
         source = plan[name]
@@ -485,11 +495,6 @@ def _copy_tensors(model: Transformer, family: Family, config: ModelConfig, hf: H
             if initialised is not None:
                 initialised[name] = source.absent
             continue
-        absent = [n for n in source.names if n not in files.names]
-        if absent:
-            raise CheckpointError(f"{files.directory}: tensor(s) {', '.join(absent[:10])} missing from the checkpoint "
-                                  f"(needed for {name}); it is incomplete, or not the model its config.json "
-                                  "describes", code="E_CHECKPOINT")
         tensor = source.build(files.get)
         target = params[name]
         if tuple(tensor.shape) != tuple(target.shape):
