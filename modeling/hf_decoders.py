@@ -33,7 +33,14 @@ def _ids(hf: HFConfig) -> dict[str, int]:
             "eos_token_id": one("eos_token_id")}
 
 
+# Keys hub configs of these families carry that transformers never reads: distilgpt2's legacy
+# `_num_labels` (a classification head's size), SmolLM's `is_llama_config` (a converter's note).
+METADATA_KEYS = ("_num_labels", "is_llama_config")
+
+
 def _architecture(hf: HFConfig, architecture: str, *endings: str) -> None:
+    for key in METADATA_KEYS:
+        hf.get(key)
     if architecture and not architecture.endswith(endings):
         raise unsupported(hf, "architectures", [architecture], "onnxformer imports the causal LM "
                           f"({' or '.join('*' + e for e in endings)}); its other heads are not implemented")
@@ -106,6 +113,9 @@ def llama_config(hf: HFConfig, architecture: str) -> ModelConfig:
     model_type = hf.data["model_type"]
     _architecture(hf, architecture, "ForCausalLM", "Model")
     hf.expect("hidden_act", "silu")
+    # SmolLM's converter writes rope_interleaved (false: transformers' rotate-half, the only one it
+    # implements); true would claim a layout transformers ignores
+    hf.expect("rope_interleaved", False)
     max_len = hf.require("max_position_embeddings")
     n_layers = hf.require("num_hidden_layers")
     _sliding_window(hf, n_layers, max_len)

@@ -168,7 +168,8 @@ def _rewrite_config(folder: Path, change) -> None:
 
 
 def test_transformers_4_rope_spelling(folders, tmp_path):
-    """transformers 4.x configs: rope_theta at the top level and rope_scaling with 'type'."""
+    """transformers 4.x configs: rope_theta at the top level and rope_scaling with 'type' (and
+    the keys hub configs carry that transformers never reads, at neutral values)."""
     reference, tok, folder = folders("llama-linear")
     old = shutil.copytree(folder, tmp_path / "old")
 
@@ -176,6 +177,7 @@ def test_transformers_4_rope_spelling(folders, tmp_path):
         params = data.pop("rope_parameters")
         data["rope_theta"] = params["rope_theta"]
         data["rope_scaling"] = {"type": params["rope_type"], "factor": params["factor"]}
+        data.update(is_llama_config=True, rope_interleaved=False, _num_labels=1)  # SmolLM2, distilgpt2
 
     _rewrite_config(old, to_4x)
     imported = load_hf(old)
@@ -276,6 +278,31 @@ def test_package_generates_like_transformers(folders, tmp_path, name):
     if not HAS_NODE:
         pytest.skip("the Node half needs node and runtime/node/node_modules (npm ci in runtime/node)")
     assert _node_generate(report.path, prompts) == (want_one, want_batch)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name, changes, graph", [
+    ("gpt2", dict(scale_attn_weights=False), "built"),  # attn_scale 1.0 in the attention node
+    ("gpt2", dict(activation_function="relu", tie_word_embeddings=False), "traced"),  # relu: not in the builder
+    ("llama", dict(attention_bias=True, mlp_bias=True), "built"),  # biases everywhere
+], ids=["gpt2-unscaled-attention", "gpt2-relu-untied", "llama-biases"])
+def test_variant_packages(tmp_path, name, changes, graph):
+    """Settings the built graph implements get it; one it does not (relu) gets the traced graph,
+    fail-closed, and the manifest says which. Both validated against the model like every export."""
+    reference, tok = _hf_model(name, **changes)
+    folder = save_hf(reference, tok, tmp_path / name)
+    ids = torch.tensor(_ids(tok, [LONG_PROMPT]))
+    with torch.no_grad():
+        assert (load_hf(folder).model.decode(ids).logits - reference(ids).logits).abs().max().item() <= ATOL
+    report = export_checkpoint(folder, tmp_path / "pkg")
+    assert report.decoder_graph == json.loads((report.path / "manifest.json").read_text())["producer"]["decoder_graph"] \
+        == graph
+    figures = report.validation["float32"]
+    assert figures["worst_abs_diff"] <= ATOL and figures["greedy_match"]
+    package = rt.load(report.path, threads=1)
+    want = _hf_generate(reference, tok, PROMPTS)
+    got = package.generate_ids(_ids(tok, PROMPTS), max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS)
+    assert [g.token_ids[0] for g in got] == want
 
 
 # --------------------------------------------------------------------------------------------
@@ -415,6 +442,8 @@ def test_gpt2_settings_refused_by_name(copy_of, tmp_path, key, value, fragment):
     (dict(hidden_act="gelu"), "hidden_act='gelu'"),
     (dict(mlp_bias=True), "mlp_bias=True"),
     (dict(attention_bias=True), "mlp_bias=False"),
+    (dict(rope_interleaved=True), "rope_interleaved=True"),
+    (dict(sliding_window=16), "sliding_window=16"),  # Llama has none: transformers ignores it, onnxformer refuses
 ])
 def test_llama_settings_refused_by_name(copy_of, tmp_path, changes, fragment):
     folder = copy_of("llama")
