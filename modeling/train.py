@@ -120,7 +120,8 @@ class TrainConfig:
     lora_dropout: float = 0.0
     lora_targets: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj")
     bitfit: bool = False  # train biases (and the task head) only
-    from_checkpoint: str | None = None  # start from these weights (+ tokenizer): a run dir, a checkpoint dir or a local Hugging Face model folder
+    # Start from these weights (+ tokenizer): a run dir, a checkpoint dir or a local Hugging Face model folder.
+    from_checkpoint: str | None = None
     resume: bool = False  # continue out_dir's latest checkpoint
     # Evaluation, checkpoints, logging
     eval_every: int | None = None  # steps between evaluations on the validation split

@@ -108,7 +108,7 @@ def _as_transformers(checkpoint: Path, directory: Path):
 # --- full fine-tune, export --------------------------------------------------------------------
 
 
-@pytest.mark.slow  # trains 8 steps and exports: about 4 s
+@pytest.mark.slow  # trains 8 steps, exports, runs transformers' generate: 5-15 s
 def test_full_fine_tune_of_a_llama_folder_learns_and_exports(data, llama_dir, tmp_path):
     from onnxformer.export.exporter import export_checkpoint
     from onnxformer.runtime import GenerationConfig, load
@@ -138,6 +138,7 @@ def test_full_fine_tune_of_a_llama_folder_learns_and_exports(data, llama_dir, tm
 
     report = export_checkpoint(folder, tmp_path / "pkg")
     manifest = report.manifest
+    assert manifest.kv_cache == "shared"  # the fast built decoder graph, as for the folder itself
     assert manifest.generation["eos_token_ids"] == [tokenizer.eos_token_id, SECOND_EOS]
     assert manifest.special_tokens["pad"] == -1 and manifest.special_tokens["bos"] == tokenizer.bos_token_id
     assert manifest.chat_template == CHAT_TEMPLATE
@@ -146,24 +147,37 @@ def test_full_fine_tune_of_a_llama_folder_learns_and_exports(data, llama_dir, tm
     # The package's greedy tokens equal transformers' generate with the fine-tuned weights.
     tuned = _as_transformers(folder, llama_dir)
     package = load(tmp_path / "pkg")
-    prompt = token_ids(tokenizer, "two green")
-    with torch.no_grad():
-        expected = tuned.generate(torch.tensor([prompt]), max_new_tokens=16, do_sample=False,
-                                  eos_token_id=[tokenizer.eos_token_id, SECOND_EOS], pad_token_id=0)[0, len(prompt):]
-    got = package.generate_ids([prompt], GenerationConfig(strategy="greedy", max_new_tokens=16,
-                                                          eos_token_ids=(tokenizer.eos_token_id, SECOND_EOS)))
-    assert got[0].token_ids[0][: len(expected)] == expected.tolist()[: len(got[0].token_ids[0])]
-    assert len(expected) > 1 and _changed(_imported_weights(llama_dir), load_file(str(folder / ckpt.MODEL_FILE)))
+    for text, eos in (("two green", None), ("seven", None), ("one red cat. five", None), ("seven", [319])):
+        # eos None: the manifest's (both ids); [319], a spare row never produced: 16 tokens compared
+        prompt = token_ids(tokenizer, text)
+        ids = torch.tensor([prompt])  # the mask given: transformers would take the BOS (id 0) for padding
+        with torch.no_grad():
+            expected = tuned.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=16, do_sample=False,
+                                      eos_token_id=eos or [tokenizer.eos_token_id, SECOND_EOS],
+                                      pad_token_id=0)[0, len(prompt):].tolist()
+        options = {"eos_token_ids": tuple(eos)} if eos else {}
+        got = package.generate_ids([prompt], GenerationConfig(strategy="greedy", max_new_tokens=16, **options))
+        assert got[0].token_ids[0] == expected, text
+        assert len(expected) == 16 or not eos
+    assert _changed(_imported_weights(llama_dir), load_file(str(folder / ckpt.MODEL_FILE)))  # it was fine-tuned
 
 
 # --- LoRA, BitFit, resume -----------------------------------------------------------------------
 
 
-def test_lora_on_a_llama_folder_changes_only_the_adapted_projections(data, llama_dir, tmp_path):
-    result = train(config(data, tmp_path / "lora", llama_dir, steps=3, lora_rank=4, lora_targets=("q_proj", "v_proj")))
-    changed = _changed(_imported_weights(llama_dir), load_file(str(result.checkpoint / ckpt.MODEL_FILE)))
+def test_lora_on_a_llama_folder_changes_only_the_adapted_projections(data, llama_dir, tmp_path, capsys):
+    from onnxformer.runtime.cli import main
+
+    run = tmp_path / "lora"
+    rc = main(["train", "--arch", "decoder", "--task", "causal-lm", "--data", data["text"], "--valid", data["text_valid"],
+               "--from-checkpoint", str(llama_dir), "--lora-rank", "4", "--lora-targets", "q_proj,v_proj",
+               "--out", str(run), "--steps", "3", "--batch-size", "8", "--lr", "1e-2", "--max-len", "32",
+               "--eval-examples", "8", "--no-progress"])
+    assert rc == 0 and "trained 3 steps" in capsys.readouterr().out
+    checkpoint = ckpt.latest_checkpoint(run)
+    changed = _changed(_imported_weights(llama_dir), load_file(str(checkpoint / ckpt.MODEL_FILE)))
     assert changed and all(n.endswith(("attn.q_proj.weight", "attn.v_proj.weight")) for n in changed), changed
-    state = json.loads((result.checkpoint / ckpt.TRAINER_STATE_FILE).read_text())
+    state = json.loads((checkpoint / ckpt.TRAINER_STATE_FILE).read_text())
     # 2 layers x (q: 64->64, v: 64->32) with r=4: A (4, 64) + B (out, 4)
     assert state["parameters"]["trainable"] == 2 * (4 * 64 + 64 * 4 + 4 * 64 + 32 * 4)
 
@@ -174,7 +188,6 @@ def test_bitfit_on_a_qwen2_folder_changes_only_biases(data, qwen2_dir, tmp_path)
     assert changed and all(n.endswith(".bias") for n in changed), changed  # Qwen2's q/k/v biases
 
 
-@pytest.mark.slow  # two sft runs with greedy exact match at each evaluation: about 3 s
 def test_resume_of_a_lora_sft_run_from_a_folder_reproduces_the_uninterrupted_run(data, llama_dir, tmp_path):
     kw = dict(task="sft", lora_rank=4, steps=4, save_every=2, keep_checkpoints=0, log_every=1)
     full = tmp_path / "full"
@@ -206,17 +219,20 @@ def test_a_folder_of_another_arch_or_bitfit_without_biases_is_refused_with_the_f
     assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
 
 
-def test_a_checkpoint_without_its_listed_package_file_is_refused(data, llama_dir, tmp_path):
-    result = train(config(data, tmp_path / "run", llama_dir, steps=2))
-    (result.checkpoint / ckpt.PACKAGE_FILE).unlink()  # export would silently lose the eos ids and template
+def test_a_fine_tune_of_the_fine_tune_keeps_the_package_and_a_lost_package_file_is_refused(data, llama_dir, tmp_path):
+    first = train(config(data, tmp_path / "first", llama_dir, steps=2))
+    second = train(config(data, tmp_path / "second", first.run_dir, task="sft", steps=2))  # our checkpoint now
+    assert ckpt.read_package(second.checkpoint) == load_hf(llama_dir).package
+    (first.checkpoint / ckpt.PACKAGE_FILE).unlink()  # export would silently lose the eos ids and the template
     with pytest.raises(CheckpointError, match="package.json is missing but checksums.json lists it"):
-        ckpt.read_package(result.checkpoint)
+        ckpt.read_package(first.checkpoint)
 
 
 # --- an encoder: BERT classification --------------------------------------------------------------
 
 
-def test_bert_folder_fine_tunes_a_classifier(tmp_path):
+@pytest.mark.slow  # trains 30 steps and exports: about 3 s
+def test_bert_folder_fine_tunes_a_classifier_and_the_package_scores_what_training_measured(tmp_path):
     _load_families()
     if "bert" not in FAMILIES:
         pytest.skip("the BERT import (modeling/hf_encoders.py) has not landed yet")
@@ -247,3 +263,14 @@ def test_bert_folder_fine_tunes_a_classifier(tmp_path):
     saved = json.loads((result.checkpoint / ckpt.CONFIG_FILE).read_text())
     assert saved["num_labels"] == 2 and sorted(saved["label_names"]) == ["cold", "warm"]
     assert ckpt.read_package(result.checkpoint).special_tokens["cls"] == 2
+
+    from onnxformer.export.exporter import export_checkpoint
+    from onnxformer.runtime import load
+
+    export_checkpoint(result.checkpoint, tmp_path / "pkg")
+    package = load(tmp_path / "pkg")
+    valid = rows[160:]
+    answers = package.classify([r["text"] for r in valid])
+    accuracy = sum(a.label == r["label"] for a, r in zip(answers, valid)) / len(valid)
+    assert accuracy == result.metrics["valid/accuracy"] and accuracy > 0.9
+    assert package.manifest.source["model_type"] == "bert"
