@@ -134,7 +134,10 @@ def error_cases(model: rt.Model) -> list[dict[str, Any]]:
     else:
         cases.append(case("classify", ["x"]))
     if "encoder" in model.sessions:
-        cases += [case("embed", "x", pooling="max"), case("embed", [LONG_TEXT, "x"], batch_size=1)]
+        cases += [case("embed", "x", pooling="max"), case("embed", [LONG_TEXT, "x"], batch_size=1),
+                  case("embed", "x", normalize="yes")]
+    if model.chat_template is None:  # issue 15: chat needs a package with a chat template
+        cases += [case("chat", [{"role": "user", "content": "hi"}]), case("render_chat", [{"role": "user", "content": "hi"}])]
     if not model.can_generate:
         cases += [case("generate", "x"), case("stream", "x")]
     cases += [case("decode", [999999]), case("decode", [1, -1])]  # issue 14: Node decoded them to ""
@@ -201,6 +204,10 @@ def damaged_packages(package: Path, out: Path, prefix: str) -> list[dict[str, An
         ("generation-eos", set_generation(eos_token_ids=[vocab])),
         ("generation-pad", set_generation(pad_token_id=vocab)),
         ("generation-not-object", lambda d: d.update(generation=["greedy"])),
+        ("chat-template-type", lambda d: d.update(chat_template=5)),  # issue 15: what an import brings
+        ("embedding-pooling", lambda d: d.update(embedding={"pooling": "max", "normalize": True})),
+        ("embedding-unknown", lambda d: d.update(embedding={"pooling": "mean", "prefix": "query: "})),
+        ("source-type", lambda d: d.update(source=["huggingface"])),
         ("sha256-uppercase", lambda d: d["tokenizer"].update(sha256=d["tokenizer"]["sha256"].upper())),
         ("sha256-short", lambda d: d["graphs"][first_graph].update(sha256="abc123")),
         ("bytes-negative", lambda d: d["tokenizer"].update(bytes=-1)),

@@ -33,6 +33,7 @@ function assertScores(actual, expected, what) {
 function call(model, { call: name, args, options }) {
   if (name === 'load') return load(args[0], options);
   if (name === 'generate_ids') return model.generateIds(args[0], options);
+  if (name === 'render_chat') return model.renderChat(args[0], options);
   return model[name](args[0], options);
 }
 
