@@ -517,7 +517,7 @@ def test_node_embed_uses_the_packages_embedding_defaults(node_results):
 
 @NEEDS_NODE
 @EXPORTS
-def test_node_cli_chat(chat):
+def test_node_cli_chat(chat, tmp_path):
     package = str(chat["packages"]["chatml"])
     messages = CONVERSATIONS[1]
     expected = rt.load(package, threads=1).chat(messages)
@@ -531,3 +531,9 @@ def test_node_cli_chat(chat):
     assert rendered.returncode == 0, rendered.stderr
     text, ids = _expected(chat, "chatml", messages)
     assert json.loads(rendered.stdout)[0]["text"] == text and json.loads(rendered.stdout)[0]["token_ids"] == ids
+    copy = tmp_path / "bad"
+    shutil.copytree(package, copy)
+    _rewrite(copy, lambda d: d.update(chat_template=["not", "a", "string"]))
+    bad = subprocess.run(["node", str(NODE_DIR / "cli.js"), "generate", str(copy), "--chat", "hi"], capture_output=True,
+                         text=True, timeout=120)
+    assert bad.returncode == 2 and "error[E_MANIFEST]" in bad.stderr and "chat_template" in bad.stderr, bad.stderr
