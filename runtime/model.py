@@ -27,7 +27,6 @@ import onnxruntime as ort
 from onnxruntime.capi import onnxruntime_pybind11_state as _ort_state
 from tokenizers import Tokenizer
 
-from . import chat as chat_template
 from . import generation as gen
 from .contract import (
     ATTENTION_MASK,
@@ -47,7 +46,7 @@ from .session_steps import ConcatSteps, SharedSteps
 from .steps import StepModel, is_int
 from .manifest import Manifest
 from .prompt_format import PromptFormat
-from .chat import ChatPrompt
+from .chat import ChatPrompt, check_messages, render as render_template, special_token_variables
 
 log = logging.getLogger(__name__)
 
@@ -496,8 +495,8 @@ class Model:
                 code="E_WRONG_KIND")
         if not isinstance(add_generation_prompt, bool):
             raise InputError(f"add_generation_prompt must be True or False; got {add_generation_prompt!r:.40}")
-        variables = chat_template.special_token_variables(self.manifest.special_tokens, self.tokenizer.id_to_token)
-        text = chat_template.render(self.manifest.chat_template, chat_template.check_messages(messages),
+        variables = special_token_variables(self.manifest.special_tokens, self.tokenizer.id_to_token)
+        text = render_template(self.manifest.chat_template, check_messages(messages),
                                     add_generation_prompt=add_generation_prompt, variables=variables)
         ids = self.tokenizer.encode(text, add_special_tokens=False).ids
         if not ids:
