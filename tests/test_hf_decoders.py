@@ -98,8 +98,9 @@ def _hf_logits(model, tok, texts: list[str]) -> np.ndarray:
 def _hf_generate(model, tok, texts: list[str]) -> list[list[int]]:
     batch = _left_padded(tok, texts)
     with torch.no_grad():
-        out = model.generate(batch["input_ids"], attention_mask=batch["attention_mask"], max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS, do_sample=False,
-                             pad_token_id=tok.pad_token_id)
+        # generate() derives the positions from the mask itself; min_new_tokens: every row runs 32 tokens
+        out = model.generate(batch["input_ids"], attention_mask=batch["attention_mask"], do_sample=False,
+                             max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS, pad_token_id=tok.pad_token_id)
     return out[:, batch["input_ids"].shape[1]:].tolist()
 
 
@@ -132,9 +133,13 @@ def test_eager_logits_equal_transformers(folders, name):
 
 
 def test_what_each_family_converts_to(folders):
-    """The config fields the families set, and tied heads stored once."""
-    configs = {name: load_hf(folders(name)[2]).config for name in ("llama", "smollm", "qwen2", "gpt2", "llama3")}
-    assert configs["llama"].n_kv_heads == 2 and not configs["llama"].tie_embeddings and configs["llama"].head_dim is None
+    """The config fields the families set; a tied head is the embedding itself."""
+    imported = {name: load_hf(folders(name)[2]) for name in ("llama", "smollm", "qwen2", "gpt2", "llama3")}
+    configs = {name: i.config for name, i in imported.items()}
+    assert configs["llama"].n_kv_heads == 2 and configs["llama"].head_dim is None
+    assert not configs["llama"].tie_embeddings and imported["llama"].model.lm_head.weight is not \
+        imported["llama"].model.tok_emb.weight
+    assert imported["gpt2"].model.lm_head.weight is imported["gpt2"].model.tok_emb.weight
     assert configs["smollm"].tie_embeddings and configs["smollm"].head_dim == 32 and configs["smollm"].d_head == 32
     assert configs["qwen2"].has_qkv_bias and not configs["qwen2"].bias
     # ids config.json does not name are the tokenizer's (the package's pad and bos)
@@ -295,8 +300,8 @@ def test_variant_packages(tmp_path, name, changes, graph):
     with torch.no_grad():
         assert (load_hf(folder).model.decode(ids).logits - reference(ids).logits).abs().max().item() <= ATOL
     report = export_checkpoint(folder, tmp_path / "pkg")
-    assert report.decoder_graph == json.loads((report.path / "manifest.json").read_text())["producer"]["decoder_graph"] \
-        == graph
+    manifest = json.loads((report.path / "manifest.json").read_text())
+    assert report.decoder_graph == manifest["producer"]["decoder_graph"] == graph
     figures = report.validation["float32"]
     assert figures["worst_abs_diff"] <= ATOL and figures["greedy_match"]
     package = rt.load(report.path, threads=1)
