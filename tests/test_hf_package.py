@@ -385,27 +385,63 @@ def test_embed_uses_the_packages_embedding_defaults(tmp_path):
         defaults.embed(texts, normalize="yes")
 
 
-@pytest.mark.slow
-def test_the_exporter_writes_embedding_and_source(tmp_path):
-    """An import's pooling defaults reach the manifest of an encoder package (export_model's `package`)."""
-    package = REPO / "artifacts" / "encoder"
-    if not (package / "manifest.json").is_file():
-        pytest.skip("artifacts/encoder is absent")
-    from onnxformer.export.exporter import export_model
-    from onnxformer.modeling.config import ModelConfig
-    from onnxformer.modeling.hf_import import PackageInfo
-    from onnxformer.modeling.model import Transformer
+def _wordpiece_tokenizer():
+    """A BERT-style WordPiece tokenizer ([CLS] $A [SEP]) trained on hf_support.TEXTS."""
+    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
 
-    data = json.loads((package / "manifest.json").read_text())["model_config"]
-    data.pop("num_parameters", None)
-    config = ModelConfig.from_dict(data)
-    info = PackageInfo(embedding={"pooling": "cls", "normalize": False}, chat_template=CHATML,
-                       source={"format": "huggingface", "model_type": "bert", "architectures": ["BertModel"]})
-    export_model(Transformer(config), package / "tokenizer.json", tmp_path / "out", package=info)
-    manifest = json.loads((tmp_path / "out" / "manifest.json").read_text())
+    from hf_support import TEXTS
+
+    tok = Tokenizer(models.WordPiece(unk_token="[UNK]"))
+    tok.normalizer = normalizers.BertNormalizer(lowercase=True)
+    tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    tok.decoder = decoders.WordPiece()
+    tok.train_from_iterator(TEXTS, trainers.WordPieceTrainer(vocab_size=200, show_progress=False,
+                                                             special_tokens=["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]))
+    cls, sep = tok.token_to_id("[CLS]"), tok.token_to_id("[SEP]")
+    tok.post_processor = processors.TemplateProcessing(single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B:1 [SEP]:1",
+                                                       special_tokens=[("[CLS]", cls), ("[SEP]", sep)])
+    return transformers.PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]", pad_token="[PAD]",
+                                                cls_token="[CLS]", sep_token="[SEP]", mask_token="[MASK]")
+
+
+@pytest.fixture(scope="module")
+def cls_embedder(tmp_path_factory):
+    """A sentence-transformers folder that pools the [CLS] state and does not normalise, exported;
+    with transformers' [CLS] states of SENTENCES, its recipe."""
+    from onnxformer.export.exporter import export_checkpoint
+
+    root = tmp_path_factory.mktemp("st-cls")
+    tokenizer = _wordpiece_tokenizer()
+    torch.manual_seed(0)
+    model = transformers.BertModel(transformers.BertConfig(
+        vocab_size=200, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
+        max_position_embeddings=64), add_pooling_layer=False).eval()
+    directory = save_hf(model, tokenizer, root / "hf")
+    (directory / "modules.json").write_text(json.dumps([
+        {"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models.Transformer"},
+        {"idx": 1, "name": "1", "path": "1_Pooling", "type": "sentence_transformers.models.Pooling"}]))
+    (directory / "1_Pooling").mkdir()
+    (directory / "1_Pooling" / "config.json").write_text(json.dumps(
+        {"word_embedding_dimension": 32, "pooling_mode_cls_token": True, "pooling_mode_mean_tokens": False}))
+    export_checkpoint(directory, root / "package")
+    batch = tokenizer(SENTENCES, padding=True, return_tensors="pt")
+    with torch.no_grad():
+        recipe = model(**batch).last_hidden_state[:, 0].numpy()  # (B, D): [CLS], not normalised
+    return root / "package", recipe
+
+
+SENTENCES = ["one red cat.", "two green dogs and a blue sun sea.", "hello naive cafe"]
+
+
+@EXPORTS
+def test_an_imported_embedders_pooling_is_embeds_default(cls_embedder):
+    package, recipe = cls_embedder
+    manifest = json.loads((package / "manifest.json").read_text())
     assert manifest["embedding"] == {"pooling": "cls", "normalize": False}
-    assert manifest["source"]["model_type"] == "bert"
-    assert "chat_template" not in manifest  # an encoder has nothing to chat with
+    assert manifest["source"]["model_type"] == "bert" and "chat_template" not in manifest
+    model = rt.load(package, threads=1)
+    assert np.abs(model.embed(SENTENCES) - recipe).max() <= 1e-4  # no arguments: the folder's recipe
+    assert not np.allclose(model.embed(SENTENCES, pooling="mean"), model.embed(SENTENCES))
 
 
 # --------------------------------------------------------------------------------------------
@@ -442,6 +478,10 @@ for (const [name, dir] of Object.entries(spec.packages)) {
 }
 out.errors.manifests = [];
 for (const data of spec.manifests) out.errors.manifests.push(await code(() => manifestFromDict(data)));
+if (spec.embedder) {
+  const model = await load(spec.embedder, { threads: 1 });
+  out.embedder = (await model.embed(spec.sentences)).map((v) => Array.from(v));
+}
 if (spec.encoder) {
   const plain = await load(spec.encoder.plain, { threads: 1 });
   const defaults = await load(spec.encoder.defaults, { threads: 1 });
@@ -455,7 +495,7 @@ process.stdout.write(JSON.stringify(out));
 
 
 @pytest.fixture(scope="module")
-def node_results(chat, tmp_path_factory):
+def node_results(chat, cls_embedder, tmp_path_factory):
     if not HAS_NODE:
         pytest.skip("needs Node and runtime/node's npm packages (npm ci)")
     base = json.loads((chat["packages"]["chatml"] / "manifest.json").read_text())
@@ -463,7 +503,8 @@ def node_results(chat, tmp_path_factory):
     spec = {"index": str(NODE_DIR / "index.js"), "packages": {k: str(v) for k, v in chat["packages"].items()},
             "conversations": {name: conversations_for(name) for name in TEMPLATES}, "chat": CONVERSATIONS[:2],
             "eos": chat["eos"], "refused": [SYSTEM, {"role": "user", "content": "hi"}],
-            "bad_messages": [bad for bad, _ in BAD_MESSAGES], "manifests": manifests}
+            "bad_messages": [bad for bad, _ in BAD_MESSAGES], "manifests": manifests,
+            "embedder": str(cls_embedder[0]), "sentences": SENTENCES}
     encoder = REPO / "artifacts" / "encoder"
     if (encoder / "manifest.json").is_file():
         copy = tmp_path_factory.mktemp("node-encoder") / "encoder"
@@ -509,7 +550,8 @@ def test_node_refuses_what_python_refuses(node_results):
 
 @NEEDS_NODE
 @EXPORTS
-def test_node_embed_uses_the_packages_embedding_defaults(node_results):
+def test_node_embed_uses_the_packages_embedding_defaults(node_results, cls_embedder):
+    assert np.abs(np.array(node_results["embedder"]) - cls_embedder[1]).max() <= 1e-4
     if "embed" not in node_results:
         pytest.skip("artifacts/encoder is absent")
     np.testing.assert_array_equal(np.array(node_results["embed"]["defaults"]), np.array(node_results["embed"]["explicit"]))
