@@ -119,6 +119,7 @@ IMPLEMENTED: dict[str, str | tuple | Callable[[ModelConfig], str | None]] = {
     "logits_bias": (False,),
     "logit_scale": (1.0,),
     "pooler_activation": ANY,  # encoder only
+    "mlm_activation": ANY,  # encoder only (the MLM head is in no graph)
     "dropout": ANY,  # inference: no dropout
     "tie_embeddings": (True, False),
     "type_vocab_size": (0,),

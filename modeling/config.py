@@ -26,6 +26,7 @@ POS_ENCODINGS = ("sinusoidal", "learned", "rope", "relative")
 ACTIVATIONS = ("gelu", "gelu_tanh", "relu", "silu", "swiglu", "geglu")
 GATED_ACTIVATIONS = ("swiglu", "geglu")
 POOLER_ACTIVATIONS = ("tanh", "relu", "gelu")
+MLM_ACTIVATIONS = ("gelu", "gelu_tanh", "relu", "silu")
 # rope_scaling types and the keys each takes (Hugging Face's names).
 ROPE_SCALING = {
     "linear": {"factor"},
@@ -86,6 +87,7 @@ class ModelConfig:
     logits_bias: bool = False  # a (V,) bias on the output projection (BERT's MLM decoder, BART's final_logits_bias)
     logit_scale: float = 1.0  # hidden states scaled by this before the output projection (tied T5: D**-0.5)
     pooler_activation: str = "tanh"  # encoder pooler act(W h_[CLS]): BERT tanh, DistilBERT relu, ELECTRA gelu
+    mlm_activation: str = "gelu"  # encoder MLM transform norm(act(W h)): one of MLM_ACTIVATIONS (BERT: hidden_act)
     dropout: float = 0.0
     tie_embeddings: bool = True  # output projection shares the token embedding matrix
     type_vocab_size: int = 0  # segment (token-type) embeddings; 2 for BERT-style NSP, 0 = none
@@ -106,6 +108,7 @@ class ModelConfig:
         _choice("pos_encoding", self.pos_encoding, POS_ENCODINGS)
         _choice("activation", self.activation, ACTIVATIONS)
         _choice("pooler_activation", self.pooler_activation, POOLER_ACTIVATIONS)
+        _choice("mlm_activation", self.mlm_activation, MLM_ACTIVATIONS)
         _choice("norm", self.norm, NORMS)
         _choice("sinusoid_layout", self.sinusoid_layout, SINUSOID_LAYOUTS)
         _choice("norm_position", self.norm_position, NORM_POSITIONS)

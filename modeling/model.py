@@ -408,7 +408,9 @@ class Transformer(nn.Module):
                 raise ValueError(f"tie_embeddings needs d_embed == d_model; got {d_embed} and {c.d_model}")
             self.lm_head.weight = self.tok_emb.weight
         if c.arch == "encoder":
-            self.mlm_transform = nn.Sequential(nn.Linear(c.d_model, c.d_model), nn.GELU(), make_norm(c))
+            mlm_act = {"gelu": nn.GELU(), "gelu_tanh": nn.GELU(approximate="tanh"), "relu": nn.ReLU(),
+                       "silu": nn.SiLU()}[c.mlm_activation]
+            self.mlm_transform = nn.Sequential(nn.Linear(c.d_model, c.d_model), mlm_act, make_norm(c))
             self.pooler = nn.Linear(c.d_model, c.d_model)
             self.pooler_act = activation_function(c.pooler_activation)
             self.nsp_head = nn.Linear(c.d_model, 2)
