@@ -435,9 +435,13 @@ def _prompted_tokenizer_texts(data: TaskData) -> Iterable[str]:
 
 
 def _seq2seq_encode(context: TaskContext, raw: Sequence[Example], epoch: int) -> list[Encoded]:
+    """Source and target as the tokenizer encodes them; a target the tokenizer does not end
+    with eos (an imported tokenizer without that template) gets it, so the model learns to stop."""
+    eos = context.special["eos"]
     sources = context.tokenizer.encode_batch([r.source for r in raw])
-    targets = context.tokenizer.encode_batch([r.target for r in raw])
-    return [Encoded(context.cut(s.ids), target=context.cut(t.ids), text=r.target, source=r.source)
+    targets = [t.ids if eos < 0 or t.ids[-1:] == [eos] else t.ids + [eos]
+               for t in context.tokenizer.encode_batch([r.target for r in raw])]
+    return [Encoded(context.cut(s.ids), target=context.cut(t), text=r.target, source=r.source)
             for s, t, r in zip(sources, targets, raw)]
 
 
