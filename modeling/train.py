@@ -8,6 +8,11 @@ What each task trains, on which architectures and data, lives in one place: its 
 in ``modeling/tasks.py`` (``OBJECTIVES[task]``: encode, collate, loss, metrics). The trainer
 looks the objective up once and never branches on the task's name.
 
+Starting points: a new model (its tokenizer trained on the data), one of our checkpoints, or a
+local Hugging Face model folder (`import_hf`, modeling/hf_import.py): its tokenizer.json, the
+special token ids its import read (a model without a pad token is padded with eos), and its
+PackageInfo, kept in every checkpoint as package.json so that resume and export have it.
+
 Determinism and resume: the sample at global position p (p = step * global batch + offset)
 is ``permutation(seed, epoch)[p % n]`` and its random noise (masking, denoising, split points)
 comes from a generator seeded by (seed, p). Data order and noise are therefore functions of
