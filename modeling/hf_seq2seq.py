@@ -146,7 +146,7 @@ def t5_config(hf: HFConfig, architecture: str) -> ModelConfig:
         tie_embeddings=tied,
         pad_token_id=pad,
         eos_token_id=_id(hf, "eos_token_id"),
-        bos_token_id=-1,
+        bos_token_id=_id(hf, "bos_token_id"),  # T5 has none: sources end with eos
         decoder_start_token_id=start if start >= 0 else pad,  # T5 starts decoding from pad
     )
 
