@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -252,11 +253,24 @@ def _node_generate(package: Path, prompts: list[list[int]]) -> tuple[list, list]
     return one, batch
 
 
+@pytest.fixture(scope="module")
+def packages(folders, tmp_path_factory):
+    """export_checkpoint of folders(name), made once: packages(name) -> ExportReport."""
+    made: dict = {}
+
+    def get(name: str):
+        if name not in made:
+            made[name] = export_checkpoint(folders(name)[2], tmp_path_factory.mktemp(f"{name}-package") / "pkg")
+        return made[name]
+
+    return get
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("name", [name for name in FAMILIES if name != "llama-linear"])  # llama3 exports scaling
-def test_package_generates_like_transformers(folders, tmp_path, name):
-    reference, tok, folder = folders(name)
-    report = export_checkpoint(folder, tmp_path / "pkg")
+def test_package_generates_like_transformers(folders, packages, name):
+    reference, tok, _ = folders(name)
+    report = packages(name)
     manifest = json.loads((report.path / "manifest.json").read_text())
     assert report.decoder_graph == manifest["producer"]["decoder_graph"] == "built"
     assert manifest["kv_cache"] == "shared"
@@ -283,6 +297,29 @@ def test_package_generates_like_transformers(folders, tmp_path, name):
     if not HAS_NODE:
         pytest.skip("the Node half needs node and runtime/node/node_modules (npm ci in runtime/node)")
     assert _node_generate(report.path, prompts) == (want_one, want_batch)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["qwen2", "gpt2"])  # a BOS added by the tokenizer, and none
+def test_cli_text_prompts_generate_like_transformers(folders, packages, name):
+    """What a user types: text prompts through `onnxformer generate` and `node cli.js generate`
+    (each runtime's own tokenizer), the same tokens as transformers' tokenizer and generate."""
+    reference, tok, _ = folders(name)
+    package = packages(name).path
+    want = _hf_generate(reference, tok, PROMPTS)
+    args = ["generate", str(package), *PROMPTS, "--json", "--max-new-tokens", str(NEW_TOKENS),
+            "--min-new-tokens", str(NEW_TOKENS)]
+    commands = [[sys.executable, "-m", "onnxformer.runtime.cli", *args]]
+    if HAS_NODE:
+        commands.append(["node", str(NODE_DIR / "cli.js"), *args])
+    for command in commands:
+        out = subprocess.run(command, capture_output=True, text=True, timeout=120)
+        assert out.returncode == 0, out.stderr
+        results = json.loads(out.stdout)
+        assert [r["prompt"] for r in results] == PROMPTS
+        assert [r["token_ids"][0] for r in results] == want, command[0]
+    if not HAS_NODE:
+        pytest.skip("the Node half needs node and runtime/node/node_modules (npm ci in runtime/node)")
 
 
 @pytest.mark.slow
