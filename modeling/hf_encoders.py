@@ -215,6 +215,7 @@ def bert_config(hf: HFConfig, architecture: str) -> ModelConfig:
         offset = pad + 1
     max_positions = hf.require("max_position_embeddings")
     labels = _label_names(hf, kind)
+    activation = _activation(hf, "hidden_act")
     return ModelConfig(
         arch="encoder",
         vocab_size=hf.require("vocab_size"),
@@ -226,13 +227,15 @@ def bert_config(hf: HFConfig, architecture: str) -> ModelConfig:
         max_seq_len=max_positions - offset,
         pos_encoding="learned",
         pos_offset=offset,
-        activation=_activation(hf, "hidden_act"),
+        activation=activation,
         norm="layernorm",
         norm_position="post",
         norm_eps=float(hf.get("layer_norm_eps", 1e-12)),
         bias=True,
         logits_bias=True,
         pooler_activation="gelu" if model_type == "electra" else "tanh",
+        # BERT's MLM transform applies hidden_act; RoBERTa's lm_head exact GELU
+        mlm_activation=activation if model_type == "bert" else "gelu",
         tie_embeddings=bool(hf.get("tie_word_embeddings", True)) and d_embed is None,
         # one token type (RoBERTa) adds the same row everywhere: folded into the position table
         type_vocab_size=types if (types := int(hf.get("type_vocab_size", 2))) != 1 else 0,
@@ -247,6 +250,7 @@ def distilbert_config(hf: HFConfig, architecture: str) -> ModelConfig:
     hf.get("sinusoidal_pos_embds")  # the table is stored in the weights either way: read as learned positions
     hf.get("tie_weights_")  # old configs; the tie is tie_word_embeddings
     labels = _label_names(hf, kind)
+    activation = _activation(hf, "activation")
     return ModelConfig(
         arch="encoder",
         vocab_size=hf.require("vocab_size"),
@@ -256,13 +260,14 @@ def distilbert_config(hf: HFConfig, architecture: str) -> ModelConfig:
         d_ff=hf.require("hidden_dim"),
         max_seq_len=hf.require("max_position_embeddings"),
         pos_encoding="learned",
-        activation=_activation(hf, "activation"),
+        activation=activation,
         norm="layernorm",
         norm_position="post",
         norm_eps=1e-12,  # fixed in DistilBERT's modules
         bias=True,
         logits_bias=True,
         pooler_activation="relu",
+        mlm_activation=activation,  # vocab_transform applies config.activation
         tie_embeddings=bool(hf.get("tie_word_embeddings", True)),
         type_vocab_size=0,
         num_labels=len(labels),
@@ -336,11 +341,6 @@ def encoder_tensors(config: ModelConfig, hf: HFConfig, names: set[str]) -> dict[
             continue  # our model has no classifier
         modules = _head_modules(layout, head, base, names)
         if head in required or (modules and _head_present(modules, names)):
-            if head == "mlm" and config.activation != "gelu":
-                raise unsupported(hf, "hidden_act" if model_type != "distilbert" else "activation",
-                                  hf.data.get("hidden_act", hf.data.get("activation")),
-                                  "the MLM head's transform is implemented with exact GELU only; import the bare "
-                                  f"{model_type} model without its MLM head")
             for ours, theirs in modules.items():
                 if isinstance(theirs, tuple):  # lm_head: (bias, untied weight)
                     plan["lm_head.bias"] = take(theirs[0])

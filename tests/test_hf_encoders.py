@@ -51,29 +51,30 @@ SMALL = dict(vocab_size=200, hidden_size=32, num_hidden_layers=2, num_attention_
              max_position_embeddings=64)
 
 
-def _config(family: str, tokenizer):
+def _config(family: str, tokenizer, **changes):
     if family == "bert":
-        return T.BertConfig(**SMALL)
+        return T.BertConfig(**SMALL, **changes)
     if family == "roberta":  # positions from pad_token_id + 1: 64 usable of 66 rows
         return T.RobertaConfig(**{**SMALL, "vocab_size": 300, "max_position_embeddings": 66}, type_vocab_size=1,
                                pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id,
-                               eos_token_id=tokenizer.eos_token_id)
+                               eos_token_id=tokenizer.eos_token_id, **changes)
     if family == "distilbert":
         return T.DistilBertConfig(vocab_size=200, dim=32, n_layers=2, n_heads=4, hidden_dim=64,
-                                  max_position_embeddings=64)
-    return T.ElectraConfig(**SMALL, embedding_size=16)  # embedding width below the model's: embed_proj
+                                  max_position_embeddings=64, **changes)
+    return T.ElectraConfig(**SMALL, embedding_size=16, **changes)  # embedding width below the model's: embed_proj
 
 
 def _tokenizer(family: str):
     return hf_tokenizer(300) if family == "roberta" else wordpiece_tokenizer()
 
 
-def build(family: str, head: str, directory: Path):
-    """(transformers model, its tokenizer, the saved folder) for e.g. ("bert", "ForMaskedLM")."""
+def build(family: str, head: str, directory: Path, **changes):
+    """(transformers model, its tokenizer, the saved folder) for e.g. ("bert", "ForMaskedLM");
+    `changes`: config.json values."""
     torch.manual_seed(0)
     tokenizer = _tokenizer(family)
     prefix = {"bert": "Bert", "roberta": "Roberta", "distilbert": "DistilBert", "electra": "Electra"}[family]
-    model = getattr(T, prefix + head)(_config(family, tokenizer)).eval()
+    model = getattr(T, prefix + head)(_config(family, tokenizer, **changes)).eval()
     # save first: a tokenizer call with padding=True turns padding on in the tokenizer it wraps
     save_hf(model, tokenizer, directory)
     return model, tokenizer, directory
@@ -90,16 +91,21 @@ def _real(diff, mask):
 
 
 CASES = [
-    ("bert", "Model"), ("bert", "ForSequenceClassification"), ("bert", "ForMaskedLM"), ("bert", "ForPreTraining"),
-    ("roberta", "Model"), ("roberta", "ForSequenceClassification"), ("roberta", "ForMaskedLM"),
-    ("distilbert", "Model"), ("distilbert", "ForSequenceClassification"), ("distilbert", "ForMaskedLM"),
-    ("electra", "Model"), ("electra", "ForSequenceClassification"), ("electra", "ForPreTraining"),
+    ("bert", "Model", {}), ("bert", "ForSequenceClassification", {}), ("bert", "ForMaskedLM", {}),
+    ("bert", "ForPreTraining", {}),
+    # the MLM transform applies hidden_act (BERT) / activation (DistilBERT): mlm_activation
+    ("bert", "ForMaskedLM", {"hidden_act": "gelu_new"}), ("bert", "ForMaskedLM", {"hidden_act": "relu"}),
+    ("roberta", "Model", {}), ("roberta", "ForSequenceClassification", {}), ("roberta", "ForMaskedLM", {}),
+    ("roberta", "ForMaskedLM", {"hidden_act": "gelu_new"}),  # its lm_head stays exact GELU
+    ("distilbert", "Model", {}), ("distilbert", "ForSequenceClassification", {}), ("distilbert", "ForMaskedLM", {}),
+    ("distilbert", "ForMaskedLM", {"activation": "relu"}),
+    ("electra", "Model", {}), ("electra", "ForSequenceClassification", {}), ("electra", "ForPreTraining", {}),
 ]
 
 
-@pytest.mark.parametrize("family,head", CASES)
-def test_eager_matches_transformers(tmp_path, family, head):
-    hf_model, tokenizer, directory = build(family, head, tmp_path / "hf")
+@pytest.mark.parametrize("family,head,changes", CASES)
+def test_eager_matches_transformers(tmp_path, family, head, changes):
+    hf_model, tokenizer, directory = build(family, head, tmp_path / "hf", **changes)
     imported = load_hf(directory)
     ours = imported.model
     enc, mask = _batch(tokenizer)
