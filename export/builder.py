@@ -382,10 +382,11 @@ class _Builder:
         def value_info(t):
             return helper.make_tensor_value_info(t.name, elem[t.dtype], list(t.shape))
 
+        # The initializers are moved into the model by build_decoder, not passed here: make_graph
+        # and make_model each copy the protos they are given (2 extra copies of every weight).
         return helper.make_graph(
             self.g.nodes, "onnxformer_decoder_shared_cache",
             [value_info(t) for t in self.spec.inputs], [value_info(t) for t in self.spec.outputs],
-            initializer=self.g.initializers,
         )
 
 
@@ -395,10 +396,17 @@ def build_decoder(model: Transformer, spec: GraphSpec, dims: Dims, *, opset: int
     if reason is not None:
         raise ExportError(f"the built decoder graph cannot express this model: {reason}", code="E_UNSUPPORTED")
     with torch.no_grad():
-        graph = _Builder(model.float().eval(), spec, dims).build()
+        builder = _Builder(model.float().eval(), spec, dims)
+        graph = builder.build()
     proto = helper.make_model(
         graph, producer_name="onnxformer",
         opset_imports=[helper.make_opsetid("", opset), helper.make_opsetid(MS_DOMAIN, 1)],
     )
     proto.ir_version = 8
+    # One weight at a time: each is copied into the model and its own proto released at once, so
+    # the weights are held once, plus one tensor (they were held 3 times at the peak).
+    weights = builder.g.initializers
+    for k in range(len(weights)):
+        proto.graph.initializer.append(weights[k])
+        weights[k] = None
     return proto
