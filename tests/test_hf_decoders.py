@@ -322,6 +322,38 @@ def test_cli_text_prompts_generate_like_transformers(folders, packages, name):
         pytest.skip("the Node half needs node and runtime/node/node_modules (npm ci in runtime/node)")
 
 
+def _until_eos(tokens: list[int], eos: list[int]) -> list[int]:
+    """A row of transformers' batch output up to its first eos (inclusive): pads follow it."""
+    stops = [k for k, t in enumerate(tokens) if t in eos]
+    return tokens[:stops[0] + 1] if stops else tokens
+
+
+@pytest.mark.slow
+def test_several_eos_ids_stop_as_in_transformers(folders, tmp_path):
+    """generation_config.json's eos_token_id list (Llama 3 has three) carried into the package:
+    default generation stops where transformers' does. The second eos is a token the model
+    generates, so some rows stop early and others run to the limit."""
+    _, tok, folder = folders("llama")
+    reference = transformers.AutoModelForCausalLM.from_pretrained(folder).eval()
+    stop = _hf_generate(reference, tok, PROMPTS[:1])[0][4]
+    copy = shutil.copytree(folder, tmp_path / "eos")
+    settings = json.loads((copy / "generation_config.json").read_text())
+    settings["eos_token_id"] = eos = [tok.eos_token_id, stop]
+    (copy / "generation_config.json").write_text(json.dumps(settings))
+    reference = transformers.AutoModelForCausalLM.from_pretrained(copy).eval()
+    batch = _left_padded(tok, PROMPTS)
+    with torch.no_grad():
+        out = reference.generate(batch["input_ids"], attention_mask=batch["attention_mask"], do_sample=False,
+                                 max_new_tokens=NEW_TOKENS, pad_token_id=tok.pad_token_id)
+    want = [_until_eos(row, eos) for row in out[:, batch["input_ids"].shape[1]:].tolist()]
+    assert len(want[0]) < NEW_TOKENS
+    report = export_checkpoint(copy, tmp_path / "pkg")
+    got = rt.load(report.path, threads=1).generate_ids(_ids(tok, PROMPTS), max_new_tokens=NEW_TOKENS)
+    assert [g.token_ids[0] for g in got] == want
+    assert [g.finish_reasons[0] for g in got] == ["eos" if len(w) < NEW_TOKENS or w[-1] in eos else "length"
+                                                   for w in want]
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("name, changes, graph", [
     ("gpt2", dict(scale_attn_weights=False), "built"),  # attn_scale 1.0 in the attention node
