@@ -6,6 +6,7 @@ left-padded batch, through the Python and the Node runtime."""
 
 from __future__ import annotations
 
+import copy
 import json
 import shutil
 import subprocess
@@ -164,6 +165,19 @@ def test_rope_scaling_matters_and_matches(folders, name):
         ours = load_hf(folder).model.decode(ids).logits
         assert (ours - reference(ids).logits).abs().max().item() <= ATOL
         assert (ours - unscaled(ids).logits).abs().max().item() > 100 * ATOL
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+def test_half_precision_checkpoints(folders, tmp_path, dtype):
+    """Checkpoints as published (Llama, Qwen2 in bfloat16): read into float32, as transformers
+    loads them with dtype=float32."""
+    reference, tok, _ = folders("qwen2")
+    folder = save_hf(copy.deepcopy(reference).to(getattr(torch, dtype)), tok, tmp_path / dtype)
+    assert json.loads((folder / "config.json").read_text())["dtype"] == dtype
+    upcast = transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+    ids = torch.tensor(_ids(tok, [LONG_PROMPT]))
+    with torch.no_grad():
+        assert (load_hf(folder).model.decode(ids).logits - upcast(ids).logits).abs().max().item() <= ATOL
 
 
 def _rewrite_config(folder: Path, change) -> None:
