@@ -508,6 +508,34 @@ def _status() -> dict[str, float]:
     return fields
 
 
+PROFILED_CALLS = {  # module -> functions whose start and end are marked
+    "onnxformer.modeling.hf_import": ["load_hf"],
+    "onnxformer.export.exporter": ["produce_graphs", "stage", "_save_with_shared_weights", "_check_portability",
+                                   "validate", "convert_graphs"],
+    "onnxformer.export.validate": ["numeric_parity", "greedy_parity"],
+}
+
+
+def _mark_calls(logger) -> None:
+    """Wrap PROFILED_CALLS in this process so that each call's start and end is a log record."""
+    import functools
+    import importlib
+
+    for module_name, names in PROFILED_CALLS.items():
+        module = importlib.import_module(module_name)
+        for name in names:
+            original = getattr(module, name)
+
+            def wrapper(*a, __original=original, __name=name, **k):
+                logger.info("> %s", __name)
+                try:
+                    return __original(*a, **k)
+                finally:
+                    logger.info("< %s", __name)
+
+            setattr(module, name, functools.wraps(original)(wrapper))
+
+
 def profile(args: argparse.Namespace) -> None:
     """Export in this process; print the RSS at each log record of onnxformer's export and the
     largest RSS sampled (every 50 ms) since the previous one."""
@@ -534,10 +562,10 @@ def profile(args: argparse.Namespace) -> None:
             peak.update(rss=0.0, anon=0.0, file=0.0)
 
     handler = Mark()
-    for name in ("onnxformer",):
-        logger = logging.getLogger(name)
-        logger.setLevel(logging.INFO)
-        logger.addHandler(handler)
+    logger = logging.getLogger("onnxformer")
+    logger.setLevel(logging.INFO)
+    logger.addHandler(handler)
+    _mark_calls(logger)
     thread = threading.Thread(target=sample, daemon=True)
     thread.start()
     export_checkpoint(args.hf_dir, args.out, ExportOptions(quantize=args.quantize))
