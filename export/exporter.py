@@ -508,6 +508,7 @@ def _manifest(directory: Path, plan: ExportPlan, specs: dict[str, GraphSpec], we
         # what an imported model brings (modeling/hf_import.py PackageInfo; FORMAT.md 2.1): a template only
         # where there is a decoder to chat with, pooling defaults only where there is an encoder to embed with
         chat_template=plan.package.chat_template if plan.dims.arch != "encoder" else None,
+        chat_tokens=dict(plan.package.chat_tokens) if plan.package.chat_template and plan.dims.arch != "encoder" else {},
         embedding=dict(plan.package.embedding) if plan.package.embedding and ENCODER in specs else None,
         source=dict(plan.package.source),
     )

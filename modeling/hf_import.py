@@ -353,6 +353,9 @@ class PackageInfo:
     chat_template: str | None = None
     embedding: dict[str, Any] | None = None  # sentence-transformers: {"pooling": "mean" | "cls", "normalize": bool}
     source: dict[str, Any] = field(default_factory=dict)  # {"format": "huggingface", "model_type": ..., ...}
+    # the tokenizer's named special tokens ({"bos_token": "<s>", ...}): what a chat template reads as
+    # bos_token, eos_token, ... (transformers' special_tokens_map), even where config.json's ids differ
+    chat_tokens: dict[str, str] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -540,10 +543,13 @@ def _package_info(directory: Path, hf: HFConfig, config: ModelConfig, family: Fa
     generation = _read_json(directory / GENERATION_CONFIG, "generation_config.json") \
         if (directory / GENERATION_CONFIG).is_file() else {}
     special: dict[str, int] = {}
+    chat_tokens: dict[str, str] = {}
     for role in SPECIAL_ROLES:
         token = _token_content(tok_config.get(f"{role}_token")) or _token_content(special_map.get(f"{role}_token"))
         token_id = tokenizer.token_to_id(token) if token is not None else None
         special[role] = token_id if token_id is not None else -1
+        if token is not None:
+            chat_tokens[f"{role}_token"] = token
     # The model's own ids (config.json / generation_config.json) win over the tokenizer's names.
     for role, key in (("pad", "pad_token_id"), ("bos", "bos_token_id"), ("eos", "eos_token_id")):
         value = getattr(config, key)
@@ -567,7 +573,7 @@ def _package_info(directory: Path, hf: HFConfig, config: ModelConfig, family: Fa
               "architectures": list(hf.data.get("architectures") or [])}
     return PackageInfo(special_tokens=special, generation=gen,
                        chat_template=template if isinstance(template, str) else None,
-                       embedding=sentence_transformers_pooling(directory), source=source)
+                       embedding=sentence_transformers_pooling(directory), source=source, chat_tokens=chat_tokens)
 
 
 def sentence_transformers_pooling(directory: Path) -> dict[str, Any] | None:

@@ -7,7 +7,8 @@
 * `raise_exception(message)`, `strftime_now(format)` and a `tojson` filter that writes
   `json.dumps(..., ensure_ascii=False)` (Jinja's own escapes HTML);
 * the variables `messages`, `add_generation_prompt`, and `bos_token`, `eos_token`, ... : the
-  tokenizer's token of each special-token role the package has.
+  manifest's `chat_tokens` (the tokenizer's named tokens, transformers' `special_tokens_map`),
+  else the tokenizer's token of each special-token role the package has.
 
 The rendered text already holds the template's special tokens (a Llama-3 template writes
 `<|begin_of_text|>` itself), so it is tokenized WITHOUT the tokenizer's special-token template:
@@ -139,15 +140,17 @@ def render(template: str, messages: list[dict[str, str]], *, add_generation_prom
         raise InputError(f"the package's chat template refused the conversation: {err}") from None
 
 
-def special_token_variables(special_tokens: Mapping[str, int], id_to_token) -> dict[str, str]:
-    """`bos_token`, `eos_token`, ...: the token of each role the package has (id >= 0)."""
+def special_token_variables(special_tokens: Mapping[str, int], id_to_token,
+                            chat_tokens: Mapping[str, str] | None = None) -> dict[str, str]:
+    """`bos_token`, `eos_token`, ...: the manifest's `chat_tokens` (the tokenizer's names, as
+    transformers passes them), else the token of each role the package has (id >= 0)."""
     out = {}
     for role in ROLES_AS_VARIABLES:
         token_id = special_tokens.get(role, -1)
         token = id_to_token(token_id) if token_id >= 0 else None
         if token is not None:
             out[f"{role}_token"] = token
-    return out
+    return {**out, **(chat_tokens or {})}
 
 
 __all__ = ["CHAT_EXTRA", "ChatPrompt", "check_messages", "compile_template", "render", "special_token_variables"]

@@ -198,6 +198,7 @@ class Manifest:
     kv_cache: str = "concat"  # the decoder's KV-cache layout: "concat" | "shared" (contract.KV_CACHE_LAYOUTS)
     prompt_format: PromptFormat | None = None  # what generate() wraps a text prompt in (runtime/prompt_format.py); None: raw
     chat_template: str | None = None  # the Jinja chat template chat() renders (runtime/chat.py); None: no chat()
+    chat_tokens: dict[str, str] = field(default_factory=dict)  # the template's bos_token, eos_token, ... by name
     embedding: dict[str, Any] | None = None  # embed()'s defaults: {"pooling": "mean" | "cls", "normalize": bool}
     source: dict[str, Any] = field(default_factory=dict)  # where the model came from: {"format": "huggingface", ...}
 
@@ -278,6 +279,11 @@ class Manifest:
             if self.arch == "encoder":
                 raise PackageError("manifest chat_template applies to generating packages; an encoder package has "
                                    "none. Re-export the package", code="E_MANIFEST")
+        if not isinstance(self.chat_tokens, Mapping) or not all(
+                isinstance(k, str) and k.endswith("_token") and isinstance(v, str) and v for k, v in self.chat_tokens.items()):
+            raise PackageError(f"manifest chat_tokens must be a JSON object of non-empty token strings by "
+                               f"<role>_token name ({{\"bos_token\": \"<s>\"}}); got {self.chat_tokens!r:.80}. "
+                               "Re-export the package", code="E_MANIFEST")
         if self.embedding is not None:
             if not isinstance(self.embedding, Mapping):
                 raise PackageError(f"manifest embedding must be a JSON object {{\"pooling\": ..., \"normalize\": ...}} "
@@ -337,6 +343,7 @@ class Manifest:
             "model_config": self.model_config,
             **({"prompt_format": self.prompt_format.to_dict()} if self.prompt_format else {}),
             **({"chat_template": self.chat_template} if self.chat_template is not None else {}),
+            **({"chat_tokens": dict(self.chat_tokens)} if self.chat_tokens else {}),
             **({"embedding": dict(self.embedding)} if self.embedding is not None else {}),
             **({"source": dict(self.source)} if self.source else {}),
         }
@@ -388,6 +395,7 @@ class Manifest:
             kv_cache=data.get("kv_cache", "concat"),
             prompt_format=_prompt_format(data.get("prompt_format")),
             chat_template=data.get("chat_template"),  # null: none, as absent
+            chat_tokens=_object(data, "chat_tokens"),
             embedding=data.get("embedding"),
             source=_object(data, "source"),
         )

@@ -495,7 +495,8 @@ class Model:
                 code="E_WRONG_KIND")
         if not isinstance(add_generation_prompt, bool):
             raise InputError(f"add_generation_prompt must be True or False; got {add_generation_prompt!r:.40}")
-        variables = special_token_variables(self.manifest.special_tokens, self.tokenizer.id_to_token)
+        variables = special_token_variables(self.manifest.special_tokens, self.tokenizer.id_to_token,
+                                            self.manifest.chat_tokens)
         text = render_template(self.manifest.chat_template, check_messages(messages),
                                     add_generation_prompt=add_generation_prompt, variables=variables)
         ids = self.tokenizer.encode(text, add_special_tokens=False).ids

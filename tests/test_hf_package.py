@@ -107,7 +107,9 @@ def chat(tmp_path_factory):
     config = transformers.LlamaConfig(
         vocab_size=320, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
         num_key_value_heads=2, max_position_embeddings=128, initializer_range=0.5, bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+        # config.json's eos is the turn end, the tokenizer's eos_token the text end (as Llama 3 Instruct's
+        # and Phi-3's differ): a template's eos_token is the tokenizer's, the manifest's eos the config's
+        eos_token_id=tokenizer.convert_tokens_to_ids("<|eot_id|>"), pad_token_id=tokenizer.pad_token_id)
     model = transformers.LlamaForCausalLM(config).eval()
     ids = tokenizer.apply_chat_template(CONVERSATIONS[0], add_generation_prompt=True, return_dict=False)
     model.generation_config.eos_token_id = None
@@ -161,6 +163,9 @@ def test_the_package_carries_the_template_the_eos_ids_and_the_source(chat):
     assert manifest["source"] == {"format": "huggingface", "model_type": "llama", "family": manifest["source"]["family"],
                                   "architectures": ["LlamaForCausalLM"]}
     assert "embedding" not in manifest  # a decoder: nothing to embed with
+    tokenizer = chat["tokenizer"]
+    assert manifest["chat_tokens"] == {"bos_token": BOS, "eos_token": EOS, "pad_token": "<pad>"}
+    assert manifest["special_tokens"]["eos"] == tokenizer.convert_tokens_to_ids("<|eot_id|>") != tokenizer.eos_token_id
     model = rt.load(chat["packages"]["chatml"], threads=1)
     assert model.chat_template == CHATML and model.manifest.source["model_type"] == "llama"
     from onnxformer.runtime.manifest import Manifest
@@ -190,6 +195,8 @@ BAD_FIELDS = [
     ("embedding", {"pooling": "mean", "normalize": "yes"}, "embedding.normalize"),
     ("embedding", {"pooling": "mean", "prefix": "query: "}, "prefix"),
     ("embedding", {"pooling": "mean", "normalize": True}, "encoder graph"),  # a decoder has no encoder
+    ("chat_tokens", {"eos_token": 2}, "chat_tokens"),
+    ("chat_tokens", {"eos": "</s>"}, "chat_tokens"),
     ("source", ["huggingface"], "source"),
     ("source", {"model_type": 3}, "source.model_type"),
     ("source", {"architectures": "LlamaForCausalLM"}, "source.architectures"),

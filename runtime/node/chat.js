@@ -3,8 +3,9 @@
  * (the Jinja of transformers.js, which applies `trim_blocks` and `lstrip_blocks` as
  * transformers does, and has `raise_exception`, `strftime_now`, `tojson` and `{% generation %}`),
  * with the variables `messages`, `add_generation_prompt` and `bos_token`, `eos_token`, ...: the
- * tokenizer's token of each special-token role the package has. A port of `runtime/chat.py`;
- * the rendered text is tokenized without adding special tokens (no second BOS).
+ * manifest's `chat_tokens`, else the tokenizer's token of each special-token role the package
+ * has. A port of `runtime/chat.py`; the rendered text is tokenized without adding special tokens
+ * (no second BOS).
  *
  * @module chat
  */
@@ -92,16 +93,18 @@ export function render(template, messages, { addGenerationPrompt, variables }) {
 }
 
 /**
- * `bos_token`, `eos_token`, ...: the token of each role the package has (id >= 0).
+ * `bos_token`, `eos_token`, ...: the manifest's `chat_tokens` (the tokenizer's names, as
+ * transformers passes them), else the token of each role the package has (id >= 0).
  * @param {Record<string, number>} specialTokens
  * @param {(id: number) => string | null} idToToken
+ * @param {Record<string, string>} [chatTokens]
  */
-export function specialTokenVariables(specialTokens, idToToken) {
+export function specialTokenVariables(specialTokens, idToToken, chatTokens = {}) {
   const out = {};
   for (const role of ROLES_AS_VARIABLES) {
     const id = Number.isInteger(specialTokens[role]) ? specialTokens[role] : -1;
     const token = id >= 0 ? idToToken(id) : null;
     if (token !== null) out[`${role}_token`] = token;
   }
-  return out;
+  return { ...out, ...chatTokens };
 }

@@ -61,6 +61,7 @@ export const SPECIAL_TOKEN_ROLES = ['pad', 'unk', 'bos', 'eos', 'mask', 'cls', '
  * @property {Record<string, any>} validation
  * @property {Record<string, any>} model_config
  * @property {string | null} chat_template   the Jinja chat template chat() renders (chat.js); null: none
+ * @property {Record<string, string>} chat_tokens  the template's bos_token, eos_token, ... by name
  * @property {{pooling: string, normalize: boolean} | null} embedding  embed()'s defaults; null: mean, normalised
  * @property {Record<string, any>} source       where the model came from: {format: "huggingface", model_type, ...}
  */
@@ -171,6 +172,7 @@ export function manifestFromDict(data) {
     model_config: objectField(data, 'model_config'),
     prompt_format: promptFormatFromManifest(data.prompt_format), // null: prompts are raw text (FORMAT.md 5.2)
     chat_template: data.chat_template ?? null, // null: as absent
+    chat_tokens: objectField(data, 'chat_tokens'),
     embedding: data.embedding ?? null,
     source: objectField(data, 'source'),
   };
@@ -284,6 +286,10 @@ function checkImportedFields(m) {
       throw manifestError(`manifest chat_template must be a non-empty string (a Jinja template) or absent, not ${show(m.chat_template)}`);
     }
     if (m.arch === 'encoder') throw manifestError('manifest chat_template applies to generating packages; an encoder package has none');
+  }
+  if (!Object.entries(m.chat_tokens).every(([k, v]) => k.endsWith('_token') && typeof v === 'string' && v)) {
+    throw manifestError(`manifest chat_tokens must be an object of non-empty token strings by <role>_token name ` +
+      `({"bos_token": "<s>"}), not ${show(m.chat_tokens)}`);
   }
   if (m.embedding !== null) {
     if (!isObject(m.embedding)) {

@@ -527,7 +527,8 @@ export class Model {
     if (typeof addGenerationPrompt !== 'boolean') {
       throw new InputError(`add_generation_prompt must be true or false, not ${show(addGenerationPrompt)}`);
     }
-    const variables = specialTokenVariables(this.manifest.special_tokens, (id) => this.tokenizer.idToToken(id));
+    const variables = specialTokenVariables(this.manifest.special_tokens, (id) => this.tokenizer.idToToken(id),
+      this.manifest.chat_tokens);
     const text = renderTemplate(this.manifest.chat_template, checkMessages(messages), { addGenerationPrompt, variables });
     const ids = await this.tokenizer.encodeText(text);
     if (!ids.length) throw new InputError('the chat template rendered this conversation as no tokens; pass a message with content');

@@ -48,6 +48,7 @@ test('the fields: absent on old packages; bad types refused with E_MANIFEST, nam
     ['chat_template', 5, /chat_template/], ['chat_template', ' ', /chat_template/], ['embedding', 'mean', /embedding/],
     ['embedding', { pooling: 'max' }, /embedding.pooling/], ['embedding', { normalize: 1 }, /embedding.normalize/],
     ['embedding', { pooling: 'cls', prefix: 'query: ' }, /prefix/], ['embedding', { pooling: 'cls' }, /encoder graph/],
+    ['chat_tokens', { eos_token: 2 }, /chat_tokens/], ['chat_tokens', { eos: '</s>' }, /chat_tokens/], ['chat_tokens', [], /chat_tokens/],
     ['source', [], /source/], ['source', { family: 1 }, /source.family/], ['source', { architectures: 'x' }, /source.architectures/],
   ];
   for (const [key, value, named] of cases) {
@@ -84,6 +85,11 @@ test('chat renders the template, tokenizes it without a second BOS and generates
     assert.deepEqual(prompt.token_ids, encoded.slice(1));
     assert.equal((await model.renderChat(messages, { add_generation_prompt: false })).text,
       prompt.text.slice(0, -'<|im_start|>assistant\n'.length));
+    await withCopy(dir, (d) => { d.chat_tokens = { bos_token: '[B]' }; }, async (named) => { // the tokenizer's names win
+      const renamed = await load(named, { threads: 1 });
+      assert.equal((await renamed.renderChat(messages)).text, `[B]${prompt.text.slice(bosToken.length)}`);
+      await renamed.release();
+    });
     const answer = await model.chat(messages, { max_new_tokens: 4 });
     const [direct] = await model.generateIds([prompt.token_ids], { max_new_tokens: 4 });
     assert.deepEqual(answer.token_ids, direct.token_ids);

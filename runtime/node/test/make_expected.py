@@ -205,6 +205,7 @@ def damaged_packages(package: Path, out: Path, prefix: str) -> list[dict[str, An
         ("generation-pad", set_generation(pad_token_id=vocab)),
         ("generation-not-object", lambda d: d.update(generation=["greedy"])),
         ("chat-template-type", lambda d: d.update(chat_template=5)),  # issue 15: what an import brings
+        ("chat-tokens-value", lambda d: d.update(chat_tokens={"eos_token": 2})),
         ("embedding-pooling", lambda d: d.update(embedding={"pooling": "max", "normalize": True})),
         ("embedding-unknown", lambda d: d.update(embedding={"pooling": "mean", "prefix": "query: "})),
         ("source-type", lambda d: d.update(source=["huggingface"])),
