@@ -61,7 +61,7 @@ def rope(hf: HFConfig) -> tuple[float, dict | None]:
     if params is None:
         key, params = "rope_scaling", dict(hf.get("rope_scaling") or {})
         params.setdefault("rope_theta", hf.get("rope_theta", 10000.0))
-    elif hf.data.get("rope_scaling") is not None:  # both spellings: which one transformers reads is moot
+    elif hf.get("rope_scaling") is not None:  # both spellings: which one transformers reads is moot
         raise unsupported(hf, "rope_scaling", hf.data["rope_scaling"], "config.json also has rope_parameters; "
                           "keep the one the model was trained with")
     if not isinstance(params, dict):

@@ -427,6 +427,16 @@ def test_unknown_rope_type(copy_of, tmp_path, rope_type):
              "'linear'", "'llama3'")
 
 
+def test_both_rope_spellings(copy_of, tmp_path):
+    """rope_parameters and a rope_scaling beside it: refused (which one was meant is unknown);
+    a null rope_scaling beside it changes nothing."""
+    folder = copy_of("llama3")
+    _rewrite_config(folder, lambda d: d.update(rope_scaling=None))
+    assert load_hf(folder).config.rope_scaling["rope_type"] == "llama3"
+    _rewrite_config(folder, lambda d: d.update(rope_scaling={"type": "linear", "factor": 2.0}))
+    _refused(folder, tmp_path, "E_UNSUPPORTED", "rope_scaling=", "also has rope_parameters")
+
+
 def test_rope_4x_unknown_type(copy_of, tmp_path):
     folder = copy_of("llama")
     _rewrite_config(folder, lambda d: (d.pop("rope_parameters"),
