@@ -47,11 +47,12 @@ def shared_embedding(names: set[str], stored: tuple[str, ...]) -> Source:
     def same(*tensors: Tensor) -> Tensor:
         for name, tensor in zip(present[1:], tensors[1:]):
             if tensor.shape != tensors[0].shape or not torch.equal(tensor, tensors[0]):
+                head = name == "lm_head.weight"
                 raise CheckpointError(
-                    f"{name} differs from {present[0]}: the checkpoint stores two different token embeddings (or an "
-                    "output head that is not the tied embedding) where its config.json says they are one tensor; "
-                    "onnxformer refuses to pick one. If the output head is separate, set tie_word_embeddings to "
-                    "false in config.json", code="E_CHECKPOINT")
+                    f"{name} differs from {present[0]}: onnxformer's model has one token embedding for both stacks "
+                    f"{'and a tied output head ' if head else ''}and refuses to pick one of two different tensors"
+                    + ("; the output head is separate: set tie_word_embeddings to false in config.json" if head else
+                       " (separate encoder and decoder embeddings are not implemented)"), code="E_CHECKPOINT")
         return tensors[0]
 
     return Source(present, same)
@@ -65,18 +66,23 @@ def _one_per_stack(hf: HFConfig, encoder_key: str, decoder_key: str, what: str) 
     return value
 
 
-def _architecture(hf: HFConfig, architecture: str, allowed: str) -> None:
-    if architecture and architecture != allowed:
-        raise unsupported(hf, "architectures", [architecture], f"onnxformer imports {allowed} (the encoder, the "
-                          "decoder and the language-model head)")
+def _architecture(hf: HFConfig, architecture: str, allowed: tuple[str, ...]) -> None:
+    """The generation model, or the bare model (its head: the tied embedding, as transformers'
+    AutoModelForSeq2SeqLM loads it)."""
+    if architecture and architecture not in allowed:
+        raise unsupported(hf, "architectures", [architecture], f"onnxformer imports {' or '.join(allowed)} (the "
+                          "encoder, the decoder and the language-model head)")
     hf.expect("is_encoder_decoder", True)
     hf.get("output_past")  # transformers 3's name for use_cache
-    # Generation that forces a first token is not carried into the package: refused, since
-    # greedy tokens would then differ from transformers' generate.
+    # Generation that forces the first token is not carried into the package: refused, since
+    # every generation would then differ from transformers' generate in its first token.
+    # (bad_words_ids, e.g. Marian's [[pad]], only matters where the banned token would win.)
     for key in ("forced_bos_token_id", "force_bos_token_to_be_generated"):
         value = hf.get(key)
         if value is not None and value is not False:  # (a token id 0 is a forced token)
-            raise unsupported(hf, key, hf.data[key], "forcing the first generated token is not implemented")
+            raise unsupported(hf, key, hf.data[key], "forcing the first generated token is not implemented: remove "
+                              f"{key} from config.json and generation_config.json to import the model, whose "
+                              "generations then start without it")
 
 
 def _legacy_keys(hf: HFConfig, neutral: dict[str, tuple]) -> None:
@@ -115,7 +121,7 @@ def t5_activation(hf: HFConfig) -> str:
 
 
 def t5_config(hf: HFConfig, architecture: str) -> ModelConfig:
-    _architecture(hf, architecture, "T5ForConditionalGeneration")
+    _architecture(hf, architecture, ("T5ForConditionalGeneration", "T5WithLMHeadModel", "T5Model"))
     d_model, heads, d_kv = hf.require("d_model"), hf.require("num_heads"), hf.require("d_kv")
     # transformers 4 stored tie_word_embeddings false for v1.1 / Flan (an untied head, no
     # output scale); transformers 5 stores scale_decoder_outputs and always says tied.
@@ -207,6 +213,7 @@ def _bart_like_config(hf: HFConfig, *, learned: bool) -> ModelConfig:
     if activation not in ACTIVATIONS:
         raise unsupported(hf, "activation_function", activation, f"onnxformer implements {', '.join(sorted(ACTIVATIONS))}")
     hf.get("init_std")  # initialisation only
+    hf.get("classif_dropout")  # training only (a classification head onnxformer does not import)
     start = _id(hf, "decoder_start_token_id")
     eos = _id(hf, "eos_token_id")
     return ModelConfig(
@@ -238,14 +245,14 @@ def _bart_like_config(hf: HFConfig, *, learned: bool) -> ModelConfig:
 
 
 def bart_config(hf: HFConfig, architecture: str) -> ModelConfig:
-    _architecture(hf, architecture, "BartForConditionalGeneration")
+    _architecture(hf, architecture, ("BartForConditionalGeneration", "BartModel"))
     _legacy_keys(hf, {"add_bias_logits": (False,), "add_final_layer_norm": (False,), "normalize_before": (False,),
                       "normalize_embedding": (True,), "static_position_embeddings": (False,)})
     return _bart_like_config(hf, learned=True)
 
 
 def marian_config(hf: HFConfig, architecture: str) -> ModelConfig:
-    _architecture(hf, architecture, "MarianMTModel")
+    _architecture(hf, architecture, ("MarianMTModel", "MarianModel"))
     _legacy_keys(hf, {"add_bias_logits": (False,), "add_final_layer_norm": (False,), "normalize_before": (False,),
                       "normalize_embedding": (False,), "static_position_embeddings": (True,)})
     hf.expect("share_encoder_decoder_embeddings", True)
@@ -257,18 +264,22 @@ def marian_config(hf: HFConfig, architecture: str) -> ModelConfig:
 
 
 def bart_like_tensors(config: ModelConfig, hf: HFConfig, names: set[str]) -> dict[str, Source]:
-    copies = ("model.shared.weight", "model.encoder.embed_tokens.weight", "model.decoder.embed_tokens.weight")
-    plan = {"tok_emb.weight": shared_embedding(names, copies + (("lm_head.weight",) if config.tie_embeddings else ())),
-            "lm_head.bias": Source(("final_logits_bias",), lambda t: t.reshape(-1))}  # (1, V) -> (V,)
+    base = "model." if "model.shared.weight" in names else ""  # a bare BartModel / MarianModel: no prefix
+    copies = (f"{base}shared.weight", f"{base}encoder.embed_tokens.weight", f"{base}decoder.embed_tokens.weight")
+    plan = {"tok_emb.weight": shared_embedding(names, copies + (("lm_head.weight",) if config.tie_embeddings else ()))}
+    if "final_logits_bias" in names:
+        plan["lm_head.bias"] = Source(("final_logits_bias",), lambda t: t.reshape(-1))  # (1, V) -> (V,)
+    else:  # a bare model has none: zero, the buffer transformers' generation model starts with
+        plan["lm_head.bias"] = Source((), lambda: torch.zeros(config.vocab_size))
     if not config.tie_embeddings:
         plan["lm_head.weight"] = take("lm_head.weight")
     if config.separate_decoder_positions:  # BART
-        plan["pos_emb.weight"] = take("model.encoder.embed_positions.weight")
-        plan["decoder_embedding.pos_emb.weight"] = take("model.decoder.embed_positions.weight")
+        plan["pos_emb.weight"] = take(f"{base}encoder.embed_positions.weight")
+        plan["decoder_embedding.pos_emb.weight"] = take(f"{base}decoder.embed_positions.weight")
     if config.has_embedding_norm:
         for part in ("weight", "bias"):
-            plan[f"emb_norm.{part}"] = take(f"model.encoder.layernorm_embedding.{part}")
-            plan[f"decoder_embedding.emb_norm.{part}"] = take(f"model.decoder.layernorm_embedding.{part}")
+            plan[f"emb_norm.{part}"] = take(f"{base}encoder.layernorm_embedding.{part}")
+            plan[f"decoder_embedding.emb_norm.{part}"] = take(f"{base}decoder.layernorm_embedding.{part}")
 
     def linear(ours: str, theirs: str) -> None:
         plan[f"{ours}.weight"], plan[f"{ours}.bias"] = take(f"{theirs}.weight"), take(f"{theirs}.bias")
@@ -277,8 +288,8 @@ def bart_like_tensors(config: ModelConfig, hf: HFConfig, names: set[str]) -> dic
         for proj, hf_proj in (("q_proj", "q_proj"), ("k_proj", "k_proj"), ("v_proj", "v_proj"), ("o_proj", "out_proj")):
             linear(f"{ours}.{proj}", f"{theirs}.{hf_proj}")
 
-    stacks = (("encoder_layers", "model.encoder.layers", config.n_encoder_layers, False),
-              ("decoder_layers", "model.decoder.layers", config.n_step_layers, True))
+    stacks = (("encoder_layers", f"{base}encoder.layers", config.n_encoder_layers, False),
+              ("decoder_layers", f"{base}decoder.layers", config.n_step_layers, True))
     for ours_stack, theirs_stack, layers, cross in stacks:
         for i in range(layers):
             ours, theirs = f"{ours_stack}.{i}", f"{theirs_stack}.{i}"
@@ -294,7 +305,7 @@ def bart_like_tensors(config: ModelConfig, hf: HFConfig, names: set[str]) -> dic
 
 
 def marian_dropped(name: str) -> str | None:
-    if name in ("model.encoder.embed_positions.weight", "model.decoder.embed_positions.weight"):
+    if name.removeprefix("model.") in ("encoder.embed_positions.weight", "decoder.embed_positions.weight"):
         return "Marian's fixed sinusoidal table (frozen, never trained), recomputed from its formula"
     return None
 

@@ -289,3 +289,21 @@ def test_package_generates_like_transformers(folders, tmp_path, name):
     if not HAS_NODE:
         pytest.skip("the Node half needs node and runtime/node/node_modules (npm ci in runtime/node)")
     assert _node_generate(report.path, sources) == (want_one, want_batch)
+
+
+@pytest.mark.parametrize("name, bare", [("bart-tied", "BartModel"), ("marian-tied", "MarianModel")])
+def test_a_bare_model_imports_as_transformers_loads_it_for_generation(tmp_path, name, bare):
+    """A BartModel / MarianModel folder (no head, no final_logits_bias, no `model.` prefix):
+    the tied embedding is the head and the bias zero, as AutoModelForSeq2SeqLM loads it."""
+    model, tok = _hf_model(name)
+    base = getattr(transformers, bare)(model.config)
+    base.load_state_dict(model.model.state_dict())
+    folder = save_hf(base, tok, tmp_path / bare)
+    reference = type(model).from_pretrained(folder).eval()
+    imported = load_hf(folder)
+    ids, targets = torch.tensor(_ids(tok, SOURCES[1:2])), torch.tensor([[imported.config.start_token_id, 5, 6, 7]])
+    with torch.no_grad():
+        want = reference(input_ids=ids, decoder_input_ids=targets).logits
+        got = imported.model.decode(targets, cross_kv=imported.model.cross_kv(imported.model.encode(ids))).logits
+    assert (got - want).abs().max().item() <= ATOL
+    assert not imported.model.lm_head.bias.any()
