@@ -43,7 +43,8 @@ FAMILIES = {
     "llama3": ("LlamaConfig", dict(LLAMA, rope_parameters=LLAMA3), {}),
     # SmolLM's shape: tied embeddings; here also a head size apart from hidden / heads (32, not 16)
     "smollm": ("LlamaConfig", dict(LLAMA, tie_word_embeddings=True, head_dim=32), {}),
-    "mistral": ("MistralConfig", dict(LLAMA, sliding_window=128, head_dim=16), {}),  # window = the longest sequence
+    # one K/V head (MQA); a sliding window as long as the longest sequence changes nothing
+    "mistral": ("MistralConfig", dict(LLAMA, num_key_value_heads=1, sliding_window=128, head_dim=16), {}),
     # Qwen2.5's config names no pad or bos token (its tokenizer does)
     "qwen2": ("Qwen2Config", dict(LLAMA, tie_word_embeddings=True, pad_token_id=None, bos_token_id=None), {}),
     "gpt2": ("GPT2Config", dict(n_embd=64, n_head=4, n_layer=2, n_positions=128, initializer_range=0.2),
