@@ -307,3 +307,26 @@ def test_a_bare_model_imports_as_transformers_loads_it_for_generation(tmp_path, 
         got = imported.model.decode(targets, cross_kv=imported.model.cross_kv(imported.model.encode(ids))).logits
     assert (got - want).abs().max().item() <= ATOL
     assert not imported.model.lm_head.bias.any()
+
+
+def test_the_fields_these_families_added_are_checked_and_refused_by_the_builder(folders):
+    """separate_decoder_positions needs an encoder-decoder with learned positions; the built
+    decoder graph refuses it by name (the exporter traces instead); Marian's [sin | cos] table
+    is ours with its columns reordered."""
+    from onnxformer.export import builder
+    from onnxformer.modeling.config import ModelConfig
+    from onnxformer.modeling.model import Transformer, sinusoidal_table
+    from onnxformer.runtime.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="separate_decoder_positions applies to arch 'encoder-decoder'"):
+        ModelConfig(arch="decoder", pos_encoding="learned", separate_decoder_positions=True)
+    with pytest.raises(ConfigError, match="sinusoid_layout must be one of"):
+        ModelConfig(pos_encoding="sinusoidal", sinusoid_layout="split")
+    bart = load_hf(folders("bart")[2]).model
+    assert "separate_decoder_positions True is not implemented" in builder.unsupported_reason(bart)
+    interleaved, halves = sinusoidal_table(10, 8), sinusoidal_table(10, 8, "halves")
+    assert torch.equal(halves, torch.cat([interleaved[:, 0::2], interleaved[:, 1::2]], dim=1))
+    tiny = Transformer(ModelConfig(arch="encoder-decoder", vocab_size=50, d_model=16, n_heads=2, d_ff=32,
+                                   pos_encoding="learned", pos_offset=2, separate_decoder_positions=True,
+                                   norm_position="post", max_seq_len=8))
+    assert tiny.decoder_embedding["pos_emb"].weight.shape == (10, 16) and "emb_norm" in tiny.decoder_embedding
