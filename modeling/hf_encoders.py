@@ -1,5 +1,5 @@
-"""Hugging Face encoder-only families (BERT incl. MiniLM / sentence-transformers, RoBERTa,
-DistilBERT, ELECTRA discriminator) as our ModelConfig. Registered into hf_import.FAMILIES.
+"""Hugging Face encoder-only families (BERT incl. MiniLM / sentence-transformers, RoBERTa and
+XLM-RoBERTa, DistilBERT, ELECTRA discriminator) as our ModelConfig. Registered into hf_import.FAMILIES.
 
 All four are our post-norm encoder (norm_position "post", a LayerNorm after the embedding sum,
 learned positions, biases everywhere); they differ only in config fields:
@@ -54,6 +54,12 @@ class Layout:
         a head it does not list is read when the file holds it (bert-base-uncased's
         "BertForMaskedLM" file holds the pooler and NSP head too).
     dropped_heads: tensor-name prefixes of heads onnxformer does not implement, with the reason.
+    The family's math, as our config fields (BERT's values are the defaults):
+    pooler_activation: of the pooler / classification head's dense layer.
+    mlm_hidden_act: the MLM transform applies hidden_act (else exact GELU, RoBERTa's lm_head).
+    positions_after_pad: positions count from pad_token_id + 1 (RoBERTa): pos_offset.
+    embedding_size: config.json's embedding_size may differ from hidden_size (ELECTRA): d_embed.
+    unused_keys: config keys only architectures refused above use (ELECTRA's summary_*).
     """
 
     prefix: str
@@ -62,6 +68,11 @@ class Layout:
     heads: dict[str, dict[str, str | tuple[str, str]]]
     architectures: dict[str, tuple[str, ...]]
     dropped_heads: dict[str, str]
+    pooler_activation: str = "tanh"
+    mlm_hidden_act: bool = True
+    positions_after_pad: bool = False
+    embedding_size: bool = False
+    unused_keys: tuple[str, ...] = ()
 
 
 BUFFERS = {
@@ -106,6 +117,7 @@ ROBERTA = Layout(
     },
     architectures={"Model": (), "ForSequenceClassification": ("pooler", "classifier"), "ForMaskedLM": ("mlm",)},
     dropped_heads={"lm_head.decoder.bias": "the MLM decoder's bias: the same tensor as lm_head.bias"},
+    mlm_hidden_act=False, positions_after_pad=True,
 )
 DISTILBERT = Layout(
     prefix="distilbert.",
@@ -123,6 +135,7 @@ DISTILBERT = Layout(
     },
     architectures={"Model": (), "ForSequenceClassification": ("pooler", "classifier"), "ForMaskedLM": ("mlm",)},
     dropped_heads={},
+    pooler_activation="relu",  # pre_classifier, ReLU, classifier
 )
 ELECTRA = Layout(
     prefix="electra.", embeddings=_BERT_EMBEDDINGS, layer=BERT.layer,
@@ -135,8 +148,12 @@ ELECTRA = Layout(
         "discriminator_predictions.": "ELECTRA's replaced-token detection head (pre-training only): onnxformer has "
                                       "no per-token discriminator head; the encoder below it is imported whole",
     },
+    # its classification head: dense, GELU, out_proj; no pooler of its own
+    pooler_activation="gelu", embedding_size=True,
+    # ElectraForMultipleChoice's SequenceSummary
+    unused_keys=("summary_type", "summary_use_proj", "summary_activation", "summary_last_dropout"),
 )
-LAYOUTS = {"bert": BERT, "roberta": ROBERTA, "distilbert": DISTILBERT, "electra": ELECTRA}
+LAYOUTS = {"bert": BERT, "roberta": ROBERTA, "xlm-roberta": ROBERTA, "distilbert": DISTILBERT, "electra": ELECTRA}
 
 
 # --------------------------------------------------------------------------------------------
@@ -197,21 +214,19 @@ def bert_config(hf: HFConfig, architecture: str) -> ModelConfig:
     model_type = hf.data["model_type"]
     layout = LAYOUTS[model_type]
     kind = architecture_kind(hf, architecture, layout)
-    if model_type == "electra":
-        # summary_*: ElectraForMultipleChoice's SequenceSummary, an architecture refused above
-        for key in ("summary_type", "summary_use_proj", "summary_activation", "summary_last_dropout"):
-            hf.get(key)
+    for key in layout.unused_keys:
+        hf.get(key)
     _no_decoder(hf)
     d_model = hf.require("hidden_size")
-    d_embed = hf.get("embedding_size") if model_type == "electra" else None
+    d_embed = hf.get("embedding_size") if layout.embedding_size else None
     d_embed = d_embed if d_embed not in (None, d_model) else None
     ids = _ids(hf)
     offset = 0
-    if model_type == "roberta":
+    if layout.positions_after_pad:
         pad = ids["pad_token_id"]
         if pad < 0:
             raise unsupported(hf, "pad_token_id", hf.data.get("pad_token_id"),
-                              "RoBERTa's positions start at pad_token_id + 1, so it must be set")
+                              f"{model_type}'s positions start at pad_token_id + 1, so it must be set")
         offset = pad + 1
     max_positions = hf.require("max_position_embeddings")
     labels = _label_names(hf, kind)
@@ -233,9 +248,8 @@ def bert_config(hf: HFConfig, architecture: str) -> ModelConfig:
         norm_eps=float(hf.get("layer_norm_eps", 1e-12)),
         bias=True,
         logits_bias=True,
-        pooler_activation="gelu" if model_type == "electra" else "tanh",
-        # BERT's MLM transform applies hidden_act; RoBERTa's lm_head exact GELU
-        mlm_activation=activation if model_type == "bert" else "gelu",
+        pooler_activation=layout.pooler_activation,
+        mlm_activation=activation if layout.mlm_hidden_act else "gelu",
         tie_embeddings=bool(hf.get("tie_word_embeddings", True)) and d_embed is None,
         # one token type (RoBERTa) adds the same row everywhere: folded into the position table
         type_vocab_size=types if (types := int(hf.get("type_vocab_size", 2))) != 1 else 0,
@@ -266,7 +280,7 @@ def distilbert_config(hf: HFConfig, architecture: str) -> ModelConfig:
         norm_eps=1e-12,  # fixed in DistilBERT's modules
         bias=True,
         logits_bias=True,
-        pooler_activation="relu",
+        pooler_activation=DISTILBERT.pooler_activation,
         mlm_activation=activation,  # vocab_transform applies config.activation
         tie_embeddings=bool(hf.get("tie_word_embeddings", True)),
         type_vocab_size=0,
@@ -378,7 +392,7 @@ def encoder_dropped(layout: Layout) -> Callable[[str], str | None]:
 
 
 register(Family("bert", ("bert",), bert_config, encoder_tensors, encoder_dropped(BERT)))
-register(Family("roberta", ("roberta",), bert_config, encoder_tensors, encoder_dropped(ROBERTA)))
+register(Family("roberta", ("roberta", "xlm-roberta"), bert_config, encoder_tensors, encoder_dropped(ROBERTA)))
 register(Family("distilbert", ("distilbert",), distilbert_config, encoder_tensors, encoder_dropped(DISTILBERT)))
 register(Family("electra", ("electra",), bert_config, encoder_tensors, encoder_dropped(ELECTRA)))
 

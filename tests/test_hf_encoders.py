@@ -54,10 +54,11 @@ SMALL = dict(vocab_size=200, hidden_size=32, num_hidden_layers=2, num_attention_
 def _config(family: str, tokenizer, **changes):
     if family == "bert":
         return T.BertConfig(**SMALL, **changes)
-    if family == "roberta":  # positions from pad_token_id + 1: 64 usable of 66 rows
-        return T.RobertaConfig(**{**SMALL, "vocab_size": 300, "max_position_embeddings": 66}, type_vocab_size=1,
-                               pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id,
-                               eos_token_id=tokenizer.eos_token_id, **changes)
+    if family in ("roberta", "xlm-roberta"):  # positions from pad_token_id + 1: 64 usable of 66 rows
+        config = T.RobertaConfig if family == "roberta" else T.XLMRobertaConfig
+        return config(**{**SMALL, "vocab_size": 300, "max_position_embeddings": 66}, type_vocab_size=1,
+                      pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id,
+                      eos_token_id=tokenizer.eos_token_id, **changes)
     if family == "distilbert":
         return T.DistilBertConfig(vocab_size=200, dim=32, n_layers=2, n_heads=4, hidden_dim=64,
                                   max_position_embeddings=64, **changes)
@@ -65,7 +66,7 @@ def _config(family: str, tokenizer, **changes):
 
 
 def _tokenizer(family: str):
-    return hf_tokenizer(300) if family == "roberta" else wordpiece_tokenizer()
+    return hf_tokenizer(300) if family in ("roberta", "xlm-roberta") else wordpiece_tokenizer()
 
 
 def build(family: str, head: str, directory: Path, **changes):
@@ -73,7 +74,8 @@ def build(family: str, head: str, directory: Path, **changes):
     `changes`: config.json values."""
     torch.manual_seed(0)
     tokenizer = _tokenizer(family)
-    prefix = {"bert": "Bert", "roberta": "Roberta", "distilbert": "DistilBert", "electra": "Electra"}[family]
+    prefix = {"bert": "Bert", "roberta": "Roberta", "xlm-roberta": "XLMRoberta", "distilbert": "DistilBert",
+              "electra": "Electra"}[family]
     model = getattr(T, prefix + head)(_config(family, tokenizer, **changes)).eval()
     # save first: a tokenizer call with padding=True turns padding on in the tokenizer it wraps
     save_hf(model, tokenizer, directory)
@@ -97,8 +99,10 @@ CASES = [
     ("bert", "ForMaskedLM", {"hidden_act": "gelu_new"}), ("bert", "ForMaskedLM", {"hidden_act": "relu"}),
     ("roberta", "Model", {}), ("roberta", "ForSequenceClassification", {}), ("roberta", "ForMaskedLM", {}),
     ("roberta", "ForMaskedLM", {"hidden_act": "gelu_new"}),  # its lm_head stays exact GELU
+    ("xlm-roberta", "ForSequenceClassification", {}), ("xlm-roberta", "ForMaskedLM", {}),
     ("distilbert", "Model", {}), ("distilbert", "ForSequenceClassification", {}), ("distilbert", "ForMaskedLM", {}),
     ("distilbert", "ForMaskedLM", {"activation": "relu"}),
+    ("distilbert", "Model", {"sinusoidal_pos_embds": True}),  # the table is stored in the weights
     ("electra", "Model", {}), ("electra", "ForSequenceClassification", {}), ("electra", "ForPreTraining", {}),
 ]
 
@@ -134,7 +138,7 @@ def test_eager_matches_transformers(tmp_path, family, head, changes):
         assert sorted(imported.dropped) == sorted(k for k in hf_model.state_dict()
                                                   if k.startswith("discriminator_predictions."))
         assert all("discriminator" in reason for reason in imported.dropped.values())
-    if family == "roberta":
+    if family in ("roberta", "xlm-roberta"):
         assert imported.config.pos_offset == tokenizer.pad_token_id + 1
         assert imported.config.type_vocab_size == 0  # the one token type folded into the positions
     if family == "electra":
