@@ -4,7 +4,8 @@ template as transformers does.
 
 One tiny Llama folder (random weights, a byte-level BPE with ChatML and Llama-3 control tokens,
 the ChatML template in tokenizer_config.json, two eos ids in generation_config.json) is exported
-once; copies of the package carry other real-world-shaped templates (Llama 3, Zephyr, Mistral).
+once; copies of the package carry other real-world-shaped templates (Llama 3, Zephyr, Mistral, and
+one with the Jinja features templates use: generation blocks, tojson, loop controls, namespace).
 The reference is transformers itself: `apply_chat_template` for the rendered text and ids,
 `generate` for the greedy answer. The Node runtime runs once, in one process, over every case.
 """
@@ -67,7 +68,16 @@ MISTRAL = (
     "{% elif message['role'] == 'assistant' %}{{ message['content'] + eos_token}}"
     "{% else %}{{ raise_exception('Only user and assistant roles are supported!') }}{% endif %}{% endfor %}"
 )
-TEMPLATES = {"chatml": CHATML, "llama3": LLAMA3, "zephyr": ZEPHYR, "mistral": MISTRAL}
+# What templates use beyond those: {% generation %} (assistant masks), tojson with its options,
+# loop controls, namespace, strftime_now (the year's length: the same every day).
+FEATURES = (
+    "{% set ns = namespace(turns=0) %}{% for m in messages %}{% if m['role'] == 'assistant' %}"
+    "{% generation %}{{ m['content'] }}{% endgeneration %}{% else %}{{ m | tojson }}"
+    "{{ m['content'] | tojson(indent=2) }}{% endif %}\n{% set ns.turns = ns.turns + 1 %}{% endfor %}"
+    "{% for x in [1, 2, 3] %}{% if x == 2 %}{% break %}{% endif %}{{ x }}{% endfor %}"
+    "{{ strftime_now('%Y') | length }}{{ ns.turns }}{% if add_generation_prompt %}{{ eos_token }}{% endif %}"
+)
+TEMPLATES = {"chatml": CHATML, "llama3": LLAMA3, "zephyr": ZEPHYR, "mistral": MISTRAL, "features": FEATURES}
 
 SYSTEM = {"role": "system", "content": "You answer in colours."}
 CONVERSATIONS = [
