@@ -59,7 +59,7 @@ class Layout:
     mlm_hidden_act: the MLM transform applies hidden_act (else exact GELU, RoBERTa's lm_head).
     positions_after_pad: positions count from pad_token_id + 1 (RoBERTa): pos_offset.
     embedding_size: config.json's embedding_size may differ from hidden_size (ELECTRA): d_embed.
-    unused_keys: config keys only architectures refused above use (ELECTRA's summary_*).
+    unused_keys: config keys the architectures imported never read (ELECTRA's summary_*, old BERT exports').
     """
 
     prefix: str
@@ -105,6 +105,9 @@ BERT = Layout(
     architectures={"Model": (), "ForSequenceClassification": ("pooler", "classifier"), "ForMaskedLM": ("mlm",),
                    "ForPreTraining": ("pooler", "mlm", "nsp")},
     dropped_heads={"cls.predictions.decoder.bias": "the MLM decoder's bias: the same tensor as cls.predictions.bias"},
+    # left in Google's original BERT exports (bert-base-multilingual, -chinese): transformers reads none of them
+    unused_keys=("directionality", "pooler_fc_size", "pooler_num_attention_heads", "pooler_num_fc_layers",
+                 "pooler_size_per_head", "pooler_type"),
 )
 ROBERTA = Layout(
     prefix="roberta.", embeddings=_BERT_EMBEDDINGS, layer=BERT.layer,

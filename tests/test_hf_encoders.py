@@ -278,6 +278,13 @@ def test_config_that_changes_the_math_is_refused_by_name(bert_dir, changes, name
     assert named in str(err.value) and err.value.code == "E_UNSUPPORTED"
 
 
+def test_keys_transformers_never_reads_are_accepted(bert_dir):
+    """Google's BERT exports carry pooler_* / directionality keys that no transformers code reads."""
+    _edit_config(bert_dir, directionality="bidi", pooler_fc_size=768, pooler_num_attention_heads=12,
+                 pooler_num_fc_layers=3, pooler_size_per_head=128, pooler_type="first_token_transform")
+    assert load_hf(bert_dir).config.num_labels == 2
+
+
 def test_electra_generator_is_refused(tmp_path):
     directory = build("electra", "Model", tmp_path / "hf")[2]
     _edit_config(directory, architectures=["ElectraForMaskedLM"])
