@@ -238,6 +238,7 @@ def test_real_all_minilm_l6_v2(tmp_path):
     assert python.shape == (len(SENTENCES), 384)
     assert _cosines(python, recipe).min() >= 1 - 1e-5
     assert np.abs(python - recipe).max() <= TOL
+    assert np.abs(package.embed(SENTENCES) - python).max() <= 1e-6  # the defaults: the folder's mean + normalise
     if not HAS_NODE:
         pytest.skip("the Node half needs node and runtime/node/node_modules (npm ci in runtime/node)")
     out = subprocess.run(["node", str(NODE_DIR / "cli.js"), "embed", str(tmp_path / "minilm"), *SENTENCES,
