@@ -32,10 +32,12 @@ ATOL = 1e-4
 T5 = dict(d_model=32, d_kv=8, d_ff=64, num_layers=2, num_decoder_layers=3, num_heads=4,
           relative_attention_num_buckets=8, relative_attention_max_distance=16)
 BART = dict(d_model=32, encoder_layers=2, decoder_layers=3, encoder_attention_heads=4, decoder_attention_heads=4,
-            encoder_ffn_dim=64, decoder_ffn_dim=64, max_position_embeddings=64, forced_eos_token_id=None)
+            encoder_ffn_dim=64, decoder_ffn_dim=64, max_position_embeddings=64,
+            forced_eos_token_id=None)  # BartConfig's default 2 makes generate's last token eos; no package carries it
 # name -> (model class, config class, its arguments, the std of the random weight matrices and
 # of the position tables). A tied post-norm model with random weights repeats its input token
-# forever; the generating cases are untied, so greedy search has something to follow.
+# forever: the BART and Marian models that generate are untied (UNTIED), so greedy search has
+# something to follow; the tied ones are checked eagerly.
 FAMILIES = {
     "t5": ("T5ForConditionalGeneration", "T5Config", dict(T5, feed_forward_proj="relu"), 0.5, 2.0),
     # Flan-T5's shape: gated GELU, d_kv apart from d_model / heads; made untied below
