@@ -11,6 +11,7 @@
  * @module onnxformer
  */
 
+export { ROLES_AS_VARIABLES, checkMessages, render as renderChatTemplate, specialTokenVariables } from './chat.js';
 export { CODES, ConfigError, InputError, OnnxformerError, PackageError, ProviderError, RunError } from './errors.js';
 export { DEFAULTS as GENERATION_DEFAULTS, STRATEGIES, checkParameters, generationConfig, resolveConfig } from './generation.js';
 export { FORMAT_NAME, SUPPORTED_FORMAT_VERSIONS, loadManifest, manifestFromDict, verifyFiles } from './manifest.js';
