@@ -536,47 +536,39 @@ def _mark_calls(logger) -> None:
             setattr(module, name, functools.wraps(original)(wrapper))
 
 
+def _reset_peak() -> None:
+    """Reset this process's VmHWM to its current RSS (Linux: clear_refs 5)."""
+    Path("/proc/self/clear_refs").write_text("5")
+
+
 def profile(args: argparse.Namespace) -> None:
-    """Export in this process; print the RSS at each log record of onnxformer's export and the
-    largest RSS sampled (every 50 ms) since the previous one."""
+    """Export in this process; print the RSS at each log record of onnxformer's export (and at
+    the start and end of PROFILED_CALLS) and the peak RSS since the previous record (VmHWM,
+    reset at each record: exact, not sampled)."""
     import logging
-    import threading
 
     from onnxformer.export.exporter import ExportOptions, export_checkpoint
 
-    peak = {"rss": 0.0, "anon": 0.0, "file": 0.0}
-    stop = threading.Event()
-
-    def sample() -> None:
-        while not stop.wait(0.05):
-            s = _status()
-            if s["VmRSS"] > peak["rss"]:
-                peak.update(rss=s["VmRSS"], anon=s["RssAnon"], file=s["RssFile"])
-
-    marks: list[tuple[float, str, dict[str, float], dict[str, float]]] = []
+    marks: list[tuple[float, str, dict[str, float]]] = []
     start = time.perf_counter()
 
     class Mark(logging.Handler):
         def emit(self, record: logging.LogRecord) -> None:
-            marks.append((time.perf_counter() - start, record.getMessage()[:90], _status(), dict(peak)))
-            peak.update(rss=0.0, anon=0.0, file=0.0)
+            marks.append((time.perf_counter() - start, record.getMessage()[:90], _status()))
+            _reset_peak()
 
     handler = Mark()
     logger = logging.getLogger("onnxformer")
     logger.setLevel(logging.INFO)
     logger.addHandler(handler)
     _mark_calls(logger)
-    thread = threading.Thread(target=sample, daemon=True)
-    thread.start()
+    _reset_peak()
     export_checkpoint(args.hf_dir, args.out, ExportOptions(quantize=args.quantize))
-    stop.set()
     handler.emit(logging.LogRecord("bench", logging.INFO, "", 0, "done", (), None))
-    print(f"{'t s':>7} {'RSS':>7} {'anon':>7} {'file':>7} | {'peak before':>11} {'anon':>7} {'file':>7}  "
-          "event (RSS in MiB; 'peak before': the largest RSS sampled since the previous event)")
-    for t, message, now, before in marks:
-        print(f"{t:7.1f} {now['VmRSS']:7.0f} {now['RssAnon']:7.0f} {now['RssFile']:7.0f} | {before['rss']:11.0f} "
-              f"{before['anon']:7.0f} {before['file']:7.0f}  {message}")
-    print(f"peak RSS (VmHWM) {_status()['VmHWM']:.0f} MiB")
+    print(f"{'t s':>7} {'RSS':>7} {'anon':>7} {'file':>7} {'peak':>7}  event (MiB; peak: the largest RSS since the "
+          "previous event)")
+    for t, message, now in marks:
+        print(f"{t:7.1f} {now['VmRSS']:7.0f} {now['RssAnon']:7.0f} {now['RssFile']:7.0f} {now['VmHWM']:7.0f}  {message}")
 
 
 def main() -> None:
