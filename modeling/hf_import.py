@@ -26,10 +26,10 @@ from __future__ import annotations
 import json
 import logging
 import os
-import pickle
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
+from pickle import UnpicklingError  # what torch.load(weights_only=True) raises; nothing here unpickles
 from typing import Any
 
 import torch
@@ -299,7 +299,7 @@ class TensorFiles:
     def _add_torch(self, path: Path) -> None:
         try:
             tensors = torch.load(str(path), map_location="cpu", weights_only=True, mmap=True)
-        except pickle.UnpicklingError as err:
+        except UnpicklingError as err:
             raise CheckpointError(
                 f"{path} holds pickled Python objects besides tensors, which torch.load(weights_only=True) refuses "
                 f"to run ({str(err).splitlines()[0][:160]}); onnxformer never unpickles arbitrary code: convert the "
