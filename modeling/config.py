@@ -124,6 +124,9 @@ class ModelConfig:
             _positive("d_embed", self.d_embed)
             if self.arch != "encoder":
                 raise ConfigError(f"d_embed applies to arch 'encoder' only; got arch {self.arch!r}")
+            if self.tie_embeddings and self.d_embed != self.d_model:
+                raise ConfigError(f"tie_embeddings needs d_embed == d_model; got d_embed {self.d_embed} and d_model "
+                                  f"{self.d_model}: set tie_embeddings False")
         if self.head_dim is not None:
             _positive("head_dim", self.head_dim)
         elif self.d_model % self.n_heads:
