@@ -13,15 +13,16 @@ Steps (everything under --work, default /tmp/bench-import; nothing under the rep
   folder  LlamaForCausalLM built by transformers from a config (random weights, seed 0; no
           download), save_pretrained as safetensors (fp32 unless --dtype bf16), a WordLevel
           tokenizer of exactly vocab_size tokens built with `tokenizers` (adds <s>, as Llama's),
-          generation_config.json (bos 1, eos 2).
+          generation_config.json (bos 1, eos 2). The eos row of lm_head is zero (an eos logit of
+          exactly 0 is never the argmax), so every engine generates all the tokens asked for.
   export  each engine's own command under /usr/bin/time -v: wall seconds, peak RSS (the largest
           resident set of the command's processes), the size of its .onnx* files:
             onnxformer  onnxformer export HF_DIR OUT [--quantize int4]   (validation included)
             genai       python -m onnxruntime_genai.models.builder -i HF_DIR -o OUT -p fp32|int4 -e cpu
             optimum     optimum-cli export onnx --model HF_DIR --task text-generation-with-past OUT
                         (fp32 only: optimum-cli has no int4 weight-only export; its validation runs)
-  decode  each export in a fresh process (the peers in their venvs): greedy, random prompts of 32
-          tokens, N new tokens (no stop at eos), batch 1 and 8; decode tok/s = batch * (N - 1) /
+  decode  each export in a fresh process (the peers in their venvs), intra-op threads = --threads
+          for every engine: greedy, random prompts of 32 tokens, N new tokens, batch 1 and 8; decode tok/s = batch * (N - 1) /
           decode time (common.decode_figures; genai times its phases directly). Also the load time
           and the peak RSS of that process.
   tokens  greedy tokens of genai and Optimum fp32 compared with onnxformer fp32 (same weights).
@@ -123,6 +124,7 @@ def make_hf_folder(out: Path, size: str, dtype: str = "fp32") -> dict[str, Any]:
     torch.manual_seed(SEED)
     with torch.no_grad():
         model = LlamaForCausalLM(config).eval()
+        model.lm_head.weight[EOS] = 0.0  # eos scores exactly 0, never the argmax: no engine stops early
     if dtype == "bf16":
         model = model.to(torch.bfloat16)
     model.generation_config = GenerationConfig(bos_token_id=BOS, eos_token_id=EOS, do_sample=False,
@@ -258,11 +260,12 @@ def _time_pairs(generate, batch: int, new_tokens: int, repeats: int) -> tuple[di
     return decode_figures(batch, new_tokens, first, full), [list(map(int, row)) for row in tokens]
 
 
-def _decode_onnxformer(model_dir: Path, prompts, batches, new_tokens: int, repeats: int) -> dict[str, Any]:
+def _decode_onnxformer(model_dir: Path, prompts, batches, new_tokens: int, repeats: int,
+                       threads: int) -> dict[str, Any]:
     import onnxformer.runtime as rt
 
     start = time.perf_counter()
-    model = rt.load(model_dir)
+    model = rt.load(model_dir, threads=threads)
     load_s = time.perf_counter() - start
     configs = {n: rt.GenerationConfig(max_new_tokens=n, eos_token_ids=(), pad_token_id=0)
                for n in (1, 2, new_tokens)}
@@ -275,7 +278,7 @@ def _decode_onnxformer(model_dir: Path, prompts, batches, new_tokens: int, repea
             "meta": {"versions": versions(["onnxruntime"]), "torch_imported": "torch" in sys.modules}}
 
 
-def _decode_genai(model_dir: Path, prompts, batches, new_tokens: int, repeats: int) -> dict[str, Any]:
+def _decode_genai(model_dir: Path, prompts, batches, new_tokens: int, repeats: int, threads: int) -> dict[str, Any]:
     import statistics
 
     import numpy as np
@@ -297,7 +300,9 @@ def _decode_genai(model_dir: Path, prompts, batches, new_tokens: int, repeats: i
         return first - start, done - first, rows
 
     start = time.perf_counter()
-    model = og.Model(str(model_dir))
+    config = og.Config(str(model_dir))  # genai 0.18 defaults to 1 thread here: set it, as run_genai.py
+    config.overlay(json.dumps({"model": {"decoder": {"session_options": {"intra_op_num_threads": threads}}}}))
+    model = og.Model(config)
     load_s = time.perf_counter() - start
     rows, tokens = [], {}
     for batch in batches:
@@ -315,12 +320,17 @@ def _decode_genai(model_dir: Path, prompts, batches, new_tokens: int, repeats: i
             "meta": {"versions": versions(["onnxruntime-genai", "onnxruntime"])}}
 
 
-def _decode_optimum(model_dir: Path, prompts, batches, new_tokens: int, repeats: int) -> dict[str, Any]:
+def _decode_optimum(model_dir: Path, prompts, batches, new_tokens: int, repeats: int,
+                    threads: int) -> dict[str, Any]:
+    import onnxruntime as ort
     import torch
     from optimum.onnxruntime import ORTModelForCausalLM
 
+    torch.set_num_threads(threads)
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
     start = time.perf_counter()
-    model = ORTModelForCausalLM.from_pretrained(model_dir)
+    model = ORTModelForCausalLM.from_pretrained(model_dir, session_options=options)
     load_s = time.perf_counter() - start
     rows, tokens = [], {}
     with torch.inference_mode():
@@ -346,17 +356,17 @@ DECODERS = {"onnxformer": _decode_onnxformer, "genai": _decode_genai, "optimum":
 def decode_child(job_file: Path, out_file: Path) -> None:
     job = read_json(job_file)
     result = DECODERS[job["engine"]](Path(job["model_dir"]), job["prompts"], job["batches"], job["new_tokens"],
-                                     job["repeats"])
+                                     job["repeats"], job["threads"])
     result["peak_rss_mb"] = peak_rss_mb()
     write_json(out_file, result)
 
 
 def decode(engine: Engine, model_dir: Path, work: Path, prompts, batches, new_tokens: int, repeats: int,
-           timeout: float) -> dict[str, Any]:
+           threads: int, timeout: float) -> dict[str, Any]:
     tag = f"{engine.name}-{engine.precision}"
     job, out = work / f"decode-{tag}.job.json", work / f"decode-{tag}.json"
     write_json(job, {"engine": engine.name, "model_dir": str(model_dir), "prompts": prompts, "batches": batches,
-                     "new_tokens": new_tokens, "repeats": repeats})
+                     "new_tokens": new_tokens, "repeats": repeats, "threads": threads})
     out.unlink(missing_ok=True)
     log(f"decode {engine.label}")
     result = timed_command([str(engine.python()), str(Path(__file__).resolve()), "decode-child", "--job", str(job),
@@ -405,7 +415,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     results["info"] = {"machine": machine_info(), "command": " ".join(["python", *sys.argv]),
                        "started": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
                        "versions": versions(["onnxruntime", "onnx", "torch", "transformers", "numpy", "onnxformer"]),
-                       "peer_versions": _peer_versions(), "new_tokens": args.new_tokens, "repeats": args.repeats}
+                       "peer_versions": _peer_versions(), "new_tokens": args.new_tokens, "repeats": args.repeats,
+                       "threads": args.threads}
     log(f"load average at start {load_average()}")
     hf_dir, folder = ensure_folder(work, args.size, args.dtype)
     results["folder"] = {**folder, "path": str(hf_dir)}
@@ -427,7 +438,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         entry["export"] = export(engine, hf_dir, out, work, args.timeout)
         if "error" not in entry["export"]:
             entry["decode"] = decode(engine, out, work, prompts, args.batches, args.new_tokens, args.repeats,
-                                     args.timeout)
+                                     args.threads, args.timeout)
         entry["load_average_end"] = load_average()
         results["engines"][label] = entry
         if args.clean:
@@ -489,7 +500,8 @@ def report(results: dict[str, Any]) -> str:
     info = results["info"]
     head = (f"HF folder: {f['size']} ({f['num_parameters'] / 1e6:.1f}M parameters, {f['dtype']} safetensors "
             f"{f['checkpoint_mb']:.0f} MiB; fp32 model bytes {f['fp32_bytes'] / 2**20:.0f} MiB); prompt 32, "
-            f"{info['new_tokens']} new tokens, greedy, {info['repeats']} repeats; load average at start "
+            f"{info['new_tokens']} new tokens, greedy, {info['repeats']} repeats, {info.get('threads')} threads; "
+            f"load average at start "
             f"{info['machine']['load_average']}, at the end {info.get('load_average_end')}")
     return head + "\n\n" + markdown_table(table_rows(results), COLUMNS)
 
@@ -596,6 +608,8 @@ def main() -> None:
         p.add_argument("--batches", nargs="*", type=int, default=[1, 8])
         p.add_argument("--new-tokens", type=int, default=32)
         p.add_argument("--repeats", type=int, default=3)
+        p.add_argument("--threads", type=int, default=os.cpu_count(),
+                       help="intra-op threads of every engine's decode (default: all cores)")
         p.add_argument("--timeout", type=float, default=3600)
         p.add_argument("--resume", action="store_true", help="skip engines the results file has figures for")
         p.add_argument("--clean", action="store_true", help="delete each export after measuring it, and the folder")
