@@ -179,11 +179,11 @@ class Engine:
         exe = PEER_VENVS[self.venv] / "bin" / "python"
         return exe if exe.is_file() else None
 
-    def export_argv(self, hf_dir: Path, out: Path, work: Path) -> list[str]:
+    def export_argv(self, hf_dir: Path, out: Path, work: Path, extra: tuple[str, ...] = ()) -> list[str]:
         exe = str(self.python())
         if self.name == "onnxformer":
-            extra = ["--quantize", self.precision] if self.precision != "fp32" else []
-            return [str(Path(exe).with_name("onnxformer")), "export", str(hf_dir), str(out), *extra]
+            quantize = ["--quantize", self.precision] if self.precision != "fp32" else []
+            return [str(Path(exe).with_name("onnxformer")), "export", str(hf_dir), str(out), *quantize, *extra]
         if self.name == "genai":
             return [exe, "-m", "onnxruntime_genai.models.builder", "-i", str(hf_dir), "-o", str(out),
                     "-p", self.precision, "-e", "cpu", "-c", str(work / "genai-cache")]
@@ -224,9 +224,10 @@ def timed_command(argv: list[str], log_file: Path, timeout: float) -> dict[str, 
             "log": str(log_file), "command": " ".join(argv)}
 
 
-def export(engine: Engine, hf_dir: Path, out: Path, work: Path, timeout: float) -> dict[str, Any]:
+def export(engine: Engine, hf_dir: Path, out: Path, work: Path, timeout: float,
+           extra: tuple[str, ...] = ()) -> dict[str, Any]:
     shutil.rmtree(out, ignore_errors=True)
-    argv = engine.export_argv(hf_dir, out, work)
+    argv = engine.export_argv(hf_dir, out, work, extra)
     log(f"export {engine.label}: {' '.join(argv)}")
     result = timed_command(argv, work / f"export-{engine.name}-{engine.precision}.log", timeout)
     if result["exit_code"] != 0:
@@ -435,7 +436,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             continue
         out = work / f"out-{engine.name}-{engine.precision}"
         entry: dict[str, Any] = {"load_average_start": load_average()}
-        entry["export"] = export(engine, hf_dir, out, work, args.timeout)
+        extra = tuple(args.onnxformer_args.split()) if engine.name == "onnxformer" else ()
+        entry["export"] = export(engine, hf_dir, out, work, args.timeout, extra)
         if "error" not in entry["export"]:
             entry["decode"] = decode(engine, out, work, prompts, args.batches, args.new_tokens, args.repeats,
                                      args.threads, args.timeout)
@@ -611,6 +613,7 @@ def main() -> None:
         p.add_argument("--threads", type=int, default=os.cpu_count(),
                        help="intra-op threads of every engine's decode (default: all cores)")
         p.add_argument("--timeout", type=float, default=3600)
+        p.add_argument("--onnxformer-args", default="", help="more arguments of `onnxformer export` (e.g. '--atol 1e-3')")
         p.add_argument("--resume", action="store_true", help="skip engines the results file has figures for")
         p.add_argument("--clean", action="store_true", help="delete each export after measuring it, and the folder")
     args = parser.parse_args()
