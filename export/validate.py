@@ -244,6 +244,7 @@ def greedy_parity(model, package: Path, special: dict[str, int], *, max_new_toke
     # pages and packed copy are held at once (a load peak of about twice the weights, beside
     # the PyTorch model, which made it the export's peak)
     loaded = rt.load(package, verify=False, manifest=manifest, fast_start=False)
+    gen = loaded.generation_config(gen)  # both sides search with the package's defaults (forced tokens, ...)
     compared, mismatches = 0, []
     for batch in ([prompts[0]], prompts):
         want = [seqs[0] for seqs in generate(model, batch, gen)]

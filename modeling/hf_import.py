@@ -393,6 +393,13 @@ def read_hf_config(directory: str | os.PathLike) -> tuple[Family, HFConfig, Mode
     except ConfigError as err:  # our own check of the converted values
         raise CheckpointError(f"{path}: the {family.name} config converts to an invalid model config: {err}",
                               code="E_UNSUPPORTED") from None
+    start = _generation_json(directory).get("decoder_start_token_id")
+    if config.arch == "encoder-decoder" and start is not None and start != config.decoder_start_token_id:
+        # generation_config.json's start wins over config.json's, as transformers' generate takes it
+        if not isinstance(start, int) or isinstance(start, bool) or not 0 <= start < config.vocab_size:
+            raise CheckpointError(f"{directory / GENERATION_CONFIG}: decoder_start_token_id {start!r} is not a token "
+                                  f"id below vocab_size {config.vocab_size}; fix or remove it", code="E_CHECKPOINT")
+        config = config.replace(decoder_start_token_id=start)
     left = hf.unread()
     if left:
         shown = ", ".join(f"{k}={data[k]!r:.40}" for k in left[:10])
@@ -532,6 +539,35 @@ def _token_content(value: Any) -> str | None:
     return value if isinstance(value, str) else None
 
 
+def _generation_json(directory: Path) -> dict[str, Any]:
+    path = directory / GENERATION_CONFIG
+    data = _read_json(path, "generation_config.json") if path.is_file() else {}
+    if not isinstance(data, dict):
+        raise CheckpointError(f"{path} is not a JSON object of generation settings", code="E_CHECKPOINT")
+    return data
+
+
+def _forced_tokens(directory: Path, hf: HFConfig, generation: dict[str, Any], config: ModelConfig) -> dict[str, Any]:
+    """forced_bos_token_id / forced_eos_token_id as generation defaults: generation_config.json's
+    value where it has the key, else config.json's (transformers 3's force_bos_token_to_be_generated
+    meant the bos id, as transformers 4 read it)."""
+    out: dict[str, Any] = {}
+    for key in ("forced_bos_token_id", "forced_eos_token_id"):
+        value = generation[key] if key in generation else hf.data.get(key)
+        if key == "forced_bos_token_id" and value is None and hf.data.get("force_bos_token_to_be_generated") is True:
+            value = hf.data.get("bos_token_id")
+        if value is None:
+            continue
+        ids = value if isinstance(value, list) and key == "forced_eos_token_id" else [value]
+        if not ids or not all(isinstance(t, int) and not isinstance(t, bool) and 0 <= t < config.vocab_size
+                              for t in ids):
+            raise CheckpointError(f"{directory}: {key} {value!r} (generation_config.json or config.json) is not "
+                                  f"{'a token id or a list of them' if key == 'forced_eos_token_id' else 'a token id'} "
+                                  f"below vocab_size {config.vocab_size}; fix or remove it", code="E_CHECKPOINT")
+        out[key] = ids if key == "forced_eos_token_id" else ids[0]
+    return out
+
+
 def _package_info(directory: Path, hf: HFConfig, config: ModelConfig, family: Family) -> PackageInfo:
     from tokenizers import Tokenizer
 
@@ -540,8 +576,7 @@ def _package_info(directory: Path, hf: HFConfig, config: ModelConfig, family: Fa
         if (directory / TOKENIZER_CONFIG).is_file() else {}
     special_map = _read_json(directory / SPECIAL_TOKENS_MAP, "special_tokens_map.json") \
         if (directory / SPECIAL_TOKENS_MAP).is_file() else {}
-    generation = _read_json(directory / GENERATION_CONFIG, "generation_config.json") \
-        if (directory / GENERATION_CONFIG).is_file() else {}
+    generation = _generation_json(directory)
     special: dict[str, int] = {}
     chat_tokens: dict[str, str] = {}
     for role in SPECIAL_ROLES:
@@ -563,6 +598,9 @@ def _package_info(directory: Path, hf: HFConfig, config: ModelConfig, family: Fa
         gen["eos_token_ids"] = eos_ids or ([special["eos"]] if special["eos"] >= 0 else [])
         if isinstance(generation.get("max_new_tokens"), int):
             gen["max_new_tokens"] = generation["max_new_tokens"]
+        elif isinstance(generation.get("max_length"), int) and generation["max_length"] > 0:
+            gen["max_length"] = generation["max_length"]  # transformers: max_new_tokens, when set, overrides it
+        gen.update(_forced_tokens(directory, hf, generation, config))
     template = tok_config.get("chat_template")
     if (directory / CHAT_TEMPLATE_FILE).is_file():
         template = (directory / CHAT_TEMPLATE_FILE).read_text(encoding="utf-8")

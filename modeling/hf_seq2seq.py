@@ -74,15 +74,10 @@ def _architecture(hf: HFConfig, architecture: str, allowed: tuple[str, ...]) -> 
                           "encoder, the decoder and the language-model head)")
     hf.expect("is_encoder_decoder", True)
     hf.get("output_past")  # transformers 3's name for use_cache
-    # Generation that forces the first token is not carried into the package: refused, since
-    # every generation would then differ from transformers' generate in its first token.
+    # forced_bos_token_id / forced_eos_token_id (and transformers 3's force_bos_token_to_be_generated)
+    # are generation settings: hf_import carries them into the package's generation defaults.
     # (bad_words_ids, e.g. Marian's [[pad]], only matters where the banned token would win.)
-    for key in ("forced_bos_token_id", "force_bos_token_to_be_generated"):
-        value = hf.get(key)
-        if value is not None and value is not False:  # (a token id 0 is a forced token)
-            raise unsupported(hf, key, hf.data[key], "forcing the first generated token is not implemented: remove "
-                              f"{key} from config.json and generation_config.json to import the model, whose "
-                              "generations then start without it")
+    hf.get("force_bos_token_to_be_generated")
 
 
 def _legacy_keys(hf: HFConfig, neutral: dict[str, tuple]) -> None:

@@ -19,20 +19,30 @@ Logits processing, in this order:
     1. apply_repetition_penalty   every strategy, when repetition_penalty != 1
     2. ban_repeated_ngrams        every strategy, when no_repeat_ngram_size > 0
     3. suppress_eos               every strategy, while fewer than min_new_tokens are generated
-    4. apply_temperature          sample only
-    5. top_k_filter               sample only, when top_k > 0
-    6. top_p_filter               sample only, when top_p < 1
-    7. sample_tokens              sample: softmax, then inverse-CDF with one rng.random() per row
+    4. force_tokens               every strategy: forced_bos_token_id where the row's sequence is one
+                                  token long, then forced_eos_token_id at the row's last allowed token
+    5. apply_temperature          sample only
+    6. top_k_filter               sample only, when top_k > 0
+    7. top_p_filter               sample only, when top_p < 1
+    8. sample_tokens              sample: softmax, then inverse-CDF with one rng.random() per row
        argmax                     greedy (lowest token id among ties)
        log_softmax + beam step    beam (see beam_search)
 
-Steps 1-3 count the row's sequence: ``model.sequence_start(prompt)`` (the prompt, or for an
-encoder-decoder the decoder's start token) plus the generated tokens. Logits are float32
-through steps 1-6 and in ``log_softmax``; sampling probabilities and the CDF are float64.
-Scores: greedy and sample report the sum of the chosen tokens' log-probs under the
-distribution actually used (after steps 1-6); beam search reports the length-normalised
-hypothesis score. Plain greedy (no processing active) takes the step's own greedy choice,
-which a graph may compute: nothing of size V is read per token.
+Steps 1-4 count the row's sequence: ``model.sequence_start(prompt)`` (the prompt, or for an
+encoder-decoder the decoder's start token) plus the generated tokens. Step 4 is transformers'
+ForcedBOSTokenLogitsProcessor / ForcedEOSTokenLogitsProcessor: every logit of the row becomes
+-inf but the forced id's (or ids'), which become 0. The sequence is one token long exactly when
+an encoder-decoder generates its first token (the sequence is the decoder start), or a
+decoder-only model continues a one-token prompt. A row's last allowed token is its
+``new_token_limits`` entry minus one: ``max_new_tokens``, lowered by ``max_length`` (the
+sequence, start included, at most that long) where it is set.
+
+Logits are float32 through steps 1-7 and in ``log_softmax``; sampling probabilities and the
+CDF are float64. Scores: greedy and sample report the sum of the chosen tokens' log-probs under
+the distribution actually used (after steps 1-7; a forced token adds 0, or -log(n) among n
+forced eos ids); beam search reports the length-normalised hypothesis score. Plain greedy (no
+processing active) takes the step's own greedy choice, which a graph may compute: nothing of
+size V is read per token (a forced step reads the logits).
 """
 
 from __future__ import annotations
@@ -73,7 +83,8 @@ Decode = Callable[[Sequence[int]], str]
 # Node's generation.js spells its own (``{ max_new_tokens: 7 }``). tests/reliability/test_advice.py
 # applies every such fix, literally, and sees the call succeed.
 CLI_FLAGS: dict[str, str | None] = {"stop_strings": "--stop", "eos_token_ids": None, "early_stopping": None,
-                                    "pad_token_id": None}  # None: no CLI flag (the package's value applies)
+                                    "pad_token_id": None, "max_length": None, "forced_bos_token_id": None,
+                                    "forced_eos_token_id": None}  # None: no CLI flag (the package's value applies)
 
 
 def option(name: str, value: Any) -> str:
@@ -104,7 +115,7 @@ BUILTIN_DEFAULTS: dict[str, Any] = {
     "strategy": "greedy", "max_new_tokens": 32, "min_new_tokens": 0, "temperature": 1.0, "top_k": 0,
     "top_p": 1.0, "seed": None, "num_beams": 1, "length_penalty": 1.0, "early_stopping": False,
     "num_return_sequences": 1, "repetition_penalty": 1.0, "no_repeat_ngram_size": 0, "eos_token_ids": (),
-    "stop_strings": (), "pad_token_id": 0,
+    "stop_strings": (), "pad_token_id": 0, "max_length": 0, "forced_bos_token_id": -1, "forced_eos_token_id": (),
 }
 
 
@@ -135,6 +146,9 @@ class GenerationConfig:
     eos_token_ids: tuple[int, ...] | None = None  # generating one of these finishes a row; () = none
     stop_strings: tuple[str, ...] | None = None  # finish when the generated text contains one (needs decode)
     pad_token_id: int | None = None  # fed to finished rows; 0
+    max_length: int | None = None  # the row's sequence (start + generated) at most this long; 0 = no limit
+    forced_bos_token_id: int | None = None  # the token after a one-token sequence (an encoder-decoder's first); -1 = none
+    forced_eos_token_id: tuple[int, ...] | None = None  # forced as a row's last allowed token; () = none
 
     def __post_init__(self) -> None:
         for name, value in _validated(self.set_fields()).items():
@@ -181,7 +195,8 @@ def _validated(values: dict[str, Any]) -> dict[str, Any]:
     if "strategy" in v and v["strategy"] not in STRATEGIES:
         raise ConfigError(f"strategy must be one of {', '.join(map(repr, STRATEGIES))}; got {v['strategy']!r}")
     for name, minimum in (("max_new_tokens", 0), ("min_new_tokens", 0), ("top_k", 0), ("seed", 0), ("num_beams", 1),
-                          ("num_return_sequences", 1), ("no_repeat_ngram_size", 0), ("pad_token_id", 0)):
+                          ("num_return_sequences", 1), ("no_repeat_ngram_size", 0), ("pad_token_id", 0),
+                          ("max_length", 0)):
         if name in v:
             v[name] = _check_int(name, v[name], minimum)
     for name in ("temperature", "top_p", "length_penalty", "repetition_penalty"):
@@ -197,12 +212,17 @@ def _validated(values: dict[str, Any]) -> dict[str, Any]:
         if not isinstance(v["early_stopping"], (bool, np.bool_)):
             raise ConfigError(f"early_stopping must be a bool; got {v['early_stopping']!r}")
         v["early_stopping"] = bool(v["early_stopping"])
-    if "eos_token_ids" in v:
-        eos = v["eos_token_ids"]
-        eos = (eos,) if is_int(eos) else eos
-        if not isinstance(eos, (tuple, list)) or not all(is_int(t) and t >= 0 for t in eos):
-            raise ConfigError(f"eos_token_ids must be a tuple of token ids >= 0 (empty = none); got {v['eos_token_ids']!r}")
-        v["eos_token_ids"] = tuple(int(t) for t in eos)
+    for name in ("eos_token_ids", "forced_eos_token_id"):
+        if name in v:
+            eos = (v[name],) if is_int(v[name]) else v[name]
+            if not isinstance(eos, (tuple, list)) or not all(is_int(t) and t >= 0 for t in eos):
+                raise ConfigError(f"{name} must be a token id >= 0 or a tuple of them (empty = none); got {v[name]!r}")
+            v[name] = tuple(int(t) for t in eos)
+    if "forced_bos_token_id" in v:
+        bos = v["forced_bos_token_id"]
+        if not is_int(bos) or bos < -1:
+            raise ConfigError(f"forced_bos_token_id must be a token id >= 0, or -1 for none; got {bos!r}")
+        v["forced_bos_token_id"] = int(bos)
     if "stop_strings" in v:
         stops = v["stop_strings"]
         stops = (stops,) if isinstance(stops, str) else stops
@@ -302,10 +322,22 @@ def _check_vocab(vocab_size: int, prompts: list[list[int]], config: GenerationCo
     top = max(max(p) for p in prompts)
     if top >= vocab_size:
         raise InputError(f"prompt token id {top} is out of range for vocab_size {vocab_size}", code="E_TOKEN_ID")
-    for name, ids in (("eos_token_ids", config.eos_token_ids), ("pad_token_id", (config.pad_token_id,))):
+    for name, ids in (("eos_token_ids", config.eos_token_ids), ("pad_token_id", (config.pad_token_id,)),
+                      ("forced_bos_token_id", (config.forced_bos_token_id,)),
+                      ("forced_eos_token_id", config.forced_eos_token_id)):
         bad = [t for t in ids if t >= vocab_size]
         if bad:
-            raise ConfigError(f"{name} {bad} out of range for vocab_size {vocab_size}")
+            raise ConfigError(f"{name} {bad} out of range for vocab_size {vocab_size}; pass token ids below "
+                              f"{vocab_size} (the package's vocabulary)")
+
+
+def new_token_limits(starts: Sequence[Sequence[int]], config: GenerationConfig) -> list[int]:
+    """How many tokens each row may generate: ``max_new_tokens``, and where ``max_length`` is set
+    at most ``max_length - len(start)`` (transformers' max_length: the whole sequence, prompt
+    or decoder start included), never below 0. ``starts``: ``model.sequence_start(prompt)``."""
+    if config.max_length == 0:
+        return [config.max_new_tokens] * len(starts)
+    return [max(0, min(config.max_new_tokens, config.max_length - len(s))) for s in starts]
 
 
 def _logits(result: StepResult, n: int, vocab: int) -> np.ndarray:
@@ -428,10 +460,35 @@ def sample_tokens(logits: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     return tokens.astype(np.int64)
 
 
+def force_tokens(logits: np.ndarray, rows: Sequence[int], token_ids: Sequence[int]) -> np.ndarray:
+    """In each of ``rows``, every logit -inf but those of ``token_ids``, which are 0 (a forced
+    choice; among several ids argmax takes the lowest)."""
+    out = np.array(logits, dtype=np.float32, copy=True)
+    if len(rows):
+        rows = np.asarray(rows, dtype=np.int64)
+        out[rows] = -np.inf
+        out[np.ix_(rows, np.asarray(token_ids, dtype=np.int64))] = 0.0
+    return out
+
+
+def forced_rows(seqs: Sequence[Sequence[int]], config: GenerationConfig, n_generated: int,
+                limits: Sequence[int] | None = None) -> tuple[list[int], list[int]]:
+    """Step 4's rows at this step: (rows whose next token is forced_bos_token_id: the sequence is
+    one token long; rows whose next token is forced_eos_token_id: their last allowed token).
+    ``limits``: per row, from :func:`new_token_limits` (default: max_new_tokens for every row)."""
+    bos = [r for r, s in enumerate(seqs) if len(s) == 1] if config.forced_bos_token_id >= 0 and n_generated == 0 else []
+    eos: list[int] = []
+    if config.forced_eos_token_id:
+        limits = limits if limits is not None else [config.max_new_tokens] * len(seqs)
+        eos = [r for r, limit in enumerate(limits) if n_generated == limit - 1]
+    return bos, eos
+
+
 def process_logits(
-    logits: np.ndarray, seqs: Sequence[Sequence[int]], config: GenerationConfig, n_generated: int
+    logits: np.ndarray, seqs: Sequence[Sequence[int]], config: GenerationConfig, n_generated: int,
+    limits: Sequence[int] | None = None,
 ) -> np.ndarray:
-    """Steps 1-3 of the processing order (every strategy)."""
+    """Steps 1-4 of the processing order (every strategy). ``limits``: see :func:`forced_rows`."""
     out = np.asarray(logits, dtype=np.float32)
     if config.repetition_penalty != 1.0:
         out = apply_repetition_penalty(out, seqs, config.repetition_penalty)
@@ -439,11 +496,16 @@ def process_logits(
         out = ban_repeated_ngrams(out, seqs, config.no_repeat_ngram_size)
     if n_generated < config.min_new_tokens:
         out = suppress_eos(out, config.eos_token_ids)
+    bos, eos = forced_rows(seqs, config, n_generated, limits)
+    if bos:
+        out = force_tokens(out, bos, (config.forced_bos_token_id,))
+    if eos:  # after bos, as transformers orders them: a one-token limit ends in eos
+        out = force_tokens(out, eos, config.forced_eos_token_id)
     return out
 
 
 def sampling_filters(logits: np.ndarray, config: GenerationConfig) -> np.ndarray:
-    """Steps 4-6 of the processing order (sample only)."""
+    """Steps 5-7 of the processing order (sample only)."""
     out = apply_temperature(logits, config.temperature)
     if config.top_k > 0:
         out = top_k_filter(out, config.top_k)
@@ -490,6 +552,7 @@ class _Rows:
     scores: np.ndarray  # (N,) float64
     texts: list[str | None]
     stop_at: list[int | None]  # text index where a stop string starts
+    limits: list[int]  # tokens each row may generate (new_token_limits)
 
 
 def _find_stop(text: str, stop_strings: Sequence[str]) -> int | None:
@@ -531,14 +594,16 @@ def _decode_loop(
     _check_vocab(model.vocab_size, rows, config)
     n = len(rows) * copies
     empty_text = decode([]) if decode is not None else None
+    history = [model.sequence_start(rows[r // copies]) for r in range(n)]
     state = _Rows(
-        history=[model.sequence_start(rows[r // copies]) for r in range(n)],
+        history=history,
         generated=[[] for _ in range(n)],
         finished=np.zeros(n, dtype=bool),
         reasons=["length"] * n,
         scores=np.zeros(n, dtype=np.float64),
         texts=[empty_text] * n,
         stop_at=[None] * n,
+        limits=new_token_limits(history, config),
     )
     live_decode = decode if (config.stop_strings or live_text) else None
     return rows, state, _advance(model, rows, config, choose, live_decode, copies, state)
@@ -553,7 +618,7 @@ def _advance(
     copies: int,
     state: _Rows,
 ) -> Iterator[None]:
-    if config.max_new_tokens == 0:
+    if max(state.limits) == 0:
         return
     try:
         yield from _token_loop(model, rows, config, choose, decode, copies, state)
@@ -569,17 +634,27 @@ def _token_loop(model: StepModel, rows: list[list[int]], config: GenerationConfi
     # Plain greedy takes the step's own greedy choice (the graph's, where it computes one).
     plain = (config.strategy == "greedy" and config.repetition_penalty == 1.0 and config.no_repeat_ngram_size == 0)
     eos_ids = set(config.eos_token_ids)
+    limits = state.limits
+    # Rows that may generate fewer tokens than others (max_length) finish by length on their own.
+    uneven = min(limits) != max(limits)
+    for r in range(n):
+        if limits[r] == 0:
+            state.finished[r] = True  # reason "length", no tokens
+    # Steps where step 4 forces some row's token: those read the logits.
+    forced_steps = ({limit - 1 for limit in limits} if config.forced_eos_token_id else set()) | (
+        {0} if config.forced_bos_token_id >= 0 else set())
     # Per token: the choice, then the bookkeeping. While no row has finished (the usual case)
     # it is plain Python over N ints: the per-token work is what a fast graph step waits on.
-    pad, last, n_finished = config.pad_token_id, config.max_new_tokens - 1, 0
-    for t in range(config.max_new_tokens):
+    pad, last, n_finished = config.pad_token_id, max(limits) - 1, int(state.finished.sum())
+    for t in range(last + 1):
         tokens = logprobs = None
-        if plain and (t >= config.min_new_tokens or not eos_ids):
+        if plain and (t >= config.min_new_tokens or not eos_ids) and t not in forced_steps:
             tokens, logprobs = result.next_token, result.next_logprob  # (N,), (N,)
             if tokens.shape != (n,) or not np.isfinite(logprobs).all():
                 tokens = None  # a row without a finite choice: take it from the logits
         if tokens is None:
-            tokens, logprobs = choose(process_logits(_logits(result, n, vocab), state.history, config, t))
+            processed = process_logits(_logits(result, n, vocab), state.history, config, t, limits)
+            tokens, logprobs = choose(processed)
         if n_finished == 0:
             state.scores += logprobs  # float32 log-probs summed in float64
             chosen = tokens.tolist()
@@ -604,6 +679,11 @@ def _token_loop(model: StepModel, rows: list[list[int]], config: GenerationConfi
                     state.finished[r], state.reasons[r], state.stop_at[r] = True, "stop", stop
                     n_finished += 1
                     logger.debug("row %d hit a stop string at text index %d", r, stop)
+        if uneven:
+            for r in active:
+                if not state.finished[r] and len(state.generated[r]) >= limits[r]:
+                    state.finished[r] = True  # reason "length"
+                    n_finished += 1
         yield None
         if n_finished == n or t == last:
             return
@@ -726,8 +806,8 @@ def beam_search(
     * The prompts run once (B rows); the rows are then copied to B*K. Beam scores start at
       [0, -inf, ..., -inf] per prompt.
     * Step t = 0 .. max_new_tokens-1: ``logprobs = log_softmax(process_logits(...))`` (N, V)
-      (repetition penalty, no-repeat n-gram, min_new_tokens eos suppression; no temperature,
-      top-k or top-p); ``cand = scores[:, None] + logprobs`` reshaped (B, K*V); take the first
+      (repetition penalty, no-repeat n-gram, min_new_tokens eos suppression, forced bos / eos;
+      no temperature, top-k or top-p); ``cand = scores[:, None] + logprobs`` reshaped (B, K*V); take the first
       M = max(2, 1 + len(eos_token_ids)) * K candidates of a stable sort of ``-cand`` (M = 2K for
       at most one eos id; lower flat index first among ties), capped at K*V.
     * For each prompt not done, walk the candidates in order: ``beam = flat // V``,
@@ -741,32 +821,34 @@ def beam_search(
       worst hypothesis score >= the best running beam's raw score (the sum of its log-probs)
       / (t+1) ** length_penalty.
     * Rows of done prompts are fed ``pad_token_id`` and ignored. The rows are reordered to the
-      chosen beams every step. Stop when every prompt is done or after max_new_tokens steps;
-      prompts not done then add all K running beams as hypotheses (reason "length") with
-      score ``raw / generated_length ** length_penalty``.
+      chosen beams every step. A prompt not done after the step of its last allowed token
+      (t = limit - 1, the prompt's ``new_token_limits`` entry: max_new_tokens, or less under
+      max_length) adds all K running beams as hypotheses (reason "length") with score
+      ``raw / (t+1) ** length_penalty`` and is done. Stop when every prompt is done.
     * Return the ``num_return_sequences`` best hypotheses per prompt.
 
-    All scores are float32 arithmetic. ``max_new_tokens == 0`` returns empty sequences with
-    the initial raw scores (0, -inf, ...) and calls no model.
+    All scores are float32 arithmetic. A prompt allowed 0 tokens gets empty sequences with the
+    initial raw scores (0, -inf, ...); when every prompt is, no model is called.
     """
     config = _require_strategy(config, "beam")
     rows = check_prompts(prompts)
     _check_vocab(model.vocab_size, rows, config)
     n_prompts, k, keep = len(rows), config.num_beams, config.num_return_sequences
-    if config.max_new_tokens == 0:
+    limits = new_token_limits([model.sequence_start(r) for r in rows], config)  # (B,)
+    if max(limits) == 0:
         initial = [0.0] + [-math.inf] * (k - 1)
         texts = [decode([])] * (n_prompts * keep) if decode is not None else None
         return _results(rows, keep, [[]] * (n_prompts * keep), initial[:keep] * n_prompts,
                         ["length"] * (n_prompts * keep), texts)
 
     try:
-        return _beam_loop(model, rows, config, decode)
+        return _beam_loop(model, rows, config, limits, decode)
     finally:
         if model.rows:
             model.release(np.arange(model.rows))
 
 
-def _beam_loop(model: StepModel, rows: list[list[int]], config: GenerationConfig,
+def _beam_loop(model: StepModel, rows: list[list[int]], config: GenerationConfig, limits: list[int],
                decode: Decode | None) -> list[Generation]:
     n_prompts, k, keep, vocab = len(rows), config.num_beams, config.num_return_sequences, model.vocab_size
     n = n_prompts * k
@@ -780,10 +862,15 @@ def _beam_loop(model: StepModel, rows: list[list[int]], config: GenerationConfig
     scores[::k] = 0.0
     hyps = _Beams(n_prompts, k)
     done = np.zeros(n_prompts, dtype=bool)
-    last_t = 0
-    for t in range(config.max_new_tokens):
-        last_t = t
-        logprobs = log_softmax(process_logits(_logits(result, n, vocab), history, config, t))  # (N, V) float32
+    for b in range(n_prompts):
+        if limits[b] == 0:  # nothing to generate: K empty hypotheses at the initial scores
+            for j in range(k):
+                hyps.add(b, float(scores[b * k + j]), [], "length")
+            done[b] = True
+    row_limits = np.repeat(limits, k).tolist()  # (N,)
+    for t in range(max(limits)):
+        processed = process_logits(_logits(result, n, vocab), history, config, t, row_limits)
+        logprobs = log_softmax(processed)  # (N, V) float32
         cand = (scores[:, None] + logprobs).reshape(n_prompts, k * vocab)  # (B, K*V)
         top = np.argsort(-cand, axis=1, kind="stable")[:, :n_cand]  # (B, M)
         norm = np.float32(t + 1) ** lp
@@ -800,15 +887,16 @@ def _beam_loop(model: StepModel, rows: list[list[int]], config: GenerationConfig
         beams = [beams[r] + [int(tok)] for r, tok in zip(next_rows, next_tokens)]
         history = [history[r] + [int(tok)] for r, tok in zip(next_rows, next_tokens)]
         scores = next_scores
-        if done.all() or t == config.max_new_tokens - 1:
+        for b in np.flatnonzero(~done):
+            if t == limits[b] - 1:  # the prompt's last allowed token: its running beams end here
+                for r in range(b * k, (b + 1) * k):
+                    hyps.add(b, float(scores[r] / norm), beams[r], "length")
+                done[b] = True
+        if done.all():
             break
         model.select(next_rows)
         result = model.advance(next_tokens)
 
-    norm = np.float32(last_t + 1) ** lp
-    for b in np.flatnonzero(~done):
-        for r in range(b * k, (b + 1) * k):
-            hyps.add(b, float(scores[r] / norm), beams[r], "length")
     best = [h[:keep] for h in hyps.hyps]
     return [Generation(rows[b], [h.tokens for h in hs], [h.score for h in hs], [h.reason for h in hs],
                        [decode(h.tokens) for h in hs] if decode is not None else None)
@@ -899,7 +987,8 @@ def _text_deltas(state: _Rows, steps: Iterator[None], stop_strings: Sequence[str
 __all__ = [
     "STRATEGIES", "FINISH_REASONS", "BUILTIN_DEFAULTS", "Decode", "GenerationConfig", "resolve_config",
     "StepResult", "StepModel", "PaddedBatch", "left_pad", "check_prompts", "greedy_choice", "Generation",
-    "apply_repetition_penalty", "ban_repeated_ngrams", "suppress_eos", "apply_temperature",
+    "apply_repetition_penalty", "ban_repeated_ngrams", "suppress_eos", "force_tokens", "forced_rows",
+    "new_token_limits", "apply_temperature",
     "top_k_filter", "top_p_filter", "log_softmax", "softmax", "sample_tokens",
     "process_logits", "sampling_filters",
     "greedy", "sample", "beam_search", "generate", "stream",

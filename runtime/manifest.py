@@ -265,7 +265,9 @@ class Manifest:
             except ConfigError as err:
                 raise PackageError(f"manifest generation defaults are invalid: {err}. Re-export the package",
                                    code="E_MANIFEST") from None
-            ids = [*(defaults.eos_token_ids or ()), *([] if defaults.pad_token_id is None else [defaults.pad_token_id])]
+            ids = [*(defaults.eos_token_ids or ()), *([] if defaults.pad_token_id is None else [defaults.pad_token_id]),
+                   *(defaults.forced_eos_token_id or ()),
+                   *([] if defaults.forced_bos_token_id is None else [defaults.forced_bos_token_id])]
             if ids and max(ids) >= self.dims.vocab_size:
                 raise PackageError(f"manifest generation token ids {ids} are outside vocab_size "
                                    f"{self.dims.vocab_size}; re-export the package", code="E_MANIFEST")

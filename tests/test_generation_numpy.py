@@ -600,6 +600,11 @@ INVALID = [
     ("stop_strings", dict(stop_strings=(1,))),
     ("stop_strings", dict(strategy="beam", stop_strings=("x",))),
     ("pad_token_id", dict(pad_token_id=-1)),
+    ("max_length", dict(max_length=-1)),
+    ("forced_bos_token_id", dict(forced_bos_token_id=-2)),
+    ("forced_bos_token_id", dict(forced_bos_token_id=(0,))),
+    ("forced_eos_token_id", dict(forced_eos_token_id=(-1,))),
+    ("forced_eos_token_id", dict(forced_eos_token_id="2")),
 ]
 
 

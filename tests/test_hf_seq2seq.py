@@ -32,8 +32,9 @@ ATOL = 1e-4
 T5 = dict(d_model=32, d_kv=8, d_ff=64, num_layers=2, num_decoder_layers=3, num_heads=4,
           relative_attention_num_buckets=8, relative_attention_max_distance=16)
 BART = dict(d_model=32, encoder_layers=2, decoder_layers=3, encoder_attention_heads=4, decoder_attention_heads=4,
-            encoder_ffn_dim=64, decoder_ffn_dim=64, max_position_embeddings=64,
-            forced_eos_token_id=None)  # BartConfig's default 2 makes generate's last token eos; no package carries it
+            encoder_ffn_dim=64, decoder_ffn_dim=64, max_position_embeddings=64)
+# BartConfig's default forced_eos_token_id 2 (MarianConfig's 0) makes generate's last token eos (pad); the
+# package carries it (tests/test_hf_generation_settings.py tests forced bos and eos themselves)
 # name -> (model class, config class, its arguments, the std of the random weight matrices and
 # of the position tables). A tied post-norm model with random weights repeats its input token
 # forever: the BART and Marian models that generate are untied (UNTIED), so greedy search has
@@ -225,7 +226,6 @@ def test_t5_cross_attention_bias_is_dropped_with_the_reason(folders, tmp_path):
 
 @pytest.mark.parametrize("name, change, key", [
     ("bart", dict(decoder_attention_heads=2), "decoder_attention_heads"),
-    ("bart", dict(forced_bos_token_id=0), "forced_bos_token_id"),
     ("bart", dict(normalize_before=True), "normalize_before"),
     ("marian", dict(share_encoder_decoder_embeddings=False), "share_encoder_decoder_embeddings"),
     ("t5", dict(feed_forward_proj="gated-relu", dense_act_fn="relu", is_gated_act=True), "feed_forward_proj"),

@@ -21,19 +21,25 @@
  *     1. repetition penalty      every strategy, when repetition_penalty != 1
  *     2. no-repeat n-gram ban    every strategy, when no_repeat_ngram_size > 0
  *     3. eos suppression         every strategy, while fewer than min_new_tokens are generated
- *     4. temperature             sample only
- *     5. top-k                   sample only, when top_k > 0
- *     6. top-p                   sample only, when top_p < 1
- *     7. choice                  greedy: argmax (lowest id among ties);
+ *     4. forced tokens           every strategy: forced_bos_token_id where the row's sequence is one
+ *                                token long, then forced_eos_token_id at the row's last allowed token
+ *     5. temperature             sample only
+ *     6. top-k                   sample only, when top_k > 0
+ *     7. top-p                   sample only, when top_p < 1
+ *     8. choice                  greedy: argmax (lowest id among ties);
  *                                sample: softmax, inverse CDF with one rng.random() per row;
  *                                beam: log-softmax + beam step
  *
- * Steps 1-3 count the row's sequence: `model.sequenceStart(prompt)` (the prompt, or for an
- * encoder-decoder the decoder's start token) plus the generated tokens. Plain greedy (no
- * repetition penalty or n-gram ban, past min_new_tokens) takes the step's own greedy choice
+ * Steps 1-4 count the row's sequence: `model.sequenceStart(prompt)` (the prompt, or for an
+ * encoder-decoder the decoder's start token) plus the generated tokens. Step 4 is transformers'
+ * ForcedBOSTokenLogitsProcessor / ForcedEOSTokenLogitsProcessor: the row's logits all become
+ * -Infinity but the forced id's (ids'), which become 0. A row's last allowed token is its
+ * `newTokenLimits` entry minus one: max_new_tokens, lowered by max_length (the sequence, start
+ * included, at most that long) where it is set. Plain greedy (no repetition penalty or n-gram
+ * ban, past min_new_tokens, not a forced step) takes the step's own greedy choice
  * (`nextToken`, `nextLogprob`), which a graph may compute: nothing of size V is read per token.
  *
- * Steps 1-6 are float32 arithmetic (`Math.fround`), as numpy does, so greedy decoding picks
+ * Steps 1-7 are float32 arithmetic (`Math.fround`), as numpy does, so greedy decoding picks
  * exactly the tokens the Python runtime picks. Sampling probabilities are float64. The
  * sampler's random numbers come from `random.js` (xoshiro128**), not numpy: seeded sampling
  * is reproducible within this runtime but differs from Python's for the same seed.
@@ -47,7 +53,8 @@ import { Random } from './random.js';
 export const STRATEGIES = ['greedy', 'sample', 'beam'];
 
 /** Parameters without a CLI flag (the package's value applies); the rest are `--name-with-dashes`. */
-const NO_FLAG = new Set(['eos_token_ids', 'early_stopping', 'pad_token_id']);
+const NO_FLAG = new Set(['eos_token_ids', 'early_stopping', 'pad_token_id', 'max_length', 'forced_bos_token_id',
+  'forced_eos_token_id']);
 
 /**
  * `{ name: value } (--flag value)`: a setting as the API and cli.js spell it. A message that
@@ -80,6 +87,9 @@ export function option(name, value) {
  * @property {number[]} eos_token_ids       generating one of these finishes a row
  * @property {string[]} stop_strings        finish when the generated text contains one
  * @property {number} pad_token_id          fed to left pads and finished rows
+ * @property {number} max_length            the row's sequence (start + generated) at most this long; 0 = no limit
+ * @property {number} forced_bos_token_id   the token after a one-token sequence (an encoder-decoder's first); -1 = none
+ * @property {number[]} forced_eos_token_id forced as a row's last allowed token; [] = none
  */
 
 /** @type {Readonly<GenerationConfig>} */
@@ -100,6 +110,9 @@ export const DEFAULTS = Object.freeze({
   eos_token_ids: [],
   stop_strings: [],
   pad_token_id: 0,
+  max_length: 0,
+  forced_bos_token_id: -1,
+  forced_eos_token_id: [],
 });
 
 const FIELDS = Object.keys(DEFAULTS);
@@ -128,7 +141,8 @@ function checkFloat(name, value) {
 export function generationConfig(params = {}) {
   rejectUnknown(params);
   const c = validated({ ...DEFAULTS, ...setFields(params) });
-  return Object.freeze({ ...c, eos_token_ids: Object.freeze(c.eos_token_ids), stop_strings: Object.freeze(c.stop_strings) });
+  return Object.freeze({ ...c, eos_token_ids: Object.freeze(c.eos_token_ids), stop_strings: Object.freeze(c.stop_strings),
+    forced_eos_token_id: Object.freeze(c.forced_eos_token_id) });
 }
 
 /**
@@ -137,7 +151,8 @@ export function generationConfig(params = {}) {
  * its fields are set, so `{min_new_tokens: 40}` passes here and fails once merged with a
  * `max_new_tokens` below it. A package's generation defaults are checked this way on load.
  * @param {Record<string, any>} params
- * @returns {Partial<GenerationConfig>}  the set fields, normalised (eos_token_ids, stop_strings as arrays)
+ * @returns {Partial<GenerationConfig>}  the set fields, normalised (eos_token_ids, forced_eos_token_id,
+ *   stop_strings as arrays)
  */
 export function checkParameters(params = {}) {
   rejectUnknown(params);
@@ -208,15 +223,18 @@ function validated(v) {
   }
   if (has('no_repeat_ngram_size')) checkInt('no_repeat_ngram_size', v.no_repeat_ngram_size, 0);
   const out = { ...v };
-  if (has('eos_token_ids')) {
-    const eos = Number.isInteger(v.eos_token_ids) ? [v.eos_token_ids] : v.eos_token_ids;
+  for (const name of ['eos_token_ids', 'forced_eos_token_id']) {
+    if (!has(name)) continue;
+    const eos = Number.isInteger(v[name]) ? [v[name]] : v[name];
     if (!Array.isArray(eos) || !eos.every((t) => Number.isInteger(t) && t >= 0)) {
-      throw new ConfigError(
-        `eos_token_ids must be an array of token ids >= 0 (empty: none), not ${show(v.eos_token_ids)}`,
-      );
+      throw new ConfigError(`${name} must be a token id >= 0 or an array of them (empty: none), not ${show(v[name])}`);
     }
-    out.eos_token_ids = [...eos];
+    out[name] = [...eos];
   }
+  if (has('forced_bos_token_id') && !(Number.isInteger(v.forced_bos_token_id) && v.forced_bos_token_id >= -1)) {
+    throw new ConfigError(`forced_bos_token_id must be a token id >= 0, or -1 for none, not ${show(v.forced_bos_token_id)}`);
+  }
+  if (has('max_length')) checkInt('max_length', v.max_length, 0);
   if (has('stop_strings')) {
     const stops = typeof v.stop_strings === 'string' ? [v.stop_strings] : v.stop_strings;
     if (!Array.isArray(stops) || !stops.every((s) => typeof s === 'string' && s)) {
@@ -404,10 +422,27 @@ function checkVocab(vocabSize, rows, config) {
   if (top >= vocabSize) {
     throw new InputError(`prompt token id ${top} is not below vocab_size ${vocabSize}`, { code: 'E_TOKEN_ID' });
   }
-  for (const [name, ids] of [['eos_token_ids', config.eos_token_ids], ['pad_token_id', [config.pad_token_id]]]) {
+  for (const [name, ids] of [['eos_token_ids', config.eos_token_ids], ['pad_token_id', [config.pad_token_id]],
+    ['forced_bos_token_id', [config.forced_bos_token_id]], ['forced_eos_token_id', config.forced_eos_token_id]]) {
     const bad = ids.filter((t) => t >= vocabSize);
-    if (bad.length) throw new ConfigError(`${name} [${bad.join(', ')}] are not below vocab_size ${vocabSize}`);
+    if (bad.length) {
+      throw new ConfigError(`${name} [${bad.join(', ')}] are not below vocab_size ${vocabSize}; pass token ids below ` +
+        `${vocabSize} (the package's vocabulary)`);
+    }
   }
+}
+
+/**
+ * How many tokens each row may generate (Python's `new_token_limits`): max_new_tokens, and
+ * where max_length is set at most `max_length - start.length` (transformers' max_length: the
+ * whole sequence, prompt or decoder start included), never below 0.
+ * @param {number[][]} starts  `model.sequenceStart(prompt)` per row
+ * @param {Readonly<GenerationConfig>} config
+ * @returns {number[]}
+ */
+export function newTokenLimits(starts, config) {
+  if (config.max_length === 0) return starts.map(() => config.max_new_tokens);
+  return starts.map((s) => Math.max(0, Math.min(config.max_new_tokens, config.max_length - s.length)));
 }
 
 // Logits processing (rows are Float32Array (V,), modified in place on copies) ----------------
@@ -510,18 +545,33 @@ export function sampleToken(row, u) {
   return Math.min(token, last);
 }
 
-/** Steps 1-3 of the processing order (every strategy) on a copy of `logits`. */
-export function processLogits(logits, history, config, nGenerated) {
+/** Every logit -Infinity but those of `tokenIds`, which are 0 (in place). */
+export function forceTokens(row, tokenIds) {
+  row.fill(-Infinity);
+  for (const t of tokenIds) row[t] = 0;
+}
+
+/**
+ * Steps 1-4 of the processing order (every strategy) on a copy of `logits`.
+ * @param {number[]} [limits]  tokens each row may generate (`newTokenLimits`); default max_new_tokens
+ */
+export function processLogits(logits, history, config, nGenerated, limits = null) {
   return logits.map((source, r) => {
     const row = Float32Array.from(source);
     if (config.repetition_penalty !== 1) applyRepetitionPenalty(row, history[r], config.repetition_penalty);
     if (config.no_repeat_ngram_size > 0) banRepeatedNgrams(row, history[r], config.no_repeat_ngram_size);
     if (nGenerated < config.min_new_tokens) for (const t of config.eos_token_ids) row[t] = -Infinity;
+    if (config.forced_bos_token_id >= 0 && nGenerated === 0 && history[r].length === 1) {
+      forceTokens(row, [config.forced_bos_token_id]);
+    }
+    if (config.forced_eos_token_id.length && nGenerated === (limits ? limits[r] : config.max_new_tokens) - 1) {
+      forceTokens(row, config.forced_eos_token_id); // after bos, as transformers orders them
+    }
     return row;
   });
 }
 
-/** Steps 4-6 (sample only) on a copy of `row`. */
+/** Steps 5-7 (sample only) on a copy of `row`. */
 export function samplingFilters(source, config) {
   const t = f32(config.temperature);
   const row = Float32Array.from(source, (x) => x / t);
@@ -590,8 +640,10 @@ function decodeLoop(model, prompts, config, choose, decode, copies, liveText = f
   const rows = checkPrompts(prompts);
   checkVocab(model.vocabSize, rows, config);
   const n = rows.length * copies;
+  const history = Array.from({ length: n }, (_, r) => model.sequenceStart(rows[Math.floor(r / copies)])); // + generated
   const state = {
-    history: Array.from({ length: n }, (_, r) => model.sequenceStart(rows[Math.floor(r / copies)])), // + generated
+    history,
+    limits: newTokenLimits(history, config), // tokens each row may generate
     generated: Array.from({ length: n }, () => []),
     finished: Array(n).fill(false),
     reasons: Array(n).fill('length'),
@@ -604,7 +656,7 @@ function decodeLoop(model, prompts, config, choose, decode, copies, liveText = f
 }
 
 async function* advance(model, rows, config, choose, decode, copies, state) {
-  if (config.max_new_tokens === 0) return;
+  if (Math.max(...state.limits) === 0) return;
   try {
     yield* tokenLoop(model, rows, config, choose, decode, copies, state);
   } finally { // also when a stream is closed early
@@ -619,15 +671,22 @@ async function* tokenLoop(model, rows, config, choose, decode, copies, state) {
   const eos = new Set(config.eos_token_ids);
   // Plain greedy takes the step's own greedy choice (the graph's, where it computes one).
   const plain = config.strategy === 'greedy' && config.repetition_penalty === 1 && config.no_repeat_ngram_size === 0;
-  for (let t = 0; t < config.max_new_tokens; t++) {
+  const limits = state.limits;
+  for (let r = 0; r < n; r++) if (limits[r] === 0) state.finished[r] = true; // reason "length", no tokens
+  // Steps where step 4 forces some row's token: those read the logits.
+  const forcedSteps = new Set(config.forced_eos_token_id.length ? limits.map((limit) => limit - 1) : []);
+  if (config.forced_bos_token_id >= 0) forcedSteps.add(0);
+  const last = Math.max(...limits) - 1;
+  for (let t = 0; t <= last; t++) {
     let tokens = null;
     let logprobs = null;
-    if (plain && (t >= config.min_new_tokens || !eos.size)) {
+    if (plain && (t >= config.min_new_tokens || !eos.size) && !forcedSteps.has(t)) {
       [tokens, logprobs] = [result.nextToken, result.nextLogprob]; // (N,), (N,)
       if (tokens.length !== n || !logprobs.every(Number.isFinite)) tokens = null; // take it from the logits
     }
     if (tokens === null) {
-      const choices = choose(processLogits(checkedLogits(result, n, vocab), state.history, config, t)); // (N,) [token, logprob]
+      const processed = processLogits(checkedLogits(result, n, vocab), state.history, config, t, limits);
+      const choices = choose(processed); // (N,) [token, logprob]
       [tokens, logprobs] = [choices.map(([tok]) => tok), choices.map(([, lp]) => lp)];
     }
     const fed = tokens.map((tok, r) => (state.finished[r] ? config.pad_token_id : tok)); // finished rows are fed pads
@@ -643,9 +702,10 @@ async function* tokenLoop(model, rows, config, choose, decode, copies, state) {
         const stop = config.stop_strings.length ? findStop(state.texts[r], config.stop_strings) : null;
         if (stop !== null && !state.finished[r]) [state.finished[r], state.reasons[r], state.stopAt[r]] = [true, 'stop', stop];
       }
+      if (state.generated[r].length >= limits[r]) state.finished[r] = true; // reason "length" unless set
     }
     yield;
-    if (state.finished.every(Boolean) || t === config.max_new_tokens - 1) return;
+    if (state.finished.every(Boolean) || t === last) return;
     result = await model.advance(fed);
   }
 }
@@ -726,20 +786,21 @@ export async function beamSearch(model, prompts, config, { decode } = {}) {
   const rows = checkPrompts(prompts);
   checkVocab(model.vocabSize, rows, config);
   const [k, keep] = [config.num_beams, config.num_return_sequences];
-  if (config.max_new_tokens === 0) {
+  const limits = newTokenLimits(rows.map((prompt) => model.sequenceStart(prompt)), config); // (B,)
+  if (Math.max(...limits) === 0) {
     const initial = [0, ...Array(k - 1).fill(-Infinity)].slice(0, keep);
     const empty = decode ? await decode([]) : null;
     return rows.map((prompt) => generationResult(prompt, Array.from({ length: keep }, () => []), [...initial],
       Array(keep).fill('length'), decode ? Array(keep).fill(empty) : null));
   }
   try {
-    return await beamLoop(model, rows, config, decode);
+    return await beamLoop(model, rows, config, limits, decode);
   } finally {
     await releaseAll(model);
   }
 }
 
-async function beamLoop(model, rows, config, decode) {
+async function beamLoop(model, rows, config, limits, decode) {
   const nPrompts = rows.length;
   const k = config.num_beams;
   const n = nPrompts * k;
@@ -756,10 +817,17 @@ async function beamLoop(model, rows, config, decode) {
   const hyps = Array.from({ length: nPrompts }, () => []);
   const done = Array(nPrompts).fill(false);
   let counter = 0;
-  let lastT = 0;
-  for (let t = 0; t < config.max_new_tokens; t++) {
-    lastT = t;
-    const logprobs = processLogits(checkedLogits(result, n, vocab), history, config, t).map(logSoftmax); // (N, V) float32
+  for (let b = 0; b < nPrompts; b++) {
+    if (limits[b] > 0) continue;
+    for (let j = 0; j < k; j++) { // nothing to generate: K empty hypotheses at the initial scores
+      addHypothesis(hyps[b], { score: scores[b * k + j], order: counter++, tokens: [], reason: 'length' }, k);
+    }
+    done[b] = true;
+  }
+  const rowLimits = Array.from({ length: n }, (_, r) => limits[Math.floor(r / k)]); // (N,)
+  for (let t = 0; t < Math.max(...limits); t++) {
+    const processed = processLogits(checkedLogits(result, n, vocab), history, config, t, rowLimits);
+    const logprobs = processed.map(logSoftmax); // (N, V) float32
     const norm = f32(f32(t + 1) ** lp);
     const nextRows = Array.from({ length: n }, (_, r) => Math.floor(r / k) * k); // default: copy beam 0
     const nextTokens = Array(n).fill(config.pad_token_id);
@@ -794,16 +862,16 @@ async function beamLoop(model, rows, config, decode) {
     beams = nextRows.map((r, i) => [...beams[r], nextTokens[i]]);
     history = nextRows.map((r, i) => [...history[r], nextTokens[i]]);
     scores = nextScores;
-    if (done.every(Boolean) || t === config.max_new_tokens - 1) break;
+    for (let b = 0; b < nPrompts; b++) {
+      if (done[b] || t !== limits[b] - 1) continue;
+      for (let r = b * k; r < (b + 1) * k; r++) { // the prompt's last allowed token: its running beams end here
+        addHypothesis(hyps[b], { score: f32(scores[r] / norm), order: counter++, tokens: beams[r], reason: 'length' }, k);
+      }
+      done[b] = true;
+    }
+    if (done.every(Boolean)) break;
     await model.select(nextRows);
     result = await model.advance(nextTokens);
-  }
-  const norm = f32(f32(lastT + 1) ** lp);
-  for (let b = 0; b < nPrompts; b++) {
-    if (done[b]) continue;
-    for (let r = b * k; r < (b + 1) * k; r++) {
-      addHypothesis(hyps[b], { score: f32(scores[r] / norm), order: counter++, tokens: beams[r], reason: 'length' }, k);
-    }
   }
   return Promise.all(hyps.map(async (h, b) => {
     const best = h.slice(0, keep);

@@ -343,7 +343,9 @@ function checkGenerationDefaults(generation, vocabSize) {
     if (!(err instanceof ConfigError)) throw err;
     throw manifestError(`manifest generation defaults are invalid: ${err.message}`);
   }
-  const ids = [...(defaults.eos_token_ids ?? []), ...(defaults.pad_token_id === undefined ? [] : [defaults.pad_token_id])];
+  const ids = [...(defaults.eos_token_ids ?? []), ...(defaults.pad_token_id === undefined ? [] : [defaults.pad_token_id]),
+    ...(defaults.forced_eos_token_id ?? []),
+    ...(defaults.forced_bos_token_id === undefined ? [] : [defaults.forced_bos_token_id])];
   const outside = ids.filter((id) => id >= vocabSize);
   if (outside.length) {
     throw manifestError(`manifest generation token ids ${outside.join(', ')} are not below vocab_size ${vocabSize}`);
