@@ -297,3 +297,54 @@ def test_the_package_generates_like_transformers(bart_package):
                          capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     assert json.loads(out.stdout) == wants
+
+
+@pytest.mark.slow
+def test_a_decoder_only_model_forces_as_transformers_does(tmp_path):
+    """A Llama (the built decoder graph, whose greedy choice is computed in the graph: a forced
+    step reads the logits instead) with forced bos and eos in generation_config.json: transformers
+    forces bos only after a one-token input, eos as the last allowed token; left-padded batch and
+    a one-token prompt, greedy and 2-beam, Python and Node."""
+    from hf_support import save_hf, torch
+    from onnxformer.export.exporter import export_checkpoint
+    from test_hf_decoders import PROMPTS, _hf_model, _ids
+    import onnxformer.runtime as rt
+
+    model, tok = _hf_model("llama")
+    forced_bos = _ids(tok, ["cat"])[0][-1]
+    model.generation_config.forced_bos_token_id = forced_bos
+    model.generation_config.forced_eos_token_id = tok.eos_token_id
+    folder = save_hf(model, tok, tmp_path / "llama")
+    reference = type(model).from_pretrained(folder).eval()
+    report = export_checkpoint(folder, tmp_path / "pkg")
+    assert report.decoder_graph == "built"
+    prompts = [*_ids(tok, PROMPTS), [tok.bos_token_id]]
+    eos = tok.eos_token_id
+
+    def hf(batch: list[list[int]], beams: int) -> list[list[int]]:
+        width = max(map(len, batch))  # left-padded, as generate() takes a decoder-only batch
+        inputs = dict(input_ids=torch.tensor([[tok.pad_token_id] * (width - len(r)) + r for r in batch]),
+                      attention_mask=torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in batch]))
+        with torch.no_grad():
+            out = reference.generate(**inputs, do_sample=False, num_beams=beams, max_new_tokens=NEW_TOKENS,
+                                     pad_token_id=tok.pad_token_id)
+        rows = out[:, inputs["input_ids"].shape[1]:].tolist()
+        return [row[:row.index(eos) + 1] if eos in row else row for row in rows]
+
+    runs = [(prompts[:3], 1), (prompts[3:], 1), (prompts[1:3], 2), (prompts[3:], 2)]
+    wants = [hf(batch, beams) for batch, beams in runs]
+    assert wants[1][0][0] == forced_bos and all(row[-1] == eos for want in wants for row in want)
+    assert all(row[0] != forced_bos for row in wants[0])  # a longer prompt: no forced bos
+    options = [dict(max_new_tokens=NEW_TOKENS) if beams == 1 else
+               dict(strategy="beam", num_beams=beams, max_new_tokens=NEW_TOKENS) for _, beams in runs]
+    package = rt.load(report.path, threads=1)
+    got = [[g.token_ids[0] for g in package.generate_ids(batch, **opts)] for (batch, _), opts in zip(runs, options)]
+    assert got == wants
+    if not HAS_NODE:
+        pytest.skip("the Node half needs node and runtime/node/node_modules (npm ci in runtime/node)")
+    script = NODE_GENERATE.replace("prompts.slice(0, batch)", "batch") % (NODE_DIR / "model.js").as_posix()
+    out = subprocess.run(["node", "--input-type=module", "-e", script, str(report.path), "[]",
+                          json.dumps([[batch, opts] for (batch, _), opts in zip(runs, options)])],
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert json.loads(out.stdout) == wants
