@@ -348,3 +348,29 @@ def test_a_decoder_only_model_forces_as_transformers_does(tmp_path):
                          capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     assert json.loads(out.stdout) == wants
+
+
+NODE_LOAD = """
+import { load } from '%s';
+try { await load(process.argv[1]); console.log('loaded'); } catch (err) { console.log(err.code, err.message); }
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("key, value", [("forced_bos_token_id", 10 ** 4), ("forced_eos_token_id", [2, 10 ** 4]),
+                                        ("forced_bos_token_id", -2), ("max_length", "long")])
+def test_bad_manifest_defaults_are_the_package_s_fault(bart_package, tmp_path, key, value):
+    import onnxformer.runtime as rt
+    from onnxformer.runtime.errors import PackageError
+
+    package = Path(shutil.copytree(bart_package[2], tmp_path / "pkg"))
+    manifest = json.loads((package / "manifest.json").read_text())
+    manifest["generation"][key] = value
+    (package / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(PackageError, match=key if key == "max_length" or value == -2 else "10000") as err:
+        rt.load(package)
+    assert err.value.code == "E_MANIFEST"
+    if HAS_NODE:
+        out = subprocess.run(["node", "--input-type=module", "-e", NODE_LOAD % (NODE_DIR / "model.js").as_posix(),
+                              str(package)], capture_output=True, text=True, timeout=60)
+        assert out.stdout.startswith("E_MANIFEST") and (key in out.stdout or "10000" in out.stdout), out.stdout
