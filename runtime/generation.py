@@ -147,7 +147,7 @@ class GenerationConfig:
     stop_strings: tuple[str, ...] | None = None  # finish when the generated text contains one (needs decode)
     pad_token_id: int | None = None  # fed to finished rows; 0
     max_length: int | None = None  # the row's sequence (start + generated) at most this long; 0 = no limit
-    forced_bos_token_id: int | None = None  # the token after a one-token sequence (an encoder-decoder's first); -1 = none
+    forced_bos_token_id: int | None = None  # chosen after a one-token sequence (an encoder-decoder's first); -1 = none
     forced_eos_token_id: tuple[int, ...] | None = None  # forced as a row's last allowed token; () = none
 
     def __post_init__(self) -> None:
@@ -476,7 +476,9 @@ def forced_rows(seqs: Sequence[Sequence[int]], config: GenerationConfig, n_gener
     """Step 4's rows at this step: (rows whose next token is forced_bos_token_id: the sequence is
     one token long; rows whose next token is forced_eos_token_id: their last allowed token).
     ``limits``: per row, from :func:`new_token_limits` (default: max_new_tokens for every row)."""
-    bos = [r for r, s in enumerate(seqs) if len(s) == 1] if config.forced_bos_token_id >= 0 and n_generated == 0 else []
+    bos: list[int] = []
+    if config.forced_bos_token_id >= 0 and n_generated == 0:
+        bos = [r for r, s in enumerate(seqs) if len(s) == 1]
     eos: list[int] = []
     if config.forced_eos_token_id:
         limits = limits if limits is not None else [config.max_new_tokens] * len(seqs)

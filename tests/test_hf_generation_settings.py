@@ -275,12 +275,13 @@ def test_the_package_generates_like_transformers(bart_package):
     assert manifest["generation"]["forced_eos_token_id"] == [tok.eos_token_id]
     package = rt.load(path, threads=1)
     sources = _ids(tok, SOURCES)
+    beam = dict(num_beams=2, max_new_tokens=NEW_TOKENS)
     # (batch, our settings, transformers' settings)
     runs = [
         (1, dict(max_new_tokens=NEW_TOKENS), dict(max_new_tokens=NEW_TOKENS)),
         (3, dict(max_new_tokens=NEW_TOKENS), dict(max_new_tokens=NEW_TOKENS)),
-        (1, dict(strategy="beam", num_beams=2, max_new_tokens=NEW_TOKENS), dict(num_beams=2, max_new_tokens=NEW_TOKENS)),
-        (3, dict(strategy="beam", num_beams=2, max_new_tokens=NEW_TOKENS), dict(num_beams=2, max_new_tokens=NEW_TOKENS)),
+        (1, dict(beam, strategy="beam"), beam),
+        (3, dict(beam, strategy="beam"), beam),
         (3, dict(max_new_tokens=NEW_TOKENS, max_length=10), dict(max_length=10)),  # the decoder start counts
     ]
     wants = [_hf_generate(reference, tok, SOURCES[:batch], **theirs) for batch, _, theirs in runs]

@@ -141,8 +141,9 @@ function checkFloat(name, value) {
 export function generationConfig(params = {}) {
   rejectUnknown(params);
   const c = validated({ ...DEFAULTS, ...setFields(params) });
-  return Object.freeze({ ...c, eos_token_ids: Object.freeze(c.eos_token_ids), stop_strings: Object.freeze(c.stop_strings),
-    forced_eos_token_id: Object.freeze(c.forced_eos_token_id) });
+  const frozen = (name) => Object.freeze(c[name]);
+  return Object.freeze({ ...c, eos_token_ids: frozen('eos_token_ids'), stop_strings: frozen('stop_strings'),
+    forced_eos_token_id: frozen('forced_eos_token_id') });
 }
 
 /**
