@@ -164,12 +164,16 @@ class GenerationConfig:
 
     def resolve(self, defaults: Mapping[str, Any] | None = None) -> "GenerationConfig":
         """Every field set: this config's values, then ``defaults`` (a package's generation
-        defaults), then BUILTIN_DEFAULTS; checked as a whole."""
+        defaults), then BUILTIN_DEFAULTS; checked as a whole. A package's ``max_length`` does
+        not apply to a call that sets ``max_new_tokens`` (transformers' precedence)."""
         merged = dict(BUILTIN_DEFAULTS)
+        given = self.set_fields()
         if defaults:
             _reject_unknown(defaults)
             merged.update({k: v for k, v in defaults.items() if v is not None})
-        merged.update(self.set_fields())
+            if "max_new_tokens" in given and "max_length" not in given:
+                merged["max_length"] = 0  # as in transformers: an explicit max_new_tokens wins over max_length
+        merged.update(given)
         return GenerationConfig(**merged)
 
     # Serialisation --------------------------------------------------------------------------

@@ -127,6 +127,14 @@ def test_the_processors_by_hand():
     assert G.new_token_limits([[A] * 6], GenerationConfig(max_new_tokens=5).resolve()) == [5]  # 0: no cap
 
 
+def test_an_explicit_max_new_tokens_wins_over_a_package_max_length():
+    """transformers' precedence: generate(max_new_tokens=N) ignores generation_config.max_length."""
+    package = {"max_length": 4, "max_new_tokens": 5}
+    assert GenerationConfig().resolve(package).max_length == 4  # the package's own pair applies
+    assert GenerationConfig(max_new_tokens=8).resolve(package).max_length == 0
+    assert GenerationConfig(max_new_tokens=8, max_length=6).resolve(package).max_length == 6
+
+
 def test_sampling_and_streaming_keep_the_forced_tokens():
     settings = dict(max_new_tokens=4, forced_bos_token_id=C, forced_eos_token_id=E, eos_token_ids=())
     middles = set()

@@ -262,7 +262,8 @@ function setFields(params) {
  * The one place a call's parameters are settled (Python's `resolve_config`): each field is the
  * caller's value, else the package's generation default (its manifest), else the built-in
  * default (`DEFAULTS`); then checked as a whole. A value given is kept, even an empty
- * `eos_token_ids` (no eos) or `pad_token_id` 0.
+ * `eos_token_ids` (no eos) or `pad_token_id` 0. A package's `max_length` does not apply to a
+ * call that sets `max_new_tokens` (transformers' precedence).
  * @param {Record<string, any>} params  the caller's parameters
  * @param {Record<string, any>} [packageDefaults]  the manifest's `generation`
  * @returns {Readonly<GenerationConfig>}
@@ -270,7 +271,12 @@ function setFields(params) {
 export function resolveConfig(params = {}, packageDefaults = {}) {
   rejectUnknown(params);
   rejectUnknown(packageDefaults ?? {});
-  return generationConfig({ ...setFields(packageDefaults), ...setFields(params) });
+  const given = setFields(params);
+  const defaults = setFields(packageDefaults);
+  if ('max_new_tokens' in given && !('max_length' in given) && 'max_length' in defaults) {
+    defaults.max_length = 0; // as in transformers: an explicit max_new_tokens wins over max_length
+  }
+  return generationConfig({ ...defaults, ...given });
 }
 
 function rejectUnknown(params) {

@@ -145,4 +145,11 @@ describe('forced tokens by hand', () => {
     assert.deepEqual(config.forced_eos_token_id, [2]);
     assert.equal(gen.resolveConfig({ forced_bos_token_id: -1 }, { forced_bos_token_id: 0 }).forced_bos_token_id, -1);
   });
+
+  test('an explicit max_new_tokens wins over a package max_length (transformers precedence)', () => {
+    const pkg = { max_length: 4, max_new_tokens: 5 };
+    assert.equal(gen.resolveConfig({}, pkg).max_length, 4);
+    assert.equal(gen.resolveConfig({ max_new_tokens: 8 }, pkg).max_length, 0);
+    assert.equal(gen.resolveConfig({ max_new_tokens: 8, max_length: 6 }, pkg).max_length, 6);
+  });
 });
