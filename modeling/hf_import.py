@@ -440,6 +440,8 @@ def load_hf(directory: str | os.PathLike, *, overrides: dict[str, Any] | None = 
     dropped = _copy_tensors(model, family, config, hf, files, fresh, initialised)
     log.info("imported %s (%s, %d tensors, %.1fM parameters)", directory, family.name, len(files.names),
              model.num_parameters() / 1e6)
+    for line in dropped_report(dropped):
+        log.info("%s", line)
     for line in dropped_report(initialised):
         log.info("%s", line.replace("not used:", "not in the checkpoint, initialised:", 1))
     return HFImport(model.eval(), config, tokenizer_file, package, dropped, initialised)
@@ -665,6 +667,6 @@ def dropped_report(dropped: dict[str, str]) -> Iterable[str]:
 
 __all__ = [
     "FAMILIES", "Family", "HFConfig", "HFImport", "PackageInfo", "Source", "TensorFiles", "initialised", "is_hf_dir",
-    "load_hf",
-    "part", "read_hf_config", "register", "sentence_transformers_pooling", "take", "transposed", "unsupported",
+    "load_hf", "part", "read_hf_config", "register", "sentence_transformers_pooling", "take", "transposed",
+    "unsupported",
 ]
