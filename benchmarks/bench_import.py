@@ -497,6 +497,27 @@ COLUMNS = [("engine", "engine"), ("export_s", "export s"), ("peak_rss_mb", "expo
            ("note", "note")]
 
 
+def versus_genai(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """onnxformer / genai per precision and figure (time and memory: lower is better; speed: higher)."""
+    by = {r["engine"]: r for r in rows}
+    out = []
+    for precision in ("fp32", "int4"):
+        ours, genai = by.get(f"onnxformer/{precision}"), by.get(f"genai/{precision}")
+        if not ours or not genai:
+            continue
+        row = {"precision": precision}
+        for key in ("export_s", "peak_rss_mb", "files_mb", "load_s", "b1", "b8"):
+            a, b = ours.get(key), genai.get(key)
+            row[key] = a / b if a and b else None
+        out.append(row)
+    return out
+
+
+VERSUS_COLUMNS = [("precision", "onnxformer / genai"), ("export_s", "export s (lower better)"),
+                  ("peak_rss_mb", "export peak RSS (lower)"), ("files_mb", "files (lower)"),
+                  ("load_s", "load s (lower)"), ("b1", "decode b1 (higher)"), ("b8", "decode b8 (higher)")]
+
+
 def report(results: dict[str, Any]) -> str:
     f = results["folder"]
     info = results["info"]
@@ -505,7 +526,9 @@ def report(results: dict[str, Any]) -> str:
             f"{info['new_tokens']} new tokens, greedy, {info['repeats']} repeats, {info.get('threads')} threads; "
             f"load average at start "
             f"{info['machine']['load_average']}, at the end {info.get('load_average_end')}")
-    return head + "\n\n" + markdown_table(table_rows(results), COLUMNS)
+    rows = table_rows(results)
+    return (head + "\n\n" + markdown_table(rows, COLUMNS) + "\n\n" +
+            markdown_table(versus_genai(rows), VERSUS_COLUMNS))
 
 
 # --------------------------------------------------------------------------------------------
