@@ -111,7 +111,7 @@ CASES = [
     ("eos id >= vocab", "decoder", lambda m: m.generate("x", eos_token_ids=(10**6,)),
      ConfigError, r"eos_token_ids \[1000000\] out of range"),
     ("negative eos id", "decoder", lambda m: m.generate("x", eos_token_ids=(-3,)),
-     ConfigError, "eos_token_ids must be a tuple of token ids >= 0"),
+     ConfigError, r"eos_token_ids must be a token id >= 0 or a tuple of them \(empty = none\); got \(-3,\)"),
     ("pad id >= vocab", "decoder", lambda m: m.generate("x", pad_token_id=10**6),
      ConfigError, r"pad_token_id \[1000000\] out of range"),
     ("unknown strategy", "decoder", lambda m: m.generate("x", strategy="nucleus"),
