@@ -1,4 +1,5 @@
-"""`onnxformer export CHECKPOINT OUT_DIR`. Torch-free at import; torch loads inside run()."""
+"""`onnxformer export CHECKPOINT OUT_DIR` (our checkpoint or a Hugging Face folder). Torch-free
+at import; torch loads inside run()."""
 
 from __future__ import annotations
 
@@ -6,7 +7,9 @@ import argparse
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("checkpoint", help="a training run directory (its latest checkpoint) or one checkpoint directory")
+    parser.add_argument("checkpoint", help="a training run directory (its latest checkpoint), one checkpoint directory, "
+                                           "or a local Hugging Face model folder (config.json, *.safetensors, "
+                                           "tokenizer.json; README 'Hugging Face models')")
     parser.add_argument("out_dir", help="package directory to write (replaced atomically if it is a package)")
     parser.add_argument("--quantize", choices=["int8", "int4", "int8-dynamic"], default=None,
                         help="int8/int4: weight-only quantization of every matmul (onnxruntime MatMulNBits; "
