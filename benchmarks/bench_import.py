@@ -3,8 +3,8 @@ folder of TinyLlama-1.1B's shape through `onnxformer export`, onnxruntime-genai'
 and Optimum's `optimum-cli export onnx`, side by side in one run.
 
     bash benchmarks/setup_peers.sh                                           # once: peer venvs
-    python benchmarks/bench_import.py --size small                           # smoke run, ~2 min
-    python benchmarks/bench_import.py --size tinyllama --clean               # 1.1B, ~40 min on 2 cores
+    python benchmarks/bench_import.py --size small                           # smoke run, ~30 s
+    python benchmarks/bench_import.py --size tinyllama --clean               # 1.1B, ~8 min on 2 cores
     python benchmarks/bench_import.py folder --size tinyllama --out DIR      # only the HF folder
     python benchmarks/bench_import.py profile HF_DIR OUT [--quantize int4]   # RSS per export phase
 
