@@ -577,14 +577,25 @@ def _tokenizer(directory: Path, manifest: Manifest) -> Tokenizer:
     return tokenizer
 
 
+FAST_START_LIMIT = 1 << 30  # bytes of package files below which load() prepacks on all threads by default
+
+
+def _package_bytes(manifest: Manifest) -> int:
+    """The bytes of the graph files and their external data (a weights file shared by several graphs once)."""
+    files = {e.file: e.bytes for entry in manifest.graphs.values() for e in (entry.file, *entry.external_data)}
+    return sum(files.values())
+
+
 def load(package_dir: str | os.PathLike, *, provider: str = "cpu", threads: int | None = None,
-         verify: bool = True, fast_start: bool = True, manifest: Manifest | None = None,
+         verify: bool = True, fast_start: bool | None = None, manifest: Manifest | None = None,
          trusted_roots: Sequence[str | os.PathLike] | None = None) -> Model:
     """Open a package: read and check the manifest, verify checksums, open one session per
     graph on `provider` ("cpu" or "cuda") and check each session's I/O against the contract.
 
     `fast_start` prepares the weights on all threads: a faster load at a transient memory
-    peak (about 1.5x the weights while loading); pass False under a tight memory limit.
+    peak (about 1.5-1.9x the weights while loading). None (the default): on for packages whose
+    files total under FAST_START_LIMIT bytes (the cold start of small models), off above it
+    (a 1.1B fp32 decoder's load peak: 7976 MiB with it, about the weights' 4.2 GB without).
     `manifest`: use this one instead of reading the package's manifest.json (the exporter
     loads a staged package before its manifest is written); it is checked the same way.
     `trusted_roots`: directories (content stores, e.g. the Hugging Face cache) that the
@@ -600,6 +611,8 @@ def load(package_dir: str | os.PathLike, *, provider: str = "cpu", threads: int 
     if manifest is not None and not isinstance(manifest, Manifest):
         raise PackageError(f"manifest must be a Manifest or None; got {type(manifest).__name__}", code="E_MANIFEST")
     manifest = Manifest.load(directory) if manifest is None else manifest
+    if fast_start is None:
+        fast_start = _package_bytes(manifest) < FAST_START_LIMIT
     # The checksums (a full read of every file) run on a second thread while onnxruntime opens
     # the sessions (hashlib and session creation both release the GIL): the load costs about
     # max(hash, open) instead of their sum. A damaged file is reported by its checksum even

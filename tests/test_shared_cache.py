@@ -313,3 +313,21 @@ def test_loading_without_fast_start_gives_the_same_model(packages):
     config = GenerationConfig(strategy="greedy", max_new_tokens=6, eos_token_ids=())
     slow = rt.load(reports["shared"].path, fast_start=False)
     assert slow.generate_ids(PROMPTS, config) == loaded["shared"].generate_ids(PROMPTS, config)
+
+
+def test_fast_start_by_default_only_below_the_size_limit(packages, monkeypatch):
+    """The default prepacks on all threads for small packages (cold start) and not for large
+    ones, whose transient load peak would approach twice the weights."""
+    import onnxformer.runtime.model as rt_model
+
+    _, _, reports = packages("rope-gqa")
+    seen = []
+    real = rt_model._session
+    monkeypatch.setattr(rt_model, "_session", lambda path, provider, threads, fast_start=True, spinning=True:
+                        seen.append(fast_start) or real(path, provider, threads, fast_start, spinning))
+    rt_model.load(reports["shared"].path)
+    size = rt_model._package_bytes(rt_model.Manifest.load(reports["shared"].path))
+    monkeypatch.setattr(rt_model, "FAST_START_LIMIT", size)  # this package is now "large"
+    rt_model.load(reports["shared"].path)
+    rt_model.load(reports["shared"].path, fast_start=True)  # asked for: kept
+    assert seen == [True, False, True]
