@@ -22,17 +22,6 @@ from .config import ModelConfig
 from .hf_import import Family, HFConfig, Source, part, register, take, transposed, unsupported
 
 
-def _ids(hf: HFConfig) -> dict[str, int]:
-    def one(key: str) -> int:
-        value = hf.get(key)
-        if isinstance(value, list):  # several eos ids: the first here, all of them in the package
-            value = value[0] if value else None
-        return value if isinstance(value, int) and value >= 0 else -1
-
-    return {"pad_token_id": one("pad_token_id"), "bos_token_id": one("bos_token_id"),
-            "eos_token_id": one("eos_token_id")}
-
-
 # Keys hub configs of these families carry that transformers never reads: distilgpt2's legacy
 # `_num_labels` (a classification head's size), SmolLM's `is_llama_config` (a converter's note).
 METADATA_KEYS = ("_num_labels", "is_llama_config")
@@ -155,7 +144,7 @@ def llama_config(hf: HFConfig, architecture: str) -> ModelConfig:
         bias=bias,
         qkv_bias=qkv_bias,
         tie_embeddings=bool(hf.get("tie_word_embeddings", False)),  # the three classes' default
-        **_ids(hf),
+        **hf.special_ids(),
     )
 
 
@@ -232,7 +221,7 @@ def gpt2_config(hf: HFConfig, architecture: str) -> ModelConfig:
         bias=True,
         attn_scale=None if hf.get("scale_attn_weights", True) else 1.0,
         tie_embeddings=bool(hf.get("tie_word_embeddings", True)),
-        **_ids(hf),
+        **hf.special_ids(),
     )
 
 

@@ -196,16 +196,6 @@ def _activation(hf: HFConfig, key: str) -> str:
     return HF_ACTIVATIONS[value]
 
 
-def _ids(hf: HFConfig) -> dict[str, int]:
-    """pad/bos/eos ids of config.json (-1: none), which the package's special tokens follow."""
-    def one(key: str) -> int:
-        value = hf.get(key)
-        return value if isinstance(value, int) and not isinstance(value, bool) and value >= 0 else -1
-
-    return {"pad_token_id": one("pad_token_id"), "bos_token_id": one("bos_token_id"),
-            "eos_token_id": one("eos_token_id")}
-
-
 def _no_decoder(hf: HFConfig) -> None:
     hf.expect("is_decoder", False)  # a causal BERT (BertLMHeadModel) would need a causal mask
     hf.expect("add_cross_attention", False)
@@ -223,10 +213,9 @@ def bert_config(hf: HFConfig, architecture: str) -> ModelConfig:
     d_model = hf.require("hidden_size")
     d_embed = hf.get("embedding_size") if layout.embedding_size else None
     d_embed = d_embed if d_embed not in (None, d_model) else None
-    ids = _ids(hf)
     offset = 0
     if layout.positions_after_pad:
-        pad = ids["pad_token_id"]
+        pad = hf.token_id("pad_token_id")
         if pad < 0:
             raise unsupported(hf, "pad_token_id", hf.data.get("pad_token_id"),
                               f"{model_type}'s positions start at pad_token_id + 1, so it must be set")
@@ -258,7 +247,7 @@ def bert_config(hf: HFConfig, architecture: str) -> ModelConfig:
         type_vocab_size=types if (types := int(hf.get("type_vocab_size", 2))) != 1 else 0,
         num_labels=len(labels),
         label_names=labels,
-        **ids,
+        **hf.special_ids(),
     )
 
 
@@ -289,7 +278,7 @@ def distilbert_config(hf: HFConfig, architecture: str) -> ModelConfig:
         type_vocab_size=0,
         num_labels=len(labels),
         label_names=labels,
-        **_ids(hf),
+        **hf.special_ids(),
     )
 
 

@@ -115,6 +115,18 @@ class HFConfig:
             raise unsupported(self, key, value, f"onnxformer implements {' or '.join(map(repr, allowed))}")
         return value
 
+    def token_id(self, key: str) -> int:
+        """A token id of config.json, -1 where it is unset or not an id; of a list (several eos
+        ids) the first here: the package's generation defaults carry all of them."""
+        value = self.get(key)
+        if isinstance(value, list):
+            value = value[0] if value else None
+        return value if isinstance(value, int) and not isinstance(value, bool) and value >= 0 else -1
+
+    def special_ids(self) -> dict[str, int]:
+        """ModelConfig's pad/bos/eos ids from config.json (-1: none)."""
+        return {key: self.token_id(key) for key in ("pad_token_id", "bos_token_id", "eos_token_id")}
+
     def unread(self) -> list[str]:
         """Keys that were not read, are not harmless, and do not hold a neutral value."""
         left = []
@@ -429,8 +441,11 @@ def load_hf(directory: str | os.PathLike, *, overrides: dict[str, Any] | None = 
             "tokenizer into the folder (AutoTokenizer.from_pretrained(...).save_pretrained(folder))",
             code="E_TOKENIZER")
     files = TensorFiles(directory)
-    package = _package_info(directory, hf, config, family)
-    _check_tokenizer(tokenizer_file, config, package)
+    from tokenizers import Tokenizer
+
+    tokenizer = Tokenizer.from_file(str(tokenizer_file))  # read once: the package's tokens and the size check
+    package = _package_info(directory, hf, config, family, tokenizer)
+    _check_tokenizer(tokenizer, tokenizer_file, config)
     # A special token config.json has no id for is the tokenizer's (Qwen2.5: no pad_token_id, a pad
     # token in tokenizer_config.json): the model's math never reads it, the package's generation does.
     config = config.replace(**{f"{role}_token_id": package.special_tokens[role] for role in ("pad", "bos", "eos")
@@ -570,10 +585,7 @@ def _forced_tokens(directory: Path, hf: HFConfig, generation: dict[str, Any], co
     return out
 
 
-def _package_info(directory: Path, hf: HFConfig, config: ModelConfig, family: Family) -> PackageInfo:
-    from tokenizers import Tokenizer
-
-    tokenizer = Tokenizer.from_file(str(directory / TOKENIZER_FILE))
+def _package_info(directory: Path, hf: HFConfig, config: ModelConfig, family: Family, tokenizer) -> PackageInfo:
     tok_config = _read_json(directory / TOKENIZER_CONFIG, "tokenizer_config.json") \
         if (directory / TOKENIZER_CONFIG).is_file() else {}
     special_map = _read_json(directory / SPECIAL_TOKENS_MAP, "special_tokens_map.json") \
@@ -645,10 +657,7 @@ def sentence_transformers_pooling(directory: Path) -> dict[str, Any] | None:
     return {"pooling": pooling or "mean", "normalize": normalize}
 
 
-def _check_tokenizer(tokenizer_file: Path, config: ModelConfig, package: PackageInfo) -> None:
-    from tokenizers import Tokenizer
-
-    tokenizer = Tokenizer.from_file(str(tokenizer_file))
+def _check_tokenizer(tokenizer, tokenizer_file: Path, config: ModelConfig) -> None:
     top = max(tokenizer.get_vocab(with_added_tokens=True).values(), default=-1)
     if top >= config.vocab_size:
         raise CheckpointError(

@@ -32,13 +32,6 @@ ACTIVATIONS = {"relu": "relu", "gelu": "gelu", "gelu_new": "gelu_tanh", "gelu_py
 GATED_ACTIVATIONS = {"gelu_new": "geglu", "gelu_pytorch_tanh": "geglu", "silu": "swiglu", "swish": "swiglu"}
 
 
-def _id(hf: HFConfig, key: str) -> int:
-    value = hf.get(key)
-    if isinstance(value, list):  # several eos ids: the first here, all of them in the package
-        value = value[0] if value else None
-    return value if isinstance(value, int) and value >= 0 else -1
-
-
 def shared_embedding(names: set[str], stored: tuple[str, ...]) -> Source:
     """The token embedding from every stored copy of it (`stored`, the first required),
     refused unless all copies hold the same values."""
@@ -122,8 +115,8 @@ def t5_config(hf: HFConfig, architecture: str) -> ModelConfig:
     # output scale); transformers 5 stores scale_decoder_outputs and always says tied.
     tied = hf.get("tie_word_embeddings", True) is not False
     scale_outputs = hf.get("scale_decoder_outputs", tied)
-    pad = _id(hf, "pad_token_id")
-    start = _id(hf, "decoder_start_token_id")
+    pad = hf.token_id("pad_token_id")
+    start = hf.token_id("decoder_start_token_id")
     return ModelConfig(
         arch="encoder-decoder",
         vocab_size=hf.require("vocab_size"),
@@ -146,8 +139,8 @@ def t5_config(hf: HFConfig, architecture: str) -> ModelConfig:
         logit_scale=d_model ** -0.5 if scale_outputs else 1.0,
         tie_embeddings=tied,
         pad_token_id=pad,
-        eos_token_id=_id(hf, "eos_token_id"),
-        bos_token_id=_id(hf, "bos_token_id"),  # T5 has none: sources end with eos
+        eos_token_id=hf.token_id("eos_token_id"),
+        bos_token_id=hf.token_id("bos_token_id"),  # T5 has none: sources end with eos
         decoder_start_token_id=start if start >= 0 else pad,  # T5 starts decoding from pad
     )
 
@@ -209,8 +202,8 @@ def _bart_like_config(hf: HFConfig, *, learned: bool) -> ModelConfig:
         raise unsupported(hf, "activation_function", activation, f"onnxformer implements {', '.join(sorted(ACTIVATIONS))}")
     hf.get("init_std")  # initialisation only
     hf.get("classif_dropout")  # training only (a classification head onnxformer does not import)
-    start = _id(hf, "decoder_start_token_id")
-    eos = _id(hf, "eos_token_id")
+    start = hf.token_id("decoder_start_token_id")
+    eos = hf.token_id("eos_token_id")
     return ModelConfig(
         arch="encoder-decoder",
         vocab_size=hf.require("vocab_size"),
@@ -232,8 +225,8 @@ def _bart_like_config(hf: HFConfig, *, learned: bool) -> ModelConfig:
         embed_scale=math.sqrt(d_model) if hf.get("scale_embedding", False) else 1.0,
         logits_bias=True,  # final_logits_bias
         tie_embeddings=hf.get("tie_word_embeddings", True) is not False,
-        pad_token_id=_id(hf, "pad_token_id"),
-        bos_token_id=_id(hf, "bos_token_id"),
+        pad_token_id=hf.token_id("pad_token_id"),
+        bos_token_id=hf.token_id("bos_token_id"),
         eos_token_id=eos,
         decoder_start_token_id=start if start >= 0 else eos,
     )

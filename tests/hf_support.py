@@ -4,10 +4,14 @@ byte-level BPE tokenizer trained here."""
 
 from __future__ import annotations
 
+import json
+import subprocess
 from functools import lru_cache
 from pathlib import Path
 
 import pytest
+
+from support import NODE_DIR
 
 transformers = pytest.importorskip("transformers", reason="the Hugging Face import tests need transformers")
 torch = pytest.importorskip("torch")
@@ -54,3 +58,26 @@ def save_hf(model, tokenizer, directory: Path) -> Path:
 
 def token_ids(tokenizer, text: str) -> list[int]:
     return tokenizer(text)["input_ids"]
+
+
+NODE_GENERATE = """
+import { load } from '%s';
+const [packageDir, prompts, n] = [process.argv[1], JSON.parse(process.argv[2]), Number(process.argv[3])];
+const model = await load(packageDir, { threads: 1 });
+const options = { max_new_tokens: n, min_new_tokens: n };
+const one = await model.generateIds(prompts.slice(0, 1), options);
+const all = await model.generateIds(prompts, options);
+console.log(JSON.stringify([one.map((g) => g.token_ids[0]), all.map((g) => g.token_ids[0])]));
+await model.release();
+"""
+
+
+def node_generate(package: Path, prompts: list[list[int]], new_tokens: int) -> tuple[list, list]:
+    """Greedy ids through the Node runtime, exactly `new_tokens` each: (the first prompt alone,
+    all prompts in one batch)."""
+    script = NODE_GENERATE % (NODE_DIR / "model.js").as_posix()
+    out = subprocess.run(["node", "--input-type=module", "-e", script, str(package), json.dumps(prompts),
+                          str(new_tokens)], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    one, batch = json.loads(out.stdout)
+    return one, batch

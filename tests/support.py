@@ -6,12 +6,16 @@ from __future__ import annotations
 
 import functools
 import importlib.util
+import shutil
 from pathlib import Path
 
 
 HAS_TORCH = importlib.util.find_spec("torch") is not None
 REPO = Path(__file__).resolve().parents[1]
 ARTIFACTS = REPO / "artifacts"
+NODE_DIR = REPO / "runtime" / "node"
+# The Node.js runtime can run: node on PATH and runtime/node's npm packages (npm ci) installed.
+HAS_NODE = shutil.which("node") is not None and (NODE_DIR / "node_modules").is_dir()
 
 TEXTS = [
     "the cat sat on the mat and the dog ran after it",

@@ -16,7 +16,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from hf_support import hf_tokenizer, save_hf, torch, transformers
+from hf_support import hf_tokenizer, node_generate, save_hf, torch, transformers
+from support import HAS_NODE, NODE_DIR
 
 from onnxformer.export.exporter import export_checkpoint
 from onnxformer.modeling.hf_import import load_hf
@@ -24,8 +25,6 @@ from onnxformer.runtime.errors import CheckpointError
 
 import onnxformer.runtime as rt
 
-NODE_DIR = Path(__file__).resolve().parents[1] / "runtime" / "node"
-HAS_NODE = shutil.which("node") is not None and (NODE_DIR / "node_modules").is_dir()
 NEW_TOKENS = 32
 PROMPTS = ["one red cat.", "two green dog. three blue sun. four", "hello"]
 LONG_PROMPT = "one red cat. two green dog. three blue sun. four cafe sea. five naive cat."
@@ -247,25 +246,8 @@ def test_gpt2_variants(tmp_path, changes):
 # The package: the built graph, its logits, greedy tokens in Python and Node
 # --------------------------------------------------------------------------------------------
 
-NODE_GENERATE = """
-import { load } from '%s';
-const [packageDir, prompts, n] = [process.argv[1], JSON.parse(process.argv[2]), Number(process.argv[3])];
-const model = await load(packageDir, { threads: 1 });
-const options = { max_new_tokens: n, min_new_tokens: n };
-const one = await model.generateIds(prompts.slice(0, 1), options);
-const all = await model.generateIds(prompts, options);
-console.log(JSON.stringify([one.map((g) => g.token_ids[0]), all.map((g) => g.token_ids[0])]));
-await model.release();
-"""
-
-
 def _node_generate(package: Path, prompts: list[list[int]]) -> tuple[list, list]:
-    script = NODE_GENERATE % (NODE_DIR / "model.js").as_posix()
-    out = subprocess.run(["node", "--input-type=module", "-e", script, str(package), json.dumps(prompts),
-                          str(NEW_TOKENS)], capture_output=True, text=True, timeout=120)
-    assert out.returncode == 0, out.stderr
-    one, batch = json.loads(out.stdout)
-    return one, batch
+    return node_generate(package, prompts, NEW_TOKENS)
 
 
 @pytest.fixture(scope="module")

@@ -7,13 +7,13 @@ from __future__ import annotations
 
 import importlib.util
 import json
-import shutil
 import subprocess
 from pathlib import Path
 
 import numpy as np
 import pytest
 
+from support import HAS_NODE, NODE_DIR
 from hf_support import TEXTS, hf_tokenizer, save_hf
 
 transformers = pytest.importorskip("transformers", reason="the Hugging Face import tests need transformers")
@@ -23,8 +23,6 @@ from onnxformer.modeling.hf_import import load_hf  # noqa: E402
 from onnxformer.runtime.errors import CheckpointError  # noqa: E402
 
 T = transformers
-NODE_DIR = Path(__file__).resolve().parents[1] / "runtime" / "node"
-HAS_NODE = shutil.which("node") is not None and (NODE_DIR / "node_modules").is_dir()
 SENTENCES = ["one red cat.", "two green dogs and a blue sun sea.", "hello naive cafe"]
 TOL = 1e-4
 

@@ -22,10 +22,9 @@ import pytest
 from onnxformer.runtime import generation as G
 from onnxformer.runtime.errors import ConfigError
 from onnxformer.runtime.generation import GenerationConfig
-from onnxformer.runtime.steps import StepModel, StepResult
+from test_generation_numpy import BigramLM
+from support import HAS_NODE, NODE_DIR
 
-NODE_DIR = Path(__file__).resolve().parents[1] / "runtime" / "node"
-HAS_NODE = shutil.which("node") is not None and (NODE_DIR / "node_modules").is_dir()
 
 # Token ids of the bigram table: A B E C (E = 2, the eos of these tests).
 A, B, E, C = 0, 1, 2, 3
@@ -38,27 +37,9 @@ TABLE = [  # P(next | last), rows by the last token
 ln = math.log
 
 
-class Bigram(StepModel):
-    """logits = log P[last token]; counts its calls."""
-
-    def __init__(self):
-        self.table = np.log(np.asarray(TABLE)).astype(np.float32)
-        self.vocab_size, self.calls, self.last = 4, 0, np.zeros(0, dtype=np.int64)
-
-    rows = property(lambda self: len(self.last))
-
-    def prefill(self, prompts):
-        self.calls += 1
-        self.last = np.concatenate([self.last, np.array([p[-1] for p in prompts], dtype=np.int64)])
-        return StepResult(self.table[self.last])
-
-    def advance(self, tokens):
-        self.calls += 1
-        self.last = np.asarray(tokens, dtype=np.int64)
-        return StepResult(self.table[self.last])
-
-    def select(self, rows):
-        self.last = self.last[rows]
+def Bigram() -> BigramLM:
+    """logits = log P[last token] over TABLE; counts its calls (tests/test_generation_numpy.py)."""
+    return BigramLM(TABLE)
 
 
 def run(prompts, **settings):

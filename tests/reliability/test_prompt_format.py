@@ -21,8 +21,7 @@ from onnxformer.runtime.prompt_format import PromptFormat
 
 from reliability_support import rewrite_manifest, run_cli
 
-NODE_DIR = Path(__file__).resolve().parents[2] / "runtime" / "node"
-HAS_NODE = shutil.which("node") is not None and (NODE_DIR / "node_modules").is_dir()
+from support import HAS_NODE, NODE_DIR  # noqa: E402
 MONTHS = ("January February March April May June July August September October November December").split()
 
 

@@ -28,8 +28,7 @@ from reliability_support import raised_by_us, rewrite_manifest, run_cli
 
 onnx = pytest.importorskip("onnx")
 ARTIFACTS = Path(__file__).resolve().parents[2] / "artifacts"
-NODE_DIR = Path(__file__).resolve().parents[2] / "runtime" / "node"
-HAS_NODE = shutil.which("node") is not None and (NODE_DIR / "node_modules").is_dir()
+from support import HAS_NODE, NODE_DIR  # noqa: E402
 
 
 def refused(directory: Path, pattern: str, code: str, error=PackageError, **kwargs):
