@@ -30,6 +30,7 @@ SUBCOMMANDS: dict[str, str] = {
     "generate": "generate text with a decoder or encoder-decoder package",
     "classify": "classify texts with an encoder package",
     "embed": "sentence embeddings from an encoder package",
+    "report": "draw a training run's curves (PNG) and a short HTML page",
 }
 ENTRY_POINTS = "onnxformer.commands"
 
