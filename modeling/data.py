@@ -54,58 +54,32 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator, Sequence
 
+from onnxformer.runtime.datafiles import (
+    EXAMPLE_CLASSES,
+    KIND_ROLES,
+    KINDS,
+    ChatExample,
+    DataFile,
+    Example,
+    FieldMap,
+    LabeledExample,
+    Message,
+    PairExample,
+    TextExample,
+    data_error,
+    read_examples,
+)
 from onnxformer.runtime.errors import ConfigError, DataError
 from onnxformer.runtime.prompt_format import SEQ2SEQ_PROMPT_FORMAT
 
 logger = logging.getLogger(__name__)
 
-TASK_KINDS = ("text", "classification", "seq2seq")
+TASK_KINDS = KINDS  # text, classification, seq2seq, chat
+_data_error = data_error
 
-
-def _data_error(message: str, path: str | os.PathLike | None = None, line: int | None = None) -> DataError:
-    """A DataError whose message starts with ``path:line:`` (or ``path:``) when a file is at
-    fault; ``err.path`` and ``err.line`` say the same for callers (None when not known)."""
-    where = "" if path is None else f"{path}:{line}: " if line is not None else f"{path}: "
-    error = DataError(where + message)
-    error.path, error.line = None if path is None else str(path), line
-    return error
-
-
-# Examples -------------------------------------------------------------------------------------
-_SENTENCE_END = re.compile(r"(?<=[.!?])\s+|\s*\n\s*")
-
-
-@dataclass(frozen=True)
-class TextExample:
-    """A document for language modelling."""
-
-    text: str
-
-    @property
-    def sentences(self) -> list[str]:
-        """Sentences: split after ``.``/``!``/``?`` followed by whitespace, and at line breaks."""
-        return [s for s in _SENTENCE_END.split(self.text.strip()) if s]
-
-
-@dataclass(frozen=True)
-class LabeledExample:
-    text: str
-    label: str
-
-
-@dataclass(frozen=True)
-class PairExample:
-    source: str
-    target: str
-
-
-Example = TextExample | LabeledExample | PairExample
-
-# kind -> (example class, its fields, which are also the file fields)
+# kind -> (example class, its fields)
 _KIND_FIELDS: dict[str, tuple[type, tuple[str, ...]]] = {
-    "text": (TextExample, ("text",)),
-    "classification": (LabeledExample, ("text", "label")),
-    "seq2seq": (PairExample, ("source", "target")),
+    kind: (EXAMPLE_CLASSES[kind], KIND_ROLES[kind]) for kind in KINDS
 }
 
 
@@ -163,6 +137,8 @@ class TaskData:
                 if isinstance(example, PairExample):
                     yield example.source
                     yield example.target
+                elif isinstance(example, ChatExample):
+                    yield from (message.content for message in example.messages)
                 else:
                     yield example.text
 
@@ -491,61 +467,8 @@ def load_builtin(name: str, seed: int = 0) -> TaskData:
     return data
 
 
-# Readers ---------------------------------------------------------------------------------------
-def _read_lines(path: str | os.PathLike) -> list[str]:
-    """The file's lines (without line ends), after checking it is non-empty UTF-8 text."""
-    path = Path(path)
-    if not path.exists():
-        raise _data_error("file not found; check the path", path)
-    if not path.is_file():
-        raise _data_error("not a file; pass the path of a data file", path)
-    try:
-        data = path.read_bytes()
-    except OSError as exc:
-        raise _data_error(f"cannot read the file ({exc.strerror or exc})", path) from None
-    nul = data.find(b"\x00")
-    if nul >= 0:
-        line = data.count(b"\n", 0, nul) + 1
-        raise _data_error("binary data (NUL byte); expected a UTF-8 text file", path, line)
-    try:
-        text = data.decode("utf-8-sig")
-    except UnicodeDecodeError as exc:
-        offset = exc.start + (3 if data.startswith(b"\xef\xbb\xbf") else 0)
-        line = data.count(b"\n", 0, offset) + 1
-        column = offset - (data.rfind(b"\n", 0, offset) + 1) + 1
-        raise _data_error(
-            f"invalid UTF-8 (byte 0x{data[offset]:02x} at column {column}); "
-            "re-save the file as UTF-8",
-            path,
-            line,
-        ) from None
-    if not text.strip():
-        raise _data_error("empty file; expected at least one example", path)
-    lines = text.split("\n")
-    return [line.removesuffix("\r") for line in lines]
-
-
-def read_text_file(path: str | os.PathLike, *, split: str = "paragraphs") -> list[TextExample]:
-    """Plain text -> documents.
-
-    ``split="paragraphs"`` (default): documents are separated by blank lines; a document keeps
-    its line breaks (so a line break also ends a sentence). ``split="lines"``: each non-blank
-    line is a document. Leading and trailing whitespace of each document is removed.
-    """
-    if split not in ("paragraphs", "lines"):
-        raise ConfigError(f"split must be 'paragraphs' or 'lines'; got {split!r}")
-    lines = _read_lines(path)
-    if split == "lines":
-        documents = [line.strip() for line in lines if line.strip()]
-    else:
-        documents, current = [], []
-        for line in lines + [""]:
-            if line.strip():
-                current.append(line.strip())
-            elif current:
-                documents.append("\n".join(current))
-                current = []
-    return [TextExample(text) for text in documents]
+# Readers (runtime/datafiles.py reads every format; these keep the list-returning calls) ---------
+_SPLITS = {"paragraphs": "blank-line-documents", "lines": "lines"}
 
 
 def _kind_of_fields(fields: Sequence[str]) -> str:
@@ -556,35 +479,44 @@ def _kind_of_fields(fields: Sequence[str]) -> str:
     raise ConfigError(f"fields must be one of {choices}; got {tuple(fields)!r}")
 
 
-def _make_example(
-    kind: str, values: dict[str, object], path: Path, line: int, label_names: Sequence[str] | None
-) -> Example:
-    """Build one example from field values, checking types and labels."""
-    cls, fields = _KIND_FIELDS[kind]
-    checked = []
-    for name in fields:
-        value = values[name]
-        if name == "label" and isinstance(value, int) and not isinstance(value, bool):
-            value = str(value)  # integer class labels are common; they name the class
-        if not isinstance(value, str):
+def _examples(data: DataFile, label_names: Sequence[str] | None = None) -> list[Example]:
+    """Every example of ``data``; with ``label_names``, a label not among them is an error naming its line."""
+    examples = []
+    for line, example in data.numbered():
+        if label_names is not None and data.kind == "classification" and example.label not in label_names:
             raise _data_error(
-                f"field {name!r} must be a string; got {type(value).__name__} {value!r}", path, line
-            )
-        if not value.strip():
-            raise _data_error(f"field {name!r} is empty; remove the line or fill it in", path, line)
-        checked.append(value.strip())
-    example = cls(*checked)
-    if label_names is not None and kind == "classification" and example.label not in label_names:
-        raise _data_error(
-            f"unknown label {example.label!r}; known labels: {', '.join(label_names)} "
-            "(every label must occur in the training data or the label list)",
-            path,
-            line,
-        )
-    return example
+                f"unknown label {example.label!r}; known labels: {', '.join(label_names)} (every label must occur "
+                "in the training data or the label list: add examples of it to the training file, or remove "
+                "the line)", data.path, line)
+        examples.append(example)
+    return examples
 
 
-_JSONL_HINT = "each line must hold one complete JSON object (JSON Lines)"
+def read_text_file(path: str | os.PathLike, *, split: str = "paragraphs") -> list[TextExample]:
+    """Plain text -> documents.
+
+    ``split="paragraphs"`` (default): documents are separated by blank lines; a document keeps
+    its line breaks (so a line break also ends a sentence). ``split="lines"``: each non-blank
+    line is a document. Leading and trailing whitespace of each line is removed.
+    (``read_examples`` with ``text_layout=None`` detects the layout instead.)
+    """
+    if split not in _SPLITS:
+        raise ConfigError(f"split must be 'paragraphs' or 'lines'; got {split!r}")
+    return _examples(_text_file(path, _SPLITS[split]))
+
+
+def _text_file(path: str | os.PathLike, layout: str) -> DataFile:
+    """Any file read as plain text in ``layout`` (whatever its extension)."""
+    return DataFile(Path(path), "txt", "text", FieldMap(text="text"), detected=False, text_layout=layout)
+
+
+def _read_fixed(path, fields: Sequence[str], label_names, suffixes: tuple[str, ...]) -> list[Example]:
+    kind = _kind_of_fields(fields)
+    path = Path(path)
+    if path.suffix.lower() not in suffixes:
+        raise _data_error(f"expected a {' or '.join(suffixes)} file; got {path.suffix or 'no extension'}", path)
+    mapping = FieldMap(**{name: name for name in fields})
+    return _examples(read_examples(path, kinds=(kind,), fields=mapping), label_names)
 
 
 def read_jsonl(
@@ -599,39 +531,7 @@ def read_jsonl(
     ``("source", "target")``. Values must be non-empty strings; a label may also be an
     integer (read as its decimal string). With ``label_names``, any other label is an error.
     """
-    kind = _kind_of_fields(fields)
-    path = Path(path)
-    examples = []
-    for number, line in enumerate(_read_lines(path), start=1):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as exc:
-            message = f"invalid JSON ({exc.msg} at column {exc.colno}); {_JSONL_HINT}"
-            raise _data_error(message, path, number) from None
-        except RecursionError:
-            raise _data_error(f"JSON nested too deeply to read; {_JSONL_HINT}", path, number) from None
-        if not isinstance(record, dict):
-            raise _data_error(
-                f"expected a JSON object with keys {', '.join(fields)}; "
-                f"got {type(record).__name__}",
-                path,
-                number,
-            )
-        missing = [name for name in fields if name not in record]
-        if missing:
-            raise _data_error(
-                f"missing field {', '.join(map(repr, missing))}; every line needs "
-                f"{', '.join(map(repr, fields))} "
-                f"(found {', '.join(map(repr, record)) or 'no keys'})",
-                path,
-                number,
-            )
-        examples.append(_make_example(kind, record, path, number, label_names))
-    if not examples:
-        raise _data_error("no examples (only blank lines)", path)
-    return examples
+    return _read_fixed(path, fields, label_names, (".jsonl", ".json"))
 
 
 def read_tsv(
@@ -645,48 +545,16 @@ def read_tsv(
     The header must contain ``fields`` (other columns are ignored); fields hold no tabs and
     no quoting is applied. Blank lines are skipped.
     """
-    kind = _kind_of_fields(fields)
-    path = Path(path)
-    lines = _read_lines(path)
-    header = lines[0].split("\t")
-    missing = [name for name in fields if name not in header]
-    if missing:
-        raise _data_error(
-            f"header {header!r} lacks column {', '.join(map(repr, missing))}; the first line "
-            f"must name the columns, e.g. {'<TAB>'.join(fields)}",
-            path,
-            1,
-        )
-    index = {name: header.index(name) for name in fields}
-    examples = []
-    for number, line in enumerate(lines[1:], start=2):
-        if not line.strip():
-            continue
-        cells = line.split("\t")
-        if len(cells) != len(header):
-            raise _data_error(
-                f"{len(cells)} tab-separated columns, but the header has {len(header)}; "
-                "fields may not contain tabs",
-                path,
-                number,
-            )
-        values = {name: cells[i] for name, i in index.items()}
-        examples.append(_make_example(kind, values, path, number, label_names))
-    if not examples:
-        raise _data_error("no examples below the header", path)
-    return examples
+    return _read_fixed(path, fields, label_names, (".tsv",))
 
 
 def read_label_names(path: str | os.PathLike) -> tuple[str, ...]:
     """One label per line; the line index is the class id."""
-    path = Path(path)
     names = []
-    for number, line in enumerate(_read_lines(path), start=1):
-        name = line.strip()
-        if not name:
-            continue
+    for line, example in _text_file(path, "lines").numbered():
+        name = example.text
         if name in names:
-            raise _data_error(f"duplicate label {name!r}; each label must appear once", path, number)
+            raise _data_error(f"duplicate label {name!r}; each label must appear once", path, line)
         names.append(name)
     return tuple(names)
 
@@ -738,55 +606,30 @@ def shared_data_dir() -> Path:
     return Path(__file__).resolve().parents[2] / "shared" / "data"
 
 
-def _read_file(path: Path, kind: str, label_names: Sequence[str] | None = None) -> list[Example]:
-    suffix = path.suffix.lower()
-    fields = _KIND_FIELDS[kind][1]
-    if suffix in (".jsonl", ".json"):
-        return read_jsonl(path, fields, label_names=label_names)
-    if suffix == ".tsv":
-        return read_tsv(path, fields, label_names=label_names)
-    if kind != "text":
-        raise _data_error(
-            f"cannot read {kind} data from a {suffix or 'suffix-less'} file; use .jsonl or .tsv",
-            path,
-        )
-    return read_text_file(path)
+def _open_split(path: Path, kinds, fields: FieldMap | None, text_layout: str | None) -> DataFile:
+    """A split's file; the field names and the text layout apply where the format has them."""
+    is_text = path.suffix.lower() == ".txt"
+    return read_examples(path, kinds=kinds, fields=None if is_text else fields,
+                         text_layout=text_layout if is_text else None)
 
 
 def infer_kind(path: str | os.PathLike) -> str:
-    """The task kind a file holds: plain text -> text; JSONL/TSV by their field names."""
+    """The task kind a file holds: plain text -> text; other formats by their field names."""
     path = Path(path)
-    suffix = path.suffix.lower()
-    if suffix not in (".jsonl", ".json", ".tsv"):
+    if path.suffix.lower() == ".txt":
         return "text"
-    lines = _read_lines(path)
-    first = next((number for number, line in enumerate(lines, start=1) if line.strip()), 1)
-    if suffix == ".tsv":
-        keys = set(lines[first - 1].split("\t"))
-    else:
-        try:
-            record = json.loads(lines[first - 1])
-        except json.JSONDecodeError as exc:
-            message = f"invalid JSON ({exc.msg} at column {exc.colno}); {_JSONL_HINT}"
-            raise _data_error(message, path, first) from None
-        except RecursionError:
-            raise _data_error(f"JSON nested too deeply to read; {_JSONL_HINT}", path, first) from None
-        keys = set(record) if isinstance(record, dict) else set()
-    for kind in ("seq2seq", "classification", "text"):
-        if set(_KIND_FIELDS[kind][1]) <= keys:
-            return kind
-    expected = " or ".join("+".join(f) for _, f in _KIND_FIELDS.values())
-    message = f"cannot tell the task kind from fields {sorted(keys)}; expected {expected}"
-    raise _data_error(message, path, first)
+    return read_examples(path).kind
 
 
-def _split_off(examples: list, fraction: float, seed: int, path: Path) -> tuple[list, list]:
+def _split_off(examples: list, fraction: float, seed: int, data: DataFile) -> tuple[list, list]:
     """Deterministically hold out ``fraction`` of ``examples`` (at least one) as a valid split."""
     if len(examples) < 2:
+        layout = (" (read as blank-line-documents; if each line is an example, pass --text-layout lines)"
+                  if data.text_layout == "blank-line-documents" else "")
         raise _data_error(
-            f"only {len(examples)} example; need at least 2 to hold out a validation split "
-            "(or pass a validation file)",
-            path,
+            f"only {len(examples)} example{layout}; need at least 2 to hold out a validation split: add "
+            "examples, or pass a validation file (--valid PATH)",
+            data.path,
         )
     n_valid = min(len(examples) - 1, max(1, round(len(examples) * fraction)))
     order = list(range(len(examples)))
@@ -797,10 +640,40 @@ def _split_off(examples: list, fraction: float, seed: int, path: Path) -> tuple[
     return train, valid
 
 
+# Sanity checks of classification data: warnings, since the data may be right after all
+MANY_CLASSES_SHARE = 0.5  # more distinct labels than this share of the rows: probably not a label column
+_TEXT_LIKE_WORDS = 4  # labels of this many words (median) look like text
+
+
+def _median(values: Sequence[int]) -> int:
+    return sorted(values)[len(values) // 2]
+
+
+def _check_labels(examples: Sequence[LabeledExample], data: DataFile) -> None:
+    labels = {e.label for e in examples}
+    label_words = _median([len(label.split()) for label in labels])
+    text_words = _median([len(e.text.split()) for e in examples])
+    mapping = data.mapping
+    if label_words >= _TEXT_LIKE_WORDS and text_words < label_words:
+        swapped = FieldMap(text=mapping.label, label=mapping.text)
+        logger.warning(
+            "%s: the labels look like text (%d distinct, median %d words, e.g. %r) and the texts like labels "
+            "(median %d words): are the text and label fields swapped? If so, pass %s",
+            data.path, len(labels), label_words, min(labels, key=len)[:60], text_words, swapped.flags())
+    elif len(examples) >= 20 and len(labels) > MANY_CLASSES_SHARE * len(examples):
+        logger.warning(
+            "%s: %d distinct labels in %d training rows (more than %d%%): most classes occur once or twice, too "
+            "few to learn; check that field %r holds the class, or name the class field with --label-field NAME",
+            data.path, len(labels), len(examples), round(100 * MANY_CLASSES_SHARE), mapping.label)
+
+
 def load_task_data(
     spec: str | os.PathLike,
     kind: str | None = None,
     *,
+    kinds: Sequence[str] | None = None,
+    fields: FieldMap | None = None,
+    text_layout: str | None = None,
     valid: str | os.PathLike | None = None,
     test: str | os.PathLike | None = None,
     label_names: Sequence[str] | None = None,
@@ -809,28 +682,38 @@ def load_task_data(
 ) -> TaskData:
     """Load a task from ``builtin:NAME``, ``shared:NAME`` or a training file path.
 
-    For a file, ``kind`` defaults to what the file holds (``infer_kind``): ``.txt`` is text,
-    ``.jsonl``/``.tsv`` have ``text``+``label`` or ``source``+``target`` fields. ``valid`` and
-    ``test`` are optional files of the same format; without ``valid``, a seeded random
-    ``valid_fraction`` of the training file is held out; without ``test``, test is empty.
-    Label names come from ``label_names``, else from the training labels (sorted); a
-    valid/test label not among them is an error naming its line.
+    A file is read by ``runtime.datafiles.read_examples``: its format from the extension, its
+    kind and fields detected (``kinds``: the kinds the caller can use, most wanted first, e.g. a
+    task's; ``kind``: exactly one) or named by ``fields``; a .txt file's layout detected or given
+    as ``text_layout``. ``valid`` and ``test`` are optional files of the same kind; without
+    ``valid``, a seeded random ``valid_fraction`` of the training file is held out; without
+    ``test``, test is empty. Label names come from ``label_names``, else from the training labels
+    (sorted); a valid/test label not among them is an error naming its line. Classification data
+    that looks wrong (labels like text, nearly one class per row) is logged as a warning.
     """
-    if kind is not None and kind not in _KIND_FIELDS:
-        raise ConfigError(
-            f"kind must be one of {', '.join(map(repr, TASK_KINDS))} or None; got {kind!r}"
-        )
+    if kind is not None:
+        if kinds is not None:
+            raise ConfigError("pass kind or kinds, not both")
+        kinds = (kind,)
+    kinds = None if kinds is None else tuple(kinds)
+    for name in kinds or ():
+        if name not in _KIND_FIELDS:
+            raise ConfigError(f"kind must be one of {', '.join(map(repr, TASK_KINDS))} or None; got {name!r}")
     if not 0.0 < valid_fraction < 1.0:
         raise ConfigError(f"valid_fraction must be in (0, 1); got {valid_fraction!r}")
     spec_text = str(spec)
+    if spec_text.startswith(("builtin:", "shared:")) and (fields is not None and fields.roles or text_layout):
+        raise ConfigError(f"{spec_text} has fixed fields and layout; drop the field names and the text layout "
+                          "(--text-field, --label-field, --source-field, --target-field, --messages-field, "
+                          "--text-layout)")
     if spec_text.startswith("builtin:"):
         if valid is not None or test is not None or label_names is not None:
             raise ConfigError(
                 f"{spec_text} has fixed splits and labels; drop valid, test and label_names"
             )
         data = load_builtin(spec_text, seed=seed)
-        if kind is not None and kind != data.kind:
-            raise DataError(f"{spec_text} is a {data.kind} task, not {kind}")
+        if kinds is not None and data.kind not in kinds:
+            raise DataError(f"{spec_text} is a {data.kind} task, not {' or '.join(kinds)}")
         return data
 
     if spec_text.startswith("shared:"):
@@ -846,9 +729,9 @@ def load_task_data(
                 root,
             )
         shared = SHARED_DATASETS[name]
-        if kind is not None and kind != shared.kind:
-            raise DataError(f"{spec_text} is a {shared.kind} task, not {kind}")
-        kind = shared.kind
+        if kinds is not None and shared.kind not in kinds:
+            raise DataError(f"{spec_text} is a {shared.kind} task, not {' or '.join(kinds)}")
+        kinds = (shared.kind,)
         train_path = root / shared.train
         if valid is None and shared.valid:
             valid = root / shared.valid
@@ -858,11 +741,12 @@ def load_task_data(
             label_names = read_label_names(root / shared.labels)
     else:
         train_path = Path(spec)
-        if kind is None:
-            kind = infer_kind(train_path)
 
-    train = _read_file(train_path, kind, label_names)
+    train_file = _open_split(train_path, kinds, fields, text_layout)
+    kind = train_file.kind
+    train = _examples(train_file, label_names)
     if kind == "classification":
+        _check_labels(train, train_file)
         if not label_names:
             label_names = sorted_label_names([e.label for e in train])
         label_names = tuple(label_names)
@@ -871,10 +755,11 @@ def load_task_data(
             raise ConfigError(f"label_names apply to classification only; kind is {kind!r}")
         label_names = ()
     if valid is None:
-        train, valid_examples = _split_off(train, valid_fraction, seed, train_path)
+        train, valid_examples = _split_off(train, valid_fraction, seed, train_file)
     else:
-        valid_examples = _read_file(Path(valid), kind, label_names or None)
-    test_examples = [] if test is None else _read_file(Path(test), kind, label_names or None)
+        valid_examples = _examples(_open_split(Path(valid), (kind,), fields, text_layout), label_names or None)
+    test_examples = [] if test is None else _examples(_open_split(Path(test), (kind,), fields, text_layout),
+                                                      label_names or None)
     data = TaskData(kind, train, valid_examples, test_examples, label_names)
     logger.info(
         "loaded %s (%s): %d/%d/%d examples%s",
