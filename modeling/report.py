@@ -96,9 +96,8 @@ def read_metrics(run_dir: str | os.PathLike) -> list[Record]:
     writing right now: it is skipped."""
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
-        what = "is a file, not" if run_dir.exists() else "does not exist; pass"
-        raise CheckpointError(f"{run_dir} {what} a run directory: pass the --out folder of `onnxformer train`",
-                              code="E_MISSING_FILE")
+        what = "is a file, not a run directory" if run_dir.exists() else "does not exist"
+        raise CheckpointError(f"{run_dir} {what}: pass the --out folder of `onnxformer train`", code="E_MISSING_FILE")
     path = run_dir / METRICS_FILE
     try:
         data = path.read_bytes()
