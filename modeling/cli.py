@@ -41,6 +41,15 @@ def _targets(text: str) -> tuple[str, ...]:
     return names
 
 
+def _count_or_all(text: str) -> int | str:
+    if text == "all":
+        return text
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number of examples or 'all'; got {text!r}") from None
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.formatter_class = argparse.RawDescriptionHelpFormatter
     parser.epilog = (
@@ -59,15 +68,32 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     need.add_argument("--task", required=True, choices=TASKS, help="training objective (see below)")
     need.add_argument("--data", required=True, metavar="SPEC",
                       help="builtin:corpus|sentiment|numbers, shared:NAME (sst2, banking77, multi30k, tico19, "
-                           "tinyshakespeare), or a file: .txt (documents separated by blank lines), "
-                           ".jsonl/.tsv with text+label or source+target fields")
+                           "tinyshakespeare), or a file: .csv/.tsv (with a header), .jsonl, .json (an array of "
+                           "objects), .parquet, .txt (plain text); the fields are detected (see below)")
     need.add_argument("--valid", metavar="PATH", help="validation file (default: hold out 5%% of a training file)")
     need.add_argument("--out", required=True, metavar="DIR", help="run directory: checkpoints, latest, metrics.jsonl")
+
+    fields = parser.add_argument_group(
+        "data fields", "which field of a data file is what; unset: detected from text/label, sentence/label, "
+        "source/target, prompt/completion, instruction(+input)/output, question/answer, messages. The mapping "
+        "and the data kind are printed at the start.")
+    fields.add_argument("--text-field", metavar="NAME", help="the text (classification, language modelling)")
+    fields.add_argument("--label-field", metavar="NAME", help="the class label (strings or integers)")
+    fields.add_argument("--source-field", metavar="NAME[,NAME]",
+                        help="the source or prompt; several fields are joined by a blank line (instruction,input)")
+    fields.add_argument("--target-field", metavar="NAME", help="the target or completion")
+    fields.add_argument("--messages-field", metavar="NAME", help="a conversation: a list of {role, content} turns")
+    fields.add_argument("--text-layout", choices=("lines", "blank-line-documents"),
+                        help=".txt files: one document per line, or documents separated by blank lines "
+                             "(default: blank-line-documents if the file has blank lines, else lines)")
 
     model = parser.add_argument_group("model and tokenizer")
     model.add_argument("--preset", choices=("tiny", "small", "base"), help="model size (default tiny)")
     model.add_argument("--vocab-size", type=int, metavar="N", help="tokenizer vocabulary upper bound (default 1024)")
-    model.add_argument("--max-len", type=int, metavar="N", help="cut tokenized sequences to N tokens (default 128)")
+    model.add_argument("--max-len", type=int, metavar="N",
+                       help="longest token row: longer documents are split into windows (causal-lm, mlm, denoise, "
+                            "prefix-lm text), other examples cut, and either is counted in the log; a new model's "
+                            "context grows to N (default 128, or a loaded model's max_seq_len if shorter)")
     model.add_argument("--dropout", type=float, metavar="P", help="dropout while training (default 0)")
     model.add_argument("--nsp", action="store_true", default=None, help="mlm: add next-sentence prediction")
     model.add_argument("--from-checkpoint", metavar="PATH",
@@ -103,6 +129,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     run = parser.add_argument_group("evaluation, checkpoints, logging")
     run.add_argument("--eval-every", type=int, metavar="N", help="steps between validation runs (default: per task)")
     run.add_argument("--eval-examples", type=int, metavar="N", help="validation examples per periodic run (default 500)")
+    run.add_argument("--final-eval-examples", type=_count_or_all, metavar="N|all",
+                     help="examples per split of the final evaluation (default: --eval-examples)")
     run.add_argument("--save-every", type=int, metavar="N", help="steps between checkpoints; 0 = at the end only (default 0)")
     run.add_argument("--keep-checkpoints", type=int, metavar="N", help="newest checkpoints to keep; 0 = all (default 2)")
     run.add_argument("--log-every", type=int, metavar="N", help="steps between loss lines in metrics.jsonl (default 10)")
@@ -138,9 +166,14 @@ def config_from_args(args: argparse.Namespace):
 
 
 def run(args: argparse.Namespace) -> int:
+    import logging
     import os
 
     from .train import train
+
+    # What the data files were read as (format, kind, field mapping, layout) is shown without -v.
+    for name in ("onnxformer.runtime.datafiles", "onnxformer.modeling.data"):
+        logging.getLogger(name).setLevel(logging.INFO)
 
     # Bad options, data or run directory raise ConfigError, DataError or CheckpointError, which
     # the `onnxformer` entry point prints as `error[CODE]: ...` (status 2); anything else is a bug.

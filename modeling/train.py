@@ -52,6 +52,7 @@ from torch import nn
 from tqdm import tqdm
 
 from onnxformer.runtime import atomic
+from onnxformer.runtime.datafiles import TEXT_LAYOUTS, FieldMap, data_error
 from onnxformer.runtime.errors import CheckpointError, ConfigError, DataError, TrainingError
 
 from . import checkpoint as ckpt
@@ -101,6 +102,13 @@ class TrainConfig:
     data: str  # builtin:NAME, shared:NAME, or a training file (.txt, .jsonl, .tsv)
     out_dir: str  # run directory: checkpoints, metrics.jsonl
     valid_data: str | None = None  # validation file; default: hold out 5% of a training file
+    # Which file field is what (runtime/datafiles.py); None: detected from the common schemas.
+    text_field: str | None = None
+    label_field: str | None = None
+    source_field: str | None = None  # several joined by a blank line: "instruction,input"
+    target_field: str | None = None
+    messages_field: str | None = None  # chat data: a list of {role, content}
+    text_layout: str | None = None  # .txt: lines | blank-line-documents; None: detected
     preset: str = "tiny"  # model size, a key of PRESETS (ignored with from_checkpoint)
     vocab_size: int = 1024  # upper bound for the trained tokenizer
     max_len: int = 128  # longest tokenized sequence; longer ones are cut (also to the model's max_seq_len)
@@ -190,11 +198,20 @@ class TrainConfig:
             self.lora_config()  # validates alpha, dropout, targets
         if self.device not in ("auto", "cpu", "cuda"):
             raise ConfigError(f"device must be 'auto', 'cpu' or 'cuda'; got {self.device!r}")
+        if self.text_layout is not None and self.text_layout not in TEXT_LAYOUTS:
+            raise ConfigError(f"text_layout (--text-layout) must be one of {', '.join(TEXT_LAYOUTS)}; "
+                              f"got {self.text_layout!r}")
+        self.field_map()  # fields of one kind of data
 
     @property
     def objective(self) -> Objective:
         """What this run trains: its task's entry of OBJECTIVES (masked LM + NSP with nsp)."""
         return objective_for(self.task, nsp=self.nsp)
+
+    def field_map(self) -> FieldMap | None:
+        """The file fields named by text_field, label_field, ... (None: all detected)."""
+        named = {role: getattr(self, f"{role}_field") for role in ("text", "label", "source", "target", "messages")}
+        return FieldMap(**named) if any(named.values()) else None
 
     def lora_config(self) -> LoRAConfig | None:
         if not self.lora_rank:
@@ -593,7 +610,19 @@ def _resume_state(config: TrainConfig, env: Distributed) -> ckpt.TrainingState |
 
 
 def _load_data(config: TrainConfig, objective: Objective) -> TaskData:
-    data = load_task_data(config.data, valid=config.valid_data, seed=config.data_seed)
+    try:
+        data = load_task_data(config.data, kinds=objective.data_kinds, fields=config.field_map(),
+                              text_layout=config.text_layout, valid=config.valid_data, seed=config.data_seed)
+    except DataError as exc:  # fields that fit another task's data: name the tasks that read it
+        if not getattr(exc, "fits", ()):
+            raise
+        kind, mapping = exc.fits[0].kind, exc.fits[0]
+        readers = [f"{o.name} (--task {o.name} --arch {o.archs[0]})" for o in OBJECTIVES.values() if kind in o.data_kinds]
+        raise data_error(
+            f"task {config.task!r} needs {' or '.join(objective.data_kinds)} data, but the fields "
+            f"({mapping.describe()}) hold {kind} data; "
+            + (f"tasks that train on {kind} data: {', '.join(readers)}" if readers else
+               f"no task trains on {kind} data yet"), exc.path, exc.line) from None
     if data.kind not in objective.data_kinds:
         raise DataError(
             f"task {config.task!r} needs {' or '.join(objective.data_kinds)} data; "
