@@ -236,6 +236,19 @@ def _series(records: list[Record], split: str, key: str) -> tuple[list[int], lis
     return [s for s, _ in points], [v for _, v in points]
 
 
+def _minor_log_label(value: float, _position) -> str:
+    """Minor ticks of a log axis: 20, 50, 200, 500 labelled (plainly), the others not."""
+    if value <= 0:
+        return ""
+    mantissa = value / 10 ** math.floor(math.log10(value) + 1e-9)
+    return f"{value:g}" if round(mantissa, 6) in (2.0, 5.0) else ""
+
+
+def _is_fraction(key: str) -> bool:
+    """A metric that is a share of examples (accuracy, exact match, F1), drawn from 0 to 1."""
+    return key in ("accuracy", "exact_match") or key.endswith(("_accuracy", "_f1")) or key in ("f1", "macro_f1")
+
+
 SPLIT_STYLE = {"train": dict(color="tab:blue", lw=1.2), "valid": dict(color="tab:orange", marker="o", ms=3.5, lw=1.5),
                "test": dict(color="tab:green", marker="s", ms=5, lw=0)}
 
@@ -243,6 +256,8 @@ SPLIT_STYLE = {"train": dict(color="tab:blue", lw=1.2), "valid": dict(color="tab
 def plot(records: list[Record], *, title: str = "") -> bytes:
     """The PNG: the loss per split, one panel per task metric, the learning rate; over steps."""
     Figure = _matplotlib()
+    from matplotlib.ticker import FuncFormatter, MaxNLocator
+
     splits = _ordered({r.split for r in records}, SPLIT_ORDER)
     panels = ["loss", *metric_names(records), "lr"]
     fig = Figure(figsize=(7.5, 1.9 * len(panels) + 0.6), dpi=100, layout="constrained")
@@ -261,6 +276,10 @@ def plot(records: list[Record], *, title: str = "") -> bytes:
         finite = [v for r in records for k, v in r.values.items() if k == key and math.isfinite(v)]
         if finite and min(finite) > 0 and max(finite) / min(finite) > 20 and key != "lr":
             ax.set_yscale("log")  # a perplexity from ~vocab size down to ~10
+            ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+            ax.yaxis.set_minor_formatter(FuncFormatter(_minor_log_label))
+        elif finite and _is_fraction(key) and 0.0 <= min(finite) and max(finite) <= 1.0:
+            ax.set_ylim(-0.03, 1.03)  # a share: drawn on its whole scale
         if key == "lr":
             ax.ticklabel_format(axis="y", style="sci", scilimits=(-2, 3))
         if drawn and key != "lr":
@@ -268,6 +287,7 @@ def plot(records: list[Record], *, title: str = "") -> bytes:
         if not drawn:
             ax.text(0.5, 0.5, "not logged", transform=ax.transAxes, ha="center", va="center", color="gray")
     axes[-1].set_xlabel("optimizer step")
+    axes[-1].xaxis.set_major_locator(MaxNLocator(integer=True))
     if title:
         fig.suptitle(title, fontsize="medium")
     buffer = io.BytesIO()
