@@ -618,9 +618,10 @@ def _load_data(config: TrainConfig, objective: Objective) -> TaskData:
             raise
         kind, mapping = exc.fits[0].kind, exc.fits[0]
         readers = [f"{o.name} (--task {o.name} --arch {o.archs[0]})" for o in OBJECTIVES.values() if kind in o.data_kinds]
+        what = "plain text" if str(exc.path).lower().endswith(".txt") else f"fields {mapping.describe()}"
         raise data_error(
-            f"task {config.task!r} needs {' or '.join(objective.data_kinds)} data, but the fields "
-            f"({mapping.describe()}) hold {kind} data; "
+            f"task {config.task!r} needs {' or '.join(objective.data_kinds)} data, but the file holds {kind} data "
+            f"({what}); "
             + (f"tasks that train on {kind} data: {', '.join(readers)}" if readers else
                f"no task trains on {kind} data yet"), exc.path, exc.line) from None
     if data.kind not in objective.data_kinds:

@@ -704,9 +704,11 @@ def read_examples(
                          f"{', '.join(FORMATS)} (rename the file to the extension of its format)", path)
     if fmt == "txt":
         if kinds is not None and "text" not in kinds:
-            raise data_error(f"cannot read {' or '.join(kinds)} data from a .txt file: it holds plain text only; "
-                             f"use .csv, .tsv, .jsonl, .json or .parquet with {' or '.join('+'.join(KIND_ROLES[k]) for k in kinds)} "
-                             "fields", path)
+            error = data_error(
+                f"cannot read {' or '.join(kinds)} data from a .txt file: it holds plain text only; use .csv, .tsv, "
+                f".jsonl, .json or .parquet with {' or '.join('+'.join(KIND_ROLES[k]) for k in kinds)} fields", path)
+            error.fits = (FieldMap(text="text"),)
+            raise error
         if user.roles:
             raise ConfigError(f"{' and '.join(FIELD_FLAGS[r] for r in user.roles)} name fields of a table or JSON "
                               f"file; {path} is plain text: drop them")
