@@ -32,10 +32,7 @@ SERIES_COLORS = ["#4c72b0", "#dd8452", "#55a868", "#c44e52", "#8172b3", "#937860
 
 def _figure(panels: int, *, columns: int = 1, width: float = 9.0, height: float = 2.9):
     try:
-        import matplotlib
-
-        matplotlib.use("Agg", force=False)
-        from matplotlib.figure import Figure
+        from matplotlib.figure import Figure  # no pyplot: drawn through the Agg canvas, no display
     except ImportError:
         raise SystemExit("benchmarks/charts.py draws with matplotlib: pip install 'onnxformer[report]'") from None
     rows = -(-panels // columns)

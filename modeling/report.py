@@ -214,9 +214,8 @@ def run_summary(run_dir: str | os.PathLike) -> dict[str, Any]:
 
 def _matplotlib():
     try:
-        import matplotlib
-
-        matplotlib.use("Agg", force=False)  # no display; a no-op where the caller chose a backend
+        # A bare Figure (no pyplot): saved through the Agg canvas, no display, and the caller's
+        # pyplot backend and figures are left alone.
         from matplotlib.figure import Figure
     except ImportError:
         raise ConfigError(f"onnxformer report draws with matplotlib, which is not installed: {REPORT_EXTRA}") from None
