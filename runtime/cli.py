@@ -31,6 +31,7 @@ SUBCOMMANDS: dict[str, str] = {
     "classify": "classify texts with an encoder package",
     "embed": "sentence embeddings from an encoder package",
     "report": "draw a training run's curves (PNG) and a short HTML page",
+    "eval": "score a package on a labelled data file (accuracy, macro-F1; exact match, chrF, BLEU)",
 }
 ENTRY_POINTS = "onnxformer.commands"
 
