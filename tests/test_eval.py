@@ -5,7 +5,7 @@ input. Torch-free: runs in CI's runtime-only venv (the BLEU/chrF tests skip with
 from __future__ import annotations
 
 import json
-import math
+import re
 
 import pytest
 
@@ -102,3 +102,113 @@ def test_match_labels():
         ev.match_labels(["positive", "neutral"], ("negative", "positive"), [3, 7], "d.tsv")
     with pytest.raises(DataError, match="label 1 is not one of"):  # no id fallback with real names
         ev.match_labels([1], ("negative", "positive"))
+
+
+# ------------------------------------------------------------------------------------------------
+# The command, end to end on the committed artifacts
+# ------------------------------------------------------------------------------------------------
+# Sentences of builtin:sentiment's test split and numbers of builtin:numbers' test split, which
+# the artifacts get right (test_artifacts.py checks they solve their tasks).
+SENTIMENT = [
+    ("all in all i did not adore the lecture", "negative"),
+    ("honestly the waiter is so lousy but it is a charming book", "positive"),
+    ("i think the music is so superb", "positive"),
+    ("i do not think the game is excellent", "negative"),
+    ("overall the hotel was not truly annoying", "positive"),
+    ("honestly i did not love the book", "negative"),
+]
+NUMBERS = [("one", "1"), ("ninety one", "9 1"), ("ninety four", "9 4"), ("six hundred ninety", "6 9 0"),
+           ("eight hundred twenty eight", "8 2 8"), ("eight hundred forty one", "8 4 1")]
+
+
+def _eval(capsys, *argv):
+    """`onnxformer eval ...` in this process: (exit status, stdout, stderr)."""
+    from onnxformer.runtime.cli import main
+
+    status = main(["eval", *map(str, argv)])
+    out = capsys.readouterr()
+    return status, out.out, out.err
+
+
+def _write(path, header, rows, sep="\t"):
+    path.write_text("\n".join([sep.join(header), *(sep.join(r) for r in rows)]) + "\n", encoding="utf-8")
+    return path
+
+
+def test_classifier_accuracy_and_per_class_counts(tmp_path, capsys):
+    rows = list(SENTIMENT)
+    rows[0] = (rows[0][0], "positive")  # two gold labels flipped: the model (right) disagrees with them
+    rows[2] = (rows[2][0], "negative")
+    data = tmp_path / "sentiment.jsonl"
+    data.write_text("".join(json.dumps({"text": t, "label": y}) + "\n" for t, y in rows), encoding="utf-8")
+    status, out, err = _eval(capsys, ARTIFACTS / "encoder", data, "--json", "--batch-size", 4)
+    assert status == 0, err
+    report = json.loads(out)
+    assert (report["task"], report["examples"], report["fields"]) == ("classify", 6, {"text": "text", "label": "label"})
+    assert report["metrics"]["accuracy"] == pytest.approx(4 / 6)
+    # gold negative: rows 2, 3, 5 (predicted negative: 0, 3, 5); gold positive: rows 0, 1, 4 (predicted: 1, 2, 4)
+    neg, pos = report["per_class"]["negative"], report["per_class"]["positive"]
+    assert (neg["support"], neg["predicted"], neg["correct"]) == (3, 3, 2)
+    assert (pos["support"], pos["predicted"], pos["correct"]) == (3, 3, 2)
+    assert report["metrics"]["macro_f1"] == pytest.approx(2 / 3)
+    # the table, a CSV with other column names named by flags, --limit
+    csv = _write(tmp_path / "reviews.csv", ["id", "review", "stars"], [(str(i), t, y) for i, (t, y) in enumerate(rows)], ",")
+    status, out, err = _eval(capsys, ARTIFACTS / "encoder", csv, "--text-field", "review", "--label-field", "stars",
+                             "--limit", 2)
+    assert status == 0, err
+    assert "accuracy   50.00%" in out and "examples  2 in" in out and "text='review', label='stars'" in out
+
+
+@pytest.mark.parametrize("package", ["encoder-decoder", "decoder"])
+def test_generator_exact_match_bleu_chrf(tmp_path, capsys, package):
+    sacrebleu = _sacrebleu()
+    given = [list(r) for r in NUMBERS]
+    given[0][1] = "1 1"  # one wrong reference: the model answers "1"
+    data = _write(tmp_path / "numbers.tsv", ["source", "target"], given)
+    status, out, err = _eval(capsys, ARTIFACTS / package, data, "--json", "--batch-size", 4)
+    assert status == 0, err
+    report = json.loads(out)
+    answers, references = [t for _, t in NUMBERS], [t for _, t in given]
+    assert report["task"] == "generate" and report["examples"] == 6
+    assert report["metrics"]["exact_match"] == pytest.approx(5 / 6)
+    assert report["metrics"]["bleu"] == pytest.approx(sacrebleu.corpus_bleu(answers, [references]).score)
+    assert report["metrics"]["chrf"] == pytest.approx(sacrebleu.corpus_chrf(answers, [references]).score)
+    assert report["generation"]["strategy"] == "greedy" and report["cut_at_limit"] == 0
+    assert report["generation"]["max_new_tokens"] == 32  # the package's default
+    # beam search and a tight limit through the flags: the three-digit answers are cut to two digits
+    status, out, err = _eval(capsys, ARTIFACTS / package, data, "--json", "--num-beams", 2, "--max-new-tokens", 2)
+    assert status == 0, err
+    report = json.loads(out)
+    assert report["generation"]["strategy"] == "beam" and report["generation"]["num_beams"] == 2
+    assert report["cut_at_limit"] >= 3 and report["metrics"]["exact_match"] == pytest.approx(2 / 6)
+
+
+def test_bad_input_is_named(tmp_path, capsys):
+    sentiment = _write(tmp_path / "s.tsv", ["text", "label"], [SENTIMENT[0], ("a fine meal", "neutral")])
+    numbers = _write(tmp_path / "n.tsv", ["source", "target"], NUMBERS[:2])
+    cases = [
+        ((ARTIFACTS / "encoder", sentiment), "E_DATA", r"s\.tsv:3: label 'neutral' is not one of this package's labels"),
+        ((ARTIFACTS / "encoder", numbers), "E_WRONG_KIND", "holds seq2seq data .* this package is a classifier"),
+        ((ARTIFACTS / "encoder-decoder", sentiment), "E_WRONG_KIND", "holds classification data .* is a generator"),
+        ((ARTIFACTS / "encoder", sentiment, "--label-field", "stars"), "E_DATA", "lacks column 'stars'"),
+        ((ARTIFACTS / "encoder", sentiment, "--num-beams", 2), "E_CONFIG", "--num-beams apply to generation"),
+        ((ARTIFACTS / "encoder", tmp_path / "missing.tsv"), "E_", "missing.tsv"),
+        ((ARTIFACTS / "encoder", sentiment, "--limit", 0), "E_CONFIG", "--limit must be at least 1"),
+    ]
+    for argv, code, message in cases:
+        status, out, err = _eval(capsys, *argv)
+        assert status == 2 and out == "", (argv, out, err)
+        assert err.startswith(f"error[{code}") and re.search(message, err), (argv, err)
+
+
+def test_evaluate_functions_refuse_the_wrong_package():
+    import onnxformer.runtime as rt
+
+    encoder, decoder = rt.load(ARTIFACTS / "encoder"), rt.load(ARTIFACTS / "decoder")
+    with pytest.raises(InputError, match="does not generate") as err:
+        ev.evaluate_generator(encoder, ["a"], ["b"])
+    assert err.value.code == "E_WRONG_KIND"
+    with pytest.raises(InputError, match="without a classification head"):
+        ev.evaluate_classifier(decoder, ["a"], ["b"])
+    with pytest.raises(ConfigError, match="batch_size"):
+        ev.evaluate_classifier(encoder, ["a"], ["negative"], batch_size=0)
