@@ -547,8 +547,8 @@ def _status() -> dict[str, float]:
 
 PROFILED_CALLS = {  # module -> functions whose start and end are marked
     "onnxformer.modeling.hf_import": ["load_hf"],
-    "onnxformer.export.exporter": ["produce_graphs", "stage", "_save_with_shared_weights", "_check_portability",
-                                   "validate", "convert_graphs"],
+    "onnxformer.export.exporter": ["produce_graphs", "stage", "_check_portability", "reference", "validate",
+                                   "convert_graphs"],
     "onnxformer.export.validate": ["numeric_parity", "greedy_parity"],
 }
 

@@ -56,6 +56,8 @@ from onnxformer.runtime.contract import (
 )
 from onnxformer.runtime.errors import ExportError
 
+from .weights import WeightStore
+
 MS_DOMAIN = "com.microsoft"
 NEXT_TOKEN_NODES = "/next_token"  # name prefix of the greedy-choice nodes (kept float32 in fp16 exports)
 
@@ -157,12 +159,14 @@ def unsupported_reason(model: Transformer) -> str | None:
 
 
 class _Graph:
-    """A small graph writer: unique node/tensor names, initializers from torch tensors."""
+    """A small graph writer: unique node/tensor names, initializers from torch tensors (written
+    to `store`, the package's weights file, as they are made, when there is one)."""
 
-    def __init__(self, dtype: np.dtype):
+    def __init__(self, dtype: np.dtype, store: WeightStore | None = None):
         self.nodes: list[onnx.NodeProto] = []
         self.initializers: list[onnx.TensorProto] = []
         self.dtype = dtype
+        self.store = store
         self._names: set[str] = set()
 
     def _unique(self, name: str) -> str:
@@ -174,11 +178,12 @@ class _Graph:
         return name
 
     def weight(self, name: str, array: np.ndarray | torch.Tensor, *, float_: bool = True) -> str:
-        if isinstance(array, torch.Tensor):
-            array = array.detach().cpu().numpy()
-        array = np.ascontiguousarray(array.astype(self.dtype) if float_ else array)
+        if isinstance(array, torch.Tensor):  # torch's copies (a transpose made contiguous) are the fast ones
+            array = array.detach().to(torch.float32).contiguous().cpu().numpy()
+        array = np.ascontiguousarray(array.astype(self.dtype, copy=False) if float_ else array)
         name = self._unique(name)
-        self.initializers.append(numpy_helper.from_array(array, name))
+        self.initializers.append(self.store.tensor(name, array) if self.store is not None
+                                 else numpy_helper.from_array(array, name))
         return name
 
     def const(self, name: str, values: Any, dtype: Any = np.int64) -> str:
@@ -195,15 +200,15 @@ class _Graph:
         return self.op(op_type, inputs, name, **attrs)[0]
 
 
-def _t(linear: torch.nn.Linear) -> np.ndarray:
-    return linear.weight.detach().float().numpy().T  # (in, out): MatMul's B
+def _t(linear: torch.nn.Linear) -> torch.Tensor:
+    return linear.weight.detach().float().t()  # (in, out): MatMul's B
 
 
 class _Builder:
-    def __init__(self, model: Transformer, spec: GraphSpec, dims: Dims):
+    def __init__(self, model: Transformer, spec: GraphSpec, dims: Dims, store: WeightStore | None):
         self.model, self.spec, self.dims = model, spec, dims
         self.c = model.config
-        self.g = _Graph(np.dtype(np.float32))
+        self.g = _Graph(np.dtype(np.float32), store)
         self.pre = self.c.norm_position == "pre"
 
     # Pieces -----------------------------------------------------------------------------
@@ -258,7 +263,7 @@ class _Builder:
     def self_attention(self, x: str, *, attn: torch.nn.Module, i: int, lengths: tuple[str, str],
                        rotary: tuple[str, str] | None) -> str:
         name = f"layers.{i}.attn"
-        weight = np.concatenate([_t(attn.q_proj), _t(attn.k_proj), _t(attn.v_proj)], axis=1)  # (D, (H+2Hkv)Dh)
+        weight = torch.cat([_t(attn.q_proj), _t(attn.k_proj), _t(attn.v_proj)], dim=1)  # (D, (H+2Hkv)Dh)
         qkv = self.g.op1("MatMul", [x, self.g.weight(f"{name}.qkv_proj.weight", weight)], f"/{name}/qkv_proj/MatMul")
         if attn.q_proj.bias is not None:
             bias = torch.cat([attn.q_proj.bias, attn.k_proj.bias, attn.v_proj.bias])
@@ -390,13 +395,16 @@ class _Builder:
         )
 
 
-def build_decoder(model: Transformer, spec: GraphSpec, dims: Dims, *, opset: int) -> onnx.ModelProto:
-    """The decoder step graph of `spec` (layout "shared") for `model`, in float32."""
+def build_decoder(model: Transformer, spec: GraphSpec, dims: Dims, *, opset: int,
+                  store: WeightStore | None = None) -> onnx.ModelProto:
+    """The decoder step graph of `spec` (layout "shared") for `model`, in float32. With `store`
+    (the package's weights file, export/weights.py) every weight is written there as it is
+    converted and the graph holds only its location: the weights are then never in memory twice."""
     reason = unsupported_reason(model)
     if reason is not None:
         raise ExportError(f"the built decoder graph cannot express this model: {reason}", code="E_UNSUPPORTED")
     with torch.no_grad():
-        builder = _Builder(model.float().eval(), spec, dims)
+        builder = _Builder(model.float().eval(), spec, dims, store)
         graph = builder.build()
     proto = helper.make_model(
         graph, producer_name="onnxformer",

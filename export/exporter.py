@@ -9,12 +9,17 @@
                     "shared", updated in place) where the builder's support check accepts the
                     model, and traced from PyTorch otherwise (KV cache "concat"), like the
                     encoder and cross-attention graphs (thin wrappers: export/graphs.py).
+                    The built decoder writes each weight into weights.onnx_data as it goes
+                    (export/weights.py): the weights are never held twice.
     stage           each graph file written once, every distinct weight once in
                     weights.onnx_data (or inside its graph on request), the tokenizer, and a
                     manifest: a package the runtime loads exactly as a user will.
-    validate        onnxruntime against PyTorch (export/validate.py) on the staged package:
-                    numbers within `atol`, greedy tokens equal. Failure raises ValidationError
-                    with the figures; nothing is published.
+    reference       PyTorch's outputs on the validation inputs, once (export/validate.py);
+                    then the model is released (when the export loaded it) before any
+                    onnxruntime session opens.
+    validate        onnxruntime against that reference on the staged package: numbers within
+                    `atol`, greedy tokens equal. Failure raises ValidationError with the
+                    figures; nothing is published.
     convert_graphs  optional: fp16, int8 / int4 weight-only (MatMulNBits, as onnxruntime-genai
                     runs), int8-dynamic (encoders), derived from the validated fp32 graphs,
                     staged and measured again (figures recorded, never hidden).
@@ -30,6 +35,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import gc
 import glob
 import hashlib
 import io
@@ -76,7 +82,8 @@ from onnxformer.runtime.manifest import (
 
 from .builder import NEXT_TOKEN_NODES, build_decoder, unsupported_reason
 from .graphs import graph_module
-from .validate import example_feeds, validate_package_graphs
+from .validate import Reference, example_feeds, torch_reference, validate_package_graphs
+from .weights import WEIGHTS_FILE, WeightStore, uses_store
 
 log = logging.getLogger(__name__)
 
@@ -91,8 +98,6 @@ DTYPES = ("float32", "float16")
 QUANTIZATIONS = ("int8", "int4", "int8-dynamic")
 DYNAMIC_QUANT_ARCHS = ("encoder",)
 QUANT_BLOCK_SIZE = 32
-WEIGHTS_FILE = "weights.onnx_data"  # every graph's weights, each distinct tensor once
-INLINE_BYTES = 1024  # initializers below this stay inside their graph (shapes, scalars, small biases)
 BUILT, TRACED = "built", "traced"  # the decoder graph's producer (manifest producer.decoder_graph)
 
 
@@ -200,7 +205,7 @@ def plan_export(model: Transformer, tokenizer_file: Path, out_dir: Path, options
         )
     if not tokenizer_file.is_file():
         raise ExportError(f"tokenizer file {str(tokenizer_file)!r} does not exist", code="E_TOKENIZER")
-    not_finite = [name for name, t in model.state_dict().items() if t.is_floating_point() and not bool(torch.isfinite(t).all())]
+    not_finite = [name for name, t in model.state_dict().items() if not _finite(t)]
     if not_finite:  # validation would only report max_abs_diff inf
         raise ExportError(
             f"the model's weights are NaN or infinite in {len(not_finite)} tensors ({', '.join(not_finite[:3])}): "
@@ -214,6 +219,16 @@ def plan_export(model: Transformer, tokenizer_file: Path, out_dir: Path, options
         kv_cache=kv_cache, decoder_graph=decoder_graph, special_tokens=_special_tokens(config, tokenizer_file, package),
         model_config={**config.to_dict(), "num_parameters": model.num_parameters()}, package=package,
     )
+
+
+def _finite(t: torch.Tensor) -> bool:
+    """No NaN or infinity in `t`. A finite sum says so at the cost of one read (no mask or copy
+    of the tensor's size); an infinite one may also be an overflow of large finite values:
+    then it is checked exactly."""
+    if not t.is_floating_point():
+        return True
+    with torch.no_grad():
+        return bool(torch.isfinite(t.sum())) or bool(torch.isfinite(t).all())
 
 
 def _special_tokens(config: ModelConfig, tokenizer_file: Path, package: PackageInfo) -> dict[str, int]:
@@ -280,16 +295,18 @@ def _check_replaceable(out_dir: Path) -> None:
 # --------------------------------------------------------------------------------------------
 
 
-def produce_graphs(model: Transformer, plan: ExportPlan, workdir: Path) -> dict[str, onnx.ModelProto]:
+def produce_graphs(model: Transformer, plan: ExportPlan, workdir: Path,
+                   store: WeightStore | None = None) -> dict[str, onnx.ModelProto]:
     """Every graph of the plan, float32: the decoder built or traced (plan.decoder_graph), the
-    others traced (the tracer's own files go to a scratch folder in `workdir`)."""
+    others traced (the tracer's own files go to a scratch folder in `workdir`). The built
+    decoder writes its weights into `store` as it goes (export/weights.py)."""
     graphs = {}
     with tempfile.TemporaryDirectory(dir=workdir) as scratch:
         for name, spec in plan.specs().items():
             built = name == DECODER and plan.decoder_graph == BUILT
             log.info("exporting %s (%s)", spec.file, BUILT if built else TRACED)
             if built:
-                graphs[name] = build_decoder(model, spec, plan.dims, opset=plan.options.opset)
+                graphs[name] = build_decoder(model, spec, plan.dims, opset=plan.options.opset, store=store)
             else:
                 graphs[name] = _trace(model, spec, plan.dims, plan.options.opset, Path(scratch))
             graphs[name].producer_name, graphs[name].doc_string = "onnxformer", f"onnxformer {name} graph"
@@ -394,21 +411,40 @@ def _drop_transposed_copies(proto: onnx.ModelProto) -> int:
 # --------------------------------------------------------------------------------------------
 
 
-def stage(directory: Path, graphs: dict[str, onnx.ModelProto], plan: ExportPlan, weights: str) -> Manifest:
-    """Write `graphs` (replacing any staged before) beside the tokenizer; returns the package's
-    manifest (no validation figures yet), in memory: it is written once, when the package is
-    complete."""
+def stage(directory: Path, graphs: dict[str, onnx.ModelProto], plan: ExportPlan, weights: str,
+          store: WeightStore | None) -> Manifest:
+    """Write `graphs` beside the tokenizer, their weights into `store` (the package's weights
+    file; None: inside each graph file); returns the package's manifest (no validation figures
+    yet), in memory: it is written once, when the package is complete. The built decoder's
+    weights are in the store already (produce_graphs)."""
     specs = plan.specs("float16" if weights == "float16" else "float32")
-    for old in [*directory.glob("*.onnx"), *directory.glob("*.onnx_data")]:
-        old.unlink()
     files = {specs[name].file: proto for name, proto in graphs.items()}
-    if plan.options.external_data is False:
+    if store is None:
         external = {file: _save_self_contained(directory / file, proto) for file, proto in files.items()}
     else:
-        external = _save_with_shared_weights(directory, files)
+        external = {}
+        for file, proto in files.items():
+            for tensor in proto.graph.initializer:
+                store.move(tensor)
+            external[file] = (WEIGHTS_FILE,) if uses_store(proto) else ()
+            onnx.save_model(proto, str(directory / file))
+        store.close()  # complete before its size and checksum go into the manifest
     for file in files:
         _check_portability(directory / file)
     return _manifest(directory, plan, specs, weights, {name: external[spec.file] for name, spec in specs.items()})
+
+
+@contextlib.contextmanager
+def _weights_store(directory: Path, options: ExportOptions):
+    """The package's weights file for one set of graphs (replacing any staged before), or None
+    when the graphs keep their weights inside (ExportOptions.external_data False)."""
+    for old in [*directory.glob("*.onnx"), *directory.glob("*.onnx_data")]:
+        old.unlink()
+    if options.external_data is False:
+        yield None
+        return
+    with WeightStore(directory) as store:
+        yield store
 
 
 def _save_self_contained(path: Path, proto: onnx.ModelProto) -> tuple[str, ...]:
@@ -420,52 +456,6 @@ def _save_self_contained(path: Path, proto: onnx.ModelProto) -> tuple[str, ...]:
     onnx.save_model(proto, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
                     location=data_name, size_threshold=0)
     return (data_name,)
-
-
-def _align(size: int) -> int:
-    """Offset alignment in the weights file: 64 KiB (the mmap granularity) for large tensors."""
-    return 1 << 16 if size >= 1 << 20 else 64
-
-
-def _save_with_shared_weights(directory: Path, protos: dict[str, onnx.ModelProto]) -> dict[str, tuple[str, ...]]:
-    """Write every graph (file name -> model) with its initializers moved into one external-data
-    file, `WEIGHTS_FILE`, each distinct tensor once; returns file -> its external files.
-
-    A weight several graphs use (the token embedding of an encoder-decoder model: the
-    encoder's input embedding and the decoder's, also its tied output head) is then stored once,
-    and onnxruntime reads raw weights from the file instead of parsing them out of the protobuf,
-    which makes a package load faster. The models are modified (their weights point at the file).
-    """
-    from onnx import numpy_helper
-
-    stored: dict[tuple[int, bytes], tuple[int, int]] = {}  # (dtype, sha256) -> (offset, length)
-    users: dict[str, tuple[str, ...]] = {}
-    with open(directory / WEIGHTS_FILE, "wb") as out:
-        for name, proto in protos.items():
-            for tensor in proto.graph.initializer:
-                if not tensor.HasField("raw_data"):  # typed fields (rare): normalise to raw bytes
-                    tensor.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(tensor), tensor.name))
-                raw = tensor.raw_data
-                if len(raw) < INLINE_BYTES:
-                    continue
-                key = (tensor.data_type, hashlib.sha256(raw).digest())
-                if key not in stored:
-                    out.write(b"\0" * (-out.tell() % _align(len(raw))))
-                    stored[key] = (out.tell(), len(raw))
-                    out.write(raw)
-                offset, length = stored[key]
-                tensor.ClearField("raw_data")
-                tensor.data_location = onnx.TensorProto.EXTERNAL
-                del tensor.external_data[:]
-                for k, v in (("location", WEIGHTS_FILE), ("offset", str(offset)), ("length", str(length))):
-                    entry = tensor.external_data.add()
-                    entry.key, entry.value = k, v
-                users[name] = (WEIGHTS_FILE,)
-    for name, proto in protos.items():
-        onnx.save_model(proto, str(directory / name))
-    if not users:
-        (directory / WEIGHTS_FILE).unlink()
-    return {name: users.get(name, ()) for name in protos}
 
 
 def _check_portability(path: Path) -> None:
@@ -540,13 +530,20 @@ def _producers() -> dict[str, str]:
 # --------------------------------------------------------------------------------------------
 
 
-def validate(model: Transformer, directory: Path, manifest: Manifest, plan: ExportPlan, *,
-             atol: float | None) -> dict[str, Any]:
-    """The figures of the staged graphs (export/validate.py). With `atol`: numbers within it and
-    greedy tokens equal, else ValidationError; without: measured, and finite."""
+def reference(model: Transformer, manifest: Manifest, plan: ExportPlan) -> Reference:
+    """PyTorch's outputs for the validation (export/validate.py), computed once for the fp32
+    graphs and any variant converted from them."""
     specs = {name: entry.spec for name, entry in manifest.graphs.items()}
-    figures = validate_package_graphs(model, directory, specs, plan.dims, plan.special_tokens, atol=atol,
-                                      generation=plan.options.validate_generation, label=manifest.weights,
+    return torch_reference(model, specs, plan.dims, plan.special_tokens,
+                           generation=plan.options.validate_generation, manifest=manifest)
+
+
+def validate(expected: Reference, directory: Path, manifest: Manifest, plan: ExportPlan, *,
+             atol: float | None) -> dict[str, Any]:
+    """The figures of the staged graphs against PyTorch's (`reference`). With `atol`: numbers
+    within it and greedy tokens equal, else ValidationError; without: measured, and finite."""
+    specs = {name: entry.spec for name, entry in manifest.graphs.items()}
+    figures = validate_package_graphs(expected, directory, specs, plan.dims, atol=atol, label=manifest.weights,
                                       manifest=manifest)
     if not figures["passed"]:
         details = "\n".join(f"  {k}: {v}" for k, v in figures.items())
@@ -718,16 +715,31 @@ def export_model(
 ) -> ExportReport:
     """Export an in-memory model and its tokenizer file to a validated package at `out_dir`
     (`package`: what an import carries besides, e.g. a chat template)."""
-    model = model.float().eval()
-    plan = plan_export(model, Path(tokenizer_file), Path(out_dir).absolute(), options, package)
+    return _export([model], Path(tokenizer_file), Path(out_dir), options, package)
+
+
+def _export(held: list[Transformer], tokenizer_file: Path, out_dir: Path, options: ExportOptions,
+            package: PackageInfo) -> ExportReport:
+    """The pipeline. `held` holds the model; it is emptied once PyTorch's part is done, so that a
+    model nobody else references (export_checkpoint's) is freed before onnxruntime loads the
+    graphs: the export's peak is then about one copy of the weights, not two."""
+    model = held.pop().float().eval()
+    plan = plan_export(model, tokenizer_file, out_dir.absolute(), options, package)
     try:
         with _staging(plan.out_dir) as tmp:
             _copy_tokenizer(plan.tokenizer_file, tmp / TOKENIZER_FILE)
-            manifest = stage(tmp, produce_graphs(model, plan, tmp), plan, "float32")
-            validation = {"float32": validate(model, tmp, manifest, plan, atol=options.atol)}
+            with _weights_store(tmp, options) as store:
+                manifest = stage(tmp, produce_graphs(model, plan, tmp, store), plan, "float32", store)
+            expected = reference(model, manifest, plan)
+            del model
+            gc.collect()  # the weights of a model nobody else holds go here, before any session opens
+            validation = {"float32": validate(expected, tmp, manifest, plan, atol=options.atol)}
             if options.weights != "float32":
-                manifest = stage(tmp, convert_graphs(tmp, manifest, plan), plan, options.weights)
-                validation[options.weights] = validate(model, tmp, manifest, plan, atol=None)
+                converted = convert_graphs(tmp, manifest, plan)
+                with _weights_store(tmp, options) as store:
+                    manifest = stage(tmp, converted, plan, options.weights, store)
+                del converted
+                validation[options.weights] = validate(expected, tmp, manifest, plan, atol=None)
             manifest = dataclasses.replace(manifest, validation=validation)
             manifest.save(tmp)  # the one write of manifest.json
             publish(tmp, plan.out_dir)
@@ -749,7 +761,9 @@ def export_checkpoint(
 
     if is_hf_dir(checkpoint):
         imported = load_hf(checkpoint)  # CheckpointError for what it cannot import, naming it
-        return export_model(imported.model, imported.tokenizer_file, out_dir, options, imported.package)
+        held, tokenizer_file, package = [imported.model], imported.tokenizer_file, imported.package
+        del imported  # _export frees the model once PyTorch's part is done
+        return _export(held, Path(tokenizer_file), Path(out_dir), options, package)
 
     model, _ = load_model(checkpoint)  # CheckpointError for a missing, damaged or foreign checkpoint
     tokenizer_file = tokenizer_path(checkpoint)  # CheckpointError when it is missing
@@ -765,11 +779,13 @@ def export_checkpoint(
             f"with: {TOKENIZER_ADVICE}",
             code="E_TOKENIZER",
         )
-    return export_model(model, tokenizer_file, out_dir, options, package or PackageInfo())
+    held = [model]
+    del model
+    return _export(held, Path(tokenizer_file), Path(out_dir), options, package or PackageInfo())
 
 
 __all__ = [
     "ExportError", "ExportOptions", "ExportPlan", "ExportReport", "ValidationError", "choose_decoder",
-    "convert_graphs", "export_checkpoint", "export_model", "plan_export", "produce_graphs", "publish", "stage",
-    "validate",
+    "convert_graphs", "export_checkpoint", "export_model", "plan_export", "produce_graphs", "publish", "reference",
+    "stage", "validate",
 ]

@@ -8,6 +8,11 @@ the cache buffers updated in place (I/O binding) and once fed back by copy (a ru
 binding), against PyTorch's left-padded batch. Generation: greedy decoding through the package with the
 runtime (torch-free) must equal greedy decoding in PyTorch, token for token.
 
+PyTorch's side runs first and once (`torch_reference` -> `Reference`); onnxruntime's side
+(`validate_package_graphs`) checks the fp32 graphs and any converted variant against it. The
+exporter can then release the model's weights before a session opens: the export never
+holds both (for a 1.1B model, 4.4 GB each).
+
 The figures come back as a dict; a graph that breaks the contract outright (an output of the
 wrong shape, an in-graph greedy choice that is not the argmax of its own logits) raises
 ValidationError (E_VALIDATION) with the figures.
@@ -16,6 +21,7 @@ ValidationError (E_VALIDATION) with the figures.
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -42,6 +48,7 @@ from onnxformer.runtime.contract import (
     past_name_for,
 )
 from onnxformer.runtime.errors import ValidationError
+from onnxformer.runtime.generation import GenerationConfig, resolve_config
 
 from .graphs import graph_module, run_torch
 
@@ -63,6 +70,12 @@ def _left_padded_mask(batch: int, length: int) -> np.ndarray:
     return mask
 
 
+def _fp16_exact(values: np.ndarray) -> np.ndarray:
+    """float32 values that float16 represents exactly: an fp16 graph's inputs are then the ones
+    PyTorch's reference ran on."""
+    return values.astype(np.float16).astype(np.float32)
+
+
 def example_feeds(
     spec: GraphSpec, dims: Dims, *, batch: int, new: int, past: int, source: int, seed: int = 0,
     float_dtype: str = "float32",
@@ -77,7 +90,7 @@ def example_feeds(
         if TOKEN_TYPE_IDS in spec.input_names:
             feeds[TOKEN_TYPE_IDS] = (np.arange(new)[None, :] >= new // 2).astype(np.int64).repeat(batch, 0)
     elif spec.name == CROSS_ATTENTION:
-        feeds[ENCODER_HIDDEN_STATES] = rng.standard_normal((batch, source, dims.d_model)).astype(float_dtype)
+        feeds[ENCODER_HIDDEN_STATES] = _fp16_exact(rng.standard_normal((batch, source, dims.d_model))).astype(float_dtype)
     else:
         mask = _left_padded_mask(batch, past + new)
         positions = np.clip(mask.cumsum(-1) - 1, 0, None)[:, past:]  # (B, T)
@@ -92,7 +105,7 @@ def example_feeds(
                 continue
             length = source if parsed[2] == "encoder" else past
             shape = (batch, dims.n_kv_heads, length, dims.d_head)  # (B, Hkv, P or S, Dh)
-            feeds[t.name] = rng.standard_normal(shape).astype(float_dtype)
+            feeds[t.name] = _fp16_exact(rng.standard_normal(shape)).astype(float_dtype)
     return feeds
 
 
@@ -104,20 +117,44 @@ def _session(path: Path) -> ort.InferenceSession:
 
 # Prompt lengths per row and decode steps, for the "shared" layout's decoder.
 SHARED_CASES = [([5], 2), ([4, 1, 7], 3), ([2, 6], 2)]
+GREEDY_NEW_TOKENS = 12
 
 
-def _shared_decoder_parity(model, session: ort.InferenceSession, spec: GraphSpec, dims: Dims,
-                           float_dtype: str) -> float:
-    """Max abs logits difference of a "shared" layout decoder vs PyTorch, over SHARED_CASES,
-    with the cache updated in place (I/O binding) and fed back by copy (plain session.run)."""
+@dataclass
+class SharedCase:
+    """One SHARED_CASES run: right-padded prompts of `lens`, then `new_tokens` (steps, B, 1) one
+    per step; `fixed`: the encoder inputs (float32); `want`: PyTorch's last-token logits per step."""
+
+    lens: list[int]
+    right: np.ndarray
+    new_tokens: np.ndarray
+    fixed: dict[str, np.ndarray]
+    want: list[np.ndarray]
+
+
+@dataclass
+class Reference:
+    """PyTorch's side of the validation: its outputs on the validation inputs, computed once
+    (`torch_reference`) before any onnxruntime session opens. The fp32 graphs and their
+    converted variants (fp16, int8, int4) are checked against the same figures, and the
+    model's weights need not stay in memory beside a session's."""
+
+    graphs: dict[str, list[tuple[dict[str, np.ndarray], dict[str, np.ndarray]]]]  # graph -> (feeds, outputs) per CASES
+    shared: list[SharedCase] | None  # the "shared" layout's decoder
+    greedy: list[tuple[list[list[int]], list[list[int]]]]  # (prompts, PyTorch's greedy tokens), batch 1 and padded
+    generation: GenerationConfig | None
+
+
+def _shared_reference(model, spec: GraphSpec, dims: Dims) -> list[SharedCase]:
+    """PyTorch's logits for SHARED_CASES: the left-padded batch, step by step."""
     import torch
 
     from onnxformer.modeling.model import empty_past
 
-    config, worst = model.config, 0.0
+    config, cases = model.config, []
     for seed, (lens, steps) in enumerate(SHARED_CASES):
         rng = np.random.default_rng(100 + seed)
-        batch, width, capacity = len(lens), max(lens), max(lens) + steps + 1
+        batch, width = len(lens), max(lens)
         prompts = [rng.integers(0, dims.vocab_size, n) for n in lens]
         new_tokens = rng.integers(0, dims.vocab_size, (steps, batch, 1))
         left = np.zeros((batch, width), np.int64)
@@ -130,15 +167,14 @@ def _shared_decoder_parity(model, session: ort.InferenceSession, spec: GraphSpec
         if ENCODER_ATTENTION_MASK in spec.input_names:
             source = 3 + seed
             encoder_mask = _left_padded_mask(batch, source)
-            hidden = torch.from_numpy(rng.standard_normal((batch, source, dims.d_model)).astype(np.float32))
+            hidden = _fp16_exact(rng.standard_normal((batch, source, dims.d_model)))
             with torch.no_grad():
-                cross = model.cross_kv(hidden)
+                cross = model.cross_kv(torch.from_numpy(hidden))
             fixed[ENCODER_ATTENTION_MASK] = encoder_mask
             for i, kv in enumerate(cross):
-                key, value = (t.numpy().astype(float_dtype) for t in kv)
+                key, value = (t.numpy() for t in kv)
                 fixed[f"past_key_values.{i}.encoder.key"], fixed[f"past_key_values.{i}.encoder.value"] = key, value
             encoder_mask = torch.from_numpy(encoder_mask)
-        # PyTorch: the left-padded batch, step by step.
         want, past = [], empty_past(config, batch)
         ids, full_mask = left, mask
         for k in range(steps + 1):
@@ -151,6 +187,60 @@ def _shared_decoder_parity(model, session: ort.InferenceSession, spec: GraphSpec
             past = out.present
             if k < steps:
                 ids, full_mask = new_tokens[k], np.concatenate([full_mask, np.ones((batch, 1), np.int64)], 1)
+        cases.append(SharedCase(lens, right, new_tokens, fixed, want))
+    return cases
+
+
+def _greedy_prompts(vocab_size: int) -> list[list[int]]:
+    rng = np.random.default_rng(1234)
+    low = 5 if vocab_size > 10 else 0
+    return [rng.integers(low, vocab_size, n).tolist() for n in (6, 3, 9)]
+
+
+def _greedy_config(special: dict[str, int], manifest) -> GenerationConfig:
+    """Greedy with the package's defaults (forced tokens, ...), as the runtime resolves them."""
+    eos = [special["eos"]] if special.get("eos", -1) >= 0 else []
+    config = GenerationConfig(strategy="greedy", max_new_tokens=GREEDY_NEW_TOKENS, eos_token_ids=tuple(eos),
+                              pad_token_id=max(special.get("pad", 0), 0))
+    return resolve_config(config, {}, manifest.generation)
+
+
+def torch_reference(model, specs: dict[str, GraphSpec], dims: Dims, special: dict[str, int], *,
+                    generation: bool, manifest) -> Reference:
+    """PyTorch's outputs for every check `validate_package_graphs` makes (float32 specs)."""
+    from onnxformer.modeling.generate import generate
+
+    graphs, shared = {}, None
+    for name, spec in specs.items():
+        if SEQUENCE_LENGTHS in spec.input_names:
+            shared = _shared_reference(model, spec, dims)
+            continue
+        module, cases = graph_module(model, spec), []
+        for seed, (batch, new, past, source) in enumerate(CASES[name]):
+            feeds = example_feeds(spec, dims, batch=batch, new=new, past=past, source=source, seed=seed)
+            want = run_torch(module, spec, feeds)
+            cases.append((feeds, {out: want[out].float().numpy() for out in spec.output_names}))
+        graphs[name] = cases
+    greedy, config = [], None
+    if generation and dims.arch != "encoder":
+        config = _greedy_config(special, manifest)
+        prompts = _greedy_prompts(model.config.vocab_size)
+        for batch in ([prompts[0]], prompts):
+            greedy.append((batch, [seqs[0] for seqs in generate(model, batch, config)]))
+    return Reference(graphs, shared, greedy, config)
+
+
+def _shared_decoder_parity(reference: list[SharedCase], session: ort.InferenceSession, spec: GraphSpec, dims: Dims,
+                           float_dtype: str) -> float:
+    """Max abs logits difference of a "shared" layout decoder vs PyTorch, over SHARED_CASES,
+    with the cache updated in place (I/O binding) and fed back by copy (plain session.run)."""
+    worst = 0.0
+    for case in reference:
+        lens, right, new_tokens, want = case.lens, case.right, case.new_tokens, case.want
+        batch, steps = len(lens), len(new_tokens)
+        capacity = max(lens) + steps + 1
+        fixed = {name: value.astype(float_dtype) if value.dtype.kind == "f" else value
+                 for name, value in case.fixed.items()}
         caches = [(t.name, np.zeros((batch, dims.n_kv_heads, capacity, dims.d_head), float_dtype))
                   for t in spec.inputs if parse_cache_name(t.name) and parse_cache_name(t.name)[2] != "encoder"]
         for in_place in (True, False):
@@ -187,34 +277,28 @@ def _shared_decoder_parity(model, session: ort.InferenceSession, spec: GraphSpec
                         f"{spec.file} {NEXT_TOKEN} {token.tolist()} is not the argmax of the graph's own logits "
                         f"{np.argmax(logits, axis=1).tolist()} (they must be equal exactly; the top two logits per "
                         f"row differ by {np.round(top2[:, 1] - top2[:, 0], 7).tolist()}; step {k}, prompt lengths {lens})")
-                reference = want[k].astype(np.float64)
-                top = reference.max(axis=1, keepdims=True)
-                reference = reference - top - np.log(np.exp(reference - top).sum(axis=1, keepdims=True))
-                worst = max(worst, float(np.abs(logprob - reference[np.arange(batch), token]).max()))
+                expected = want[k].astype(np.float64)
+                top = expected.max(axis=1, keepdims=True)
+                expected = expected - top - np.log(np.exp(expected - top).sum(axis=1, keepdims=True))
+                worst = max(worst, float(np.abs(logprob - expected[np.arange(batch), token]).max()))
     return worst
 
 
-def numeric_parity(model, package: Path, specs: dict[str, GraphSpec], dims: Dims) -> dict[str, float]:
+def numeric_parity(reference: Reference, package: Path, specs: dict[str, GraphSpec], dims: Dims) -> dict[str, float]:
     """Max abs difference ONNX vs PyTorch per graph, over all CASES."""
     figures: dict[str, float] = {}
     for name, spec in specs.items():
         session = _session(package / spec.file)
         if SEQUENCE_LENGTHS in spec.input_names:
-            float_dtype = spec.outputs[0].dtype
-            figures[name] = _shared_decoder_parity(model, session, spec, dims, float_dtype)
+            figures[name] = _shared_decoder_parity(reference.shared, session, spec, dims, spec.outputs[0].dtype)
             continue
-        module = graph_module(model, spec)
         float_dtype = next((t.dtype for t in spec.inputs if t.dtype != "int64"), spec.outputs[0].dtype)
         worst = 0.0
-        for seed, (batch, new, past, source) in enumerate(CASES[name]):
-            feeds = example_feeds(spec, dims, batch=batch, new=new, past=past, source=source, seed=seed,
-                                  float_dtype=float_dtype)
+        for (batch, new, past, source), (feeds, want) in zip(CASES[name], reference.graphs[name]):
+            feeds = {k: v.astype(float_dtype) if v.dtype.kind == "f" else v for k, v in feeds.items()}
             got = dict(zip(spec.output_names, session.run(spec.output_names, feeds)))
-            want = run_torch(module, spec, {k: v.astype(np.float32) if v.dtype == np.float16 else v
-                                            for k, v in feeds.items()})
             for out in spec.output_names:
-                a = got[out].astype(np.float32)
-                b = want[out].float().numpy()
+                a, b = got[out].astype(np.float32), want[out]
                 if a.shape != b.shape:
                     raise ValidationError(f"{spec.file} {out}: shape {a.shape} vs PyTorch {b.shape} (they must be "
                                           f"equal; batch {batch}, new {new}, past {past}, source {source})")
@@ -225,30 +309,18 @@ def numeric_parity(model, package: Path, specs: dict[str, GraphSpec], dims: Dims
     return figures
 
 
-def greedy_parity(model, package: Path, special: dict[str, int], *, max_new_tokens: int = 12,
-                  manifest=None) -> dict[str, Any]:
-    """Greedy through the package (runtime, onnxruntime) vs PyTorch; batch 1 and a padded batch.
-    `manifest`: the staged package's manifest, not yet written (rt.load takes it in memory)."""
+def greedy_parity(reference: Reference, package: Path, *, manifest=None) -> dict[str, Any]:
+    """Greedy through the package (runtime, onnxruntime) vs PyTorch's (`reference`); batch 1 and
+    a padded batch. `manifest`: the staged package's manifest, not yet written (rt.load takes it
+    in memory)."""
     import onnxformer.runtime as rt
-    from onnxformer.modeling.generate import generate
-    from onnxformer.runtime.generation import GenerationConfig
 
-    config = model.config
-    rng = np.random.default_rng(1234)
-    low = 5 if config.vocab_size > 10 else 0
-    prompts = [rng.integers(low, config.vocab_size, n).tolist() for n in (6, 3, 9)]
-    eos = [special["eos"]] if special.get("eos", -1) >= 0 else []
-    gen = GenerationConfig(strategy="greedy", max_new_tokens=max_new_tokens, eos_token_ids=tuple(eos),
-                           pad_token_id=max(special.get("pad", 0), 0))
     # fast_start=False: weights prepacked one at a time; on all threads each one's mapped file
-    # pages and packed copy are held at once (a load peak of about twice the weights, beside
-    # the PyTorch model, which made it the export's peak)
+    # pages and packed copy are held at once (a load peak of about twice the weights)
     loaded = rt.load(package, verify=False, manifest=manifest, fast_start=False)
-    gen = loaded.generation_config(gen)  # both sides search with the package's defaults (forced tokens, ...)
     compared, mismatches = 0, []
-    for batch in ([prompts[0]], prompts):
-        want = [seqs[0] for seqs in generate(model, batch, gen)]
-        got = [g.token_ids[0] for g in loaded.generate_ids(batch, gen)]
+    for batch, want in reference.greedy:
+        got = [g.token_ids[0] for g in loaded.generate_ids(batch, reference.generation)]
         compared += sum(len(w) for w in want)
         mismatches += [(p, w, g) for p, w, g in zip(batch, want, got) if w != g]
     return {"greedy_tokens_compared": compared, "greedy_match": not mismatches,
@@ -256,19 +328,20 @@ def greedy_parity(model, package: Path, special: dict[str, int], *, max_new_toke
 
 
 def validate_package_graphs(
-    model, package: Path, specs: dict[str, GraphSpec], dims: Dims, special: dict[str, int], *,
-    atol: float | None, generation: bool, label: str, manifest=None,
+    reference: Reference, package: Path, specs: dict[str, GraphSpec], dims: Dims, *,
+    atol: float | None, label: str, manifest=None,
 ) -> dict[str, Any]:
-    """All checks for one set of graphs; `atol=None` measures without a pass/fail bound."""
-    diffs = numeric_parity(model, package, specs, dims)
+    """All checks for one set of graphs against PyTorch's `reference`; `atol=None` measures
+    without a pass/fail bound."""
+    diffs = numeric_parity(reference, package, specs, dims)
     worst = max(diffs.values())
     result: dict[str, Any] = {"max_abs_diff": diffs, "worst_abs_diff": worst}
     passed = bool(np.isfinite(worst))
     if atol is not None:
         result["atol"] = atol
         passed = passed and worst <= atol
-    if generation and dims.arch != "encoder" and passed:
-        result.update(greedy_parity(model, package, special, manifest=manifest))
+    if reference.greedy and passed:
+        result.update(greedy_parity(reference, package, manifest=manifest))
         if atol is not None:
             passed = passed and result["greedy_match"]
     result["passed"] = passed
