@@ -4,8 +4,9 @@ An objective is everything the trainer knows about a task: which architectures a
 takes, its default settings, and four functions. The trainer looks it up once
 (`objective_for(task, nsp=...)`) and never asks for the task's name again::
 
-    encode(context, raw, epoch)  -> [Encoded]    a split's raw examples -> token ids (once per run,
-                                                  or once per epoch where the objective redraws them)
+    encode(context, raw, epoch)  -> Encoding      a split's raw examples -> token ids (once per run,
+                                                  or once per epoch where the objective redraws them),
+                                                  and a CutReport of what did not fit max_len
     collate(context, items)      -> Batch         [(Encoded, noise generator)] -> one micro-batch
     loss(model, batch)           -> LossOutput    the model's forward and the task's loss
     metrics(sums)                -> {name: value} figures of a validation pass beyond its loss
@@ -29,6 +30,13 @@ classify    encoder                  classification    cross-entropy of the pool
 (*) or classification data, whose texts are used without labels (domain-adaptive pretraining
 before fine-tuning a classifier on the same texts).
 
+Nothing is cut silently. Language modelling (causal-lm, mlm) splits a document longer than
+``max_len`` into windows (causal-lm windows share one token, so that every token of the document
+is predicted exactly once); denoise and prefix-lm on text group a document's sentences into
+windows. Other tasks cut an example that does not fit and count it; an sft / prefix-lm example
+whose prompt alone fills ``max_len`` (no target token left) is dropped and counted. Every encode
+returns a ``CutReport``, which the trainer logs per split (``CutReport.describe``).
+
 Noise (masking, denoising, split points) comes from a generator per sample, seeded by
 (seed, stream, position): `example_generator`. Streams: 0 training samples, 1 validation
 samples, 2 the epoch's sample order, 3 the epoch's next-sentence pairs.
@@ -40,6 +48,7 @@ D model width, V vocab, C classes.
 from __future__ import annotations
 
 import dataclasses
+import logging
 import math
 from dataclasses import dataclass
 from typing import Any, Callable, Iterable, NamedTuple, Sequence
@@ -131,6 +140,65 @@ class TaskContext:
 
 
 @dataclass
+class CutReport:
+    """What encoding did to a split's lengths, added up batch by batch (``merge``).
+
+    ``tokens`` counts the examples' tokens as tokenized (special tokens included), ``used``
+    those that reach a row (a token shared by two windows counts once)."""
+
+    examples: int = 0  # raw examples read
+    rows: int = 0  # encoded rows kept (windows, for a split into windows)
+    tokens: int = 0
+    used: int = 0
+    split_examples: int = 0  # examples longer than max_len split into several windows
+    cut_examples: int = 0  # examples longer than max_len cut (tokens lost)
+    dropped: int = 0  # examples dropped: nothing left to train on once cut (sft: the prompt fills max_len)
+    longest: int = 0  # tokens of the longest example
+
+    def merge(self, other: "CutReport") -> "CutReport":
+        for field in dataclasses.fields(self):
+            name = field.name
+            value = max if name == "longest" else (lambda a, b: a + b)
+            setattr(self, name, value(getattr(self, name), getattr(other, name)))
+        return self
+
+    def example(self, tokens: int, used: int, *, rows: int = 1, dropped: bool = False) -> None:
+        """Count one example of `tokens` tokens of which `used` reach its `rows` rows."""
+        self.examples += 1
+        self.rows += 0 if dropped else rows
+        self.tokens += tokens
+        self.used += 0 if dropped else used
+        self.split_examples += rows > 1
+        self.cut_examples += used < tokens and not dropped
+        self.dropped += dropped
+        self.longest = max(self.longest, tokens)
+
+    def describe(self, what: str, max_len: int) -> tuple[int, str]:
+        """(logging level, message) for the log: INFO when every token is used, else WARNING."""
+        share = lambda n: f"{n:,} of {self.tokens:,} tokens ({100 * n / max(1, self.tokens):.1f}%)"  # noqa: E731
+        text = f"{what}: {self.examples:,} examples, {self.tokens:,} tokens -> {self.rows:,} rows of <= {max_len} tokens"
+        if self.split_examples:
+            text += f" ({self.split_examples:,} longer examples split into windows)"
+        text += f"; tokens used: {share(self.used)}"
+        if self.used == self.tokens:
+            return logging.INFO, text
+        fix = f"to keep them, raise --max-len (the longest example has {self.longest:,} tokens)"
+        if self.cut_examples:
+            text += f"; {self.cut_examples:,} examples longer than --max-len {max_len} were cut"
+        if self.dropped:
+            text += (f"; {self.dropped:,} examples were dropped: their prompt fills --max-len {max_len}, "
+                     "leaving no target token")
+        return logging.WARNING, f"{text}; {fix}"
+
+
+class Encoding(NamedTuple):
+    """What `Objective.encode` returns: the rows, and what did not fit max_len."""
+
+    examples: list[Encoded]
+    report: CutReport
+
+
+@dataclass
 class EvalSums:
     """Totals of a validation pass, added batch by batch (train.evaluate)."""
 
@@ -177,7 +245,7 @@ class Objective:
     # Steps, batch size, lr, warmup, eval interval: tuned on 2 CPU cores for the tiny preset and
     # the built-in data (benchmarks/TRAINING.md); TrainConfig fields left at None take them.
     defaults: TaskDefaults
-    encode: Callable[[TaskContext, Sequence[Example], int], list[Encoded]]  # (context, raw, epoch)
+    encode: Callable[[TaskContext, Sequence[Example], int], Encoding]  # (context, raw, epoch)
     collate: Callable[[TaskContext, Sequence[tuple[Encoded, torch.Generator]]], Batch]
     loss: Callable[[Transformer, Batch], LossOutput]
     metrics: Callable[[EvalSums], dict[str, float]]
@@ -224,20 +292,51 @@ def _token_targets(batch: Batch) -> Tensor:
     return (batch.labels != IGNORE_INDEX).sum()
 
 
-def _encode_texts(context: TaskContext, raw: Sequence[Example], suffix: Sequence[int] = ()) -> list[Encoded]:
-    return [Encoded(context.cut(e.ids + list(suffix))) for e in context.tokenizer.encode_batch([r.text for r in raw])]
+def _windows(ids: list[int], width: int, *, overlap: int = 0) -> list[list[int]]:
+    """`ids` in consecutive windows of at most `width` tokens, each sharing `overlap` tokens with
+    the one before; one window when it fits. Every token is in a window."""
+    step = width - overlap
+    return [ids[start : start + width] for start in range(0, max(1, len(ids) - overlap), step)]
 
 
-def _encode_sentences(context: TaskContext, raw: Sequence[Example], epoch: int) -> list[Encoded]:
+def _sentence_windows(sentences: list[list[int]], budget: int) -> list[list[list[int]]]:
+    """Consecutive sentences grouped into windows of at most `budget` tokens; a sentence longer
+    than that is split into pieces first. One window when the document fits."""
+    groups: list[list[list[int]]] = []
+    current: list[list[int]] = []
+    size = 0
+    for sentence in sentences:
+        for piece in _windows(sentence, budget):
+            if current and size + len(piece) > budget:
+                groups.append(current)
+                current, size = [], 0
+            current.append(piece)
+            size += len(piece)
+    return groups + [current] if current or not groups else groups
+
+
+def _encode_sentences(context: TaskContext, raw: Sequence[Example], *, reserve: int) -> Encoding:
     """Documents as sentences of token ids without special tokens; noise and split points
-    are drawn per batch. Later sentences keep their leading space."""
-    out = []
+    are drawn per batch. Later sentences keep their leading space. A document longer than
+    max_len - `reserve` (the special tokens collate adds) is split into windows of whole sentences."""
+    out, report = [], CutReport()
+    budget = max(1, context.max_len - reserve)
     for r in raw:
         sentences = r.sentences or [r.text]
         texts = [s if i == 0 else " " + s for i, s in enumerate(sentences)]
         encoded = [e.ids for e in context.tokenizer.encode_batch(texts, add_special_tokens=False)]
-        out.append(Encoded([], sentences=encoded))
-    return out
+        windows = _sentence_windows(encoded, budget)
+        out += [Encoded([], sentences=w) for w in windows]
+        tokens = sum(map(len, encoded)) + reserve
+        report.example(tokens, tokens, rows=len(windows))
+    return Encoding(out, report)
+
+
+def _cut_rows(context: TaskContext, rows: Sequence[list[int]], report: CutReport) -> list[list[int]]:
+    """`rows` cut to max_len, each counted as one example (cut ones too)."""
+    for row in rows:
+        report.example(len(row), min(len(row), context.max_len))
+    return [context.cut(row) for row in rows]
 
 
 def _decoder_loss(model: Transformer, batch: Batch) -> LossOutput:
@@ -269,9 +368,11 @@ def _perplexity(sums: EvalSums) -> dict[str, float]:
 # ============================================================================================
 
 
-def _classify_encode(context: TaskContext, raw: Sequence[Example], epoch: int) -> list[Encoded]:
-    encoded = context.tokenizer.encode_batch([r.text for r in raw])
-    return [Encoded(context.cut(e.ids), label=context.label_names.index(r.label)) for e, r in zip(encoded, raw)]
+def _classify_encode(context: TaskContext, raw: Sequence[Example], epoch: int) -> Encoding:
+    """The text cut to max_len (counted in the report) and its class id."""
+    report = CutReport()
+    rows = _cut_rows(context, [e.ids for e in context.tokenizer.encode_batch([r.text for r in raw])], report)
+    return Encoding([Encoded(ids, label=context.label_names.index(r.label)) for ids, r in zip(rows, raw)], report)
 
 
 def _classify_collate(context: TaskContext, items: Sequence[tuple[Encoded, torch.Generator]]) -> Batch:
@@ -301,8 +402,23 @@ def _classify_head_config(data: TaskData) -> dict[str, Any]:
 # ============================================================================================
 
 
-def _mlm_encode(context: TaskContext, raw: Sequence[Example], epoch: int) -> list[Encoded]:
-    return _encode_texts(context, raw)
+def _mlm_encode(context: TaskContext, raw: Sequence[Example], epoch: int) -> Encoding:
+    """Each document as the tokenizer encodes it (``[CLS] doc [SEP]``); a longer one than max_len
+    split into windows of its text tokens, each between the same special tokens."""
+    out, report = [], CutReport()
+    for e in context.tokenizer.encode_batch([r.text for r in raw]):
+        ids, special = e.ids, e.special_tokens_mask
+        head = next((i for i, s in enumerate(special) if not s), len(ids))  # leading special tokens
+        tail = next((i for i, s in enumerate(reversed(special)) if not s), 0) if head < len(ids) else 0
+        width = context.max_len - head - tail
+        if len(ids) <= context.max_len or width < 1:  # fits (or no room for text between the specials)
+            out += [Encoded(row) for row in _cut_rows(context, [ids], report)]
+            continue
+        prefix, body, suffix = ids[:head], ids[head : len(ids) - tail], ids[len(ids) - tail :]
+        windows = _windows(body, width)
+        out += [Encoded(prefix + w + suffix) for w in windows]
+        report.example(len(ids), len(ids), rows=len(windows))
+    return Encoding(out, report)
 
 
 def _masked(context: TaskContext, items: Sequence[tuple[Encoded, torch.Generator]]) -> tuple[Tensor, Tensor, Tensor]:
@@ -332,12 +448,16 @@ def _mlm_loss(model: Transformer, batch: Batch) -> LossOutput:
     return LossOutput(loss, loss, _token_targets(batch), zero)
 
 
-def _nsp_encode(context: TaskContext, raw: Sequence[Example], epoch: int) -> list[Encoded]:
-    """This epoch's sentence pairs, ``[CLS] a [SEP] b [SEP]`` with token types 0/1."""
+def _nsp_encode(context: TaskContext, raw: Sequence[Example], epoch: int) -> Encoding:
+    """This epoch's sentence pairs, ``[CLS] a [SEP] b [SEP]`` with token types 0/1, cut to
+    max_len (counted: each pair is an example of the report)."""
     generator = example_generator(context.seed, epoch, stream=PAIRS_STREAM)
     pairs = next_sentence_pairs([r.sentences for r in raw], generator=generator)
     encoded = context.tokenizer.encode_batch([(p.first, p.second) for p in pairs])
-    return [Encoded(context.cut(e.ids), label=p.label, type_ids=context.cut(e.type_ids)) for e, p in zip(encoded, pairs)]
+    report = CutReport()
+    rows = _cut_rows(context, [e.ids for e in encoded], report)
+    return Encoding([Encoded(ids, label=p.label, type_ids=context.cut(e.type_ids))
+                     for ids, e, p in zip(rows, encoded, pairs)], report)
 
 
 def _nsp_collate(context: TaskContext, items: Sequence[tuple[Encoded, torch.Generator]]) -> Batch:
@@ -366,8 +486,17 @@ def _nsp_metrics(sums: EvalSums) -> dict[str, float]:
 # ============================================================================================
 
 
-def _causal_lm_encode(context: TaskContext, raw: Sequence[Example], epoch: int) -> list[Encoded]:
-    return _encode_texts(context, raw, suffix=[context.special["eos"]])
+def _causal_lm_encode(context: TaskContext, raw: Sequence[Example], epoch: int) -> Encoding:
+    """``<s> doc </s>`` in windows of max_len tokens; consecutive windows share one token (the
+    last of one is the first of the next), so that every token after ``<s>`` is predicted once."""
+    out, report = [], CutReport()
+    eos = context.special["eos"]
+    for e in context.tokenizer.encode_batch([r.text for r in raw]):
+        row = e.ids + [eos]
+        windows = _windows(row, context.max_len, overlap=1)
+        out += [Encoded(w) for w in windows]
+        report.example(len(row), len(row), rows=len(windows))
+    return Encoding(out, report)
 
 
 def _causal_lm_collate(context: TaskContext, items: Sequence[tuple[Encoded, torch.Generator]]) -> Batch:
@@ -382,19 +511,25 @@ def _causal_lm_collate(context: TaskContext, items: Sequence[tuple[Encoded, torc
 # ============================================================================================
 
 
-def _prompted_encode(context: TaskContext, raw: Sequence[Example], epoch: int) -> list[Encoded]:
-    """seq2seq data: ``<s> prompt continuation </s>`` and the prompt's length; text data
-    (prefix-lm): sentences, split at a random point per batch."""
+def _prompted_encode(context: TaskContext, raw: Sequence[Example], epoch: int) -> Encoding:
+    """seq2seq data: ``<s> prompt continuation </s>`` and the prompt's length, cut to max_len
+    (counted); an example whose prompt fills max_len has no target token left and is dropped
+    (counted). Text data (prefix-lm): sentences, split at a random point per batch."""
     if not raw or isinstance(raw[0], TextExample):
-        return _encode_sentences(context, raw, epoch)
+        return _encode_sentences(context, raw, reserve=2)  # <s> ... </s>
     tok, eos = context.tokenizer, context.special["eos"]
     prompts = tok.encode_batch([format_prompt(r.source) for r in raw])
     continuations = tok.encode_batch([format_continuation(r.target) for r in raw], add_special_tokens=False)
-    out = []
+    out, report = [], CutReport()
     for p, c, r in zip(prompts, continuations, raw):
-        ids = context.cut(p.ids + c.ids + [eos])
-        out.append(Encoded(ids, prompt_len=min(len(p.ids), len(ids) - 1), text=r.target, source=r.source))
-    return out
+        full = p.ids + c.ids + [eos]
+        if len(p.ids) >= context.max_len:
+            report.example(len(full), 0, dropped=True)
+            continue
+        ids = context.cut(full)
+        report.example(len(full), len(ids))
+        out.append(Encoded(ids, prompt_len=len(p.ids), text=r.target, source=r.source))
+    return Encoding(out, report)
 
 
 def _prompted_collate(context: TaskContext, items: Sequence[tuple[Encoded, torch.Generator]]) -> Batch:
@@ -434,15 +569,19 @@ def _prompted_tokenizer_texts(data: TaskData) -> Iterable[str]:
 # ============================================================================================
 
 
-def _seq2seq_encode(context: TaskContext, raw: Sequence[Example], epoch: int) -> list[Encoded]:
-    """Source and target as the tokenizer encodes them; a target the tokenizer does not end
-    with eos (an imported tokenizer without that template) gets it, so the model learns to stop."""
+def _seq2seq_encode(context: TaskContext, raw: Sequence[Example], epoch: int) -> Encoding:
+    """Source and target as the tokenizer encodes them, each cut to max_len (counted); a target
+    the tokenizer does not end with eos (an imported tokenizer without that template) gets it,
+    so the model learns to stop."""
     eos = context.special["eos"]
     sources = context.tokenizer.encode_batch([r.source for r in raw])
     targets = [t.ids if eos < 0 or t.ids[-1:] == [eos] else t.ids + [eos]
                for t in context.tokenizer.encode_batch([r.target for r in raw])]
-    return [Encoded(context.cut(s.ids), target=context.cut(t), text=r.target, source=r.source)
-            for s, t, r in zip(sources, targets, raw)]
+    out, report = [], CutReport()
+    for s, t, r in zip(sources, targets, raw):
+        report.example(len(s.ids) + len(t), min(len(s.ids), context.max_len) + min(len(t), context.max_len))
+        out.append(Encoded(context.cut(s.ids), target=context.cut(t), text=r.target, source=r.source))
+    return Encoding(out, report)
 
 
 def _teacher_forcing(context: TaskContext, sources: list[list[int]], targets: list[list[int]]) -> Batch:
@@ -457,6 +596,10 @@ def _teacher_forcing(context: TaskContext, sources: list[list[int]], targets: li
 
 def _seq2seq_collate(context: TaskContext, items: Sequence[tuple[Encoded, torch.Generator]]) -> Batch:
     return _teacher_forcing(context, [e.ids for e, _ in items], [e.target for e, _ in items])
+
+
+def _denoise_encode(context: TaskContext, raw: Sequence[Example], epoch: int) -> Encoding:
+    return _encode_sentences(context, raw, reserve=1)  # source and target end with </s>
 
 
 def _denoise_collate(context: TaskContext, items: Sequence[tuple[Encoded, torch.Generator]]) -> Batch:
@@ -520,7 +663,7 @@ OBJECTIVES: dict[str, Objective] = {o.name: o for o in (
     Objective(
         "denoise", archs=("encoder-decoder",), data_kinds=("text",),
         defaults=TaskDefaults(steps=600, batch_size=32, lr=2e-3, warmup=50, eval_every=200),
-        encode=_encode_sentences, collate=_denoise_collate, loss=_encoder_decoder_loss, metrics=_perplexity,
+        encode=_denoise_encode, collate=_denoise_collate, loss=_encoder_decoder_loss, metrics=_perplexity,
     ),
     Objective(
         "seq2seq", archs=("encoder-decoder",), data_kinds=("seq2seq",),
@@ -574,6 +717,6 @@ def objective_for(task: str, *, nsp: bool = False) -> Objective:
 
 
 __all__ = [
-    "MLM_NSP", "OBJECTIVES", "TASKS", "Batch", "Encoded", "EvalSums", "LossOutput", "Objective", "TaskContext",
+    "MLM_NSP", "OBJECTIVES", "TASKS", "Batch", "CutReport", "Encoded", "Encoding", "EvalSums", "LossOutput", "Objective", "TaskContext",
     "TaskDefaults", "exact_match", "example_generator", "objective_for",
 ]

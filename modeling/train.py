@@ -36,6 +36,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import functools
+import hashlib
 import json
 import logging
 import math
@@ -43,7 +44,7 @@ import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, NamedTuple, Sequence
+from typing import Any, Callable, Iterable, Iterator, NamedTuple, Sequence
 
 import torch
 import torch.distributed as dist
@@ -56,8 +57,9 @@ from onnxformer.runtime.datafiles import TEXT_LAYOUTS, FieldMap, data_error
 from onnxformer.runtime.errors import CheckpointError, ConfigError, DataError, TrainingError
 
 from . import checkpoint as ckpt
+from . import token_cache
 from .config import PRESETS, ModelConfig
-from .data import Example, TaskData, load_task_data
+from .data import SHARED_DATASETS, Example, TaskData, load_task_data, shared_data_dir
 from .hf_import import HFImport, PackageInfo, dropped_report, is_hf_dir, load_hf, read_hf_config
 from .model import Transformer
 from .peft import LoRAConfig, apply_bitfit, apply_lora, trainable_parameters
@@ -67,6 +69,7 @@ from .tasks import (
     ORDER_STREAM,
     TASKS,
     Batch,
+    CutReport,
     Encoded,
     EvalSums,
     LossOutput,
@@ -111,7 +114,10 @@ class TrainConfig:
     text_layout: str | None = None  # .txt: lines | blank-line-documents; None: detected
     preset: str = "tiny"  # model size, a key of PRESETS (ignored with from_checkpoint)
     vocab_size: int = 1024  # upper bound for the trained tokenizer
-    max_len: int = 128  # longest tokenized sequence; longer ones are cut (also to the model's max_seq_len)
+    # Longest tokenized row. Language modelling splits longer documents into windows of max_len;
+    # other tasks cut a longer example (counted in the log). None: 128, or the model's max_seq_len
+    # if that is shorter. A new model's max_seq_len is raised to max_len; a loaded model's is a limit.
+    max_len: int | None = None
     dropout: float = 0.0  # model dropout while training (also applied to from_checkpoint models)
     # Optimisation
     steps: int | None = None  # optimizer steps
@@ -138,7 +144,8 @@ class TrainConfig:
     resume: bool = False  # continue out_dir's latest checkpoint
     # Evaluation, checkpoints, logging
     eval_every: int | None = None  # steps between evaluations on the validation split
-    eval_examples: int = 500  # validation examples per periodic evaluation (final: all)
+    eval_examples: int = 500  # validation examples per periodic evaluation
+    final_eval_examples: int | str | None = None  # the final one's, per split: None = eval_examples, or "all"
     save_every: int = 0  # steps between checkpoints; 0 = only at the end
     keep_checkpoints: int = 2  # newest checkpoints kept; 0 = all
     log_every: int = 10  # steps between train-loss lines in metrics.jsonl
@@ -166,7 +173,7 @@ class TrainConfig:
             set_("warmup", min(defaults.warmup, self.steps // 10) if isinstance(self.steps, int) else 0)
         if self.eval_every is None:
             set_("eval_every", min(defaults.eval_every, self.steps) if isinstance(self.steps, int) else 1)
-        for name in ("steps", "batch_size", "grad_accum", "eval_every", "eval_examples", "log_every", "max_len"):
+        for name in ("steps", "batch_size", "grad_accum", "eval_every", "eval_examples", "log_every"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
                 raise ConfigError(f"{name} must be a positive integer; got {value!r}")
@@ -174,9 +181,15 @@ class TrainConfig:
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 0:
                 raise ConfigError(f"{name} must be an integer >= 0; got {value!r}")
-        if self.max_len < 2:  # a prompt and one token to predict (or a source and a target)
+        if self.max_len is not None and (not isinstance(self.max_len, int) or isinstance(self.max_len, bool)):
+            raise ConfigError(f"max_len must be a positive integer; got {self.max_len!r}")
+        if self.max_len is not None and self.max_len < 2:  # a prompt and one token to predict (or a source and a target)
             raise ConfigError(f"max_len (--max-len) must be at least 2, the shortest sequence every task can "
                               f"train on; got {self.max_len}; pass --max-len 128 (the default) or leave it unset")
+        final = self.final_eval_examples
+        if final not in (None, "all") and (not isinstance(final, int) or isinstance(final, bool) or final <= 0):
+            raise ConfigError(f"final_eval_examples (--final-eval-examples) must be a positive integer or 'all'; "
+                              f"got {final!r}")
         if not 0.0 <= self.dropout < 1.0:
             raise ConfigError(f"dropout must be in [0, 1); got {self.dropout!r}")
         if not 0 < self.lr < _MAX_LR:
@@ -207,6 +220,13 @@ class TrainConfig:
     def objective(self) -> Objective:
         """What this run trains: its task's entry of OBJECTIVES (masked LM + NSP with nsp)."""
         return objective_for(self.task, nsp=self.nsp)
+
+    @property
+    def final_eval_limit(self) -> int | None:
+        """Examples per split of the final evaluation (None: all)."""
+        if self.final_eval_examples == "all":
+            return None
+        return self.final_eval_examples or self.eval_examples
 
     def field_map(self) -> FieldMap | None:
         """The file fields named by text_field, label_field, ... (None: all detected)."""
@@ -251,8 +271,9 @@ def learning_rate(step: int, config: TrainConfig) -> float:
 
 
 @functools.lru_cache(maxsize=4)
-def _epoch_order(n: int, seed: int, epoch: int) -> tuple[int, ...]:
-    return tuple(torch.randperm(n, generator=example_generator(seed, epoch, stream=ORDER_STREAM)).tolist())
+def _epoch_order(n: int, seed: int, epoch: int) -> torch.Tensor:
+    """The epoch's sample order, (n,) int64 (8 bytes a row, however large the split)."""
+    return torch.randperm(n, generator=example_generator(seed, epoch, stream=ORDER_STREAM))
 
 
 def sample_positions(step: int, micro: int, *, config: TrainConfig, rank: int, world_size: int) -> range:
@@ -266,22 +287,31 @@ def sample_positions(step: int, micro: int, *, config: TrainConfig, rank: int, w
 class TaskDataset:
     """A split of the task as token ids, and the batches the objective builds from it.
 
-    ``examples(epoch)`` is encoded once, unless the objective redraws its examples each epoch
-    (mlm+nsp: fresh sentence pairs, seeded). ``train_batch(positions)`` builds a Batch from
-    global sample positions; ``eval_batches()`` walks the split in order with fixed noise.
+    The rows come encoded (``rows``: the token cache's memory-mapped split, modeling/token_cache.py),
+    or are encoded here from ``raw`` in memory, again each epoch where the objective redraws its
+    examples (mlm+nsp: fresh sentence pairs, seeded). ``report`` says what did not fit max_len.
+    ``train_batch(positions)`` builds a Batch from global sample positions; ``eval_batches()``
+    walks the split in order with fixed noise.
     """
 
-    def __init__(self, objective: Objective, context: TaskContext, raw: Sequence[Example]):
-        self.objective, self.context, self.raw = objective, context, list(raw)
-        self._epoch, self._examples = 0, objective.encode(context, self.raw, 0)
+    def __init__(self, objective: Objective, context: TaskContext, raw: Sequence[Example] | None = None, *,
+                 rows: Sequence[Encoded] | None = None, report: CutReport | None = None):
+        if (raw is None) == (rows is None):
+            raise ValueError("pass raw examples or encoded rows")
+        self.objective, self.context = objective, context
+        self.raw = list(raw) if raw is not None and objective.redraws_each_epoch else None
+        if rows is None:
+            encoding = objective.encode(context, raw if isinstance(raw, Sequence) else list(raw), 0)
+            rows, report = encoding.examples, encoding.report
+        self._epoch, self._examples, self.report = 0, rows, report or CutReport()
         self._len = len(self._examples)  # the same every epoch (NSP: a pair per sentence with a successor)
 
     def __len__(self) -> int:
         return self._len
 
-    def examples(self, epoch: int) -> list[Encoded]:
-        if self.objective.redraws_each_epoch and epoch != self._epoch:
-            self._epoch, self._examples = epoch, self.objective.encode(self.context, self.raw, epoch)
+    def examples(self, epoch: int) -> Sequence[Encoded]:
+        if self.raw is not None and epoch != self._epoch:
+            self._epoch, self._examples = epoch, self.objective.encode(self.context, self.raw, epoch).examples
         return self._examples
 
     def train_batch(self, positions: Sequence[int]) -> Batch:
@@ -290,7 +320,7 @@ class TaskDataset:
         chosen = []
         for p in positions:
             epoch = p // n
-            index = _epoch_order(n, seed, epoch)[p % n]
+            index = int(_epoch_order(n, seed, epoch)[p % n])
             chosen.append((self.examples(epoch)[index], example_generator(seed, p)))
         return self.objective.collate(self.context, chosen)
 
@@ -393,12 +423,39 @@ def _broadcast_text(text: str | None, env: Distributed) -> str:
     return bytes(buffer.cpu().tolist()).decode("utf-8")
 
 
+DEFAULT_MAX_LEN = 128  # TrainConfig.max_len None: this, or a loaded model's max_seq_len if shorter
+
+
+def run_max_len(config: TrainConfig, model_config: ModelConfig, source: Path | None = None) -> int:
+    """The rows' length limit of a run on a model of `model_config`: max_len (None: DEFAULT_MAX_LEN,
+    or the model's max_seq_len if shorter). A max_len beyond the model's context is refused: a
+    new model is built with that context (build_model_config), a loaded one cannot change it."""
+    limit = model_config.max_seq_len
+    if config.max_len is None:
+        return min(DEFAULT_MAX_LEN, limit)
+    if config.max_len > limit:
+        where = f"the model of {source}" if source is not None else "the model"
+        raise ConfigError(
+            f"max_len (--max-len) {config.max_len} is longer than the context of {where}: max_seq_len {limit}. A "
+            f"loaded model's context is fixed by its weights and config; pass --max-len {limit} or less (or leave "
+            f"it unset), or train a new model (without --from-checkpoint) with --max-len {config.max_len}"
+        )
+    return config.max_len
+
+
 def build_model_config(config: TrainConfig, tokenizer, data: TaskData) -> ModelConfig:
+    """A new model: the preset's size, the tokenizer's vocabulary and special ids, the task's
+    head; its max_seq_len raised to max_len when that is longer than the preset's."""
     s = special_token_ids(tokenizer)
+    preset = dict(PRESETS[config.preset])
+    if config.max_len is not None and config.max_len > preset["max_seq_len"]:
+        logger.info("model context: max_seq_len %d for --max-len %d (preset %s: %d)", config.max_len,
+                    config.max_len, config.preset, preset["max_seq_len"])
+        preset["max_seq_len"] = config.max_len
     return ModelConfig(
         arch=config.arch,
         vocab_size=tokenizer.get_vocab_size(),
-        **PRESETS[config.preset],
+        **preset,
         type_vocab_size=2 if config.nsp else 0,
         dropout=config.dropout,
         pad_token_id=s["pad"],
@@ -427,6 +484,7 @@ def import_hf(config: TrainConfig, data: TaskData, directory: Path) -> HFImport:
     initialisation, the checkpoint's own head tensors dropped."""
     _, _, converted = read_hf_config(directory)  # cheap: config.json only, before any tensor is read
     _check_arch(converted.arch, config)
+    run_max_len(config, converted, directory)
     imported = load_hf(directory, overrides={**config.objective.head_config(data), "dropout": config.dropout},
                        fresh=config.objective.fresh_head)
     for line in dropped_report(imported.dropped):
@@ -455,6 +513,7 @@ def build_model(
             model_config = ModelConfig.load(resume.folder / ckpt.CONFIG_FILE)
         elif source is not None:
             model_config = _fine_tune_config(ModelConfig.load(source / ckpt.CONFIG_FILE), config, data)
+            run_max_len(config, model_config, source)
         else:
             model_config = build_model_config(config, tokenizer, data)
         model = Transformer(model_config)
@@ -640,9 +699,97 @@ def _tokenizer(config: TrainConfig, objective: Objective, data: TaskData, source
         return load_tokenizer(source / ckpt.TOKENIZER_FILE)
     text = None
     if env.is_main:
-        texts = objective.tokenizer_texts(data)
+        texts = _tokenizer_sample(objective.tokenizer_texts(data))
         text = train_tokenizer(texts, arch=config.arch, vocab_size=config.vocab_size).to_str()
     return Tokenizer.from_str(_broadcast_text(text, env))
+
+
+TOKENIZER_SAMPLE_CHARS = 50_000_000  # a new tokenizer learns from at most this many characters of text
+
+
+def _tokenizer_sample(texts: Iterable[str], limit: int = TOKENIZER_SAMPLE_CHARS) -> Iterator[str]:
+    """The texts a new tokenizer trains on, streamed: all of them, or the first ones up to
+    `limit` characters (logged) when the training split is larger."""
+    total = 0
+    for count, text in enumerate(texts):
+        if total >= limit:
+            logger.info("tokenizer: trained on the first %s texts (%s characters) of the training split, which is "
+                        "longer: a sample is enough for the vocabulary", f"{count:,}", f"{total:,}")
+            return
+        total += len(text)
+        yield text
+
+
+CACHE_DIR = "cache"  # RUN/cache/KEY: the token cache (modeling/token_cache.py)
+# TrainConfig fields the encoded rows do not depend on; every other field (a new one too) is
+# part of the token cache's key. vocab_size and from_checkpoint count through the tokenizer's
+# hash, preset through max_len, seed only in what collate draws.
+_NOT_IN_CACHE_KEY = frozenset(RESUME_MAY_CHANGE) | {
+    "preset", "vocab_size", "dropout", "batch_size", "grad_accum", "weight_decay", "bf16", "seed", "lora_rank",
+    "lora_alpha", "lora_dropout", "lora_targets", "bitfit", "from_checkpoint", "final_eval_examples",
+}
+
+
+def _data_files(fields: dict[str, Any]) -> list[Path]:
+    """The files a run's rows come from: every setting naming an existing file, and the files
+    of a shared:NAME dataset."""
+    files = []
+    for value in fields.values():
+        if not isinstance(value, str):
+            continue
+        if value.startswith("shared:") and value.removeprefix("shared:") in SHARED_DATASETS:
+            shared = SHARED_DATASETS[value.removeprefix("shared:")]
+            names = (shared.train, shared.valid, shared.test, shared.labels)
+            files += [shared_data_dir() / n for n in names if n and (shared_data_dir() / n).is_file()]
+        elif os.path.isfile(value):
+            files.append(Path(value))
+    return files
+
+
+def _cached_rows(
+    config: TrainConfig, env: Distributed, objective: Objective, context: TaskContext, splits: dict[str, Any],
+) -> dict[str, tuple[token_cache.CachedSplit, CutReport]]:
+    """The splits' rows from the run's token cache, built by rank 0 if it is not there yet."""
+    fields = {k: v for k, v in config.to_dict().items() if k not in _NOT_IN_CACHE_KEY}
+    inputs = {
+        "config": fields, "objective": objective.name, "max_len": context.max_len,
+        "tokenizer": hashlib.sha256(context.tokenizer.to_str().encode("utf-8")).hexdigest(),
+        "special": context.special, "labels": list(context.label_names),
+        "files": [token_cache.file_fingerprint(p) for p in _data_files(fields)],
+    }
+    root, key = Path(config.out_dir) / CACHE_DIR, token_cache.cache_key(inputs)
+    result = None
+    if env.is_main:
+        try:
+            result = token_cache.open_or_build(root, key, splits, lambda batch: objective.encode(context, batch, 0), inputs)
+        except OSError as err:
+            raise _write_error(root, err) from err
+    if env.world_size > 1:
+        dist.barrier()  # rank 0 has built it
+        if not env.is_main:
+            result = token_cache.load(root / key)
+    return result
+
+
+def _datasets(
+    config: TrainConfig, env: Distributed, objective: Objective, context: TaskContext, data: TaskData,
+) -> tuple[TaskDataset | None, TaskDataset | None, TaskDataset | None]:
+    """Train, valid and test as token rows (None: no such split): memory-mapped from the token
+    cache, or encoded in memory where the objective redraws its rows each epoch (mlm+nsp).
+    What did not fit max_len is logged per split; a split left without rows is an error."""
+    splits = {name: getattr(data, name) for name in ("train", "valid", "test") if getattr(data, name)}
+    if objective.redraws_each_epoch:
+        sets = {name: TaskDataset(objective, context, raw) for name, raw in splits.items()}
+    else:
+        sets = {name: TaskDataset(objective, context, rows=rows, report=report)
+                for name, (rows, report) in _cached_rows(config, env, objective, context, splits).items()}
+    for name, dataset in sets.items():
+        level, message = dataset.report.describe(f"{config.task} {name}", context.max_len)
+        if env.is_main:
+            logger.log(level, message)
+        if len(dataset) == 0:
+            raise DataError(f"no {name} example fits max_len (--max-len) {context.max_len}: {message}")
+    return sets.get("train"), sets.get("valid"), sets.get("test")
 
 
 @dataclass(frozen=True)
@@ -707,13 +854,10 @@ def _build_run(config: TrainConfig, env: Distributed, resume: ckpt.TrainingState
     special = task_special_ids(tokenizer, package)
     _check_special_ids(special, model.config, source)
     context = TaskContext(
-        tokenizer, special, model.config, max_len=min(config.max_len, model.config.max_seq_len),
+        tokenizer, special, model.config, max_len=run_max_len(config, model.config, source),
         label_names=data.label_names, seed=config.seed,
     )
-    train_set, valid_set, test_set = (
-        TaskDataset(objective, context, getattr(data, split)) if getattr(data, split) else None
-        for split in ("train", "valid", "test")
-    )
+    train_set, valid_set, test_set = _datasets(config, env, objective, context, data)
     names = _ordered_names(trainable)
     optimizer = torch.optim.AdamW(_decay_groups(trainable, config.weight_decay), lr=config.lr, betas=(0.9, 0.95), eps=1e-8)
     start_step = 0
@@ -978,14 +1122,19 @@ def _divergence_advice(run: _Run) -> str:
 
 
 def _final_evaluation(run: _Run) -> dict[str, float]:
-    """Rank 0: every example of the validation and test splits, as "valid/loss", "test/...";
+    """Rank 0: the validation and test splits, as "valid/loss", "test/...", each bounded like
+    the periodic evaluations (final_eval_examples: None = eval_examples, "all": every example);
     {} on the other processes."""
     final: dict[str, float] = {}
     if not run.env.is_main:
         return final
     for name, dataset in (("valid", run.valid_set), ("test", run.test_set)):
         if dataset is not None:
-            result = evaluate(run.task_model, dataset, device=run.env.device, autocast=run.autocast)
+            limit = run.config.final_eval_limit
+            if limit is not None and len(dataset) > limit:
+                logger.info("final evaluation: the first %s of %s %s rows (--final-eval-examples all for every one)",
+                            f"{limit:,}", f"{len(dataset):,}", name)
+            result = evaluate(run.task_model, dataset, device=run.env.device, limit=limit, autocast=run.autocast)
             _append_metrics(run.metrics_file, {"step": run.config.steps, "split": name, **result})
             final.update({f"{name}/{k}": v for k, v in result.items()})
     logger.info("final %s", _format(final))

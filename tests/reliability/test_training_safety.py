@@ -300,7 +300,7 @@ def test_a_full_disk_keeps_the_last_checkpoint_and_resume_works_after_freeing_sp
         line = one_error_line(full, "E_DISK")
         assert "No space left on device" in line and str(run) in line and "free disk space or pass a writable --out" in line
         assert ckpt.latest_checkpoint(run) == run / "step-000002" and finite_weights(run / "step-000002")
-        assert sorted(p.name for p in run.iterdir()) == ["latest", "metrics.jsonl", "step-000002"]  # no debris
+        assert sorted(p.name for p in run.iterdir()) == ["cache", "latest", "metrics.jsonl", "step-000002"]  # no debris
         lines = (run / "metrics.jsonl").read_text().splitlines()
         assert all(json.loads(line) for line in lines)  # whole lines only
         # Free space, then resume: it continues from step 2 and finishes.
@@ -325,7 +325,7 @@ def test_a_write_limit_at_the_checkpoint_is_one_clear_error_and_another_out_trai
     limited = cli(args(data, run, "--steps", "2"), preexec_fn=_limited(64 * 1024))  # model.safetensors is larger
     line = one_error_line(limited, "E_DISK")
     assert "File too large" in line and "model.safetensors" in line and "pass a writable --out" in line
-    assert sorted(p.name for p in run.iterdir()) == ["metrics.jsonl"]  # no checkpoint, no half-written folder
+    assert sorted(p.name for p in run.iterdir()) == ["cache", "metrics.jsonl"]  # no checkpoint, no half-written folder
     again = cli(args(data, tmp_path / "elsewhere", "--steps", "2"))  # the advice, without the limit
     assert again.returncode == 0, again.stderr[-2000:]
 
