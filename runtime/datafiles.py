@@ -62,7 +62,7 @@ import os
 import re
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 from .errors import ConfigError, DataError
 
@@ -508,19 +508,27 @@ def _conversation(value: Any, name: str, path: Path, line: int) -> ChatExample:
         raise data_error(str(exc), path, line) from None
 
 
-def _example(mapping: FieldMap, record: dict, path: Path, line: int) -> Example:
+def _builder(mapping: FieldMap, path: Path) -> Callable[[dict, int], Example]:
+    """record, line -> example, for a complete ``mapping`` (resolved once per file, not per record)."""
     kind = mapping.kind
     if kind == "chat":
-        return _conversation(record[mapping.messages], mapping.messages, path, line)
+        name = mapping.messages
+        return lambda record, line: _conversation(record[name], name, path, line)
     if kind == "seq2seq":
-        first, *extra = mapping.source
-        parts = [_string(record[first], first, path, line)]
-        parts += [p for n in extra if (p := _string(record.get(n), n, path, line, optional=True))]
-        return PairExample(SOURCE_JOIN.join(parts), _string(record[mapping.target], mapping.target, path, line))
-    text = _string(record[mapping.text], mapping.text, path, line)
+        (first, *extra), target = mapping.source, mapping.target
+
+        def pair(record: dict, line: int) -> PairExample:
+            parts = [_string(record[first], first, path, line)]
+            parts += [p for n in extra if (p := _string(record.get(n), n, path, line, optional=True))]
+            return PairExample(SOURCE_JOIN.join(parts), _string(record[target], target, path, line))
+
+        return pair
+    text = mapping.text
     if kind == "text":
-        return TextExample(text)
-    return LabeledExample(text, _string(record[mapping.label], mapping.label, path, line, label=True))
+        return lambda record, line: TextExample(_string(record[text], text, path, line))
+    label = mapping.label
+    return lambda record, line: LabeledExample(_string(record[text], text, path, line),
+                                               _string(record[label], label, path, line, label=True))
 
 
 def _missing(mapping: FieldMap, record: dict, first_line: int, path: Path, line: int) -> DataError:
@@ -584,16 +592,16 @@ class DataFile:
         if self.format in ("csv", "tsv"):
             yield from self._table_examples(records)
             return
-        first_line = None
+        first_line, build, required = None, _builder(self.mapping, self.path), self.mapping.required
         for line, record in records:
             if not isinstance(record, dict):
                 raise data_error(f"expected a JSON object with keys {', '.join(self.mapping.required)}; "
                                  f"got {type(record).__name__}", self.path, line)
             if first_line is None:
                 first_line = line
-            if not all(n in record for n in self.mapping.required):
+            if not all(n in record for n in required):
                 raise _missing(self.mapping, record, first_line, self.path, line)
-            yield line, _example(self.mapping, record, self.path, line)
+            yield line, build(record, line)
 
     def _table_examples(self, rows) -> Iterator[tuple[int, Example]]:
         header = list(self.fields_found)
@@ -601,11 +609,12 @@ class DataFile:
             next(rows)
         sep = "comma" if self.format == "csv" else "tab"
         advice = ("quote fields that contain commas" if self.format == "csv" else "fields may not contain tabs")
+        build = _builder(self.mapping, self.path)
         for line, cells in rows:
             if len(cells) != len(header):
                 raise data_error(f"{len(cells)} {sep}-separated columns, but the header has {len(header)}; {advice}",
                                  self.path, line)
-            yield line, _example(self.mapping, dict(zip(header, cells)), self.path, line)
+            yield line, build(dict(zip(header, cells)), line)
 
 
 def _records(path: Path, fmt: str) -> Iterator[tuple[int, Any]]:
