@@ -1,4 +1,4 @@
-"""Task data: built-in synthetic datasets and readers for user files. Pure Python, no torch.
+"""Task data: built-in synthetic datasets and a task's splits from user files. Pure Python, no torch.
 
 Every task is a frozen ``TaskData``: a kind, three splits of examples and, for
 classification, the label names (the class id of a label is its index there).
@@ -9,7 +9,12 @@ kind               example            meaning
 ``text``           ``TextExample``    a document: one or more sentences (language modelling)
 ``classification`` ``LabeledExample`` a text and its label name
 ``seq2seq``        ``PairExample``    a source and its target
+``chat``           ``ChatExample``    a conversation of ``Message(role, content)`` turns
 =================  =================  =====================================================
+
+The example types, the file formats, the field mapping and its detection live in the
+torch-free ``onnxformer.runtime.datafiles`` (also read by ``onnxformer eval``); they are
+importable from here as before.
 
 A document is one string. Its sentences end with ``.``, ``!`` or ``?`` followed by
 whitespace, or with a line break; ``TextExample.sentences`` splits it that way (next-sentence
@@ -38,9 +43,11 @@ here from small grammars, seeded and identical in every process; nothing is down
   separated by spaces so that every tokenizer gives one token per digit; the answer is
   ``int(target.replace(" ", ""))``.
 
-File formats (``read_text_file``, ``read_jsonl``, ``read_tsv``, ``load_task_data``): UTF-8
-text (a BOM is allowed); every problem raises ``DataError`` (``onnxformer.runtime.errors``, also
-importable from here) naming ``path:line`` and the fix; bad arguments raise ``ConfigError``.
+Files (``load_task_data``; the fixed-layout ``read_text_file``, ``read_jsonl``, ``read_tsv``):
+CSV, TSV, JSONL, JSON arrays, Parquet and plain text, read by ``runtime.datafiles.read_examples``;
+every problem raises ``DataError`` (``onnxformer.runtime.errors``, also importable from here)
+naming ``path:line`` and the fix; bad arguments raise ``ConfigError``. Classification data that
+looks wrong (labels like text, about one class per row) is logged as a warning with the fix.
 """
 
 from __future__ import annotations
