@@ -315,9 +315,10 @@ def detect_mapping(
         error.fits = tuple(others)
         raise error
     flags = dict.fromkeys(FIELD_FLAGS[r] for k in allowed for r in KIND_ROLES[k])
+    no_header = " (a file without a header line needs one naming the columns, e.g. text,label)" if header else ""
     raise data_error(
         f"cannot tell the task kind from fields {sorted(present)}: known schemas are {_schema_list()}; "
-        f"or name the fields with {', '.join(flags)}", path, line)
+        f"or name the fields with {', '.join(flags)}{no_header}", path, line)
 
 
 # Reading lines ----------------------------------------------------------------------------------

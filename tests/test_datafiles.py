@@ -172,6 +172,14 @@ def test_a_named_field_that_is_missing(tmp_path):
     assert read_examples(path, fields=FieldMap(text="text")).kind == "classification"
 
 
+def test_a_csv_without_a_header_line(tmp_path):
+    path = _write(tmp_path / "n.csv", "good,positive\nbad,negative\n")
+    _raises(r"cannot tell the task kind from fields \['good', 'positive'\].*needs one naming the columns, e\.g\. "
+            "text,label", path, 1, lambda: read_examples(path, kinds=("classification",)))
+    _write(path, "text,label\n" + path.read_text())  # the fix
+    assert list(read_examples(path)) == [LabeledExample("good", "positive"), LabeledExample("bad", "negative")]
+
+
 def test_unknown_fields_name_the_schemas_and_the_flags(tmp_path):
     path = _jsonl(tmp_path / "d.jsonl", [{"body": "a b", "tag": "x"}, {"body": "c d", "tag": "y"}])
     _raises(r"cannot tell the task kind from fields \['body', 'tag'\]: known schemas are text\+label, .*"
