@@ -95,7 +95,7 @@ class TaskData:
     """A task's splits. ``label_names[i]`` is class ``i`` (classification only)."""
 
     kind: str  # one of TASK_KINDS
-    train: list
+    train: list  # or a StreamedSplit (stream_task_data): read from its file on each iteration
     valid: list
     test: list
     label_names: tuple[str, ...] = ()
@@ -107,7 +107,8 @@ class TaskData:
             )
         object.__setattr__(self, "label_names", tuple(self.label_names))
         cls = _KIND_FIELDS[self.kind][0]
-        for split in ("train", "valid", "test"):
+        lists = [split for split in ("train", "valid", "test") if isinstance(getattr(self, split), list)]
+        for split in lists:  # a StreamedSplit's reader checks its examples as it reads them
             for i, example in enumerate(getattr(self, split)):
                 if not isinstance(example, cls):
                     raise DataError(
@@ -124,7 +125,7 @@ class TaskData:
             if len(set(self.label_names)) != len(self.label_names):
                 raise DataError(f"label_names has duplicates: {self.label_names!r}")
             known = set(self.label_names)
-            for split in ("train", "valid", "test"):
+            for split in lists:
                 for i, example in enumerate(getattr(self, split)):
                     if example.label not in known:
                         raise DataError(
@@ -773,4 +774,93 @@ def load_task_data(
         spec_text, kind, len(data.train), len(data.valid), len(data.test),
         f", {len(label_names)} labels" if label_names else "",
     )  # fmt: skip
+    return data
+
+
+# Streaming: files too large to hold in memory ---------------------------------------------------
+STREAM_BYTES = 64 << 20  # a training file of at least this many bytes is streamed (stream_task_data)
+_LABEL_SAMPLE = 10_000  # classification sanity checks look at this many training examples
+
+
+def _position_hash(seed: int, position: int) -> float:
+    """A uniform number in [0, 1) from (seed, position): splitmix64, cheap enough for every row."""
+    z = (seed * 0x9E3779B97F4A7C15 + (position + 1) * 0xBF58476D1CE4E5B9) & 0xFFFFFFFFFFFFFFFF
+    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & 0xFFFFFFFFFFFFFFFF
+    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & 0xFFFFFFFFFFFFFFFF
+    return (z ^ (z >> 31)) / 2.0**64
+
+
+@dataclass(frozen=True)
+class StreamedSplit:
+    """A split read from its file on each iteration, never held in memory: every example of
+    the file, or (``part``) those a seeded hash of their position holds out (``"valid"``: a
+    ``fraction`` of them) or leaves (``"train"``). With ``label_names``, an unknown label is an
+    error naming its line."""
+
+    file: DataFile
+    part: str = "all"  # all | train | valid
+    fraction: float = 0.0
+    seed: int = 0
+    label_names: tuple[str, ...] | None = None
+
+    def __iter__(self) -> Iterator[Example]:
+        known = None if self.label_names is None else set(self.label_names)
+        for position, (line, example) in enumerate(self.file.numbered()):
+            if self.part != "all" and (_position_hash(self.seed, position) < self.fraction) != (self.part == "valid"):
+                continue
+            if known is not None and example.label not in known:
+                raise _data_error(
+                    f"unknown label {example.label!r}; known labels: {', '.join(self.label_names)} (every label "
+                    "must occur in the training data or the label list: add examples of it to the training file, "
+                    "or remove the line)", self.file.path, line)
+            yield example
+
+    def __bool__(self) -> bool:  # a data file holds at least one example (DataFile checks)
+        return True
+
+
+def stream_task_data(
+    path: str | os.PathLike,
+    *,
+    kinds: Sequence[str] | None = None,
+    fields: FieldMap | None = None,
+    text_layout: str | None = None,
+    valid: str | os.PathLike | None = None,
+    test: str | os.PathLike | None = None,
+    label_names: Sequence[str] | None = None,
+    valid_fraction: float = 0.05,
+    seed: int = 0,
+) -> TaskData:
+    """``load_task_data`` for a training file too large to hold in memory: the same readers
+    and arguments, but each split is a ``StreamedSplit`` that reads its file when iterated.
+    Without ``valid``, each example is held out with probability ``valid_fraction`` by a seeded
+    hash of its position (not the exact share of a shuffle, which needs every example at once).
+    Classification labels come from one pass over the training file."""
+    if not 0.0 < valid_fraction < 1.0:
+        raise ConfigError(f"valid_fraction must be in (0, 1); got {valid_fraction!r}")
+    train_file = _open_split(Path(path), None if kinds is None else tuple(kinds), fields, text_layout)
+    kind = train_file.kind
+    if kind == "classification":
+        sample, labels = [], set()
+        for example in train_file:
+            labels.add(example.label)
+            if len(sample) < _LABEL_SAMPLE:
+                sample.append(example)
+        _check_labels(sample, train_file)
+        label_names = tuple(label_names) if label_names else sorted_label_names(labels)
+    elif label_names:
+        raise ConfigError(f"label_names apply to classification only; kind is {kind!r}")
+    names = tuple(label_names) if kind == "classification" else None
+    if valid is None:
+        train = StreamedSplit(train_file, "train", valid_fraction, seed)
+        valid_split = StreamedSplit(train_file, "valid", valid_fraction, seed)
+    else:
+        train = StreamedSplit(train_file)
+        valid_split = StreamedSplit(_open_split(Path(valid), (kind,), fields, text_layout), label_names=names)
+    test_split = [] if test is None else StreamedSplit(_open_split(Path(test), (kind,), fields, text_layout),
+                                                       label_names=names)
+    data = TaskData(kind, train, valid_split, test_split, names or ())
+    held = f"{valid_fraction:.0%} held out for validation" if valid is None else f"validation: {valid}"
+    logger.info("streaming %s (%s, %.0f MB; %s): examples are counted as they are tokenized", path, kind,
+                Path(path).stat().st_size / 1e6, held)
     return data

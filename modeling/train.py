@@ -57,6 +57,7 @@ from onnxformer.runtime.datafiles import TEXT_LAYOUTS, FieldMap, data_error
 from onnxformer.runtime.errors import CheckpointError, ConfigError, DataError, TrainingError
 
 from . import checkpoint as ckpt
+from . import data as data_module
 from . import token_cache
 from .config import PRESETS, ModelConfig
 from .data import SHARED_DATASETS, Example, TaskData, load_task_data, shared_data_dir
@@ -669,9 +670,12 @@ def _resume_state(config: TrainConfig, env: Distributed) -> ckpt.TrainingState |
 
 
 def _load_data(config: TrainConfig, objective: Objective) -> TaskData:
+    # A large training file streams (data.stream_task_data): its splits are read as they are tokenized.
+    large = os.path.isfile(config.data) and os.path.getsize(config.data) >= data_module.STREAM_BYTES
+    load = data_module.stream_task_data if large else load_task_data
     try:
-        data = load_task_data(config.data, kinds=objective.data_kinds, fields=config.field_map(),
-                              text_layout=config.text_layout, valid=config.valid_data, seed=config.data_seed)
+        data = load(config.data, kinds=objective.data_kinds, fields=config.field_map(),
+                    text_layout=config.text_layout, valid=config.valid_data, seed=config.data_seed)
     except DataError as exc:  # fields that fit another task's data: name the tasks that read it
         if not getattr(exc, "fits", ()):
             raise

@@ -239,3 +239,26 @@ def test_the_final_evaluation_is_bounded_like_the_periodic_ones(tmp_path, docume
     assert result.metrics["valid/examples"] == 9
     with pytest.raises(ConfigError, match="final_eval_examples"):
         _config(data, tmp_path / "c", final_eval_examples=0)
+
+
+def test_a_large_file_streams_into_the_cache_with_a_seeded_hold_out(tmp_path, monkeypatch, caplog):
+    from onnxformer.modeling import data as data_module
+
+    monkeypatch.setattr(data_module, "STREAM_BYTES", 0)  # every file counts as large
+    rng = random.Random(3)
+    rows = [{"text": _document(rng, 1), "label": rng.choice(["pos", "neg"])} for _ in range(200)]
+    path = tmp_path / "rows.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    streamed = data_module.stream_task_data(path, kinds=("classification",), seed=5)
+    assert list(data_module.stream_task_data(path, seed=6).valid) != list(streamed.valid)  # the seed picks them
+    assert isinstance(streamed.train, data_module.StreamedSplit) and streamed.label_names == ("neg", "pos")
+    train_rows, valid_rows = list(streamed.train), list(streamed.valid)
+    assert sorted(e.text for e in train_rows + valid_rows) == sorted(r["text"] for r in rows)  # a partition
+    assert 2 <= len(valid_rows) <= 25 and list(streamed.valid) == valid_rows  # ~5%, the same every pass
+    run = tmp_path / "run"
+    with caplog.at_level(logging.INFO, logger="onnxformer.modeling"):
+        train(_config(str(path), run, arch="encoder", task="classify", save_every=0, data_seed=5))
+    assert "streaming" in caplog.text
+    [folder] = _cache_folders(run)
+    meta = json.loads((folder / token_cache.META_FILE).read_text())
+    assert meta["splits"]["train"]["rows"] == len(train_rows) and meta["splits"]["valid"]["rows"] == len(valid_rows)
