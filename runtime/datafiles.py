@@ -447,17 +447,16 @@ def _table_rows(path: Path, delimiter: str) -> Iterator[tuple[int, list[str]]]:
             if line.strip():
                 yield number, line.split("\t")
         return
-    lines = _lines(path)
-    numbers: list[int] = []
+    consumed = 0  # lines the csv reader has taken so far
 
     def feed() -> Iterator[str]:
-        for number, line in lines:
-            numbers.append(number)
+        nonlocal consumed
+        for consumed, line in _lines(path):
             yield line + "\n"
 
     reader = csv.reader(feed(), strict=True)
     while True:
-        start = len(numbers) + 1
+        start = consumed + 1
         try:
             row = next(reader)
         except StopIteration:

@@ -7,6 +7,7 @@ from __future__ import annotations
 import csv
 import json
 import logging
+import sys
 from pathlib import Path
 
 import pytest
@@ -86,6 +87,13 @@ def test_parquet(tmp_path):
     pq.write_table(pa.table({"text": ["a", "b"], "label": [0, 7]}), path)
     assert list(read_examples(path)) == [LabeledExample("a", "0"), LabeledExample("b", "7")]
     _raises("not a readable Parquet file", path, None, lambda: list(read_examples(_write(path, "not parquet"))))
+
+
+def test_parquet_without_pyarrow_names_the_extra(tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "pyarrow", None)  # import pyarrow raises ImportError
+    monkeypatch.setitem(sys.modules, "pyarrow.parquet", None)
+    path = _write(tmp_path / "d.parquet", b"PAR1")
+    _raises(r"reading Parquet needs pyarrow: pip install 'onnxformer\[data\]'", path, None, lambda: read_examples(path))
 
 
 def test_csv_quoting_bom_crlf_and_a_quoted_line_break(tmp_path):
