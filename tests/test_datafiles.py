@@ -25,6 +25,7 @@ from onnxformer.runtime.datafiles import (
 )
 from onnxformer.runtime.errors import ConfigError, DataError
 
+runtime_only = pytest.mark.runtime_only  # the readers need only the base install (CI's torch-free venv)
 SST2_DEV = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "sst2_dev.tsv"
 ROWS = [{"text": f"the film was {'good' if i % 2 else 'bad'} number {i}", "label": "pos" if i % 2 else "neg"}
         for i in range(40)]
@@ -59,6 +60,7 @@ def _raises(pattern: str, path: Path, line: int | None, call):
 
 
 # Formats: the same examples from every format --------------------------------------------------------
+@runtime_only
 def test_every_format_reads_the_same_examples(tmp_path):
     expected = [LabeledExample(r["text"], r["label"]) for r in ROWS]
     files = {
@@ -74,6 +76,7 @@ def test_every_format_reads_the_same_examples(tmp_path):
     assert set(FORMATS.values()) == {"csv", "tsv", "jsonl", "json", "parquet", "txt"}
 
 
+@runtime_only
 def test_parquet(tmp_path):
     pa = pytest.importorskip("pyarrow", reason="Parquet needs the [data] extra (pyarrow)")
     import pyarrow.parquet as pq
@@ -89,6 +92,7 @@ def test_parquet(tmp_path):
     _raises("not a readable Parquet file", path, None, lambda: list(read_examples(_write(path, "not parquet"))))
 
 
+@runtime_only
 def test_parquet_without_pyarrow_names_the_extra(tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "pyarrow", None)  # import pyarrow raises ImportError
     monkeypatch.setitem(sys.modules, "pyarrow.parquet", None)
@@ -96,6 +100,7 @@ def test_parquet_without_pyarrow_names_the_extra(tmp_path, monkeypatch):
     _raises(r"reading Parquet needs pyarrow: pip install 'onnxformer\[data\]'", path, None, lambda: read_examples(path))
 
 
+@runtime_only
 def test_csv_quoting_bom_crlf_and_a_quoted_line_break(tmp_path):
     path = _write(tmp_path / "q.csv", b'\xef\xbb\xbftext,label\r\n"a, b ""quoted""",x\r\n"two\r\nlines",y\r\n\r\nlast,x\r\n')
     assert list(read_examples(path).numbered()) == [
@@ -104,6 +109,7 @@ def test_csv_quoting_bom_crlf_and_a_quoted_line_break(tmp_path):
     assert list(read_examples(tsv)) == [LabeledExample('say "hi"', "x")]
 
 
+@runtime_only
 def test_headerless_tsv_two_columns(tmp_path):
     path = _write(tmp_path / "h.tsv", "it 's a charming film .\t1\nbleak and desperate\t0\n")
     data = read_examples(path, kinds=("classification",))
@@ -117,6 +123,7 @@ def test_headerless_tsv_two_columns(tmp_path):
     assert read_examples(path).kind == "classification"
 
 
+@runtime_only
 def test_sst2_dev_file():
     if not SST2_DEV.is_file():
         pytest.skip(f"shared data not found at {SST2_DEV}")
@@ -127,6 +134,7 @@ def test_sst2_dev_file():
     assert examples[0] == LabeledExample("it 's a charming and often affecting journey .", "1")
 
 
+@runtime_only
 def test_unknown_extension_lists_the_known_ones_and_renaming_works(tmp_path):
     path = _jsonl(tmp_path / "d.data", ROWS)
     _raises(r"unknown file type '\.data'; known: \.csv, \.tsv, \.jsonl, \.json, \.parquet, \.txt", path, None,
@@ -134,6 +142,7 @@ def test_unknown_extension_lists_the_known_ones_and_renaming_works(tmp_path):
     assert read_examples(path.rename(tmp_path / "d.jsonl")).kind == "classification"
 
 
+@runtime_only
 def test_json_array_errors_and_empty_array(tmp_path):
     path = _write(tmp_path / "a.json", '[\n {"text": "a", "label": "x"},\n {"text": "b"}\n]')
     _raises(r"missing field 'label'", path, 3, lambda: list(read_examples(path)))
@@ -153,11 +162,13 @@ def test_json_array_errors_and_empty_array(tmp_path):
     (CHAT, "chat", ChatExample((Message("system", "be brief"), Message("user", "hi"), Message("assistant", "hello")))),
     ({"text": "just text"}, "text", TextExample("just text")),
 ])
+@runtime_only
 def test_schemas_are_detected(tmp_path, record, kind, example):
     data = read_examples(_jsonl(tmp_path / "d.jsonl", [record]))
     assert data.kind == kind and list(data) == [example] and data.unused_fields == ()
 
 
+@runtime_only
 def test_named_fields_complete_the_detection(tmp_path):
     path = _csv(tmp_path / "r.csv", ["review", "stars", "label"], [["great", "5", "pos"], ["awful", "1", "neg"]])
     _raises(r"lacks column 'text'; classification data needs 'text' \+ 'label'.*--text-field NAME", path, 1,
@@ -172,6 +183,7 @@ def test_named_fields_complete_the_detection(tmp_path):
         FieldMap(text="a", source="b")
 
 
+@runtime_only
 def test_a_named_field_that_is_missing(tmp_path):
     path = _jsonl(tmp_path / "d.jsonl", ROWS)
     error = _raises(r"missing field 'review' \(named by --text-field\); the fields found are 'text', 'label'",
@@ -180,6 +192,7 @@ def test_a_named_field_that_is_missing(tmp_path):
     assert read_examples(path, fields=FieldMap(text="text")).kind == "classification"
 
 
+@runtime_only
 def test_a_csv_without_a_header_line(tmp_path):
     path = _write(tmp_path / "n.csv", "good,positive\nbad,negative\n")
     _raises(r"cannot tell the task kind from fields \['good', 'positive'\].*needs one naming the columns, e\.g\. "
@@ -188,6 +201,7 @@ def test_a_csv_without_a_header_line(tmp_path):
     assert list(read_examples(path)) == [LabeledExample("good", "positive"), LabeledExample("bad", "negative")]
 
 
+@runtime_only
 def test_unknown_fields_name_the_schemas_and_the_flags(tmp_path):
     path = _jsonl(tmp_path / "d.jsonl", [{"body": "a b", "tag": "x"}, {"body": "c d", "tag": "y"}])
     _raises(r"cannot tell the task kind from fields \['body', 'tag'\]: known schemas are text\+label, .*"
@@ -196,6 +210,7 @@ def test_unknown_fields_name_the_schemas_and_the_flags(tmp_path):
     assert list(data) == [LabeledExample("a b", "x"), LabeledExample("c d", "y")]
 
 
+@runtime_only
 def test_the_task_is_known_before_the_kind_is_guessed(tmp_path, caplog):
     """Issue 16: text, label, source and target under --task classify used to be 'seq2seq data'."""
     path = _jsonl(tmp_path / "d.jsonl", [{**r, "source": "s", "target": "t"} for r in ROWS])
@@ -211,6 +226,7 @@ def test_the_task_is_known_before_the_kind_is_guessed(tmp_path, caplog):
     assert read_examples(path, fields=FieldMap(text="text", label="label")).kind == "classification"  # the fix
 
 
+@runtime_only
 def test_two_seq2seq_schemas_in_one_record(tmp_path):
     path = _jsonl(tmp_path / "d.jsonl", [{"prompt": "p", "completion": "c", "question": "q", "answer": "a"}])
     _raises("fit several schemas", path, 1, lambda: read_examples(path, kinds=("seq2seq",)))
@@ -218,12 +234,14 @@ def test_two_seq2seq_schemas_in_one_record(tmp_path):
     assert list(data) == [PairExample("q", "a")]
 
 
+@runtime_only
 def test_a_kind_preference_picks_text_for_language_modelling(tmp_path):
     path = _jsonl(tmp_path / "d.jsonl", ROWS)
     assert read_examples(path, kinds=("text", "classification")).kind == "text"  # causal-lm: labels unused
     assert read_examples(path).kind == "classification"  # no task: the schema with more fields
 
 
+@runtime_only
 def test_fields_of_another_kind_say_so(tmp_path):
     path = _jsonl(tmp_path / "c.jsonl", [CHAT])
     error = _raises(r"fields 'messages' hold chat data \(messages='messages'\), but classification data is needed",
@@ -232,6 +250,7 @@ def test_fields_of_another_kind_say_so(tmp_path):
 
 
 # Text layout ---------------------------------------------------------------------------------------------
+@runtime_only
 def test_text_layout_is_detected_and_logged(tmp_path, caplog):
     """Issue 16: a .txt of one example per line was one document ('only 1 example')."""
     lines = _write(tmp_path / "lines.txt", "".join(f"line number {i}\r\n" for i in range(2000)))
@@ -247,6 +266,7 @@ def test_text_layout_is_detected_and_logged(tmp_path, caplog):
     assert len(load_task_data(lines).train) == 1900
 
 
+@runtime_only
 def test_the_one_example_message_gives_fixes_that_work(tmp_path):
     one = _write(tmp_path / "one.txt", "first line\nsecond line\nthird line\n")
     _raises(r"only 1 example \(read as blank-line-documents; if each line is an example, pass --text-layout lines\)",
@@ -260,6 +280,7 @@ def test_the_one_example_message_gives_fixes_that_work(tmp_path):
     assert (len(data.train), len(data.valid)) == (1, 1)
 
 
+@runtime_only
 def test_txt_for_a_labelled_task_and_layout_for_a_table(tmp_path):
     path = _write(tmp_path / "d.txt", "just some text\n")
     _raises(r"cannot read classification data from a \.txt file.*use \.csv, \.tsv, \.jsonl", path, None,
@@ -269,6 +290,7 @@ def test_txt_for_a_labelled_task_and_layout_for_a_table(tmp_path):
 
 
 # Sanity warnings and labels ---------------------------------------------------------------------------------
+@runtime_only
 def test_swapped_columns_warn_and_the_suggested_flags_fix_it(tmp_path, caplog):
     """Issue 16: label and text columns swapped gave 285 classes from 300 rows and no warning."""
     rows = [{"text": ROWS[i % 40]["label"], "label": f"a sentence about film {i} that is long"} for i in range(300)]
@@ -283,6 +305,7 @@ def test_swapped_columns_warn_and_the_suggested_flags_fix_it(tmp_path, caplog):
     assert data.label_names == ("neg", "pos") and not caplog.text
 
 
+@runtime_only
 def test_more_classes_than_half_the_rows_warns(tmp_path, caplog):
     rows = [{"text": r["text"], "id_code": f"c{i}", "label": r["label"]} for i, r in enumerate(ROWS)]
     path = _jsonl(tmp_path / "d.jsonl", rows)
@@ -295,6 +318,7 @@ def test_more_classes_than_half_the_rows_warns(tmp_path, caplog):
     assert "distinct labels" not in caplog.text
 
 
+@runtime_only
 def test_labels_are_strings_or_integers_and_valid_labels_must_be_seen(tmp_path):
     train = _jsonl(tmp_path / "train.jsonl", [{"text": f"t {i}", "label": i % 3} for i in range(30)])
     data = load_task_data(train)
@@ -308,6 +332,7 @@ def test_labels_are_strings_or_integers_and_valid_labels_must_be_seen(tmp_path):
 
 
 # Bad input: path:line, what is wrong, and a fix that works -----------------------------------------------------
+@runtime_only
 def test_mixed_schemas_in_one_file(tmp_path):
     path = _jsonl(tmp_path / "m.jsonl", [*ROWS[:3], {"prompt": "p", "completion": "c"}])
     _raises(r"this record holds prompt\+completion fields .* but the file's first record \(line 1\) holds "
@@ -330,17 +355,20 @@ def test_mixed_schemas_in_one_file(tmp_path):
     ([{"role": "user"}], r"messages\[0\] must be an object with 'role' and 'content'"),
     ("not a list", r"field 'messages' is not a JSON list of turns"),
 ])
+@runtime_only
 def test_bad_conversations(tmp_path, messages, pattern):
     path = _jsonl(tmp_path / "c.jsonl", [CHAT, {"messages": messages}])
     _raises(pattern, path, 2, lambda: list(read_examples(path)))
 
 
+@runtime_only
 def test_dropping_the_trailing_turn_fixes_a_conversation(tmp_path):
     turns = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}, {"role": "user", "content": "?"}]
     path = _jsonl(tmp_path / "c.jsonl", [{"messages": turns[:2]}])
     assert list(read_examples(path)) == [ChatExample((Message("user", "hi"), Message("assistant", "yo")))]
 
 
+@runtime_only
 def test_malformed_csv_row_and_its_fix(tmp_path):
     path = _write(tmp_path / "m.csv", 'text,label\ngood,pos\n"say "hi" now",pos\n')
     _raises(r"malformed CSV row .*must be quoted, e\.g\. \"a, b\", with its quotes doubled", path, 3,
@@ -356,6 +384,7 @@ def test_malformed_csv_row_and_its_fix(tmp_path):
     _raises("malformed CSV row", path, 3, lambda: list(read_examples(path)))
 
 
+@runtime_only
 def test_non_utf8_and_its_fix(tmp_path):
     text = 'text,label\ngood,pos\ncafé,neg\n'
     path = _write(tmp_path / "l.csv", text.encode("latin-1"))
@@ -366,6 +395,7 @@ def test_non_utf8_and_its_fix(tmp_path):
     _raises(r"binary data \(NUL byte\)", path, 1, lambda: read_examples(_write(path, "text,label\n".encode("utf-16"))))
 
 
+@runtime_only
 def test_empty_and_header_only_files(tmp_path):
     for name in ("e.csv", "e.jsonl", "e.txt", "e.tsv"):
         path = _write(tmp_path / name, "\r\n  \n")
