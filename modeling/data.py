@@ -52,7 +52,6 @@ looks wrong (labels like text, about one class per row) is logged as a warning w
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import random
@@ -61,7 +60,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator, Sequence
 
-from onnxformer.runtime.datafiles import (
+from onnxformer.runtime.datafiles import (  # the example types are re-exported from here
     EXAMPLE_CLASSES,
     KIND_ROLES,
     KINDS,
@@ -70,7 +69,7 @@ from onnxformer.runtime.datafiles import (
     Example,
     FieldMap,
     LabeledExample,
-    Message,
+    Message,  # noqa: F401 (re-exported)
     PairExample,
     TextExample,
     data_error,
