@@ -67,6 +67,10 @@ CODES: dict[str, str] = {
     "E_UNSUPPORTED": "a model feature the chosen graph producer does not implement",
     "E_VALIDATION": "an exported graph disagrees with PyTorch beyond its tolerance",
     "E_DISK": "a file could not be written (disk full, permissions, a file in the way)",
+    # serving (onnxformer serve)
+    "E_NOT_FOUND": "an unknown model name or route of the server",
+    "E_UNAUTHORIZED": "a missing or wrong API key",
+    "E_BUSY": "the server's queue is full or it is shutting down: retry later",
 }
 
 
