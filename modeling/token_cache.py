@@ -130,6 +130,10 @@ class _SplitWriter:
     """Appends a split's Encoded rows to its column files."""
 
     def __init__(self, folder: Path, split: str):
+        unknown = set(Encoded._fields) - set(TOKEN_FIELDS) - set(INT_FIELDS) - set(TEXT_FIELDS)
+        if unknown:  # fail closed: a field the cache does not store would be lost silently
+            raise TypeError(f"Encoded has fields the token cache does not store: {sorted(unknown)}; add them to "
+                            "TOKEN_FIELDS, INT_FIELDS or TEXT_FIELDS in modeling/token_cache.py")
         self.rows = 0
         self.columns = {
             **{f: _Column(folder, split, f, np.int32, ragged=True) for f in TOKEN_FIELDS},

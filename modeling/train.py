@@ -300,9 +300,10 @@ class TaskDataset:
         if (raw is None) == (rows is None):
             raise ValueError("pass raw examples or encoded rows")
         self.objective, self.context = objective, context
-        self.raw = list(raw) if raw is not None and objective.redraws_each_epoch else None
+        raw = raw if raw is None or isinstance(raw, Sequence) else list(raw)
+        self.raw = raw if raw is not None and objective.redraws_each_epoch else None
         if rows is None:
-            encoding = objective.encode(context, raw if isinstance(raw, Sequence) else list(raw), 0)
+            encoding = objective.encode(context, raw, 0)
             rows, report = encoding.examples, encoding.report
         self._epoch, self._examples, self.report = 0, rows, report or CutReport()
         self._len = len(self._examples)  # the same every epoch (NSP: a pair per sentence with a successor)
