@@ -176,9 +176,10 @@ class CutReport:
     def describe(self, what: str, max_len: int) -> tuple[int, str]:
         """(logging level, message) for the log: INFO when every token is used, else WARNING."""
         share = lambda n: f"{n:,} of {self.tokens:,} tokens ({100 * n / max(1, self.tokens):.1f}%)"  # noqa: E731
-        text = f"{what}: {self.examples:,} examples, {self.tokens:,} tokens -> {self.rows:,} rows of <= {max_len} tokens"
+        examples, rows = ("documents", "windows") if self.split_examples else ("examples", "rows")
+        text = f"{what}: {self.examples:,} {examples}, {self.tokens:,} tokens -> {self.rows:,} {rows} of <= {max_len} tokens"
         if self.split_examples:
-            text += f" ({self.split_examples:,} longer examples split into windows)"
+            text += f" ({self.split_examples:,} documents longer than {max_len} tokens split into windows)"
         text += f"; tokens used: {share(self.used)}"
         if self.used == self.tokens:
             return logging.INFO, text
