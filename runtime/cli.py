@@ -32,6 +32,7 @@ SUBCOMMANDS: dict[str, str] = {
     "embed": "sentence embeddings from an encoder package",
     "report": "draw a training run's curves (PNG) and a short HTML page",
     "eval": "score a package on a labelled data file (accuracy, macro-F1; exact match, chrF, BLEU)",
+    "serve": "an OpenAI-compatible HTTP server over packages, with continuous batching",
 }
 ENTRY_POINTS = "onnxformer.commands"
 

@@ -47,8 +47,9 @@ RUNTIME_THIRD_PARTY = {"numpy", "onnxruntime", "tokenizers"}
 # Optional extras the runtime imports on first use, inside the function that needs them (never at
 # import time): jinja2 for chat templates (the [chat] extra, runtime/chat.py); pyarrow for Parquet
 # data files (the [data] extra, runtime/datafiles.py); sacrebleu for BLEU/chrF (the [eval] extra,
-# runtime/evaluate.py).
-RUNTIME_OPTIONAL = {"jinja2", "pyarrow", "sacrebleu"}
+# runtime/evaluate.py); starlette, uvicorn and prometheus_client for `onnxformer serve` (the [serve]
+# extra, runtime/server.py).
+RUNTIME_OPTIONAL = {"jinja2", "pyarrow", "sacrebleu", "starlette", "uvicorn", "prometheus_client"}
 # Never in the runtime's process, not even pulled in by a dependency (the train/bench extras).
 RUNTIME_FORBIDDEN = {"torch", "onnx", "onnx_ir", "onnxscript", "safetensors", "tqdm", "transformers", "optimum"}
 
