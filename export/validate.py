@@ -5,8 +5,9 @@ covering batch 1 and left-padded batches, P = 0 and P > 0, T = 1 and T > 1; the 
 max abs difference over all outputs. A decoder of the "shared" KV-cache layout is checked as a
 runtime drives it: right-padded prompts of different lengths, then several steps, once with
 the cache buffers updated in place (I/O binding) and once fed back by copy (a runtime without
-binding), against PyTorch's left-padded batch. Generation: greedy decoding through the package with the
-runtime (torch-free) must equal greedy decoding in PyTorch, token for token.
+binding), against PyTorch on each row alone. Generation: greedy decoding through the package with the
+runtime (torch-free), at batch 1 and in a padded batch, must equal greedy decoding in PyTorch of
+each prompt alone, token for token.
 
 PyTorch's side runs first and once (`torch_reference` -> `Reference`); onnxruntime's side
 (`validate_package_graphs`) checks the fp32 graphs and any converted variant against it. The
@@ -141,12 +142,14 @@ class Reference:
 
     graphs: dict[str, list[tuple[dict[str, np.ndarray], dict[str, np.ndarray]]]]  # graph -> (feeds, outputs) per CASES
     shared: list[SharedCase] | None  # the "shared" layout's decoder
-    greedy: list[tuple[list[list[int]], list[list[int]]]]  # (prompts, PyTorch's greedy tokens), batch 1 and padded
+    greedy: list[tuple[list[list[int]], list[list[int]]]]  # (prompts, PyTorch's tokens for each alone): batch 1, padded
     generation: GenerationConfig | None
 
 
 def _shared_reference(model, spec: GraphSpec, dims: Dims) -> list[SharedCase]:
-    """PyTorch's logits for SHARED_CASES: the left-padded batch, step by step."""
+    """PyTorch's logits for SHARED_CASES, each row alone (its prompt, then its tokens one step
+    at a time): what the graph's padded batch must reproduce row by row. Rows alone also keep
+    PyTorch on its batch-1 kernels; CPU matrix products of 2-8 rows ran 10x slower per row."""
     import torch
 
     from onnxformer.modeling.model import empty_past
@@ -157,11 +160,9 @@ def _shared_reference(model, spec: GraphSpec, dims: Dims) -> list[SharedCase]:
         batch, width = len(lens), max(lens)
         prompts = [rng.integers(0, dims.vocab_size, n) for n in lens]
         new_tokens = rng.integers(0, dims.vocab_size, (steps, batch, 1))
-        left = np.zeros((batch, width), np.int64)
         right = np.zeros((batch, width), np.int64)
-        mask = np.zeros((batch, width), np.int64)
         for b, p in enumerate(prompts):
-            left[b, width - len(p):], right[b, :len(p)], mask[b, width - len(p):] = p, p, 1
+            right[b, :len(p)] = p
         fixed: dict[str, np.ndarray] = {}
         cross = encoder_mask = None
         if ENCODER_ATTENTION_MASK in spec.input_names:
@@ -174,19 +175,24 @@ def _shared_reference(model, spec: GraphSpec, dims: Dims) -> list[SharedCase]:
             for i, kv in enumerate(cross):
                 key, value = (t.numpy() for t in kv)
                 fixed[f"past_key_values.{i}.encoder.key"], fixed[f"past_key_values.{i}.encoder.value"] = key, value
-            encoder_mask = torch.from_numpy(encoder_mask)
-        want, past = [], empty_past(config, batch)
-        ids, full_mask = left, mask
-        for k in range(steps + 1):
-            positions = np.clip(full_mask.cumsum(-1) - 1, 0, None)[:, -ids.shape[1]:]
-            with torch.no_grad():
-                out = model.decode(torch.from_numpy(ids), attention_mask=torch.from_numpy(full_mask),
-                                   position_ids=torch.from_numpy(positions), past=past, cross_kv=cross,
-                                   encoder_attention_mask=encoder_mask)
-            want.append(out.logits[:, -1].float().numpy())
-            past = out.present
-            if k < steps:
-                ids, full_mask = new_tokens[k], np.concatenate([full_mask, np.ones((batch, 1), np.int64)], 1)
+        want = [np.zeros((batch, dims.vocab_size), np.float32) for _ in range(steps + 1)]
+        for b, prompt in enumerate(prompts):
+            row_cross = row_mask = None
+            if cross is not None:
+                row_cross = tuple(type(kv)(*(t[b:b + 1] for t in kv)) for kv in cross)
+                row_mask = torch.from_numpy(encoder_mask[b:b + 1])
+            past, ids, length = empty_past(config, 1), prompt[None, :], 0
+            for k in range(steps + 1):
+                length += ids.shape[1]
+                positions = np.arange(length - ids.shape[1], length)[None, :]
+                with torch.no_grad():
+                    out = model.decode(torch.from_numpy(ids), attention_mask=torch.ones((1, length), dtype=torch.int64),
+                                       position_ids=torch.from_numpy(positions), past=past, cross_kv=row_cross,
+                                       encoder_attention_mask=row_mask)
+                want[k][b] = out.logits[0, -1].float().numpy()
+                past = out.present
+                if k < steps:
+                    ids = new_tokens[k, b][None, :]
         cases.append(SharedCase(lens, right, new_tokens, fixed, want))
     return cases
 
@@ -225,8 +231,10 @@ def torch_reference(model, specs: dict[str, GraphSpec], dims: Dims, special: dic
     if generation and dims.arch != "encoder":
         config = _greedy_config(special, manifest)
         prompts = _greedy_prompts(model.config.vocab_size)
-        for batch in ([prompts[0]], prompts):
-            greedy.append((batch, [seqs[0] for seqs in generate(model, batch, config)]))
+        # PyTorch generates for each prompt alone: the package's batch of one and its padded
+        # batch must both give each prompt's own tokens (and PyTorch stays on batch-1 kernels)
+        alone = [generate(model, [prompt], config)[0][0] for prompt in prompts]
+        greedy = [([prompts[0]], alone[:1]), (prompts, alone)]
     return Reference(graphs, shared, greedy, config)
 
 
