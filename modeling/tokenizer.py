@@ -100,7 +100,7 @@ SPECIAL_TOKEN_ROLES: dict[str, tuple[str, ...]] = {
 
 def train_tokenizer(
     texts: Iterable[str], *, arch: str, vocab_size: int, min_frequency: int = 1,
-    lowercase: bool | None = None,
+    lowercase: bool | None = None, extra_special_tokens: tuple[str, ...] = (),
 ) -> Tokenizer:
     """Train the tokenizer family that ``arch`` uses on ``texts``.
 
@@ -109,6 +109,9 @@ def train_tokenizer(
     deterministic: the same texts give the same ``tokenizer.json``, in any process.
     ``lowercase`` (WordPiece only): True uncased, False cased, None decided from the texts
     (uncased when none has an upper-case letter); byte-level BPE never normalises.
+    ``extra_special_tokens`` (byte-level BPE only): more special tokens, after the family's own
+    (ids 5, 6, ...), each kept whole in any text; chat fine-tuning adds its turn markers
+    (modeling/chat_sft.py).
     """
     if arch not in WORDPIECE_ARCHS + BPE_ARCHS:
         raise ConfigError(
@@ -123,11 +126,19 @@ def train_tokenizer(
             f"lowercase applies to WordPiece (arch 'encoder'); byte-level BPE for arch {arch!r} never "
             "normalises (decode must give back the text as written): leave lowercase unset"
         )
+    extra = tuple(extra_special_tokens)
+    if extra and arch in WORDPIECE_ARCHS:
+        raise ConfigError(f"extra_special_tokens apply to byte-level BPE (a decoder's tokenizer); arch {arch!r} "
+                          f"trains WordPiece: drop {list(extra)}")
+    taken = [t for t in extra if not isinstance(t, str) or not t or t in BPE_SPECIAL_TOKENS or extra.count(t) > 1]
+    if taken:
+        raise ConfigError(f"extra_special_tokens must be distinct non-empty strings other than {BPE_SPECIAL_TOKENS}; "
+                          f"got {taken!r}")
     texts = _CountedTexts(texts)
     if arch in WORDPIECE_ARCHS:
         tokenizer = _train_wordpiece(texts, vocab_size, min_frequency, lowercase)
     else:
-        tokenizer = _train_byte_level_bpe(texts, vocab_size, min_frequency)
+        tokenizer = _train_byte_level_bpe(texts, vocab_size, min_frequency, extra)
     _add_post_processor(tokenizer, arch)
     logger.info(
         "trained %s tokenizer on %d texts: %d tokens", arch, texts.count, tokenizer.get_vocab_size()
@@ -151,13 +162,15 @@ class _CountedTexts:
             raise DataError("cannot train a tokenizer on no texts; texts was empty: pass at least one text")
 
 
-def _train_byte_level_bpe(texts: Iterable[str], vocab_size: int, min_frequency: int) -> Tokenizer:
+def _train_byte_level_bpe(texts: Iterable[str], vocab_size: int, min_frequency: int,
+                          extra: tuple[str, ...] = ()) -> Tokenizer:
     alphabet = pre_tokenizers.ByteLevel.alphabet()
-    minimum = len(alphabet) + len(BPE_SPECIAL_TOKENS)
+    specials = BPE_SPECIAL_TOKENS + extra
+    minimum = len(alphabet) + len(specials)
     if not isinstance(vocab_size, int) or vocab_size < minimum:
         raise ConfigError(
             f"vocab_size must be an integer >= {minimum} for byte-level BPE ({len(alphabet)} "
-            f"byte symbols + {len(BPE_SPECIAL_TOKENS)} special tokens); got {vocab_size!r}"
+            f"byte symbols + {len(specials)} special tokens); got {vocab_size!r}"
         )
     tokenizer = Tokenizer(models.BPE(unk_token="<unk>"))
     tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
@@ -165,7 +178,7 @@ def _train_byte_level_bpe(texts: Iterable[str], vocab_size: int, min_frequency: 
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size,
         min_frequency=min_frequency,
-        special_tokens=list(BPE_SPECIAL_TOKENS),
+        special_tokens=list(specials),
         initial_alphabet=alphabet,
         show_progress=False,
     )
