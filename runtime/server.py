@@ -19,7 +19,8 @@ Routes (request and answer fields as OpenAI's; every answer carries ``usage``):
 
 Sampling: ``temperature`` 0 is greedy, > 0 samples; unset, the package's default strategy
 (greedy for our packages), or sampling at temperature 1 when ``top_p`` / ``top_k`` are given.
-``n`` > 1 needs sampling; choice j > 0 draws from ``default_rng([seed, j])``, choice 0 from
+``top_k`` and ``min_tokens`` (eos is suppressed until that many tokens: the runtime's
+``min_new_tokens``) are extensions, as in vLLM. ``n`` > 1 needs sampling; choice j > 0 draws from ``default_rng([seed, j])``, choice 0 from
 ``default_rng(seed)``, the same numbers as ``Model.generate(..., seed=seed)`` alone.
 ``logprobs`` are the log-probabilities under the distribution the token was drawn from (after
 temperature, top-k, top-p: the runtime's scores). A field the server does not implement is a
@@ -40,6 +41,7 @@ import hmac
 import json
 import logging
 import os
+import signal
 import time
 import uuid
 from dataclasses import dataclass
@@ -167,8 +169,8 @@ def load_served(packages: Mapping[str, Path], config: ServeConfig, **load_option
 
 
 # Request fields -----------------------------------------------------------------------------
-COMMON_FIELDS = {"model", "max_tokens", "temperature", "top_p", "top_k", "seed", "stop", "n", "logprobs", "stream",
-                 "stream_options"}
+COMMON_FIELDS = {"model", "max_tokens", "min_tokens", "temperature", "top_p", "top_k", "seed", "stop", "n", "logprobs",
+                 "stream", "stream_options"}
 FIELDS = {
     "completions": COMMON_FIELDS | {"prompt"},
     "chat": COMMON_FIELDS | {"messages", "top_logprobs", "max_completion_tokens"},
@@ -224,6 +226,9 @@ def _sampling(body: dict, kind: str, served: Served, config: ServeConfig) -> Sam
             raise ApiError(400, f"{max_name} ({max_tokens}) is above this server's limit of {config.max_tokens}; "
                                 f"pass {config.max_tokens} or less", "E_TOO_LONG", max_name)
         overrides["max_new_tokens"] = max_tokens
+    min_tokens = _integer(body, "min_tokens", 0, max_tokens if max_tokens is not None else config.max_tokens)
+    if min_tokens:
+        overrides["min_new_tokens"] = min_tokens
     temperature = _number(body, "temperature", 0.0, 2.0)
     top_p = _number(body, "top_p", 0.0, 1.0)
     if top_p == 0.0:
@@ -501,9 +506,6 @@ def create_app(served: Mapping[str, Served], config: ServeConfig):
                 if not authorized(request):
                     raise ApiError(401, "missing or wrong API key: send the header Authorization: Bearer <key>",
                                    "E_UNAUTHORIZED", headers={"WWW-Authenticate": "Bearer"})
-                if state["draining"] and request.method == "POST":
-                    raise ApiError(503, "the server is shutting down; retry on another instance", "E_BUSY",
-                                   headers={"Retry-After": "1"})
                 response = await handler(request)
             except ApiError as err:
                 return error_response(err, route)
@@ -791,9 +793,12 @@ def run(args) -> int:
     app = create_app(served, config)
 
     class Server(uvicorn.Server):
-        def handle_exit(self, sig, frame):  # SIGTERM / SIGINT: /health says draining, new POSTs get 503
+        def handle_exit(self, sig, frame):  # SIGTERM / SIGINT: /health says draining; uvicorn stops accepting
+            # connections and waits for the open ones; requests already received are served
             app.state.serve["draining"] = True
             super().handle_exit(sig, frame)
+            if sig == signal.SIGTERM:  # drained on purpose: exit 0, not re-raise the signal after the shutdown
+                self._captured_signals.clear()
 
     server = Server(uvicorn.Config(app, host=args.host, port=args.port, log_level="info",
                                    timeout_graceful_shutdown=max(1, int(config.drain_timeout)), lifespan="on"))

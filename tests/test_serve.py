@@ -424,7 +424,7 @@ ERRORS = [
     ({"model": "decoder", "prompt": "x", "temperature": 3}, "/v1/completions", 400, "E_CONFIG", "temperature"),
     ({"model": "decoder", "prompt": "x", "max_tokens": 101}, "/v1/completions", 400, "E_TOO_LONG", "limit of 100"),
     ({"model": "nope", "prompt": "x"}, "/v1/completions", 404, "E_NOT_FOUND", "no model 'nope'"),
-    ({"model": "decoder", "prompt": "seven " * 60, "max_tokens": 60}, "/v1/completions", 400, "E_TOO_LONG", "max_seq_len"),
+    ({"model": "decoder", "prompt": "seven " * 100, "max_tokens": 60}, "/v1/completions", 400, "E_TOO_LONG", "max_seq_len"),
     ({"model": "decoder", "prompt": [5, 99999]}, "/v1/completions", 400, "E_TOKEN_ID", "out of range"),
     ({"model": "decoder", "prompt": "x", "n": 2}, "/v1/completions", 400, "E_CONFIG", "needs sampling"),
     ({"model": "decoder", "prompt": "x", "stream_options": {"include_usage": True}}, "/v1/completions", 400, "E_CONFIG",
@@ -455,14 +455,9 @@ def test_bad_requests_get_clear_errors_and_the_server_keeps_serving(server, body
 
 
 def _long_request(models) -> dict:
-    """A sampled completion that runs to max_tokens (the seed chosen so that no eos comes)."""
-    decoder = models["decoder"]
-    for seed in range(50):
-        got = decoder.generate("seven =", raw=True, strategy="sample", temperature=2.0, seed=seed, max_new_tokens=100)[0]
-        if got.finish_reasons[0] == "length":
-            return {"model": "decoder", "prompt": "seven =", "temperature": 2.0, "seed": seed, "max_tokens": 100,
-                    "stream": True}
-    pytest.fail("no seed in 0..49 samples 100 tokens without eos")
+    """A completion of exactly 100 tokens (min_tokens holds eos back)."""
+    return {"model": "decoder", "prompt": "seven =", "temperature": 0, "max_tokens": 100, "min_tokens": 100,
+            "stream": True}
 
 
 def _metric(server, name: str, model: str = "decoder") -> float:
@@ -567,35 +562,37 @@ def test_the_api_key_guards_every_route_but_health_and_is_never_logged(tmp_path)
 
 @pytest.mark.slow
 def test_sigterm_finishes_in_flight_requests_then_exits(tmp_path, models):
-    """SIGTERM while a stream runs and four more wait for the only row: all five complete with
-    [DONE], new connections are refused, the process exits 0."""
+    """24 streams of 120 tokens over one row; SIGTERM while at least 5 wait in the queue: every
+    stream the server received completes with [DONE] (those 5 at least, after the signal); a
+    connection tried after it is refused; the process exits 0."""
     from concurrent.futures import ThreadPoolExecutor
 
     import httpx
 
     s = Server(tmp_path, f"decoder={DECODER}", "--rows", "1", "--drain-timeout", "60")
-    body = _long_request(models)
-    first_chunk = threading.Event()
+    body = {**_long_request(models), "max_tokens": 120, "min_tokens": 120}
+    signalled = threading.Event()
 
-    def ask(i):
-        with httpx.stream("POST", s.url + "/v1/completions", json=body, timeout=120) as r:
-            events = []
-            for line in r.iter_lines():
-                if line.startswith("data: "):
-                    events.append(line)
-                    if i == 0:
-                        first_chunk.set()
-            return r.status_code, events
+    def ask(_):
+        try:
+            with httpx.stream("POST", s.url + "/v1/completions", json=body, timeout=120) as r:
+                events = [line for line in r.iter_lines() if line.startswith("data: ")]
+        except httpx.ConnectError:
+            assert signalled.is_set()  # refused only once the server stopped accepting
+            return None
+        return r.status_code, events, signalled.is_set()
 
-    with ThreadPoolExecutor(5) as pool:
-        futures = [pool.submit(ask, 0)]
-        assert first_chunk.wait(60)
-        futures += [pool.submit(ask, i) for i in range(1, 5)]
-        time.sleep(0.5)  # let the four reach the server's queue
+    with ThreadPoolExecutor(24) as pool:
+        futures = [pool.submit(ask, i) for i in range(24)]
+        deadline = time.monotonic() + 60
+        while _metric(s, "onnxformer_queue_depth") < 5 and time.monotonic() < deadline:
+            time.sleep(0.002)
         s.process.send_signal(signal.SIGTERM)
-        answers = [f.result() for f in futures]
-    for status, events in answers:
-        assert status == 200 and events[-1] == "data: [DONE]" and len(events) == 101
+        signalled.set()
+        answers = [a for a in (f.result() for f in futures) if a is not None]
+    for status, events, _ in answers:  # 120 tokens, the finish_reason chunk, [DONE]
+        assert status == 200 and events[-1] == "data: [DONE]" and len(events) == 122
+    assert sum(after for _, _, after in answers) >= 5
     assert s.process.wait(60) == 0
     with pytest.raises(httpx.ConnectError):
         httpx.get(s.url + "/health")
