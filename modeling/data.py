@@ -42,6 +42,10 @@ here from small grammars, seeded and identical in every process; nothing is down
   numbers, which repeat short numbers (0..99 eight times, 100..999 twice). Target digits are
   separated by spaces so that every tokenizer gives one token per digit; the answer is
   ``int(target.replace(" ", ""))``.
+- ``chat`` (chat): 3,000/200/200 distinct conversations, an optional system message and one or
+  two exchanges, each with one right reply: digit arithmetic (``what is 3 plus 4?`` -> ``7``),
+  capitals from a fixed table of 15 (``capital of peru?`` -> ``lima``), echo a word (``say
+  owl.`` -> ``owl``), reverse the order of 2-3 words (``reverse: red cup`` -> ``cup red``).
 
 Files (``load_task_data``; the fixed-layout ``read_text_file``, ``read_jsonl``, ``read_tsv``):
 CSV, TSV, JSONL, JSON arrays, Parquet and plain text, read by ``runtime.datafiles.read_examples``;
@@ -69,7 +73,7 @@ from onnxformer.runtime.datafiles import (  # the example types are re-exported 
     Example,
     FieldMap,
     LabeledExample,
-    Message,  # noqa: F401 (re-exported)
+    Message,
     PairExample,
     TextExample,
     data_error,
@@ -453,10 +457,68 @@ def _corpus(seed: int) -> TaskData:
     )
 
 
+# Built-in: chat --------------------------------------------------------------------------------
+_CAPITALS = {
+    "france": "paris", "germany": "berlin", "italy": "rome", "spain": "madrid", "japan": "tokyo",
+    "egypt": "cairo", "kenya": "nairobi", "peru": "lima", "canada": "ottawa", "norway": "oslo",
+    "greece": "athens", "china": "beijing", "russia": "moscow", "brazil": "brasilia", "chile": "santiago",
+}  # fmt: skip
+_CAPITAL_NAMES = sorted(_CAPITALS)
+_CHAT_WORDS = sorted(set(_THING_NAMES) | set(_ANIMAL_NAMES) | set(_ADJECTIVES))
+_CHAT_SYSTEMS = ("", "", "you are a helpful assistant.", "answer briefly.")
+CHAT_SIZES = (3000, 200, 200)  # train, valid, test conversations
+
+
+def _chat_exchange(rng: random.Random) -> tuple[str, str]:
+    """One question and its one right answer, from one of four intents."""
+    intent = rng.randrange(4)
+    if intent == 0:  # arithmetic on digits
+        a, b = rng.randrange(10), rng.randrange(10)
+        if rng.random() < 0.5:
+            op, answer = "plus", a + b
+        else:
+            a, b = max(a, b), min(a, b)
+            op, answer = "minus", a - b
+        form = rng.choice(("what is {a} {op} {b}?", "compute {a} {op} {b}.", "{a} {op} {b} is?"))
+        return form.format(a=a, op=op, b=b), str(answer)
+    if intent == 1:  # capitals from a fixed table
+        country = rng.choice(_CAPITAL_NAMES)
+        form = rng.choice(("what is the capital of {c}?", "name the capital of {c}.", "capital of {c}?"))
+        return form.format(c=country), _CAPITALS[country]
+    if intent == 2:  # echo a word
+        word = rng.choice(_CHAT_WORDS)
+        return rng.choice(("say {w}.", "repeat the word {w}.", "echo {w}")).format(w=word), word
+    words = rng.sample(_CHAT_WORDS, rng.randint(2, 3))  # reverse the order of words
+    return f"reverse: {' '.join(words)}", " ".join(reversed(words))
+
+
+def _chat_conversation(rng: random.Random) -> ChatExample:
+    """An optional system message, then one or two exchanges (the last one is the answer scored)."""
+    system = rng.choice(_CHAT_SYSTEMS)
+    messages = [Message("system", system)] if system else []
+    for _ in range(rng.choice((1, 1, 2))):
+        question, answer = _chat_exchange(rng)
+        messages += [Message("user", question), Message("assistant", answer)]
+    return ChatExample(tuple(messages))
+
+
+def _chat(seed: int) -> TaskData:
+    rng = random.Random(seed)
+    total = sum(CHAT_SIZES)
+    unique: dict[ChatExample, None] = {}  # distinct conversations: valid and test never occur in train
+    while len(unique) < total:
+        unique.setdefault(_chat_conversation(rng))
+    conversations = list(unique)
+    n_train, n_valid, _ = CHAT_SIZES
+    return TaskData("chat", train=conversations[:n_train], valid=conversations[n_train : n_train + n_valid],
+                    test=conversations[n_train + n_valid :])
+
+
 BUILTINS: dict[str, Callable[[int], TaskData]] = {
     "corpus": _corpus,
     "sentiment": _sentiment,
     "numbers": _numbers,
+    "chat": _chat,
 }
 
 

@@ -22,7 +22,8 @@ causal-lm   decoder, prefix-lm       text (*)          next-token NLL on ``<s> d
 mlm         encoder                  text (*)          BERT masking (+ next-sentence pairs with nsp)
 denoise     encoder-decoder          text              BART: permute sentences, infill spans -> original
 seq2seq     encoder-decoder          seq2seq           target NLL given the source
-sft         decoder, prefix-lm       seq2seq           NLL of the continuation given the prompt
+sft         decoder, prefix-lm       seq2seq, chat     NLL of the continuation given the prompt; on chat
+                                                       data, of the assistant turns (modeling/chat_sft.py)
 prefix-lm   prefix-lm                seq2seq, text     as sft; on text, a random split per example
 classify    encoder                  classification    cross-entropy of the pooled [CLS] head
 ==========  =======================  ================  ===============================================
@@ -60,8 +61,9 @@ from torch import Tensor
 from onnxformer.runtime.errors import ConfigError
 from onnxformer.runtime.generation import GenerationConfig
 
+from .chat_sft import ChatFormat, chat_exact_match, tokenizer_texts as chat_tokenizer_texts
 from .config import ModelConfig
-from .data import PROMPT_FORMAT, Example, TaskData, TextExample, format_continuation, format_prompt
+from .data import PROMPT_FORMAT, ChatExample, Example, TaskData, TextExample, format_continuation, format_prompt
 from .generate import generate
 from .model import Transformer
 from .objectives import (
@@ -79,6 +81,8 @@ from .objectives import (
     token_cross_entropy,
 )
 
+logger = logging.getLogger(__name__)
+
 # ============================================================================================
 # What flows between the data, the objective and the trainer
 # ============================================================================================
@@ -95,6 +99,7 @@ class Encoded(NamedTuple):
     sentences: list[list[int]] = []  # denoise / prefix-lm on text: sentences (no special tokens)
     text: str = ""  # generative tasks: the expected output text (exact match)
     source: str = ""  # generative tasks: the source text as a user passes it to generate()
+    loss_mask: list[int] = []  # sft on chat data: 1 on the tokens trained on (the assistant turns)
 
 
 class Batch(NamedTuple):
@@ -134,6 +139,7 @@ class TaskContext:
     max_len: int  # token rows are cut to this many tokens
     label_names: tuple[str, ...] = ()  # classify: class i is label_names[i]
     seed: int = 0  # TrainConfig.seed; objectives that redraw examples per epoch seed from it
+    chat: ChatFormat | None = None  # chat data: the template conversations are rendered with (chat_sft.py)
 
     def cut(self, ids: list[int]) -> list[int]:
         return ids[: self.max_len]
@@ -518,6 +524,8 @@ def _prompted_encode(context: TaskContext, raw: Sequence[Example], epoch: int) -
     (counted). Text data (prefix-lm): sentences, split at a random point per batch."""
     if not raw or isinstance(raw[0], TextExample):
         return _encode_sentences(context, raw, reserve=2)  # <s> ... </s>
+    if isinstance(raw[0], ChatExample):
+        return _chat_encode(context, raw)
     tok, eos = context.tokenizer, context.special["eos"]
     prompts = tok.encode_batch([format_prompt(r.source) for r in raw])
     continuations = tok.encode_batch([format_continuation(r.target) for r in raw], add_special_tokens=False)
@@ -530,6 +538,28 @@ def _prompted_encode(context: TaskContext, raw: Sequence[Example], epoch: int) -
         ids = context.cut(full)
         report.example(len(full), len(ids))
         out.append(Encoded(ids, prompt_len=len(p.ids), text=r.target, source=r.source))
+    return Encoding(out, report)
+
+
+def _chat_encode(context: TaskContext, raw: Sequence[ChatExample]) -> Encoding:
+    """Conversations in the chat template, the loss mask on their assistant turns
+    (ChatFormat.encode), cut to max_len (counted); one with no assistant token left is dropped."""
+    if context.chat is None:
+        raise ConfigError("chat data needs TaskContext.chat, the template to render conversations with")
+    out, report, differ = [], CutReport(), 0
+    for r in raw:
+        row = context.chat.encode(r)
+        ids, mask = context.cut(row.ids), row.loss_mask[: context.max_len]
+        if not any(mask[1:]):  # the first token is never predicted
+            report.example(len(row.ids), 0, dropped=True)
+            continue
+        report.example(len(row.ids), len(ids))
+        differ += not row.consistent
+        out.append(Encoded(ids, prompt_len=min(row.prompt_len, len(ids)), text=row.answer, loss_mask=mask))
+    if differ:
+        logger.warning("%d of %d conversations tokenize differently at the end of their last prompt than chat() "
+                       "tokenizes that prompt alone (a token merges across it); their exact match may differ", differ,
+                       len(raw))
     return Encoding(out, report)
 
 
@@ -547,7 +577,11 @@ def _prompted_collate(context: TaskContext, items: Sequence[tuple[Encoded, torch
             prompt_lens.append(e.prompt_len)
     ids, mask = _pad(rows, s["pad"])
     lens = torch.tensor(prompt_lens)
-    labels = next_token_labels(ids, continuation_mask(lens, mask))
+    trained = continuation_mask(lens, mask)
+    if items and items[0][0].loss_mask:  # chat: the assistant turns (a prefix-LM: those after its prefix)
+        chat_mask, _ = _pad([e.loss_mask for e, _ in items], 0)
+        trained = chat_mask.bool() & (trained if context.model_config.arch == "prefix-lm" else mask.bool())
+    labels = next_token_labels(ids, trained)
     prefix = prompt_mask(lens, ids.shape[1]) if context.model_config.arch == "prefix-lm" else None
     return Batch(ids, mask, labels, prefix_mask=prefix)
 
@@ -562,6 +596,8 @@ def _prompted_tokenizer_texts(data: TaskData) -> Iterable[str]:
     """seq2seq data as the decoder will read it: prompt and continuation in one string."""
     if data.kind == "seq2seq":
         return (format_prompt(e.source) + format_continuation(e.target) for e in data.train)
+    if data.kind == "chat":
+        return chat_tokenizer_texts(data)
     return data.texts(("train",))
 
 
@@ -642,6 +678,11 @@ def _exact_match_metrics(model: Transformer, context: TaskContext, examples: Seq
     """Exact match where the examples carry a target text; none on plain text (prefix-lm)."""
     if examples[0].sentences:
         return {}
+    if examples[0].loss_mask:  # chat: the last answer, given its prompt as chat() renders it
+        longest = max(len(e.ids) - e.prompt_len for e in examples)
+        return {"exact_match": chat_exact_match(model, context.chat, context.special["pad"],
+                                                [e.ids[: e.prompt_len] for e in examples],
+                                                [e.text for e in examples], longest + 2)}
     return {"exact_match": exact_match(model, context, examples)}
 
 
@@ -673,7 +714,7 @@ OBJECTIVES: dict[str, Objective] = {o.name: o for o in (
         generation_metrics=_exact_match_metrics,
     ),
     Objective(
-        "sft", archs=("decoder", "prefix-lm"), data_kinds=("seq2seq",),
+        "sft", archs=("decoder", "prefix-lm"), data_kinds=("seq2seq", "chat"),
         defaults=TaskDefaults(steps=600, batch_size=64, lr=3e-3, warmup=50, eval_every=200),
         encode=_prompted_encode, collate=_prompted_collate, loss=_decoder_loss, metrics=_perplexity,
         generation_metrics=_exact_match_metrics, tokenizer_texts=_prompted_tokenizer_texts,

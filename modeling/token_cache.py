@@ -7,7 +7,7 @@ for the pages a batch touches, and no split is ever held as Python lists::
 
     RUN/cache/KEY/                         one folder per key, published atomically (runtime/atomic.py)
         cache.json                         what the key hashes, and per split: rows, fields, CutReport
-        SPLIT.ids.i32  SPLIT.ids.off.i64   a token field (ids, target, type_ids): the values of
+        SPLIT.ids.i32  SPLIT.ids.off.i64   a token field (ids, target, type_ids, loss_mask): the values of
                                            every row, and rows + 1 int64 offsets into them
         SPLIT.label.i64                    an integer field (label, prompt_len): one value a row
         SPLIT.text.u8  SPLIT.text.off.i64  a string field (text, source), UTF-8
@@ -45,7 +45,7 @@ logger = logging.getLogger(__name__)
 
 VERSION = 1  # of the folder layout; part of the key
 META_FILE = "cache.json"
-TOKEN_FIELDS = ("ids", "target", "type_ids", "sentences", "sentence_lens")
+TOKEN_FIELDS = ("ids", "target", "type_ids", "sentences", "sentence_lens", "loss_mask")
 INT_FIELDS = {"prompt_len": 0, "label": -1}  # field -> the value Encoded defaults to
 TEXT_FIELDS = ("text", "source")
 _SUFFIX = {np.int32: "i32", np.int64: "i64", np.uint8: "u8"}
@@ -146,7 +146,7 @@ class _SplitWriter:
             return
         self.rows += len(examples)
         c = self.columns
-        for name in ("ids", "target", "type_ids"):
+        for name in ("ids", "target", "type_ids", "loss_mask"):
             c[name].add([getattr(e, name) for e in examples])
         c["sentences"].add([list(itertools.chain.from_iterable(e.sentences)) for e in examples])
         c["sentence_lens"].add([[len(s) for s in e.sentences] for e in examples])

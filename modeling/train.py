@@ -56,6 +56,7 @@ from onnxformer.runtime import atomic
 from onnxformer.runtime.datafiles import TEXT_LAYOUTS, FieldMap, data_error
 from onnxformer.runtime.errors import CheckpointError, ConfigError, DataError, TrainingError
 
+from . import chat_sft
 from . import checkpoint as ckpt
 from . import data as data_module
 from . import token_cache
@@ -705,7 +706,8 @@ def _tokenizer(config: TrainConfig, objective: Objective, data: TaskData, source
     text = None
     if env.is_main:
         texts = _tokenizer_sample(objective.tokenizer_texts(data))
-        text = train_tokenizer(texts, arch=config.arch, vocab_size=config.vocab_size).to_str()
+        text = train_tokenizer(texts, arch=config.arch, vocab_size=config.vocab_size,
+                               extra_special_tokens=chat_sft.new_tokenizer_special_tokens(data)).to_str()
     return Tokenizer.from_str(_broadcast_text(text, env))
 
 
@@ -761,6 +763,7 @@ def _cached_rows(
         "tokenizer": hashlib.sha256(context.tokenizer.to_str().encode("utf-8")).hexdigest(),
         "special": context.special, "labels": list(context.label_names),
         "files": [token_cache.file_fingerprint(p) for p in _data_files(fields)],
+        **({"chat_template": context.chat.template} if context.chat is not None else {}),
     }
     root, key = Path(config.out_dir) / CACHE_DIR, token_cache.cache_key(inputs)
     result = None
@@ -858,9 +861,13 @@ def _build_run(config: TrainConfig, env: Distributed, resume: ckpt.TrainingState
 
     special = task_special_ids(tokenizer, package)
     _check_special_ids(special, model.config, source)
+    chat = None
+    if data.kind == "chat":  # the template conversations train in, saved in package.json for export (chat_sft.py)
+        package = chat_sft.chat_package(tokenizer, package)
+        chat = chat_sft.ChatFormat.of(tokenizer, package)
     context = TaskContext(
         tokenizer, special, model.config, max_len=run_max_len(config, model.config, source),
-        label_names=data.label_names, seed=config.seed,
+        label_names=data.label_names, seed=config.seed, chat=chat,
     )
     train_set, valid_set, test_set = _datasets(config, env, objective, context, data)
     names = _ordered_names(trainable)
