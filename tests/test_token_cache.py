@@ -262,3 +262,18 @@ def test_a_large_file_streams_into_the_cache_with_a_seeded_hold_out(tmp_path, mo
     [folder] = _cache_folders(run)
     meta = json.loads((folder / token_cache.META_FILE).read_text())
     assert meta["splits"]["train"]["rows"] == len(train_rows) and meta["splits"]["valid"]["rows"] == len(valid_rows)
+
+
+def test_cli_final_eval_examples_takes_a_count_or_all(tmp_path):
+    import argparse
+
+    from onnxformer.modeling.cli import add_arguments, config_from_args
+
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    base = ["--arch", "decoder", "--task", "causal-lm", "--data", "x.txt", "--out", str(tmp_path)]
+    assert config_from_args(parser.parse_args(base + ["--final-eval-examples", "all"])).final_eval_limit is None
+    assert config_from_args(parser.parse_args(base + ["--final-eval-examples", "40"])).final_eval_limit == 40
+    assert config_from_args(parser.parse_args(base + ["--eval-examples", "30"])).final_eval_limit == 30
+    with pytest.raises(SystemExit):
+        parser.parse_args(base + ["--final-eval-examples", "some"])
