@@ -469,9 +469,11 @@ _CHAT_SYSTEMS = ("", "", "you are a helpful assistant.", "answer briefly.")
 CHAT_SIZES = (3000, 200, 200)  # train, valid, test conversations
 
 
-def _chat_exchange(rng: random.Random) -> tuple[str, str]:
-    """One question and its one right answer, from one of four intents."""
-    intent = rng.randrange(4)
+CHAT_INTENTS = ("arithmetic", "capital", "echo", "reverse")
+
+
+def _chat_exchange(rng: random.Random, intent: int) -> tuple[str, str]:
+    """One question and its one right answer, of intent CHAT_INTENTS[intent]."""
     if intent == 0:  # arithmetic on digits
         a, b = rng.randrange(10), rng.randrange(10)
         if rng.random() < 0.5:
@@ -492,26 +494,32 @@ def _chat_exchange(rng: random.Random) -> tuple[str, str]:
     return f"reverse: {' '.join(words)}", " ".join(reversed(words))
 
 
-def _chat_conversation(rng: random.Random) -> ChatExample:
-    """An optional system message, then one or two exchanges (the last one is the answer scored)."""
+def _chat_conversation(rng: random.Random, intent: int) -> ChatExample:
+    """An optional system message, then one or two exchanges; the last (the answer scored) of `intent`."""
     system = rng.choice(_CHAT_SYSTEMS)
     messages = [Message("system", system)] if system else []
-    for _ in range(rng.choice((1, 1, 2))):
-        question, answer = _chat_exchange(rng)
+    intents = [rng.randrange(len(CHAT_INTENTS)), intent] if rng.random() < 1 / 3 else [intent]
+    for each in intents:
+        question, answer = _chat_exchange(rng, each)
         messages += [Message("user", question), Message("assistant", answer)]
     return ChatExample(tuple(messages))
 
 
 def _chat(seed: int) -> TaskData:
+    """Distinct conversations (valid and test never occur in train), the last exchange's intent
+    taking turns, so each split holds every intent alike."""
     rng = random.Random(seed)
-    total = sum(CHAT_SIZES)
-    unique: dict[ChatExample, None] = {}  # distinct conversations: valid and test never occur in train
-    while len(unique) < total:
-        unique.setdefault(_chat_conversation(rng))
-    conversations = list(unique)
-    n_train, n_valid, _ = CHAT_SIZES
-    return TaskData("chat", train=conversations[:n_train], valid=conversations[n_train : n_train + n_valid],
-                    test=conversations[n_train + n_valid :])
+    seen: set[ChatExample] = set()
+    splits = []
+    for size in CHAT_SIZES:
+        split: list[ChatExample] = []
+        while len(split) < size:
+            conversation = _chat_conversation(rng, len(split) % len(CHAT_INTENTS))
+            if conversation not in seen:
+                seen.add(conversation)
+                split.append(conversation)
+        splits.append(split)
+    return TaskData("chat", *splits)
 
 
 BUILTINS: dict[str, Callable[[int], TaskData]] = {
