@@ -411,7 +411,7 @@ class Scheduler:
                     first = str(err).strip().splitlines()[0][:300] if str(err).strip() else type(err).__name__
                     error = RunError(f"onnxruntime failed while running the generation graphs: {first}")
                 for request in {id(r): r for r in (*admitted, *self._running)}.values():
-                    request.on_event(Failed(error))
+                    self._send(request, Failed(error))
                 self._running = []
                 self.engine = self._new_engine()  # fresh buffers: the old ones may be half-written
 
@@ -533,12 +533,22 @@ class Scheduler:
                     request._sent = stable
         if reason is None and len(request._generated) >= request._limit:
             reason = "length"
-        request.on_event(Token(token, delta, logprob, top))
+        self._send(request, Token(token, delta, logprob, top))
         if reason is not None:
             self._leave(request, reason)
             return False
         request._feed = token
         return True
+
+    @staticmethod
+    def _send(request: Request, event: Event) -> None:
+        """Deliver an event; a receiver that fails (its client's event loop closed) cancels its own
+        request and nothing else."""
+        try:
+            request.on_event(event)
+        except Exception:  # noqa: BLE001 - the receiver's bug or a closed loop must not stop the batch
+            log.exception("a request's event receiver failed; cancelling the request")
+            request.cancel()
 
     def _leave(self, request: Request, reason: str) -> None:
         self.engine.leave(request)
@@ -553,7 +563,7 @@ class Scheduler:
         started = request._started or now
         tail = text[len(request._sent):] if text.startswith(request._sent) else text[len(
             os.path.commonprefix([request._sent, text])):]  # decode() revised sent text: the rest from where they differ
-        request.on_event(Done(reason, text, tail, tuple(request._generated), len(request.prompt), request._score,
+        self._send(request, Done(reason, text, tail, tuple(request._generated), len(request.prompt), request._score,
                               started - request.submitted,
                               None if request._first is None else request._first - request.submitted,
                               now - request.submitted))

@@ -735,7 +735,7 @@ async def _stream(kind: str, s: Served, choices: list[_Choice], events: asyncio.
                 choice.tokens.append(event)
                 unsent[choice.index].append(event)
                 text = choice.strip.push(event.text)
-                if text or (sampling.top_logprobs is not None and kind == "chat"):
+                if text or sampling.top_logprobs is not None:  # with logprobs: a chunk per token
                     yield chunk([entry(choice, text, unsent[choice.index], None)])
                     choice.text += text
                     unsent[choice.index] = []

@@ -596,3 +596,21 @@ def test_sigterm_finishes_in_flight_requests_then_exits(tmp_path, models):
     assert s.process.wait(60) == 0
     with pytest.raises(httpx.ConnectError):
         httpx.get(s.url + "/health")
+
+
+def test_the_graph_takes_prompts_only_into_empty_caches_so_prefill_runs_apart(models):
+    """Why the row pool prefills new rows in calls of their own: onnxruntime's
+    GroupQueryAttention refuses T > 1 new tokens for a batch of rows that have a cache (only a
+    batch of one may continue a prompt). A prefill on a view of some rows leaves the other rows'
+    cache as it was."""
+    from onnxformer.runtime.scheduler import RowPool
+
+    pool = RowPool(models["decoder"], 3, 32)
+    pool.prefill(0, [[5, 6, 7], [8, 9]])
+    before = {name: buffer[:2].copy() for name, buffer in pool.buffers.items()}
+    pool.prefill(2, [[10, 11, 12, 13]])
+    for name, buffer in pool.buffers.items():
+        np.testing.assert_array_equal(buffer[:2], before[name])
+    binding, *_ = pool._bind(0, 2, np.array([[14, 15], [16, 17]], dtype=np.int64), np.array([5, 4], dtype=np.int64))
+    with pytest.raises(Exception, match="(?i)batch_size must be 1|sequence_length"):
+        pool.session.run_with_iobinding(binding)
