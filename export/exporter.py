@@ -14,9 +14,9 @@
     stage           each graph file written once, every distinct weight once in
                     weights.onnx_data (or inside its graph on request), the tokenizer, and a
                     manifest: a package the runtime loads exactly as a user will.
-    reference       PyTorch's outputs on the validation inputs, once (export/validate.py);
-                    then the model is released (when the export loaded it) before any
-                    onnxruntime session opens.
+    reference       PyTorch's outputs on the validation inputs, once (export/validate.py), on a
+                    thread beside produce_graphs and stage; then the model is released (when
+                    the export loaded it) before any onnxruntime session opens.
     validate        onnxruntime against that reference on the staged package: numbers within
                     `atol`, greedy tokens equal. Failure raises ValidationError with the
                     figures; nothing is published.
@@ -33,6 +33,7 @@ and once more by `publish` with the figures; a graph file is written once per gr
 
 from __future__ import annotations
 
+import concurrent.futures
 import contextlib
 import dataclasses
 import gc
@@ -530,12 +531,11 @@ def _producers() -> dict[str, str]:
 # --------------------------------------------------------------------------------------------
 
 
-def reference(model: Transformer, manifest: Manifest, plan: ExportPlan) -> Reference:
+def reference(model: Transformer, plan: ExportPlan) -> Reference:
     """PyTorch's outputs for the validation (export/validate.py), computed once for the fp32
     graphs and any variant converted from them."""
-    specs = {name: entry.spec for name, entry in manifest.graphs.items()}
-    return torch_reference(model, specs, plan.dims, plan.special_tokens,
-                           generation=plan.options.validate_generation, manifest=manifest)
+    return torch_reference(model, plan.specs(), plan.dims, plan.special_tokens,
+                           generation=plan.options.validate_generation, package_defaults=_generation_defaults(plan))
 
 
 def validate(expected: Reference, directory: Path, manifest: Manifest, plan: ExportPlan, *,
@@ -728,10 +728,14 @@ def _export(held: list[Transformer], tokenizer_file: Path, out_dir: Path, option
     try:
         with _staging(plan.out_dir) as tmp:
             _copy_tokenizer(plan.tokenizer_file, tmp / TOKENIZER_FILE)
-            with _weights_store(tmp, options) as store:
-                manifest = stage(tmp, produce_graphs(model, plan, tmp, store), plan, "float32", store)
-            expected = reference(model, manifest, plan)
-            del model
+            # PyTorch's reference (compute-bound) runs beside the graph build and write (mostly
+            # disk-bound); both only read the model
+            with concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="torch-reference") as pool:
+                pending = pool.submit(reference, model, plan)
+                with _weights_store(tmp, options) as store:
+                    manifest = stage(tmp, produce_graphs(model, plan, tmp, store), plan, "float32", store)
+                expected = pending.result()
+            del model, pending
             gc.collect()  # the weights of a model nobody else holds go here, before any session opens
             validation = {"float32": validate(expected, tmp, manifest, plan, atol=options.atol)}
             if options.weights != "float32":

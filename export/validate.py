@@ -203,17 +203,18 @@ def _greedy_prompts(vocab_size: int) -> list[list[int]]:
     return [rng.integers(low, vocab_size, n).tolist() for n in (6, 3, 9)]
 
 
-def _greedy_config(special: dict[str, int], manifest) -> GenerationConfig:
+def _greedy_config(special: dict[str, int], package_defaults: dict[str, Any]) -> GenerationConfig:
     """Greedy with the package's defaults (forced tokens, ...), as the runtime resolves them."""
     eos = [special["eos"]] if special.get("eos", -1) >= 0 else []
     config = GenerationConfig(strategy="greedy", max_new_tokens=GREEDY_NEW_TOKENS, eos_token_ids=tuple(eos),
                               pad_token_id=max(special.get("pad", 0), 0))
-    return resolve_config(config, {}, manifest.generation)
+    return resolve_config(config, {}, package_defaults)
 
 
 def torch_reference(model, specs: dict[str, GraphSpec], dims: Dims, special: dict[str, int], *,
-                    generation: bool, manifest) -> Reference:
-    """PyTorch's outputs for every check `validate_package_graphs` makes (float32 specs)."""
+                    generation: bool, package_defaults: dict[str, Any]) -> Reference:
+    """PyTorch's outputs for every check `validate_package_graphs` makes (float32 specs);
+    `package_defaults`: the manifest's generation defaults, which the runtime will apply."""
     from onnxformer.modeling.generate import generate
 
     graphs, shared = {}, None
@@ -229,7 +230,7 @@ def torch_reference(model, specs: dict[str, GraphSpec], dims: Dims, special: dic
         graphs[name] = cases
     greedy, config = [], None
     if generation and dims.arch != "encoder":
-        config = _greedy_config(special, manifest)
+        config = _greedy_config(special, package_defaults)
         prompts = _greedy_prompts(model.config.vocab_size)
         # PyTorch generates for each prompt alone: the package's batch of one and its padded
         # batch must both give each prompt's own tokens (and PyTorch stays on batch-1 kernels)
