@@ -370,7 +370,7 @@ def test_an_imported_model_fine_tunes_in_its_own_template(tmp_path):
                                           encoding="utf-8")
     result = train(TrainConfig(arch="decoder", task="sft", data=str(tmp_path / "chat.jsonl"),
                                valid_data=str(tmp_path / "valid.jsonl"), out_dir=str(tmp_path / "run"),
-                               from_checkpoint=str(hf_dir), steps=2, batch_size=4, eval_examples=3, max_len=96,
+                               from_checkpoint=str(hf_dir), steps=2, batch_size=4, eval_examples=3, max_len=128,
                                progress=False, threads=1))
     package = ckpt.read_package(result.checkpoint)
     assert package.chat_template == CHATML_SYSTEM  # the import's, not the default
