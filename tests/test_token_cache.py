@@ -25,7 +25,7 @@ from onnxformer.modeling.config import ModelConfig  # noqa: E402
 from onnxformer.modeling.data import LabeledExample, PairExample, TextExample  # noqa: E402
 from onnxformer.modeling.objectives import IGNORE_INDEX  # noqa: E402
 from onnxformer.modeling.tasks import OBJECTIVES, CutReport, Encoded, TaskContext, example_generator  # noqa: E402
-from onnxformer.modeling.tokenizer import special_token_ids, train_tokenizer  # noqa: E402
+from onnxformer.modeling.tokenizer import load_tokenizer, special_token_ids, train_tokenizer  # noqa: E402
 from onnxformer.modeling.train import TrainConfig, train  # noqa: E402
 from onnxformer.runtime.errors import ConfigError, DataError  # noqa: E402
 
@@ -208,7 +208,14 @@ def test_the_cache_is_reused_on_resume_and_rebuilt_when_the_data_changes(tmp_pat
     [second] = _cache_folders(run)
     assert second != first
     meta = json.loads((second / token_cache.META_FILE).read_text())
-    assert meta["splits"]["train"]["report"]["used"] == meta["splits"]["train"]["report"]["tokens"]
+    reports = [meta["splits"][split]["report"] for split in ("train", "valid")]
+    assert all(r["used"] == r["tokens"] for r in reports)
+    # Against the run's tokenizer, counted here: every document of the file (train + held out), <s> doc </s>.
+    tokenizer = load_tokenizer(ckpt.tokenizer_path(run))
+    text = Path(data).read_text(encoding="utf-8")
+    docs = [d.strip() for d in text.split("\n\n") if d.strip()]
+    assert sum(r["tokens"] for r in reports) == sum(len(tokenizer.encode(d).ids) + 1 for d in docs)
+    assert sum(r["examples"] for r in reports) == len(docs)
 
 
 def test_max_len_raises_a_new_models_context_and_is_refused_beyond_a_loaded_ones(tmp_path, documents):
@@ -277,3 +284,16 @@ def test_cli_final_eval_examples_takes_a_count_or_all(tmp_path):
     assert config_from_args(parser.parse_args(base + ["--eval-examples", "30"])).final_eval_limit == 30
     with pytest.raises(SystemExit):
         parser.parse_args(base + ["--final-eval-examples", "some"])
+
+
+def test_a_streamed_validation_file_names_a_label_training_never_saw(tmp_path, monkeypatch):
+    from onnxformer.modeling import data as data_module
+
+    monkeypatch.setattr(data_module, "STREAM_BYTES", 0)
+    write = lambda path, rows: path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")  # noqa: E731
+    write(tmp_path / "train.jsonl", [{"text": f"row {i}", "label": "ab"[i % 2]} for i in range(20)])
+    write(tmp_path / "valid.jsonl", [{"text": "one", "label": "a"}, {"text": "two", "label": "zz"}])
+    with pytest.raises(DataError, match=r"valid.jsonl:2: unknown label 'zz'"):
+        train(_config(str(tmp_path / "train.jsonl"), tmp_path / "run", arch="encoder", task="classify",
+                      valid_data=str(tmp_path / "valid.jsonl")))
+    assert not (tmp_path / "run" / "cache").exists() or not _cache_folders(tmp_path / "run")  # nothing half-written
