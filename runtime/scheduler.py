@@ -327,6 +327,7 @@ class Scheduler:
         self._closing = False
         self.generated_tokens = 0  # counters for /metrics
         self.steps_run = 0
+        self.cancelled_requests = 0
         self._thread = threading.Thread(target=self._loop, name=f"onnxformer-scheduler-{model.directory.name}",
                                         daemon=True)
         self._thread.start()
@@ -555,6 +556,7 @@ class Scheduler:
         self._finish(request, reason)
 
     def _finish(self, request: Request, reason: str) -> None:
+        self.cancelled_requests += reason == "cancelled"
         if request._stop_at is not None:
             text = request._text[:request._stop_at]
         else:

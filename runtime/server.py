@@ -395,7 +395,7 @@ def _usage(choices: list[_Choice]) -> dict[str, int]:
 # The app -----------------------------------------------------------------------------------
 class _Metrics:
     def __init__(self, served: Mapping[str, Served]):
-        from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+        from prometheus_client import CollectorRegistry, Counter, Histogram
 
         self.registry = registry = CollectorRegistry()
         self.requests = Counter("onnxformer_requests", "HTTP requests answered", ["route", "status"], registry=registry)
@@ -407,37 +407,47 @@ class _Metrics:
         self.per_token = Histogram("onnxformer_time_per_output_token_seconds", "decode time per token after the first",
                                    ["model"], buckets=(.001, .0025, .005, .01, .025, .05, .1, .25, .5, 1),
                                    registry=registry)
-        self.tokens = Counter("onnxformer_generated_tokens", "tokens generated", ["model"], registry=registry)
-        queue = Gauge("onnxformer_queue_depth", "requests waiting for a row", ["model"], registry=registry)
-        running = Gauge("onnxformer_running_rows", "rows being decoded", ["model"], registry=registry)
-        rate = Gauge("onnxformer_tokens_per_second", "tokens generated per second over the last scrape interval",
-                     ["model"], registry=registry)
-        for name, s in served.items():
-            if s.scheduler is not None:
-                queue.labels(model=name).set_function(lambda sch=s.scheduler: sch.waiting)
-                running.labels(model=name).set_function(lambda sch=s.scheduler: sch.running)
-                rate.labels(model=name).set_function(_Rate(s.scheduler))
+        registry.register(_SchedulerCollector(served))
 
     def done(self, model: str, done: Done) -> None:
-        self.tokens.labels(model=model).inc(len(done.token_ids))
         if done.first_token_s is not None:
             self.ttft.labels(model=model).observe(done.first_token_s)
             if len(done.token_ids) > 1:
                 self.per_token.labels(model=model).observe((done.total_s - done.first_token_s) / (len(done.token_ids) - 1))
 
 
-class _Rate:
-    """tokens/s of a scheduler between two reads (at least 1 s apart)."""
+class _SchedulerCollector:
+    """What the schedulers count, read at each scrape: queue depth, running rows, tokens generated
+    (cancelled requests' included), cancelled requests, and tokens/s since the previous scrape."""
 
-    def __init__(self, scheduler: Scheduler):
-        self.scheduler, self.last, self.value = scheduler, (time.monotonic(), scheduler.generated_tokens), 0.0
+    def __init__(self, served: Mapping[str, Served]):
+        self.schedulers = {name: s.scheduler for name, s in served.items() if s.scheduler is not None}
+        self.last = {name: (time.monotonic(), 0) for name in self.schedulers}
+        self.rate = {name: 0.0 for name in self.schedulers}
 
-    def __call__(self) -> float:
-        now, count = time.monotonic(), self.scheduler.generated_tokens
-        if now - self.last[0] >= 1.0:
-            self.value = (count - self.last[1]) / (now - self.last[0])
-            self.last = (now, count)
-        return self.value
+    def collect(self):
+        from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
+        queue = GaugeMetricFamily("onnxformer_queue_depth", "requests waiting for a row", labels=["model"])
+        running = GaugeMetricFamily("onnxformer_running_rows", "rows being decoded", labels=["model"])
+        rate = GaugeMetricFamily("onnxformer_tokens_per_second", "tokens generated per second since the previous "
+                                 "scrape (at least 1 s before)", labels=["model"])
+        tokens = CounterMetricFamily("onnxformer_generated_tokens", "tokens generated", labels=["model"])
+        cancelled = CounterMetricFamily("onnxformer_cancelled_requests", "requests cancelled (their client went away)",
+                                        labels=["model"])
+        now = time.monotonic()
+        for name, scheduler in self.schedulers.items():
+            count = scheduler.generated_tokens
+            then, before = self.last[name]
+            if now - then >= 1.0:
+                self.rate[name] = (count - before) / (now - then)
+                self.last[name] = (now, count)
+            queue.add_metric([name], scheduler.waiting)
+            running.add_metric([name], scheduler.running)
+            rate.add_metric([name], self.rate[name])
+            tokens.add_metric([name], count)
+            cancelled.add_metric([name], scheduler.cancelled_requests)
+        yield from (queue, running, rate, tokens, cancelled)
 
 
 def create_app(served: Mapping[str, Served], config: ServeConfig):

@@ -331,10 +331,12 @@ def test_classify_and_metrics(server, models):
     assert got["data"][0]["score"] == pytest.approx(alone[0].score, abs=1e-6) and got["usage"]["prompt_tokens"] > 0
     import httpx
 
+    assert _post(server, "/v1/completions", {"model": "decoder", "prompt": "seven =", "stream": True}).status_code == 200
     text = httpx.get(server.url + "/metrics").text
     for name in ("onnxformer_queue_depth", "onnxformer_running_rows", "onnxformer_tokens_per_second",
                  "onnxformer_time_to_first_token_seconds_bucket", "onnxformer_request_latency_seconds_bucket",
-                 "onnxformer_generated_tokens_total"):
+                 "onnxformer_generated_tokens_total", "onnxformer_cancelled_requests_total",
+                 "onnxformer_time_per_output_token_seconds_bucket"):
         assert name in text, name
 
 
@@ -470,18 +472,35 @@ def _metric(server, name: str, model: str = "decoder") -> float:
 
 
 @pytest.mark.slow
-def test_a_client_that_disconnects_frees_its_row(server, models):
+def test_a_client_that_disconnects_frees_its_row(tmp_path, models):
+    """One row and 16 long sequences ahead (one request, n 16): a stream whose client leaves as
+    soon as its answer starts is cancelled (queued or running), never generated to its end, and
+    the server goes on with the others."""
+    from concurrent.futures import ThreadPoolExecutor
+
     import httpx
 
-    body = _long_request(models)
-    with httpx.stream("POST", server.url + "/v1/completions", json=body, timeout=60) as r:
-        lines = r.iter_lines()
-        assert next(lines).startswith("data: ")  # the first token arrived; then the client goes
-    deadline = time.monotonic() + 30
-    while _metric(server, "onnxformer_running_rows") and time.monotonic() < deadline:
-        time.sleep(0.05)
-    assert _metric(server, "onnxformer_running_rows") == 0
-    assert _post(server, "/v1/completions", {**body, "stream": False}).status_code == 200
+    s = Server(tmp_path, f"decoder={DECODER}", "--rows", "1")
+    try:
+        body = {**_long_request(models), "max_tokens": 120, "min_tokens": 120}
+        with ThreadPoolExecutor(1) as pool:
+            ahead = pool.submit(httpx.post, s.url + "/v1/completions", timeout=120,
+                                json={**body, "stream": False, "temperature": 1.0, "seed": 0, "n": 16})
+            deadline = time.monotonic() + 60
+            while _metric(s, "onnxformer_queue_depth") < 10 and time.monotonic() < deadline:
+                time.sleep(0.002)
+            with httpx.stream("POST", s.url + "/v1/completions", json=body, timeout=60) as r:
+                assert r.status_code == 200  # the answer started; the client leaves
+            answer = ahead.result()
+        assert answer.status_code == 200 and answer.json()["usage"]["completion_tokens"] == 16 * 120
+        deadline = time.monotonic() + 30
+        while _metric(s, "onnxformer_cancelled_requests_total") < 1 and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert _metric(s, "onnxformer_cancelled_requests_total") == 1
+        assert _metric(s, "onnxformer_running_rows") == 0 and _metric(s, "onnxformer_queue_depth") == 0
+        assert 16 * 120 <= _metric(s, "onnxformer_generated_tokens_total") < 17 * 120
+    finally:
+        s.stop()
 
 
 @pytest.mark.slow
@@ -614,3 +633,38 @@ def test_the_graph_takes_prompts_only_into_empty_caches_so_prefill_runs_apart(mo
     binding, *_ = pool._bind(0, 2, np.array([[14, 15], [16, 17]], dtype=np.int64), np.array([5, 4], dtype=np.int64))
     with pytest.raises(Exception, match="(?i)batch_size must be 1|sequence_length"):
         pool.session.run_with_iobinding(binding)
+
+
+TEMPLATE = ("{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
+            "{% if add_generation_prompt %}assistant:{% endif %}")
+
+
+def test_chat_renders_the_packages_template(models):
+    """A package with a chat template (artifacts/decoder given one here): /v1/chat/completions
+    answers what Model.chat answers for the whole conversation (in-process app, no socket)."""
+    pytest.importorskip("jinja2", reason="chat templates need the [chat] extra (jinja2)")
+    pytest.importorskip("starlette", reason="the [serve] extra (starlette) is not installed")
+    pytest.importorskip("prometheus_client", reason="the [serve] extra (prometheus_client) is not installed")
+    import dataclasses
+
+    from starlette.testclient import TestClient
+
+    import onnxformer.runtime as rt
+    from onnxformer.runtime.model import Model
+    from onnxformer.runtime.server import ServeConfig, Served, create_app
+    from onnxformer.runtime.scheduler import Scheduler, SchedulerConfig
+
+    base = rt.load(DECODER)
+    model = Model(base.directory, dataclasses.replace(base.manifest, chat_template=TEMPLATE), base.tokenizer,
+                  base.sessions, base.device)
+    scheduler = Scheduler(model, SchedulerConfig(rows=2))
+    messages = [{"role": "system", "content": "digits"}, {"role": "user", "content": "seven"}]
+    with TestClient(create_app({"chat": Served("chat", model, scheduler)}, ServeConfig())) as http:
+        r = http.post("/v1/chat/completions", json={"model": "chat", "messages": messages, "max_tokens": 6})
+        assert r.status_code == 200 and r.headers["x-onnxformer-chat"] == "template"
+        answer = r.json()
+        alone = model.chat(messages, max_new_tokens=6)
+        assert answer["choices"][0]["message"]["content"] == alone.text
+        assert answer["usage"]["prompt_tokens"] == len(model.render_chat(messages).token_ids)
+        bad = http.post("/v1/chat/completions", json={"model": "chat", "messages": [{"role": "user"}]})
+        assert bad.status_code == 400 and bad.json()["error"]["param"] == "messages"
