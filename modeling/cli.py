@@ -67,7 +67,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     need.add_argument("--arch", required=True, choices=ARCHS, help="model architecture")
     need.add_argument("--task", required=True, choices=TASKS, help="training objective (see below)")
     need.add_argument("--data", required=True, metavar="SPEC",
-                      help="builtin:corpus|sentiment|numbers, shared:NAME (sst2, banking77, multi30k, tico19, "
+                      help="builtin:corpus|sentiment|numbers|chat, shared:NAME (sst2, banking77, multi30k, tico19, "
                            "tinyshakespeare), or a file: .csv/.tsv (with a header), .jsonl, .json (an array of "
                            "objects), .parquet, .txt (plain text); the fields are detected (see below)")
     need.add_argument("--valid", metavar="PATH", help="validation file (default: hold out 5%% of a training file)")
