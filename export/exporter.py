@@ -38,7 +38,6 @@ import contextlib
 import dataclasses
 import gc
 import glob
-import hashlib
 import io
 import logging
 import os

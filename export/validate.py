@@ -110,12 +110,6 @@ def example_feeds(
     return feeds
 
 
-def _session(path: Path) -> ort.InferenceSession:
-    options = ort.SessionOptions()
-    options.log_severity_level = 3
-    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-
-
 # Prompt lengths per row and decode steps, for the "shared" layout's decoder.
 SHARED_CASES = [([5], 2), ([4, 1, 7], 3), ([2, 6], 2)]
 GREEDY_NEW_TOKENS = 12
@@ -293,11 +287,12 @@ def _shared_decoder_parity(reference: list[SharedCase], session: ort.InferenceSe
     return worst
 
 
-def numeric_parity(reference: Reference, package: Path, specs: dict[str, GraphSpec], dims: Dims) -> dict[str, float]:
+def numeric_parity(reference: Reference, sessions: dict[str, ort.InferenceSession], specs: dict[str, GraphSpec],
+                   dims: Dims) -> dict[str, float]:
     """Max abs difference ONNX vs PyTorch per graph, over all CASES."""
     figures: dict[str, float] = {}
     for name, spec in specs.items():
-        session = _session(package / spec.file)
+        session = sessions[name]
         if SEQUENCE_LENGTHS in spec.input_names:
             figures[name] = _shared_decoder_parity(reference.shared, session, spec, dims, spec.outputs[0].dtype)
             continue
@@ -318,15 +313,9 @@ def numeric_parity(reference: Reference, package: Path, specs: dict[str, GraphSp
     return figures
 
 
-def greedy_parity(reference: Reference, package: Path, *, manifest=None) -> dict[str, Any]:
-    """Greedy through the package (runtime, onnxruntime) vs PyTorch's (`reference`); batch 1 and
-    a padded batch. `manifest`: the staged package's manifest, not yet written (rt.load takes it
-    in memory)."""
-    import onnxformer.runtime as rt
-
-    # fast_start=False: weights prepacked one at a time; on all threads each one's mapped file
-    # pages and packed copy are held at once (a load peak of about twice the weights)
-    loaded = rt.load(package, verify=False, manifest=manifest, fast_start=False)
+def greedy_parity(reference: Reference, loaded) -> dict[str, Any]:
+    """Greedy through the package loaded by the runtime vs PyTorch's (`reference`); batch 1 and
+    a padded batch."""
     compared, mismatches = 0, []
     for batch, want in reference.greedy:
         got = [g.token_ids[0] for g in loaded.generate_ids(batch, reference.generation)]
@@ -340,9 +329,15 @@ def validate_package_graphs(
     reference: Reference, package: Path, specs: dict[str, GraphSpec], dims: Dims, *,
     atol: float | None, label: str, manifest=None,
 ) -> dict[str, Any]:
-    """All checks for one set of graphs against PyTorch's `reference`; `atol=None` measures
-    without a pass/fail bound."""
-    diffs = numeric_parity(reference, package, specs, dims)
+    """All checks for one set of graphs against PyTorch's `reference`, on the package as the
+    runtime loads it (its sessions and its search); `atol=None` measures without a pass/fail
+    bound. `manifest`: the staged package's manifest, not yet written (rt.load takes it in memory)."""
+    import onnxformer.runtime as rt
+
+    # fast_start=False: weights prepacked one at a time; on all threads each one's mapped file
+    # pages and packed copy are held at once (a load peak of about twice the weights)
+    loaded = rt.load(package, verify=False, manifest=manifest, fast_start=False)
+    diffs = numeric_parity(reference, loaded.sessions, specs, dims)
     worst = max(diffs.values())
     result: dict[str, Any] = {"max_abs_diff": diffs, "worst_abs_diff": worst}
     passed = bool(np.isfinite(worst))
@@ -350,7 +345,7 @@ def validate_package_graphs(
         result["atol"] = atol
         passed = passed and worst <= atol
     if reference.greedy and passed:
-        result.update(greedy_parity(reference, package, manifest=manifest))
+        result.update(greedy_parity(reference, loaded))
         if atol is not None:
             passed = passed and result["greedy_match"]
     result["passed"] = passed
