@@ -473,9 +473,9 @@ def _metric(server, name: str, model: str = "decoder") -> float:
 
 @pytest.mark.slow
 def test_a_client_that_disconnects_frees_its_row(tmp_path, models):
-    """One row and 16 long sequences ahead (one request, n 16): a stream whose client leaves as
-    soon as its answer starts is cancelled (queued or running), never generated to its end, and
-    the server goes on with the others."""
+    """One row and 32 long sequences ahead (two requests, n 16): a stream whose client leaves as
+    soon as its answer starts, and a plain request whose client times out, are cancelled (queued
+    or running), never generated to their end, and the server goes on with the others."""
     from concurrent.futures import ThreadPoolExecutor
 
     import httpx
@@ -483,22 +483,25 @@ def test_a_client_that_disconnects_frees_its_row(tmp_path, models):
     s = Server(tmp_path, f"decoder={DECODER}", "--rows", "1")
     try:
         body = {**_long_request(models), "max_tokens": 120, "min_tokens": 120}
-        with ThreadPoolExecutor(1) as pool:
-            ahead = pool.submit(httpx.post, s.url + "/v1/completions", timeout=120,
-                                json={**body, "stream": False, "temperature": 1.0, "seed": 0, "n": 16})
+        with ThreadPoolExecutor(2) as pool:
+            ahead = [pool.submit(httpx.post, s.url + "/v1/completions", timeout=120,
+                                 json={**body, "stream": False, "temperature": 1.0, "seed": seed, "n": 16})
+                     for seed in (0, 1)]
             deadline = time.monotonic() + 60
-            while _metric(s, "onnxformer_queue_depth") < 10 and time.monotonic() < deadline:
+            while _metric(s, "onnxformer_queue_depth") < 20 and time.monotonic() < deadline:
                 time.sleep(0.002)
             with httpx.stream("POST", s.url + "/v1/completions", json=body, timeout=60) as r:
                 assert r.status_code == 200  # the answer started; the client leaves
-            answer = ahead.result()
-        assert answer.status_code == 200 and answer.json()["usage"]["completion_tokens"] == 16 * 120
+            with pytest.raises(httpx.ReadTimeout):  # a plain request whose client gives up
+                httpx.post(s.url + "/v1/completions", json={**body, "stream": False}, timeout=0.05)
+            answers = [f.result() for f in ahead]
+        assert all(a.status_code == 200 and a.json()["usage"]["completion_tokens"] == 16 * 120 for a in answers)
         deadline = time.monotonic() + 30
-        while _metric(s, "onnxformer_cancelled_requests_total") < 1 and time.monotonic() < deadline:
+        while _metric(s, "onnxformer_cancelled_requests_total") < 2 and time.monotonic() < deadline:
             time.sleep(0.02)
-        assert _metric(s, "onnxformer_cancelled_requests_total") == 1
+        assert _metric(s, "onnxformer_cancelled_requests_total") == 2
         assert _metric(s, "onnxformer_running_rows") == 0 and _metric(s, "onnxformer_queue_depth") == 0
-        assert 16 * 120 <= _metric(s, "onnxformer_generated_tokens_total") < 17 * 120
+        assert 32 * 120 <= _metric(s, "onnxformer_generated_tokens_total") < 33 * 120
     finally:
         s.stop()
 
