@@ -8,7 +8,9 @@ the loss on the assistant turns only.
 The template
 ------------
 * A model imported from Hugging Face (or fine-tuned from one) keeps its own: PackageInfo's
-  ``chat_template`` and ``chat_tokens``, read from its tokenizer_config.json.
+  ``chat_template`` and ``chat_tokens``, read from its tokenizer_config.json. Where its turns end
+  with a special token its eos ids lack (ChatML's ``<|im_end|>`` in a base model), that token
+  joins the eos ids: the model learns to write it, so generation stops there.
 * A model trained here gets ``DEFAULT_CHAT_TEMPLATE``, ChatML-like::
 
       <s><|im_start|>system\\nbe brief<|im_end|>\\n<|im_start|>user\\nhi<|im_end|>\\n<|im_start|>assistant\\nhello<|im_end|>\\n
@@ -51,7 +53,7 @@ from onnxformer.runtime.chat import render, special_token_variables
 from onnxformer.runtime.errors import ConfigError, DataError, InputError
 from onnxformer.runtime.generation import GenerationConfig
 
-from .data import ChatExample, TaskData
+from .data import ChatExample, Message, TaskData
 from .generate import generate
 from .hf_import import PackageInfo
 from .model import Transformer
@@ -100,7 +102,7 @@ def chat_package(tokenizer: Tokenizer, package: PackageInfo | None) -> PackageIn
     tokenizer's BOS and EOS, with the end-of-turn token among the generation's eos ids."""
     package = package or PackageInfo()
     if package.chat_template is not None:
-        return package
+        return _with_turn_end(tokenizer, package)
     ids = dict(package.special_tokens) if package.special_tokens else special_token_ids(tokenizer)
     eos = ids.get("eos", -1)
     if eos < 0:
@@ -117,6 +119,25 @@ def chat_package(tokenizer: Tokenizer, package: PackageInfo | None) -> PackageIn
     stops = list(dict.fromkeys([turn_end, *package.generation.get("eos_token_ids", []), eos]))
     return dataclasses.replace(package, chat_template=template,
                                generation={**package.generation, "eos_token_ids": stops})
+
+
+def _with_turn_end(tokenizer: Tokenizer, package: PackageInfo) -> PackageInfo:
+    """An import's package, with its template's end-of-turn token (the special token that closes
+    an answer, e.g. ChatML's <|im_end|> in a base model whose eos is <|endoftext|>) added to the
+    generation's eos ids: training teaches the model to write it, so generation must stop there."""
+    probe = ChatExample((Message("user", "hi"), Message("assistant", "hello")))
+    try:
+        row = ChatFormat.of(tokenizer, package).encode(probe)
+    except DataError:  # a template that refuses the probe: the data will say what it refuses
+        return package
+    trained = [t for t, keep in zip(row.ids, row.loss_mask) if keep]
+    special = {i for i, token in tokenizer.get_added_tokens_decoder().items() if token.special}
+    stops = list(package.generation.get("eos_token_ids", []))
+    if not trained or trained[-1] not in special or trained[-1] in stops:
+        return package
+    logger.info("chat template: its turns end with %r, which the model's eos ids %s lack; generation stops there too",
+                tokenizer.id_to_token(trained[-1]), stops)
+    return dataclasses.replace(package, generation={**package.generation, "eos_token_ids": stops + [trained[-1]]})
 
 
 class ChatRow(NamedTuple):

@@ -190,6 +190,14 @@ def test_prompts_are_transformers_apply_chat_template_ids(tokenizer):
             assert row.ids[: row.prompt_len] == expected
 
 
+def test_an_imports_end_of_turn_token_ends_generation(tokenizer):
+    eos, end = tokenizer.token_to_id("</s>"), tokenizer.token_to_id(CHAT_END)
+    base = _package(CHATML_SYSTEM, tokenizer, ["</s>"])  # a base model: its eos is not the template's turn end
+    assert chat_package(tokenizer, base).generation["eos_token_ids"] == [eos, end]
+    assert chat_package(tokenizer, _package(CHATML_SYSTEM, tokenizer, [CHAT_END])).generation["eos_token_ids"] == [end]
+    assert chat_package(tokenizer, _package(MISTRAL, tokenizer, ["</s>"])).generation["eos_token_ids"] == [eos]
+
+
 def test_a_template_that_renders_a_turn_by_what_follows_is_refused(tokenizer):
     last_differs = "{% for m in messages %}{% if loop.last %}LAST {% endif %}{{ m['content'] }}\n{% endfor %}"
     chat = ChatFormat.of(tokenizer, _package(last_differs, tokenizer, ["</s>"]))
