@@ -391,3 +391,11 @@ def test_an_imported_model_fine_tunes_in_its_own_template(tmp_path):
             _messages(example, -1), add_generation_prompt=True, tokenize=True, return_dict=False)
         answers = [m.content + CHAT_END for m in example.messages if m.role == "assistant"]
         assert [reference.decode(r) for r in _runs(row.ids, row.loss_mask)] == answers
+    import onnxformer.runtime as rt
+    from onnxformer.export.exporter import export_checkpoint
+
+    export_checkpoint(result.checkpoint, tmp_path / "package")
+    model = rt.load(tmp_path / "package", threads=1)
+    assert model.chat_template == CHATML_SYSTEM
+    for example, row in zip(CONVERSATIONS, valid):  # the package's chat() sends what training read
+        assert model.render_chat(_messages(example, -1)).token_ids == row.ids[: row.prompt_len]
