@@ -456,7 +456,7 @@ def create_app(served: Mapping[str, Served], config: ServeConfig):
         from starlette.applications import Starlette
         from starlette.concurrency import run_in_threadpool
         from starlette.requests import ClientDisconnect
-        from starlette.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
+        from starlette.responses import JSONResponse, Response, StreamingResponse
         from starlette.routing import Route
         from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
     except ImportError as err:
