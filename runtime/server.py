@@ -37,11 +37,13 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import functools
 import hmac
 import json
 import logging
 import os
 import signal
+import threading
 import time
 import uuid
 from dataclasses import dataclass
@@ -107,6 +109,40 @@ class ApiError(Exception):
         kind = {400: "invalid_request_error", 401: "authentication_error", 404: "not_found_error",
                 413: "invalid_request_error", 429: "rate_limit_error", 503: "server_busy"}.get(self.status, "server_error")
         return {"error": {"message": self.message, "type": kind, "code": self.code, "param": self.param}}
+
+
+class _Inbox:
+    """Events from the scheduler's thread to the event loop's queues, handed over in batches: one
+    wake-up of the loop per batch (a step's tokens for every row), not one per token."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop):
+        self.loop, self.items, self.scheduled = loop, [], False
+        self.lock = threading.Lock()
+
+    def put(self, queue: asyncio.Queue, choice: Any, event: Any) -> None:  # on the scheduler's thread
+        with self.lock:
+            self.items.append((queue, choice, event))
+            if self.scheduled:
+                return
+            self.scheduled = True
+        self.loop.call_soon_threadsafe(self._flush)
+
+    def _flush(self) -> None:  # on the loop
+        with self.lock:
+            items, self.items, self.scheduled = self.items, [], False
+        for queue, choice, event in items:
+            queue.put_nowait((choice, event))
+
+
+class _Inboxes:
+    def __init__(self):
+        self.by_loop: dict[int, _Inbox] = {}
+
+    def get(self, loop: asyncio.AbstractEventLoop) -> _Inbox:
+        inbox = self.by_loop.get(id(loop))
+        if inbox is None or inbox.loop is not loop:
+            inbox = self.by_loop[id(loop)] = _Inbox(loop)
+        return inbox
 
 
 class ClientGone(Exception):
@@ -464,6 +500,7 @@ def create_app(served: Mapping[str, Served], config: ServeConfig):
 
     metrics = _Metrics(served)
     state = {"draining": False}
+    inboxes = _Inboxes()
 
     def error_response(err: ApiError, route: str) -> Response:
         metrics.requests.labels(route=route, status=str(err.status)).inc()
@@ -539,7 +576,7 @@ def create_app(served: Mapping[str, Served], config: ServeConfig):
         sampling = _sampling(body, kind, s, config)
         prompts = _prompts(body, s) if kind == "completions" else [_chat_prompt(body, s)]
         strip = kind == "chat" and s.chat_mode == "prompt_format" and s.model.prompt_format.strip
-        loop = asyncio.get_running_loop()
+        inbox = inboxes.get(asyncio.get_running_loop())
         events: asyncio.Queue = asyncio.Queue()
         choices = [_Choice(p * sampling.n + j, prompt, strip) for p, prompt in enumerate(prompts)
                    for j in range(sampling.n)]
@@ -552,7 +589,7 @@ def create_app(served: Mapping[str, Served], config: ServeConfig):
                     if gen_config.strategy == "sample" else None
                 choice.request = s.scheduler.submit(Request(
                     choice.prompt, gen_config,
-                    on_event=lambda event, c=choice: loop.call_soon_threadsafe(events.put_nowait, (c, event)),
+                    on_event=functools.partial(inbox.put, events, choice),
                     rng=rng, top_logprobs=sampling.top_logprobs or 0, live_text=sampling.stream))
         except OnnxformerError as err:
             for choice in choices:
