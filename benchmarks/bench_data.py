@@ -128,7 +128,7 @@ def run_case(name: str, root: Path, steps: int, batch_size: int) -> dict:
     rates = [line["tokens_per_s"] for line in lines if line["split"] == "train"]
     report = meta["splits"]["train"]["report"]
     cache_bytes = sum(p.stat().st_size for p in cache.iterdir())
-    tokenizer_line = next((line for line in proc.stderr.splitlines() if "tokenizer: trained on the first" in line), "")
+    tokenizer_line = next((line for line in proc.stderr.splitlines() if "tokenizer: trained on" in line), "")
     result = {
         "case": name, "file_mb": data.stat().st_size / MB, "peak_rss_mb": _peak_rss_mb(proc.stderr), "wall_s": wall,
         "cache_build_s": meta["build_s"], "cache_mb_per_s": data.stat().st_size / MB / meta["build_s"],

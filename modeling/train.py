@@ -705,7 +705,9 @@ def _tokenizer(config: TrainConfig, objective: Objective, data: TaskData, source
         return load_tokenizer(source / ckpt.TOKENIZER_FILE)
     text = None
     if env.is_main:
-        texts = _tokenizer_sample(objective.tokenizer_texts(data))
+        streamed = data.train if isinstance(data.train, data_module.StreamedSplit) else None
+        size = streamed.file.path.stat().st_size if streamed is not None else 0
+        texts = _tokenizer_sample(objective.tokenizer_texts(data), size=size)
         text = train_tokenizer(texts, arch=config.arch, vocab_size=config.vocab_size,
                                extra_special_tokens=chat_sft.new_tokenizer_special_tokens(data)).to_str()
     return Tokenizer.from_str(_broadcast_text(text, env))
@@ -714,17 +716,25 @@ def _tokenizer(config: TrainConfig, objective: Objective, data: TaskData, source
 TOKENIZER_SAMPLE_CHARS = 50_000_000  # a new tokenizer learns from at most this many characters of text
 
 
-def _tokenizer_sample(texts: Iterable[str], limit: int = TOKENIZER_SAMPLE_CHARS) -> Iterator[str]:
-    """The texts a new tokenizer trains on, streamed: all of them, or the first ones up to
-    `limit` characters (logged) when the training split is larger."""
-    total = 0
-    for count, text in enumerate(texts):
+def _tokenizer_sample(texts: Iterable[str], limit: int = TOKENIZER_SAMPLE_CHARS, *, size: int = 0) -> Iterator[str]:
+    """The texts a new tokenizer trains on, streamed, up to `limit` characters: all of them, or
+    (a training file of `size` bytes larger than that) every k-th text, spread over the file
+    (a file sorted by label or topic would otherwise give only its first part). Logged when cut."""
+    every = -(-size // limit) if size > limit else 1
+    total = count = 0
+    for position, text in enumerate(texts):
+        if position % every:
+            continue
         if total >= limit:
-            logger.info("tokenizer: trained on the first %s texts (%s characters) of the training split, which is "
-                        "longer: a sample is enough for the vocabulary", f"{count:,}", f"{total:,}")
-            return
-        total += len(text)
+            break
+        total, count = total + len(text), count + 1
         yield text
+    else:
+        if every == 1:
+            return
+    logger.info("tokenizer: trained on %s texts (%s characters), %s of the training split: a sample is enough "
+                "for the vocabulary", f"{count:,}", f"{total:,}",
+                f"1 text in {every}" if every > 1 else "the first ones")
 
 
 CACHE_DIR = "cache"  # RUN/cache/KEY: the token cache (modeling/token_cache.py)

@@ -297,3 +297,14 @@ def test_a_streamed_validation_file_names_a_label_training_never_saw(tmp_path, m
         train(_config(str(tmp_path / "train.jsonl"), tmp_path / "run", arch="encoder", task="classify",
                       valid_data=str(tmp_path / "valid.jsonl")))
     assert not (tmp_path / "run" / "cache").exists() or not _cache_folders(tmp_path / "run")  # nothing half-written
+
+
+def test_a_large_files_tokenizer_sample_is_spread_over_it_and_bounded(caplog):
+    from onnxformer.modeling.train import _tokenizer_sample
+
+    texts = [f"text {i:03d}" for i in range(100)]  # 8 characters each
+    with caplog.at_level(logging.INFO, logger="onnxformer.modeling"):
+        assert list(_tokenizer_sample(texts, limit=10_000)) == texts and not caplog.text  # all of it, silently
+        spread = list(_tokenizer_sample(texts, limit=200, size=800))
+    assert spread == texts[::4] and "25 texts (200 characters), 1 text in 4" in caplog.text
+    assert list(_tokenizer_sample(texts, limit=80)) == texts[:10]  # an in-memory split: the first ones
