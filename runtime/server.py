@@ -15,7 +15,10 @@ Routes (request and answer fields as OpenAI's; every answer carries ``usage``):
     POST /v1/embeddings         encoder packages (the package's pooling and normalisation)
     POST /v1/classify           encoder packages with a classifier (our own): {"model", "input":
                                 text or texts} -> data[i] = {"index", "label", "score", "probabilities"}
-    GET  /v1/models, /health, /metrics (Prometheus text)
+    GET  /v1/models, /health, /metrics (Prometheus text: onnxformer_queue_depth, _running_rows,
+         _tokens_per_second, _generated_tokens_total, _cancelled_requests_total per model;
+         _time_to_first_token_seconds, _time_per_output_token_seconds, _request_latency_seconds
+         histograms; _requests_total by route and status)
 
 Sampling: ``temperature`` 0 is greedy, > 0 samples; unset, the package's default strategy
 (greedy for our packages), or sampling at temperature 1 when ``top_p`` / ``top_k`` are given.
@@ -490,6 +493,7 @@ def create_app(served: Mapping[str, Served], config: ServeConfig):
     """The starlette app over loaded packages. Its lifespan closes the schedulers."""
     try:
         from starlette.applications import Starlette
+        from starlette.background import BackgroundTask
         from starlette.concurrency import run_in_threadpool
         from starlette.requests import ClientDisconnect
         from starlette.responses import JSONResponse, Response, StreamingResponse
@@ -602,7 +606,8 @@ def create_app(served: Mapping[str, Served], config: ServeConfig):
         if sampling.stream:
             stream = _stream(kind, s, choices, events, sampling, ident, created, metrics, received)
             return StreamingResponse(stream, media_type="text/event-stream",
-                                     headers={**headers, "Cache-Control": "no-cache"})
+                                     headers={**headers, "Cache-Control": "no-cache"},
+                                     background=BackgroundTask(_cancel_unfinished, choices))
         try:
             await _collect(choices, events, request, metrics, s.name)
         finally:
@@ -713,6 +718,14 @@ def create_app(served: Mapping[str, Served], config: ServeConfig):
     app = Starlette(routes=routes, exception_handlers={404: not_found, 405: not_found}, lifespan=lifespan)
     app.state.serve = state  # {"draining": bool}: set by SIGTERM (serve()) and the lifespan's end
     return app
+
+
+def _cancel_unfinished(choices: list[_Choice]) -> None:
+    """After a stream's response (also one cut short before its first chunk): free the rows of
+    the choices still generating."""
+    for choice in choices:
+        if choice.done is None and choice.request is not None:
+            choice.request.cancel()
 
 
 async def _collect(choices: list[_Choice], events: asyncio.Queue, request: Any, metrics: _Metrics, model: str) -> None:
