@@ -9,12 +9,14 @@ onnxruntime + numpy + tokenizers only.
 Requests join the running batch at step boundaries and leave when they finish (eos,
 max_new_tokens / max_length, a stop string) or are cancelled (a client gone): one thread runs
 
-    admit   waiting requests take free rows; their prompts are prefilled (at most
-            ``prefill_tokens`` prompt tokens between two decode steps, at least one prompt)
+    admit   waiting requests take free rows
+    step    one decode step for every running row (one token each)
+    prefill prompt tokens into the cache, at most ``prefill_tokens`` between two decode steps
+            (older prompts first; in pieces where the engine allows it, else one whole prompt
+            at least)
     choose  every row with fresh logits picks its next token with its own settings, through
             the runtime's own processing and sampling (runtime/generation.py: process_logits,
             sampling_filters, sample_tokens, greedy_choice), and finished rows leave
-    step    one decode step for every running row (one token each)
 
 Two engines, chosen by the package's layout (FORMAT.md 4.4, 7.7):
 
@@ -22,15 +24,18 @@ Two engines, chosen by the package's layout (FORMAT.md 4.4, 7.7):
   buffer (R, Hkv, C, Dh), allocated once when the scheduler starts; a free-row pool (a request
   takes the lowest free row, and gives it back when it leaves: nothing is copied or
   reallocated, ever). What onnxruntime's GroupQueryAttention takes, and nothing else:
-  - a prefill runs the new rows alone on a view of their rows of the buffers, right-padded,
-    each row's cache empty (GroupQueryAttention's "first prompt": T = the longest new
-    prompt, ``sequence_lengths`` = each prompt's length); new rows that are not neighbours
-    are prefilled in separate calls;
-  - a decode step runs rows [0, hi) (hi = 1 + the highest busy row) with one token each and
-    per-row ``sequence_lengths``; a free row inside the range is fed a pad with length 1 (it
-    writes its own column 0, which the next prefill of that row overwrites).
-  A step that mixes new prompts (T > 1) with rows that have a cache is not taken: for a batch
-  of more than one row GroupQueryAttention refuses T > 1 with a past.
+  - a prompt enters the cache apart from the decode steps, at most ``prefill_tokens`` prompt
+    tokens per iteration: first pieces of new prompts together on a view of their rows (each
+    row's cache empty: GroupQueryAttention's "first prompt", right-padded, T = the longest
+    piece, ``sequence_lengths`` = each piece's length; rows that are not neighbours in
+    separate calls); a later piece of a long prompt alone on its row (a batch of one may
+    continue its prompt: chunked prefill, the same logits as the whole prompt at once);
+  - a decode step runs rows [0, hi) (hi = 1 + the highest running row) with one token each
+    and per-row ``sequence_lengths``; a row inside the range that is not running is fed a pad
+    one past its cache (it writes the column its next prompt piece, or a free row's first
+    prefill, overwrites).
+  A step that mixes prompt pieces (T > 1) with rows decoding is not taken: for a batch of
+  more than one row GroupQueryAttention refuses T > 1 with a past (tests/test_serve.py).
 * :class:`StepEngine` (every other package: traced "concat" decoders, prefix-LM, encoder-
   decoder of either layout, CUDA): the package's own step model (``Model.step_model()``),
   whose ``prefill`` admits rows into the running batch and ``release`` drops them
@@ -146,6 +151,7 @@ class Request:
     _sent: str = ""
     _stop_at: int | None = None
     _slot: int = -1
+    _prefilled: int = 0  # prompt tokens in the cache
     _started: float = 0.0
     _first: float | None = None
     _feed: int = 0
@@ -214,6 +220,14 @@ class RowPool:
         self.session.run_with_iobinding(binding)
         return StepResult(logits, token, logprob)
 
+    def extend(self, slot: int, ids: Sequence[int], length: int) -> StepResult:
+        """The next piece of row ``slot``'s prompt, alone (batch 1): the row holds ``length``
+        tokens afterwards."""
+        tokens = np.asarray([ids], dtype=np.int64)  # (1, T)
+        binding, _, _, logits, token, logprob = self._bind(slot, slot + 1, tokens, np.array([length], dtype=np.int64))
+        self.session.run_with_iobinding(binding)
+        return StepResult(logits, token, logprob)
+
     def step(self, hi: int, tokens: np.ndarray, lengths: np.ndarray) -> StepResult:
         """One token per row of [0, hi): tokens (hi,), lengths (hi,) after the step. The result
         is valid until the next step over the same hi."""
@@ -227,67 +241,79 @@ class RowPool:
 
 
 class _PoolEngine:
-    """The scheduler's view of a RowPool: requests by row."""
+    """The scheduler's view of a RowPool: requests by row; prompts may be prefilled in chunks."""
+
+    chunked = True  # a prompt may enter the cache in pieces (GroupQueryAttention continues one row's prompt)
 
     def __init__(self, model: "Model", rows: int, capacity: int):
         self.pool = RowPool(model, rows, capacity)
-        self.capacity = capacity
-        self._lengths = np.ones(rows, dtype=np.int64)  # tokens in each row's cache after its last call
+        self._lengths = np.zeros(rows, dtype=np.int64)  # tokens in each row's cache; 0 for a free row
 
-    @property
-    def free(self) -> int:
-        return self.pool.free
-
-    def join(self, requests: list[Request]) -> list[tuple[Request, StepResult, int]]:
-        """Prefill the requests' prompts; (request, result, its row in result) each."""
-        slots = self.pool.take(len(requests))
-        for request, slot in zip(requests, slots):
+    def admit(self, requests: list[Request]) -> None:
+        for request, slot in zip(requests, self.pool.take(len(requests))):
             request._slot = slot
-            self._lengths[slot] = len(request.prompt)
-        out = []
-        by_slot = sorted(requests, key=lambda r: r._slot)
-        start = 0
-        while start < len(by_slot):  # runs of neighbouring rows, one call each
-            end = start + 1
-            while end < len(by_slot) and by_slot[end]._slot == by_slot[end - 1]._slot + 1:
-                end += 1
-            run = by_slot[start:end]
-            result = self.pool.prefill(run[0]._slot, [r.prompt for r in run])
-            out += [(r, result, i) for i, r in enumerate(run)]
-            start = end
+            self._lengths[slot] = 0
+
+    def prefill(self, work: list[tuple[Request, int]]) -> list[tuple[Request, StepResult, int]]:
+        """Bring each request's cache to ``end`` prompt tokens; (request, result, its row) each.
+        First pieces run together (neighbouring rows in one call, their caches empty); a later
+        piece of a prompt runs alone on its row (batch 1 with a cache: what the graph takes)."""
+        later = [(r, end) for r, end in work if r._prefilled > 0]
+        first = sorted([(r, end) for r, end in work if r._prefilled == 0], key=lambda item: item[0]._slot)
+        out, start = [], 0
+        while start < len(first):  # runs of neighbouring rows, one call each
+            stop = start + 1
+            while stop < len(first) and first[stop][0]._slot == first[stop - 1][0]._slot + 1:
+                stop += 1
+            run = first[start:stop]
+            result = self.pool.prefill(run[0][0]._slot, [r.prompt[:end] for r, end in run])
+            out += [(r, result, i) for i, (r, _) in enumerate(run)]
+            start = stop
+        for request, end in later:
+            out.append((request, self.pool.extend(request._slot, request.prompt[request._prefilled:end], end), 0))
+        for request, end in work:
+            request._prefilled = end
+            self._lengths[request._slot] = end
         return out
 
     def step(self, requests: list[Request]) -> tuple[StepResult, list[int]]:
         hi = 1 + max(r._slot for r in requests)
         tokens = np.zeros(hi, dtype=np.int64)
-        lengths = np.ones(hi, dtype=np.int64)  # a free row inside [0, hi): a pad with length 1
+        # A row inside [0, hi) that is not running is fed a pad one past its cache: it writes the
+        # column its next prompt piece (or a free row's first prefill) overwrites.
+        lengths = self._lengths[:hi] + 1
         for r in requests:
             tokens[r._slot] = r._feed
             self._lengths[r._slot] += 1
-            lengths[r._slot] = self._lengths[r._slot]
         return self.pool.step(hi, tokens, lengths), [r._slot for r in requests]
 
     def leave(self, request: Request) -> None:
-        self.pool.give_back(request._slot)
-        request._slot = -1
+        if request._slot != -1:
+            self.pool.give_back(request._slot)
+            self._lengths[request._slot] = 0
+            request._slot = -1
 
 
 class StepEngine:
     """Any package's step model as the scheduler's engine: prefill admits rows at the end of
-    the running batch, release drops rows (the others keep their order)."""
+    the running batch (whole prompts: a prefix-LM prompt is one bidirectional block), release
+    drops rows (the others keep their order)."""
+
+    chunked = False
 
     def __init__(self, model: "Model", rows: int, capacity: int):
         self.steps: StepModel = model.step_model(capacity=capacity)
-        self.rows, self.capacity = rows, capacity
         self._order: list[Request] = []  # running row r is self._order[r]
 
-    @property
-    def free(self) -> int:
-        return self.rows - len(self._order)
+    def admit(self, requests: list[Request]) -> None:
+        pass
 
-    def join(self, requests: list[Request]) -> list[tuple[Request, StepResult, int]]:
+    def prefill(self, work: list[tuple[Request, int]]) -> list[tuple[Request, StepResult, int]]:
+        requests = [r for r, _ in work]
         result = self.steps.prefill([r.prompt for r in requests])
         result = result.take(np.arange(len(requests)))  # a copy: the next call may reuse the buffers
+        for request in requests:
+            request._prefilled = len(request.prompt)
         self._order += requests
         return [(r, result, i) for i, r in enumerate(requests)]
 
@@ -298,9 +324,10 @@ class StepEngine:
         return result, [row[id(r)] for r in requests]
 
     def leave(self, request: Request) -> None:
-        index = next(i for i, r in enumerate(self._order) if r is request)
-        self.steps.release([index])
-        del self._order[index]
+        index = next((i for i, r in enumerate(self._order) if r is request), None)
+        if index is not None:  # admitted and prefilled
+            self.steps.release([index])
+            del self._order[index]
 
 
 def uses_row_pool(model: "Model") -> bool:
@@ -322,7 +349,8 @@ class Scheduler:
         self.engine_name = "row-pool" if uses_row_pool(model) else "step-model"
         self.engine = self._new_engine()
         self._waiting: deque[Request] = deque()
-        self._running: list[Request] = []
+        self._running: list[Request] = []  # decoding: one token per step
+        self._prefilling: list[Request] = []  # admitted: a row, the prompt (partly) not yet in the cache
         self._cv = threading.Condition()
         self._closing = False
         self.generated_tokens = 0  # counters for /metrics
@@ -345,7 +373,8 @@ class Scheduler:
 
     @property
     def running(self) -> int:
-        return len(self._running)
+        """Rows in use: decoding, or their prompt entering the cache."""
+        return len(self._running) + len(self._prefilling)
 
     def check(self, prompt: Sequence[int], config: GenerationConfig) -> list[int]:
         """The prompt checked as ``Model.generate_ids`` checks it, and against the row's
@@ -388,7 +417,7 @@ class Scheduler:
         self._thread.join(timeout)
         if self._thread.is_alive():
             with self._cv:
-                for request in (*self._waiting, *self._running):
+                for request in (*self._waiting, *self._running, *self._prefilling):
                     request.cancel()
                 self._cv.notify()
             self._thread.join(10)
@@ -397,9 +426,9 @@ class Scheduler:
     def _loop(self) -> None:
         while True:
             with self._cv:
-                while not self._waiting and not self._running and not self._closing:
+                while not self._waiting and not self._busy and not self._closing:
                     self._cv.wait()
-                if self._closing and not self._waiting and not self._running:
+                if self._closing and not self._waiting and not self._busy:
                     return
                 admitted = self._admissions()
             try:
@@ -411,63 +440,65 @@ class Scheduler:
                     log.exception("scheduler step failed")
                     first = str(err).strip().splitlines()[0][:300] if str(err).strip() else type(err).__name__
                     error = RunError(f"onnxruntime failed while running the generation graphs: {first}")
-                for request in {id(r): r for r in (*admitted, *self._running)}.values():
+                for request in {id(r): r for r in (*admitted, *self._running, *self._prefilling)}.values():
                     self._send(request, Failed(error))
-                self._running = []
+                self._running, self._prefilling = [], []
                 self.engine = self._new_engine()  # fresh buffers: the old ones may be half-written
 
+    @property
+    def _busy(self) -> bool:
+        return bool(self._running or self._prefilling)
+
     def _admissions(self) -> list[Request]:
-        """Waiting requests that get a row now (cancelled ones are dropped), within the budget."""
-        admitted, budget = [], self.config.prefill_tokens
-        free = self.engine.free
+        """Waiting requests that get a row now (cancelled ones are dropped)."""
+        admitted = []
+        free = self.config.rows - len(self._running) - len(self._prefilling)
         while self._waiting and len(admitted) < free:
-            request = self._waiting[0]
+            request = self._waiting.popleft()
             if request.cancelled:
-                self._waiting.popleft()
                 self._finish(request, "cancelled")
-                continue
-            if admitted and len(request.prompt) > budget:
-                break
-            budget -= len(request.prompt)
-            admitted.append(self._waiting.popleft())
+            else:
+                admitted.append(request)
         return admitted
 
     def _iterate(self, admitted: list[Request]) -> None:
-        """Cancelled rows leave; one decode step for the running rows; the admitted requests'
-        prefill (after the step: a free row inside the step's range is written by it); then
+        """Admit; cancelled rows leave; one decode step for the running rows; then prompt tokens
+        into the cache, at most ``prefill_tokens`` of them (older prompts first; a prompt is
+        cut into pieces where the engine allows it, else one whole prompt at least): after the
+        step, as a row that is not running inside the step's range is written by it; then
         every row with fresh logits picks its token."""
-        live = []
-        for request in self._running:
-            if request.cancelled:
-                self._leave(request, "cancelled")
+        now = time.perf_counter()
+        self.engine.admit(admitted)
+        for request in admitted:
+            request._started = now
+            start = self._sequence_start(request.prompt)
+            request._history = list(start)
+            [request._limit] = gen.new_token_limits([start], request.config)
+            if request._limit == 0:  # nothing to generate: no model call (as generate())
+                self._leave(request, "length")
             else:
-                live.append(request)
-        self._running = live
+                self._prefilling.append(request)
+        for group in (self._running, self._prefilling):
+            for request in [r for r in group if r.cancelled]:
+                group.remove(request)
+                self._leave(request, "cancelled")
         ready = []
         if self._running:
             result, rows = self.engine.step(self._running)
             self.steps_run += 1
             ready = [(request, result, row) for request, row in zip(self._running, rows)]
-        now = time.perf_counter()
-        for request in admitted:
-            request._started = now
-        if admitted:
-            ready += self._join(admitted)
+        work, budget = [], self.config.prefill_tokens
+        for request in self._prefilling:
+            remaining = len(request.prompt) - request._prefilled
+            if budget <= 0 or (not self.engine.chunked and work and remaining > budget):
+                break
+            take = min(remaining, budget) if self.engine.chunked else remaining
+            work.append((request, request._prefilled + take))
+            budget -= take
+        if work:
+            ready += [(r, result, row) for r, result, row in self.engine.prefill(work) if r._prefilled == len(r.prompt)]
+            self._prefilling = [r for r in self._prefilling if r._prefilled < len(r.prompt)]
         self._running = [request for request, result, row in ready if self._choose(request, result, row)]
-
-    def _join(self, requests: list[Request]) -> list[tuple[Request, StepResult, int]]:
-        out = []
-        for request in requests:
-            start = self._sequence_start(request.prompt)
-            request._history = list(start)
-            [request._limit] = gen.new_token_limits([start], request.config)
-        zero = [r for r in requests if r._limit == 0]
-        for request in zero:  # nothing to generate: no model call (as generate())
-            self._finish(request, "length")
-        todo = [r for r in requests if r._limit > 0]
-        if todo:
-            out = self.engine.join(todo)
-        return out
 
     def _sequence_start(self, prompt: list[int]) -> list[int]:
         if self.model.arch == "encoder-decoder":

@@ -74,17 +74,23 @@ def _drain(events: queue.Queue):
         tokens.append(event)
 
 
-@pytest.mark.parametrize("name", ["decoder", "ed", "plm"])
-def test_every_request_equals_the_runtime_alone_whatever_else_runs(models, name):
+def _all_rows_free(scheduler) -> bool:
+    engine = scheduler.engine
+    return engine.pool.free == scheduler.config.rows if hasattr(engine, "pool") else engine.steps.rows == 0
+
+
+@pytest.mark.parametrize("name, prefill_tokens", [("decoder", 512), ("decoder", 3), ("ed", 512), ("plm", 512)])
+def test_every_request_equals_the_runtime_alone_whatever_else_runs(models, name, prefill_tokens):
     """24 requests of mixed lengths and settings submitted at once into 4 rows (so they join
-    and leave mid-batch): tokens, finish reason, score and text equal generate_ids alone, the
-    streamed pieces join to the text."""
+    and leave mid-batch; prefill_tokens 3: prompts enter the cache in pieces of 3 tokens
+    between decode steps): tokens, finish reason, score and text equal generate_ids alone,
+    the streamed pieces join to the text."""
     from onnxformer.runtime.scheduler import Scheduler, SchedulerConfig
 
     model = models[name]
     fmt = model.prompt_format
     prompts = model.encode([fmt.format(t) if fmt else t for t in NUMBERS * 3])
-    scheduler = Scheduler(model, SchedulerConfig(rows=4, max_queue=64))
+    scheduler = Scheduler(model, SchedulerConfig(rows=4, max_queue=64, prefill_tokens=prefill_tokens))
     assert scheduler.engine_name == ("row-pool" if name == "decoder" else "step-model")
     try:
         runs = []
@@ -99,7 +105,7 @@ def test_every_request_equals_the_runtime_alone_whatever_else_runs(models, name)
             assert done.score == pytest.approx(alone.scores[0], abs=1e-4)
             assert done.text == alone.texts[0]
             assert "".join(t.text for t in tokens) + done.tail == done.text
-        assert scheduler.running == 0 and scheduler.engine.free == 4
+        assert scheduler.running == 0 and _all_rows_free(scheduler)
     finally:
         scheduler.close()
 
@@ -119,7 +125,7 @@ def test_the_row_pool_is_allocated_once_and_rows_are_reused(models):
             for events in runs:
                 _drain(events)
         assert {n: a.ctypes.data for n, a in scheduler.engine.pool.buffers.items()} == buffers
-        assert scheduler.engine.free == 3
+        assert scheduler.engine.pool.free == 3
     finally:
         scheduler.close()
 
@@ -151,7 +157,7 @@ def test_a_cancelled_request_leaves_within_one_step(models):
         assert finished.wait(60)
         assert result["done"].finish_reason == "cancelled"
         assert len(seen) == cancelled_at[0]  # cancelled inside the callback: no token after it
-        assert scheduler.engine.free == 2 and scheduler.running == 0
+        assert scheduler.engine.pool.free == 2 and scheduler.running == 0
     finally:
         scheduler.close()
 
