@@ -16,7 +16,8 @@ max_new_tokens / max_length, a stop string) or are cancelled (a client gone): on
             at least)
     choose  every row with fresh logits picks its next token with its own settings, through
             the runtime's own processing and sampling (runtime/generation.py: process_logits,
-            sampling_filters, sample_tokens, greedy_choice), and finished rows leave
+            sampling_filters, sample_tokens, greedy_choice; its stop-string search and
+            hold-back, _find_stop and _held_back), and finished rows leave
 
 Two engines, chosen by the package's layout (FORMAT.md 4.4, 7.7):
 
@@ -81,7 +82,8 @@ log = logging.getLogger(__name__)
 class SchedulerConfig:
     rows: int = 16  # R: requests decoded together (the KV pool's rows)
     max_queue: int = 64  # requests waiting for a row; one more is refused (QueueFull)
-    prefill_tokens: int = 512  # prompt tokens prefilled between two decode steps (at least one prompt)
+    prefill_tokens: int = 512  # prompt tokens into the cache between two decode steps (row pool: in pieces;
+    # step-model engine: whole prompts, at least one)
     context: int | None = None  # C: tokens per row (prompt + generated); None = the package's max_seq_len
 
     def __post_init__(self) -> None:

@@ -423,6 +423,20 @@ def test_logprobs_in_openai_format(server, models):
                            for c in content)
 
 
+@pytest.mark.slow
+def test_n_choices_sample_and_the_first_equals_the_runtime_with_the_seed(server, models):
+    decoder = models["decoder"]
+    body = {"model": "decoder", "prompt": "seven =", "max_tokens": 12, "temperature": 1.5, "top_k": 50, "seed": 7,
+            "n": 4}
+    got = _post(server, "/v1/completions", body).json()
+    assert [c["index"] for c in got["choices"]] == [0, 1, 2, 3]
+    alone = decoder.generate("seven =", raw=True, strategy="sample", temperature=1.5, top_k=50, seed=7,
+                             max_new_tokens=12)[0]
+    assert got["choices"][0]["text"] == alone.texts[0]
+    assert got["usage"]["prompt_tokens"] == len(decoder.encode(["seven ="])[0])
+    assert got["usage"]["completion_tokens"] >= 4
+
+
 ERRORS = [
     # (body or raw bytes, path, status, code, words in the message)
     (b"{not json", "/v1/completions", 400, "E_INPUT", "not valid JSON"),
