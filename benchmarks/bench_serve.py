@@ -12,7 +12,8 @@ many client threads, streamed (TTFT = request sent -> first token's chunk; per-t
 the gaps between a stream's later chunks), to a server on 127.0.0.1 (a child process, rows = the
 highest concurrency). Throughput = generated tokens / wall time. The sequential baseline runs
 the same prompts through Model.generate_ids one after another in this process (no HTTP), with
-the same onnxruntime threads. Answers must equal the baseline's tokens (greedy).
+the same onnxruntime threads. Answers must equal the baseline's tokens (greedy). --in-process
+adds the same requests through the scheduler without HTTP (what the batching itself gives).
 """
 
 from __future__ import annotations
@@ -80,6 +81,55 @@ def sequential(model, prompts, new_tokens: int) -> tuple[dict, list[list[int]]]:
             "ttft_p50_ms": None, "ttft_p99_ms": None,
             "tpot_p50_ms": round(1000 * wall / tokens, 2), "tpot_p99_ms": None,
             "wall_s": round(wall, 2), "tokens": tokens}, outputs
+
+
+def in_process(model, prompts, new_tokens: int, levels: list[int], expected: list[list[int]]) -> list[dict]:
+    """The same requests through the scheduler in this process (no HTTP): what the batching
+    itself gives; `level` requests in flight at a time, on `level` rows."""
+    import queue
+
+    from onnxformer.runtime.scheduler import Done, Request, Scheduler, SchedulerConfig
+
+    config = model.generation_config(max_new_tokens=new_tokens, strategy="greedy")
+    rows = []
+    for level in levels:
+        scheduler = Scheduler(model, SchedulerConfig(rows=level, max_queue=len(prompts)))
+        events: queue.Queue = queue.Queue()
+        stamps: dict[int, list[float]] = {}
+        sent: dict[int, float] = {}
+        outputs: dict[int, list[int]] = {}
+
+        def submit(i: int) -> None:
+            sent[i], stamps[i] = time.perf_counter(), []
+            scheduler.submit(Request(prompts[i], config, lambda e, i=i: events.put((i, e, time.perf_counter())),
+                                     top_logprobs=0))
+
+        start = time.perf_counter()
+        following = min(level, len(prompts))
+        for i in range(following):
+            submit(i)
+        while len(outputs) < len(prompts):
+            i, event, at = events.get()
+            if isinstance(event, Done):
+                outputs[i] = list(event.token_ids)
+                if following < len(prompts):
+                    submit(following)
+                    following += 1
+            else:
+                stamps[i].append(at)
+        wall = time.perf_counter() - start
+        scheduler.close()
+        if [outputs[i] for i in range(len(prompts))] != expected:
+            raise RuntimeError(f"in-process concurrency {level}: tokens differ from generate()'s")
+        tokens = sum(len(o) for o in outputs.values())
+        ttft = [stamps[i][0] - sent[i] for i in stamps if stamps[i]]
+        gaps = [b - a for st in stamps.values() for a, b in zip(st, st[1:])]
+        rows.append({"mode": "scheduler in-process (no HTTP)", "concurrency": level, "tok_s": round(tokens / wall, 1),
+                     "ttft_p50_ms": round(1000 * _percentile(ttft, 50), 1),
+                     "ttft_p99_ms": round(1000 * _percentile(ttft, 99), 1),
+                     "tpot_p50_ms": round(1000 * _percentile(gaps, 50), 2),
+                     "tpot_p99_ms": round(1000 * _percentile(gaps, 99), 2), "wall_s": round(wall, 2), "tokens": tokens})
+    return rows
 
 
 def _free_port() -> int:
@@ -165,6 +215,8 @@ def main() -> None:
     p.add_argument("--package", type=Path, default=None, help="a decoder package (default: the benchmark decoder)")
     p.add_argument("--work", type=Path, default=DEFAULT_WORK_DIR)
     p.add_argument("--threads", type=int, default=None, help="onnxruntime threads (default: onnxruntime's)")
+    p.add_argument("--in-process", action="store_true",
+                   help="also run the requests through the scheduler in this process (no HTTP)")
     p.add_argument("--json", type=Path, default=None)
     args = p.parse_args()
 
@@ -175,8 +227,9 @@ def main() -> None:
     prompts = _prompts(model, args.requests, args.prompt_len)
     load_before = load_average()
     base, outputs = sequential(model, prompts, args.new_tokens)
+    local = in_process(model, prompts, args.new_tokens, args.concurrency, outputs) if args.in_process else []
     del model
-    rows = [base, *served(package, prompts, args.new_tokens, args.concurrency, args.threads, outputs)]
+    rows = [base, *served(package, prompts, args.new_tokens, args.concurrency, args.threads, outputs), *local]
     for row in rows:
         row["speedup"] = f"{row['tok_s'] / base['tok_s']:.2f}x"
     out = {"package": str(package), "requests": args.requests, "prompt_len": args.prompt_len,
