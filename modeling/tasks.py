@@ -179,8 +179,10 @@ class CutReport:
         self.dropped += dropped
         self.longest = max(self.longest, tokens)
 
-    def describe(self, what: str, max_len: int) -> tuple[int, str]:
-        """(logging level, message) for the log: INFO when every token is used, else WARNING."""
+    def describe(self, what: str, max_len: int, *, limit: int | None = None) -> tuple[int, str]:
+        """(logging level, message) for the log: INFO when every token is used, else WARNING with
+        the fix. `limit`: the context of a loaded model, which --max-len cannot pass (None: a new
+        model, whose context grows with --max-len)."""
         share = lambda n: f"{n:,} of {self.tokens:,} tokens ({100 * n / max(1, self.tokens):.1f}%)"  # noqa: E731
         examples, rows = ("documents", "windows") if self.split_examples else ("examples", "rows")
         text = f"{what}: {self.examples:,} {examples}, {self.tokens:,} tokens -> {self.rows:,} {rows} of <= {max_len} tokens"
@@ -189,7 +191,14 @@ class CutReport:
         text += f"; tokens used: {share(self.used)}"
         if self.used == self.tokens:
             return logging.INFO, text
-        fix = f"to keep them, raise --max-len (the longest example has {self.longest:,} tokens)"
+        if limit is None or self.longest <= limit:
+            fix = f"to keep them, raise --max-len to {self.longest} (the longest example)"
+        elif max_len < limit:
+            fix = (f"the longest example has {self.longest:,} tokens and the model's context is {limit} (max_seq_len): "
+                   f"pass --max-len {limit} to keep the most, or shorten the examples")
+        else:
+            fix = (f"the model's context is {limit} tokens (max_seq_len), so the longest ({self.longest:,} tokens) "
+                   "cannot be kept whole: shorten the examples, or train a new model with a larger --max-len")
         if self.cut_examples:
             text += f"; {self.cut_examples:,} examples longer than --max-len {max_len} were cut"
         if self.dropped:

@@ -801,8 +801,9 @@ def _datasets(
     else:
         sets = {name: TaskDataset(objective, context, rows=rows, report=report)
                 for name, (rows, report) in _cached_rows(config, env, objective, context, splits).items()}
+    limit = context.model_config.max_seq_len if config.from_checkpoint is not None else None  # a loaded model's context
     for name, dataset in sets.items():
-        level, message = dataset.report.describe(f"{config.task} {name}", context.max_len)
+        level, message = dataset.report.describe(f"{config.task} {name}", context.max_len, limit=limit)
         if env.is_main:
             logger.log(level, message)
         if len(dataset) == 0:

@@ -128,7 +128,11 @@ def test_classify_counts_the_examples_it_cuts_and_their_tokens(documents):
     level, message = report.describe("classify train", 16)
     assert level == logging.WARNING
     assert f"{report.cut_examples} examples longer than --max-len 16 were cut" in message
-    assert f"{max(lengths):,} tokens" in message  # the fix names the length to ask for
+    assert f"raise --max-len to {max(lengths)}" in message  # the fix names the length to ask for
+    # A loaded model's context bounds the fix: up to it, or (already there) shorten the examples.
+    assert f"pass --max-len {max(lengths) - 1} to keep the most" in report.describe("c", 16, limit=max(lengths) - 1)[1]
+    assert "cannot be kept whole" in report.describe("c", 16, limit=16)[1]
+    assert f"raise --max-len to {max(lengths)}" in report.describe("c", 16, limit=512)[1]
 
 
 def test_sft_drops_an_example_whose_prompt_fills_max_len_and_counts_cut_targets(documents):
