@@ -160,26 +160,32 @@ class _SplitWriter:
         return [name for name, column in self.columns.items() if column.close()]
 
 
-def _batches(examples: Iterable, *, size: int = BATCH_EXAMPLES, chars: int = BATCH_CHARS) -> Iterator[list]:
-    """Raw examples in lists of `size`, or fewer once their text reaches `chars` characters."""
+def _chars(example) -> int:
+    text = getattr(example, "text", None)
+    return len(text) if text is not None else len(getattr(example, "source", "")) + len(getattr(example, "target", ""))
+
+
+def _batches(examples: Iterable, *, size: int = BATCH_EXAMPLES, chars: int = BATCH_CHARS) -> Iterator[tuple[list, int]]:
+    """Raw examples in lists of `size`, or fewer once their text reaches `chars` characters;
+    each with its characters."""
     batch, length = [], 0
     for example in examples:
         batch.append(example)
-        length += sum(len(getattr(example, f, "")) for f in ("text", "source", "target"))
+        length += _chars(example)
         if len(batch) >= size or length >= chars:
-            yield batch
+            yield batch, length
             batch, length = [], 0
     if batch:
-        yield batch
+        yield batch, length
 
 
 def _encode_split(writer: _SplitWriter, examples: Iterable, encode, split: str) -> CutReport:
     report, chars, last = CutReport(), 0, time.monotonic()
-    for batch in _batches(examples):
+    for batch, length in _batches(examples):
         encoding: Encoding = encode(batch)
         writer.add(encoding.examples)
         report.merge(encoding.report)
-        chars += sum(len(getattr(e, f, "")) for e in batch for f in ("text", "source", "target"))
+        chars += length
         if time.monotonic() - last > _PROGRESS_EVERY_S:
             last = time.monotonic()
             logger.info("token cache: %s: %s examples (%.0f M characters) read, %s rows", split,
