@@ -12,7 +12,9 @@ many client threads, streamed (TTFT = request sent -> first token's chunk; per-t
 the gaps between a stream's later chunks), to a server on 127.0.0.1 (a child process, rows = the
 highest concurrency). Throughput = generated tokens / wall time. The sequential baseline runs
 the same prompts through Model.generate_ids one after another in this process (no HTTP), with
-the same onnxruntime threads. Answers must equal the baseline's tokens (greedy). --in-process
+the same onnxruntime threads; the machine's load drifts, so each level's ratio is against a
+sequential run of --baseline-requests prompts measured right before it. Answers must equal the
+baseline's tokens (greedy). --in-process
 adds the same requests through the scheduler without HTTP (what the batching itself gives).
 """
 
@@ -35,9 +37,10 @@ if __package__ in (None, ""):
 
 from benchmarks.common import DEFAULT_WORK_DIR, load_average, markdown_table, write_json  # noqa: E402
 
-COLUMNS = [("mode", "mode"), ("concurrency", "concurrency"), ("tok_s", "tok/s"), ("speedup", "vs sequential"),
+COLUMNS = [("mode", "mode"), ("concurrency", "concurrency"), ("tok_s", "tok/s"),
+           ("sequential_tok_s", "sequential tok/s just before"), ("speedup", "vs sequential"),
            ("ttft_p50_ms", "TTFT p50 ms"), ("ttft_p99_ms", "TTFT p99 ms"), ("tpot_p50_ms", "per-token p50 ms"),
-           ("tpot_p99_ms", "per-token p99 ms"), ("wall_s", "wall s")]
+           ("tpot_p99_ms", "per-token p99 ms"), ("wall_s", "wall s"), ("load_1min", "load (1 min)")]
 
 
 def _package(args) -> Path:
@@ -83,7 +86,7 @@ def sequential(model, prompts, new_tokens: int) -> tuple[dict, list[list[int]]]:
             "wall_s": round(wall, 2), "tokens": tokens}, outputs
 
 
-def in_process(model, prompts, new_tokens: int, levels: list[int], expected: list[list[int]]) -> list[dict]:
+def in_process(model, prompts, new_tokens: int, levels: list[int], expected: list[list[int]], baseline) -> list[dict]:
     """The same requests through the scheduler in this process (no HTTP): what the batching
     itself gives; `level` requests in flight at a time, on `level` rows."""
     import queue
@@ -93,6 +96,7 @@ def in_process(model, prompts, new_tokens: int, levels: list[int], expected: lis
     config = model.generation_config(max_new_tokens=new_tokens, strategy="greedy")
     rows = []
     for level in levels:
+        adjacent = baseline()
         scheduler = Scheduler(model, SchedulerConfig(rows=level, max_queue=len(prompts)))
         events: queue.Queue = queue.Queue()
         stamps: dict[int, list[float]] = {}
@@ -125,6 +129,7 @@ def in_process(model, prompts, new_tokens: int, levels: list[int], expected: lis
         ttft = [stamps[i][0] - sent[i] for i in stamps if stamps[i]]
         gaps = [b - a for st in stamps.values() for a, b in zip(st, st[1:])]
         rows.append({"mode": "scheduler in-process (no HTTP)", "concurrency": level, "tok_s": round(tokens / wall, 1),
+                     "sequential_tok_s": adjacent, "load_1min": load_average()[0],
                      "ttft_p50_ms": round(1000 * _percentile(ttft, 50), 1),
                      "ttft_p99_ms": round(1000 * _percentile(ttft, 99), 1),
                      "tpot_p50_ms": round(1000 * _percentile(gaps, 50), 2),
@@ -139,7 +144,7 @@ def _free_port() -> int:
 
 
 def served(package: Path, prompts, new_tokens: int, levels: list[int], threads: int | None,
-           expected: list[list[int]]) -> list[dict]:
+           expected: list[list[int]], baseline) -> list[dict]:
     import httpx
 
     port = _free_port()
@@ -181,6 +186,7 @@ def served(package: Path, prompts, new_tokens: int, levels: list[int], threads: 
         one(prompts[0])  # warm-up
         rows = []
         for level in levels:
+            adjacent = baseline()
             start = time.perf_counter()
             with ThreadPoolExecutor(level) as pool:
                 results = list(pool.map(one, prompts))
@@ -192,6 +198,7 @@ def served(package: Path, prompts, new_tokens: int, levels: list[int], threads: 
             ttft = [stamps[0] - sent for sent, stamps, _ in results if stamps]
             gaps = [b - a for _, stamps, _ in results for a, b in zip(stamps, stamps[1:])]
             rows.append({"mode": "serve (HTTP, streamed)", "concurrency": level, "tok_s": round(tokens / wall, 1),
+                         "sequential_tok_s": adjacent, "load_1min": load_average()[0],
                          "ttft_p50_ms": round(1000 * _percentile(ttft, 50), 1),
                          "ttft_p99_ms": round(1000 * _percentile(ttft, 99), 1),
                          "tpot_p50_ms": round(1000 * _percentile(gaps, 50), 2),
@@ -215,6 +222,8 @@ def main() -> None:
     p.add_argument("--package", type=Path, default=None, help="a decoder package (default: the benchmark decoder)")
     p.add_argument("--work", type=Path, default=DEFAULT_WORK_DIR)
     p.add_argument("--threads", type=int, default=None, help="onnxruntime threads (default: onnxruntime's)")
+    p.add_argument("--baseline-requests", type=int, default=8,
+                   help="prompts of the sequential run measured right before each level (default 8)")
     p.add_argument("--in-process", action="store_true",
                    help="also run the requests through the scheduler in this process (no HTTP)")
     p.add_argument("--json", type=Path, default=None)
@@ -227,11 +236,18 @@ def main() -> None:
     prompts = _prompts(model, args.requests, args.prompt_len)
     load_before = load_average()
     base, outputs = sequential(model, prompts, args.new_tokens)
-    local = in_process(model, prompts, args.new_tokens, args.concurrency, outputs) if args.in_process else []
-    del model
-    rows = [base, *served(package, prompts, args.new_tokens, args.concurrency, args.threads, outputs), *local]
+    base.update(sequential_tok_s=base["tok_s"], load_1min=load_average()[0])
+
+    def baseline() -> float:
+        """Sequential tok/s on the first --baseline-requests prompts, measured right before a
+        level: the machine's load drifts between levels, so each ratio is against its neighbour."""
+        return sequential(model, prompts[:args.baseline_requests], args.new_tokens)[0]["tok_s"]
+
+    rows = [base, *served(package, prompts, args.new_tokens, args.concurrency, args.threads, outputs, baseline)]
+    if args.in_process:
+        rows += in_process(model, prompts, args.new_tokens, args.concurrency, outputs, baseline)
     for row in rows:
-        row["speedup"] = f"{row['tok_s'] / base['tok_s']:.2f}x"
+        row["speedup"] = f"{row['tok_s'] / row['sequential_tok_s']:.2f}x"
     out = {"package": str(package), "requests": args.requests, "prompt_len": args.prompt_len,
            "new_tokens": args.new_tokens, "cpu_count": os.cpu_count(), "load_average_before": load_before,
            "load_average_after": load_average(), "rows": rows}
