@@ -189,6 +189,28 @@ def test_a_full_queue_and_a_closing_scheduler_refuse(models):
         _run(scheduler, prompt, config)
 
 
+def test_a_failing_step_fails_its_batch_and_the_scheduler_keeps_serving(models):
+    """onnxruntime failing mid-batch (here: a step that raises): the batch's requests get
+    Failed with RunError E_RUN, the engine is rebuilt, the next request is answered."""
+    from onnxformer.runtime.scheduler import Failed, Scheduler, SchedulerConfig
+
+    model = models["decoder"]
+    scheduler = Scheduler(model, SchedulerConfig(rows=2))
+    try:
+        def broken(requests):
+            raise RuntimeError("[ONNXRuntimeError] : 6 : RUNTIME_EXCEPTION : a kernel failed")
+
+        scheduler.engine.step = broken
+        prompt = model.encode(["seven ="])[0]
+        config = model.generation_config(max_new_tokens=5, eos_token_ids=())
+        tokens, failed = _drain(_run(scheduler, prompt, config))
+        assert isinstance(failed, Failed) and failed.error.code == "E_RUN" and "a kernel failed" in str(failed.error)
+        tokens, done = _drain(_run(scheduler, prompt, config))
+        assert list(done.token_ids) == model.generate_ids([prompt], config)[0].token_ids[0]
+    finally:
+        scheduler.close()
+
+
 def test_requests_are_checked_before_they_queue(models):
     from onnxformer.runtime.errors import ConfigError, InputError
     from onnxformer.runtime.scheduler import Scheduler, SchedulerConfig
