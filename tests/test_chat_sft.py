@@ -15,11 +15,10 @@ from __future__ import annotations
 
 import json
 import subprocess
-from pathlib import Path
 
 import pytest
 
-from support import HAS_NODE, NODE_DIR
+from support import CHATML, HAS_NODE, LLAMA3, NODE_DIR
 
 torch = pytest.importorskip("torch", reason="training tests need the [train] extra (torch)")
 pytest.importorskip("jinja2", reason="chat templates need jinja2 (pip install 'onnxformer[chat]')")
@@ -52,20 +51,8 @@ CONVERSATIONS = [
     ChatExample((Message("user", "naïve café"), Message("assistant", "日本 🙂"), Message("user", "{{ not a tag }}"),
                  Message("assistant", "ok"))),
 ]
-# Templates as models ship them (test_hf_package.py has the same): Qwen2's ChatML with a default
-# system prompt, Llama 3 (trims the content, writes bos_token itself), Mistral (no generation prompt).
-CHATML_SYSTEM = (
-    "{% for message in messages %}{% if loop.first and messages[0]['role'] != 'system' %}"
-    "{{ '<|im_start|>system\\nYou are a helpful assistant.<|im_end|>\\n' }}{% endif %}"
-    "{{'<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>' + '\\n'}}{% endfor %}"
-    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
-)
-LLAMA3 = (
-    "{% set loop_messages = messages %}{% for message in loop_messages %}{% set content = '<|start_header_id|>' + "
-    "message['role'] + '<|end_header_id|>\\n\\n'+ message['content'] | trim + '<|eot_id|>' %}{% if loop.index0 == 0 %}"
-    "{% set content = bos_token + content %}{% endif %}{{ content }}{% endfor %}{% if add_generation_prompt %}"
-    "{{ '<|start_header_id|>assistant<|end_header_id|>\\n\\n' }}{% endif %}"
-)
+# Templates as models ship them: CHATML and LLAMA3 (tests/support.py), Mistral (no generation prompt;
+# without test_hf_package.py's role check, so that a system turn is rendered as nothing).
 MISTRAL = (
     "{{ bos_token }}{% for message in messages %}{% if message['role'] == 'user' %}"
     "{{ '[INST] ' + message['content'] + ' [/INST]' }}{% elif message['role'] == 'assistant' %}"
@@ -154,7 +141,7 @@ def test_trained_tokens_decode_to_each_answer_and_its_end_of_turn(tokenizer, nam
         package = chat_package(tokenizer, None)
         assert package.generation["eos_token_ids"] == [tokenizer.token_to_id(CHAT_END), tokenizer.token_to_id("</s>")]
     elif name == "chatml-system":
-        package = _package(CHATML_SYSTEM, tokenizer, [CHAT_END])
+        package = _package(CHATML, tokenizer, [CHAT_END])
     elif name == "llama3":
         package, marker = _package(LLAMA3, tokenizer, ["<|eot_id|>"]), "<|eot_id|>"
     elif name == "mistral":
@@ -181,7 +168,7 @@ def test_trained_tokens_decode_to_each_answer_and_its_end_of_turn(tokenizer, nam
 
 def test_prompts_are_transformers_apply_chat_template_ids(tokenizer):
     hf = _hf(tokenizer)
-    for template in (DEFAULT_CHAT_TEMPLATE, CHATML_SYSTEM, LLAMA3):
+    for template in (DEFAULT_CHAT_TEMPLATE, CHATML, LLAMA3):
         chat = ChatFormat.of(tokenizer, _package(template, tokenizer, [CHAT_END]))
         for example in CONVERSATIONS:
             row = chat.encode(example)
@@ -192,9 +179,9 @@ def test_prompts_are_transformers_apply_chat_template_ids(tokenizer):
 
 def test_an_imports_end_of_turn_token_ends_generation(tokenizer):
     eos, end = tokenizer.token_to_id("</s>"), tokenizer.token_to_id(CHAT_END)
-    base = _package(CHATML_SYSTEM, tokenizer, ["</s>"])  # a base model: its eos is not the template's turn end
+    base = _package(CHATML, tokenizer, ["</s>"])  # a base model: its eos is not the template's turn end
     assert chat_package(tokenizer, base).generation["eos_token_ids"] == [eos, end]
-    assert chat_package(tokenizer, _package(CHATML_SYSTEM, tokenizer, [CHAT_END])).generation["eos_token_ids"] == [end]
+    assert chat_package(tokenizer, _package(CHATML, tokenizer, [CHAT_END])).generation["eos_token_ids"] == [end]
     assert chat_package(tokenizer, _package(MISTRAL, tokenizer, ["</s>"])).generation["eos_token_ids"] == [eos]
 
 
@@ -364,7 +351,7 @@ def test_an_imported_model_fine_tunes_in_its_own_template(tmp_path):
 
     from onnxformer.modeling.train import TrainConfig, train
 
-    tok = hf_tokenizer(300, bos="<s>", eos="</s>", pad="<pad>", chat_template=CHATML_SYSTEM)
+    tok = hf_tokenizer(300, bos="<s>", eos="</s>", pad="<pad>", chat_template=CHATML)
     tok.add_special_tokens({"additional_special_tokens": list(CHAT_TOKENS)})
     torch.manual_seed(0)
     config = transformers.LlamaConfig(vocab_size=320, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
@@ -381,7 +368,7 @@ def test_an_imported_model_fine_tunes_in_its_own_template(tmp_path):
                                from_checkpoint=str(hf_dir), steps=2, batch_size=4, eval_examples=3, max_len=128,
                                progress=False, threads=1))
     package = ckpt.read_package(result.checkpoint)
-    assert package.chat_template == CHATML_SYSTEM  # the import's, not the default
+    assert package.chat_template == CHATML  # the import's, not the default
     [cache] = [d for d in (tmp_path / "run" / "cache").iterdir() if d.is_dir()]
     valid, _ = token_cache.load(cache)["valid"]
     reference = transformers.AutoTokenizer.from_pretrained(hf_dir)
@@ -396,6 +383,6 @@ def test_an_imported_model_fine_tunes_in_its_own_template(tmp_path):
 
     export_checkpoint(result.checkpoint, tmp_path / "package")
     model = rt.load(tmp_path / "package", threads=1)
-    assert model.chat_template == CHATML_SYSTEM
+    assert model.chat_template == CHATML
     for example, row in zip(CONVERSATIONS, valid):  # the package's chat() sends what training read
         assert model.render_chat(_messages(example, -1)).token_ids == row.ids[: row.prompt_len]

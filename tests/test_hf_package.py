@@ -22,6 +22,7 @@ import numpy as np
 import pytest
 
 from hf_support import hf_tokenizer, save_hf, torch, transformers
+from support import CHATML, LLAMA3
 
 import onnxformer.runtime as rt
 from onnxformer.runtime.errors import ConfigError, InputError, PackageError
@@ -37,18 +38,6 @@ CONTROL_TOKENS = ["<|im_start|>", "<|im_end|>", "<|start_header_id|>", "<|end_he
 BOS, EOS = "<|begin_of_text|>", "<|end_of_text|>"
 
 # Templates as their models ship them (Qwen2 ChatML, Llama 3 Instruct, Zephyr, Mistral v0.1).
-CHATML = (
-    "{% for message in messages %}{% if loop.first and messages[0]['role'] != 'system' %}"
-    "{{ '<|im_start|>system\\nYou are a helpful assistant.<|im_end|>\\n' }}{% endif %}"
-    "{{'<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>' + '\\n'}}{% endfor %}"
-    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
-)
-LLAMA3 = (
-    "{% set loop_messages = messages %}{% for message in loop_messages %}{% set content = '<|start_header_id|>' + "
-    "message['role'] + '<|end_header_id|>\\n\\n'+ message['content'] | trim + '<|eot_id|>' %}{% if loop.index0 == 0 %}"
-    "{% set content = bos_token + content %}{% endif %}{{ content }}{% endfor %}{% if add_generation_prompt %}"
-    "{{ '<|start_header_id|>assistant<|end_header_id|>\\n\\n' }}{% endif %}"
-)
 ZEPHYR = """{% for message in messages %}
     {% if message['role'] == 'user' %}
         {{ '<|user|>\\n' + message['content'] + eos_token }}
