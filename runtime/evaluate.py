@@ -189,16 +189,13 @@ def match_labels(labels: Sequence[Any], names: Sequence[str], lines: Sequence[in
     """The data's labels as the package's label names. A label is matched by its text (an int
     label 1 is "1"); a package without label names (LABEL_0, LABEL_1, ...) also takes class
     ids. A label the package does not know is a DataError naming it, its line and the names."""
-    if not names:
-        raise DataError("the package has no label names; re-export it from a checkpoint trained with --task classify")
-    known = set(names)
+    known, generic = set(names), all(n == f"LABEL_{j}" for j, n in enumerate(names))
     out = []
     for i, label in enumerate(labels):
         text = str(label).strip() if not isinstance(label, bool) else None
         if text in known:
             out.append(text)
             continue
-        generic = all(n == f"LABEL_{j}" for j, n in enumerate(names))
         if generic and text is not None and text.isdigit() and int(text) < len(names):
             out.append(names[int(text)])
             continue
@@ -368,7 +365,8 @@ def run(args: argparse.Namespace) -> int:
     data, examples = read_data(args.data, task, fields, args.limit)
     lines = [line for line, _ in examples]
     if task == "classify":
-        labels = match_labels([e.label for _, e in examples], model.label_names, lines, args.data)
+        names = model.label_names or tuple(f"LABEL_{i}" for i in range(model.dims.num_labels))  # as classify() names them
+        labels = match_labels([e.label for _, e in examples], names, lines, args.data)
         result = evaluate_classifier(model, [e.text for _, e in examples], labels, batch_size=args.batch_size,
                                      truncate=args.truncate)
     else:
