@@ -12,6 +12,9 @@ apply), in batches::
   DataError naming it). Accuracy, macro-F1 (the unweighted mean of the per-class F1 over the
   classes that occur in the data or in the predictions, scikit-learn's default) and per-class
   counts (support, predicted, correct, precision, recall, F1).
+- A package with a chat template also reads conversations (`messages` data): each one's last
+  assistant turn is the reference, and the turns before it are answered as `Model.chat` answers
+  them (the template, then generation with the package's defaults); scored as below.
 - A generator (decoder, prefix-LM or encoder-decoder package) reads source/target data.
   Decoding is greedy unless `--strategy` / `--num-beams` say otherwise; every other setting is
   the package's (`manifest.json` -> `generation`), `--max-new-tokens` overrides its limit.
@@ -37,7 +40,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .datafiles import DataFile, Example, FieldMap, read_examples
+from .datafiles import ChatExample, DataFile, Example, FieldMap, read_examples
 from .errors import ConfigError, DataError, InputError
 
 EVAL_EXTRA = "pip install 'onnxformer[eval]'"
@@ -221,6 +224,25 @@ def evaluate_classifier(model, texts: Sequence[str], labels: Sequence[str], *, b
     return EvalResult("classify", classification_scores(labels, predicted, model.label_names), predicted, seconds)
 
 
+def _search_config(model, overrides: dict[str, Any]):
+    """Greedy unless `overrides` say otherwise, the package's defaults for the rest; one output each."""
+    if "num_beams" in overrides and overrides["num_beams"] > 1:
+        overrides.setdefault("strategy", "beam")
+    overrides.setdefault("strategy", "greedy")
+    config = model.generation_config(**overrides)
+    if config.num_return_sequences != 1:
+        raise ConfigError(f"evaluation scores one output per source; num_return_sequences is "
+                          f"{config.num_return_sequences}. Pass num_return_sequences=1")
+    return config
+
+
+def _scored(generations: Sequence[Any], targets: Sequence[str], config, seconds: float) -> EvalResult:
+    hypotheses = [g.texts[0] for g in generations]
+    cut = sum(g.finish_reasons[0] == "length" for g in generations)
+    settings = {name: value for name, value in asdict(config).items() if value is not None}
+    return EvalResult("generate", generation_scores(hypotheses, targets), hypotheses, seconds, settings, cut)
+
+
 def evaluate_generator(model, sources: Sequence[str], targets: Sequence[str], *, batch_size: int = 32,
                        truncate: bool = False, **overrides: Any) -> EvalResult:
     """`model.generate` over `sources` in batches (greedy unless `overrides` say otherwise; the
@@ -229,22 +251,30 @@ def evaluate_generator(model, sources: Sequence[str], targets: Sequence[str], *,
     if not model.can_generate:
         raise InputError(f"this package is a {model.arch!r} model that does not generate; source/target data needs "
                          "a generating package (decoder, prefix-lm or encoder-decoder)", code="E_WRONG_KIND")
-    if "num_beams" in overrides and overrides["num_beams"] > 1:
-        overrides.setdefault("strategy", "beam")
-    overrides.setdefault("strategy", "greedy")
-    config = model.generation_config(**overrides)
-    if config.num_return_sequences != 1:
-        raise ConfigError(f"evaluation scores one output per source; num_return_sequences is "
-                          f"{config.num_return_sequences}. Pass num_return_sequences=1")
+    config = _search_config(model, overrides)
     start = time.perf_counter()
-    hypotheses, cut = [], 0
-    for chunk in _batches(list(sources), batch_size):
-        for g in model.generate(chunk, config, truncate=truncate):
-            hypotheses.append(g.texts[0])
-            cut += g.finish_reasons[0] == "length"
-    seconds = time.perf_counter() - start
-    settings = {name: value for name, value in asdict(config).items() if value is not None}
-    return EvalResult("generate", generation_scores(hypotheses, targets), hypotheses, seconds, settings, cut)
+    generations = [g for chunk in _batches(list(sources), batch_size) for g in model.generate(chunk, config, truncate=truncate)]
+    return _scored(generations, targets, config, time.perf_counter() - start)
+
+
+def evaluate_chat(model, conversations: Sequence[ChatExample], *, batch_size: int = 32,
+                  **overrides: Any) -> EvalResult:
+    """Each conversation's last assistant turn answered by the package, as `model.chat` answers
+    it: the turns before it rendered with the package's chat template, then generation with its
+    defaults (its eos ids end the answer); scored against that turn's content."""
+    batch_size = _check_batch_size(batch_size)
+    if model.chat_template is None:
+        raise InputError(f"this package has no chat template; messages data needs a package that chats (a model "
+                         "fine-tuned with --task sft on messages data, or an imported chat model)", code="E_WRONG_KIND")
+    config = _search_config(model, overrides)
+    prompts, targets = [], []
+    for conversation in conversations:
+        turns = [{"role": m.role, "content": m.content} for m in conversation.messages]
+        prompts.append(model.render_chat(turns[:-1]).token_ids)
+        targets.append(turns[-1]["content"])
+    start = time.perf_counter()
+    generations = [g for chunk in _batches(prompts, batch_size) for g in model.generate_ids(chunk, config)]
+    return _scored(generations, targets, config, time.perf_counter() - start)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -259,7 +289,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--batch-size", type=int, default=32, metavar="N", help="examples per model call (default 32)")
     parser.add_argument("--truncate", action="store_true", help="truncate inputs longer than the model's maximum")
     fields = parser.add_argument_group("fields (default: detected from the file's columns)")
-    for name in ("text", "label", "source", "target"):
+    for name in ("text", "label", "source", "target", "messages"):
         fields.add_argument(f"--{name}-field", default=None, metavar="NAME", help=f"the column holding the {name}")
     g = parser.add_argument_group("generation (default: greedy, the rest from the package)")
     g.add_argument("--strategy", choices=["greedy", "beam"], default=None, help="decoding strategy (default greedy)")
@@ -318,6 +348,7 @@ def _generation_overrides(args: argparse.Namespace) -> dict[str, Any]:
 PACKAGE_KINDS = {  # task -> (the data kind it scores, what the package is, the fields it reads)
     "classify": ("classification", "a classifier", "text/label"),
     "generate": ("seq2seq", "a generator", "source/target"),
+    "chat": ("chat", "a chat model", "messages"),
 }
 
 
@@ -361,7 +392,9 @@ def run(args: argparse.Namespace) -> int:
         raise ConfigError(f"{', '.join('--' + n.replace('_', '-') for n in overrides)} apply to generation; "
                           "this package is a classifier. Drop them")
     fields = FieldMap(text=args.text_field, label=args.label_field, source=args.source_field or (),
-                      target=args.target_field)
+                      target=args.target_field, messages=args.messages_field)
+    if task == "generate" and model.chat_template is not None and read_examples(args.data, fields=fields).kind == "chat":
+        task = "chat"  # a package that chats, on conversations: each one's last assistant turn
     data, examples = read_data(args.data, task, fields, args.limit)
     lines = [line for line, _ in examples]
     if task == "classify":
@@ -369,6 +402,8 @@ def run(args: argparse.Namespace) -> int:
         labels = match_labels([e.label for _, e in examples], names, lines, args.data)
         result = evaluate_classifier(model, [e.text for _, e in examples], labels, batch_size=args.batch_size,
                                      truncate=args.truncate)
+    elif task == "chat":
+        result = evaluate_chat(model, [e for _, e in examples], batch_size=args.batch_size, **overrides)
     else:
         result = evaluate_generator(model, [e.source for _, e in examples], [e.target for _, e in examples],
                                     batch_size=args.batch_size, truncate=args.truncate, **overrides)

@@ -212,3 +212,43 @@ def test_evaluate_functions_refuse_the_wrong_package():
         ev.evaluate_classifier(decoder, ["a"], ["b"])
     with pytest.raises(ConfigError, match="batch_size"):
         ev.evaluate_classifier(encoder, ["a"], ["negative"], batch_size=0)
+
+
+def _chat_package(tmp_path):
+    """artifacts/decoder with a chat template that renders the last user turn in its prompt
+    format ("<s>{prompt} ="): a chat model whose answers are the decoder's own."""
+    import shutil
+
+    package = tmp_path / "chat-decoder"
+    shutil.copytree(ARTIFACTS / "decoder", package)
+    manifest = json.loads((package / "manifest.json").read_text(encoding="utf-8"))
+    manifest["chat_template"] = "{{ bos_token }}{{ messages[-1]['content'] }} ="
+    manifest["chat_tokens"] = {"bos_token": "<s>", "eos_token": "</s>"}
+    (package / "manifest.json").write_text(json.dumps(manifest), encoding="utf-8")
+    return package
+
+
+def test_chat_data_scores_each_conversations_last_assistant_turn(tmp_path, capsys):
+    import onnxformer.runtime as rt
+
+    sacrebleu = _sacrebleu()
+    package = _chat_package(tmp_path)
+    given = [list(r) for r in NUMBERS]
+    given[0][1] = "1 1"  # one wrong reference: the model answers "1"
+    earlier = [{"role": "user", "content": "two"}, {"role": "assistant", "content": "2"}]
+    conversations = [[*earlier[: 2 * (i % 2)], {"role": "user", "content": s}, {"role": "assistant", "content": t}]
+                     for i, (s, t) in enumerate(given)]
+    data = tmp_path / "chats.jsonl"
+    data.write_text("".join(json.dumps({"messages": c}) + "\n" for c in conversations), encoding="utf-8")
+    status, out, err = _eval(capsys, package, data, "--json", "--batch-size", 4)
+    assert status == 0, err
+    report = json.loads(out)
+    # independent of the template: the plain decoder's answers to the sources in its prompt format
+    answers = [g.texts[0].strip() for g in rt.load(ARTIFACTS / "decoder").generate([s for s, _ in NUMBERS])]
+    assert answers == [t for _, t in NUMBERS]
+    assert (report["task"], report["examples"], report["fields"]) == ("generate", 6, {"messages": "messages"})
+    assert report["metrics"]["exact_match"] == pytest.approx(5 / 6)
+    assert report["metrics"]["bleu"] == pytest.approx(sacrebleu.corpus_bleu(answers, [[t for _, t in given]]).score)
+    # a package without a template refuses conversations, naming the kind
+    status, out, err = _eval(capsys, ARTIFACTS / "decoder", data)
+    assert status == 2 and err.startswith("error[E_WRONG_KIND") and "holds chat data" in err, err
