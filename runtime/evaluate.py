@@ -37,7 +37,6 @@ import time
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 from typing import Any
 
 from .datafiles import ChatExample, DataFile, Example, FieldMap, read_examples
@@ -264,7 +263,7 @@ def evaluate_chat(model, conversations: Sequence[ChatExample], *, batch_size: in
     defaults (its eos ids end the answer); scored against that turn's content."""
     batch_size = _check_batch_size(batch_size)
     if model.chat_template is None:
-        raise InputError(f"this package has no chat template; messages data needs a package that chats (a model "
+        raise InputError("this package has no chat template; messages data needs a package that chats (a model "
                          "fine-tuned with --task sft on messages data, or an imported chat model)", code="E_WRONG_KIND")
     config = _search_config(model, overrides)
     prompts, targets = [], []
