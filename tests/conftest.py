@@ -34,6 +34,12 @@ SLOW_TESTS: dict[str, float] = {
     "test_shared_cache.py::test_the_graph_is_fused_and_small": 8.0,
     "test_shared_cache.py::test_shared_and_concat_generate_the_same": 6.6,
     "test_steps.py::test_every_operation_keeps_every_row_equal_to_the_row_alone": 15.9,
+    # run-directory locks held by real processes (the stale-lock takeover waits out its grace
+    # period), and training into a full disk / write limit
+    "reliability/test_training_safety.py::test_of_several_processes_taking_over_a_stale_lock_exactly_one_wins": 10.7,
+    "reliability/test_training_safety.py::test_a_second_run_into_a_locked_out_is_refused_with_the_holders_pid": 10.0,
+    "reliability/test_training_safety.py::test_a_full_disk_keeps_the_last_checkpoint_and_resume_works_after_freeing_space": 6.2,
+    "reliability/test_training_safety.py::test_a_write_limit_at_the_checkpoint_is_one_clear_error_and_another_out_trains": 5.7,
 }
 
 
