@@ -19,7 +19,7 @@
  * @module errors
  */
 
-import { inspect } from 'node:util';
+import { inspect } from '#host';
 
 /**
  * Every code an error may carry, with what it means: Python's `CODES`, entry for entry (a test

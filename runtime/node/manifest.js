@@ -13,14 +13,8 @@
  * @module manifest
  */
 
-import { createHash } from 'node:crypto';
-import { createReadStream } from 'node:fs';
-import * as fs from 'node:fs/promises';
-import * as path from 'node:path';
-
 import { KV_CACHE_LAYOUTS, dimsFromDict, graphSpecs, sameSpec, tensorSpecFromDict } from './contract.js';
 import { ConfigError, PackageError, show, typeOf } from './errors.js';
-import { TRUST_ADVICE, insidePackage, positionTables } from './safety.js';
 import { checkParameters } from './generation.js';
 import { promptFormatFromManifest } from './prompt_format.js';
 
@@ -352,37 +346,6 @@ function checkGenerationDefaults(generation, vocabSize) {
   }
 }
 
-/** A directory path normalised, without a trailing separator (as load() keeps it). */
-export function displayDir(directory) {
-  const normal = path.normalize(directory);
-  return normal.length > 1 && normal.endsWith(path.sep) ? normal.slice(0, -1) : normal;
-}
-
-/**
- * Read and check `<directory>/manifest.json`.
- * @param {string} directory
- * @returns {Promise<Readonly<Manifest>>}
- */
-export async function loadManifest(directory) {
-  const dir = displayDir(directory);
-  const stat = await fs.stat(dir).catch(() => null);
-  if (!stat?.isDirectory()) {
-    throw new PackageError(`no package directory at ${dir}: check the path`, { code: 'E_MISSING_FILE' });
-  }
-  const file = path.join(dir, MANIFEST_FILE);
-  const text = await fs.readFile(file, 'utf8').catch(() => null);
-  if (text === null) {
-    throw new PackageError(`${dir} has no readable ${MANIFEST_FILE}: it is not an onnxformer package`, { code: 'E_MANIFEST' });
-  }
-  let data;
-  try {
-    data = JSON.parse(text);
-  } catch (err) {
-    throw manifestError(`${file} is not valid JSON (${err.message})`);
-  }
-  return manifestFromDict(data);
-}
-
 /**
  * Every file the manifest lists, once: the tokenizer, then each graph and its external data
  * (graphs may share one external-data file, e.g. weights.onnx_data).
@@ -401,63 +364,19 @@ export function manifestFiles(manifest) {
   return [...entries.values()];
 }
 
-/** @param {string} file @returns {Promise<string>} hex sha256 */
-export async function sha256File(file) {
-  const digest = createHash('sha256');
-  for await (const chunk of createReadStream(file)) digest.update(chunk);
-  return digest.digest('hex');
-}
-
 /**
- * Every listed file exists inside the package and matches its size and sha256.
- * @param {Manifest} manifest
- * @param {string} directory
+ * `max_seq_len` is within graph `name`'s built-in position tables (`tables`: name -> positions;
+ * a built decoder's rotary cos/sin caches, learned or sinusoidal embeddings), as Python's
+ * `Manifest.check_graph_limits`.
+ * @param {Manifest} manifest @param {string} name @param {Record<string, number>} tables
  */
-export async function verifyFiles(manifest, directory, roots = []) {
-  const dir = await fs.realpath(directory);
-  for (const entry of manifestFiles(manifest)) {
-    const file = path.join(dir, entry.file);
-    const stat = await fs.stat(file).catch(() => null);
-    const real = stat ? await fs.realpath(file) : null;
-    if (stat && !insidePackage(real, dir, roots)) {
-      throw new PackageError(`package file '${entry.file}' leads outside the package directory, to ${real}; refused. ${TRUST_ADVICE}`);
-    }
-    if (!stat?.isFile()) {
-      throw new PackageError(`package file '${entry.file}' is not in ${dir}; re-export the package`, { code: 'E_MISSING_FILE' });
-    }
-    if (stat.size !== entry.bytes) {
-      throw new PackageError(
-        `package file '${entry.file}' has ${stat.size} bytes where the manifest says ${entry.bytes}: ` +
-          'it was truncated or altered; re-export the package',
-        { code: 'E_CHECKSUM' },
+export function checkGraphLimits(manifest, name, tables) {
+  for (const [table, positions] of Object.entries(tables)) {
+    if (manifest.max_seq_len > positions) {
+      throw manifestError(
+        `manifest max_seq_len (${manifest.max_seq_len}) is more than graph '${name}' supports: its position table ` +
+          `'${table}' has ${positions} positions; the manifest was edited or is damaged: set max_seq_len to ${positions} or less`,
       );
-    }
-    const digest = await sha256File(file);
-    if (digest !== entry.sha256) {
-      throw new PackageError(
-        `package file '${entry.file}' has sha256 ${digest.slice(0, 16)}… where the manifest says ` +
-          `${entry.sha256.slice(0, 16)}…: it was altered or damaged; re-export the package`,
-        { code: 'E_CHECKSUM' },
-      );
-    }
-  }
-}
-
-/**
- * `max_seq_len` is within every graph's built-in position tables (a built decoder's rotary
- * cos/sin caches, learned or sinusoidal embeddings), as Python's `Manifest.check_graph_limits`.
- * @param {Manifest} manifest
- * @param {string} directory
- */
-export async function checkGraphLimits(manifest, directory) {
-  for (const [name, entry] of Object.entries(manifest.graphs)) {
-    for (const [table, positions] of Object.entries(await positionTables(path.join(directory, entry.file.file)))) {
-      if (manifest.max_seq_len > positions) {
-        throw manifestError(
-          `manifest max_seq_len (${manifest.max_seq_len}) is more than graph '${name}' supports: its position table ` +
-            `'${table}' has ${positions} positions; the manifest was edited or is damaged: set max_seq_len to ${positions} or less`,
-        );
-      }
     }
   }
 }

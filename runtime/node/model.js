@@ -14,7 +14,6 @@
  * @module model
  */
 
-import * as path from 'node:path';
 
 import {
   ATTENTION_MASK, DECODER, ENCODER, INPUT_IDS, LAST_HIDDEN_STATE, LOGITS, TOKEN_TYPE_IDS,
@@ -22,10 +21,10 @@ import {
 import { ConfigError, InputError, PackageError, show, typeOf } from './errors.js';
 import * as gen from './generation.js';
 import { checkMessages, render as renderTemplate, specialTokenVariables } from './chat.js';
-import { checkGraphLimits, displayDir, embeddingDefaults, loadManifest, special, verifyFiles } from './manifest.js';
-import { ConcatSteps, SharedSteps, floatData, int64Tensor, openSession, resolveProvider } from './session.js';
-import { checkExternalData, trustedRoots as trustedRootsOf } from './safety.js';
-import { PackageTokenizer } from './tokenizer.js';
+import { checkGraphLimits, embeddingDefaults, manifestFromDict, special } from './manifest.js';
+import { ConcatSteps, SharedSteps, floatData, int64Tensor, openSession } from './session.js';
+import { checkExternalRefs, externalDataRefsOf, positionTablesOf } from './safety.js';
+import { openSource, resolveProvider } from '#host';
 import { strip } from './prompt_format.js';
 
 /** A released model's sessions run this instead: a clear InputError (E_RELEASED). */
@@ -122,8 +121,9 @@ export class Model {
    * @param {PackageTokenizer} tokenizer
    * @param {Record<string, import('onnxruntime-node').InferenceSession>} sessions
    */
-  constructor(directory, manifest, tokenizer, sessions) {
+  constructor(directory, manifest, tokenizer, sessions, name = String(directory).split(/[\\/]/).filter(Boolean).pop() ?? '') {
     this.directory = directory;
+    this.name = name;
     this.manifest = manifest;
     this.tokenizer = tokenizer;
     this.sessions = sessions;
@@ -220,7 +220,7 @@ export class Model {
   // Encoder: classification and embeddings ------------------------------------------------------
   #require(ok, call, need) {
     if (!ok) {
-      throw new InputError(`${call}() needs ${need}; ${path.basename(this.directory)} is a '${this.arch}' package`,
+      throw new InputError(`${call}() needs ${need}; ${this.name} is a '${this.arch}' package`,
         { code: 'E_WRONG_KIND' });
     }
   }
@@ -517,7 +517,7 @@ export class Model {
     checkOptions('renderChat', options, ['add_generation_prompt']);
     if (this.manifest.chat_template === null) {
       throw new InputError(
-        `chat() needs a package with a chat template; ${path.basename(this.directory)} has none (manifest ` +
+        `chat() needs a package with a chat template; ${this.name} has none (manifest ` +
           'chat_template: the model it was exported from shipped no template). Call generate() with the prompt text, ' +
           "or export a Hugging Face model whose tokenizer_config.json or chat_template.jinja holds its template",
         { code: 'E_WRONG_KIND' },
@@ -590,50 +590,59 @@ export class Model {
 /**
  * Open a package: read and check the manifest, verify checksums, load the tokenizer, open one
  * session per graph and check each session's I/O against the contract.
- * @param {string} packageDir
- * `trustedRoots`: directories (content stores, e.g. the Hugging Face cache) that the package's
+ * @param {string} packageDir  a directory (Node) or a URL (browsers: the folder of manifest.json)
+ * `trustedRoots` (Node): directories (content stores, e.g. the Hugging Face cache) that the package's
  * files may be links into; ONNXFORMER_TRUSTED_STORES adds more (path.delimiter-separated).
+ * Browsers (host_web.js) also take `onProgress({file, loaded, total})`, `memoryLimit` (bytes) and `fetch`.
  * @param {{provider?: string, threads?: number, verify?: boolean, trustedRoots?: string[]}} [options]
  * @returns {Promise<Model>}
  */
-export async function load(packageDir, { provider = 'cpu', threads, verify = true, trustedRoots } = {}) {
-  if (typeof packageDir !== 'string') throw new PackageError(`packageDir must be a path string, not ${typeOf(packageDir)}`);
+export async function load(packageDir, { provider, threads, verify = true, ...hostOptions } = {}) {
   if (threads !== undefined && !(Number.isInteger(threads) && threads >= 0 && threads <= 1024)) {
     throw new InputError(`threads must be undefined (onnxruntime's choice) or an integer from 0 to 1024, not ${show(threads)}`);
   }
-  const directory = displayDir(packageDir);
-  const roots = await trustedRootsOf(trustedRoots);
-  const backend = resolveProvider(provider);
-  const manifest = await loadManifest(directory);
-  if (verify) await verifyFiles(manifest, directory, roots);
-  const tokenizer = PackageTokenizer.fromPackage(directory, manifest.tokenizer.file);
-  if (tokenizer.vocabSize > manifest.dims.vocab_size) {
-    throw new PackageError(
-      `the tokenizer has ${tokenizer.vocabSize} tokens but the model's vocabulary ${manifest.dims.vocab_size}: ` +
-        'they do not belong together; re-export the package',
-      { code: 'E_TOKENIZER' },
-    );
+  const source = await openSource(packageDir, { threads, ...hostOptions });
+  try {
+    const backend = resolveProvider(provider);
+    const manifest = manifestFromDict(await source.manifestData());
+    if (verify) await source.verify(manifest);
+    const tokenizer = await source.tokenizer(manifest.tokenizer.file);
+    if (tokenizer.vocabSize > manifest.dims.vocab_size) {
+      throw new PackageError(
+        `the tokenizer has ${tokenizer.vocabSize} tokens but the model's vocabulary ${manifest.dims.vocab_size}: ` +
+          'they do not belong together; re-export the package',
+        { code: 'E_TOKENIZER' },
+      );
+    }
+    // Every special token id of the manifest must be a token of the tokenizer (as in Python).
+    const unknown = Object.entries(manifest.special_tokens).filter(([, id]) => id >= 0 && tokenizer.idToToken(id) === null);
+    if (unknown.length) {
+      throw new PackageError(
+        `manifest special_tokens ${unknown.map(([role, id]) => `${role}=${id}`).join(', ')} are not tokens of ` +
+          `${manifest.tokenizer.file}: the tokenizer does not belong to this model; re-export the package`,
+        { code: 'E_TOKENIZER' },
+      );
+    }
+    const graphs = Object.entries(manifest.graphs);
+    const bytes = {};
+    for (const [name, entry] of graphs) {
+      bytes[name] = await source.graphBytes(entry.file.file);
+      checkGraphLimits(manifest, name, positionTablesOf(bytes[name], entry.file.file));
+    }
+    const sessions = {};
+    for (const [name, entry] of graphs) {
+      // An encoder-decoder's encoder and cross-attention run once per call, right before the
+      // decoder's steps: their workers must not spin on the cores the steps need (as in Python).
+      const once = graphs.length > 1 && name !== DECODER;
+      // FORMAT.md 2.5, on every load (also without verify): onnxruntime opens no graph that reads
+      // files the manifest does not list or that lie outside the package.
+      const refs = externalDataRefsOf(bytes[name], entry.file.file);
+      checkExternalRefs(refs, entry.file.file, entry.external_data.map((e) => e.file));
+      await source.checkExternalData(entry.file.file, refs);
+      sessions[name] = await openSession(source, entry, { provider: backend, threads, spinning: !once });
+    }
+    return new Model(source.location, manifest, tokenizer, sessions, source.name);
+  } finally {
+    source.done();
   }
-  // Every special token id of the manifest must be a token of the tokenizer (as in Python).
-  const unknown = Object.entries(manifest.special_tokens).filter(([, id]) => id >= 0 && tokenizer.idToToken(id) === null);
-  if (unknown.length) {
-    throw new PackageError(
-      `manifest special_tokens ${unknown.map(([role, id]) => `${role}=${id}`).join(', ')} are not tokens of ` +
-        `${manifest.tokenizer.file}: the tokenizer does not belong to this model; re-export the package`,
-      { code: 'E_TOKENIZER' },
-    );
-  }
-  await checkGraphLimits(manifest, directory);
-  const sessions = {};
-  const graphs = Object.entries(manifest.graphs);
-  for (const [name, entry] of graphs) {
-    // An encoder-decoder's encoder and cross-attention run once per call, right before the
-    // decoder's steps: their workers must not spin on the cores the steps need (as in Python).
-    const once = graphs.length > 1 && name !== DECODER;
-    // FORMAT.md 2.5, on every load (also without verify): onnxruntime opens no graph that reads
-    // files the manifest does not list or that lie outside the package.
-    await checkExternalData(path.join(directory, entry.file.file), entry.external_data.map((e) => e.file), roots);
-    sessions[name] = await openSession(directory, entry, { provider: backend, threads, spinning: !once });
-  }
-  return new Model(directory, manifest, tokenizer, sessions);
 }

@@ -13,7 +13,6 @@
  * @module random
  */
 
-import { randomBytes } from 'node:crypto';
 
 const MASK64 = (1n << 64n) - 1n;
 
@@ -33,7 +32,7 @@ export class Random {
    * @param {number | bigint | null} [seed] integer >= 0; null or undefined: seeded from the OS
    */
   constructor(seed = null) {
-    let state = seed === null || seed === undefined ? randomBytes(8).readBigUInt64LE() : BigInt(seed) & MASK64;
+    let state = seed === null || seed === undefined ? globalThis.crypto.getRandomValues(new BigUint64Array(1))[0] : BigInt(seed) & MASK64;
     const words = [];
     for (let i = 0; i < 2; i++) {
       let z;

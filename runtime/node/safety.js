@@ -19,10 +19,7 @@
  * @module safety
  */
 
-import * as fs from 'node:fs/promises';
-import * as path from 'node:path';
-
-import { InputError, PackageError } from './errors.js';
+import { PackageError } from './errors.js';
 
 /** message -> {field number: message type of that (sub)message field}, as in safety.py. */
 const SCHEMA = {
@@ -42,7 +39,7 @@ const ENTRY_KEY = 1;
 const ENTRY_VALUE = 2; // StringStringEntryProto fields
 const MODEL_GRAPH = 7;
 const GRAPH_INITIALIZER = 5; // ModelProto.graph, GraphProto.initializer
-const KEY = Buffer.from('location'); // the external_data key, stored verbatim in the file
+const KEY = new TextEncoder().encode('location'); // the external_data key, stored verbatim in the file
 export const MAX_DEPTH = 64; // nested subgraphs deeper than this are refused rather than recursed into
 
 const UTF8 = new TextDecoder('utf-8', { fatal: true });
@@ -124,7 +121,7 @@ function walk(buf, start, end, message, depth, found) {
   for (const [number, wire, a, b] of fields(buf, start, end)) {
     const child = children[number];
     // An external-data entry spells out its key: no "location" bytes, none inside.
-    if (child === undefined || wire !== 2 || buf.subarray(a, b).indexOf(KEY) < 0) continue;
+    if (child === undefined || wire !== 2 || !containsBytes(buf, a, b, KEY)) continue;
     if (child === 'TensorProto') tensor(buf, a, b, found);
     else walk(buf, a, b, child, depth + 1, found);
   }
@@ -151,14 +148,14 @@ export function externalDataRefsOf(bytes, name) {
  * @template T
  * @param {Uint8Array} bytes  the graph file
  * @param {string} name  the file's name, for messages
- * @param {(buf: Buffer) => T} parse
+ * @param {(buf: Uint8Array) => T} parse
  * @returns {T}
  */
 function parseGraph(bytes, name, parse) {
   if (!bytes.length) {
     throw new PackageError(`graph file '${name}' is empty; the package is damaged, re-export it`, { code: 'E_GRAPH' });
   }
-  const buf = Buffer.from(bytes.buffer, bytes.byteOffset, bytes.byteLength); // a view: indexOf on Buffers
+  const buf = bytes instanceof Uint8Array ? bytes : new Uint8Array(bytes);
   try {
     return parse(buf);
   } catch (err) {
@@ -170,26 +167,15 @@ function parseGraph(bytes, name, parse) {
   }
 }
 
-/**
- * The bytes of the graph file at `file`; an unreadable one is PackageError E_GRAPH.
- * @param {string} file
- * @returns {Promise<Buffer>}
- */
-async function readGraph(file) {
-  try {
-    return await fs.readFile(file);
-  } catch (err) {
-    throw new PackageError(`cannot read graph file ${file}: ${err.message}`, { code: 'E_GRAPH', cause: err });
+/** `needle` occurs in buf[start, end). */
+function containsBytes(buf, start, end, needle) {
+  const first = needle[0];
+  for (let i = buf.indexOf(first, start); i >= 0 && i + needle.length <= end; i = buf.indexOf(first, i + 1)) {
+    let k = 1;
+    while (k < needle.length && buf[i + k] === needle[k]) k++;
+    if (k === needle.length) return true;
   }
-}
-
-/**
- * Every external-data `location` in the ONNX file at `file`.
- * @param {string} file
- * @returns {Promise<ExternalRef[]>}
- */
-export async function externalDataRefs(file) {
-  return externalDataRefsOf(await readGraph(file), path.basename(file));
+  return false;
 }
 
 /** A TensorProto's name and dims (repeated int64: packed, or one varint per field). */
@@ -239,16 +225,11 @@ function isPositionTable(name) {
     name.endsWith('.pos_emb.weight') || name.endsWith('.sinusoid');
 }
 
-/**
- * Position table name -> the positions it holds (its first dim), for the graph at `file`.
- * @param {string} file
- * @returns {Promise<Record<string, number>>}
- */
-export async function positionTables(file) {
+/** Position table name -> the positions it holds (its first dim), in the graph bytes `bytes` of file `name`. */
+export function positionTablesOf(bytes, name) {
   const tables = {};
-  const dims = initializerDimsOf(await readGraph(file), path.basename(file), isPositionTable);
-  for (const [name, shape] of Object.entries(dims)) {
-    if (shape.length) tables[name] = shape[0];
+  for (const [table, shape] of Object.entries(initializerDimsOf(bytes, name, isPositionTable))) {
+    if (shape.length) tables[table] = shape[0];
   }
   return tables;
 }
@@ -259,75 +240,21 @@ export const TRUST_ADVICE =
   "If the package's files are links into a content store you trust (the Hugging Face cache lays out snapshots " +
   `so), pass { trustedRoots: [STORE] } to load() (CLI: --trust-store STORE; or set ${TRUSTED_STORES_ENV}=STORE)`;
 
-/**
- * The real paths of the directories a package's links may lead into: `given` (an array of
- * paths) and those in ONNXFORMER_TRUSTED_STORES. Each must be an existing directory.
- * @param {string[] | undefined} given
- * @returns {Promise<string[]>}
- */
-export async function trustedRoots(given) {
-  if (given === undefined || given === null) given = [];
-  if (!Array.isArray(given)) {
-    throw new InputError(`trustedRoots must be an array of directory paths, not ${typeof given} (${String(given).slice(0, 60)}). ` +
-      "Pass e.g. { trustedRoots: ['~/.cache/huggingface/hub'] }");
-  }
-  const env = (process.env[TRUSTED_STORES_ENV] ?? '').split(path.delimiter).filter(Boolean);
-  const roots = [];
-  for (const [root, source] of [...given.map((r) => [r, 'trustedRoots']), ...env.map((r) => [r, TRUSTED_STORES_ENV])]) {
-    if (typeof root !== 'string') throw new InputError(`${source} entries must be paths, not ${typeof root} (${String(root).slice(0, 60)})`);
-    const expanded = root === '~' || root.startsWith('~/') ? path.join(process.env.HOME ?? '', root.slice(1)) : root;
-    const stat = await fs.stat(expanded).catch(() => null);
-    if (!stat?.isDirectory()) {
-      throw new InputError(`${source}: '${root}' is not a directory; pass an existing content store directory`);
-    }
-    roots.push(await fs.realpath(expanded));
-  }
-  return roots;
-}
-
-/** A package file, links followed (`resolved`), lies directly in `directory` or under a trusted root. */
-export function insidePackage(resolved, directory, roots = []) {
-  return path.dirname(resolved) === directory ||
-    roots.some((root) => resolved === root || resolved.startsWith(root.endsWith(path.sep) ? root : root + path.sep));
-}
-
 /** As FORMAT.md 2.5 rule 1: not empty, not . or .., no / \ : NUL, its own base name. */
 function plain(location) {
-  return Boolean(location) && location !== '.' && location !== '..' && !/[/\\:\0]/.test(location) &&
-    location === path.basename(location);
+  return Boolean(location) && location !== '.' && location !== '..' && !/[/\\:\0]/.test(location);
 }
 
 /**
- * A path with every link followed, also where the target does not exist (Python's
- * `Path.resolve()`, not strict): a dangling link resolves to where it points.
- * @param {string} file  absolute
+ * FORMAT.md 2.5 rules 1 and 2 on the references `refs` of graph `name`: each location is a plain
+ * file name that the manifest lists for this graph (`allowed`). Where the files live (links,
+ * trusted stores) is the host's check.
+ * @param {ExternalRef[]} refs @param {string} name @param {Iterable<string>} allowed
  */
-async function resolveLoose(file, hops = 0) {
-  try {
-    return await fs.realpath(file);
-  } catch {
-    const parent = await fs.realpath(path.dirname(file)).catch(() => path.dirname(file));
-    const here = path.join(parent, path.basename(file));
-    const stat = await fs.lstat(here).catch(() => null);
-    if (!stat?.isSymbolicLink() || hops >= 40) return here; // missing (the file checks report it), or a loop
-    return resolveLoose(path.resolve(parent, await fs.readlink(here)), hops + 1);
-  }
-}
-
-/**
- * Refuse a graph whose external data is not a listed file inside its own directory.
- * @param {string} graphPath  the graph file
- * @param {Iterable<string>} allowed  the external-data file names the manifest lists for this graph
- * @param {string[]} [roots]  trusted content stores (`trustedRoots`): a link into one counts as inside
- * @returns {Promise<ExternalRef[]>}  the references found
- */
-export async function checkExternalData(graphPath, allowed, roots = []) {
-  const directory = await fs.realpath(path.dirname(graphPath));
+export function checkExternalRefs(refs, name, allowed) {
   const listed = new Set(allowed);
-  const refs = await externalDataRefs(graphPath);
-  const name = path.basename(graphPath);
   for (const ref of refs) {
-    const what = `graph '${name}' reads tensor '${ref.tensor}' from external file ${JSON.stringify(ref.location)}`;
+    const what = externalWhat(name, ref);
     if (!plain(ref.location)) {
       throw new PackageError(
         `${what}, a path outside the package directory; refused. A package may only reference files in its own ` +
@@ -342,13 +269,10 @@ export async function checkExternalData(graphPath, allowed, roots = []) {
         { code: 'E_EXTERNAL_DATA' },
       );
     }
-    if (!insidePackage(await resolveLoose(path.join(directory, ref.location)), directory, roots)) {
-      throw new PackageError(
-        `${what}, which is a link leading outside the package directory; refused. A package may only reference ` +
-          `files in its own directory. ${TRUST_ADVICE}`,
-        { code: 'E_EXTERNAL_DATA' },
-      );
-    }
   }
-  return refs;
+}
+
+/** How a message names one reference. */
+export function externalWhat(name, ref) {
+  return `graph '${name}' reads tensor '${ref.tensor}' from external file ${JSON.stringify(ref.location)}`;
 }

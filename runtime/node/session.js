@@ -20,9 +20,8 @@
  * @module session
  */
 
-import * as path from 'node:path';
 
-import ort from 'onnxruntime-node';
+import { ort } from '#host';
 
 import {
   ATTENTION_MASK, CROSS_ATTENTION, DECODER, ENCODER, ENCODER_ATTENTION_MASK, ENCODER_HIDDEN_STATES,
@@ -34,37 +33,16 @@ import { leftPad } from './generation.js';
 import { special } from './manifest.js';
 import { StepResult, asTokens, keptRows, prefillRows } from './steps.js';
 
-export const PROVIDERS = ['cpu', 'cuda'];
-
-/**
- * "cpu" or "cuda" (also "CUDAExecutionProvider"); checked before anything is loaded.
- * @param {string} provider
- * @returns {string}
- */
-export function resolveProvider(provider) {
-  const key = (provider || 'cpu').toLowerCase().replace(/executionprovider$/, '');
-  if (!PROVIDERS.includes(key)) {
-    throw new ProviderError(`provider must be one of ${PROVIDERS.join(', ')}, not ${show(provider)}`);
-  }
-  const available = ort.listSupportedBackends().map((b) => b.name);
-  if (!available.includes(key)) {
-    throw new ProviderError(
-      `provider '${key}' is not available in this onnxruntime-node build (available: ${available.join(', ')}); ` +
-        "use provider 'cpu'",
-    );
-  }
-  return key;
-}
-
 /**
  * Open one graph and check its I/O against the contract.
- * @param {string} directory
+ * @param {{sessionInput(entry: object): Promise<{model: string | Uint8Array, externalData?: object[]}>}} source
+ *   the package's files (host_node.js / host_web.js): a path, or the bytes and their external data
  * @param {import('./manifest.js').GraphEntry} entry
  * @param {{provider: string, threads?: number, spinning?: boolean}} options  spinning false: the
  *   workers sleep as soon as a run ends (graphs run once per call, before another graph's steps)
  * @returns {Promise<ort.InferenceSession>}
  */
-export async function openSession(directory, entry, { provider, threads, spinning = true }) {
+export async function openSession(source, entry, { provider, threads, spinning = true }) {
   const options = {
     executionProviders: [provider],
     graphOptimizationLevel: 'all',
@@ -74,7 +52,8 @@ export async function openSession(directory, entry, { provider, threads, spinnin
   };
   let session;
   try {
-    session = await ort.InferenceSession.create(path.join(directory, entry.file.file), options);
+    const { model, externalData } = await source.sessionInput(entry);
+    session = await ort.InferenceSession.create(model, externalData ? { ...options, externalData } : options);
   } catch (err) {
     const first = String(err.message ?? err).trim().split('\n')[0].slice(0, 300) || err.name;
     if (provider !== 'cpu') {

@@ -11,7 +11,8 @@ import { tmpdir } from 'node:os';
 import * as path from 'node:path';
 import { after, describe, test } from 'node:test';
 
-import { MAX_DEPTH, checkExternalData, externalDataRefsOf } from '../safety.js';
+import { MAX_DEPTH, externalDataRefsOf } from '../safety.js';
+import { checkExternalData } from '../host_node.js';
 
 // A minimal protobuf writer: a message is a Buffer of fields.
 function varint(n) {
