@@ -84,7 +84,7 @@ Decode = Callable[[Sequence[int]], str]
 # applies every such fix, literally, and sees the call succeed.
 CLI_FLAGS: dict[str, str | None] = {"stop_strings": "--stop", "eos_token_ids": None, "early_stopping": None,
                                     "pad_token_id": None, "max_length": None, "forced_bos_token_id": None,
-                                    "forced_eos_token_id": None}  # None: no CLI flag (the package's value applies)
+                                    "forced_eos_token_id": None, "speculative": None}  # None: no CLI flag (the package's value applies)
 
 
 def option(name: str, value: Any) -> str:
@@ -116,6 +116,7 @@ BUILTIN_DEFAULTS: dict[str, Any] = {
     "top_p": 1.0, "seed": None, "num_beams": 1, "length_penalty": 1.0, "early_stopping": False,
     "num_return_sequences": 1, "repetition_penalty": 1.0, "no_repeat_ngram_size": 0, "eos_token_ids": (),
     "stop_strings": (), "pad_token_id": 0, "max_length": 0, "forced_bos_token_id": -1, "forced_eos_token_id": (),
+    "speculative": 0,
 }
 
 
@@ -149,6 +150,8 @@ class GenerationConfig:
     max_length: int | None = None  # the row's sequence (start + generated) at most this long; 0 = no limit
     forced_bos_token_id: int | None = None  # chosen after a one-token sequence (an encoder-decoder's first); -1 = none
     forced_eos_token_id: tuple[int, ...] | None = None  # forced as a row's last allowed token; () = none
+    speculative: int | str | None = None  # greedy/sample: K draft tokens verified per target step, "auto" tunes K
+    #                                       (runtime/speculative.py; the same output distribution); 0 = off
 
     def __post_init__(self) -> None:
         for name, value in _validated(self.set_fields()).items():
@@ -227,6 +230,12 @@ def _validated(values: dict[str, Any]) -> dict[str, Any]:
         if not is_int(bos) or bos < -1:
             raise ConfigError(f"forced_bos_token_id must be a token id >= 0, or -1 for none; got {bos!r}")
         v["forced_bos_token_id"] = int(bos)
+    if "speculative" in v:
+        spec = v["speculative"]
+        if spec != "auto" and (not is_int(spec) or spec < 0):
+            raise ConfigError(f"speculative must be an integer >= 0 (draft tokens per step; 0 = off) or 'auto'; "
+                              f"got {spec!r}")
+        v["speculative"] = spec if spec == "auto" else int(spec)
     if "stop_strings" in v:
         stops = v["stop_strings"]
         stops = (stops,) if isinstance(stops, str) else stops
@@ -278,6 +287,12 @@ def _no_stop_strings_in_beam(strategy: str, stop_strings: tuple[str, ...]) -> No
                           f"or 'sample' with {option('num_beams', 1)}")
 
 
+def _no_speculative_beam(strategy: str, speculative: int | str) -> None:
+    if speculative != 0 and strategy == "beam":
+        raise ConfigError(f"speculative ({speculative!r}) works with strategy 'greedy' or 'sample', not 'beam'; pass "
+                          f"{option('speculative', 0)}, or {option('strategy', 'greedy')} with {option('num_beams', 1)}")
+
+
 _RULES: tuple[tuple[tuple[str, ...], Callable[..., None]], ...] = (
     (("min_new_tokens", "max_new_tokens"), _min_within_max),
     (("strategy", "temperature"), _positive_temperature),
@@ -285,6 +300,7 @@ _RULES: tuple[tuple[tuple[str, ...], Callable[..., None]], ...] = (
     (("strategy", "num_return_sequences"), _one_greedy_sequence),
     (("strategy", "num_return_sequences", "num_beams"), _sequences_within_beams),
     (("strategy", "stop_strings"), _no_stop_strings_in_beam),
+    (("strategy", "speculative"), _no_speculative_beam),
 )
 
 

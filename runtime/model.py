@@ -43,6 +43,7 @@ from .errors import ConfigError, InputError, PackageError, ProviderError, RunErr
 from .safety import check_external_data, trusted_roots as trusted_roots_of
 from .generation import Generation, GenerationConfig
 from .session_steps import ConcatSteps, SharedSteps
+from .speculative import DraftModel, PromptLookup, SpeculationStats, speculative_generate
 from .steps import StepModel, is_int
 from .manifest import Manifest
 from .prompt_format import PromptFormat
@@ -144,6 +145,8 @@ class Model:
         self.arch, self.dims = manifest.arch, manifest.dims
         self.float_dtype = np.dtype(manifest.float_dtype)
         self._self_cache = self_cache_names(self.dims)  # [(present, past)] per layer, key then value
+        self.draft: Model | None = None  # speculative decoding's draft (set_draft); None: prompt lookup
+        self.last_speculation: SpeculationStats | None = None  # what the last speculative call did
 
     def __repr__(self) -> str:
         return f"<onnxformer.runtime.Model arch={self.arch!r} from {str(self.directory)!r} on {self.device}>"
@@ -414,10 +417,44 @@ class Model:
         _check_rng(rng)
         return self._generate(self._check_ids(prompts, config), config, rng)
 
+    def set_draft(self, draft: "Model | None") -> None:
+        """The draft model of speculative decoding (``speculative=K`` or "auto"): a smaller
+        generating package over the same vocabulary (and, for an encoder-decoder, also an
+        encoder-decoder). None: prompt lookup proposes instead."""
+        if draft is not None:
+            if not isinstance(draft, Model) or not draft.can_generate:
+                raise ConfigError(f"the draft must be a loaded generating package (runtime.load(...)); got {draft!r:.80}")
+            if draft.dims.vocab_size != self.dims.vocab_size:
+                raise ConfigError(f"the draft's vocabulary ({draft.dims.vocab_size} tokens) differs from this model's "
+                                  f"({self.dims.vocab_size}); pass a draft trained with the same tokenizer "
+                                  "(onnxformer train --task distill), or none (prompt lookup)")
+            if (draft.arch == "encoder-decoder") != (self.arch == "encoder-decoder"):
+                raise ConfigError(f"a {draft.arch} draft cannot propose for a {self.arch} model; pass a draft of "
+                                  "the same kind (encoder-decoder with encoder-decoder), or none (prompt lookup)")
+        self.draft = draft
+
     def _generate(self, rows: list[list[int]], config: GenerationConfig,
                   rng: np.random.Generator | None) -> list[Generation]:
+        if config.speculative != 0 and config.strategy != "beam":
+            return self._speculate(rows, config, rng)
         try:
             return gen.generate(self._steps(rows, config), rows, config, rng=rng, decode=self._decode)
+        except ORT_ERRORS as err:
+            raise _run_error(err, "the generation graphs") from None
+
+    def _speculate(self, rows: list[list[int]], config: GenerationConfig,
+                   rng: np.random.Generator | None) -> list[Generation]:
+        """Greedy / sample with speculation (runtime/speculative.py), one prompt at a time."""
+        capacity = max(len(r) for r in rows) + config.max_new_tokens + 1
+        if self.draft is not None:
+            draft = self.draft
+            proposer = DraftModel(lambda: draft.step_model(capacity=capacity), draft.dims.vocab_size)
+        else:
+            proposer = PromptLookup()
+        self.last_speculation = stats = SpeculationStats()
+        try:
+            return speculative_generate(lambda: self._steps(rows, config), proposer, rows, config, rng=rng,
+                                        decode=self._decode, stats=stats)
         except ORT_ERRORS as err:
             raise _run_error(err, "the generation graphs") from None
 
@@ -588,7 +625,8 @@ def _package_bytes(manifest: Manifest) -> int:
 
 def load(package_dir: str | os.PathLike, *, provider: str = "cpu", threads: int | None = None,
          verify: bool = True, fast_start: bool | None = None, manifest: Manifest | None = None,
-         trusted_roots: Sequence[str | os.PathLike] | None = None) -> Model:
+         trusted_roots: Sequence[str | os.PathLike] | None = None,
+         draft: "str | os.PathLike | Model | None" = None) -> Model:
     """Open a package: read and check the manifest, verify checksums, open one session per
     graph on `provider` ("cpu" or "cuda") and check each session's I/O against the contract.
 
@@ -600,7 +638,9 @@ def load(package_dir: str | os.PathLike, *, provider: str = "cpu", threads: int 
     loads a staged package before its manifest is written); it is checked the same way.
     `trusted_roots`: directories (content stores, e.g. the Hugging Face cache) that the
     package's files may be links into; other links leading out of the package are refused.
-    The environment variable ONNXFORMER_TRUSTED_STORES adds more (os.pathsep-separated)."""
+    The environment variable ONNXFORMER_TRUSTED_STORES adds more (os.pathsep-separated).
+    `draft`: a draft package (a path, loaded the same way, or a loaded Model) for speculative
+    decoding (`generate(..., speculative=K | "auto")`; see Model.set_draft)."""
     if not isinstance(package_dir, (str, os.PathLike)):
         raise PackageError(f"package_dir must be a path (str or os.PathLike); got {type(package_dir).__name__}")
     if threads is not None and (not isinstance(threads, int) or isinstance(threads, bool) or not 0 <= threads <= 1024):
@@ -643,4 +683,10 @@ def load(package_dir: str | os.PathLike, *, provider: str = "cpu", threads: int 
         if checked is not None:
             checked.result()
     log.info("loaded %s package from %s on %s", manifest.arch, directory, device)
-    return Model(directory, manifest, tokenizer, sessions, device)
+    model = Model(directory, manifest, tokenizer, sessions, device)
+    if draft is not None:
+        if not isinstance(draft, Model):
+            draft = load(draft, provider=provider, threads=threads, verify=verify, fast_start=fast_start,
+                         trusted_roots=trusted_roots)
+        model.set_draft(draft)
+    return model

@@ -47,7 +47,7 @@ from .contract import (
     past_name_for,
 )
 from .errors import InputError
-from .steps import AlignedSteps, StepModel, StepResult, as_tokens, left_pad, prefill_rows
+from .steps import AlignedSteps, StepModel, StepResult, as_tokens, left_pad, prefill_rows, rewind_counts
 
 if TYPE_CHECKING:  # the Model type only; model.py imports this module
     from .model import Model
@@ -189,6 +189,10 @@ class ConcatSteps(AlignedSteps):
         past = {past_name_for(name): value for name, value in zip(self.output_names[1:], outputs[1:])}
         return (logits[:, -1] if last_only else logits), _ConcatCache(past, cache.encoded)
 
+    def _trim(self, cache: _ConcatCache, width: int) -> _ConcatCache:
+        past = {name: _value(value.numpy()[:, :, :width], self.device) for name, value in cache.past.items()}
+        return _ConcatCache(past, cache.encoded)
+
     def _gather(self, cache: _ConcatCache, rows: np.ndarray) -> _ConcatCache:
         past = {name: _value(value.numpy()[rows], self.device) for name, value in cache.past.items()}
         encoded = None if cache.encoded is None else cache.encoded.take(rows, self.device)
@@ -283,6 +287,14 @@ class SharedSteps(StepModel):
             steps.append((r.logits.copy(), r.next_token.copy(), r.next_logprob.copy()))
         logits, token, logprob = (np.stack(parts, axis=1) for parts in zip(*steps))  # (N, K, ...)
         return StepResult(logits, token, logprob)
+
+    def rewind(self, counts: Sequence[int]) -> None:
+        """Shorter ``sequence_lengths``: the next step writes over the forgotten tokens' K/V
+        (GroupQueryAttention reads each row only up to its length), nothing is copied."""
+        counts = rewind_counts(counts, self.rows)
+        if (counts > self._state.lengths - 1).any():
+            raise ValueError(f"rewind({counts.tolist()}) would drop whole rows of lengths {self._state.lengths.tolist()}")
+        self._state.lengths = self._state.lengths - counts
 
     def select(self, rows: np.ndarray) -> None:
         """Gather rows of the buffers (only their filled part) and of the encoder side."""

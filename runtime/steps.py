@@ -13,6 +13,9 @@ padding, positions, masks or the cache layout, which are the step model's busine
     select(rows)                     row r becomes old row rows[r]: reorder (beam search), copy
                                      (several sequences per prompt) or drop rows
     release(rows)                    drop the given rows (finished requests); the rest keep order
+    rewind(counts)                   forget the last counts[r] tokens of row r (counts (N,)): the
+                                     next advance continues from there (speculative decoding
+                                     rolls back past a rejected draft token)
     sequence_start(prompt)           the tokens a row's sequence starts with, which the logits
                                      processors count: the prompt itself, or for an encoder-
                                      decoder the decoder's start token (the prompt is the source)
@@ -138,6 +141,18 @@ class StepModel(ABC):
     def sequence_start(self, prompt: Sequence[int]) -> list[int]:
         """The tokens the row's sequence starts with (what repetition penalties count)."""
         return list(prompt)
+
+    def rewind(self, counts: Sequence[int]) -> None:
+        """Forget the last ``counts[r]`` tokens fed to row r (never more than its advanced tokens)."""
+        raise NotImplementedError(f"{type(self).__name__} cannot rewind rows (speculative decoding needs it)")
+
+
+def rewind_counts(counts: Sequence[int], rows: int) -> np.ndarray:
+    """rewind()'s counts as an (N,) int64 array >= 0; another shape is the caller's bug (ValueError)."""
+    array = np.asarray(counts, dtype=np.int64).reshape(-1)
+    if array.shape != (rows,) or (array.size and array.min() < 0):
+        raise ValueError(f"rewind() takes (N={rows},) counts >= 0; got {counts!r:.80}")
+    return array
 
 
 class PaddedBatch(NamedTuple):
@@ -310,6 +325,29 @@ class AlignedSteps(StepModel):
         self._last = positions[:, -1]
         return StepResult(logits)
 
+    def _trim(self, cache: Any, width: int) -> Any:
+        """The cache cut to its first ``width`` columns, or None where the subclass cannot cut
+        it (rewind then masks the dropped columns out instead)."""
+        return None
+
+    def rewind(self, counts: Sequence[int]) -> None:
+        """Equal counts cut the cache's last columns (where ``_trim`` can); otherwise the
+        dropped columns stay in the cache, masked out. Positions go back either way."""
+        counts = rewind_counts(counts, self.rows)
+        if not counts.any():
+            return
+        if (counts == counts[0]).all():
+            trimmed = self._trim(self._cache, self._width - int(counts[0]))
+            if trimmed is not None:
+                self._cache, self._width = trimmed, self._width - int(counts[0])
+                self._last = self._last - counts
+                return
+        for r, c in enumerate(counts.tolist()):
+            if c:
+                real = np.flatnonzero(self._mask[r, :self._width])  # the row's real columns, in order
+                self._mask[r, real[len(real) - c:]] = 0
+        self._last = self._last - counts
+
     def select(self, rows: np.ndarray) -> None:
         rows = np.asarray(rows, dtype=np.int64)
         self._cache = self._gather(self._cache, rows)
@@ -319,5 +357,5 @@ class AlignedSteps(StepModel):
 
 __all__ = [
     "greedy_choice", "StepResult", "StepModel", "PaddedBatch", "left_pad", "check_prompts", "is_int",
-    "as_tokens", "prefill_rows", "AlignedSteps",
+    "as_tokens", "prefill_rows", "rewind_counts", "AlignedSteps",
 ]

@@ -605,6 +605,10 @@ INVALID = [
     ("forced_bos_token_id", dict(forced_bos_token_id=(0,))),
     ("forced_eos_token_id", dict(forced_eos_token_id=(-1,))),
     ("forced_eos_token_id", dict(forced_eos_token_id="2")),
+    ("speculative", dict(speculative=-1)),
+    ("speculative", dict(speculative="fast")),
+    ("speculative", dict(speculative=True)),
+    ("speculative", dict(strategy="beam", num_beams=2, speculative=2)),
 ]
 
 
