@@ -325,41 +325,43 @@ def _one(steps: StepModel, proposer: Proposer, prompt: list[int], config: Genera
         feed = np.array([[seq.generated[-1], *drafts]], dtype=np.int64)  # (1, 1+K)
         logits = np.array(steps.advance(feed).logits, dtype=np.float32).reshape(len(drafts) + 1, -1)  # (1+K, V)
         before = len(seq.generated)
-        accepted = _verify(seq, logits, drafts, proposal.probs, rng, sampling, target_dist)
+        accepted, checked = _verify(seq, logits, drafts, proposal.probs, rng, sampling, target_dist)
         if not seq.done and accepted < len(drafts):
             steps.rewind([len(drafts) - accepted])
         stats.rounds += 1
-        stats.proposed += len(drafts)
+        stats.proposed += checked
         stats.accepted += accepted
         stats.emitted += len(seq.generated) - before
         if auto is not None:
-            auto.record(k, len(drafts), accepted, len(seq.generated) - before, time.perf_counter() - began)
+            auto.record(k, checked, accepted, len(seq.generated) - before, time.perf_counter() - began)
     return seq
 
 
 def _verify(seq: _Sequence, logits: np.ndarray, drafts: list[int], probs: np.ndarray | None,
-            rng: np.random.Generator, sampling: bool, target_dist: Callable) -> int:
+            rng: np.random.Generator, sampling: bool, target_dist: Callable) -> tuple[int, int]:
     """Accept a prefix of ``drafts`` and emit one more token (the correction or the bonus);
-    returns the accepted count. logits (1+K, V): row j is the target's after draft j-1."""
+    returns the accepted count and the drafts checked (those after an eos are not). logits (1+K, V): row j is the target's after draft j-1."""
     for j in range(len(drafts) + 1):
         if not sampling:
             processed = seq.processed(logits[j], seq.generated)
             token = int(np.argmax(processed))
             seq.commit(token, float(log_softmax(processed[None])[0, token]))
-            if seq.done or j == len(drafts) or token != drafts[j]:
-                return j
+            if j == len(drafts) or token != drafts[j]:
+                return j, min(j + 1, len(drafts))
+            if seq.done:
+                return j + 1, j + 1
             continue
         p = target_dist(logits[j], seq.generated)  # (V,) float64
         if j == len(drafts):  # every draft accepted: the bonus token from p_K
             token = _draw(p, rng)
             seq.commit(token, float(np.log(p[token])))
-            return j
+            return j, j
         x = drafts[j]
         q_x = 1.0 if probs is None else float(probs[j, x])
         if q_x > 0 and rng.random() < min(1.0, p[x] / q_x):
             seq.commit(x, float(np.log(p[x])))
             if seq.done:
-                return j + 1
+                return j + 1, j + 1
             continue
         if probs is None:  # a point mass at x: the residual is p without x
             residual = p.copy()
@@ -370,8 +372,8 @@ def _verify(seq: _Sequence, logits: np.ndarray, drafts: list[int], probs: np.nda
             residual = p
         token = _draw(residual / residual.sum(), rng)
         seq.commit(token, float(np.log(p[token])))
-        return j
-    return len(drafts)
+        return j, j + 1
+    return len(drafts), len(drafts)
 
 
 __all__ = ["Proposal", "Proposer", "PromptLookup", "DraftModel", "AutoK", "SpeculationStats", "speculative_generate"]
