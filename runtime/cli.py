@@ -33,6 +33,7 @@ SUBCOMMANDS: dict[str, str] = {
     "report": "draw a training run's curves (PNG) and a short HTML page",
     "eval": "score a package on a labelled data file (accuracy, macro-F1; exact match, chrF, BLEU)",
     "serve": "an OpenAI-compatible HTTP server over packages, with continuous batching",
+    "web": "serve a page that runs packages in the browser (onnxruntime-web)",
 }
 ENTRY_POINTS = "onnxformer.commands"
 

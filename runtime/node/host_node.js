@@ -6,7 +6,7 @@
  *
  * A host offers `ort`, `PROVIDERS`, `resolveProvider(provider)`, `inspect(value, options)` and
  * `openSource(location, options)` → a package source: `name`, `location`, `manifestData()`,
- * `verify(manifest)`, `graphBytes(file)`, `checkExternalData(graphFile, refs)`,
+ * `plan(manifest)` (refuse what cannot fit before reading), `verify(manifest)`, `graphBytes(file)`, `checkExternalData(graphFile, refs)`,
  * `tokenizer(file)`, `sessionInput(entry)`, `done()`.
  *
  * @module host_node
@@ -21,7 +21,7 @@ import { inspect as nodeInspect } from 'node:util';
 import ort from 'onnxruntime-node';
 
 import { InputError, PackageError, ProviderError, show, typeOf } from './errors.js';
-import { MANIFEST_FILE, manifestFiles, manifestFromDict } from './manifest.js';
+import { MANIFEST_FILE, checkDigest, checkSize, manifestFiles, manifestFromDict } from './manifest.js';
 import {
   TRUSTED_STORES_ENV, TRUST_ADVICE, checkExternalRefs, externalDataRefsOf, externalWhat, positionTablesOf,
 } from './safety.js';
@@ -116,28 +116,6 @@ export async function verifyFiles(manifest, directory, roots = []) {
     }
     checkSize(entry, stat.size);
     checkDigest(entry, await sha256File(file));
-  }
-}
-
-/** A file's size against its manifest entry (both hosts). */
-export function checkSize(entry, size) {
-  if (size !== entry.bytes) {
-    throw new PackageError(
-      `package file '${entry.file}' has ${size} bytes where the manifest says ${entry.bytes}: ` +
-        'it was truncated or altered; re-export the package',
-      { code: 'E_CHECKSUM' },
-    );
-  }
-}
-
-/** A file's sha256 against its manifest entry (both hosts). */
-export function checkDigest(entry, digest) {
-  if (digest !== entry.sha256) {
-    throw new PackageError(
-      `package file '${entry.file}' has sha256 ${digest.slice(0, 16)}… where the manifest says ` +
-        `${entry.sha256.slice(0, 16)}…: it was altered or damaged; re-export the package`,
-      { code: 'E_CHECKSUM' },
-    );
   }
 }
 
@@ -263,6 +241,7 @@ export async function openSource(location, { trustedRoots: given } = {}) {
     verify: (manifest) => verifyFiles(manifest, directory, roots),
     graphBytes: (file) => readGraph(path.join(directory, file)),
     checkExternalData: (file, refs) => checkLinks(path.join(directory, file), refs, roots),
+    plan() {},
     tokenizer: async (file) => PackageTokenizer.fromPackage(directory, file),
     sessionInput: async (entry) => ({ model: path.join(directory, entry.file.file) }),
     done() {},

@@ -381,6 +381,28 @@ export function checkGraphLimits(manifest, name, tables) {
   }
 }
 
+/** A file's size against its manifest entry (both hosts). */
+export function checkSize(entry, size) {
+  if (size !== entry.bytes) {
+    throw new PackageError(
+      `package file '${entry.file}' has ${size} bytes where the manifest says ${entry.bytes}: ` +
+        'it was truncated or altered; re-export the package',
+      { code: 'E_CHECKSUM' },
+    );
+  }
+}
+
+/** A file's sha256 against its manifest entry (both hosts). */
+export function checkDigest(entry, digest) {
+  if (digest !== entry.sha256) {
+    throw new PackageError(
+      `package file '${entry.file}' has sha256 ${digest.slice(0, 16)}… where the manifest says ` +
+        `${entry.sha256.slice(0, 16)}…: it was altered or damaged; re-export the package`,
+      { code: 'E_CHECKSUM' },
+    );
+  }
+}
+
 /** The id of a special-token role; -1 when the package has none. */
 export function special(manifest, role) {
   return Number.isInteger(manifest.special_tokens[role]) ? manifest.special_tokens[role] : -1;

@@ -605,6 +605,7 @@ export async function load(packageDir, { provider, threads, verify = true, ...ho
   try {
     const backend = resolveProvider(provider);
     const manifest = manifestFromDict(await source.manifestData());
+    source.plan(manifest);
     if (verify) await source.verify(manifest);
     const tokenizer = await source.tokenizer(manifest.tokenizer.file);
     if (tokenizer.vocabSize > manifest.dims.vocab_size) {

@@ -1,0 +1,76 @@
+"""The JavaScript runtime in a real browser: `onnxformer web` serves the page, Debian's headless
+Chromium (driven by playwright-core, runtime/node/test/browser_check.mjs) runs the artifacts in
+it, and the results are compared with the Python runtime."""
+
+import json
+import shutil
+import subprocess
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import onnxformer.runtime as rt
+
+ROOT = Path(__file__).resolve().parents[1]
+NODE = ROOT / "runtime" / "node"
+ARTIFACTS = sorted(p for p in (ROOT / "artifacts").iterdir() if (p / "manifest.json").is_file())
+PROMPTS = ["three hundred", "Café naïve 😀"]
+TEXTS = ["the food was not good", "a wonderful, moving film", "日本語\tand\nnewlines"]
+
+
+@pytest.fixture(scope="module")
+def page_results():
+    if not Path("/usr/bin/chromium").exists():
+        pytest.skip("needs Debian's chromium (apt-get install chromium)")
+    if shutil.which("node") is None or not (NODE / "node_modules" / "playwright-core").is_dir() \
+            or not (NODE / "node_modules" / "onnxruntime-web").is_dir():
+        pytest.skip("needs node and runtime/node/node_modules with playwright-core and onnxruntime-web (npm ci)")
+    from onnxformer.runtime.web import serve_in_thread
+
+    server, _ = serve_in_thread({p.name: p for p in ARTIFACTS})
+    try:
+        url = f"http://127.0.0.1:{server.server_port}/"
+        done = subprocess.run(["node", "test/browser_check.mjs", url, json.dumps(PROMPTS), json.dumps(TEXTS)],
+                              cwd=NODE, capture_output=True, text=True, timeout=240)
+        assert done.returncode == 0, done.stderr[-2000:]
+        return json.loads(done.stdout.strip().splitlines()[-1])
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+@pytest.mark.slow
+def test_every_artifact_loads_in_the_page_with_threads(page_results):
+    assert page_results["isolated"], "COOP/COEP headers missing: no wasm threads"
+    assert [r["name"] for r in page_results["loaded"] if r["ok"]] == [p.name for p in ARTIFACTS], page_results["loaded"]
+
+
+@pytest.mark.slow
+def test_concat_greedy_ids_equal_python(page_results):
+    # The "shared" KV layout (decoder, encoder-decoder) does not yet match in onnxruntime-web: see
+    # runtime/node/README.md "In the browser"; the "concat" layout must.
+    for path in ARTIFACTS:
+        got = page_results["models"][path.name]
+        if "greedy" not in got or got["kv_cache"] == "shared":
+            continue
+        want = [g.token_ids[0] for g in rt.load(path).generate(PROMPTS, max_new_tokens=8)]
+        assert got["greedy"] == want, path.name
+
+
+@pytest.mark.slow
+def test_classify_and_embed_within_1e_4(page_results):
+    for path in ARTIFACTS:
+        got = page_results["models"][path.name]
+        model = rt.load(path)
+        if "classify" in got:
+            for mine, theirs in zip(got["classify"], model.classify(TEXTS)):
+                assert mine.keys() == theirs.probabilities.keys()
+                assert max(abs(mine[k] - theirs.probabilities[k]) for k in mine) <= 1e-4
+        if "embed" in got and model.manifest.arch == "encoder":
+            np.testing.assert_allclose(np.array(got["embed"]), model.embed(TEXTS), atol=1e-4)
+
+
+@pytest.mark.slow
+def test_a_missing_package_is_a_readable_message_in_the_page(page_results):
+    assert page_results["missing"].startswith("error[E_MANIFEST]: package file 'manifest.json' is not at"), page_results["missing"]
