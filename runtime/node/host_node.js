@@ -29,6 +29,8 @@ import { PackageTokenizer } from './tokenizer.js';
 
 export { ort };
 
+/** Whether a preallocated output tensor is written in place (the shared KV cache, session.js). */
+export const PREALLOCATED_OUTPUTS = true;
 export const PROVIDERS = ['cpu', 'cuda'];
 export const HOST = 'node';
 

@@ -20,6 +20,8 @@ import { MANIFEST_FILE, checkDigest, checkSize, manifestFiles } from './manifest
 import { WebTokenizer } from './tokenizer_web.js';
 
 export const ort = ortModule.default ?? ortModule;
+/** Whether a preallocated output tensor is written in place (the shared KV cache, session.js). */
+export const PREALLOCATED_OUTPUTS = false;
 export const PROVIDERS = ['wasm', 'webgpu'];
 export const HOST = 'web';
 export const DEFAULT_MEMORY_LIMIT = 2 ** 31;

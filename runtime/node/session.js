@@ -21,7 +21,7 @@
  */
 
 
-import { ort } from '#host';
+import { PREALLOCATED_OUTPUTS, ort } from '#host';
 
 import {
   ATTENTION_MASK, CROSS_ATTENTION, DECODER, ENCODER, ENCODER_ATTENTION_MASK, ENCODER_HIDDEN_STATES,
@@ -520,9 +520,15 @@ export class SharedSteps {
     for (const [present, past] of this.pairs) {
       const buffer = new ort.Tensor(dtype, state.buffers[past], shape);
       feeds[past] = buffer;
-      fetches[present] = buffer; // the same memory: the graph appends in place
+      // onnxruntime-node: the same memory, the graph appends in place. onnxruntime-web copies
+      // feeds into its wasm heap and does not copy a preallocated output back: there present.*
+      // comes back as a new tensor of the same shape and becomes the buffer.
+      fetches[present] = PREALLOCATED_OUTPUTS ? buffer : null;
     }
-    const outputs = await this.session.run(feeds, fetches); // present.*: copies of the buffers, unused
+    const outputs = await this.session.run(feeds, fetches);
+    if (!PREALLOCATED_OUTPUTS) {
+      for (const [present, past] of this.pairs) state.buffers[past] = outputs[present].data;
+    }
     state.lengths = lengths;
     // The graph's greedy choice (FORMAT.md 4.4); the logits rows are made only if read.
     const logits = outputs[LOGITS];
