@@ -19,8 +19,30 @@ PROMPTS = ["three hundred", "Café naïve 😀"]
 TEXTS = ["the food was not good", "a wonderful, moving film", "日本語\tand\nnewlines"]
 
 
+def _broken_packages(root: Path) -> dict[str, Path]:
+    """Copies of artifacts/decoder, each damaged one way."""
+    def copy(name: str, edit=None) -> Path:
+        target = root / name
+        shutil.copytree(ROOT / "artifacts" / "decoder", target)
+        if edit:
+            manifest = json.loads((target / "manifest.json").read_text())
+            edit(manifest)
+            (target / "manifest.json").write_text(json.dumps(manifest))
+        return target
+
+    missing = copy("missing-file")
+    (missing / "tokenizer.json").unlink()
+    altered = copy("checksum")
+    data = bytearray((altered / "tokenizer.json").read_bytes())
+    data[-2] = ord(" ") if data[-2] != ord(" ") else ord("\n")
+    (altered / "tokenizer.json").write_bytes(bytes(data))
+    version = copy("format-version", lambda m: m.update(format_version=99))
+    large = copy("too-large", lambda m: m["graphs"]["decoder"].update(bytes=3 * 2**30))
+    return {p.name: p for p in (missing, altered, version, large)}
+
+
 @pytest.fixture(scope="module")
-def page_results():
+def page_results(tmp_path_factory):
     if not Path("/usr/bin/chromium").exists():
         pytest.skip("needs Debian's chromium (apt-get install chromium)")
     if shutil.which("node") is None or not (NODE / "node_modules" / "playwright-core").is_dir() \
@@ -28,10 +50,13 @@ def page_results():
         pytest.skip("needs node and runtime/node/node_modules with playwright-core and onnxruntime-web (npm ci)")
     from onnxformer.runtime.web import serve_in_thread
 
-    server, _ = serve_in_thread({p.name: p for p in ARTIFACTS})
+    broken = _broken_packages(tmp_path_factory.mktemp("broken"))
+    server, _ = serve_in_thread({p.name: p for p in ARTIFACTS} | broken)
     try:
         url = f"http://127.0.0.1:{server.server_port}/"
-        done = subprocess.run(["node", "test/browser_check.mjs", url, json.dumps(PROMPTS), json.dumps(TEXTS)],
+        spec = {"prompts": PROMPTS, "texts": TEXTS, "broken": [*broken, "no-such-package"],
+                "long_prompt": {"package": "decoder", "text": "one two three " * 200}}
+        done = subprocess.run(["node", "test/browser_check.mjs", url, json.dumps(spec)],
                               cwd=NODE, capture_output=True, text=True, timeout=240)
         assert done.returncode == 0, done.stderr[-2000:]
         return json.loads(done.stdout.strip().splitlines()[-1])
@@ -43,7 +68,7 @@ def page_results():
 @pytest.mark.slow
 def test_every_artifact_loads_in_the_page_with_threads(page_results):
     assert page_results["isolated"], "COOP/COEP headers missing: no wasm threads"
-    assert [r["name"] for r in page_results["loaded"] if r["ok"]] == [p.name for p in ARTIFACTS], page_results["loaded"]
+    assert {r["name"] for r in page_results["loaded"] if r["ok"]} == {p.name for p in ARTIFACTS}, page_results["loaded"]
 
 
 @pytest.mark.slow
@@ -72,4 +97,21 @@ def test_classify_and_embed_within_1e_4(page_results):
 
 @pytest.mark.slow
 def test_a_missing_package_is_a_readable_message_in_the_page(page_results):
-    assert page_results["missing"].startswith("error[E_MANIFEST]: package file 'manifest.json' is not at"), page_results["missing"]
+    assert page_results["broken"]["no-such-package"]["text"].startswith("error[E_MANIFEST]: package file 'manifest.json' is not at"), page_results["broken"]
+
+
+@pytest.mark.slow
+def test_broken_packages_are_readable_messages_in_the_page(page_results):
+    broken = page_results["broken"]
+    assert broken["missing-file"]["text"].startswith("error[E_MISSING_FILE]: package file 'tokenizer.json' is not at")
+    assert "(HTTP 404)" in broken["missing-file"]["text"]
+    assert broken["checksum"]["text"].startswith("error[E_CHECKSUM]: package file 'tokenizer.json' has sha256")
+    assert broken["format-version"]["text"].startswith("error[E_FORMAT_VERSION]:"), broken["format-version"]["text"]
+    large = broken["too-large"]
+    assert large["text"].startswith("error[E_PACKAGE]: package too-large holds 3072.") and "nothing was downloaded" in large["text"]
+    assert large["requested"] == ["/packages/too-large/manifest.json"]  # refused before any other download
+
+
+@pytest.mark.slow
+def test_a_prompt_over_the_context_is_a_readable_message_in_the_page(page_results):
+    assert page_results["long_prompt"].startswith("error[E_TOO_LONG]:"), page_results["long_prompt"]

@@ -1,10 +1,13 @@
 // Drive the page in Debian's headless Chromium (playwright-core, no browser download): load
-// every package the server lists, run greedy generation / classify / embed in the page and
-// print the results as JSON for tests/test_browser.py to compare with the Python runtime.
-// Usage: node test/browser_check.mjs URL PROMPTS_JSON TEXTS_JSON [SCREENSHOT.png]
+// every package the server lists, run greedy generation / classify / embed in the page, open
+// the page on broken packages and type an over-long prompt, and print what the page did as
+// JSON for tests/test_browser.py to compare with the Python runtime.
+// Usage: node test/browser_check.mjs URL SPEC_JSON [SCREENSHOT.png]
+//   SPEC: {prompts, texts, broken: [package names], long_prompt: {package, text}}
 import { chromium } from 'playwright-core';
 
-const [url, promptsJson, textsJson, screenshot] = process.argv.slice(2);
+const [url, specJson, screenshot] = process.argv.slice(2);
+const spec = JSON.parse(specJson);
 const browser = await chromium.launch({ executablePath: process.env.CHROMIUM ?? '/usr/bin/chromium', args: ['--no-sandbox'] });
 try {
   const page = await browser.newPage();
@@ -20,10 +23,24 @@ try {
       out.models[name] = r;
     }
     return out;
-  }, { prompts: JSON.parse(promptsJson), texts: JSON.parse(textsJson) });
-  const bad = await browser.newPage();
-  await bad.goto(`${url}?package=packages/no-such-package/`);
-  result.missing = await bad.evaluate(async () => { await window.loaded; return document.querySelector('.error')?.textContent ?? null; });
+  }, spec);
+  if (spec.long_prompt) {
+    const card = page.locator(`#package-${spec.long_prompt.package}`);
+    await card.locator('textarea.prompt').fill(spec.long_prompt.text);
+    await card.locator('button.run-generate').click();
+    await card.locator('.generated .error').waitFor({ timeout: 30000 });
+    result.long_prompt = await card.locator('.generated .error').textContent();
+  }
+  result.broken = {};
+  for (const name of spec.broken ?? []) {
+    const bad = await browser.newPage();
+    const requested = [];
+    bad.on('request', (request) => requested.push(new URL(request.url()).pathname));
+    await bad.goto(`${url}?package=packages/${name}/`);
+    const text = await bad.evaluate(async () => { await window.loaded; return document.querySelector('.error')?.textContent ?? null; });
+    result.broken[name] = { text, requested: requested.filter((p) => p.includes(`/packages/${name}/`)) };
+    await bad.close();
+  }
   if (screenshot) await page.screenshot({ path: screenshot, fullPage: true });
   console.log(JSON.stringify(result));
 } finally {

@@ -102,7 +102,9 @@ async function open({ name, url }) {
   document.getElementById('packages').append(card);
   const start = performance.now();
   try {
+    const limit = Number(new URLSearchParams(location.search).get('memory_limit_mb'));
     const model = await onnxformer.load(url, {
+      ...(limit ? { memoryLimit: limit * 2 ** 20 } : {}),
       onProgress: ({ file, loaded, total }) => { status.textContent = `${file}: ${(loaded / 1024).toFixed(0)} / ${(total / 1024).toFixed(0)} KB`; },
     });
     window.models[name] = model;
