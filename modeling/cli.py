@@ -24,7 +24,7 @@ import argparse
 # Kept in sync with onnxformer.modeling.train (a test checks it); listed here so that
 # --help works without importing torch.
 ARCHS = ("encoder", "decoder", "encoder-decoder", "prefix-lm")
-TASKS = ("causal-lm", "mlm", "denoise", "seq2seq", "sft", "prefix-lm", "classify")
+TASKS = ("causal-lm", "mlm", "denoise", "seq2seq", "sft", "prefix-lm", "classify", "distill")
 LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "up_proj", "down_proj", "gate_proj")
 
 # CLI option dest -> TrainConfig field, where the names differ.
@@ -60,6 +60,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "                                 (chat: the assistant turns, in the model's chat template)\n"
         "  prefix-lm  prefix-lm           source/target, or text split at random points\n"
         "  classify   encoder             text/label\n"
+        "  distill    decoder|prefix-lm|encoder-decoder, as causal-lm / sft / seq2seq, --teacher PATH\n"
         "Unset steps, batch size, lr, warmup and eval interval take the task's defaults\n"
         "(tuned for the tiny preset on the built-in data; see benchmarks/TRAINING.md).\n"
         "Under torchrun the same command trains with DistributedDataParallel; rank 0 writes."
@@ -100,6 +101,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     model.add_argument("--from-checkpoint", metavar="PATH",
                        help="fine-tune: start from this run dir, checkpoint or local Hugging Face model folder "
                             "(config.json, safetensors, tokenizer.json; weights + tokenizer); classify adds a fresh head")
+    model.add_argument("--teacher", metavar="PATH",
+                       help="task distill: the teacher (run dir, checkpoint or local Hugging Face folder); the "
+                            "student gets its tokenizer and learns its token distributions")
+    model.add_argument("--distill-temperature", type=float, metavar="T",
+                       help="task distill: softmax temperature of the KL term (default 2)")
+    model.add_argument("--distill-kl-weight", type=float, metavar="W",
+                       help="task distill: weight of the KL term; the hard-label loss gets 1 - W (default 0.5)")
 
     opt = parser.add_argument_group("optimisation")
     opt.add_argument("--steps", type=int, metavar="N", help="optimizer steps (default: per task)")

@@ -40,6 +40,28 @@ IGNORE_INDEX = -100
 # --------------------------------------------------------------------------------------------
 
 
+def distillation_loss(logits: Tensor, teacher_logits: Tensor, labels: Tensor, *, temperature: float,
+                      kl_weight: float) -> tuple[Tensor, Tensor]:
+    """Knowledge distillation (Hinton et al. 2015): ``kl_weight * T^2 * KL(teacher_T || student_T)
+    + (1 - kl_weight) * CE(labels)``, both averaged over the positions whose label is not
+    IGNORE_INDEX; returns (that loss, the hard-label cross-entropy).
+
+    logits, teacher_logits (B, T, V) (the teacher's cut to the student's V when it has more:
+    ids past the tokenizer's never occur), labels (B, T); float32 whatever the dtype. The
+    softmax at temperature T is taken over the logits / T; T^2 keeps the gradient's scale."""
+    hard = token_cross_entropy(logits, labels)
+    vocab = logits.shape[-1]
+    if teacher_logits.shape[:-1] != logits.shape[:-1] or teacher_logits.shape[-1] < vocab:
+        raise ValueError(f"teacher logits {tuple(teacher_logits.shape)} do not cover student logits {tuple(logits.shape)}")
+    keep = (labels != IGNORE_INDEX).reshape(-1)  # (B*T,)
+    if not bool(keep.any()):
+        return hard, hard
+    student = logits.reshape(-1, vocab)[keep].float() / temperature  # (M, V)
+    teacher = teacher_logits[..., :vocab].reshape(-1, vocab)[keep].float() / temperature  # (M, V)
+    kl = F.kl_div(F.log_softmax(student, -1), F.log_softmax(teacher, -1), log_target=True, reduction="batchmean")
+    return kl_weight * temperature ** 2 * kl + (1.0 - kl_weight) * hard, hard
+
+
 def token_cross_entropy(logits: Tensor, labels: Tensor) -> Tensor:
     """Mean cross-entropy over the positions whose label is not IGNORE_INDEX.
 
@@ -334,5 +356,5 @@ __all__ = [
     "causal_lm_loss", "classification_loss", "continuation_mask", "count_labels", "delete_tokens",
     "denoise", "infill_spans", "mask_tokens", "mlm_loss", "next_sentence_pairs", "next_token_labels",
     "permute_sentences", "prompt_mask", "seq2seq_labels", "seq2seq_loss", "sft_loss", "shift_right",
-    "token_cross_entropy",
+    "token_cross_entropy", "distillation_loss",
 ]

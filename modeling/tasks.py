@@ -26,6 +26,9 @@ sft         decoder, prefix-lm       seq2seq, chat     NLL of the continuation g
                                                        data, of the assistant turns (modeling/chat_sft.py)
 prefix-lm   prefix-lm                seq2seq, text     as sft; on text, a random split per example
 classify    encoder                  classification    cross-entropy of the pooled [CLS] head
+distill     decoder, prefix-lm,      text, seq2seq     a teacher's distributions: KL at a temperature +
+            encoder-decoder                            the hard-label NLL (text as causal-lm, seq2seq
+                                                       data as sft / seq2seq); `distill_objective`
 ==========  =======================  ================  ===============================================
 
 (*) or classification data, whose texts are used without labels (domain-adaptive pretraining
@@ -71,6 +74,7 @@ from .objectives import (
     classification_loss,
     continuation_mask,
     denoise,
+    distillation_loss,
     mask_tokens,
     mlm_loss,
     next_sentence_pairs,
@@ -271,6 +275,7 @@ class Objective:
     fresh_head: tuple[str, ...] = ()  # prefixes a fine-tuned model (from_checkpoint) does not load
     head_config: Callable[[TaskData], dict[str, Any]] = _no_head_config  # ModelConfig fields of the head
     tokenizer_texts: Callable[[TaskData], Iterable[str]] = _train_split_texts  # a new tokenizer's corpus
+    needs_teacher: bool = False  # distill: trains on a teacher's outputs (TrainConfig.teacher, distill_objective)
 
 
 # ============================================================================================
@@ -696,6 +701,65 @@ def _exact_match_metrics(model: Transformer, context: TaskContext, examples: Seq
 
 
 # ============================================================================================
+# distill: a student on a teacher's token distributions
+# ============================================================================================
+
+
+def _distill_encode(context: TaskContext, raw: Sequence[Example], epoch: int) -> Encoding:
+    """The rows the student and the teacher both read: seq2seq for an encoder-decoder, causal-lm
+    windows on text, sft rows (prompt + continuation) on seq2seq data."""
+    if context.model_config.arch == "encoder-decoder":
+        return _seq2seq_encode(context, raw, epoch)
+    if not raw or isinstance(raw[0], TextExample):
+        return _causal_lm_encode(context, raw, epoch)
+    return _prompted_encode(context, raw, epoch)
+
+
+def _distill_collate(context: TaskContext, items: Sequence[tuple[Encoded, torch.Generator]]) -> Batch:
+    if context.model_config.arch == "encoder-decoder":
+        return _seq2seq_collate(context, items)
+    if items and (items[0][0].prompt_len or items[0][0].loss_mask):
+        return _prompted_collate(context, items)
+    return _causal_lm_collate(context, items)
+
+
+def _logits_of(model: Transformer, batch: Batch) -> Tensor:
+    """The model's logits on the batch: (B, T, V), or (B, U, V) for an encoder-decoder."""
+    if model.config.arch == "encoder-decoder":
+        hidden = model.encode(batch.input_ids, batch.attention_mask)  # (B, T, D)
+        return model.decode(batch.decoder_input_ids, attention_mask=batch.decoder_attention_mask,
+                            cross_kv=model.cross_kv(hidden), encoder_attention_mask=batch.attention_mask).logits
+    prefix = batch.prefix_mask if model.config.arch == "prefix-lm" else None
+    return model.decode(batch.input_ids, attention_mask=batch.attention_mask, prefix_mask=prefix).logits
+
+
+def _needs_teacher(model: Transformer, batch: Batch) -> LossOutput:
+    raise ConfigError("task 'distill' needs a teacher: pass --teacher CKPT_OR_HF_DIR (TrainConfig.teacher)")
+
+
+def _distill_generation_metrics(model: Transformer, context: TaskContext, examples: Sequence[Encoded]) -> dict[str, float]:
+    return _exact_match_metrics(model, context, examples) if examples and examples[0].text else {}
+
+
+def distill_objective(teacher: Transformer, *, temperature: float, kl_weight: float) -> Objective:
+    """The distill objective bound to its teacher (frozen, in eval mode; not a parameter of the
+    trained module): ``kl_weight * T^2 * KL + (1 - kl_weight) * NLL`` (objectives.distillation_loss).
+    ``main_loss`` is the hard-label NLL, so validation loss and perplexity compare with a
+    model trained from scratch."""
+    teacher.eval().requires_grad_(False)
+
+    def loss(model: Transformer, batch: Batch) -> LossOutput:
+        logits = _logits_of(model, batch)
+        with torch.no_grad():
+            teacher_logits = _logits_of(teacher, batch)
+        total, hard = distillation_loss(logits, teacher_logits, batch.labels, temperature=temperature,
+                                        kl_weight=kl_weight)
+        return LossOutput(total, hard, _token_targets(batch), _zero(batch))
+
+    return dataclasses.replace(OBJECTIVES["distill"], loss=loss)
+
+
+# ============================================================================================
 # The registry
 # ============================================================================================
 
@@ -742,6 +806,12 @@ OBJECTIVES: dict[str, Objective] = {o.name: o for o in (
         encode=_classify_encode, collate=_classify_collate, loss=_classify_loss, metrics=_accuracy,
         heads=("classifier.", "pooler."), fresh_head=("classifier.",), head_config=_classify_head_config,
     ),
+    Objective(
+        "distill", archs=("decoder", "prefix-lm", "encoder-decoder"), data_kinds=("text", "seq2seq"),
+        defaults=TaskDefaults(steps=600, batch_size=32, lr=3e-3, warmup=50, eval_every=200),
+        encode=_distill_encode, collate=_distill_collate, loss=_needs_teacher, metrics=_perplexity,
+        generation_metrics=_distill_generation_metrics, needs_teacher=True,
+    ),
 )}
 
 # mlm with next-sentence prediction (TrainConfig.nsp): the same task, its examples are
@@ -769,5 +839,5 @@ def objective_for(task: str, *, nsp: bool = False) -> Objective:
 
 __all__ = [
     "MLM_NSP", "OBJECTIVES", "TASKS", "Batch", "CutReport", "Encoded", "Encoding", "EvalSums", "LossOutput", "Objective", "TaskContext",
-    "TaskDefaults", "exact_match", "example_generator", "objective_for",
+    "TaskDefaults", "distill_objective", "exact_match", "example_generator", "objective_for",
 ]

@@ -78,6 +78,7 @@ from .tasks import (
     Objective,
     TaskContext,
     TaskDefaults,
+    distill_objective,
     example_generator,
     objective_for,
 )
@@ -143,6 +144,12 @@ class TrainConfig:
     bitfit: bool = False  # train biases (and the task head) only
     # Start from these weights (+ tokenizer): a run dir, a checkpoint dir or a local Hugging Face model folder.
     from_checkpoint: str | None = None
+    # task distill: the teacher (a run dir, checkpoint or local Hugging Face folder; its tokenizer
+    # is the student's), the softmax temperature of the KL term and its weight (the hard-label
+    # NLL gets 1 - distill_kl_weight)
+    teacher: str | None = None
+    distill_temperature: float = 2.0
+    distill_kl_weight: float = 0.5
     resume: bool = False  # continue out_dir's latest checkpoint
     # Evaluation, checkpoints, logging
     eval_every: int | None = None  # steps between evaluations on the validation split
@@ -206,6 +213,14 @@ class TrainConfig:
         if self.warmup >= self.steps:
             raise ConfigError(f"warmup ({self.warmup}) must be smaller than steps ({self.steps})")
         objective_for(self.task, nsp=self.nsp)  # nsp belongs to one task
+        if objective.needs_teacher != (self.teacher is not None):
+            teachers = ", ".join(repr(t) for t, o in OBJECTIVES.items() if o.needs_teacher)
+            raise ConfigError(f"task {self.task!r} needs a teacher (--teacher CKPT_OR_HF_DIR)" if objective.needs_teacher
+                              else f"teacher (--teacher) is for task {teachers}; got task {self.task!r}: drop --teacher")
+        if not (isinstance(self.distill_temperature, (int, float)) and 0 < self.distill_temperature < 1e3):
+            raise ConfigError(f"distill_temperature (--distill-temperature) must be > 0; got {self.distill_temperature!r}")
+        if not (isinstance(self.distill_kl_weight, (int, float)) and 0.0 <= self.distill_kl_weight <= 1.0):
+            raise ConfigError(f"distill_kl_weight (--distill-kl-weight) must be in [0, 1]; got {self.distill_kl_weight!r}")
         set_("lora_targets", tuple(self.lora_targets))
         if self.lora_rank and self.bitfit:
             raise ConfigError("choose LoRA (lora_rank > 0) or BitFit, not both")
@@ -854,14 +869,35 @@ def _source(config: TrainConfig, resume: ckpt.TrainingState | None) -> Path | No
     return ckpt.resolve_checkpoint(config.from_checkpoint)
 
 
+def _teacher(config: TrainConfig) -> tuple[Transformer, Tokenizer, PackageInfo | None]:
+    """task distill: the teacher model (eval mode), its tokenizer and what its package needs."""
+    path = Path(config.teacher)
+    if is_hf_dir(path):
+        imported = load_hf(path)
+        return imported.model.eval(), load_tokenizer(imported.tokenizer_file), imported.package
+    folder = ckpt.resolve_checkpoint(path)
+    model, _ = ckpt.load_model(folder)
+    return model, load_tokenizer(folder / ckpt.TOKENIZER_FILE), ckpt.read_package(folder)
+
+
 def _build_run(config: TrainConfig, env: Distributed, resume: ckpt.TrainingState | None) -> _Run:
     """Data, tokenizer, model, datasets and optimizer; a resumed run's optimizer and RNG state."""
     objective = config.objective
     data = _load_data(config, objective)
     source = _source(config, resume)
+    teacher = None
+    if objective.needs_teacher:  # the student reads the teacher's tokens
+        teacher, teacher_tokenizer, teacher_package = _teacher(config)
+        if teacher.config.arch != config.arch:
+            raise ConfigError(f"the teacher {config.teacher} is a {teacher.config.arch!r} model; distill a student "
+                              f"of the same arch: pass --arch {teacher.config.arch}")
+        objective = distill_objective(teacher.to(env.device), temperature=float(config.distill_temperature),
+                                      kl_weight=float(config.distill_kl_weight))
     if _is_import(source, resume):  # a Hugging Face folder: its tokenizer and what its package needs
         imported = import_hf(config, data, source)
         tokenizer, package = load_tokenizer(imported.tokenizer_file), imported.package
+    elif teacher is not None and source is None:  # a new student: the teacher's tokenizer
+        imported, tokenizer, package = None, teacher_tokenizer, teacher_package
     else:  # our checkpoint (package.json: one fine-tuned from an import), or a new model
         imported, package = None, ckpt.read_package(source) if source is not None else None
         tokenizer = _tokenizer(config, objective, data, source, env)
