@@ -5,6 +5,7 @@ it, and the results are compared with the Python runtime."""
 import json
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -16,7 +17,31 @@ ROOT = Path(__file__).resolve().parents[1]
 NODE = ROOT / "runtime" / "node"
 ARTIFACTS = sorted(p for p in (ROOT / "artifacts").iterdir() if (p / "manifest.json").is_file())
 PROMPTS = ["three hundred", "Café naïve 😀"]
-TEXTS = ["the food was not good", "a wonderful, moving film", "日本語\tand\nnewlines"]
+TEXTS = ["the food was not good", "a wonderful, moving film", "日本語\tand\nnewlines", "e\u0301 vs \u00e9 Straße ½ 👨‍👩‍👧 🇫🇷",
+         "tabs\tand\t\ttabs line\r\nend  ", "Ελληνικά, русский, العربية, עברית"]
+
+
+def _imported_llama(root: Path) -> Path | None:
+    """A tiny random Llama saved by transformers and imported + exported by onnxformer (None
+    without transformers / torch / the exporter)."""
+    try:
+        import torch
+        import transformers
+        from onnxformer.export.exporter import export_checkpoint
+    except ImportError:
+        return None
+    sys.path.insert(0, str(ROOT / "tests"))
+    from hf_support import hf_tokenizer, save_hf
+
+    tok = hf_tokenizer()
+    config = transformers.LlamaConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
+                                      initializer_range=0.2, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+                                      pad_token_id=tok.pad_token_id)
+    torch.manual_seed(0)
+    model = transformers.AutoModelForCausalLM.from_config(config).eval()
+    folder = save_hf(model, tok, root / "hf-llama")
+    return export_checkpoint(folder, root / "imported-llama").path
 
 
 def _broken_packages(root: Path) -> dict[str, Path]:
@@ -51,7 +76,9 @@ def page_results(tmp_path_factory):
     from onnxformer.runtime.web import serve_in_thread
 
     broken = _broken_packages(tmp_path_factory.mktemp("broken"))
-    server, _ = serve_in_thread({p.name: p for p in ARTIFACTS} | broken)
+    imported = _imported_llama(tmp_path_factory.mktemp("imported"))
+    served = {p.name: p for p in ARTIFACTS} | ({"imported-llama": imported} if imported else {})
+    server, _ = serve_in_thread(served | broken)
     try:
         url = f"http://127.0.0.1:{server.server_port}/"
         spec = {"prompts": PROMPTS, "texts": TEXTS, "broken": [*broken, "no-such-package"],
@@ -59,7 +86,9 @@ def page_results(tmp_path_factory):
         done = subprocess.run(["node", "test/browser_check.mjs", url, json.dumps(spec)],
                               cwd=NODE, capture_output=True, text=True, timeout=240)
         assert done.returncode == 0, done.stderr[-2000:]
-        return json.loads(done.stdout.strip().splitlines()[-1])
+        results = json.loads(done.stdout.strip().splitlines()[-1])
+        results["packages"] = served
+        return results
     finally:
         server.shutdown()
         server.server_close()
@@ -68,13 +97,41 @@ def page_results(tmp_path_factory):
 @pytest.mark.slow
 def test_every_artifact_loads_in_the_page_with_threads(page_results):
     assert page_results["isolated"], "COOP/COEP headers missing: no wasm threads"
-    assert {r["name"] for r in page_results["loaded"] if r["ok"]} == {p.name for p in ARTIFACTS}, page_results["loaded"]
+    assert {r["name"] for r in page_results["loaded"] if r["ok"]} == set(page_results["packages"]), page_results["loaded"]
+
+
+@pytest.mark.slow
+def test_tokenizer_ids_equal_python(page_results):
+    # Tokenizers.js in the page against the Rust tokenizer of the Python runtime, on every package
+    for name, path in page_results["packages"].items():
+        want = rt.load(path).encode([*PROMPTS, *TEXTS])
+        assert page_results["models"][name]["encode"] == want, name
+
+
+@pytest.mark.slow
+def test_an_imported_hugging_face_model_decodes_as_transformers(page_results):
+    if "imported-llama" not in page_results["packages"]:
+        pytest.skip("needs transformers and torch to make the imported model")
+    import torch
+    import transformers
+
+    path = page_results["packages"]["imported-llama"]
+    folder = path.parent / "hf-llama"  # beside it (_imported_llama)
+    tok = transformers.AutoTokenizer.from_pretrained(folder)
+    model = transformers.AutoModelForCausalLM.from_pretrained(folder).eval()
+    got = page_results["models"]["imported-llama"]["greedy"]
+    for prompt, ids in zip(PROMPTS, got):  # one prompt at a time: no padding question on the reference side
+        with torch.no_grad():
+            inputs = tok(prompt, return_tensors="pt")
+            out = model.generate(**inputs, do_sample=False, max_new_tokens=8, pad_token_id=tok.pad_token_id)
+        want = out[0, inputs["input_ids"].shape[1]:].tolist()
+        assert ids == want[: len(ids)] and (len(ids) == len(want) or ids[-1] == tok.eos_token_id), (prompt, ids, want)
 
 
 @pytest.mark.slow
 def test_greedy_ids_equal_python(page_results):
     # Both KV-cache layouts, a batch of two prompts of different lengths.
-    for path in ARTIFACTS:
+    for path in page_results["packages"].values():
         got = page_results["models"][path.name]
         if "greedy" not in got:
             continue

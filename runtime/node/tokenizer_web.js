@@ -61,12 +61,22 @@ export class WebTokenizer {
   async encodeBatch(texts) {
     return texts.map((text) => {
       const e = this.tokenizer.encode(text, { add_special_tokens: true, return_token_type_ids: true });
-      return {
-        ids: e.ids,
-        typeIds: e.token_type_ids ?? e.ids.map(() => 0),
-        specialMask: e.ids.map((id) => (this.special.has(id) ? 1 : 0)),
-      };
+      return { ids: e.ids, typeIds: e.token_type_ids ?? e.ids.map(() => 0), specialMask: this.#templateMask(text, e.ids) };
     });
+  }
+
+  /**
+   * Rust's special_tokens_mask: 1 for the tokens the post-processor's template added (not for a
+   * special token the text itself holds, nor for [UNK]); the text's own ids sit in one run.
+   */
+  #templateMask(text, ids) {
+    const own = this.tokenizer.encode(text, { add_special_tokens: false }).ids;
+    for (let start = 0; start + own.length <= ids.length; start++) {
+      if (own.every((id, i) => ids[start + i] === id)) {
+        return ids.map((_, i) => (i >= start && i < start + own.length ? 0 : 1));
+      }
+    }
+    return ids.map((id) => (this.special.has(id) ? 1 : 0)); // a template that rewrites the text's ids
   }
 
   /** @param {string} text */

@@ -16,7 +16,7 @@ try {
     const loaded = await window.loaded;
     const out = { loaded, isolated: crossOriginIsolated, models: {} };
     for (const [name, m] of Object.entries(window.models)) {
-      const r = { kv_cache: m.manifest.kv_cache ?? null };
+      const r = { kv_cache: m.manifest.kv_cache ?? null, encode: await m.encode([...prompts, ...texts]) };
       if (m.canGenerate) r.greedy = (await m.generate(prompts, { max_new_tokens: 8 })).map((g) => g.token_ids[0]);
       if (m.canClassify) r.classify = (await m.classify(texts)).map((c) => c.probabilities);
       if (!m.canGenerate || m.arch === 'encoder-decoder') r.embed = (await m.embed(texts)).map((v) => Array.from(v));
