@@ -32,8 +32,13 @@ from .errors import InputError, PackageError
 log = logging.getLogger(__name__)
 
 NODE_DIR = Path(__file__).resolve().parent / "node"
-# What the page needs from node_modules (folder -> the files of it that are served).
-VENDORED = ("onnxruntime-web/dist", "@huggingface/jinja/dist", "@huggingface/tokenizers/dist")
+# What the page needs from node_modules (folder -> the files of it that are served): onnxruntime-web's
+# build with wasm and WebGPU (JSEP) and its wasm binary, the Jinja of chat templates, Tokenizers.js.
+VENDORED = {
+    "onnxruntime-web/dist": ("ort.all.min.mjs", "ort-wasm-simd-threaded.jsep.mjs", "ort-wasm-simd-threaded.jsep.wasm"),
+    "@huggingface/jinja/dist": ("index.js",),
+    "@huggingface/tokenizers/dist": ("tokenizers.mjs",),
+}
 ISOLATION_HEADERS = {
     "Cross-Origin-Opener-Policy": "same-origin",
     "Cross-Origin-Embedder-Policy": "require-corp",
@@ -57,7 +62,7 @@ def _packages(specs: list[str]) -> dict[str, Path]:
 
 
 def _check_runtime() -> None:
-    missing = [v for v in VENDORED if not (NODE_DIR / "node_modules" / v).is_dir()]
+    missing = [f"{v}/{f}" for v, files in VENDORED.items() for f in files if not (NODE_DIR / "node_modules" / v / f).is_file()]
     if missing:
         raise PackageError(f"the page needs {', '.join(missing)} under {NODE_DIR / 'node_modules'}: run "
                            f"`npm ci` in {NODE_DIR}", code="E_MISSING_FILE")
@@ -107,6 +112,9 @@ class Handler(SimpleHTTPRequestHandler):
                     break
                 if prefix == "/rt/" and (len(rest) != 1 or not rest[0].endswith(".js")):
                     break  # the runtime's own modules only, not its tests or node_modules
+                vendored = VENDORED.get(prefix[len("/rt/node_modules/"):-1])
+                if vendored is not None and (len(rest) != 1 or rest[0] not in vendored):
+                    break
                 target = folder.joinpath(*rest) if rest else folder / "index.html"
                 return str(target)
         return str(NODE_DIR / "web" / "missing")
@@ -136,10 +144,11 @@ def write_static(packages: dict[str, Path], out: Path) -> None:
     shutil.rmtree(tmp, ignore_errors=True)
     for prefix, folder in layout(packages).items():
         target = tmp / prefix.strip("/")
-        if prefix == "/rt/":
+        vendored = VENDORED.get(prefix[len("/rt/node_modules/"):-1])
+        if prefix == "/rt/" or vendored:
             target.mkdir(parents=True, exist_ok=True)
-            for js in folder.glob("*.js"):
-                shutil.copy2(js, target / js.name)
+            for file in vendored or [js.name for js in folder.glob("*.js")]:
+                shutil.copy2(folder / file, target / file)
         else:
             shutil.copytree(folder, target, dirs_exist_ok=True)
     (tmp / "packages.json").write_bytes(package_list(packages))

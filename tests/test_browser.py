@@ -172,3 +172,46 @@ def test_broken_packages_are_readable_messages_in_the_page(page_results):
 @pytest.mark.slow
 def test_a_prompt_over_the_context_is_a_readable_message_in_the_page(page_results):
     assert page_results["long_prompt"].startswith("error[E_TOO_LONG]:"), page_results["long_prompt"]
+
+
+@pytest.mark.slow
+def test_the_same_page_as_static_files(tmp_path):
+    """`onnxformer web --out DIR` writes the page, the runtime and the packages; a plain static
+    server (only the isolation headers added) serves it and the page runs the packages."""
+    if not Path("/usr/bin/chromium").exists() or not (NODE / "node_modules" / "playwright-core").is_dir():
+        pytest.skip("needs Debian's chromium and runtime/node/node_modules (npm ci)")
+    import threading
+    from functools import partial
+    from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
+
+    from onnxformer.runtime.cli import main
+    from onnxformer.runtime.web import ISOLATION_HEADERS
+
+    out = tmp_path / "site"
+    assert main(["web", *(str(p) for p in ARTIFACTS), "--out", str(out)]) == 0
+    assert (out / "rt" / "node_modules" / "onnxruntime-web" / "dist" / "ort-wasm-simd-threaded.jsep.wasm").is_file()
+
+    class Static(SimpleHTTPRequestHandler):
+        def end_headers(self):
+            for key, value in ISOLATION_HEADERS.items():
+                self.send_header(key, value)
+            super().end_headers()
+
+        def log_message(self, *args):
+            pass
+
+    Static.extensions_map = {**Static.extensions_map, ".js": "text/javascript", ".mjs": "text/javascript", ".wasm": "application/wasm"}
+    server = ThreadingHTTPServer(("127.0.0.1", 0), partial(Static, directory=str(out)))
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        spec = {"prompts": PROMPTS[:1], "texts": TEXTS[:1]}
+        done = subprocess.run(["node", "test/browser_check.mjs", f"http://127.0.0.1:{server.server_port}/", json.dumps(spec)],
+                              cwd=NODE, capture_output=True, text=True, timeout=240)
+        assert done.returncode == 0, done.stderr[-2000:]
+        result = json.loads(done.stdout.strip().splitlines()[-1])
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert result["isolated"] and all(r["ok"] for r in result["loaded"]) and len(result["loaded"]) == len(ARTIFACTS)
+    decoder = next(p for p in ARTIFACTS if p.name == "decoder")
+    assert result["models"]["decoder"]["greedy"] == [g.token_ids[0] for g in rt.load(decoder).generate(PROMPTS[:1], max_new_tokens=8)]

@@ -102,8 +102,12 @@ async function open({ name, url }) {
   document.getElementById('packages').append(card);
   const start = performance.now();
   try {
-    const limit = Number(new URLSearchParams(location.search).get('memory_limit_mb'));
+    const query = new URLSearchParams(location.search);
+    const limit = Number(query.get('memory_limit_mb'));
+    const threads = Number(query.get('threads'));
     const model = await onnxformer.load(url, {
+      provider: query.get('provider') ?? 'wasm',
+      ...(threads ? { threads } : {}),
       ...(limit ? { memoryLimit: limit * 2 ** 20 } : {}),
       onProgress: ({ file, loaded, total }) => { status.textContent = `${file}: ${(loaded / 1024).toFixed(0)} / ${(total / 1024).toFixed(0)} KB`; },
     });
@@ -119,9 +123,10 @@ async function open({ name, url }) {
   }
 }
 
+const adapter = await navigator.gpu?.requestAdapter().catch(() => null);
 document.getElementById('env').textContent =
   `onnxruntime-web ${onnxformer.ort.env.versions?.web ?? ''}: ${crossOriginIsolated ? `wasm threads (${Math.min(4, navigator.hardwareConcurrency)})` : 'wasm, one thread (page not cross-origin isolated)'}` +
-  `${navigator.gpu ? ', WebGPU available' : ''}`;
+  `${adapter ? '; WebGPU available (?provider=webgpu)' : '; no WebGPU adapter'}`;
 // One package at a time: onnxruntime-web's wasm start is not safe to race (sessions created
 // concurrently on the first load computed wrong outputs).
 async function openAll(list) {
