@@ -902,6 +902,8 @@ def _build_run(config: TrainConfig, env: Distributed, resume: ckpt.TrainingState
         imported, package = None, ckpt.read_package(source) if source is not None else None
         tokenizer = _tokenizer(config, objective, data, source, env)
     model = build_model(config, data, tokenizer, source=source, resume=resume, imported=imported).to(env.device)
+    if teacher is not None and source is None:  # a new student prompts as its teacher (the format is metadata)
+        model.config = model.config.replace(prompt_format=teacher.config.prompt_format)
     trainable = trainable_parameters(model)
     counts = {"total": sum(p.numel() for p in model.parameters()), "trainable": sum(p.numel() for p in trainable.values())}
     logger.info("model: %s, %d parameters (%d trainable)", model.config.arch, counts["total"], counts["trainable"])

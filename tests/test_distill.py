@@ -65,3 +65,4 @@ def test_a_short_distillation_run(tmp_path):
     assert student.last_loss < student.first_loss
     same = (teacher.checkpoint / ckpt.TOKENIZER_FILE).read_text() == (student.checkpoint / ckpt.TOKENIZER_FILE).read_text()
     assert same  # the teacher's tokenizer
+    assert ckpt.read_model_config(student.checkpoint).prompt_format == ckpt.read_model_config(teacher.checkpoint).prompt_format
