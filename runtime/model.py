@@ -43,7 +43,7 @@ from .errors import ConfigError, InputError, PackageError, ProviderError, RunErr
 from .safety import check_external_data, trusted_roots as trusted_roots_of
 from .generation import Generation, GenerationConfig
 from .session_steps import ConcatSteps, SharedSteps
-from .speculative import DraftModel, PromptLookup, SpeculationStats, speculative_generate
+from .speculative import AutoK, DraftModel, PromptLookup, SpeculationStats, speculative_generate
 from .steps import StepModel, is_int
 from .manifest import Manifest
 from .prompt_format import PromptFormat
@@ -147,6 +147,7 @@ class Model:
         self._self_cache = self_cache_names(self.dims)  # [(present, past)] per layer, key then value
         self.draft: Model | None = None  # speculative decoding's draft (set_draft); None: prompt lookup
         self.last_speculation: SpeculationStats | None = None  # what the last speculative call did
+        self._auto: dict[int, AutoK] = {}  # speculative="auto": one tuner per proposer (id of the draft; 0 lookup)
 
     def __repr__(self) -> str:
         return f"<onnxformer.runtime.Model arch={self.arch!r} from {str(self.directory)!r} on {self.device}>"
@@ -452,9 +453,10 @@ class Model:
         else:
             proposer = PromptLookup()
         self.last_speculation = stats = SpeculationStats()
+        auto = self._auto.setdefault(id(self.draft) if self.draft is not None else 0, AutoK())
         try:
             return speculative_generate(lambda: self._steps(rows, config), proposer, rows, config, rng=rng,
-                                        decode=self._decode, stats=stats)
+                                        decode=self._decode, stats=stats, auto=auto)
         except ORT_ERRORS as err:
             raise _run_error(err, "the generation graphs") from None
 

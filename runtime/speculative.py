@@ -248,10 +248,12 @@ def speculative_generate(
     rng: np.random.Generator | None = None,
     decode: Decode | None = None,
     stats: SpeculationStats | None = None,
+    auto: AutoK | None = None,
 ) -> list[Generation]:
     """Greedy or sample with speculation (``config.speculative``: K, or "auto"); one Generation
     per prompt, as :func:`runtime.generation.generate` returns. ``model`` makes a fresh target
-    step model (one per sequence)."""
+    step model (one per sequence). ``auto``: the tuner "auto" keeps across sequences and calls
+    (a Model keeps one per proposer); a fresh one per call when None."""
     if not config.is_resolved:
         config = config.resolve()
     if config.strategy not in ("greedy", "sample"):
@@ -263,6 +265,8 @@ def speculative_generate(
     rng = rng if rng is not None else np.random.default_rng(config.seed)
     stats = stats if stats is not None else SpeculationStats()
     copies = config.num_return_sequences if sampling else 1
+    if config.speculative == "auto" and auto is None:
+        auto = AutoK()
     results = []
     for prompt in rows:
         seqs = []
@@ -270,7 +274,7 @@ def speculative_generate(
             steps = model()
             _check_vocab(steps.vocab_size, [prompt], config)
             try:
-                seqs.append(_one(steps, proposer, prompt, config, rng, decode, stats, sampling))
+                seqs.append(_one(steps, proposer, prompt, config, rng, decode, stats, sampling, auto))
             finally:
                 if steps.rows:
                     steps.release(np.arange(steps.rows))
@@ -284,7 +288,8 @@ def speculative_generate(
 
 
 def _one(steps: StepModel, proposer: Proposer, prompt: list[int], config: GenerationConfig,
-         rng: np.random.Generator, decode: Decode | None, stats: SpeculationStats, sampling: bool) -> "_Sequence":
+         rng: np.random.Generator, decode: Decode | None, stats: SpeculationStats, sampling: bool,
+         auto: AutoK | None) -> "_Sequence":
     start = steps.sequence_start(prompt)
     seq = _Sequence(start, config, new_token_limits([start], config)[0], decode)
     if seq.done:
@@ -313,7 +318,7 @@ def _one(steps: StepModel, proposer: Proposer, prompt: list[int], config: Genera
             seq.commit(token, float(log_softmax(processed[None])[0, token]))
 
     emit_plain(np.array(steps.prefill([prompt]).logits[0], dtype=np.float32))
-    auto = AutoK() if config.speculative == "auto" else None
+    auto = auto if config.speculative == "auto" else None
     if not seq.done and config.speculative != 0:
         proposer.start(prompt)
     while not seq.done:
