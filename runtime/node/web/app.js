@@ -59,7 +59,7 @@ function generatePanel(model, card) {
       }
       const end = performance.now();
       const decode = pieces > 1 ? ((pieces - 1) / ((end - first) / 1000)).toFixed(1) : '-';
-      speed.textContent = `${pieces} pieces in ${((end - start) / 1000).toFixed(2)} s; decode ${decode} tok/s`;
+      speed.textContent = `${pieces} text pieces in ${((end - start) / 1000).toFixed(2)} s; decode ${decode} tok/s`;
     } catch (err) {
       showError(out, err);
     } finally {
@@ -95,6 +95,13 @@ function encoderPanel(model, card) {
   card.append(text, $('div', {}, ...buttons), out);
 }
 
+/** The MB of the files the manifest lists (what the load downloaded). */
+function manifestMegabytes(m) {
+  const files = new Map([[m.tokenizer.file, m.tokenizer.bytes]]);
+  for (const g of Object.values(m.graphs)) for (const e of [g.file, ...g.external_data]) files.set(e.file, e.bytes);
+  return ([...files.values()].reduce((a, b) => a + b, 0) / 2 ** 20).toFixed(2);
+}
+
 async function open({ name, url }) {
   const card = $('div', { className: 'card', id: `package-${name}` }, $('h2', { textContent: name }));
   const status = $('div', { className: 'progress' });
@@ -113,7 +120,10 @@ async function open({ name, url }) {
     });
     window.models[name] = model;
     const m = model.manifest;
-    status.textContent = `${model.arch}, ${m.dims.n_layers} layers, d_model ${m.dims.d_model}, context ${m.max_seq_len}; loaded in ${((performance.now() - start) / 1000).toFixed(2)} s`;
+    const mb = manifestMegabytes(m);
+    const layers = m.model_config?.n_layers ?? m.dims.n_layers; // dims.n_layers counts decoder layers (0 in an encoder)
+    status.textContent = `${model.arch}, ${layers} layers, d_model ${m.dims.d_model}, context ${m.max_seq_len}, ${mb} MB; ` +
+      `loaded in ${((performance.now() - start) / 1000).toFixed(2)} s${model.chatTemplate ? '; chat template' : ''}`;
     if (model.canGenerate) generatePanel(model, card);
     else encoderPanel(model, card);
     return { name, ok: true, seconds: (performance.now() - start) / 1000 };
