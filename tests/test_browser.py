@@ -215,3 +215,42 @@ def test_the_same_page_as_static_files(tmp_path):
     assert result["isolated"] and all(r["ok"] for r in result["loaded"]) and len(result["loaded"]) == len(ARTIFACTS)
     decoder = next(p for p in ARTIFACTS if p.name == "decoder")
     assert result["models"]["decoder"]["greedy"] == [g.token_ids[0] for g in rt.load(decoder).generate(PROMPTS[:1], max_new_tokens=8)]
+
+
+def test_the_server_serves_the_page_isolated_and_nothing_else():
+    """No browser needed: the headers that make threads work, the listing, and only the page's files."""
+    if not (NODE / "node_modules" / "onnxruntime-web").is_dir():
+        pytest.skip("needs runtime/node/node_modules with onnxruntime-web (npm ci)")
+    import urllib.error
+    import urllib.request
+
+    from onnxformer.runtime.web import serve_in_thread
+
+    decoder = ROOT / "artifacts" / "decoder"
+    server, _ = serve_in_thread({"decoder": decoder})
+    base = f"http://127.0.0.1:{server.server_port}"
+
+    def get(path: str):
+        try:
+            with urllib.request.urlopen(base + path) as response:
+                return response.status, response.headers, response.read()
+        except urllib.error.HTTPError as err:
+            return err.code, err.headers, b""
+
+    try:
+        status, headers, body = get("/")
+        assert status == 200 and b"importmap" in body
+        assert headers["Cross-Origin-Opener-Policy"] == "same-origin"
+        assert headers["Cross-Origin-Embedder-Policy"] == "require-corp"
+        assert json.loads(get("/packages.json")[2]) == [{"name": "decoder", "url": "packages/decoder/"}]
+        assert get("/packages/decoder/manifest.json")[2] == (decoder / "manifest.json").read_bytes()
+        status, headers, _ = get("/rt/node_modules/onnxruntime-web/dist/ort-wasm-simd-threaded.jsep.wasm")
+        assert status == 200 and headers["Content-Type"] == "application/wasm"
+        assert get("/rt/model.js")[0] == 200
+        for path in ("/rt/test/parity.test.js", "/rt/package.json", "/rt/node_modules/onnxruntime-web/package.json",
+                     "/rt/node_modules/onnxruntime-web/dist/ort.node.min.mjs", "/packages/decoder/../encoder/manifest.json",
+                     "/packages/decoder/%2e%2e/encoder/manifest.json", "/packages/nope/manifest.json", "/packages/decoder/"):
+            assert get(path)[0] == 404, path
+    finally:
+        server.shutdown()
+        server.server_close()
