@@ -19,7 +19,22 @@ import { PackageError, ProviderError, show, typeOf } from './errors.js';
 import { MANIFEST_FILE, checkDigest, checkSize, manifestFiles } from './manifest.js';
 import { WebTokenizer } from './tokenizer_web.js';
 
-export const ort = ortModule.default ?? ortModule;
+const runtime = ortModule.default ?? ortModule;
+
+// onnxruntime-web starts its wasm runtime inside the first session's creation; sessions created
+// side by side during that start gave wrong outputs or failed (Chromium, onnxruntime-web 1.30).
+// So creations queue up until one has succeeded; after it they run side by side.
+let started = false;
+let queue = Promise.resolve();
+function createSession(...args) {
+  if (started) return runtime.InferenceSession.create(...args);
+  const created = queue.then(() => runtime.InferenceSession.create(...args));
+  queue = created.then(() => { started = true; }, () => {});
+  return created;
+}
+
+/** onnxruntime-web, its session creation queued as above. */
+export const ort = Object.freeze({ ...runtime, InferenceSession: Object.freeze({ create: createSession }) });
 /** Whether a preallocated output tensor is written in place (the shared KV cache, session.js). */
 export const PREALLOCATED_OUTPUTS = false;
 export const PROVIDERS = ['wasm', 'webgpu'];

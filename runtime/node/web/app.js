@@ -137,15 +137,7 @@ const adapter = await navigator.gpu?.requestAdapter().catch(() => null);
 document.getElementById('env').textContent =
   `onnxruntime-web ${onnxformer.ort.env.versions?.web ?? ''}: ${crossOriginIsolated ? `wasm threads (${Math.min(4, navigator.hardwareConcurrency)})` : 'wasm, one thread (page not cross-origin isolated)'}` +
   `${adapter ? '; WebGPU available (?provider=webgpu)' : '; no WebGPU adapter'}`;
-// One package at a time: onnxruntime-web's wasm start is not safe to race (sessions created
-// concurrently on the first load computed wrong outputs).
-async function openAll(list) {
-  const results = [];
-  for (const item of list) results.push(await open(item));
-  return results;
-}
-
-window.loaded = packageList().then(openAll).catch((err) => {
+window.loaded = packageList().then((list) => Promise.all(list.map(open))).catch((err) => {
   document.getElementById('packages').append($('div', { className: 'error', textContent: describe(err) }));
   return [];
 });
