@@ -20,6 +20,8 @@ PROMPTS = ["three hundred", "Café naïve 😀"]
 TEXTS = ["the food was not good", "a wonderful, moving film", "日本語\tand\nnewlines", "e\u0301 vs \u00e9 Straße ½ 👨‍👩‍👧 🇫🇷",
          "tabs\tand\t\ttabs line\r\nend  ", "Ελληνικά, русский, العربية, עברית"]
 
+MESSAGES = [{"role": "user", "content": "one red cat. Café 😀"}]
+
 
 def _imported_llama(root: Path) -> Path | None:
     """A tiny random Llama saved by transformers and imported + exported by onnxformer (None
@@ -33,9 +35,12 @@ def _imported_llama(root: Path) -> Path | None:
     sys.path.insert(0, str(ROOT / "tests"))
     from hf_support import hf_tokenizer, save_hf
 
+    from support import CHATML
+
     tok = hf_tokenizer()
+    tok.chat_template = CHATML  # Qwen2's ChatML, as the model ships it
     config = transformers.LlamaConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
+                                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
                                       initializer_range=0.2, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
                                       pad_token_id=tok.pad_token_id)
     torch.manual_seed(0)
@@ -81,7 +86,8 @@ def page_results(tmp_path_factory):
     server, _ = serve_in_thread(served | broken)
     try:
         url = f"http://127.0.0.1:{server.server_port}/"
-        spec = {"prompts": PROMPTS, "texts": TEXTS, "broken": [*broken, "no-such-package"],
+        spec = {"prompts": PROMPTS, "texts": TEXTS, "broken": [*broken, "no-such-package"], "messages": MESSAGES,
+                **({"chat_ui": {"package": "imported-llama", "text": MESSAGES[-1]["content"], "max_new_tokens": 8}} if imported else {}),
                 "long_prompt": {"package": "decoder", "text": "one two three " * 200}}
         done = subprocess.run(["node", "test/browser_check.mjs", url, json.dumps(spec)],
                               cwd=NODE, capture_output=True, text=True, timeout=240)
@@ -126,6 +132,23 @@ def test_an_imported_hugging_face_model_decodes_as_transformers(page_results):
             out = model.generate(**inputs, do_sample=False, max_new_tokens=8, pad_token_id=tok.pad_token_id)
         want = out[0, inputs["input_ids"].shape[1]:].tolist()
         assert ids == want[: len(ids)] and (len(ids) == len(want) or ids[-1] == tok.eos_token_id), (prompt, ids, want)
+
+
+@pytest.mark.slow
+def test_chat_in_the_page_renders_and_answers_as_transformers_and_python(page_results):
+    if "imported-llama" not in page_results["packages"]:
+        pytest.skip("needs transformers and torch to make the imported model")
+    import transformers
+
+    path = page_results["packages"]["imported-llama"]
+    tok = transformers.AutoTokenizer.from_pretrained(path.parent / "hf-llama")
+    got = page_results["models"]["imported-llama"]["chat"]
+    assert got["text"] == tok.apply_chat_template(MESSAGES, add_generation_prompt=True, tokenize=False)
+    assert got["token_ids"] == tok.apply_chat_template(MESSAGES, add_generation_prompt=True, return_dict=False)
+    answer = rt.load(path).chat(MESSAGES, max_new_tokens=8)
+    assert got["answer"] == answer.token_ids[0]
+    # the page's chat button streams the same answer
+    assert page_results["chat_ui"] == {"button": "chat", "text": answer.texts[0]}
 
 
 @pytest.mark.slow

@@ -3,7 +3,7 @@
 // the page on broken packages and type an over-long prompt, and print what the page did as
 // JSON for tests/test_browser.py to compare with the Python runtime.
 // Usage: node test/browser_check.mjs URL SPEC_JSON [SCREENSHOT.png]
-//   SPEC: {prompts, texts, broken: [package names], long_prompt: {package, text}}
+//   SPEC: {prompts, texts, messages, broken: [package names], long_prompt: {package, text}, chat_ui: {package, text, max_new_tokens}}
 import { chromium } from 'playwright-core';
 
 const [url, specJson, screenshot] = process.argv.slice(2);
@@ -12,18 +12,31 @@ const browser = await chromium.launch({ executablePath: process.env.CHROMIUM ?? 
 try {
   const page = await browser.newPage();
   await page.goto(url);
-  const result = await page.evaluate(async ({ prompts, texts }) => {
+  const result = await page.evaluate(async ({ prompts, texts, messages = [] }) => {
     const loaded = await window.loaded;
     const out = { loaded, isolated: crossOriginIsolated, models: {} };
     for (const [name, m] of Object.entries(window.models)) {
       const r = { kv_cache: m.manifest.kv_cache ?? null, encode: await m.encode([...prompts, ...texts]) };
       if (m.canGenerate) r.greedy = (await m.generate(prompts, { max_new_tokens: 8 })).map((g) => g.token_ids[0]);
+      if (m.chatTemplate !== null) {
+        const rendered = await m.renderChat(messages);
+        const answer = await m.chat(messages, { max_new_tokens: 8 });
+        r.chat = { text: rendered.text, token_ids: rendered.token_ids, answer: answer.token_ids[0], answer_text: answer.text };
+      }
       if (m.canClassify) r.classify = (await m.classify(texts)).map((c) => c.probabilities);
       if (!m.canGenerate || m.arch === 'encoder-decoder') r.embed = (await m.embed(texts)).map((v) => Array.from(v));
       out.models[name] = r;
     }
     return out;
   }, spec);
+  if (spec.chat_ui) {  // the page's chat button: the streamed answer as a person sees it
+    const card = page.locator(`#package-${spec.chat_ui.package}`);
+    await card.locator('textarea.prompt').fill(spec.chat_ui.text);
+    await card.locator('input.max-new').fill(String(spec.chat_ui.max_new_tokens));
+    await card.locator('button.run-generate').click();
+    await card.locator('.speed').filter({ hasText: 'tok/s' }).waitFor({ timeout: 30000 });
+    result.chat_ui = { button: await card.locator('button.run-generate').textContent(), text: await card.locator('.generated').textContent() };
+  }
   if (spec.long_prompt) {
     const card = page.locator(`#package-${spec.long_prompt.package}`);
     await card.locator('textarea.prompt').fill(spec.long_prompt.text);
