@@ -64,6 +64,15 @@ def is_integer(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
+def _draft(data: Any) -> dict[str, Any] | None:
+    """The manifest's draft section: the subfolder and its manifest's checksum (FORMAT.md 2.6)."""
+    if data is None:
+        return None
+    _require(data, ("dir", "sha256", "bytes"), "manifest draft")
+    entry = FileEntry.from_dict({"file": data["dir"], "sha256": data["sha256"], "bytes": data["bytes"]}, "manifest draft")
+    return {"dir": entry.file, "sha256": entry.sha256, "bytes": entry.bytes}
+
+
 def _plain_name(name: Any, what: str) -> str:
     """A file name inside the package: no directories, no '..', no absolute paths."""
     if not isinstance(name, str) or not name or name in (".", "..") or "/" in name or "\\" in name \
@@ -201,6 +210,9 @@ class Manifest:
     chat_tokens: dict[str, str] = field(default_factory=dict)  # the template's bos_token, eos_token, ... by name
     embedding: dict[str, Any] | None = None  # embed()'s defaults: {"pooling": "mean" | "cls", "normalize": bool}
     source: dict[str, Any] = field(default_factory=dict)  # where the model came from: {"format": "huggingface", ...}
+    # speculative decoding's draft package in a subfolder: {"dir": NAME, "sha256": ..., "bytes": ...} of
+    # its manifest.json (FORMAT.md 2.6); None: no draft
+    draft: dict[str, Any] | None = None
 
     def __post_init__(self) -> None:
         if self.kv_cache not in KV_CACHE_LAYOUTS:
@@ -348,6 +360,7 @@ class Manifest:
             **({"chat_tokens": dict(self.chat_tokens)} if self.chat_tokens else {}),
             **({"embedding": dict(self.embedding)} if self.embedding is not None else {}),
             **({"source": dict(self.source)} if self.source else {}),
+            **({"draft": dict(self.draft)} if self.draft is not None else {}),
         }
 
     @classmethod
@@ -400,6 +413,7 @@ class Manifest:
             chat_tokens=_object(data, "chat_tokens"),
             embedding=data.get("embedding"),
             source=_object(data, "source"),
+            draft=_draft(data.get("draft")),
         )
 
     def save(self, directory: str | os.PathLike) -> Path:

@@ -616,6 +616,22 @@ def _tokenizer(directory: Path, manifest: Manifest) -> Tokenizer:
     return tokenizer
 
 
+def _carried_draft(directory: Path, entry: dict[str, Any], verify: bool) -> Path:
+    """The draft subfolder, its manifest.json checked against the package manifest's draft entry
+    (the draft's own manifest checksums the rest)."""
+    folder = directory / entry["dir"]
+    manifest_file = folder / "manifest.json"
+    if not manifest_file.is_file():
+        raise PackageError(f"the package's draft {entry['dir']!r} has no manifest.json; re-attach the draft "
+                           "(runtime.speculative.attach_draft) or re-export the package", code="E_MISSING_FILE")
+    if verify:
+        from .manifest import sha256_file
+        if manifest_file.stat().st_size != entry["bytes"] or sha256_file(manifest_file) != entry["sha256"]:
+            raise PackageError(f"the draft's manifest {entry['dir']}/manifest.json does not match the package "
+                               "manifest's draft checksum: it was altered; re-attach the draft", code="E_CHECKSUM")
+    return folder
+
+
 FAST_START_LIMIT = 1 << 30  # bytes of package files below which load() prepacks on all threads by default
 
 
@@ -686,6 +702,8 @@ def load(package_dir: str | os.PathLike, *, provider: str = "cpu", threads: int 
             checked.result()
     log.info("loaded %s package from %s on %s", manifest.arch, directory, device)
     model = Model(directory, manifest, tokenizer, sessions, device)
+    if draft is None and manifest.draft is not None:  # the package carries its draft (FORMAT.md 2.6)
+        draft = _carried_draft(directory, manifest.draft, verify)
     if draft is not None:
         if not isinstance(draft, Model):
             draft = load(draft, provider=provider, threads=threads, verify=verify, fast_start=fast_start,

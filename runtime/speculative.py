@@ -33,15 +33,21 @@ Shape letters: K draft tokens, V vocabulary.
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import logging
+import os
+import shutil
 import time
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Callable, Sequence
 
 import numpy as np
 
-from .errors import ConfigError
+from .atomic import publish_dir, replace_text, staging_dir
+from .errors import ConfigError, PackageError
 from .generation import (
     Decode,
     Generation,
@@ -381,4 +387,36 @@ def _verify(seq: _Sequence, logits: np.ndarray, drafts: list[int], probs: np.nda
     return len(drafts), len(drafts)
 
 
-__all__ = ["Proposal", "Proposer", "PromptLookup", "DraftModel", "AutoK", "SpeculationStats", "speculative_generate"]
+# A package that carries its draft ------------------------------------------------------------
+def attach_draft(package_dir: str | os.PathLike, draft_dir: str | os.PathLike, *, name: str = "draft") -> None:
+    """Copy the draft package into ``package_dir/name`` and record it in the package manifest's
+    ``draft`` section (FORMAT.md 2.6): ``load(package)`` then uses it. The copy is staged and
+    renamed into place, then the manifest is replaced atomically: a reader sees the package
+    with the old draft (or none) or with the new one."""
+    from .manifest import FileEntry, Manifest  # (manifest imports nothing from here)
+
+    package, draft = Path(package_dir), Path(draft_dir)
+    target, carried = Manifest.load(package), Manifest.load(draft)
+    if carried.dims.vocab_size != target.dims.vocab_size:
+        raise ConfigError(f"the draft's vocabulary ({carried.dims.vocab_size}) differs from the package's "
+                          f"({target.dims.vocab_size}); attach a draft trained with the same tokenizer")
+    if (carried.arch == "encoder-decoder") != (target.arch == "encoder-decoder") or carried.arch == "encoder":
+        raise ConfigError(f"a {carried.arch} draft cannot propose for a {target.arch} package")
+    if carried.draft is not None:
+        raise PackageError(f"{draft} carries a draft itself; attach a package without one", code="E_MANIFEST")
+    dest = package / name
+    tmp = staging_dir(dest)
+    try:
+        for item in draft.iterdir():
+            if item.is_file():
+                shutil.copy2(item, tmp / item.name)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    publish_dir(tmp, dest)
+    entry = FileEntry.of(dest, "manifest.json")
+    updated = dataclasses.replace(target, draft={"dir": name, "sha256": entry.sha256, "bytes": entry.bytes})
+    replace_text(package / "manifest.json", json.dumps(updated.to_dict(), indent=2) + "\n")
+
+
+__all__ = ["attach_draft", "Proposal", "Proposer", "PromptLookup", "DraftModel", "AutoK", "SpeculationStats", "speculative_generate"]

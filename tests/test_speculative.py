@@ -195,3 +195,27 @@ def test_sampling_keeps_the_target_distribution(proposer_kind, extra):
     p_value = stats.chisquare(observed, expected).pvalue
     assert p_value > 0.001, p_value  # significance level 0.001
     assert spec_stats.proposed > 0 and 0 < spec_stats.accepted < spec_stats.proposed
+
+
+def test_a_package_carries_its_draft(tmp_path):
+    import json
+    import shutil
+
+    from onnxformer.runtime.errors import PackageError
+    from onnxformer.runtime.speculative import attach_draft
+    pkg = tmp_path / "pkg"
+    shutil.copytree(ARTIFACTS / "decoder", pkg)
+    attach_draft(pkg, ARTIFACTS / "prefix-lm")
+    assert json.loads((pkg / "manifest.json").read_text())["draft"]["dir"] == "draft"
+    model = rt.load(pkg)
+    assert model.draft is not None and model.draft.arch == "prefix-lm"
+    texts = [w + " =" for w in WORDS[:3]]
+    plain = rt.load(ARTIFACTS / "decoder").generate(texts)
+    assert [g.token_ids for g in model.generate(texts, speculative=2)] == [g.token_ids for g in plain]
+    assert model.last_speculation.proposed > 0
+    with pytest.raises(ConfigError, match="vocabulary"):
+        attach_draft(pkg, ARTIFACTS / "encoder-decoder")
+    draft_manifest = pkg / "draft" / "manifest.json"
+    draft_manifest.write_text(draft_manifest.read_text() + " ")  # altered after attaching
+    with pytest.raises(PackageError, match="checksum"):
+        rt.load(pkg)
