@@ -62,6 +62,9 @@ def _packages(specs: list[str]) -> dict[str, Path]:
 
 
 def _check_runtime() -> None:
+    if not (NODE_DIR / "web" / "index.html").is_file():
+        raise PackageError(f"the page is not at {NODE_DIR / 'web'}: onnxformer web serves the JavaScript runtime of a "
+                           "source checkout; install it with pip install -e . from the repository", code="E_MISSING_FILE")
     missing = [f"{v}/{f}" for v, files in VENDORED.items() for f in files if not (NODE_DIR / "node_modules" / v / f).is_file()]
     if missing:
         raise PackageError(f"the page needs {', '.join(missing)} under {NODE_DIR / 'node_modules'}: run "
