@@ -219,3 +219,46 @@ def test_a_package_carries_its_draft(tmp_path):
     draft_manifest.write_text(draft_manifest.read_text() + " ")  # altered after attaching
     with pytest.raises(PackageError, match="checksum"):
         rt.load(pkg)
+
+
+def _random_prompts(vocab: int, n: int = 8, seed: int = 3) -> list[list[int]]:
+    rng = np.random.default_rng(seed)
+    base = rng.integers(5, vocab, size=6).tolist()
+    return [(base * 3)[: 4 + i] + rng.integers(5, vocab, size=i % 3).tolist() for i in range(n)]  # repeats: lookup hits
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("arch", ["decoder", "encoder-decoder"])
+def test_greedy_identical_over_the_eager_model(arch):
+    """The aligned layout (TorchSteps): a (1+K)-token verification step and rewinds that mask
+    columns out (the eager cache is not cut), against the plain search over the same model."""
+    pytest.importorskip("torch")
+    from onnxformer.modeling.generate import TorchSteps
+
+    from support import make_model
+    model, _ = make_model(arch)
+    rows = _random_prompts(model.config.vocab_size)
+    config = GenerationConfig(max_new_tokens=16, eos_token_ids=()).resolve()
+    expected = [g.token_ids for g in generate(TorchSteps(model), rows, config)]
+    for proposer in (PromptLookup(), RandomTokens(model.config.vocab_size),
+                     DraftModel(lambda: TorchSteps(model), model.config.vocab_size)):
+        for k in (2, 4):
+            stats = SpeculationStats()
+            got = speculative_generate(lambda: TorchSteps(model), proposer, rows, config.replace(speculative=k),
+                                       stats=stats)
+            assert [g.token_ids for g in got] == expected, (type(proposer).__name__, k)
+
+
+@pytest.mark.slow
+def test_greedy_identical_on_a_concat_decoder_package(package_factory):
+    """A traced ("concat") decoder verifies 1+K tokens in one call and cuts its cache on rewind."""
+    _, _, report = package_factory("decoder", kv_cache="concat")
+    model = rt.load(report.path)
+    assert model.manifest.kv_cache == "concat"
+    rows = _random_prompts(model.dims.vocab_size)
+    config = model.generation_config(max_new_tokens=16, eos_token_ids=())
+    expected = _plain(model, rows, config)
+    cap = max(map(len, rows)) + 18
+    for proposer in (PromptLookup(), DraftModel(lambda: model.step_model(capacity=cap), model.dims.vocab_size)):
+        got, stats = _speculative(model, rows, config.replace(speculative=3), proposer)
+        assert got == expected and stats.accepted > 0
