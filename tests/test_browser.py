@@ -277,3 +277,16 @@ def test_the_server_serves_the_page_isolated_and_nothing_else():
     finally:
         server.shutdown()
         server.server_close()
+
+
+@pytest.mark.slow
+def test_progress_is_reported_for_every_file(page_results):
+    manifest = json.loads((ROOT / "artifacts" / "decoder" / "manifest.json").read_text())
+    sizes = {manifest["tokenizer"]["file"]: manifest["tokenizer"]["bytes"]}
+    for graph in manifest["graphs"].values():
+        sizes |= {graph["file"]: graph["bytes"]} | {e["file"]: e["bytes"] for e in graph["external_data"]}
+    last = {}
+    for event in page_results["progress"]:
+        assert 0 < event["loaded"] <= event["total"]
+        last[event["file"]] = event
+    assert {f: (e["loaded"], e["total"]) for f, e in last.items() if f != "manifest.json"} == {f: (n, n) for f, n in sizes.items()}

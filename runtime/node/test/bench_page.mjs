@@ -8,6 +8,7 @@ const browser = await chromium.launch({ executablePath: process.env.CHROMIUM ?? 
 try {
   const page = await browser.newPage();
   await page.goto(`${url}?${query}`);
+  await page.waitForFunction(() => window.loaded !== undefined);
   const result = await page.evaluate(async (newTokens) => {
     const loaded = await window.loaded;
     const out = { threads: window.onnxformer.ort.env.wasm.numThreads, isolated: crossOriginIsolated, models: {} };

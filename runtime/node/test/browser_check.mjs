@@ -12,6 +12,7 @@ const browser = await chromium.launch({ executablePath: process.env.CHROMIUM ?? 
 try {
   const page = await browser.newPage();
   await page.goto(url);
+  await page.waitForFunction(() => window.loaded !== undefined);
   const result = await page.evaluate(async ({ prompts, texts, messages = [] }) => {
     const loaded = await window.loaded;
     const out = { loaded, isolated: crossOriginIsolated, models: {} };
@@ -27,6 +28,10 @@ try {
       if (!m.canGenerate || m.arch === 'encoder-decoder') r.embed = (await m.embed(texts)).map((v) => Array.from(v));
       out.models[name] = r;
     }
+    const events = [];
+    const again = await window.onnxformer.load('packages/decoder/', { onProgress: (e) => events.push(e) });
+    await again.release();
+    out.progress = events;
     return out;
   }, spec);
   if (spec.chat_ui) {  // the page's chat button: the streamed answer as a person sees it
@@ -50,6 +55,7 @@ try {
     const requested = [];
     bad.on('request', (request) => requested.push(new URL(request.url()).pathname));
     await bad.goto(`${url}?package=packages/${name}/`);
+    await bad.waitForFunction(() => window.loaded !== undefined);
     const text = await bad.evaluate(async () => { await window.loaded; return document.querySelector('.error')?.textContent ?? null; });
     result.broken[name] = { text, requested: requested.filter((p) => p.includes(`/packages/${name}/`)) };
     await bad.close();

@@ -133,11 +133,13 @@ async function open({ name, url }) {
   }
 }
 
-const adapter = await navigator.gpu?.requestAdapter().catch(() => null);
-document.getElementById('env').textContent =
-  `onnxruntime-web ${onnxformer.ort.env.versions?.web ?? ''}: ${crossOriginIsolated ? `wasm threads (${Math.min(4, navigator.hardwareConcurrency)})` : 'wasm, one thread (page not cross-origin isolated)'}` +
-  `${adapter ? '; WebGPU available (?provider=webgpu)' : '; no WebGPU adapter'}`;
+// window.loaded is set before anything is awaited: tests and scripts wait on it.
 window.loaded = packageList().then((list) => Promise.all(list.map(open))).catch((err) => {
   document.getElementById('packages').append($('div', { className: 'error', textContent: describe(err) }));
   return [];
 });
+
+const adapter = await (navigator.gpu?.requestAdapter() ?? Promise.resolve(null)).catch(() => null);
+document.getElementById('env').textContent =
+  `onnxruntime-web ${onnxformer.ort.env.versions?.web ?? ''}: ${crossOriginIsolated ? `wasm threads (${Math.min(4, navigator.hardwareConcurrency)})` : 'wasm, one thread (page not cross-origin isolated)'}` +
+  `${adapter ? '; WebGPU available (?provider=webgpu)' : '; no WebGPU adapter'}`;
