@@ -125,13 +125,16 @@ class DraftModel(Proposer):
         self.last: np.ndarray | None = None  # (V,) logits after the last fed token
 
     def start(self, prompt: list[int]) -> None:
+        """Remember the prompt; the draft prefills at its first proposal (never, while "auto"
+        keeps speculation off)."""
         self.close()
-        self.steps = self.make_steps()
-        self.start_tokens = self.steps.sequence_start(prompt)
-        self.last = np.array(self.steps.prefill([prompt]).logits[0], dtype=np.float32)
-        self.fed = []
+        self.prompt = list(prompt)
 
     def propose(self, generated: list[int], k: int, choose: "Chooser") -> Proposal:
+        if self.steps is None:
+            self.steps = self.make_steps()
+            self.last = np.array(self.steps.prefill([self.prompt]).logits[0], dtype=np.float32)
+            self.fed = []
         steps = self.steps
         common = 0
         for a, b in zip(self.fed, generated):
@@ -323,6 +326,7 @@ def _one(steps: StepModel, proposer: Proposer, prompt: list[int], config: Genera
             token = int(np.argmax(processed))
             seq.commit(token, float(log_softmax(processed[None])[0, token]))
 
+    plain = not sampling and config.repetition_penalty == 1.0 and config.no_repeat_ngram_size == 0
     emit_plain(np.array(steps.prefill([prompt]).logits[0], dtype=np.float32))
     auto = auto if config.speculative == "auto" else None
     if not seq.done and config.speculative != 0:
@@ -334,9 +338,15 @@ def _one(steps: StepModel, proposer: Proposer, prompt: list[int], config: Genera
         proposal = proposer.propose(seq.generated, k, choose) if k else Proposal([], None)
         drafts = proposal.tokens[:k]
         feed = np.array([[seq.generated[-1], *drafts]], dtype=np.int64)  # (1, 1+K)
-        logits = np.array(steps.advance(feed).logits, dtype=np.float32).reshape(len(drafts) + 1, -1)  # (1+K, V)
+        result = steps.advance(feed)
         before = len(seq.generated)
-        accepted, checked = _verify(seq, logits, drafts, proposal.probs, rng, sampling, target_dist)
+        if not drafts and plain and _unprocessed(config, len(seq.generated), seq.limit):
+            # a plain round of plain greedy: the step's own choice, as the plain search takes it
+            seq.commit(int(result.next_token.reshape(-1)[0]), float(result.next_logprob.reshape(-1)[0]))
+            accepted = checked = 0
+        else:
+            logits = np.array(result.logits, dtype=np.float32).reshape(len(drafts) + 1, -1)  # (1+K, V)
+            accepted, checked = _verify(seq, logits, drafts, proposal.probs, rng, sampling, target_dist)
         if not seq.done and accepted < len(drafts):
             steps.rewind([len(drafts) - accepted])
         stats.rounds += 1
@@ -346,6 +356,13 @@ def _one(steps: StepModel, proposer: Proposer, prompt: list[int], config: Genera
         if auto is not None:
             auto.record(k, checked, accepted, len(seq.generated) - before, time.perf_counter() - began)
     return seq
+
+
+def _unprocessed(config: GenerationConfig, generated: int, limit: int) -> bool:
+    """Greedy's next token needs no logits processing: no eos suppression, no forced token."""
+    if generated < config.min_new_tokens and config.eos_token_ids:
+        return False
+    return not (config.forced_eos_token_id and generated == limit - 1)
 
 
 def _verify(seq: _Sequence, logits: np.ndarray, drafts: list[int], probs: np.ndarray | None,
