@@ -69,6 +69,18 @@ export async function openSession(source, entry, { provider, threads, spinning =
   return session;
 }
 
+/**
+ * Positions [0, min(T, C)) of `data` (N, Hkv, T, Dh) into `buffer` (N, Hkv, C, Dh).
+ * @param {Float32Array | Uint16Array} data @param {readonly number[]} dims @param {Float32Array | Uint16Array} buffer @param {number} capacity
+ */
+function copyPositions(data, dims, buffer, capacity) {
+  const [rows, heads, length, dHead] = dims;
+  const kept = Math.min(length, capacity) * dHead;
+  for (let block = 0; block < rows * heads; block++) {
+    buffer.set(data.subarray(block * length * dHead, block * length * dHead + kept), block * capacity * dHead);
+  }
+}
+
 // Tensors ---------------------------------------------------------------------------------------
 /**
  * A 1-D int64 tensor.
@@ -527,7 +539,11 @@ export class SharedSteps {
     }
     const outputs = await this.session.run(feeds, fetches);
     if (!PREALLOCATED_OUTPUTS) {
-      for (const [present, past] of this.pairs) state.buffers[past] = outputs[present].data;
+      for (const [present, past] of this.pairs) {
+        const out = outputs[present];
+        if (out.dims[2] === state.capacity) state.buffers[past] = out.data;
+        else copyPositions(out.data, out.dims, state.buffers[past], state.capacity); // WebGPU: (N, Hkv, T, Dh), T the longest row
+      }
     }
     state.lengths = lengths;
     // The graph's greedy choice (FORMAT.md 4.4); the logits rows are made only if read.

@@ -3,22 +3,33 @@
 // the page on broken packages and type an over-long prompt, and print what the page did as
 // JSON for tests/test_browser.py to compare with the Python runtime.
 // Usage: node test/browser_check.mjs URL SPEC_JSON [SCREENSHOT.png]
-//   SPEC: {prompts, texts, messages, broken: [package names], long_prompt: {package, text}, chat_ui: {package, text, max_new_tokens}}
+//   SPEC: {prompts, texts, messages, webgpu (the page on provider=webgpu), broken: [package names], long_prompt: {package, text}, chat_ui: {package, text, max_new_tokens}}
 import { chromium } from 'playwright-core';
 
 const [url, specJson, screenshot] = process.argv.slice(2);
 const spec = JSON.parse(specJson);
-const browser = await chromium.launch({ executablePath: process.env.CHROMIUM ?? '/usr/bin/chromium', args: ['--no-sandbox'] });
+// WebGPU without a GPU: Chromium's SwiftShader adapter (Vulkan on the CPU).
+const WEBGPU_ARGS = ['--enable-unsafe-webgpu', '--enable-features=Vulkan', '--use-angle=swiftshader', '--use-webgpu-adapter=swiftshader'];
+const browser = await chromium.launch({
+  executablePath: process.env.CHROMIUM ?? '/usr/bin/chromium', args: ['--no-sandbox', ...(spec.webgpu ? WEBGPU_ARGS : [])],
+});
 try {
   const page = await browser.newPage();
-  await page.goto(url);
+  await page.goto(spec.webgpu ? `${url}?provider=webgpu` : url);
   await page.waitForFunction(() => window.loaded !== undefined);
   const result = await page.evaluate(async ({ prompts, texts, messages = [] }) => {
     const loaded = await window.loaded;
-    const out = { loaded, isolated: crossOriginIsolated, models: {} };
+    const adapter = await navigator.gpu?.requestAdapter().catch(() => null);
+    const out = { loaded, isolated: crossOriginIsolated, adapter: adapter ? adapter.info?.architecture ?? 'yes' : null, models: {} };
     for (const [name, m] of Object.entries(window.models)) {
       const r = { kv_cache: m.manifest.kv_cache ?? null, encode: await m.encode([...prompts, ...texts]) };
+      out.models[name] = r;
+      try {
       if (m.canGenerate) r.greedy = (await m.generate(prompts, { max_new_tokens: 8 })).map((g) => g.token_ids[0]);
+      if (m.canGenerate) {
+        r.greedy_alone = [];
+        for (const p of prompts) r.greedy_alone.push((await m.generate([p], { max_new_tokens: 8 }))[0].token_ids[0]);
+      }
       if (m.chatTemplate !== null) {
         const rendered = await m.renderChat(messages);
         const answer = await m.chat(messages, { max_new_tokens: 8 });
@@ -26,7 +37,9 @@ try {
       }
       if (m.canClassify) r.classify = (await m.classify(texts)).map((c) => c.probabilities);
       if (!m.canGenerate || m.arch === 'encoder-decoder') r.embed = (await m.embed(texts)).map((v) => Array.from(v));
-      out.models[name] = r;
+      } catch (err) {
+        r.error = `${err.code ?? ''} ${err.message}`;
+      }
     }
     const events = [];
     const again = await window.onnxformer.load('packages/decoder/', { onProgress: (e) => events.push(e) });
