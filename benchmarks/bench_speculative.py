@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import random
 import sys
 import time
@@ -27,17 +26,7 @@ if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import onnxformer.runtime as rt  # noqa: E402
-
-
-
-def _cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
+from benchmarks.common import cpu_model  # noqa: E402
 
 
 def _prompts(kind: str, n: int, model) -> list[list[int]]:
@@ -115,7 +104,7 @@ def main() -> int:
     for r in rows:
         if r["mode"] == "plain":
             plain_rate[r["target"]] = r["tok_per_s"]
-    print(f"CPU: {_cpu_model()}; load average at start {load_start[0]:.2f}, at end {os.getloadavg()[0]:.2f}; "
+    print(f"CPU: {cpu_model()}; load average at start {load_start[0]:.2f}, at end {os.getloadavg()[0]:.2f}; "
           f"prompts {args.prompts} x {len(prompts)}, max_new_tokens {args.max_new_tokens}, batch 1, greedy")
     print("| target (kv cache) | mode | tok/s | vs plain | acceptance |")
     print("|---|---|---|---|---|")
@@ -124,7 +113,7 @@ def main() -> int:
         print(f"| {Path(r['target']).name} ({r['kv_cache']}) | {r['mode']} | {r['tok_per_s']:.0f} | "
               f"{r['tok_per_s'] / plain_rate[r['target']]:.2f}x | {acc} |")
     if args.json:
-        args.json.write_text(json.dumps({"cpu": _cpu_model(), "load_start": load_start, "rows": rows}, indent=1))
+        args.json.write_text(json.dumps({"cpu": cpu_model(), "load_start": load_start, "rows": rows}, indent=1))
     return 0
 
 
