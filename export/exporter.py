@@ -719,9 +719,10 @@ def export_model(
 
 def _export(held: list[Transformer], tokenizer_file: Path, out_dir: Path, options: ExportOptions,
             package: PackageInfo) -> ExportReport:
-    """The pipeline. `held` holds the model; it is emptied once PyTorch's part is done, so that a
-    model nobody else references (export_checkpoint's) is freed before onnxruntime loads the
-    graphs: the export's peak is then about one copy of the weights, not two."""
+    """The pipeline. `held` hands the model over (the list is emptied), so that the pipeline's
+    reference is the last one of a model nobody else holds (export_checkpoint's): it is dropped
+    once PyTorch's part is done, which frees the weights before onnxruntime loads the graphs;
+    the export's peak is then about one copy of the weights, not two."""
     model = held.pop().float().eval()
     plan = plan_export(model, tokenizer_file, out_dir.absolute(), options, package)
     try:
