@@ -299,7 +299,7 @@ def client(server):
 
 
 def _post(server, path, body, **kw):
-    import httpx
+    httpx = pytest.importorskip("httpx", reason="httpx (the test extra) is not installed")
 
     return httpx.post(server.url + path, json=body, timeout=60, **kw)
 
@@ -357,7 +357,7 @@ def test_classify_and_metrics(server, models):
     alone = models["enc"].classify(["the food was not good", "great acting"])
     assert [d["label"] for d in got["data"]] == [c.label for c in alone]
     assert got["data"][0]["score"] == pytest.approx(alone[0].score, abs=1e-6) and got["usage"]["prompt_tokens"] > 0
-    import httpx
+    httpx = pytest.importorskip("httpx", reason="httpx (the test extra) is not installed")
 
     assert _post(server, "/v1/completions", {"model": "decoder", "prompt": "seven =", "stream": True}).status_code == 200
     text = httpx.get(server.url + "/metrics").text
@@ -375,7 +375,7 @@ def test_concurrent_requests_over_http_equal_the_runtime_alone(server, models):
     strings: each answer is the runtime's for that prompt alone."""
     from concurrent.futures import ThreadPoolExecutor
 
-    import httpx
+    httpx = pytest.importorskip("httpx", reason="httpx (the test extra) is not installed")
 
     jobs = []
     for i in range(32):
@@ -416,7 +416,7 @@ def test_concurrent_requests_over_http_equal_the_runtime_alone(server, models):
 def test_stop_strings_never_reach_the_stream(server, models):
     body = {"model": "decoder", "messages": [{"role": "user", "content": "three hundred forty two"}], "stop": [" 4"],
             "stream": True}
-    import httpx
+    httpx = pytest.importorskip("httpx", reason="httpx (the test extra) is not installed")
 
     with httpx.stream("POST", server.url + "/v1/chat/completions", json=body, timeout=60) as r:
         events = _sse(r)
@@ -486,7 +486,7 @@ ERRORS = [
 @pytest.mark.slow
 @pytest.mark.parametrize("body, path, status, code, words", ERRORS, ids=[f"{e[3]}-{i}" for i, e in enumerate(ERRORS)])
 def test_bad_requests_get_clear_errors_and_the_server_keeps_serving(server, body, path, status, code, words):
-    import httpx
+    httpx = pytest.importorskip("httpx", reason="httpx (the test extra) is not installed")
 
     if isinstance(body, bytes):
         r = httpx.post(server.url + path, content=body, headers={"content-type": "application/json"}, timeout=30)
@@ -505,7 +505,7 @@ def _long_request(models) -> dict:
 
 
 def _metric(server, name: str, model: str = "decoder") -> float:
-    import httpx
+    httpx = pytest.importorskip("httpx", reason="httpx (the test extra) is not installed")
 
     for line in httpx.get(server.url + "/metrics").text.splitlines():
         if line.startswith(f'{name}{{model="{model}"}}'):
@@ -520,7 +520,7 @@ def test_a_client_that_disconnects_frees_its_row(tmp_path, models):
     or running), never generated to their end, and the server goes on with the others."""
     from concurrent.futures import ThreadPoolExecutor
 
-    import httpx
+    httpx = pytest.importorskip("httpx", reason="httpx (the test extra) is not installed")
 
     s = Server(tmp_path, f"decoder={DECODER}", "--rows", "1")
     try:
@@ -554,7 +554,7 @@ def test_soak_thousands_of_small_requests_keep_memory_flat(server):
     at the end within 25 MB (no per-request leak: 1500 requests x 17 KB would show)."""
     from concurrent.futures import ThreadPoolExecutor
 
-    import httpx
+    httpx = pytest.importorskip("httpx", reason="httpx (the test extra) is not installed")
 
     body = {"model": "decoder", "prompt": "seven =", "max_tokens": 2, "temperature": 0}
     local = threading.local()
@@ -580,7 +580,7 @@ def test_a_full_queue_answers_429_with_retry_after(tmp_path, models):
     and Retry-After, the others complete; the server keeps serving."""
     from concurrent.futures import ThreadPoolExecutor
 
-    import httpx
+    httpx = pytest.importorskip("httpx", reason="httpx (the test extra) is not installed")
 
     s = Server(tmp_path, f"decoder={DECODER}", "--rows", "1", "--max-queue", "1")
     try:
@@ -605,7 +605,7 @@ def test_a_full_queue_answers_429_with_retry_after(tmp_path, models):
 
 @pytest.mark.slow
 def test_the_api_key_guards_every_route_but_health_and_is_never_logged(tmp_path):
-    import httpx
+    httpx = pytest.importorskip("httpx", reason="httpx (the test extra) is not installed")
 
     s = Server(tmp_path, f"decoder={DECODER}", env={"ONNXFORMER_API_KEY": "s3cret-key"})
     try:
@@ -631,7 +631,7 @@ def test_sigterm_finishes_in_flight_requests_then_exits(tmp_path, models):
     connection tried after it is refused; the process exits 0."""
     from concurrent.futures import ThreadPoolExecutor
 
-    import httpx
+    httpx = pytest.importorskip("httpx", reason="httpx (the test extra) is not installed")
 
     s = Server(tmp_path, f"decoder={DECODER}", "--rows", "1", "--drain-timeout", "60")
     body = {**_long_request(models), "max_tokens": 120, "min_tokens": 120}
