@@ -190,7 +190,6 @@ def test_bad_run_dirs_name_the_path_and_the_fix(tmp_path, capsys, case):
         _write(run, "[1, 2]")
     with pytest.raises(CheckpointError) as caught:
         report.write_report(run)
-    message, code = str(caught.value), caught.value.code
     metrics = run / "metrics.jsonl"
     where, code, fix = {  # the start of the message, the code, the fix it gives
         "missing": (f"{run} does not exist", "E_MISSING_FILE", "pass the --out folder of `onnxformer train`"),

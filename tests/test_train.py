@@ -24,7 +24,6 @@ from safetensors import safe_open  # noqa: E402
 from safetensors.torch import load_file  # noqa: E402
 
 from onnxformer.modeling import checkpoint as ckpt  # noqa: E402
-from onnxformer.runtime.errors import CheckpointError  # noqa: E402
 from onnxformer.modeling.data import load_builtin  # noqa: E402
 from onnxformer.modeling.tasks import MLM_NSP, OBJECTIVES, objective_for  # noqa: E402
 from onnxformer.modeling.train import (  # noqa: E402
