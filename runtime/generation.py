@@ -577,7 +577,7 @@ class _Rows:
     limits: list[int]  # tokens each row may generate (new_token_limits)
 
 
-def _find_stop(text: str, stop_strings: Sequence[str]) -> int | None:
+def find_stop(text: str, stop_strings: Sequence[str]) -> int | None:
     found = [i for i in (text.find(s) for s in stop_strings) if i >= 0]
     return min(found) if found else None
 
@@ -696,7 +696,7 @@ def _token_loop(model: StepModel, rows: list[list[int]], config: GenerationConfi
         if decode is not None:
             for r in active:
                 state.texts[r] = decode(state.generated[r])
-                stop = _find_stop(state.texts[r], config.stop_strings) if config.stop_strings else None
+                stop = find_stop(state.texts[r], config.stop_strings) if config.stop_strings else None
                 if stop is not None and not state.finished[r]:
                     state.finished[r], state.reasons[r], state.stop_at[r] = True, "stop", stop
                     n_finished += 1
@@ -943,7 +943,7 @@ def generate(
     return beam_search(model, prompts, config, decode=decode)
 
 
-def _held_back(text: str, stop_strings: Sequence[str]) -> int:
+def held_back(text: str, stop_strings: Sequence[str]) -> int:
     """Length of the longest suffix of ``text`` that is a proper prefix of a stop string."""
     held = 0
     for stop in stop_strings:
@@ -952,6 +952,13 @@ def _held_back(text: str, stop_strings: Sequence[str]) -> int:
                 held = size
                 break
     return held
+
+
+def stable_text(text: str, stop_strings: Sequence[str]) -> str:
+    """What of a continuation's text can be sent already: not an incomplete character at its end
+    (U+FFFD until the next byte-level token completes it), nor a tail that could start a stop string."""
+    stable = text.rstrip("\ufffd")
+    return stable[: len(stable) - held_back(stable, stop_strings)]
 
 
 def stream(
@@ -993,8 +1000,7 @@ def _text_deltas(state: _Rows, steps: Iterator[None], stop_strings: Sequence[str
     for _ in steps:
         if state.stop_at[0] is not None:
             break
-        stable = (state.texts[0] or "").rstrip("\ufffd")  # hold back an incomplete character
-        stable = stable[: len(stable) - _held_back(stable, stop_strings)]
+        stable = stable_text(state.texts[0] or "", stop_strings)
         if len(stable) > len(sent) and stable.startswith(sent):
             yield stable[len(sent):]
             sent = stable
@@ -1012,6 +1018,6 @@ __all__ = [
     "apply_repetition_penalty", "ban_repeated_ngrams", "suppress_eos", "force_tokens", "forced_rows",
     "new_token_limits", "apply_temperature",
     "top_k_filter", "top_p_filter", "log_softmax", "softmax", "sample_tokens",
-    "process_logits", "sampling_filters",
+    "process_logits", "sampling_filters", "find_stop", "held_back", "stable_text",
     "greedy", "sample", "beam_search", "generate", "stream",
 ]

@@ -17,7 +17,7 @@ max_new_tokens / max_length, a stop string) or are cancelled (a client gone): on
     choose  every row with fresh logits picks its next token with its own settings, through
             the runtime's own processing and sampling (runtime/generation.py: process_logits,
             sampling_filters, sample_tokens, greedy_choice; its stop-string search and
-            hold-back, _find_stop and _held_back), and finished rows leave
+            hold-back, find_stop and stable_text), and finished rows leave
 
 Two engines, chosen by the package's layout (FORMAT.md 4.4, 7.7):
 
@@ -556,12 +556,11 @@ class Scheduler:
         delta = ""
         if config.stop_strings or request.live_text:
             request._text = decode(request._generated)
-            stop = gen._find_stop(request._text, config.stop_strings) if config.stop_strings else None
+            stop = gen.find_stop(request._text, config.stop_strings) if config.stop_strings else None
             if stop is not None and reason is None:
                 reason, request._stop_at = "stop", stop
             if reason is None:
-                stable = request._text.rstrip("\ufffd")  # an incomplete character waits
-                stable = stable[:len(stable) - gen._held_back(stable, config.stop_strings)]
+                stable = gen.stable_text(request._text, config.stop_strings)
                 if len(stable) > len(request._sent) and stable.startswith(request._sent):
                     delta = stable[len(request._sent):]
                     request._sent = stable

@@ -53,7 +53,7 @@ from .generation import (
     Generation,
     GenerationConfig,
     _check_vocab,
-    _find_stop,
+    find_stop,
     log_softmax,
     new_token_limits,
     process_logits,
@@ -236,7 +236,7 @@ class _Sequence:
         if token in self.eos:
             self.done, self.reason = True, "eos"
         elif self.config.stop_strings:
-            stop = _find_stop(self.decode(self.generated), self.config.stop_strings)
+            stop = find_stop(self.decode(self.generated), self.config.stop_strings)
             if stop is not None:
                 self.done, self.reason, self.stop_at = True, "stop", stop
         if not self.done and len(self.generated) >= self.limit:
